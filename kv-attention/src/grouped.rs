@@ -1,0 +1,169 @@
+//! Grouped-query attention: MHA (`kv_heads == heads`), GQA and MQA (`kv_heads == 1`) in one module.
+
+use crate::{Causality, ObserveRequest, Observation, Rotary, RotaryConfig, grouped_attention, position_range};
+use burn::nn::{Linear, LinearConfig};
+use burn::prelude::*;
+use kv_core::{CacheShape, KvError, LayerCache, Result};
+
+/// Settings of a [`GroupedAttention`] layer.
+#[derive(Config, Debug)]
+pub struct GroupedAttentionConfig {
+    /// Model width.
+    pub d_model: usize,
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads; must divide `n_heads`.
+    pub n_kv_heads: usize,
+    /// Base of the RoPE frequencies.
+    #[config(default = 10000.0)]
+    pub rope_theta: f64,
+}
+
+impl GroupedAttentionConfig {
+    /// Width of one head (`d_model / n_heads`).
+    pub fn head_dim(&self) -> usize {
+        self.d_model / self.n_heads.max(1)
+    }
+
+    /// Checks the head layout, naming the first bad value.
+    pub fn validate(&self) -> Result<()> {
+        if self.n_heads == 0 {
+            return Err(KvError::config("heads", 0, "at least 1"));
+        }
+        if self.d_model == 0 || self.d_model % self.n_heads != 0 {
+            return Err(KvError::config("d_model", self.d_model, format!("a positive multiple of heads = {}", self.n_heads)));
+        }
+        if self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+            return Err(KvError::config(
+                "kv_heads",
+                self.n_kv_heads,
+                format!("a divisor of heads = {} (heads = kv_heads x group size)", self.n_heads),
+            ));
+        }
+        if self.head_dim() % 2 != 0 {
+            return Err(KvError::config("head_dim", self.head_dim(), "even, because RoPE rotates pairs (d_model / heads)"));
+        }
+        Ok(())
+    }
+
+    /// Validates and builds the layer.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Result<GroupedAttention<B>> {
+        self.validate()?;
+        let d = self.head_dim();
+        let lin = |i, o| LinearConfig::new(i, o).with_bias(false).init(device);
+        Ok(GroupedAttention {
+            wq: lin(self.d_model, self.n_heads * d),
+            wk: lin(self.d_model, self.n_kv_heads * d),
+            wv: lin(self.d_model, self.n_kv_heads * d),
+            wo: lin(self.n_heads * d, self.d_model),
+            rope: RotaryConfig::new(d).with_theta(self.rope_theta).init(device)?,
+            n_heads: self.n_heads,
+            n_kv_heads: self.n_kv_heads,
+            head_dim: d,
+        })
+    }
+}
+
+/// Self-attention with `n_heads` query heads sharing `n_kv_heads` K/V heads, RoPE on q and k.
+#[derive(Module, Debug)]
+pub struct GroupedAttention<B: Backend> {
+    /// Query projection `[d_model, heads * head_dim]`.
+    pub wq: Linear<B>,
+    /// Key projection `[d_model, kv_heads * head_dim]`.
+    pub wk: Linear<B>,
+    /// Value projection `[d_model, kv_heads * head_dim]`.
+    pub wv: Linear<B>,
+    /// Output projection `[heads * head_dim, d_model]`.
+    pub wo: Linear<B>,
+    /// Rotary embedding for queries and keys.
+    pub rope: Rotary<B>,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+}
+
+/// One attention call's result.
+#[derive(Debug, Clone)]
+pub struct AttentionOutput<B: Backend> {
+    /// `[batch, t, d_model]`.
+    pub output: Tensor<B, 3>,
+    /// What the caller asked to observe, if anything.
+    pub observation: Option<Observation<B>>,
+}
+
+impl<B: Backend> GroupedAttention<B> {
+    /// Query heads.
+    pub fn n_heads(&self) -> usize {
+        self.n_heads
+    }
+
+    /// Key/value heads.
+    pub fn n_kv_heads(&self) -> usize {
+        self.n_kv_heads
+    }
+
+    /// Width of one head.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+
+    /// The shape of the cache this layer writes, for a batch of `batch`.
+    pub fn cache_shape(&self, batch: usize) -> CacheShape {
+        CacheShape { batch, kv_heads: self.n_kv_heads, key_dim: self.head_dim, value_dim: self.head_dim }
+    }
+
+    /// Projects `x` `[b, t, d_model]` to RoPE'd q `[b, H, t, d]`, RoPE'd k and v `[b, KV, t, d]`.
+    fn project(&self, x: Tensor<B, 3>, start: usize) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+        let [b, t, _] = x.dims();
+        let d = self.head_dim;
+        let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, d]).swap_dims(1, 2);
+        let pos = position_range::<B>(start, t, &x.device());
+        let q = self.rope.apply(heads(self.wq.forward(x.clone()), self.n_heads), pos.clone());
+        let k = self.rope.apply(heads(self.wk.forward(x.clone()), self.n_kv_heads), pos);
+        let v = heads(self.wv.forward(x), self.n_kv_heads);
+        (q, k, v)
+    }
+
+    fn merge_heads(&self, o: Tensor<B, 4>) -> Tensor<B, 3> {
+        let [b, h, t, d] = o.dims();
+        self.wo.forward(o.swap_dims(1, 2).reshape([b, t, h * d]))
+    }
+
+    fn scale(&self) -> f64 {
+        (self.head_dim as f64).powf(-0.5)
+    }
+
+    /// Training path: causal self-attention over `x` `[b, t, d_model]` at positions `0..t`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let t = x.dims()[1];
+        let device = x.device();
+        let (q, k, v) = self.project(x, 0);
+        let causality = Causality::ByPosition {
+            query: Tensor::arange(0..t as i64, &device),
+            key: position_range(0, t, &device),
+        };
+        let (o, _) = grouped_attention(q, k, v, &causality, self.scale(), ObserveRequest::default());
+        self.merge_heads(o)
+    }
+
+    /// Inference path: the new tokens `x` `[b, t, d_model]` take positions `tokens_seen ..`,
+    /// their K/V are appended to `cache`, and they attend over every slot the cache holds.
+    pub fn forward_cached(&self, x: Tensor<B, 3>, cache: &mut LayerCache<B>, observe: ObserveRequest) -> Result<AttentionOutput<B>> {
+        let [b, t, _] = x.dims();
+        if cache.shape() != self.cache_shape(b) {
+            return Err(KvError::config("layer cache shape", format!("{:?}", cache.shape()), format!("{:?}", self.cache_shape(b))));
+        }
+        let start = cache.tokens_seen();
+        let device = x.device();
+        let (q, k, v) = self.project(x, start);
+        cache.append(k, v)?;
+        // A single new token comes after every slot, so it needs no mask.
+        let causality = if t == 1 {
+            Causality::None
+        } else {
+            Causality::ByPosition { query: Tensor::arange(start as i64..(start + t) as i64, &device), key: cache.positions() }
+        };
+        let (o, observation) = grouped_attention(q, cache.keys(), cache.values(), &causality, self.scale(), observe);
+        Ok(AttentionOutput { output: self.merge_heads(o), observation })
+    }
+}

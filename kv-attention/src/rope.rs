@@ -1,0 +1,70 @@
+//! Rotary position embedding applied at explicit positions.
+
+use burn::prelude::*;
+use kv_core::{KvError, Result};
+
+/// Settings of a [`Rotary`] embedding.
+#[derive(Config, Debug)]
+pub struct RotaryConfig {
+    /// Width of the rotated vectors (must be even).
+    pub dim: usize,
+    /// Base of the frequency ladder.
+    #[config(default = 10000.0)]
+    pub theta: f64,
+}
+
+impl RotaryConfig {
+    /// Validates the settings and builds the embedding.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Result<Rotary<B>> {
+        if self.dim == 0 || self.dim % 2 != 0 {
+            return Err(KvError::config("rope dim (head_dim)", self.dim, "an even number > 0, because RoPE rotates pairs"));
+        }
+        if !(self.theta > 1.0) {
+            return Err(KvError::config("rope_theta", self.theta, "a base > 1 such as 10000"));
+        }
+        let half = self.dim / 2;
+        // Same recipe as HF Llama, so loaded checkpoints reproduce its numerics.
+        let inv: Vec<f32> = (0..half).map(|i| (1.0 / self.theta.powf((2 * i) as f64 / self.dim as f64)) as f32).collect();
+        Ok(Rotary { inv_freq: Tensor::from_floats(inv.as_slice(), device), dim: self.dim })
+    }
+}
+
+/// Rotary position embedding in the rotate-half layout (pairs `(x[i], x[i + d/2])`, as HF Llama).
+///
+/// Positions are explicit per token (and may differ per head), never derived from a cache length.
+/// Because rotations compose (`R(a) R(b) = R(a + b)`), calling [`apply`](Self::apply) with a
+/// position *delta* re-rotates keys that were already rotated; negative deltas are allowed.
+/// Angles are computed on the fly from the positions, so there is no maximum position.
+#[derive(Module, Debug)]
+pub struct Rotary<B: Backend> {
+    inv_freq: Tensor<B, 1>,
+    dim: usize,
+}
+
+impl<B: Backend> Rotary<B> {
+    /// Width of the rotated vectors.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// Rotates `x` `[batch, heads, t, dim]` by `positions` `[batch | 1, heads | 1, t]`.
+    pub fn apply(&self, x: Tensor<B, 4>, positions: Tensor<B, 3, Int>) -> Tensor<B, 4> {
+        let [b, h, t, d] = x.dims();
+        let [pb, ph, pt] = positions.dims();
+        let half = d / 2;
+        let angles = positions.float().reshape([pb, ph, pt, 1]) * self.inv_freq.clone().reshape([1, 1, 1, half]);
+        let (cos, sin) = (angles.clone().cos(), angles.sin());
+        let x1 = x.clone().narrow(3, 0, half);
+        let x2 = x.narrow(3, half, half);
+        let r1 = x1.clone() * cos.clone() - x2.clone() * sin.clone();
+        let r2 = x2 * cos + x1 * sin;
+        let out = Tensor::cat(vec![r1, r2], 3);
+        debug_assert_eq!(out.dims(), [b, h, t, d]);
+        out
+    }
+}
+
+/// Positions `start .. start + len` shaped `[1, 1, len]`, shared by every batch row and head.
+pub fn position_range<B: Backend>(start: usize, len: usize, device: &B::Device) -> Tensor<B, 3, Int> {
+    Tensor::<B, 1, Int>::arange(start as i64..(start + len) as i64, device).reshape([1, 1, len])
+}

@@ -1,0 +1,79 @@
+//! The only place that names concrete backends: `--device` picks one of those compiled in.
+
+use burn::prelude::Backend;
+use clap::ValueEnum;
+use kv_core::{KvError, Result};
+
+/// A compute backend selectable with `--device`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeviceKind {
+    /// burn-flex: pure-Rust CPU backend (SIMD, rayon); the default.
+    Flex,
+    /// burn-ndarray: the older CPU backend.
+    Ndarray,
+    /// wgpu: Vulkan/Metal/DX12 GPUs (Mesa lavapipe on a CPU-only machine).
+    Wgpu,
+    /// CUDA: NVIDIA GPUs (driver and NVRTC loaded at run time).
+    Cuda,
+}
+
+impl DeviceKind {
+    /// The lower-case name used on the command line and in results.
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceKind::Flex => "flex",
+            DeviceKind::Ndarray => "ndarray",
+            DeviceKind::Wgpu => "wgpu",
+            DeviceKind::Cuda => "cuda",
+        }
+    }
+
+    /// The first backend compiled into this build, preferring the CPU default.
+    pub fn default_compiled() -> Self {
+        [DeviceKind::Flex, DeviceKind::Ndarray, DeviceKind::Cuda, DeviceKind::Wgpu]
+            .into_iter()
+            .find(|d| d.is_compiled())
+            .unwrap_or(DeviceKind::Flex)
+    }
+
+    /// Whether this build includes the backend.
+    pub fn is_compiled(self) -> bool {
+        match self {
+            DeviceKind::Flex => cfg!(feature = "flex"),
+            DeviceKind::Ndarray => cfg!(feature = "ndarray"),
+            DeviceKind::Wgpu => cfg!(feature = "wgpu"),
+            DeviceKind::Cuda => cfg!(feature = "cuda"),
+        }
+    }
+}
+
+/// Work that is generic over the backend; [`run_on`] instantiates it for the chosen device.
+pub trait BackendJob {
+    /// What the job returns.
+    type Output;
+    /// Runs the job on backend `B`.
+    fn run<B: Backend>(self, device: B::Device) -> Result<Self::Output>;
+}
+
+/// Runs `job` on the backend `kind`, or explains which cargo feature would compile it in.
+pub fn run_on<J: BackendJob>(kind: DeviceKind, job: J) -> Result<J::Output> {
+    match kind {
+        #[cfg(feature = "flex")]
+        DeviceKind::Flex => job.run::<burn::backend::Flex>(Default::default()),
+        #[cfg(feature = "ndarray")]
+        DeviceKind::Ndarray => job.run::<burn::backend::NdArray>(Default::default()),
+        #[cfg(feature = "wgpu")]
+        DeviceKind::Wgpu => job.run::<burn::backend::Wgpu>(Default::default()),
+        #[cfg(feature = "cuda")]
+        DeviceKind::Cuda => job.run::<burn::backend::Cuda>(Default::default()),
+        #[allow(unreachable_patterns)]
+        other => {
+            let _ = job;
+            Err(KvError::config(
+                "--device",
+                other.name(),
+                format!("a backend compiled into this build; rebuild with `cargo build --release -p kv-cli --features {}`", other.name()),
+            ))
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! Backend-generic cache tests; each body runs on every CPU backend this build enables.
+
+use crate::*;
+use burn::prelude::*;
+
+fn shape(batch: usize, kv_heads: usize, dim: usize) -> CacheShape {
+    CacheShape { batch, kv_heads, key_dim: dim, value_dim: dim }
+}
+
+/// Keys/values whose every element encodes (batch, head, position) so content checks are exact.
+fn tagged<B: Backend>(b: usize, h: usize, start: usize, t: usize, d: usize, dev: &B::Device) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    let mut k = Vec::with_capacity(b * h * t * d);
+    for bi in 0..b {
+        for hi in 0..h {
+            for p in start..start + t {
+                for _ in 0..d {
+                    k.push((bi * 10_000 + hi * 1_000 + p) as f32);
+                }
+            }
+        }
+    }
+    let keys = Tensor::<B, 1>::from_floats(k.as_slice(), dev).reshape([b, h, t, d]);
+    let values = keys.clone().neg();
+    (keys, values)
+}
+
+fn floats<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data().iter::<f32>().collect()
+}
+
+fn ints<B: Backend, const D: usize>(t: Tensor<B, D, Int>) -> Vec<i64> {
+    t.into_data().iter::<i64>().collect()
+}
+
+fn bytes_match_formula<B: Backend>(dev: &B::Device) {
+    for (layers, kv_heads, d, slots) in [(1, 1, 8, 5), (4, 2, 16, 33), (3, 8, 4, 100)] {
+        let mut cache = ModelCache::<B>::new(layers, shape(1, kv_heads, d), dev);
+        for l in cache.layers_mut() {
+            // Appended in pieces, so growth and spare capacity are exercised too.
+            for (start, t) in [(0, slots / 2), (slots / 2, slots - slots / 2)] {
+                let (k, v) = tagged::<B>(1, kv_heads, start, t, d, dev);
+                l.append(k, v).unwrap();
+            }
+        }
+        let stats = cache.stats();
+        assert_eq!(stats.kv_bytes, 2 * layers * kv_heads * d * slots * 4);
+        assert_eq!(stats.tokens_seen, slots);
+        assert!(stats.allocated_bytes >= stats.kv_bytes);
+        assert_eq!(stats.total_slots(), layers * kv_heads * slots);
+    }
+}
+
+fn append_assigns_positions_and_counts<B: Backend>(dev: &B::Device) {
+    let mut c = LayerCache::<B>::new(shape(2, 3, 4), dev);
+    let (k, v) = tagged::<B>(2, 3, 0, 5, 4, dev);
+    c.append(k, v).unwrap();
+    let (k, v) = tagged::<B>(2, 3, 5, 1, 4, dev);
+    c.append(k, v).unwrap();
+    assert_eq!((c.slots(), c.tokens_seen()), (6, 6));
+    let pos = ints(c.positions());
+    assert_eq!(&pos[..6], &[0, 1, 2, 3, 4, 5]);
+    assert_eq!(pos.len(), 2 * 3 * 6);
+    let keys = floats(c.keys());
+    assert_eq!(keys[5 * 4], 5.0);
+    assert_eq!(keys[(3 + 2) * 6 * 4 + 4 * 4], 12_004.0, "batch 1, head 2, position 4");
+}
+
+fn retain_moves_everything_together<B: Backend>(dev: &B::Device) {
+    let (b, h, d, n) = (2, 2, 3, 8);
+    let mut c = LayerCache::<B>::new(shape(b, h, d), dev);
+    c.add_side("score");
+    let (k, v) = tagged::<B>(b, h, 0, n, d, dev);
+    c.append(k, v).unwrap();
+    // Side data tagged like the keys, so alignment can be checked by content.
+    let side: Vec<f32> = (0..b * h * n).map(|i| ((i / (h * n)) * 10_000 + ((i / n) % h) * 1_000 + i % n) as f32 * 0.5).collect();
+    c.set_side("score", Tensor::<B, 1>::from_floats(side.as_slice(), dev).reshape([b, h, n])).unwrap();
+    // A different kept set per (batch, head), not in position order.
+    let keep: [[[i64; 3]; 2]; 2] = [[[7, 0, 3], [1, 2, 6]], [[5, 4, 0], [6, 7, 1]]];
+    let flat: Vec<i64> = keep.iter().flatten().flatten().copied().collect();
+    let idx = Tensor::<B, 1, Int>::from_ints(flat.as_slice(), dev).reshape([b, h, 3]);
+    c.retain(idx).unwrap();
+    assert_eq!((c.slots(), c.tokens_seen()), (3, n));
+    let pos = ints(c.positions());
+    let keys = floats(c.keys());
+    let values = floats(c.values());
+    let side = floats(c.side("score").unwrap());
+    for bi in 0..b {
+        for hi in 0..h {
+            for j in 0..3 {
+                let slot = (bi * h + hi) * 3 + j;
+                let p = keep[bi][hi][j];
+                let tag = (bi * 10_000 + hi * 1_000) as f32 + p as f32;
+                assert_eq!(pos[slot], p);
+                assert_eq!(keys[slot * d], tag);
+                assert_eq!(keys[slot * d + d - 1], tag);
+                assert_eq!(values[slot * d], -tag);
+                assert_eq!(side[slot], tag * 0.5);
+            }
+        }
+    }
+    // After eviction the next token still gets position n, and its side data starts at zero.
+    let (k, v) = tagged::<B>(b, h, n, 1, d, dev);
+    c.append(k, v).unwrap();
+    assert_eq!(ints(c.positions())[3], n as i64);
+    assert_eq!(floats(c.side("score").unwrap())[3], 0.0);
+    let stats = c.stats();
+    assert_eq!(stats.slots_per_head, vec![4, 4]);
+    assert_eq!(stats.kv_bytes, 2 * b * h * 4 * d * 4);
+}
+
+fn bad_shapes_are_errors<B: Backend>(dev: &B::Device) {
+    let mut c = LayerCache::<B>::new(shape(1, 2, 4), dev);
+    let err = c.append(Tensor::zeros([1, 3, 1, 4], dev), Tensor::zeros([1, 3, 1, 4], dev)).unwrap_err();
+    assert!(err.to_string().contains("[1, 3, 1, 4]"), "{err}");
+    c.append(Tensor::zeros([1, 2, 2, 4], dev), Tensor::zeros([1, 2, 2, 4], dev)).unwrap();
+    let err = c.retain(Tensor::zeros([1, 2, 3], dev)).unwrap_err();
+    assert!(err.to_string().contains("k <= 2 slots"), "{err}");
+    assert!(c.side("nope").unwrap_err().to_string().contains("nope"));
+}
+
+fn retain_range_keeps_a_window<B: Backend>(dev: &B::Device) {
+    let mut c = LayerCache::<B>::new(shape(1, 1, 2), dev);
+    let (k, v) = tagged::<B>(1, 1, 0, 10, 2, dev);
+    c.append(k, v).unwrap();
+    c.retain_range(6, 4).unwrap();
+    assert_eq!(ints(c.positions()), vec![6, 7, 8, 9]);
+    assert!(c.retain_range(2, 4).is_err());
+}
+
+crate::backend_tests!(
+    bytes_match_formula,
+    append_assigns_positions_and_counts,
+    retain_moves_everything_together,
+    bad_shapes_are_errors,
+    retain_range_keeps_a_window,
+);

@@ -1,0 +1,29 @@
+//! The SwiGLU feed-forward of a decoder block.
+
+use burn::nn::{Linear, LinearConfig};
+use burn::prelude::*;
+use burn::tensor::activation::silu;
+
+/// `down(silu(gate(x)) * up(x))`, without biases (Llama's MLP; names match HF's).
+#[derive(Module, Debug)]
+pub struct FeedForward<B: Backend> {
+    /// `[d_model, hidden]`, passed through SiLU.
+    pub gate: Linear<B>,
+    /// `[d_model, hidden]`.
+    pub up: Linear<B>,
+    /// `[hidden, d_model]`.
+    pub down: Linear<B>,
+}
+
+impl<B: Backend> FeedForward<B> {
+    /// A randomly initialised feed-forward.
+    pub fn new(d_model: usize, hidden: usize, device: &B::Device) -> Self {
+        let lin = |i, o| LinearConfig::new(i, o).with_bias(false).init(device);
+        Self { gate: lin(d_model, hidden), up: lin(d_model, hidden), down: lin(hidden, d_model) }
+    }
+
+    /// Applies the feed-forward to `[b, t, d_model]`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.down.forward(silu(self.gate.forward(x.clone())) * self.up.forward(x))
+    }
+}

@@ -1,0 +1,77 @@
+//! Autoregressive generation with a cache and any cache policy.
+
+use crate::{DecoderLm, Sampler, SamplerConfig};
+use burn::prelude::*;
+use kv_core::{CacheStats, KvError, Result};
+use kv_policies::{CachePolicy, Phase};
+use std::time::{Duration, Instant};
+
+/// What to generate.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GenerateConfig {
+    /// Tokens to generate after the prompt.
+    pub max_new_tokens: usize,
+    /// How each token is chosen.
+    pub sampler: SamplerConfig,
+    /// Stop early after producing this token.
+    pub stop_token: Option<u32>,
+}
+
+/// The result of one generation.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// The generated tokens (the prompt excluded).
+    pub tokens: Vec<u32>,
+    /// The cache at the end, measured from the tensors held.
+    pub cache: CacheStats,
+    /// Wall time of the prompt's forward pass, first token's logits included.
+    pub prefill_time: Duration,
+    /// Wall time of the decode steps.
+    pub decode_time: Duration,
+}
+
+fn last_row<B: Backend>(logits: Tensor<B, 3>) -> Vec<f32> {
+    let [_, t, v] = logits.dims();
+    // The one host sync per token: the sampler needs the numbers.
+    logits.narrow(1, t - 1, 1).reshape([v]).into_data().iter::<f32>().collect()
+}
+
+/// Generates up to `config.max_new_tokens` after `prompt` (batch 1) under `policy`, calling
+/// `on_token` with each token as soon as it is chosen.
+pub fn generate<B: Backend>(
+    model: &DecoderLm<B>,
+    prompt: &[u32],
+    config: &GenerateConfig,
+    policy: &mut dyn CachePolicy<B>,
+    mut on_token: impl FnMut(u32),
+) -> Result<Generation> {
+    if prompt.is_empty() {
+        return Err(KvError::config("prompt", "\"\"", "at least one token"));
+    }
+    let vocab = model.vocab_size();
+    if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
+        return Err(KvError::config("prompt token", bad, format!("an id below the vocabulary size {vocab}")));
+    }
+    let mut sampler = Sampler::new(config.sampler)?;
+    let device = model.embed.weight.device();
+    let mut cache = model.new_cache(1);
+    cache.reserve(prompt.len() + config.max_new_tokens);
+    let ids: Vec<i32> = prompt.iter().map(|&t| t as i32).collect();
+    let start = Instant::now();
+    let input = Tensor::<B, 1, Int>::from_ints(ids.as_slice(), &device).reshape([1, prompt.len()]);
+    let mut logits = last_row(model.forward_with_policy(input, &mut cache, policy, Phase::Prefill)?);
+    let prefill_time = start.elapsed();
+    let start = Instant::now();
+    let mut tokens = Vec::with_capacity(config.max_new_tokens);
+    for step in 1..=config.max_new_tokens {
+        let next = sampler.sample(&logits);
+        tokens.push(next);
+        on_token(next);
+        if Some(next) == config.stop_token || step == config.max_new_tokens {
+            break;
+        }
+        let input = Tensor::<B, 1, Int>::from_ints([next as i32], &device).reshape([1, 1]);
+        logits = last_row(model.forward_with_policy(input, &mut cache, policy, Phase::Decode { step })?);
+    }
+    Ok(Generation { tokens, cache: cache.stats(), prefill_time, decode_time: start.elapsed() })
+}
