@@ -24,25 +24,28 @@ pub enum Causality<B: Backend> {
     },
 }
 
-/// Attention of `q` `[batch, heads, t, dk]` over `k` `[batch, kv_heads, n, dk]` and
-/// `v` `[batch, kv_heads, n, dv]`, returning `[batch, heads, t, dv]` and what was asked to observe.
+/// Attention of `q` `[batch, heads, t, dk]` over keys `[batch, kv_heads, n_i, dk]` and values
+/// `[batch, kv_heads, n_i, dv]` given as segments in slot order (a cache's body and tail, or one
+/// pair), returning `[batch, heads, t, dv]` and what was asked to observe over all `n` keys.
 ///
 /// Query heads `g*r .. g*r + r - 1` share KV head `g` (the contiguous HF convention). K/V are
 /// broadcast by folding the group into the query rows (`[b, kv, r*t, d] x [b, kv, d, n]`), so no
-/// repeated copy of the cache is ever made. Scores and softmax are computed in f32.
+/// repeated copy of the cache is ever made, and segments are attended where they lie (scores are
+/// concatenated, never the keys). Scores and softmax are computed in f32.
 pub fn grouped_attention<B: Backend>(
     q: Tensor<B, 4>,
-    k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
+    kv: &[(Tensor<B, 4>, Tensor<B, 4>)],
     causality: &Causality<B>,
     scale: f64,
     observe: ObserveRequest,
 ) -> (Tensor<B, 4>, Option<Observation<B>>) {
     let [b, h, t, dk] = q.dims();
-    let [_, kvh, n, _] = k.dims();
-    let dv = v.dims()[3];
+    let kvh = kv[0].0.dims()[1];
+    let dv = kv[0].1.dims()[3];
+    let lens: Vec<usize> = kv.iter().map(|(k, _)| k.dims()[2]).collect();
+    let n: usize = lens.iter().sum();
     let r = h / kvh;
-    let kt = k.swap_dims(2, 3);
+    let kts: Vec<Tensor<B, 4>> = kv.iter().map(|(k, _)| k.clone().swap_dims(2, 3)).collect();
     let mut outs = Vec::with_capacity(t.div_ceil(QUERY_BLOCK));
     let mut col_sums: Option<Tensor<B, 3>> = None;
     let mut windows = Vec::new();
@@ -51,7 +54,9 @@ pub fn grouped_attention<B: Backend>(
     while lo < t {
         let tb = QUERY_BLOCK.min(t - lo);
         let qb = q.clone().narrow(2, lo, tb).reshape([b, kvh, r * tb, dk]);
-        let mut scores = qb.matmul(kt.clone()).mul_scalar(scale);
+        let mut parts: Vec<Tensor<B, 4>> = kts.iter().map(|kt| qb.clone().matmul(kt.clone())).collect();
+        let scores = if parts.len() == 1 { parts.pop().unwrap() } else { Tensor::cat(parts, 3) };
+        let mut scores = scores.mul_scalar(scale);
         if scores.dtype() != DType::F32 {
             scores = scores.cast(DType::F32);
         }
@@ -77,11 +82,21 @@ pub fn grouped_attention<B: Backend>(
             windows.push(probs.clone().narrow(3, from - lo, hi - from).reshape([b, h, hi - from, n]));
         }
         let mut probs = probs.reshape([b, kvh, r * tb, n]);
-        if probs.dtype() != v.dtype() {
-            probs = probs.cast(v.dtype());
+        if probs.dtype() != kv[0].1.dtype() {
+            probs = probs.cast(kv[0].1.dtype());
         }
-        let out = probs.matmul(v.clone());
-        outs.push(out.reshape([b, h, tb, dv]));
+        let mut out: Option<Tensor<B, 4>> = None;
+        let mut offset = 0;
+        for ((_, v), &len) in kv.iter().zip(&lens) {
+            let p = if len == n { probs.clone() } else { probs.clone().narrow(3, offset, len) };
+            let o = p.matmul(v.clone());
+            out = Some(match out {
+                Some(acc) => acc + o,
+                None => o,
+            });
+            offset += len;
+        }
+        outs.push(out.expect("at least one key segment").reshape([b, h, tb, dv]));
         lo = hi;
     }
     let out = if outs.len() == 1 { outs.pop().unwrap() } else { Tensor::cat(outs, 2) };

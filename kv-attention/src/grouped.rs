@@ -142,7 +142,7 @@ impl<B: Backend> GroupedAttention<B> {
             query: Tensor::arange(0..t as i64, &device),
             key: position_range(0, t, &device),
         };
-        let (o, _) = grouped_attention(q, k, v, &causality, self.scale(), ObserveRequest::default());
+        let (o, _) = grouped_attention(q, &[(k, v)], &causality, self.scale(), ObserveRequest::default());
         self.merge_heads(o)
     }
 
@@ -163,7 +163,7 @@ impl<B: Backend> GroupedAttention<B> {
         } else {
             Causality::ByPosition { query: Tensor::arange(start as i64..(start + t) as i64, &device), key: cache.positions() }
         };
-        let (o, observation) = grouped_attention(q, cache.keys(), cache.values(), &causality, self.scale(), observe);
+        let (o, observation) = grouped_attention(q, &cache.kv_segments(), &causality, self.scale(), observe);
         Ok(AttentionOutput { output: self.merge_heads(o), observation })
     }
 }

@@ -86,7 +86,13 @@ fn grouped_broadcast_equals_repeated_heads<B: Backend>(dev: &B::Device) {
             key: position_range(0, n, dev),
         };
         let observe = ObserveRequest { column_sums: true, window: 2 };
-        let (out, obs) = grouped_attention(q.clone(), k.clone(), v.clone(), &causality, 0.35, observe);
+        let (out, obs) = grouped_attention(q.clone(), &[(k.clone(), v.clone())], &causality, 0.35, observe);
+        // The same keys split into two segments (a cache's body and tail) give the same result.
+        if n > 2 {
+            let split = [(k.clone().narrow(2, 0, n - 2), v.clone().narrow(2, 0, n - 2)), (k.clone().narrow(2, n - 2, 2), v.clone().narrow(2, n - 2, 2))];
+            let (seg_out, _) = grouped_attention(q.clone(), &split, &causality, 0.35, ObserveRequest::default());
+            assert!(max_abs_diff(seg_out, out.clone()) <= 1e-6, "segments h={h} kv={kvh}");
+        }
         let (want, want_sums) = reference(q, k, v, true, 0.35);
         assert!(max_abs_diff(out, want) <= 1e-5, "h={h} kv={kvh}");
         let obs = obs.unwrap();
@@ -101,7 +107,7 @@ fn blocked_prefill_observes_what_one_block_would<B: Backend>(dev: &B::Device) {
     let (q, k, v) = (randn::<B, 4>([1, h, t, 4], dev), randn::<B, 4>([1, kvh, t, 4], dev), randn::<B, 4>([1, kvh, t, 4], dev));
     let causality = Causality::ByPosition { query: Tensor::arange(0..t as i64, dev), key: position_range(0, t, dev) };
     let w = 50; // straddles the block boundary
-    let (out, obs) = grouped_attention(q.clone(), k.clone(), v.clone(), &causality, 0.5, ObserveRequest { column_sums: true, window: w });
+    let (out, obs) = grouped_attention(q.clone(), &[(k.clone(), v.clone())], &causality, 0.5, ObserveRequest { column_sums: true, window: w });
     let (want, want_sums) = reference(q.clone(), k.clone(), v, true, 0.5);
     assert!(max_abs_diff(out, want) <= 1e-5);
     let obs = obs.unwrap();

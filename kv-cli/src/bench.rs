@@ -43,6 +43,9 @@ pub struct DecodeCell {
     pub tokens_per_s: f64,
     /// Mean milliseconds per decode step.
     pub ms_per_step: f64,
+    /// Microseconds to append one token's K/V to one layer's cache at this context, averaged
+    /// over whole tail-flush cycles: flat-ish across contexts when appends do not copy the cache.
+    pub append_us: f64,
     /// Key/value bytes per token, measured from the cache tensors held after the run.
     pub kv_bytes_per_token: f64,
     /// Key/value bytes held after the run.
@@ -80,7 +83,8 @@ impl BackendJob for DecodeBench {
             for &context in &args.contexts {
                 bar.set_message(format!("{} kv={kv} ctx={context}", self.device.name()));
                 let mut cache = model.new_cache(1);
-                cache.reserve(context + args.steps + 2);
+                let appends = args.steps.max(2 * kv_core::TAIL_SLOTS);
+                cache.reserve(context + args.steps + appends + 2);
                 // Decode cost depends on the cache's size, not its content, so synthetic K/V
                 // stand in for a prefill that would cost minutes at 8k on a CPU.
                 let shape = cache.layer(0).shape();
@@ -107,12 +111,24 @@ impl BackendJob for DecodeBench {
                 }
                 let secs = start.elapsed().as_secs_f64();
                 let stats = cache.stats();
+                let layer = cache.layer_mut(0);
+                let row = [1, shape.kv_heads, 1, shape.key_dim];
+                let (k, v) = (Tensor::<B, 4>::zeros(row, &device), Tensor::<B, 4>::zeros(row, &device));
+                let _ = B::sync(&device);
+                let start = Instant::now();
+                // Whole flush cycles, so the body rewrite every TAIL_SLOTS tokens is amortised in.
+                for _ in 0..appends {
+                    layer.append(k.clone(), v.clone())?;
+                }
+                let _ = B::sync(&device);
+                let append_us = start.elapsed().as_secs_f64() * 1e6 / appends as f64;
                 out.push(DecodeCell {
                     device: self.device.name().into(),
                     kv_heads: kv,
                     context,
                     tokens_per_s: args.steps as f64 / secs,
                     ms_per_step: secs * 1e3 / args.steps as f64,
+                    append_us,
                     kv_bytes_per_token: stats.kv_bytes_per_token(),
                     kv_bytes: stats.kv_bytes,
                 });
@@ -126,11 +142,13 @@ impl BackendJob for DecodeBench {
 
 /// The Markdown table of a decode benchmark.
 pub fn markdown(cells: &[DecodeCell]) -> String {
-    let mut s = String::from("| device | kv_heads | context | tokens/s | ms/step | KV bytes/token (measured) |\n|---|---:|---:|---:|---:|---:|\n");
+    let mut s = String::from(
+        "| device | kv_heads | context | decode tokens/s | ms/step | append µs/layer | KV bytes/token (measured) |\n|---|---:|---:|---:|---:|---:|---:|\n",
+    );
     for c in cells {
         s += &format!(
-            "| {} | {} | {} | {:.1} | {:.2} | {:.0} |\n",
-            c.device, c.kv_heads, c.context, c.tokens_per_s, c.ms_per_step, c.kv_bytes_per_token
+            "| {} | {} | {} | {:.1} | {:.2} | {:.1} | {:.0} |\n",
+            c.device, c.kv_heads, c.context, c.tokens_per_s, c.ms_per_step, c.append_us, c.kv_bytes_per_token
         );
     }
     s

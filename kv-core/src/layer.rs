@@ -1,5 +1,6 @@
 //! One layer's KV cache: keys, values, the original position of every slot and per-slot side data.
 
+use crate::slots::SlotBuffer;
 use crate::{KvError, Result, stats::LayerStats};
 use burn::prelude::*;
 
@@ -20,40 +21,32 @@ pub struct CacheShape {
 ///
 /// Keys are `[batch, kv_heads, slots, key_dim]`, values `[batch, kv_heads, slots, value_dim]`,
 /// positions `[batch, kv_heads, slots]` (Int) and each side channel `[batch, kv_heads, slots]`.
-/// They live in buffers with spare capacity that grow by doubling, so appending a token writes one
-/// row in place instead of copying the whole cache (see burn-0.21 notes: `inplace` + `slice_assign`
-/// only avoids the copy while the buffer has a single owner, which is why every view handed out
-/// here is a fresh `narrow` that callers drop before the next write).
+/// All of them are [`SlotBuffer`]s of the same length: appending a token copies at most a small
+/// tail, never the whole cache (see `slots.rs` for why a plain in-place write is not enough on
+/// burn-flex), and attention reads the held slots as at most two contiguous segments.
 #[derive(Debug, Clone)]
 pub struct LayerCache<B: Backend> {
     shape: CacheShape,
-    keys: Tensor<B, 4>,
-    values: Tensor<B, 4>,
-    positions: Tensor<B, 3, Int>,
-    side: Vec<(String, Tensor<B, 3>)>,
-    capacity: usize,
-    slots: usize,
+    keys: SlotBuffer<B, 4, Float>,
+    values: SlotBuffer<B, 4, Float>,
+    positions: SlotBuffer<B, 3, Int>,
+    side: Vec<(String, SlotBuffer<B, 3, Float>)>,
     seen: usize,
+    device: B::Device,
 }
 
 impl<B: Backend> LayerCache<B> {
     /// An empty cache; storage is allocated on the first append (or by [`reserve`](Self::reserve)).
     pub fn new(shape: CacheShape, device: &B::Device) -> Self {
-        Self::with_capacity(shape, 0, device)
-    }
-
-    /// An empty cache with room for `capacity` slots before it has to grow.
-    pub fn with_capacity(shape: CacheShape, capacity: usize, device: &B::Device) -> Self {
         let CacheShape { batch, kv_heads, key_dim, value_dim } = shape;
         Self {
             shape,
-            keys: Tensor::zeros([batch, kv_heads, capacity, key_dim], device),
-            values: Tensor::zeros([batch, kv_heads, capacity, value_dim], device),
-            positions: Tensor::zeros([batch, kv_heads, capacity], device),
+            keys: SlotBuffer::zeros([batch, kv_heads, 0, key_dim], device),
+            values: SlotBuffer::zeros([batch, kv_heads, 0, value_dim], device),
+            positions: SlotBuffer::zeros([batch, kv_heads, 0], device),
             side: Vec::new(),
-            capacity,
-            slots: 0,
             seen: 0,
+            device: device.clone(),
         }
     }
 
@@ -64,7 +57,7 @@ impl<B: Backend> LayerCache<B> {
 
     /// Slots held per KV head.
     pub fn slots(&self) -> usize {
-        self.slots
+        self.positions.len()
     }
 
     /// Tokens seen so far: the RoPE position of the next token, whatever was evicted.
@@ -72,52 +65,18 @@ impl<B: Backend> LayerCache<B> {
         self.seen
     }
 
-    /// Slots the buffers can hold before growing.
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-
     /// The device the cache lives on.
     pub fn device(&self) -> B::Device {
-        self.keys.device()
+        self.device.clone()
     }
 
     /// Makes room for at least `extra` more slots, so a known-length generation never regrows.
     pub fn reserve(&mut self, extra: usize) {
-        let needed = self.slots + extra;
-        if needed > self.capacity {
-            self.grow_to(needed);
-        }
-    }
-
-    fn grow_to(&mut self, capacity: usize) {
-        let CacheShape { batch, kv_heads, key_dim, value_dim } = self.shape;
-        let device = self.device();
-        let n = self.slots;
-        let keys = Tensor::zeros([batch, kv_heads, capacity, key_dim], &device);
-        let values = Tensor::zeros([batch, kv_heads, capacity, value_dim], &device);
-        let positions = Tensor::zeros([batch, kv_heads, capacity], &device);
-        let mut side: Vec<Tensor<B, 3>> = self.side.iter().map(|_| Tensor::zeros([batch, kv_heads, capacity], &device)).collect();
-        // burn rejects zero-length slices, so an empty cache just swaps in the new buffers.
-        let (keys, values, positions) = if n == 0 {
-            (keys, values, positions)
-        } else {
-            for (new, (_, old)) in side.iter_mut().zip(&self.side) {
-                new.inplace(|b| b.slice_assign([0..batch, 0..kv_heads, 0..n], old.clone().narrow(2, 0, n)));
-            }
-            (
-                keys.slice_assign([0..batch, 0..kv_heads, 0..n, 0..key_dim], self.keys()),
-                if value_dim == 0 { values } else { values.slice_assign([0..batch, 0..kv_heads, 0..n, 0..value_dim], self.values()) },
-                positions.slice_assign([0..batch, 0..kv_heads, 0..n], self.positions()),
-            )
-        };
-        self.keys = keys;
-        self.values = values;
-        self.positions = positions;
-        for ((_, buf), new) in self.side.iter_mut().zip(side) {
-            *buf = new;
-        }
-        self.capacity = capacity;
+        let total = self.slots() + extra;
+        self.keys.reserve_total(total);
+        self.values.reserve_total(total);
+        self.positions.reserve_total(total);
+        self.side.iter_mut().for_each(|(_, b)| b.reserve_total(total));
     }
 
     /// Appends `t` new tokens: keys `[batch, kv_heads, t, key_dim]`, values likewise.
@@ -133,65 +92,64 @@ impl<B: Backend> LayerCache<B> {
         if values.dims() != [batch, kv_heads, t, value_dim] {
             return Err(KvError::shape("appended values", &values.dims(), format!("[{batch}, {kv_heads}, {t}, {value_dim}]")));
         }
-        if self.slots + t > self.capacity {
-            self.grow_to((self.capacity * 2).max(self.slots + t).max(16));
-        }
-        let device = self.device();
         if t == 0 {
             return Ok(());
         }
-        let (lo, hi) = (self.slots, self.slots + t);
-        self.keys.inplace(|buf| buf.slice_assign([0..batch, 0..kv_heads, lo..hi, 0..key_dim], keys));
-        if value_dim > 0 {
-            self.values.inplace(|buf| buf.slice_assign([0..batch, 0..kv_heads, lo..hi, 0..value_dim], values));
-        }
-        let pos = Tensor::<B, 1, Int>::arange(self.seen as i64..(self.seen + t) as i64, &device)
+        self.keys.append(keys);
+        self.values.append(values);
+        let pos = Tensor::<B, 1, Int>::arange(self.seen as i64..(self.seen + t) as i64, &self.device)
             .reshape([1, 1, t])
             .expand([batch, kv_heads, t]);
-        self.positions.inplace(|buf| buf.slice_assign([0..batch, 0..kv_heads, lo..hi], pos));
+        self.positions.append(pos);
         for (_, buf) in self.side.iter_mut() {
-            let zeros = Tensor::zeros([batch, kv_heads, t], &device);
-            buf.inplace(|b| b.slice_assign([0..batch, 0..kv_heads, lo..hi], zeros));
+            buf.append(Tensor::zeros([batch, kv_heads, t], &self.device));
         }
-        self.slots = hi;
         self.seen += t;
         Ok(())
     }
 
-    /// The keys held, `[batch, kv_heads, slots, key_dim]` (a view: drop it before the next write).
+    /// The keys held, `[batch, kv_heads, slots, key_dim]`.
     pub fn keys(&self) -> Tensor<B, 4> {
-        held(&self.keys, self.slots)
+        self.keys.view()
     }
 
     /// The values held, `[batch, kv_heads, slots, value_dim]`.
     pub fn values(&self) -> Tensor<B, 4> {
-        held(&self.values, self.slots)
+        self.values.view()
+    }
+
+    /// The keys and values held as contiguous segments in slot order, for attention kernels that
+    /// read the cache without concatenating it.
+    pub fn kv_segments(&self) -> Vec<(Tensor<B, 4>, Tensor<B, 4>)> {
+        let (k, v) = (self.keys.segments(), self.values.segments());
+        debug_assert_eq!(k.len(), v.len());
+        k.into_iter().zip(v).collect()
     }
 
     /// The original (absolute) position of every slot, `[batch, kv_heads, slots]`.
     pub fn positions(&self) -> Tensor<B, 3, Int> {
-        held(&self.positions, self.slots)
+        self.positions.view()
     }
 
     /// Overwrites the keys held, for example after re-rotating them to new positions.
     pub fn set_keys(&mut self, keys: Tensor<B, 4>) -> Result<()> {
         let CacheShape { batch, kv_heads, key_dim, .. } = self.shape;
-        let n = self.slots;
+        let n = self.slots();
         if keys.dims() != [batch, kv_heads, n, key_dim] {
             return Err(KvError::shape("replacement keys", &keys.dims(), format!("[{batch}, {kv_heads}, {n}, {key_dim}]")));
         }
-        self.keys.inplace(|buf| buf.slice_assign([0..batch, 0..kv_heads, 0..n, 0..key_dim], keys));
+        self.keys.replace(keys);
         Ok(())
     }
 
     /// Overwrites the recorded positions of the slots held (StreamingLLM's in-cache positions).
     pub fn set_positions(&mut self, positions: Tensor<B, 3, Int>) -> Result<()> {
         let CacheShape { batch, kv_heads, .. } = self.shape;
-        let n = self.slots;
+        let n = self.slots();
         if positions.dims() != [batch, kv_heads, n] {
             return Err(KvError::shape("replacement positions", &positions.dims(), format!("[{batch}, {kv_heads}, {n}]")));
         }
-        self.positions.inplace(|buf| buf.slice_assign([0..batch, 0..kv_heads, 0..n], positions));
+        self.positions.replace(positions);
         Ok(())
     }
 
@@ -201,7 +159,11 @@ impl<B: Backend> LayerCache<B> {
             return;
         }
         let CacheShape { batch, kv_heads, .. } = self.shape;
-        let buf = Tensor::zeros([batch, kv_heads, self.capacity], &self.device());
+        let mut buf = SlotBuffer::zeros([batch, kv_heads, 0], &self.device);
+        let n = self.slots();
+        if n > 0 {
+            buf.append(Tensor::zeros([batch, kv_heads, n], &self.device));
+        }
         self.side.push((name.to_string(), buf));
     }
 
@@ -221,18 +183,18 @@ impl<B: Backend> LayerCache<B> {
     /// A side channel's values for the slots held, `[batch, kv_heads, slots]`.
     pub fn side(&self, name: &str) -> Result<Tensor<B, 3>> {
         let i = self.side_index(name)?;
-        Ok(held(&self.side[i].1, self.slots))
+        Ok(self.side[i].1.view())
     }
 
     /// Overwrites a side channel for the slots held.
     pub fn set_side(&mut self, name: &str, values: Tensor<B, 3>) -> Result<()> {
         let i = self.side_index(name)?;
         let CacheShape { batch, kv_heads, .. } = self.shape;
-        let n = self.slots;
+        let n = self.slots();
         if values.dims() != [batch, kv_heads, n] {
             return Err(KvError::shape(format!("side channel '{name}'"), &values.dims(), format!("[{batch}, {kv_heads}, {n}]")));
         }
-        self.side[i].1.inplace(|buf| buf.slice_assign([0..batch, 0..kv_heads, 0..n], values));
+        self.side[i].1.replace(values);
         Ok(())
     }
 
@@ -242,86 +204,61 @@ impl<B: Backend> LayerCache<B> {
     /// Indices must be below [`slots`](Self::slots); checking that would cost a host sync, so it is
     /// the caller's contract (policies build them with top-k over the slots held).
     pub fn retain(&mut self, indices: Tensor<B, 3, Int>) -> Result<()> {
-        let CacheShape { batch, kv_heads, key_dim, value_dim } = self.shape;
+        let CacheShape { batch, kv_heads, value_dim, .. } = self.shape;
         let [ib, ih, k] = indices.dims();
-        if [ib, ih] != [batch, kv_heads] || k > self.slots || k == 0 {
+        if [ib, ih] != [batch, kv_heads] || k > self.slots() || k == 0 {
             return Err(KvError::shape(
                 "retain indices",
                 &indices.dims(),
-                format!("[{batch}, {kv_heads}, k] with 1 <= k <= {} slots held", self.slots),
+                format!("[{batch}, {kv_heads}, k] with 1 <= k <= {} slots held", self.slots()),
             ));
         }
-        let idx_k = indices.clone().unsqueeze_dim::<4>(3).expand([batch, kv_heads, k, key_dim]);
-        let kept = self.keys().gather(2, idx_k);
-        self.keys.inplace(|buf| buf.slice_assign([0..batch, 0..kv_heads, 0..k, 0..key_dim], kept));
+        self.keys.gather(indices.clone());
         if value_dim > 0 {
-            let idx_v = indices.clone().unsqueeze_dim::<4>(3).expand([batch, kv_heads, k, value_dim]);
-            let kept = self.values().gather(2, idx_v);
-            self.values.inplace(|buf| buf.slice_assign([0..batch, 0..kv_heads, 0..k, 0..value_dim], kept));
+            self.values.gather(indices.clone());
         }
-        let kept = self.positions().gather(2, indices.clone());
-        self.positions.inplace(|buf| buf.slice_assign([0..batch, 0..kv_heads, 0..k], kept));
-        let n = self.slots;
+        self.positions.gather(indices.clone());
         for (_, buf) in self.side.iter_mut() {
-            let kept = held(buf, n).gather(2, indices.clone());
-            buf.inplace(|b| b.slice_assign([0..batch, 0..kv_heads, 0..k], kept));
+            buf.gather(indices.clone());
         }
-        self.slots = k;
         Ok(())
     }
 
-    /// Keeps the slots `range` (the same for every head), e.g. a recent window.
+    /// Keeps the slots `start .. start + len` (the same for every head), e.g. a recent window.
     pub fn retain_range(&mut self, start: usize, len: usize) -> Result<()> {
         let CacheShape { batch, kv_heads, .. } = self.shape;
-        if start + len > self.slots {
-            return Err(KvError::config("retained range", format!("{start}..{}", start + len), format!("within 0..{}", self.slots)));
+        if start + len > self.slots() || len == 0 {
+            return Err(KvError::config("retained range", format!("{start}..{}", start + len), format!("non-empty, within 0..{}", self.slots())));
         }
-        let idx = Tensor::<B, 1, Int>::arange(start as i64..(start + len) as i64, &self.device())
+        let idx = Tensor::<B, 1, Int>::arange(start as i64..(start + len) as i64, &self.device)
             .reshape([1, 1, len])
             .expand([batch, kv_heads, len]);
         self.retain(idx)
     }
 
-    /// Drops every slot and resets the token counter; keeps the buffers for reuse.
+    /// Drops every slot and resets the token counter.
     pub fn clear(&mut self) {
-        self.slots = 0;
-        self.seen = 0;
+        *self = Self::new(self.shape, &self.device);
     }
 
     /// Statistics measured from the tensors held.
     pub fn stats(&self) -> LayerStats {
-        let held = |t: (Vec<usize>, burn::tensor::DType)| t.0.iter().product::<usize>() * t.1.size();
-        let keys = self.keys();
-        let values = self.values();
-        let key_bytes = held((keys.dims().to_vec(), keys.dtype()));
-        let value_bytes = held((values.dims().to_vec(), values.dtype()));
-        let positions = self.positions();
-        let mut meta = held((positions.dims().to_vec(), positions.dtype()));
-        let mut allocated = held((self.keys.dims().to_vec(), self.keys.dtype()))
-            + held((self.values.dims().to_vec(), self.values.dtype()))
-            + held((self.positions.dims().to_vec(), self.positions.dtype()));
+        fn bytes<B: Backend, const D: usize, K: burn::tensor::BasicOps<B>>(t: &[Tensor<B, D, K>]) -> usize {
+            t.iter().map(|t| t.dims().iter().product::<usize>() * t.dtype().size()).sum()
+        }
+        let kv_bytes = bytes(&self.keys.segments()) + bytes(&self.values.segments());
+        let mut metadata_bytes = bytes(&self.positions.segments());
+        let mut allocated_bytes = self.keys.allocated_bytes() + self.values.allocated_bytes() + self.positions.allocated_bytes();
         for (_, buf) in &self.side {
-            meta += self.slots * self.shape.batch * self.shape.kv_heads * buf.dtype().size();
-            allocated += held((buf.dims().to_vec(), buf.dtype()));
+            metadata_bytes += bytes(&buf.segments());
+            allocated_bytes += buf.allocated_bytes();
         }
         LayerStats {
-            slots_per_head: vec![self.slots; self.shape.kv_heads],
+            slots_per_head: vec![self.slots(); self.shape.kv_heads],
             tokens_seen: self.seen,
-            kv_bytes: key_bytes + value_bytes,
-            metadata_bytes: meta,
-            allocated_bytes: allocated,
+            kv_bytes,
+            metadata_bytes,
+            allocated_bytes,
         }
-    }
-}
-
-/// The first `n` slots of a buffer along dim 2; an empty tensor when `n == 0`, because burn
-/// rejects zero-length `narrow`s.
-fn held<B: Backend, const D: usize, K: burn::tensor::BasicOps<B>>(buf: &Tensor<B, D, K>, n: usize) -> Tensor<B, D, K> {
-    if n == 0 {
-        let mut dims = buf.dims();
-        dims[2] = 0;
-        Tensor::empty(dims, &buf.device())
-    } else {
-        buf.clone().narrow(2, 0, n)
     }
 }

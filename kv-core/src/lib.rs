@@ -10,6 +10,7 @@ mod budget;
 mod error;
 mod layer;
 mod model;
+mod slots;
 mod stats;
 mod testing;
 
@@ -17,6 +18,7 @@ pub use budget::Budget;
 pub use error::{KvError, Result};
 pub use layer::{CacheShape, LayerCache};
 pub use model::ModelCache;
+pub use slots::TAIL_SLOTS;
 pub use stats::{CacheStats, LayerStats};
 
 #[cfg(test)]

@@ -108,6 +108,31 @@ fn retain_moves_everything_together<B: Backend>(dev: &B::Device) {
     assert_eq!(stats.kv_bytes, 2 * b * h * 4 * d * 4);
 }
 
+fn token_by_token_appends_cross_the_tail_flush<B: Backend>(dev: &B::Device) {
+    let (h, d, n) = (2, 3, 2 * TAIL_SLOTS + 11);
+    let mut c = LayerCache::<B>::new(shape(1, h, d), dev);
+    c.add_side("score");
+    for p in 0..n {
+        let (k, v) = tagged::<B>(1, h, p, 1, d, dev);
+        c.append(k, v).unwrap();
+        assert_eq!(c.slots(), p + 1);
+    }
+    let (want_k, want_v) = tagged::<B>(1, h, 0, n, d, dev);
+    assert_eq!(floats(c.keys()), floats(want_k));
+    assert_eq!(floats(c.values()), floats(want_v));
+    assert_eq!(ints(c.positions())[..n], (0..n as i64).collect::<Vec<_>>()[..]);
+    let segments = c.kv_segments();
+    assert!(segments.len() <= 2);
+    assert_eq!(segments.iter().map(|(k, _)| k.dims()[2]).sum::<usize>(), n);
+    // Retain over body and tail together, then keep appending.
+    c.retain_range(n - 5, 5).unwrap();
+    let (k, v) = tagged::<B>(1, h, n, 1, d, dev);
+    c.append(k, v).unwrap();
+    assert_eq!(ints(c.positions())[..6], [n as i64 - 5, n as i64 - 4, n as i64 - 3, n as i64 - 2, n as i64 - 1, n as i64]);
+    assert_eq!(floats(c.keys())[5 * d], n as f32);
+    assert_eq!(c.stats().kv_bytes, 2 * h * 6 * d * 4);
+}
+
 fn bad_shapes_are_errors<B: Backend>(dev: &B::Device) {
     let mut c = LayerCache::<B>::new(shape(1, 2, 4), dev);
     let err = c.append(Tensor::zeros([1, 3, 1, 4], dev), Tensor::zeros([1, 3, 1, 4], dev)).unwrap_err();
@@ -132,5 +157,6 @@ crate::backend_tests!(
     append_assigns_positions_and_counts,
     retain_moves_everything_together,
     bad_shapes_are_errors,
+    token_by_token_appends_cross_the_tail_flush,
     retain_range_keeps_a_window,
 );

@@ -23,11 +23,12 @@ fn max_abs_diff<B: Backend>(a: Tensor<B, 3>, b: Tensor<B, 3>) -> f32 {
 }
 
 fn cached_decode_matches_full_forward<B: Backend>(dev: &B::Device) {
-    let ids = sequence(24);
+    // 90 tokens: prompts that fill the cache's body, its tail, and decodes that cross a flush.
+    let ids = sequence(90);
     for (heads, kv) in [(8, 8), (8, 2), (8, 1)] {
         let model = tiny(heads, kv).init::<B>(dev).unwrap();
         let full = model.forward(tokens(&ids, dev));
-        for split in [1, 5, 17, 24] {
+        for split in [1, 5, 17, 70, 90] {
             let mut cache = model.new_cache(1);
             let mut parts = vec![model.forward_cached(tokens(&ids[..split], dev), &mut cache).unwrap()];
             for &id in &ids[split..] {
