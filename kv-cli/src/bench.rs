@@ -68,7 +68,7 @@ impl BackendJob for DecodeBench {
         if args.steps == 0 {
             return Err(KvError::config("--steps", 0, "at least 1"));
         }
-        let base = args.model.config()?;
+        let base = args.model.config("decode-bench")?;
         let cells = args.kv_heads.len() * args.contexts.len();
         let bar = ProgressBar::new(cells as u64).with_style(
             ProgressStyle::with_template("{msg:>28} [{bar:30}] {pos}/{len} {elapsed}").unwrap().progress_chars("=> "),

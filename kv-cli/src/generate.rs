@@ -38,7 +38,7 @@ impl BackendJob for GenerateArgs {
     type Output = ();
 
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
-        let (model, config) = self.model.load::<B>(&device)?;
+        let (model, config) = self.model.load::<B>("tiny-mha", &device)?;
         let tokenizer = ByteTokenizer;
         let prompt = tokenizer.encode(&self.prompt);
         let gen_config = GenerateConfig {

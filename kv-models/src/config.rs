@@ -78,4 +78,11 @@ impl DecoderConfig {
         cfg.validate()?;
         Ok(cfg)
     }
+
+    /// The fields whose values differ from `other`, as `field checkpoint_value vs other_value`.
+    pub fn differences(&self, other: &Self) -> Vec<String> {
+        let (a, b) = (serde_json::to_value(self).unwrap_or_default(), serde_json::to_value(other).unwrap_or_default());
+        let (Some(a), Some(b)) = (a.as_object(), b.as_object()) else { return vec![] };
+        a.iter().filter(|(k, v)| b.get(*k) != Some(*v)).map(|(k, v)| format!("{k} {v} vs {}", b.get(k).cloned().unwrap_or_default())).collect()
+    }
 }

@@ -4,10 +4,14 @@
 //!   attention is MHA, GQA or MQA by `n_kv_heads`;
 //! - [`generate`]: prefill + decode with any [`kv_policies::CachePolicy`];
 //! - [`Sampler`]: greedy, temperature, top-k, top-p, seeded;
-//! - [`save_model`] / [`load_model`]: checkpoints written atomically.
+//! - [`save_model`] / [`load_model`]: checkpoints written atomically;
+//! - [`data`]: the embedded story corpus, user text files and the long-context tasks;
+//! - [`train`]: training from scratch with exact resume.
 
 mod checkpoint;
 mod config;
+pub mod data;
+mod eval;
 mod decoder;
 mod ffn;
 mod generate;
@@ -15,14 +19,16 @@ mod materialize;
 mod presets;
 mod sampling;
 mod tokenizer;
+pub mod train;
 
-pub use checkpoint::{CONFIG_FILE, MODEL_FILE, load_model, save_model, write_atomic};
+pub use checkpoint::{CHECKPOINT_FILE, CONFIG_FILE, load_model, load_model_expecting, save_model, write_atomic};
 pub use config::DecoderConfig;
 pub use decoder::{DecoderBlock, DecoderLm};
+pub use eval::{TaskResult, answer, task_accuracy, task_accuracy_with, validation_loss};
 pub use ffn::FeedForward;
 pub use generate::{GenerateConfig, Generation, generate};
 pub use materialize::materialize;
-pub use presets::{preset, preset_names};
+pub use presets::{Preset, preset, preset_names};
 pub use sampling::{Sampler, SamplerConfig, argmax};
 pub use tokenizer::ByteTokenizer;
 

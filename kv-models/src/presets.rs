@@ -1,25 +1,58 @@
-//! Named model presets, shipped as JSON files in the repository's `presets/` folder.
+//! Named presets, shipped as JSON files in the repository's `presets/` folder: a model config and,
+//! for trainable presets, the training recipe.
 
 use crate::DecoderConfig;
+use crate::train::TrainConfig;
 use kv_core::{KvError, Result};
+use serde::{Deserialize, Serialize};
 
 const PRESETS: &[(&str, &str)] = &[
     ("tiny-mha", include_str!("../../presets/tiny-mha.json")),
     ("tiny-gqa", include_str!("../../presets/tiny-gqa.json")),
     ("tiny-mqa", include_str!("../../presets/tiny-mqa.json")),
+    ("decode-bench", include_str!("../../presets/decode-bench.json")),
 ];
+
+/// A model config and, if the preset is trainable, how to train it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Preset {
+    /// The model.
+    pub model: DecoderConfig,
+    /// The training recipe (absent for shapes that exist only to benchmark).
+    #[serde(default)]
+    pub train: Option<TrainConfig>,
+}
+
+impl Preset {
+    /// Parses and validates a preset (or `kv train --config`) file's JSON.
+    pub fn from_json(text: &str, origin: &str) -> Result<Self> {
+        let p: Self = serde_json::from_str(text).map_err(|e| KvError::io(origin, format!("not a preset ({{\"model\": .., \"train\": ..}}): {e}")))?;
+        p.model.validate()?;
+        if let Some(t) = &p.train {
+            t.validate()?;
+        }
+        Ok(p)
+    }
+
+    /// Reads a preset file.
+    pub fn from_file(path: &std::path::Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| KvError::io(path, e))?;
+        Self::from_json(&text, &path.display().to_string())
+    }
+}
 
 /// Names of the built-in presets.
 pub fn preset_names() -> Vec<&'static str> {
     PRESETS.iter().map(|(n, _)| *n).collect()
 }
 
-/// The decoder config of a built-in preset.
-pub fn preset(name: &str) -> Result<DecoderConfig> {
+/// A built-in preset.
+pub fn preset(name: &str) -> Result<Preset> {
     let (_, json) = PRESETS.iter().find(|(n, _)| *n == name).ok_or_else(|| KvError::Unknown {
         kind: "preset".into(),
         name: name.into(),
         valid: preset_names().join(", "),
     })?;
-    DecoderConfig::from_json(json)
+    Preset::from_json(json, &format!("presets/{name}.json"))
 }

@@ -93,13 +93,33 @@ fn checkpoint_round_trips<B: Backend>(dev: &B::Device) {
     let (loaded, loaded_cfg) = load_model::<B>(&dir, dev).unwrap();
     assert_eq!(loaded_cfg, cfg);
     let x = tokens(&sequence(9), dev);
-    assert_eq!(max_abs_diff(model.forward(x.clone()), loaded.forward(x)), 0.0);
-    // A truncated weights file is an error that names the file, not a panic.
-    let bytes = std::fs::read(dir.join(MODEL_FILE)).unwrap();
-    std::fs::write(dir.join(MODEL_FILE), &bytes[..bytes.len() / 2]).unwrap();
-    let err = load_model::<B>(&dir, dev).unwrap_err().to_string();
-    assert!(err.contains(MODEL_FILE), "{err}");
+    assert_eq!(max_abs_diff(model.forward(x.clone()), loaded.forward(x.clone())), 0.0);
+    // A different config is refused with the differing fields named.
+    let err = load_model_expecting::<B>(&dir, &tiny(4, 4), dev).unwrap_err().to_string();
+    assert!(err.contains("n_kv_heads 2 vs 4"), "{err}");
+    load_model_expecting::<B>(&dir, &cfg, dev).unwrap();
+    // A failed write leaves the previous checkpoint intact: block the temporary file's path.
+    let blocker = dir.join(format!(".{CHECKPOINT_FILE}.partial"));
+    std::fs::create_dir_all(blocker.join("x")).unwrap();
+    let other = tiny(4, 2).init::<B>(dev).unwrap();
+    assert!(save_model(&other, &cfg, &dir).is_err());
+    let (still, _) = load_model::<B>(&dir, dev).unwrap();
+    assert_eq!(max_abs_diff(model.forward(x.clone()), still.forward(x.clone())), 0.0);
+    std::fs::remove_dir_all(&blocker).unwrap();
+    // A truncated file is an error that says so and names the file, not a panic.
+    let path = dir.join(CHECKPOINT_FILE);
+    let bytes = std::fs::read(&path).unwrap();
+    for cut in [4, 20, bytes.len() / 2, bytes.len() - 1] {
+        std::fs::write(&path, &bytes[..cut]).unwrap();
+        let err = load_model::<B>(&dir, dev).unwrap_err().to_string();
+        assert!(err.contains(CHECKPOINT_FILE) && (err.contains("truncated") || err.contains("wrong file type")), "{err}");
+    }
+    let mut corrupt = bytes.clone();
+    corrupt[bytes.len() / 2] ^= 0xff;
+    std::fs::write(&path, &corrupt).unwrap();
+    assert!(load_model::<B>(&dir, dev).unwrap_err().to_string().contains("checksum"));
     std::fs::remove_dir_all(&dir).unwrap();
+    assert!(load_model::<B>(&dir, dev).unwrap_err().to_string().contains("no such checkpoint directory"));
 }
 
 fn greedy_generation_follows_full_forward_argmax<B: Backend>(dev: &B::Device) {
@@ -124,7 +144,103 @@ fn greedy_generation_follows_full_forward_argmax<B: Backend>(dev: &B::Device) {
     assert!(err.contains("prompt token = 64"), "{err}");
 }
 
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("kv-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn train_config(steps: usize) -> train::TrainConfig {
+    serde_json::from_value(serde_json::json!({
+        "seq_len": 96, "batch_size": 4, "grad_accum": 2, "steps": steps, "lr": 0.003, "warmup_steps": 2,
+        "tasks": ["recall"], "task_fraction": 0.5, "eval_every": 0, "eval_windows": 2, "eval_task_samples": 2,
+        "checkpoint_every": 0, "seed": 7
+    }))
+    .unwrap()
+}
+
+/// Every float parameter of a model, flattened in visiting order.
+fn params<B: Backend, M: burn::module::Module<B>>(m: &M) -> Vec<f32> {
+    struct Collect(Vec<f32>);
+    impl<B: Backend> burn::module::ModuleVisitor<B> for Collect {
+        fn visit_float<const D: usize>(&mut self, p: &burn::module::Param<Tensor<B, D>>) {
+            self.0.extend(p.val().into_data().iter::<f32>());
+        }
+    }
+    let mut c = Collect(vec![]);
+    m.visit(&mut c);
+    c.0
+}
+
+fn step_losses(dir: &std::path::Path) -> Vec<(usize, f64)> {
+    train::read_log(dir).unwrap().into_iter().filter_map(|l| match l {
+        train::LogLine::Step(m) => Some((m.step, m.loss)),
+        _ => None,
+    }).collect()
+}
+
+fn resume_is_exact<B: Backend>(dev: &B::Device) {
+    type AD<B> = burn::backend::Autodiff<B>;
+    let model = DecoderConfig::new(256, 32, 2, 4, 2, 64);
+    let (straight, paused) = (temp_dir("straight"), temp_dir("paused"));
+    let mut t = train::Trainer::<AD<B>>::new(model.clone(), train_config(6), dev).unwrap();
+    train::run(&mut t, &straight, |_| {}).unwrap();
+    let mut t = train::Trainer::<AD<B>>::new(model, train_config(6), dev).unwrap();
+    train::run_until(&mut t, &paused, 3, |_| {}).unwrap();
+    drop(t);
+    // A run that died after its checkpoint left a log line the resumed run must not keep.
+    let mut log = std::fs::read_to_string(paused.join(train::METRICS_FILE)).unwrap();
+    log += "{\"kind\":\"step\",\"step\":4,\"loss\":9.9,\"lr\":0.1,\"tokens_per_s\":1.0}\n";
+    std::fs::write(paused.join(train::METRICS_FILE), log).unwrap();
+    let mut t = train::Trainer::<AD<B>>::resume(&paused, None, dev).unwrap();
+    assert_eq!(t.step(), 3);
+    train::run(&mut t, &paused, |_| {}).unwrap();
+    assert_eq!(step_losses(&straight), step_losses(&paused));
+    assert_eq!(step_losses(&straight).len(), 6);
+    let (a, _) = load_model::<B>(&straight, dev).unwrap();
+    let (b, _) = load_model::<B>(&paused, dev).unwrap();
+    let (pa, pb) = (params::<B, _>(&a), params::<B, _>(&b));
+    let diff = pa.iter().zip(&pb).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    assert!(diff <= 1e-6, "parameters differ by {diff}");
+    // Weights-only checkpoints cannot be resumed, and say what to do instead.
+    save_model(&a, &DecoderConfig::new(256, 32, 2, 4, 2, 64), &straight).unwrap();
+    let err = train::Trainer::<AD<B>>::resume(&straight, None, dev).err().unwrap().to_string();
+    assert!(err.contains("--init"), "{err}");
+    std::fs::remove_dir_all(&straight).unwrap();
+    std::fs::remove_dir_all(&paused).unwrap();
+}
+
+fn a_few_steps_reduce_the_loss<B: Backend>(dev: &B::Device) {
+    type AD<B> = burn::backend::Autodiff<B>;
+    let dir = temp_dir("smoke");
+    let mut cfg = train_config(25);
+    cfg.tasks.clear();
+    cfg.task_fraction = 0.0;
+    let mut t = train::Trainer::<AD<B>>::new(DecoderConfig::new(256, 32, 2, 4, 4, 64), cfg, dev).unwrap();
+    let before = t.evaluate().unwrap().valid_loss;
+    let eval = train::run(&mut t, &dir, |_| {}).unwrap().unwrap();
+    let losses = step_losses(&dir);
+    assert!(eval.valid_loss < before - 1.0, "valid loss {before} -> {}", eval.valid_loss);
+    assert!(losses.last().unwrap().1 < losses[0].1 - 1.0, "{losses:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn bad_training_configs_are_errors<B: Backend>(dev: &B::Device) {
+    type AD<B> = burn::backend::Autodiff<B>;
+    let model = DecoderConfig::new(256, 32, 1, 4, 4, 64);
+    let mut c = train_config(1);
+    c.lr = 0.0;
+    assert!(train::Trainer::<AD<B>>::new(model.clone(), c, dev).err().unwrap().to_string().contains("lr = 0"));
+    let mut c = train_config(1);
+    c.tasks = vec![data::TaskKind::Passkey];
+    let e = train::Trainer::<AD<B>>::new(model, c, dev).err().unwrap().to_string();
+    assert!(e.contains("seq_len = 96") && e.contains("passkey"), "{e}");
+}
+
 kv_core::backend_tests!(
+    resume_is_exact,
+    a_few_steps_reduce_the_loss,
+    bad_training_configs_are_errors,
     cached_decode_matches_full_forward,
     gqa_equals_mha_with_duplicated_kv_heads,
     bad_configs_name_the_value,
@@ -135,7 +251,8 @@ kv_core::backend_tests!(
 #[test]
 fn presets_parse_and_unknown_names_list_the_valid_ones() {
     for name in preset_names() {
-        preset(name).unwrap();
+        let p = preset(name).unwrap();
+        assert!(p.train.is_some() || name == "decode-bench", "{name}");
     }
     let err = preset("huge").unwrap_err().to_string();
     assert!(err.contains("huge") && err.contains("tiny-mha"), "{err}");

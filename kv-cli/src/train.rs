@@ -1,0 +1,125 @@
+//! `kv train`: train a preset or config from scratch, resume a run, or fine-tune from weights.
+
+use crate::backend::BackendJob;
+use burn::backend::Autodiff;
+use burn::prelude::*;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use kv_core::{KvError, Result};
+use kv_models::data::{TextSource, text_files};
+use kv_models::train::{TrainEvent, Trainer, run};
+use kv_models::{Preset, load_model, preset};
+use std::path::PathBuf;
+
+/// Flags of `kv train`.
+#[derive(Debug, Clone, Args)]
+pub struct TrainArgs {
+    /// A built-in preset (tiny-mha, tiny-gqa, tiny-mqa).
+    #[arg(long, default_value = "tiny-mha", conflicts_with = "config")]
+    pub preset: String,
+    /// A preset-shaped JSON file: {"model": {...}, "train": {...}}.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Total optimiser steps (overrides the recipe).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Run directory for checkpoints and metrics.jsonl (default: runs/<preset>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Continue the run saved in --out exactly where it stopped.
+    #[arg(long, conflicts_with = "init")]
+    pub resume: bool,
+    /// Start from the weights of this checkpoint (its model config wins), with a fresh optimiser.
+    #[arg(long)]
+    pub init: Option<PathBuf>,
+    /// Train on these text files (a file or a folder of .txt / .jsonl) instead of the stories.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+}
+
+impl TrainArgs {
+    fn recipe(&self) -> Result<(Preset, String)> {
+        match &self.config {
+            Some(path) => {
+                let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "custom".into());
+                Ok((Preset::from_file(path)?, name))
+            }
+            None => Ok((preset(&self.preset)?, self.preset.clone())),
+        }
+    }
+
+    /// The run directory.
+    pub fn out_dir(&self) -> Result<PathBuf> {
+        Ok(self.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(self.recipe().map(|r| r.1).unwrap_or_default())))
+    }
+}
+
+impl BackendJob for TrainArgs {
+    type Output = ();
+
+    fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+        let out = self.out_dir()?;
+        let mut trainer = if self.resume {
+            Trainer::<Autodiff<B>>::resume(&out, self.steps, &device)?
+        } else {
+            let (recipe, name) = self.recipe()?;
+            let mut train = recipe.train.ok_or_else(|| KvError::config("preset", &name, "a preset with a \"train\" recipe"))?;
+            if let Some(s) = self.steps {
+                train.steps = s;
+            }
+            if let Some(path) = &self.data {
+                train.data = TextSource::Files(text_files(path)?);
+            }
+            train.validate()?;
+            if out.join(kv_models::CHECKPOINT_FILE).exists() {
+                return Err(KvError::io(&out, "already holds a run; pass --resume to continue it or --out to start another"));
+            }
+            match &self.init {
+                Some(dir) => {
+                    let (model, config) = load_model::<Autodiff<B>>(dir, &device)?;
+                    Trainer::from_model(model, config, train, &device)?
+                }
+                None => Trainer::new(recipe.model, train, &device)?,
+            }
+        };
+        let c = trainer.config().clone();
+        let params = trainer.model().num_params();
+        eprintln!(
+            "training {params} parameters for {} steps of {} tokens into {} (from step {})",
+            c.steps,
+            c.tokens_per_step(),
+            out.display(),
+            trainer.step()
+        );
+        let bar = ProgressBar::new(c.steps as u64).with_position(trainer.step() as u64).with_style(
+            ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed} < {eta}] {msg}").unwrap().progress_chars("=> "),
+        );
+        let started = std::time::Instant::now();
+        let mut eval_msg = String::new();
+        let last = run(&mut trainer, &out, |e| match e {
+            TrainEvent::Step(m) => {
+                bar.set_position(m.step as u64);
+                bar.set_message(format!("loss {:.3} | lr {:.1e} | {:.0} tok/s{eval_msg}", m.loss, m.lr, m.tokens_per_s));
+            }
+            TrainEvent::Eval(ev) => {
+                let tasks: Vec<String> = ev.task_accuracy.iter().map(|(t, a)| format!("{} {:.0}%", t.name(), a * 100.0)).collect();
+                eval_msg = format!(" | valid {:.3} {}", ev.valid_loss, tasks.join(" "));
+                bar.println(format!("step {:>5}: valid loss {:.4}; {}", ev.step, ev.valid_loss, tasks.join(", ")));
+            }
+            TrainEvent::Checkpoint { .. } => {}
+        })?;
+        bar.finish_and_clear();
+        if let Some(ev) = last {
+            let tasks: Vec<String> = ev.task_accuracy.iter().map(|(t, a)| format!("{} {:.1}%", t.name(), a * 100.0)).collect();
+            eprintln!(
+                "done in {:.1} s: step {}, valid loss {:.4}, {}; checkpoint in {}",
+                started.elapsed().as_secs_f64(),
+                ev.step,
+                ev.valid_loss,
+                tasks.join(", "),
+                out.display()
+            );
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,162 @@
+//! Training and evaluation data: the embedded story corpus, user text files and long-context tasks.
+
+mod stories;
+mod tasks;
+
+pub use stories::story;
+pub use tasks::{TaskKind, TaskSample, exact_match};
+
+use kv_core::{KvError, Result};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// A body of byte-level text to cut training and validation windows from.
+#[derive(Debug, Clone)]
+pub struct Corpus {
+    bytes: Vec<u8>,
+}
+
+impl Corpus {
+    /// About `bytes` bytes of generated stories from `seed` (the embedded default corpus).
+    pub fn stories(seed: u64, bytes: usize) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut text = String::with_capacity(bytes + 4096);
+        while text.len() < bytes {
+            let len = rng.random_range(1500..6000);
+            text += &story(&mut rng, len);
+        }
+        Self { bytes: text.into_bytes() }
+    }
+
+    /// Text from files: `.jsonl` files contribute the `"text"` field of each line, anything else
+    /// is read as plain UTF-8 text. Documents are separated by blank lines.
+    pub fn from_files(paths: &[PathBuf]) -> Result<Self> {
+        let mut bytes = Vec::new();
+        for path in paths {
+            let text = std::fs::read_to_string(path).map_err(|e| KvError::io(path, e))?;
+            if path.extension().is_some_and(|e| e == "jsonl") {
+                for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+                    let doc: serde_json::Value =
+                        serde_json::from_str(line).map_err(|e| KvError::io(path, format!("line {}: not JSON: {e}", i + 1)))?;
+                    let t = doc.get("text").and_then(|t| t.as_str()).ok_or_else(|| {
+                        KvError::io(path, format!("line {}: expected an object with a \"text\" string field", i + 1))
+                    })?;
+                    bytes.extend_from_slice(t.as_bytes());
+                    bytes.extend_from_slice(b"\n\n");
+                }
+            } else {
+                bytes.extend_from_slice(text.as_bytes());
+                bytes.extend_from_slice(b"\n\n");
+            }
+        }
+        Ok(Self { bytes })
+    }
+
+    /// Bytes of text held.
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Whether the corpus is empty.
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// Splits off the last `fraction` of the text for validation.
+    pub fn split(mut self, fraction: f32) -> (Corpus, Corpus) {
+        let at = ((self.bytes.len() as f64) * (1.0 - fraction as f64)) as usize;
+        let valid = self.bytes.split_off(at);
+        (self, Corpus { bytes: valid })
+    }
+
+    /// A random window of `len` tokens.
+    pub fn window(&self, rng: &mut impl Rng, len: usize) -> Result<Vec<u32>> {
+        if self.bytes.len() < len {
+            return Err(KvError::config("corpus size", self.bytes.len(), format!("at least one window of {len} bytes")));
+        }
+        let start = rng.random_range(0..=self.bytes.len() - len);
+        Ok(self.bytes[start..start + len].iter().map(|&b| b as u32).collect())
+    }
+
+    /// Consecutive, non-overlapping windows of `len` tokens from the start (for validation).
+    pub fn windows(&self, len: usize, count: usize) -> Vec<Vec<u32>> {
+        self.bytes.chunks_exact(len).take(count).map(|w| w.iter().map(|&b| b as u32).collect()).collect()
+    }
+}
+
+/// Where training text comes from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TextSource {
+    /// The generated story corpus (about 4 MB), seeded.
+    Stories,
+    /// Plain text or JSONL files.
+    Files(Vec<PathBuf>),
+}
+
+impl TextSource {
+    /// Loads the training and validation corpora (the last 5% is validation).
+    pub fn load(&self, seed: u64) -> Result<(Corpus, Corpus)> {
+        match self {
+            TextSource::Stories => Ok((Corpus::stories(seed, 4 << 20), Corpus::stories(seed ^ 0x5eed_7a11, 256 << 10))),
+            TextSource::Files(paths) => {
+                let corpus = Corpus::from_files(paths)?;
+                if corpus.is_empty() {
+                    let names: Vec<_> = paths.iter().map(|p| p.display().to_string()).collect();
+                    return Err(KvError::config("data files", names.join(", "), "files with some text"));
+                }
+                Ok(corpus.split(0.05))
+            }
+        }
+    }
+}
+
+/// Reads `path` as a list of text files when it is a directory, or as one file.
+pub fn text_files(path: &Path) -> Result<Vec<PathBuf>> {
+    if path.is_dir() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(|e| KvError::io(path, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file())
+            .collect();
+        files.sort();
+        Ok(files)
+    } else if path.is_file() {
+        Ok(vec![path.to_path_buf()])
+    } else {
+        Err(KvError::io(path, "no such file or directory"))
+    }
+}
+
+/// The deterministic random stream of one (step, micro-batch) pair: resuming needs only the step.
+pub fn batch_rng(seed: u64, step: usize, micro: usize) -> StdRng {
+    let mix = seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (micro as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+    StdRng::seed_from_u64(mix)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn corpus_windows_and_files() {
+        let c = Corpus::stories(1, 10_000);
+        assert!(c.len() >= 10_000);
+        let w = c.window(&mut StdRng::seed_from_u64(0), 100).unwrap();
+        assert_eq!(w.len(), 100);
+        assert!(c.window(&mut StdRng::seed_from_u64(0), 1 << 30).is_err());
+        let dir = std::env::temp_dir().join(format!("kv-corpus-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a.txt"), "hello world").unwrap();
+        std::fs::write(dir.join("b.jsonl"), "{\"text\": \"second doc\"}\n\n{\"text\": \"third\"}\n").unwrap();
+        let files = text_files(&dir).unwrap();
+        let c = Corpus::from_files(&files).unwrap();
+        assert_eq!(String::from_utf8(c.bytes.clone()).unwrap(), "hello world\n\nsecond doc\n\nthird\n\n");
+        std::fs::write(dir.join("c.jsonl"), "{\"body\": 1}\n").unwrap();
+        let e = Corpus::from_files(&[dir.join("c.jsonl")]).unwrap_err().to_string();
+        assert!(e.contains("line 1") && e.contains("\"text\""), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,235 @@
+//! Seeded long-context tasks with exact-match answers: passkey, needle in a haystack, recall.
+//!
+//! Every sample is byte-level text whose prompt plus answer is exactly `context` bytes (tokens), so
+//! the same generator makes training sequences and evaluation prompts of a chosen length.
+
+use super::stories::story;
+use kv_core::{KvError, Result};
+use rand::Rng;
+use rand::seq::IndexedRandom;
+use serde::{Deserialize, Serialize};
+
+/// A long-context task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskKind {
+    /// A 5-digit number hidden in repetitive filler, asked for at the end.
+    Passkey,
+    /// A key sentence at a chosen depth of story text, asked for at the end.
+    Needle,
+    /// Key-value pairs, then queries of several keys; the last one is asked.
+    Recall,
+}
+
+impl TaskKind {
+    /// Every task.
+    pub const ALL: [TaskKind; 3] = [TaskKind::Passkey, TaskKind::Needle, TaskKind::Recall];
+
+    /// The name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            TaskKind::Passkey => "passkey",
+            TaskKind::Needle => "needle",
+            TaskKind::Recall => "recall",
+        }
+    }
+
+    /// Parses a task name.
+    pub fn parse(name: &str) -> Result<Self> {
+        Self::ALL.into_iter().find(|t| t.name() == name).ok_or_else(|| KvError::Unknown {
+            kind: "task".into(),
+            name: name.into(),
+            valid: "passkey, needle, recall".into(),
+        })
+    }
+
+    /// Shortest context (in bytes) this task can be generated at.
+    pub fn min_context(self) -> usize {
+        match self {
+            TaskKind::Passkey => PASSKEY_HEADER.len() + 2 * 26 + PASSKEY_QUESTION.len() + 5 + 8,
+            TaskKind::Needle => NEEDLE_HEADER.len() + 2 * 40 + 2 * 50 + 4 + 8,
+            TaskKind::Recall => RECALL_HEADER.len() + 3 * 8 + 2 * 6 + 8,
+        }
+    }
+
+    /// A sample of exactly `context` bytes; `depth` in [0, 1] places the needle or passkey (None: random).
+    pub fn sample(self, rng: &mut impl Rng, context: usize, depth: Option<f32>) -> Result<TaskSample> {
+        if context < self.min_context() {
+            return Err(KvError::config(
+                format!("{} context", self.name()),
+                context,
+                format!("at least {} tokens", self.min_context()),
+            ));
+        }
+        if let Some(d) = depth {
+            if !(0.0..=1.0).contains(&d) {
+                return Err(KvError::config("depth", d, "a fraction of the context in [0, 1]"));
+            }
+        }
+        let depth = depth.unwrap_or_else(|| rng.random_range(0.0..=1.0));
+        let s = match self {
+            TaskKind::Passkey => passkey(rng, context, depth),
+            TaskKind::Needle => needle(rng, context, depth),
+            TaskKind::Recall => recall(rng, context),
+        };
+        debug_assert_eq!(s.prompt.len() + s.answer.len(), context, "{self:?}");
+        Ok(s)
+    }
+}
+
+/// One task instance: the model reads `prompt` and must continue with `answer`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskSample {
+    /// Everything before the answer.
+    pub prompt: String,
+    /// The exact continuation expected.
+    pub answer: String,
+}
+
+impl TaskSample {
+    /// Prompt and answer as one training text.
+    pub fn text(&self) -> String {
+        format!("{}{}", self.prompt, self.answer)
+    }
+}
+
+/// Exact match: the generated continuation must equal the answer, character for character
+/// (a continuation longer than the answer is judged on its first `answer.len()` bytes).
+pub fn exact_match(answer: &str, generated: &str) -> bool {
+    generated.len() >= answer.len() && generated.as_bytes()[..answer.len()] == *answer.as_bytes()
+}
+
+const PASSKEY_HEADER: &str = "There is a pass key hidden in this text. Remember it. ";
+const PASSKEY_FILLER: &str = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
+const PASSKEY_QUESTION: &str = " What is the pass key? The pass key is ";
+
+fn passkey(rng: &mut impl Rng, context: usize, depth: f32) -> TaskSample {
+    let key = rng.random_range(10_000..100_000).to_string();
+    let needle = format!("The pass key is {key}. Remember it. ");
+    let filler_len = context - PASSKEY_HEADER.len() - needle.len() - PASSKEY_QUESTION.len() - key.len();
+    let before = (filler_len as f32 * depth).round() as usize;
+    // Start the filler at a random phase so the key does not always follow the same words.
+    let phase = rng.random_range(0..PASSKEY_FILLER.len());
+    let filler: String = PASSKEY_FILLER.chars().cycle().skip(phase).take(filler_len).collect();
+    let prompt = format!("{PASSKEY_HEADER}{}{needle}{}{PASSKEY_QUESTION}", &filler[..before], &filler[before..]);
+    TaskSample { prompt, answer: key }
+}
+
+const NEEDLE_HEADER: &str = "Read the story and answer the question at the end.\n";
+const CITIES: &[&str] = &["Avalon", "Brisk", "Corvel", "Dunmore", "Elstow", "Farrow", "Glenmark", "Holt", "Ivybridge", "Jarrow"];
+
+fn needle(rng: &mut impl Rng, context: usize, depth: f32) -> TaskSample {
+    let city = CITIES.choose(rng).unwrap();
+    let code = rng.random_range(1000..10_000).to_string();
+    let sentence = format!(" The secret code of {city} is {code}. ");
+    let question = format!("\nWhat is the secret code of {city}? The secret code of {city} is ");
+    let hay_len = context - NEEDLE_HEADER.len() - sentence.len() - question.len() - code.len();
+    let mut hay = String::new();
+    while hay.len() < hay_len {
+        hay += &story(rng, hay_len - hay.len());
+    }
+    hay.truncate(hay_len);
+    // Insert at the sentence boundary nearest the requested depth, so the needle reads as text.
+    let target = (hay_len as f32 * depth).round() as usize;
+    let at = hay[..target].rfind(". ").map_or(0, |i| i + 1);
+    let at = if target == hay_len { hay_len } else { at };
+    let prompt = format!("{NEEDLE_HEADER}{}{sentence}{}{question}", &hay[..at], &hay[at..]);
+    TaskSample { prompt, answer: code }
+}
+
+const RECALL_HEADER: &str = "Remember each key and its value.\n";
+
+fn recall(rng: &mut impl Rng, context: usize) -> TaskSample {
+    const LETTERS: &[u8] = b"abcdefghijklmnopqrstuvwxyz";
+    let mut keys: Vec<String> = Vec::new();
+    let mut values: Vec<String> = Vec::new();
+    // Each pair "kkk=vvv; " is 9 bytes, each query "Q kkk=vvv " 10 bytes; the final query has no value.
+    let budget = context - RECALL_HEADER.len() - 1;
+    let queries = (budget / 60).clamp(1, 8);
+    let pairs = ((budget - queries * 10) / 9).max(queries);
+    while keys.len() < pairs {
+        let k: String = (0..3).map(|_| LETTERS[rng.random_range(0..26)] as char).collect();
+        if !keys.contains(&k) {
+            keys.push(k);
+            values.push(rng.random_range(100..1000).to_string());
+        }
+    }
+    let mut prompt = String::from(RECALL_HEADER);
+    for (k, v) in keys.iter().zip(&values) {
+        prompt += &format!("{k}={v}; ");
+    }
+    prompt.push('\n');
+    let mut asked = Vec::new();
+    for q in 0..queries {
+        let i = rng.random_range(0..pairs);
+        asked.push(i);
+        if q + 1 < queries {
+            prompt += &format!("Q {}={} ", keys[i], values[i]);
+        } else {
+            prompt += &format!("Q {}=", keys[i]);
+        }
+    }
+    let answer = values[*asked.last().unwrap()].clone();
+    // Pad (or trim the pair list's tail of spaces) to land exactly on the context length.
+    let total = prompt.len() + answer.len();
+    if total < context {
+        prompt.insert_str(RECALL_HEADER.len(), &" ".repeat(context - total));
+    }
+    TaskSample { prompt, answer }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+
+    #[test]
+    fn samples_are_deterministic_exact_length_and_contain_their_answer() {
+        for task in TaskKind::ALL {
+            for context in [task.min_context(), 256, 1000] {
+                let a = task.sample(&mut StdRng::seed_from_u64(9), context, None).unwrap();
+                let b = task.sample(&mut StdRng::seed_from_u64(9), context, None).unwrap();
+                let c = task.sample(&mut StdRng::seed_from_u64(10), context, None).unwrap();
+                assert_eq!(a, b, "{task:?}");
+                assert_ne!(a, c, "{task:?}");
+                assert_eq!(a.prompt.len() + a.answer.len(), context, "{task:?} at {context}");
+                assert!(a.prompt.is_ascii());
+                // The answer appears in the prompt (it is retrievable), before the question.
+                assert!(a.prompt.contains(&a.answer), "{task:?}: {a:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn depth_places_the_needle() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let early = TaskKind::Needle.sample(&mut rng, 2000, Some(0.0)).unwrap();
+        let late = TaskKind::Needle.sample(&mut rng, 2000, Some(1.0)).unwrap();
+        let pos = |s: &TaskSample| s.prompt.find("secret code of").unwrap();
+        assert!(pos(&early) < 200, "{}", pos(&early));
+        assert!(pos(&late) > 1700, "{}", pos(&late));
+        let mid = TaskKind::Passkey.sample(&mut rng, 2000, Some(0.5)).unwrap();
+        let p = mid.prompt.find("The pass key is").unwrap();
+        assert!((800..1200).contains(&p), "{p}");
+    }
+
+    #[test]
+    fn scorer_accepts_exact_answers_and_rejects_near_misses() {
+        assert!(exact_match("68231", "68231"));
+        assert!(exact_match("68231", "68231. Remember"));
+        assert!(!exact_match("68231", "68230"));
+        assert!(!exact_match("68231", "6823"));
+        assert!(!exact_match("68231", " 68231"));
+        assert!(!exact_match("719", "791"));
+    }
+
+    #[test]
+    fn bad_task_requests_are_errors() {
+        let mut rng = StdRng::seed_from_u64(0);
+        let e = TaskKind::Passkey.sample(&mut rng, 10, None).unwrap_err().to_string();
+        assert!(e.contains("passkey context = 10"), "{e}");
+        assert!(TaskKind::Needle.sample(&mut rng, 1000, Some(1.5)).unwrap_err().to_string().contains("depth = 1.5"));
+        assert!(TaskKind::parse("haystack").unwrap_err().to_string().contains("passkey, needle, recall"));
+    }
+}

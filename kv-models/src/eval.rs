@@ -1,0 +1,88 @@
+//! Evaluation of a model: held-out loss and exact-match accuracy on the long-context tasks.
+
+use crate::data::{Corpus, TaskKind, exact_match};
+use crate::{DecoderLm, GenerateConfig, SamplerConfig, generate};
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::prelude::*;
+use kv_core::{KvError, Result};
+use kv_policies::{CachePolicy, FullCache};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use serde::{Deserialize, Serialize};
+
+/// Mean next-token loss over the first `windows` consecutive windows of `seq_len` tokens.
+pub fn validation_loss<B: Backend>(model: &DecoderLm<B>, corpus: &Corpus, seq_len: usize, windows: usize) -> Result<f64> {
+    let all = corpus.windows(seq_len + 1, windows);
+    if all.is_empty() {
+        return Err(KvError::config("validation text", format!("{} bytes", corpus.len()), format!("at least {} bytes", seq_len + 1)));
+    }
+    let device = model.embed.weight.device();
+    let ce = CrossEntropyLossConfig::new().init(&device);
+    let mut total = 0.0;
+    for chunk in all.chunks(8) {
+        let ids: Vec<i32> = chunk.iter().flatten().map(|&t| t as i32).collect();
+        let b = chunk.len();
+        let x = Tensor::<B, 1, Int>::from_ints(ids.as_slice(), &device).reshape([b, seq_len + 1]);
+        let logits = model.forward(x.clone().narrow(1, 0, seq_len));
+        let v = logits.dims()[2];
+        let loss = ce.forward(logits.reshape([b * seq_len, v]), x.narrow(1, 1, seq_len).reshape([b * seq_len]));
+        total += loss.into_scalar().elem::<f64>() * b as f64;
+    }
+    Ok(total / all.len() as f64)
+}
+
+/// Exact-match results of one task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskResult {
+    /// The task.
+    pub task: TaskKind,
+    /// Prompt plus answer length in tokens.
+    pub context: usize,
+    /// Fraction answered exactly.
+    pub accuracy: f64,
+    /// Samples answered exactly.
+    pub correct: usize,
+    /// Samples asked.
+    pub total: usize,
+}
+
+/// Greedy continuation of one task prompt under a cache policy: the answer's length in tokens.
+pub fn answer<B: Backend>(model: &DecoderLm<B>, prompt: &str, answer_len: usize, policy: &mut dyn CachePolicy<B>) -> Result<String> {
+    let ids: Vec<u32> = prompt.bytes().map(u32::from).collect();
+    let config = GenerateConfig { max_new_tokens: answer_len, sampler: SamplerConfig::default(), stop_token: None };
+    let out = generate(model, &ids, &config, policy, |_| {})?;
+    Ok(out.tokens.iter().map(|&t| char::from(t.min(255) as u8)).collect())
+}
+
+/// Accuracy of `model` on `samples` seeded instances of `task` at `context` tokens (full cache);
+/// `depth` fixes where the needle or passkey sits (None: random).
+pub fn task_accuracy<B: Backend>(
+    model: &DecoderLm<B>,
+    task: TaskKind,
+    context: usize,
+    samples: usize,
+    seed: u64,
+    depth: Option<f32>,
+) -> Result<TaskResult> {
+    task_accuracy_with(model, task, context, samples, seed, depth, &mut || Box::new(FullCache))
+}
+
+/// [`task_accuracy`] under a cache policy made fresh for every sample by `policy`.
+pub fn task_accuracy_with<B: Backend>(
+    model: &DecoderLm<B>,
+    task: TaskKind,
+    context: usize,
+    samples: usize,
+    seed: u64,
+    depth: Option<f32>,
+    policy: &mut dyn FnMut() -> Box<dyn CachePolicy<B>>,
+) -> Result<TaskResult> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut correct = 0;
+    for _ in 0..samples {
+        let s = task.sample(&mut rng, context, depth)?;
+        let got = answer(model, &s.prompt, s.answer.len(), policy().as_mut())?;
+        correct += exact_match(&s.answer, &got) as usize;
+    }
+    Ok(TaskResult { task, context, accuracy: correct as f64 / samples.max(1) as f64, correct, total: samples })
+}

@@ -1,0 +1,425 @@
+//! Training from scratch or from a checkpoint: AdamW, warmup + cosine, clipping, accumulation,
+//! a mixture of corpus and task batches, periodic evaluation and exact resume.
+
+use crate::checkpoint::{Sections, record_bytes, record_from};
+use crate::data::{Corpus, TaskKind, TextSource, batch_rng};
+use crate::eval::{task_accuracy, validation_loss};
+use crate::{CHECKPOINT_FILE, DecoderConfig, DecoderLm};
+use burn::grad_clipping::GradientClippingConfig;
+use burn::module::AutodiffModule;
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::{AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use kv_core::{KvError, Result};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::Path;
+use std::time::Instant;
+
+/// How to train.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Tokens per training sequence (the training context).
+    pub seq_len: usize,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches whose gradients are summed before each optimiser step.
+    #[serde(default = "one")]
+    pub grad_accum: usize,
+    /// Optimiser steps.
+    pub steps: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Final learning rate as a fraction of the peak (cosine decay ends there).
+    #[serde(default = "tenth")]
+    pub min_lr_ratio: f64,
+    /// Steps of linear warm-up.
+    #[serde(default)]
+    pub warmup_steps: usize,
+    /// AdamW decoupled weight decay.
+    #[serde(default = "tenth_f32")]
+    pub weight_decay: f32,
+    /// Gradient clipping by global norm (0 = off).
+    #[serde(default = "one_f32")]
+    pub clip_norm: f32,
+    /// Long-context tasks mixed into training.
+    #[serde(default)]
+    pub tasks: Vec<TaskKind>,
+    /// Fraction of sequences that are task samples rather than corpus text.
+    #[serde(default)]
+    pub task_fraction: f32,
+    /// Evaluate every this many steps (0 = only at the end).
+    #[serde(default)]
+    pub eval_every: usize,
+    /// Validation windows for the validation loss.
+    #[serde(default = "sixteen")]
+    pub eval_windows: usize,
+    /// Samples per task for task accuracy during training.
+    #[serde(default = "sixteen")]
+    pub eval_task_samples: usize,
+    /// Save a checkpoint every this many steps (0 = only at the end).
+    #[serde(default)]
+    pub checkpoint_every: usize,
+    /// Seed of the initialisation and of the data stream.
+    #[serde(default)]
+    pub seed: u64,
+    /// Training text.
+    #[serde(default = "stories")]
+    pub data: TextSource,
+}
+
+fn one() -> usize {
+    1
+}
+fn sixteen() -> usize {
+    16
+}
+fn tenth() -> f64 {
+    0.1
+}
+fn tenth_f32() -> f32 {
+    0.1
+}
+fn one_f32() -> f32 {
+    1.0
+}
+fn stories() -> TextSource {
+    TextSource::Stories
+}
+
+impl TrainConfig {
+    /// Checks every field, naming the first bad value.
+    pub fn validate(&self) -> Result<()> {
+        let positive = |f: &str, v: usize| if v == 0 { Err(KvError::config(f, v, "at least 1")) } else { Ok(()) };
+        positive("seq_len", self.seq_len)?;
+        positive("batch_size", self.batch_size)?;
+        positive("grad_accum", self.grad_accum)?;
+        positive("steps", self.steps)?;
+        if !(self.lr > 0.0 && self.lr <= 1.0) {
+            return Err(KvError::config("lr", self.lr, "a learning rate in (0, 1]"));
+        }
+        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
+            return Err(KvError::config("min_lr_ratio", self.min_lr_ratio, "a fraction in [0, 1]"));
+        }
+        if !(0.0..=1.0).contains(&self.task_fraction) || (self.task_fraction > 0.0 && self.tasks.is_empty()) {
+            return Err(KvError::config("task_fraction", self.task_fraction, "in [0, 1], and 0 unless `tasks` names some"));
+        }
+        for t in &self.tasks {
+            if self.seq_len + 1 < t.min_context() {
+                return Err(KvError::config("seq_len", self.seq_len, format!("at least {} for task {}", t.min_context(), t.name())));
+            }
+        }
+        Ok(())
+    }
+
+    /// Learning rate at `step` (0-based): linear warm-up, then cosine decay to `min_lr_ratio`.
+    pub fn lr_at(&self, step: usize) -> f64 {
+        if step < self.warmup_steps {
+            return self.lr * (step + 1) as f64 / self.warmup_steps as f64;
+        }
+        let span = self.steps.saturating_sub(self.warmup_steps).max(1) as f64;
+        let progress = ((step - self.warmup_steps) as f64 / span).min(1.0);
+        let min = self.lr * self.min_lr_ratio;
+        min + (self.lr - min) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+    }
+
+    /// Tokens consumed per optimiser step.
+    pub fn tokens_per_step(&self) -> usize {
+        self.seq_len * self.batch_size * self.grad_accum
+    }
+}
+
+/// What one optimiser step did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepMetrics {
+    /// Steps completed, this one included.
+    pub step: usize,
+    /// Mean training loss over the step's micro-batches.
+    pub loss: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Training tokens per second of this step.
+    pub tokens_per_s: f64,
+}
+
+/// An evaluation during or after training.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalMetrics {
+    /// Steps completed when evaluated.
+    pub step: usize,
+    /// Mean loss on held-out text.
+    pub valid_loss: f64,
+    /// Exact-match accuracy per task at the training context, full cache.
+    pub task_accuracy: Vec<(TaskKind, f64)>,
+}
+
+/// One line of the metrics log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum LogLine {
+    /// A training step.
+    Step(StepMetrics),
+    /// An evaluation.
+    Eval(EvalMetrics),
+}
+
+impl LogLine {
+    fn step(&self) -> usize {
+        match self {
+            LogLine::Step(m) => m.step,
+            LogLine::Eval(m) => m.step,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct TrainState {
+    step: usize,
+    config: TrainConfig,
+}
+
+/// A training run in progress on autodiff backend `B`.
+pub struct Trainer<B: AutodiffBackend> {
+    model: DecoderLm<B>,
+    optim: OptimizerAdaptor<AdamW, DecoderLm<B>, B>,
+    model_config: DecoderConfig,
+    config: TrainConfig,
+    step: usize,
+    train: Corpus,
+    valid: Corpus,
+    device: B::Device,
+}
+
+fn adamw<B: AutodiffBackend>(config: &TrainConfig) -> OptimizerAdaptor<AdamW, DecoderLm<B>, B> {
+    AdamWConfig::new()
+        .with_beta_2(0.95)
+        .with_epsilon(1e-8)
+        .with_weight_decay(config.weight_decay)
+        .with_grad_clipping((config.clip_norm > 0.0).then_some(GradientClippingConfig::Norm(config.clip_norm)))
+        .init()
+}
+
+impl<B: AutodiffBackend> Trainer<B> {
+    /// A fresh run: a model initialised from `config.seed`.
+    pub fn new(model_config: DecoderConfig, config: TrainConfig, device: &B::Device) -> Result<Self> {
+        config.validate()?;
+        B::seed(device, config.seed);
+        let model = model_config.init::<B>(device)?;
+        Self::from_model(model, model_config, config, device)
+    }
+
+    /// A fresh run (step 0, new optimiser) that starts from given weights (`kv train --init`).
+    pub fn from_model(model: DecoderLm<B>, model_config: DecoderConfig, config: TrainConfig, device: &B::Device) -> Result<Self> {
+        config.validate()?;
+        model_config.validate()?;
+        let (train, valid) = config.data.load(config.seed)?;
+        for (name, c) in [("training", &train), ("validation", &valid)] {
+            if c.len() < config.seq_len + 1 {
+                return Err(KvError::config(format!("{name} text"), format!("{} bytes", c.len()), format!("at least seq_len + 1 = {}", config.seq_len + 1)));
+            }
+        }
+        Ok(Self { optim: adamw(&config), model, model_config, config, step: 0, train, valid, device: device.clone() })
+    }
+
+    /// Continues the run saved in `dir` exactly where it stopped; `steps`, if given, replaces the
+    /// total step count (to extend a finished run).
+    pub fn resume(dir: &Path, steps: Option<usize>, device: &B::Device) -> Result<Self> {
+        let sections = Sections::read(dir)?;
+        let path = dir.join(CHECKPOINT_FILE);
+        let model_config = sections.model_config(dir)?;
+        if sections.train.is_empty() || sections.optim.is_empty() {
+            return Err(KvError::io(&path, "holds weights only (no training state); start a new run with --init instead"));
+        }
+        let mut state: TrainState = serde_json::from_slice(&sections.train).map_err(|e| KvError::io(&path, format!("bad training state: {e}")))?;
+        if let Some(s) = steps {
+            state.config.steps = s;
+        }
+        let model = model_config.init::<B>(device)?.load_record(record_from::<B, _>(sections.model, device, &path)?);
+        let mut trainer = Self::from_model(model, model_config, state.config, device)?;
+        trainer.optim = adamw(&trainer.config).load_record(record_from::<B, _>(sections.optim, device, &path)?);
+        trainer.step = state.step;
+        Ok(trainer)
+    }
+
+    /// Steps completed.
+    pub fn step(&self) -> usize {
+        self.step
+    }
+
+    /// The training config.
+    pub fn config(&self) -> &TrainConfig {
+        &self.config
+    }
+
+    /// The model config.
+    pub fn model_config(&self) -> &DecoderConfig {
+        &self.model_config
+    }
+
+    /// The model being trained.
+    pub fn model(&self) -> &DecoderLm<B> {
+        &self.model
+    }
+
+    /// Whether every step has run.
+    pub fn is_done(&self) -> bool {
+        self.step >= self.config.steps
+    }
+
+    /// The `micro`-th micro-batch of `step`: inputs and targets `[batch, seq_len]`.
+    fn batch(&self, step: usize, micro: usize) -> Result<(Tensor<B, 2, Int>, Tensor<B, 1, Int>)> {
+        let c = &self.config;
+        let mut rng = batch_rng(c.seed, step, micro);
+        let mut ids = Vec::with_capacity(c.batch_size * (c.seq_len + 1));
+        for _ in 0..c.batch_size {
+            let seq = if !c.tasks.is_empty() && rng.random::<f32>() < c.task_fraction {
+                let task = c.tasks[rng.random_range(0..c.tasks.len())];
+                task.sample(&mut rng, c.seq_len + 1, None)?.text().bytes().map(u32::from).collect()
+            } else {
+                self.train.window(&mut rng, c.seq_len + 1)?
+            };
+            ids.extend(seq.into_iter().map(|t| t as i32));
+        }
+        let all = Tensor::<B, 1, Int>::from_ints(ids.as_slice(), &self.device).reshape([c.batch_size, c.seq_len + 1]);
+        let inputs = all.clone().narrow(1, 0, c.seq_len);
+        let targets = all.narrow(1, 1, c.seq_len).reshape([c.batch_size * c.seq_len]);
+        Ok((inputs, targets))
+    }
+
+    /// Runs one optimiser step (all its micro-batches).
+    pub fn train_step(&mut self) -> Result<StepMetrics> {
+        let start = Instant::now();
+        let c = self.config.clone();
+        let ce = CrossEntropyLossConfig::new().init(&self.device);
+        let mut accumulator = GradientsAccumulator::new();
+        let mut loss_sum = 0.0;
+        for micro in 0..c.grad_accum {
+            let (inputs, targets) = self.batch(self.step, micro)?;
+            let logits = self.model.forward(inputs);
+            let [b, t, v] = logits.dims();
+            let loss = ce.forward(logits.reshape([b * t, v]), targets);
+            loss_sum += loss.clone().into_scalar().elem::<f64>();
+            let grads = loss.div_scalar(c.grad_accum as f64).backward();
+            accumulator.accumulate(&self.model, GradientsParams::from_grads(grads, &self.model));
+        }
+        let lr = c.lr_at(self.step);
+        self.model = self.optim.step(lr, self.model.clone(), accumulator.grads());
+        self.step += 1;
+        Ok(StepMetrics {
+            step: self.step,
+            loss: loss_sum / c.grad_accum as f64,
+            lr,
+            tokens_per_s: c.tokens_per_step() as f64 / start.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Validation loss and task accuracies (full cache, training context) of the current model.
+    pub fn evaluate(&self) -> Result<EvalMetrics> {
+        let model = self.model.valid();
+        let c = &self.config;
+        let valid_loss = validation_loss(&model, &self.valid, c.seq_len, c.eval_windows)?;
+        let mut task_acc = Vec::new();
+        for &task in &c.tasks {
+            let r = task_accuracy(&model, task, c.seq_len, c.eval_task_samples, c.seed ^ 0xe7a1, None)?;
+            task_acc.push((task, r.accuracy));
+        }
+        Ok(EvalMetrics { step: self.step, valid_loss, task_accuracy: task_acc })
+    }
+
+    /// Saves weights, optimiser state, step and configs into `dir`, atomically.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let state = TrainState { step: self.step, config: self.config.clone() };
+        let sections = Sections {
+            config: serde_json::to_vec_pretty(&self.model_config).map_err(|e| KvError::io(dir, e))?,
+            train: serde_json::to_vec_pretty(&state).map_err(|e| KvError::io(dir, e))?,
+            model: record_bytes::<B, _>(self.model.clone().into_record(), dir)?,
+            optim: record_bytes::<B, _>(self.optim.to_record(), dir)?,
+        };
+        sections.write(dir)
+    }
+}
+
+/// Training events reported to the caller (the CLI draws its progress bar from them).
+#[derive(Debug, Clone)]
+pub enum TrainEvent {
+    /// A step finished.
+    Step(StepMetrics),
+    /// An evaluation finished.
+    Eval(EvalMetrics),
+    /// A checkpoint was written.
+    Checkpoint {
+        /// Steps completed.
+        step: usize,
+    },
+}
+
+/// The metrics log of a run directory, one JSON object per line.
+pub const METRICS_FILE: &str = "metrics.jsonl";
+
+/// Reads a run's metrics log.
+pub fn read_log(dir: &Path) -> Result<Vec<LogLine>> {
+    let path = dir.join(METRICS_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+        Err(e) => return Err(KvError::io(&path, e)),
+    };
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).map_err(|e| KvError::io(&path, e)))
+        .collect()
+}
+
+/// Runs `trainer` to its last step, evaluating, checkpointing into `out` and appending to
+/// `out/metrics.jsonl`; lines beyond the trainer's step (from a run that died after its last
+/// checkpoint) are dropped first, so a resumed log reads as if the run had never stopped.
+pub fn run<B: AutodiffBackend>(trainer: &mut Trainer<B>, out: &Path, on_event: impl FnMut(&TrainEvent)) -> Result<Option<EvalMetrics>> {
+    let steps = trainer.config().steps;
+    run_until(trainer, out, steps, on_event)
+}
+
+/// [`run`], stopping after step `until` with a checkpoint (a pause that `resume` continues).
+pub fn run_until<B: AutodiffBackend>(
+    trainer: &mut Trainer<B>,
+    out: &Path,
+    until: usize,
+    mut on_event: impl FnMut(&TrainEvent),
+) -> Result<Option<EvalMetrics>> {
+    let kept: Vec<LogLine> = read_log(out)?.into_iter().filter(|l| l.step() <= trainer.step()).collect();
+    let mut text = String::new();
+    for line in &kept {
+        text += &serde_json::to_string(line).map_err(|e| KvError::io(out, e))?;
+        text.push('\n');
+    }
+    crate::write_atomic(&out.join(METRICS_FILE), text.as_bytes())?;
+    let log_path = out.join(METRICS_FILE);
+    let mut log = std::fs::OpenOptions::new().append(true).open(&log_path).map_err(|e| KvError::io(&log_path, e))?;
+    let mut write = |line: &LogLine| -> Result<()> {
+        let s = serde_json::to_string(line).map_err(|e| KvError::io(&log_path, e))?;
+        writeln!(log, "{s}").map_err(|e| KvError::io(&log_path, e))
+    };
+    let mut last_eval = None;
+    let until = until.min(trainer.config().steps);
+    while trainer.step() < until {
+        let m = trainer.train_step()?;
+        write(&LogLine::Step(m.clone()))?;
+        on_event(&TrainEvent::Step(m));
+        let c = trainer.config();
+        let step = trainer.step();
+        if (c.eval_every > 0 && step % c.eval_every == 0) || trainer.is_done() {
+            let e = trainer.evaluate()?;
+            write(&LogLine::Eval(e.clone()))?;
+            on_event(&TrainEvent::Eval(e.clone()));
+            last_eval = Some(e);
+        }
+        if (c.checkpoint_every > 0 && step % c.checkpoint_every == 0) || trainer.is_done() || step == until {
+            trainer.save(out)?;
+            on_event(&TrainEvent::Checkpoint { step });
+        }
+    }
+    Ok(last_eval)
+}
