@@ -62,10 +62,12 @@ pub fn grouped_attention<B: Backend>(
         }
         let mut scores = scores.reshape([b, kvh, r, tb, n]);
         if let Causality::ByPosition { query, key } = causality {
+            // Compared at the positions' own shape ([1, 1, n] while no head has evicted), then
+            // broadcast, so the mask costs t x n, not batch x heads x t x n.
             let [pb, ph, _] = key.dims();
-            let kp = key.clone().reshape([pb, ph, 1, n]).expand([b, kvh, tb, n]);
-            let qp = query.clone().narrow(0, lo, tb).reshape([1, 1, tb, 1]).expand([b, kvh, tb, n]);
-            let mask = kp.greater(qp).reshape([b, kvh, 1, tb, n]).expand([b, kvh, r, tb, n]);
+            let kp = key.clone().reshape([pb, ph, 1, n]).expand([pb, ph, tb, n]);
+            let qp = query.clone().narrow(0, lo, tb).reshape([1, 1, tb, 1]).expand([pb, ph, tb, n]);
+            let mask = kp.greater(qp).reshape([pb, ph, 1, tb, n]).expand([b, kvh, r, tb, n]);
             scores = scores.mask_fill(mask, -1.0e9);
         }
         let probs = softmax(scores, 4);

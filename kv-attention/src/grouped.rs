@@ -153,9 +153,11 @@ impl<B: Backend> GroupedAttention<B> {
         if cache.shape() != self.cache_shape(b) {
             return Err(KvError::config("layer cache shape", format!("{:?}", cache.shape()), format!("{:?}", self.cache_shape(b))));
         }
+        // Causality uses the absolute positions; RoPE uses the cache's rotary position, which
+        // equals tokens seen unless a re-rotating policy shifted it.
         let start = cache.tokens_seen();
         let device = x.device();
-        let (q, k, v) = self.project(x, start);
+        let (q, k, v) = self.project(x, cache.rope_position());
         cache.append(k, v)?;
         // A single new token comes after every slot, so it needs no mask.
         let causality = if t == 1 {

@@ -5,7 +5,8 @@ use burn::prelude::*;
 use clap::Args;
 use kv_core::{KvError, Result};
 use kv_models::data::{TaskKind, TextSource};
-use kv_models::{load_model, task_accuracy, validation_loss};
+use kv_models::{load_model, task_accuracy_with, validation_loss};
+use kv_policies::build_policy;
 use serde_json::json;
 use std::path::PathBuf;
 
@@ -30,6 +31,9 @@ pub struct EvalArgs {
     /// Seed of the task samples.
     #[arg(long, default_value_t = 1234)]
     pub seed: u64,
+    /// Cache policy spec for the task's generation (ppl uses the full cache for now).
+    #[arg(long, default_value = "full")]
+    pub policy: String,
 }
 
 impl BackendJob for EvalArgs {
@@ -44,12 +48,15 @@ impl BackendJob for EvalArgs {
         if self.samples == 0 {
             return Err(KvError::config("--samples", 0, "at least 1"));
         }
+        build_policy::<B>(&self.policy)?;
         let (model, _) = load_model::<B>(&self.checkpoint, &device)?;
         let start = std::time::Instant::now();
         let result = match task {
             Some(task) => {
-                let r = task_accuracy(&model, task, self.context, self.samples, self.seed, self.depth)?;
-                json!({"task": task.name(), "context": self.context, "accuracy": r.accuracy, "correct": r.correct, "total": r.total})
+                let spec = self.policy.clone();
+                let mut make = || build_policy::<B>(&spec).expect("validated above");
+                let r = task_accuracy_with(&model, task, self.context, self.samples, self.seed, self.depth, &mut make)?;
+                json!({"task": task.name(), "policy": self.policy, "context": self.context, "accuracy": r.accuracy, "correct": r.correct, "total": r.total})
             }
             None => {
                 let (_, valid) = TextSource::Stories.load(0)?;

@@ -6,7 +6,7 @@ use burn::prelude::*;
 use clap::Args;
 use kv_core::Result;
 use kv_models::{ByteTokenizer, GenerateConfig, SamplerConfig, generate};
-use kv_policies::FullCache;
+use kv_policies::build_policy;
 use std::io::Write;
 
 /// Flags of `kv generate`.
@@ -32,12 +32,16 @@ pub struct GenerateArgs {
     /// Sampling seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Cache policy spec, e.g. `streaming:budget=256,sinks=4` or `snapkv:budget=0.5,window=32`.
+    #[arg(long, default_value = "full")]
+    pub policy: String,
 }
 
 impl BackendJob for GenerateArgs {
     type Output = ();
 
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
+        let mut policy = build_policy::<B>(&self.policy)?;
         let (model, config) = self.model.load::<B>("tiny-mha", &device)?;
         let tokenizer = ByteTokenizer;
         let prompt = tokenizer.encode(&self.prompt);
@@ -49,7 +53,7 @@ impl BackendJob for GenerateArgs {
         let mut out = std::io::stdout().lock();
         let _ = out.write_all(self.prompt.as_bytes());
         let _ = out.flush();
-        let result = generate(&model, &prompt, &gen_config, &mut FullCache, |t| {
+        let result = generate(&model, &prompt, &gen_config, policy.as_mut(), |t| {
             // Byte tokens go out as raw bytes, so multi-byte characters reassemble in the terminal.
             let _ = out.write_all(&[t as u8]);
             let _ = out.flush();
@@ -57,7 +61,8 @@ impl BackendJob for GenerateArgs {
         let _ = writeln!(out);
         let n = result.tokens.len();
         eprintln!(
-            "{n} tokens | prefill {:.1} ms ({} tokens) | decode {:.1} tok/s | cache {} slots/head/layer, {:.0} KiB ({} B/token; {} layers x {} kv heads x {} dims)",
+            "{n} tokens | {} | prefill {:.1} ms ({} tokens) | decode {:.1} tok/s | cache {} slots/head/layer, {:.0} KiB ({} B/token; {} layers x {} kv heads x {} dims)",
+            policy.name(),
             result.prefill_time.as_secs_f64() * 1e3,
             prompt.len(),
             n.saturating_sub(1) as f64 / result.decode_time.as_secs_f64().max(1e-9),

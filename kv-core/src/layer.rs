@@ -32,6 +32,7 @@ pub struct LayerCache<B: Backend> {
     positions: SlotBuffer<B, 3, Int>,
     side: Vec<(String, SlotBuffer<B, 3, Float>)>,
     seen: usize,
+    rope_shift: usize,
     device: B::Device,
 }
 
@@ -46,6 +47,7 @@ impl<B: Backend> LayerCache<B> {
             positions: SlotBuffer::zeros([batch, kv_heads, 0], device),
             side: Vec::new(),
             seen: 0,
+            rope_shift: 0,
             device: device.clone(),
         }
     }
@@ -63,6 +65,22 @@ impl<B: Backend> LayerCache<B> {
     /// Tokens seen so far: the RoPE position of the next token, whatever was evicted.
     pub fn tokens_seen(&self) -> usize {
         self.seen
+    }
+
+    /// The RoPE position of the next token: `tokens_seen` unless a policy that re-rotates the
+    /// cache to in-cache positions (StreamingLLM's own mode) has shifted it down.
+    pub fn rope_position(&self) -> usize {
+        self.seen - self.rope_shift
+    }
+
+    /// Lowers the RoPE position of every future token by `by`, for a policy that has just
+    /// re-rotated the cached keys `by` positions down; `tokens_seen` is unchanged.
+    pub fn shift_rope(&mut self, by: usize) -> Result<()> {
+        if self.rope_shift + by > self.seen {
+            return Err(KvError::config("rope shift", self.rope_shift + by, format!("at most the {} tokens seen", self.seen)));
+        }
+        self.rope_shift += by;
+        Ok(())
     }
 
     /// The device the cache lives on.

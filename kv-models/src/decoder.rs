@@ -5,7 +5,7 @@ use burn::nn::{Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig, Rm
 use burn::prelude::*;
 use kv_attention::GroupedAttention;
 use kv_core::{KvError, ModelCache, Result};
-use kv_policies::{CachePolicy, FullCache, Phase};
+use kv_policies::{CachePolicy, FullCache, LayerContext, Phase};
 
 /// One pre-norm decoder block: `x + attn(norm(x))`, then `x + ffn(norm(x))`.
 #[derive(Module, Debug)]
@@ -115,11 +115,13 @@ impl<B: Backend> DecoderLm<B> {
             return Err(KvError::config("cache layers", cache.num_layers(), format!("{} (one per block)", self.blocks.len())));
         }
         let mut h = self.embed.forward(tokens);
+        let n_layers = self.blocks.len();
         for (i, block) in self.blocks.iter().enumerate() {
             let layer = cache.layer_mut(i);
-            let request = policy.observe_request(i, phase);
+            let ctx = LayerContext { layer: i, n_layers, n_heads: block.attn.n_heads(), phase, rope: Some(&block.attn.rope) };
+            let request = policy.observe_request(&ctx);
             let out = block.attn.forward_cached(block.attn_norm.forward(h.clone()), layer, request)?;
-            policy.after_attention(i, phase, layer, out.observation.as_ref())?;
+            policy.after_attention(&ctx, layer, out.observation.as_ref())?;
             h = h + out.output;
             h = h.clone() + block.ffn.forward(block.ffn_norm.forward(h));
         }

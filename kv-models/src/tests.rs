@@ -237,7 +237,53 @@ fn bad_training_configs_are_errors<B: Backend>(dev: &B::Device) {
     assert!(e.contains("seq_len = 96") && e.contains("passkey"), "{e}");
 }
 
+fn every_policy_with_a_budget_above_the_length_matches_the_full_cache<B: Backend>(dev: &B::Device) {
+    let model = tiny(8, 2).init::<B>(dev).unwrap();
+    let ids = sequence(30);
+    let mut full_cache = model.new_cache(1);
+    let want = model.forward_cached(tokens(&ids, dev), &mut full_cache).unwrap();
+    for spec in ["full", "streaming:budget=64", "streaming:budget=1.0,rerotate=true", "h2o:budget=1.0", "h2o:budget=64,normalize=true", "vatp:budget=1.0", "knorm:budget=1.0", "snapkv:budget=1.0,window=8"] {
+        let mut policy = kv_policies::build_policy::<B>(spec).unwrap();
+        let mut cache = model.new_cache(1);
+        let mut parts = vec![model.forward_with_policy(tokens(&ids[..20], dev), &mut cache, policy.as_mut(), kv_policies::Phase::Prefill).unwrap()];
+        for (step, &id) in ids[20..].iter().enumerate() {
+            let phase = kv_policies::Phase::Decode { step: step + 1 };
+            parts.push(model.forward_with_policy(tokens(&[id], dev), &mut cache, policy.as_mut(), phase).unwrap());
+        }
+        let diff = max_abs_diff(Tensor::cat(parts, 1), want.clone());
+        assert!(diff <= 1e-5, "{spec}: {diff}");
+        assert_eq!(cache.stats().total_slots(), 2 * 2 * 30, "{spec}");
+    }
+}
+
+fn endless_streaming_keeps_the_cache_constant<B: Backend>(dev: &B::Device) {
+    let model = DecoderConfig::new(64, 16, 1, 2, 1, 16).init::<B>(dev).unwrap();
+    for rerotate in [false, true] {
+        let mut policy = kv_policies::build_policy::<B>(&format!("streaming:budget=24,sinks=4,rerotate={rerotate}")).unwrap();
+        let config = GenerateConfig { max_new_tokens: 5000, sampler: SamplerConfig { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 3 }, stop_token: None };
+        let mut sizes = Vec::new();
+        let out = generate(&model, &[1, 2, 3], &config, policy.as_mut(), |_| sizes.push(())).unwrap();
+        assert_eq!(out.tokens.len(), 5000);
+        assert_eq!(out.cache.tokens_seen, 3 + 4999);
+        assert_eq!(out.cache.layers[0].slots_per_head, vec![24]);
+        assert_eq!(out.cache.kv_bytes, 2 * 24 * 8 * 4);
+    }
+    // Finite logits at the end of a long stream.
+    let mut policy = kv_policies::build_policy::<B>("streaming:budget=24,rerotate=true").unwrap();
+    let mut cache = model.new_cache(1);
+    let ids = sequence(400).iter().map(|&t| t % 64).collect::<Vec<_>>();
+    let mut last = None;
+    for (i, &id) in ids.iter().enumerate() {
+        let phase = if i == 0 { kv_policies::Phase::Prefill } else { kv_policies::Phase::Decode { step: i } };
+        last = Some(model.forward_with_policy(tokens(&[id], dev), &mut cache, policy.as_mut(), phase).unwrap());
+    }
+    let l: Vec<f32> = last.unwrap().into_data().iter::<f32>().collect();
+    assert!(l.iter().all(|x| x.is_finite()));
+}
+
 kv_core::backend_tests!(
+    every_policy_with_a_budget_above_the_length_matches_the_full_cache,
+    endless_streaming_keeps_the_cache_constant,
     resume_is_exact,
     a_few_steps_reduce_the_loss,
     bad_training_configs_are_errors,

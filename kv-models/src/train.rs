@@ -7,10 +7,10 @@ use crate::eval::{task_accuracy, validation_loss};
 use crate::{CHECKPOINT_FILE, DecoderConfig, DecoderLm};
 use burn::grad_clipping::GradientClippingConfig;
 use burn::module::AutodiffModule;
-use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::prelude::*;
+use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::AutodiffBackend;
 use kv_core::{KvError, Result};
 use rand::Rng;
@@ -52,6 +52,10 @@ pub struct TrainConfig {
     /// Fraction of sequences that are task samples rather than corpus text.
     #[serde(default)]
     pub task_fraction: f32,
+    /// Loss weight of a task's answer tokens (every other token weighs 1): a loss mask that
+    /// points the small gradient budget of a CPU run at the retrieval the tasks exist to teach.
+    #[serde(default = "one_f32")]
+    pub answer_weight: f32,
     /// Evaluate every this many steps (0 = only at the end).
     #[serde(default)]
     pub eval_every: usize,
@@ -104,6 +108,9 @@ impl TrainConfig {
         }
         if !(0.0..=1.0).contains(&self.min_lr_ratio) {
             return Err(KvError::config("min_lr_ratio", self.min_lr_ratio, "a fraction in [0, 1]"));
+        }
+        if !(self.answer_weight > 0.0 && self.answer_weight.is_finite()) {
+            return Err(KvError::config("answer_weight", self.answer_weight, "a positive loss weight (1 = plain language modelling)"));
         }
         if !(0.0..=1.0).contains(&self.task_fraction) || (self.task_fraction > 0.0 && self.tasks.is_empty()) {
             return Err(KvError::config("task_fraction", self.task_fraction, "in [0, 1], and 0 unless `tasks` names some"));
@@ -270,15 +277,21 @@ impl<B: AutodiffBackend> Trainer<B> {
         self.step >= self.config.steps
     }
 
-    /// The `micro`-th micro-batch of `step`: inputs and targets `[batch, seq_len]`.
-    fn batch(&self, step: usize, micro: usize) -> Result<(Tensor<B, 2, Int>, Tensor<B, 1, Int>)> {
+    /// The `micro`-th micro-batch of `step`: inputs `[batch, seq_len]`, flat targets and their
+    /// loss weights `[batch * seq_len]`.
+    fn batch(&self, step: usize, micro: usize) -> Result<(Tensor<B, 2, Int>, Tensor<B, 1, Int>, Vec<f32>)> {
         let c = &self.config;
         let mut rng = batch_rng(c.seed, step, micro);
         let mut ids = Vec::with_capacity(c.batch_size * (c.seq_len + 1));
-        for _ in 0..c.batch_size {
+        let mut weights = vec![1.0f32; c.batch_size * c.seq_len];
+        for row in 0..c.batch_size {
             let seq = if !c.tasks.is_empty() && rng.random::<f32>() < c.task_fraction {
                 let task = c.tasks[rng.random_range(0..c.tasks.len())];
-                task.sample(&mut rng, c.seq_len + 1, None)?.text().bytes().map(u32::from).collect()
+                let sample = task.sample(&mut rng, c.seq_len + 1, None)?;
+                // The answer is the sequence's tail, so it is the last targets of the row.
+                let end = (row + 1) * c.seq_len;
+                weights[end - sample.answer.len()..end].fill(c.answer_weight);
+                sample.text().bytes().map(u32::from).collect()
             } else {
                 self.train.window(&mut rng, c.seq_len + 1)?
             };
@@ -287,21 +300,20 @@ impl<B: AutodiffBackend> Trainer<B> {
         let all = Tensor::<B, 1, Int>::from_ints(ids.as_slice(), &self.device).reshape([c.batch_size, c.seq_len + 1]);
         let inputs = all.clone().narrow(1, 0, c.seq_len);
         let targets = all.narrow(1, 1, c.seq_len).reshape([c.batch_size * c.seq_len]);
-        Ok((inputs, targets))
+        Ok((inputs, targets, weights))
     }
 
     /// Runs one optimiser step (all its micro-batches).
     pub fn train_step(&mut self) -> Result<StepMetrics> {
         let start = Instant::now();
         let c = self.config.clone();
-        let ce = CrossEntropyLossConfig::new().init(&self.device);
         let mut accumulator = GradientsAccumulator::new();
         let mut loss_sum = 0.0;
         for micro in 0..c.grad_accum {
-            let (inputs, targets) = self.batch(self.step, micro)?;
+            let (inputs, targets, weights) = self.batch(self.step, micro)?;
             let logits = self.model.forward(inputs);
             let [b, t, v] = logits.dims();
-            let loss = ce.forward(logits.reshape([b * t, v]), targets);
+            let loss = weighted_cross_entropy(logits.reshape([b * t, v]), targets, &weights);
             loss_sum += loss.clone().into_scalar().elem::<f64>();
             let grads = loss.div_scalar(c.grad_accum as f64).backward();
             accumulator.accumulate(&self.model, GradientsParams::from_grads(grads, &self.model));
@@ -341,6 +353,18 @@ impl<B: AutodiffBackend> Trainer<B> {
         };
         sections.write(dir)
     }
+}
+
+/// Mean of `-log p(target)` over rows, weighted by `weights` (f32 log-softmax).
+fn weighted_cross_entropy<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>, weights: &[f32]) -> Tensor<B, 1> {
+    let n = weights.len();
+    let logp = log_softmax(logits, 1).gather(1, targets.reshape([n, 1])).reshape([n]);
+    if weights.iter().all(|&w| w == 1.0) {
+        return logp.mean().neg();
+    }
+    let total: f32 = weights.iter().sum();
+    let w = Tensor::<B, 1>::from_floats(weights, &logp.device());
+    (logp * w).sum().div_scalar(total as f64).neg()
 }
 
 /// Training events reported to the caller (the CLI draws its progress bar from them).

@@ -1,10 +1,34 @@
 //! Training-free decisions over kv-core caches, one file per method.
 //!
 //! Every policy implements [`CachePolicy`]: the model asks it what to observe before a layer's
-//! attention and hands it the layer cache afterwards. [`FullCache`] is the reference that keeps
-//! everything; the eviction methods (StreamingLLM, H2O, VATP, key-norm, SnapKV, ...) build on the
-//! same interface.
+//! attention and hands it the layer cache afterwards. [`build_policy`] makes any of them from a
+//! spec string such as `snapkv:budget=0.5,window=32,kernel=7,pool=max`.
+//!
+//! | policy | file | scores |
+//! |---|---|---|
+//! | `full` | `policy.rs` | keeps everything (the reference) |
+//! | `streaming` | `streaming.rs` | position: sinks + recent window, optional re-rotation |
+//! | `h2o` | `h2o.rs` | accumulated attention + recent window |
+//! | `vatp` | `vatp.rs` | accumulated attention x value L1 norm, sinks kept |
+//! | `knorm` | `knorm.rs` | lowest key L2 norm |
+//! | `snapkv` | `snapkv.rs` | observation-window attention, pooled |
 
+mod h2o;
+mod knorm;
 mod policy;
+pub mod select;
+mod snapkv;
+mod spec;
+mod streaming;
+mod vatp;
 
-pub use policy::{CachePolicy, FullCache, Phase, Schedule};
+pub use h2o::{ACC_CHANNEL, H2oPolicy};
+pub use knorm::KnormPolicy;
+pub use policy::{CachePolicy, FullCache, LayerContext, Phase, Schedule};
+pub use snapkv::{Pool, SnapKvPolicy, pool1d};
+pub use spec::{POLICY_NAMES, Params, PolicySpec, build_policy};
+pub use streaming::StreamingPolicy;
+pub use vatp::VatpPolicy;
+
+#[cfg(test)]
+mod tests;

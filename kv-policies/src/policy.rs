@@ -1,7 +1,7 @@
 //! The interface every cache policy implements, and when policies run.
 
 use burn::prelude::*;
-use kv_attention::{ObserveRequest, Observation};
+use kv_attention::{ObserveRequest, Observation, Rotary};
 use kv_core::{LayerCache, Result};
 
 /// Where in generation a policy is being consulted.
@@ -39,6 +39,21 @@ impl Schedule {
     }
 }
 
+/// What a policy knows about the layer it is consulted for.
+#[derive(Debug, Clone, Copy)]
+pub struct LayerContext<'a, B: Backend> {
+    /// The layer's index.
+    pub layer: usize,
+    /// Layers in the model (per-layer budgets, skipped layers).
+    pub n_layers: usize,
+    /// Query heads of the layer (observations are per query head).
+    pub n_heads: usize,
+    /// When in generation this is.
+    pub phase: Phase,
+    /// The layer's rotary embedding, for policies that re-rotate cached keys.
+    pub rope: Option<&'a Rotary<B>>,
+}
+
 /// A decision over a layer's cache, made after the layer's attention has run.
 ///
 /// The model calls [`observe_request`](Self::observe_request) before a layer's attention so the
@@ -49,11 +64,11 @@ pub trait CachePolicy<B: Backend> {
     /// A short name for tables and logs.
     fn name(&self) -> String;
 
-    /// What the attention of `layer` must observe in `phase`.
-    fn observe_request(&self, layer: usize, phase: Phase) -> ObserveRequest;
+    /// What the layer's attention must observe for this policy.
+    fn observe_request(&self, ctx: &LayerContext<'_, B>) -> ObserveRequest;
 
-    /// Updates scores and/or evicts slots of `layer`'s cache.
-    fn after_attention(&mut self, layer: usize, phase: Phase, cache: &mut LayerCache<B>, observation: Option<&Observation<B>>) -> Result<()>;
+    /// Updates scores and/or evicts slots of the layer's cache.
+    fn after_attention(&mut self, ctx: &LayerContext<'_, B>, cache: &mut LayerCache<B>, observation: Option<&Observation<B>>) -> Result<()>;
 }
 
 /// The reference policy: keeps every slot and observes nothing.
@@ -65,11 +80,11 @@ impl<B: Backend> CachePolicy<B> for FullCache {
         "full".into()
     }
 
-    fn observe_request(&self, _layer: usize, _phase: Phase) -> ObserveRequest {
+    fn observe_request(&self, _: &LayerContext<'_, B>) -> ObserveRequest {
         ObserveRequest::default()
     }
 
-    fn after_attention(&mut self, _: usize, _: Phase, _: &mut LayerCache<B>, _: Option<&Observation<B>>) -> Result<()> {
+    fn after_attention(&mut self, _: &LayerContext<'_, B>, _: &mut LayerCache<B>, _: Option<&Observation<B>>) -> Result<()> {
         Ok(())
     }
 }

@@ -1,0 +1,49 @@
+//! Key-norm eviction (Devoto et al., EMNLP 2024): keep the keys with the lowest L2 norm.
+
+use crate::select::keep_top_k;
+use crate::{CachePolicy, LayerContext, PolicySpec, Schedule};
+use burn::prelude::*;
+use kv_attention::{ObserveRequest, Observation};
+use kv_core::{Budget, LayerCache, Result};
+
+/// Keeps, per KV head, the slots whose keys have the smallest L2 norm; needs no attention
+/// scores. RoPE is a rotation, so the norm of a cached (rotated) key equals its raw norm.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KnormPolicy {
+    /// Slots kept per KV head.
+    pub budget: Budget,
+    /// The first `skip_layers` layers are never pruned (their norm/attention link is weak).
+    pub skip_layers: usize,
+    /// When to evict.
+    pub schedule: Schedule,
+}
+
+impl KnormPolicy {
+    /// Parses `knorm:budget=..,skip=0,every=1`.
+    pub fn from_spec(spec: &PolicySpec) -> Result<Self> {
+        let p = spec.params(&["budget", "skip", "every"])?;
+        Ok(Self { budget: p.budget("budget", Budget::Ratio(0.5))?, skip_layers: p.usize("skip", 0)?, schedule: p.schedule(Schedule::EveryStep)? })
+    }
+}
+
+impl<B: Backend> CachePolicy<B> for KnormPolicy {
+    fn name(&self) -> String {
+        format!("knorm(budget={},skip={})", self.budget, self.skip_layers)
+    }
+
+    fn observe_request(&self, _: &LayerContext<'_, B>) -> ObserveRequest {
+        ObserveRequest::default()
+    }
+
+    fn after_attention(&mut self, ctx: &LayerContext<'_, B>, cache: &mut LayerCache<B>, _: Option<&Observation<B>>) -> Result<()> {
+        if ctx.layer < self.skip_layers || !self.schedule.is_due(ctx.phase) {
+            return Ok(());
+        }
+        let k = self.budget.slots_for(cache.tokens_seen());
+        if cache.slots() <= k {
+            return Ok(());
+        }
+        let norms = cache.keys().powi_scalar(2).sum_dim(3).squeeze_dim::<3>(3);
+        keep_top_k(cache, norms.neg(), k)
+    }
+}

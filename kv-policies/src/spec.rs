@@ -1,0 +1,135 @@
+//! Policy specs: one string syntax for the CLI and config files, e.g.
+//! `snapkv:budget=0.5,window=32,kernel=7,pool=max`.
+
+use crate::{CachePolicy, FullCache, H2oPolicy, KnormPolicy, Schedule, SnapKvPolicy, StreamingPolicy, VatpPolicy};
+use burn::prelude::*;
+use kv_core::{Budget, KvError, Result};
+use std::collections::BTreeMap;
+
+/// Names of the policies [`build_policy`] knows.
+pub const POLICY_NAMES: &[&str] = &["full", "streaming", "h2o", "vatp", "knorm", "snapkv"];
+
+/// A parsed `name:key=value,...` spec.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicySpec {
+    /// The policy's name.
+    pub name: String,
+    params: BTreeMap<String, String>,
+}
+
+impl PolicySpec {
+    /// Parses `name` or `name:key=value,key=value`.
+    pub fn parse(spec: &str) -> Result<Self> {
+        let spec = spec.trim();
+        let (name, rest) = spec.split_once(':').unwrap_or((spec, ""));
+        let name = name.trim().to_ascii_lowercase();
+        if !POLICY_NAMES.contains(&name.as_str()) {
+            return Err(KvError::Unknown { kind: "policy".into(), name, valid: POLICY_NAMES.join(", ") });
+        }
+        let mut params = BTreeMap::new();
+        for pair in rest.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').ok_or_else(|| KvError::config(format!("{name} parameter"), pair, "key=value"))?;
+            params.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+        }
+        Ok(Self { name, params })
+    }
+
+    /// Reads the parameters, rejecting any that `allowed` does not list.
+    pub fn params(&self, allowed: &[&str]) -> Result<Params<'_>> {
+        if let Some(bad) = self.params.keys().find(|k| !allowed.contains(&k.as_str())) {
+            return Err(KvError::Unknown {
+                kind: format!("{} parameter", self.name),
+                name: bad.clone(),
+                valid: if allowed.is_empty() { "none".into() } else { allowed.join(", ") },
+            });
+        }
+        Ok(Params { spec: self })
+    }
+}
+
+/// Typed access to a spec's parameters, each with a default.
+#[derive(Debug, Clone, Copy)]
+pub struct Params<'a> {
+    spec: &'a PolicySpec,
+}
+
+impl Params<'_> {
+    fn raw(&self, key: &str) -> Option<&str> {
+        self.spec.params.get(key).map(String::as_str)
+    }
+
+    fn bad(&self, key: &str, v: &str, expected: &str) -> KvError {
+        KvError::config(format!("{}:{key}", self.spec.name), v, expected)
+    }
+
+    /// A budget (`0.5` = keep half of the tokens seen, `1024` = keep 1024 slots).
+    pub fn budget(&self, key: &str, default: Budget) -> Result<Budget> {
+        match self.raw(key) {
+            None => Ok(default),
+            Some(v) => Budget::parse(v).map_err(|_| self.bad(key, v, "a ratio in (0, 1] such as 0.5, or a slot count such as 1024")),
+        }
+    }
+
+    /// A non-negative integer.
+    pub fn usize(&self, key: &str, default: usize) -> Result<usize> {
+        self.raw(key).map_or(Ok(default), |v| v.parse().map_err(|_| self.bad(key, v, "a whole number >= 0")))
+    }
+
+    /// A number in `[lo, hi]`.
+    pub fn f32_in(&self, key: &str, default: f32, lo: f32, hi: f32) -> Result<f32> {
+        match self.raw(key) {
+            None => Ok(default),
+            Some(v) => match v.parse::<f32>() {
+                Ok(x) if (lo..=hi).contains(&x) => Ok(x),
+                _ => Err(self.bad(key, v, &format!("a number in [{lo}, {hi}]"))),
+            },
+        }
+    }
+
+    /// `true` or `false`.
+    pub fn bool(&self, key: &str, default: bool) -> Result<bool> {
+        match self.raw(key) {
+            None => Ok(default),
+            Some("true" | "1" | "yes") => Ok(true),
+            Some("false" | "0" | "no") => Ok(false),
+            Some(v) => Err(self.bad(key, v, "true or false")),
+        }
+    }
+
+    /// One of `choices`.
+    pub fn choice(&self, key: &str, default: &'static str, choices: &[&'static str]) -> Result<&'static str> {
+        match self.raw(key) {
+            None => Ok(default),
+            Some(v) => choices.iter().find(|c| **c == v).copied().ok_or_else(|| self.bad(key, v, &format!("one of {}", choices.join(", ")))),
+        }
+    }
+
+    /// `every=0` evicts at prefill only, `every=1` after every step, `every=N` every N decode steps.
+    pub fn schedule(&self, default: Schedule) -> Result<Schedule> {
+        Ok(match self.raw("every") {
+            None => default,
+            Some(_) => match self.usize("every", 1)? {
+                0 => Schedule::PrefillOnly,
+                1 => Schedule::EveryStep,
+                n => Schedule::EveryN(n),
+            },
+        })
+    }
+}
+
+/// Builds the policy a spec names, with its parameters validated.
+pub fn build_policy<B: Backend>(spec: &str) -> Result<Box<dyn CachePolicy<B>>> {
+    let spec = PolicySpec::parse(spec)?;
+    Ok(match spec.name.as_str() {
+        "full" => {
+            spec.params(&[])?;
+            Box::new(FullCache)
+        }
+        "streaming" => Box::new(StreamingPolicy::from_spec(&spec)?),
+        "h2o" => Box::new(H2oPolicy::from_spec(&spec)?),
+        "vatp" => Box::new(VatpPolicy::from_spec(&spec)?),
+        "knorm" => Box::new(KnormPolicy::from_spec(&spec)?),
+        "snapkv" => Box::new(SnapKvPolicy::from_spec(&spec)?),
+        _ => unreachable!("parse only accepts known names"),
+    })
+}
