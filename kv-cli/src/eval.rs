@@ -16,7 +16,7 @@ pub struct EvalArgs {
     /// Checkpoint directory to evaluate.
     #[arg(long)]
     pub checkpoint: PathBuf,
-    /// passkey, needle, recall or ppl.
+    /// passkey, needle, recall, copy or ppl.
     #[arg(long, default_value = "passkey")]
     pub task: String,
     /// Context length in tokens (prompt + answer).
@@ -43,7 +43,7 @@ impl BackendJob for EvalArgs {
         let task = if self.task == "ppl" { None } else { Some(TaskKind::parse(&self.task).map_err(|_| KvError::Unknown {
             kind: "task".into(),
             name: self.task.clone(),
-            valid: "passkey, needle, recall, ppl".into(),
+            valid: "passkey, needle, recall, copy, ppl".into(),
         })?) };
         if self.samples == 0 {
             return Err(KvError::config("--samples", 0, "at least 1"));

@@ -242,7 +242,7 @@ fn every_policy_with_a_budget_above_the_length_matches_the_full_cache<B: Backend
     let ids = sequence(30);
     let mut full_cache = model.new_cache(1);
     let want = model.forward_cached(tokens(&ids, dev), &mut full_cache).unwrap();
-    for spec in ["full", "streaming:budget=64", "streaming:budget=1.0,rerotate=true", "h2o:budget=1.0", "h2o:budget=64,normalize=true", "vatp:budget=1.0", "knorm:budget=1.0", "snapkv:budget=1.0,window=8"] {
+    for spec in ["full", "streaming:budget=64", "streaming:budget=1.0,rerotate=true", "h2o:budget=1.0", "h2o:budget=64,normalize=true", "vatp:budget=1.0", "knorm:budget=1.0", "snapkv:budget=1.0,window=8", "tova:budget=1.0", "pyramidkv:budget=1.0,window=8"] {
         let mut policy = kv_policies::build_policy::<B>(spec).unwrap();
         let mut cache = model.new_cache(1);
         let mut parts = vec![model.forward_with_policy(tokens(&ids[..20], dev), &mut cache, policy.as_mut(), kv_policies::Phase::Prefill).unwrap()];

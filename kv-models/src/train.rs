@@ -46,7 +46,7 @@ pub struct TrainConfig {
     /// Gradient clipping by global norm (0 = off).
     #[serde(default = "one_f32")]
     pub clip_norm: f32,
-    /// Long-context tasks mixed into training.
+    /// Long-context tasks mixed into training (listing one twice doubles its share).
     #[serde(default)]
     pub tasks: Vec<TaskKind>,
     /// Fraction of sequences that are task samples rather than corpus text.
@@ -56,6 +56,10 @@ pub struct TrainConfig {
     /// points the small gradient budget of a CPU run at the retrieval the tasks exist to teach.
     #[serde(default = "one_f32")]
     pub answer_weight: f32,
+    /// Draw each task sample's length uniformly between the task's minimum and `seq_len`
+    /// (shorter retrieval distances first teach the lookup), instead of always `seq_len`.
+    #[serde(default)]
+    pub vary_task_length: bool,
     /// Evaluate every this many steps (0 = only at the end).
     #[serde(default)]
     pub eval_every: usize,
@@ -287,11 +291,16 @@ impl<B: AutodiffBackend> Trainer<B> {
         for row in 0..c.batch_size {
             let seq = if !c.tasks.is_empty() && rng.random::<f32>() < c.task_fraction {
                 let task = c.tasks[rng.random_range(0..c.tasks.len())];
-                let sample = task.sample(&mut rng, c.seq_len + 1, None)?;
+                // Task lengths vary from the shortest possible to the full window (a curriculum
+                // of retrieval distances), with corpus text in front of the shorter ones.
+                let len = if c.vary_task_length { rng.random_range(task.min_context()..=c.seq_len + 1) } else { c.seq_len + 1 };
+                let sample = task.sample(&mut rng, len, None)?;
                 // The answer is the sequence's tail, so it is the last targets of the row.
                 let end = (row + 1) * c.seq_len;
                 weights[end - sample.answer.len()..end].fill(c.answer_weight);
-                sample.text().bytes().map(u32::from).collect()
+                let mut seq = if len <= c.seq_len { self.train.window(&mut rng, c.seq_len + 1 - len)? } else { Vec::new() };
+                seq.extend(sample.text().bytes().map(u32::from));
+                seq
             } else {
                 self.train.window(&mut rng, c.seq_len + 1)?
             };
@@ -335,7 +344,11 @@ impl<B: AutodiffBackend> Trainer<B> {
         let c = &self.config;
         let valid_loss = validation_loss(&model, &self.valid, c.seq_len, c.eval_windows)?;
         let mut task_acc = Vec::new();
-        for &task in &c.tasks {
+        let mut tasks = c.tasks.clone();
+        tasks.dedup_by_key(|t| t.name());
+        tasks.sort_by_key(|t| t.name());
+        tasks.dedup();
+        for task in tasks {
             let r = task_accuracy(&model, task, c.seq_len, c.eval_task_samples, c.seed ^ 0xe7a1, None)?;
             task_acc.push((task, r.accuracy));
         }

@@ -12,14 +12,18 @@
 //! | `vatp` | `vatp.rs` | accumulated attention x value L1 norm, sinks kept |
 //! | `knorm` | `knorm.rs` | lowest key L2 norm |
 //! | `snapkv` | `snapkv.rs` | observation-window attention, pooled |
+//! | `tova` | `tova.rs` | the latest query's attention, averaged over the layer's heads |
+//! | `pyramidkv` | `pyramid.rs` | SnapKV with per-layer budgets shrinking with depth |
 
 mod h2o;
 mod knorm;
 mod policy;
+mod pyramid;
 pub mod select;
 mod snapkv;
 mod spec;
 mod streaming;
+mod tova;
 mod vatp;
 
 pub use h2o::{ACC_CHANNEL, H2oPolicy};
@@ -27,7 +31,9 @@ pub use knorm::KnormPolicy;
 pub use policy::{CachePolicy, FullCache, LayerContext, Phase, Schedule};
 pub use snapkv::{Pool, SnapKvPolicy, pool1d};
 pub use spec::{POLICY_NAMES, Params, PolicySpec, build_policy};
+pub use pyramid::PyramidKvPolicy;
 pub use streaming::StreamingPolicy;
+pub use tova::TovaPolicy;
 pub use vatp::VatpPolicy;
 
 #[cfg(test)]

@@ -97,8 +97,15 @@ impl<B: Backend> CachePolicy<B> for SnapKvPolicy {
         if !self.schedule.is_due(ctx.phase) {
             return Ok(());
         }
-        let n = cache.slots();
         let k = self.budget.slots_for(cache.tokens_seen());
+        self.compress(cache, obs, k)
+    }
+}
+
+impl SnapKvPolicy {
+    /// Keeps `k` slots per KV head: the observation window and the best-voted prefix slots.
+    pub fn compress<B: Backend>(&self, cache: &mut LayerCache<B>, obs: Option<&Observation<B>>, k: usize) -> Result<()> {
+        let n = cache.slots();
         if n <= k {
             return Ok(());
         }

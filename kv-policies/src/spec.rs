@@ -1,13 +1,13 @@
 //! Policy specs: one string syntax for the CLI and config files, e.g.
 //! `snapkv:budget=0.5,window=32,kernel=7,pool=max`.
 
-use crate::{CachePolicy, FullCache, H2oPolicy, KnormPolicy, Schedule, SnapKvPolicy, StreamingPolicy, VatpPolicy};
+use crate::{CachePolicy, FullCache, H2oPolicy, KnormPolicy, PyramidKvPolicy, Schedule, SnapKvPolicy, StreamingPolicy, TovaPolicy, VatpPolicy};
 use burn::prelude::*;
 use kv_core::{Budget, KvError, Result};
 use std::collections::BTreeMap;
 
 /// Names of the policies [`build_policy`] knows.
-pub const POLICY_NAMES: &[&str] = &["full", "streaming", "h2o", "vatp", "knorm", "snapkv"];
+pub const POLICY_NAMES: &[&str] = &["full", "streaming", "h2o", "vatp", "knorm", "snapkv", "tova", "pyramidkv"];
 
 /// A parsed `name:key=value,...` spec.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,6 +32,11 @@ impl PolicySpec {
             params.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
         }
         Ok(Self { name, params })
+    }
+
+    /// The raw `key=value` pairs, in key order.
+    pub fn pairs(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.params.iter().map(|(k, v)| (k.as_str(), v.as_str()))
     }
 
     /// Reads the parameters, rejecting any that `allowed` does not list.
@@ -130,6 +135,8 @@ pub fn build_policy<B: Backend>(spec: &str) -> Result<Box<dyn CachePolicy<B>>> {
         "vatp" => Box::new(VatpPolicy::from_spec(&spec)?),
         "knorm" => Box::new(KnormPolicy::from_spec(&spec)?),
         "snapkv" => Box::new(SnapKvPolicy::from_spec(&spec)?),
+        "tova" => Box::new(TovaPolicy::from_spec(&spec)?),
+        "pyramidkv" => Box::new(PyramidKvPolicy::from_spec(&spec)?),
         _ => unreachable!("parse only accepts known names"),
     })
 }

@@ -57,8 +57,8 @@ fn specs_parse_and_bad_ones_say_what_is_valid() {
     for spec in ["full", "streaming:budget=64,sinks=2,rerotate=true", "h2o:budget=0.2,recent=0.5,normalize=true", "vatp", "knorm:skip=1", "snapkv:budget=0.5,window=32,kernel=7,pool=max"] {
         build_policy::<B>(spec).unwrap_or_else(|e| panic!("{spec}: {e}"));
     }
-    let e = build_policy::<B>("tova").err().unwrap().to_string();
-    assert!(e.contains("unknown policy 'tova'") && e.contains("snapkv"), "{e}");
+    let e = build_policy::<B>("adakv").err().unwrap().to_string();
+    assert!(e.contains("unknown policy 'adakv'") && e.contains("pyramidkv"), "{e}");
     let e = build_policy::<B>("snapkv:windo=3").err().unwrap().to_string();
     assert!(e.contains("windo") && e.contains("window, kernel"), "{e}");
     let e = build_policy::<B>("h2o:budget=1.5").err().unwrap().to_string();
@@ -72,7 +72,7 @@ fn specs_parse_and_bad_ones_say_what_is_valid() {
 
 fn invariant_matrix<B: Backend>(dev: &B::Device) {
     let (prompt, steps) = (40, 12);
-    let kinds = ["streaming", "streaming:rerotate=true", "h2o", "h2o:normalize=true", "vatp", "knorm", "snapkv:window=8,kernel=3"];
+    let kinds = ["streaming", "streaming:rerotate=true", "h2o", "h2o:normalize=true", "vatp", "knorm", "snapkv:window=8,kernel=3", "tova"];
     for kind in kinds {
         for every in [0, 1] {
             for (heads, kv) in [(4, 4), (4, 2), (4, 1)] {
@@ -101,8 +101,8 @@ fn invariant_matrix<B: Backend>(dev: &B::Device) {
                             }
                             for h in head_positions(c) {
                                 assert!(h.windows(2).all(|w| w[0] < w[1]), "{ctx}: positions {h:?}");
-                                // Every method but key-norm (scores only norms) protects the newest token.
-                                if !kind.starts_with("knorm") {
+                                // Methods with a recent window or sinks keep the newest token.
+                                if !kind.starts_with("knorm") && !kind.starts_with("tova") {
                                     assert_eq!(*h.last().unwrap(), seen as i64 - 1, "{ctx}: newest token kept");
                                 }
                             }
@@ -279,7 +279,53 @@ fn streaming_keeps_sinks_and_recent_and_rerotation_matches_recomputed_rope<B: Ba
     }
 }
 
+fn pyramid_budgets_shrink_with_depth_around_the_flat_mean<B: Backend>(dev: &B::Device) {
+    let p = PyramidKvPolicy::from_spec(&PolicySpec::parse("pyramidkv:budget=40,window=8,beta=20").unwrap()).unwrap();
+    let layers = 5;
+    let budgets: Vec<usize> = (0..layers).map(|l| p.layer_budget(40, l, layers)).collect();
+    assert!(budgets.windows(2).all(|w| w[0] > w[1]), "{budgets:?}");
+    let mean = budgets.iter().sum::<usize>() as f64 / layers as f64;
+    assert!((mean - 40.0).abs() <= 0.5, "{budgets:?}");
+    assert_eq!(budgets[layers - 1], 8 + 2, "last layer keeps (40 - 8) / 20 ~ 2 prefix slots");
+    // In a model: every layer holds its own budget, and the bytes held are their sum.
+    let mut stack = Stack::<B>::new(3, 4, 2, dev);
+    let mut policy = build_policy::<B>("pyramidkv:budget=0.5,window=4,kernel=3").unwrap();
+    stack.run(60, policy.as_mut(), Phase::Prefill, dev);
+    let want: Vec<usize> = (0..3).map(|l| p_layer(&policy_spec("pyramidkv:budget=0.5,window=4,kernel=3"), 30, l, 3)).collect();
+    let got: Vec<usize> = stack.caches.iter().map(|c| c.slots()).collect();
+    assert_eq!(got, want);
+    let bytes: usize = stack.caches.iter().map(|c| c.stats().kv_bytes).sum();
+    assert_eq!(bytes, want.iter().sum::<usize>() * 2 * 2 * (D_MODEL / 4) * 4);
+}
+
+fn policy_spec(s: &str) -> PyramidKvPolicy {
+    PyramidKvPolicy::from_spec(&PolicySpec::parse(s).unwrap()).unwrap()
+}
+
+fn p_layer(p: &PyramidKvPolicy, flat: usize, l: usize, n: usize) -> usize {
+    p.layer_budget(flat, l, n)
+}
+
+fn tova_keeps_what_the_last_query_attends_to_averaged_over_heads<B: Backend>(dev: &B::Device) {
+    let (n, heads) = (10, 4);
+    let probs = softmax(Tensor::<B, 4>::random([1, heads, 1, n], Distribution::Normal(0.0, 2.0), dev), 3);
+    let keys: Vec<f32> = (0..2 * n * 2).map(|i| i as f32).collect();
+    let mut c = crafted::<B>(&keys, &keys, &vec![0.0; 2 * n], n, dev);
+    let mut policy = build_policy::<B>("tova:budget=4").unwrap();
+    let ctx = LayerContext { layer: 0, n_layers: 1, n_heads: heads, phase: Phase::Decode { step: 1 }, rope: None };
+    policy.after_attention(&ctx, &mut c, Some(&Observation { column_sums: None, window: Some(probs.clone()) })).unwrap();
+    let p = floats(probs.reshape([heads, n]));
+    let mean: Vec<f32> = (0..n).map(|j| (0..heads).map(|h| p[h * n + j]).sum::<f32>() / heads as f32).collect();
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| mean[b].total_cmp(&mean[a]));
+    let mut want: Vec<i64> = order[..4].iter().map(|&j| j as i64).collect();
+    want.sort();
+    assert!(head_positions(&c).iter().all(|h| *h == want), "{:?} vs {want:?}", head_positions(&c));
+}
+
 kv_core::backend_tests!(
+    pyramid_budgets_shrink_with_depth_around_the_flat_mean,
+    tova_keeps_what_the_last_query_attends_to_averaged_over_heads,
     invariant_matrix,
     h2o_accumulates_column_sums_of_causal_attention,
     vatp_with_equal_value_norms_selects_what_h2o_selects,

@@ -19,11 +19,14 @@ pub enum TaskKind {
     Needle,
     /// Key-value pairs, then queries of several keys; the last one is asked.
     Recall,
+    /// A random string, a separator, then the same string again: the model must finish the
+    /// copy. The purest induction task, used to teach copying early in training.
+    Copy,
 }
 
 impl TaskKind {
     /// Every task.
-    pub const ALL: [TaskKind; 3] = [TaskKind::Passkey, TaskKind::Needle, TaskKind::Recall];
+    pub const ALL: [TaskKind; 4] = [TaskKind::Passkey, TaskKind::Needle, TaskKind::Recall, TaskKind::Copy];
 
     /// The name used on the command line.
     pub fn name(self) -> &'static str {
@@ -31,6 +34,7 @@ impl TaskKind {
             TaskKind::Passkey => "passkey",
             TaskKind::Needle => "needle",
             TaskKind::Recall => "recall",
+            TaskKind::Copy => "copy",
         }
     }
 
@@ -39,7 +43,7 @@ impl TaskKind {
         Self::ALL.into_iter().find(|t| t.name() == name).ok_or_else(|| KvError::Unknown {
             kind: "task".into(),
             name: name.into(),
-            valid: "passkey, needle, recall".into(),
+            valid: "passkey, needle, recall, copy".into(),
         })
     }
 
@@ -49,6 +53,7 @@ impl TaskKind {
             TaskKind::Passkey => PASSKEY_HEADER.len() + 2 * 26 + PASSKEY_QUESTION.len() + 5 + 8,
             TaskKind::Needle => NEEDLE_HEADER.len() + 2 * 40 + 2 * 50 + 4 + 8,
             TaskKind::Recall => RECALL_HEADER.len() + 3 * 8 + 2 * 6 + 8,
+            TaskKind::Copy => 2 * COPY_ANSWER + 2,
         }
     }
 
@@ -71,6 +76,7 @@ impl TaskKind {
             TaskKind::Passkey => passkey(rng, context, depth),
             TaskKind::Needle => needle(rng, context, depth),
             TaskKind::Recall => recall(rng, context),
+            TaskKind::Copy => copy(rng, context),
         };
         debug_assert_eq!(s.prompt.len() + s.answer.len(), context, "{self:?}");
         Ok(s)
@@ -135,6 +141,17 @@ fn needle(rng: &mut impl Rng, context: usize, depth: f32) -> TaskSample {
     let at = if target == hay_len { hay_len } else { at };
     let prompt = format!("{NEEDLE_HEADER}{}{sentence}{}{question}", &hay[..at], &hay[at..]);
     TaskSample { prompt, answer: code }
+}
+
+const COPY_ANSWER: usize = 8;
+
+fn copy(rng: &mut impl Rng, context: usize) -> TaskSample {
+    // `s|s`: the string takes half the context, so the copy reaches back that far.
+    let len = (context - 1) / 2;
+    let s: String = (0..len).map(|_| (b'a' + rng.random_range(0..26u8)) as char).collect();
+    let pad = context - 1 - 2 * len;
+    let prompt = format!("{}{s}|{}", " ".repeat(pad), &s[..len - COPY_ANSWER]);
+    TaskSample { prompt, answer: s[len - COPY_ANSWER..].to_string() }
 }
 
 const RECALL_HEADER: &str = "Remember each key and its value.\n";
@@ -230,6 +247,6 @@ mod tests {
         let e = TaskKind::Passkey.sample(&mut rng, 10, None).unwrap_err().to_string();
         assert!(e.contains("passkey context = 10"), "{e}");
         assert!(TaskKind::Needle.sample(&mut rng, 1000, Some(1.5)).unwrap_err().to_string().contains("depth = 1.5"));
-        assert!(TaskKind::parse("haystack").unwrap_err().to_string().contains("passkey, needle, recall"));
+        assert!(TaskKind::parse("haystack").unwrap_err().to_string().contains("passkey, needle, recall, copy"));
     }
 }

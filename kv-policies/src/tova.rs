@@ -1,0 +1,55 @@
+//! TOVA, token omission via attention (Oren et al., 2024): keep what the current query attends to.
+
+use crate::select::keep_top_k;
+use crate::{CachePolicy, LayerContext, PolicySpec, Schedule};
+use burn::prelude::*;
+use kv_attention::{ObserveRequest, Observation};
+use kv_core::{Budget, KvError, LayerCache, Result};
+
+/// Once the cache is over budget, evicts the slots the latest query attends to least, with the
+/// attention averaged over all heads of the layer: one decision per layer, as in the paper, so
+/// every KV head keeps the same positions.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TovaPolicy {
+    /// Slots kept per KV head.
+    pub budget: Budget,
+    /// When to evict.
+    pub schedule: Schedule,
+}
+
+impl TovaPolicy {
+    /// Parses `tova:budget=..,every=1`.
+    pub fn from_spec(spec: &PolicySpec) -> Result<Self> {
+        let p = spec.params(&["budget", "every"])?;
+        Ok(Self { budget: p.budget("budget", Budget::Ratio(0.5))?, schedule: p.schedule(Schedule::EveryStep)? })
+    }
+}
+
+impl<B: Backend> CachePolicy<B> for TovaPolicy {
+    fn name(&self) -> String {
+        format!("tova(budget={})", self.budget)
+    }
+
+    fn observe_request(&self, ctx: &LayerContext<'_, B>) -> ObserveRequest {
+        ObserveRequest { column_sums: false, window: if self.schedule.is_due(ctx.phase) { 1 } else { 0 } }
+    }
+
+    fn after_attention(&mut self, ctx: &LayerContext<'_, B>, cache: &mut LayerCache<B>, obs: Option<&Observation<B>>) -> Result<()> {
+        if !self.schedule.is_due(ctx.phase) {
+            return Ok(());
+        }
+        let n = cache.slots();
+        let k = self.budget.slots_for(cache.tokens_seen());
+        if n <= k {
+            return Ok(());
+        }
+        let probs = obs
+            .and_then(|o| o.window.clone())
+            .ok_or_else(|| KvError::config("tova observation", "none", "the last query's attention"))?;
+        let [b, h, w, _] = probs.dims();
+        let last = probs.narrow(2, w - 1, 1).reshape([b, h, n]);
+        let shape = cache.shape();
+        let scores = last.mean_dim(1).expand([b, shape.kv_heads, n]);
+        keep_top_k(cache, scores, k)
+    }
+}
