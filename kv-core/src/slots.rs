@@ -114,17 +114,13 @@ impl<B: Backend, const D: usize, K: BasicOps<B>> SlotBuffer<B, D, K> {
         }
     }
 
-    /// Replaces the held slots with `x` (any number of slots, at most the capacity after growth).
+    /// Replaces the held slots with `x`, which becomes the body as it is: writing it into the old
+    /// body would rewrite the whole reserved capacity on burn-flex (see the module note), so an
+    /// eviction every step would cost the full buffer instead of the slots kept.
     pub fn replace(&mut self, x: Tensor<B, D, K>) {
         self.tail = None;
-        let n = x.dims()[2];
-        self.body_len = 0;
-        if n == 0 {
-            return;
-        }
-        self.reserve_total(n);
-        self.body.inplace(|b| write_at(b, 0, x));
-        self.body_len = n;
+        self.body_len = x.dims()[2];
+        self.body = x;
     }
 
     /// Keeps the slots `indices` `[batch, heads, k]` (per batch row and head), in that order.
