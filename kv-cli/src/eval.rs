@@ -5,7 +5,7 @@ use burn::prelude::*;
 use clap::Args;
 use kv_core::{KvError, Result};
 use kv_models::data::{TaskKind, TextSource};
-use kv_models::{load_model, task_accuracy_with, validation_loss};
+use kv_models::{load_model, policy_loss, task_accuracy_with};
 use kv_policies::build_policy;
 use serde_json::json;
 use std::path::PathBuf;
@@ -23,7 +23,7 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 256)]
     pub context: usize,
     /// Samples (task) or windows (ppl).
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 20)]
     pub samples: usize,
     /// Where the needle / passkey sits, as a fraction of the context (default: random).
     #[arg(long)]
@@ -31,7 +31,7 @@ pub struct EvalArgs {
     /// Seed of the task samples.
     #[arg(long, default_value_t = 1234)]
     pub seed: u64,
-    /// Cache policy spec for the task's generation (ppl uses the full cache for now).
+    /// Cache policy spec: tasks generate under it, ppl predicts every token through it.
     #[arg(long, default_value = "full")]
     pub policy: String,
 }
@@ -60,8 +60,10 @@ impl BackendJob for EvalArgs {
             }
             None => {
                 let (_, valid) = TextSource::Stories.load(0)?;
-                let loss = validation_loss(&model, &valid, self.context, self.samples)?;
-                json!({"task": "ppl", "context": self.context, "loss": loss, "perplexity": loss.exp(), "windows": self.samples})
+                let spec = self.policy.clone();
+                let mut make = || build_policy::<B>(&spec).expect("validated above");
+                let loss = policy_loss(&model, &valid, self.context, self.samples, &mut make)?;
+                json!({"task": "ppl", "policy": self.policy, "context": self.context, "loss": loss, "perplexity": loss.exp(), "windows": self.samples})
             }
         };
         let mut result = result;

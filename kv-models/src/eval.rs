@@ -1,17 +1,28 @@
 //! Evaluation of a model: held-out loss and exact-match accuracy on the long-context tasks.
 
 use crate::data::{Corpus, TaskKind, exact_match};
-use crate::{DecoderLm, GenerateConfig, SamplerConfig, generate};
+use crate::{ByteTokenizer, DecoderLm, GenerateConfig, SamplerConfig, generate};
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::prelude::*;
 use kv_core::{KvError, Result};
-use kv_policies::{CachePolicy, FullCache};
+use burn::tensor::activation::log_softmax;
+use kv_policies::{CachePolicy, FullCache, Phase};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
+/// Errors unless `model` can read byte-level tokens (ids up to 255).
+pub fn check_byte_vocab<B: Backend>(model: &DecoderLm<B>) -> Result<()> {
+    let v = model.vocab_size();
+    if v < ByteTokenizer::VOCAB {
+        return Err(KvError::config("vocab_size", v, format!("at least {} for byte-level text and tasks", ByteTokenizer::VOCAB)));
+    }
+    Ok(())
+}
+
 /// Mean next-token loss over the first `windows` consecutive windows of `seq_len` tokens.
 pub fn validation_loss<B: Backend>(model: &DecoderLm<B>, corpus: &Corpus, seq_len: usize, windows: usize) -> Result<f64> {
+    check_byte_vocab(model)?;
     let all = corpus.windows(seq_len + 1, windows);
     if all.is_empty() {
         return Err(KvError::config("validation text", format!("{} bytes", corpus.len()), format!("at least {} bytes", seq_len + 1)));
@@ -27,6 +38,44 @@ pub fn validation_loss<B: Backend>(model: &DecoderLm<B>, corpus: &Corpus, seq_le
         let v = logits.dims()[2];
         let loss = ce.forward(logits.reshape([b * seq_len, v]), x.narrow(1, 1, seq_len).reshape([b * seq_len]));
         total += loss.into_scalar().elem::<f64>() * b as f64;
+    }
+    Ok(total / all.len() as f64)
+}
+
+/// Mean next-token loss when every token is predicted through the cache under a policy, fed one
+/// token at a time (as StreamingLLM measures perplexity), over `windows` windows of `len` tokens.
+///
+/// With the full cache this equals [`validation_loss`] up to float rounding.
+pub fn policy_loss<B: Backend>(
+    model: &DecoderLm<B>,
+    corpus: &Corpus,
+    len: usize,
+    windows: usize,
+    policy: &mut dyn FnMut() -> Box<dyn CachePolicy<B>>,
+) -> Result<f64> {
+    check_byte_vocab(model)?;
+    let all = corpus.windows(len + 1, windows);
+    if all.is_empty() {
+        return Err(KvError::config("validation text", format!("{} bytes", corpus.len()), format!("at least {} bytes", len + 1)));
+    }
+    let device = model.embed.weight.device();
+    let mut total = 0.0;
+    for w in &all {
+        let mut p = policy();
+        let mut cache = model.new_cache(1);
+        cache.reserve(len);
+        let mut rows = Vec::with_capacity(len);
+        for (i, &t) in w[..len].iter().enumerate() {
+            let phase = if i == 0 { Phase::Prefill } else { Phase::Decode { step: i } };
+            let x = Tensor::<B, 1, Int>::from_ints([t as i32], &device).reshape([1, 1]);
+            rows.push(model.forward_with_policy(x, &mut cache, p.as_mut(), phase)?);
+        }
+        let v = model.vocab_size();
+        let logits = Tensor::cat(rows, 1).reshape([len, v]);
+        let targets: Vec<i32> = w[1..].iter().map(|&t| t as i32).collect();
+        let targets = Tensor::<B, 1, Int>::from_ints(targets.as_slice(), &device).reshape([len, 1]);
+        let nll = log_softmax(logits, 1).gather(1, targets).mean().neg();
+        total += nll.into_scalar().elem::<f64>();
     }
     Ok(total / all.len() as f64)
 }

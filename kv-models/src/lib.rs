@@ -24,7 +24,7 @@ pub mod train;
 pub use checkpoint::{CHECKPOINT_FILE, CONFIG_FILE, load_model, load_model_expecting, save_model, write_atomic};
 pub use config::DecoderConfig;
 pub use decoder::{DecoderBlock, DecoderLm};
-pub use eval::{TaskResult, answer, task_accuracy, task_accuracy_with, validation_loss};
+pub use eval::{TaskResult, answer, policy_loss, task_accuracy, task_accuracy_with, validation_loss};
 pub use ffn::FeedForward;
 pub use generate::{GenerateConfig, Generation, generate};
 pub use materialize::materialize;

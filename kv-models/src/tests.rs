@@ -256,6 +256,21 @@ fn every_policy_with_a_budget_above_the_length_matches_the_full_cache<B: Backend
     }
 }
 
+fn policy_perplexity_with_a_full_cache_matches_the_forward_pass<B: Backend>(dev: &B::Device) {
+    let model = DecoderConfig::new(256, 32, 2, 8, 2, 48).init::<B>(dev).unwrap();
+    let corpus = data::Corpus::stories(5, 4000);
+    // Byte-level text needs all 256 ids: a smaller vocabulary is an error, not an out-of-range panic.
+    let small = tiny(8, 2).init::<B>(dev).unwrap();
+    let err = validation_loss(&small, &corpus, 40, 3).unwrap_err().to_string();
+    assert!(err.contains("vocab_size = 64"), "{err}");
+    let want = validation_loss(&model, &corpus, 40, 3).unwrap();
+    let got = policy_loss(&model, &corpus, 40, 3, &mut || Box::new(kv_policies::FullCache)).unwrap();
+    assert!((want - got).abs() <= 1e-4, "{want} vs {got}");
+    // A small streaming budget really changes what the model sees.
+    let pruned = policy_loss(&model, &corpus, 40, 3, &mut || kv_policies::build_policy::<B>("streaming:budget=4,sinks=1").unwrap()).unwrap();
+    assert!((pruned - want).abs() > 1e-4, "{pruned} vs {want}");
+}
+
 fn endless_streaming_keeps_the_cache_constant<B: Backend>(dev: &B::Device) {
     let model = DecoderConfig::new(64, 16, 1, 2, 1, 16).init::<B>(dev).unwrap();
     for rerotate in [false, true] {
@@ -282,6 +297,7 @@ fn endless_streaming_keeps_the_cache_constant<B: Backend>(dev: &B::Device) {
 }
 
 kv_core::backend_tests!(
+    policy_perplexity_with_a_full_cache_matches_the_forward_pass,
     every_policy_with_a_budget_above_the_length_matches_the_full_cache,
     endless_streaming_keeps_the_cache_constant,
     resume_is_exact,

@@ -227,6 +227,7 @@ impl<B: AutodiffBackend> Trainer<B> {
     pub fn from_model(model: DecoderLm<B>, model_config: DecoderConfig, config: TrainConfig, device: &B::Device) -> Result<Self> {
         config.validate()?;
         model_config.validate()?;
+        crate::eval::check_byte_vocab(&model)?;
         let (train, valid) = config.data.load(config.seed)?;
         for (name, c) in [("training", &train), ("validation", &valid)] {
             if c.len() < config.seq_len + 1 {

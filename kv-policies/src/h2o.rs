@@ -1,7 +1,7 @@
 //! H2O, the heavy-hitter oracle (Zhang et al., NeurIPS 2023): accumulated attention plus a
 //! recent window.
 
-use crate::select::{group_sum, keep_top_k, protect, recent_mask, sink_mask};
+use crate::select::{group_sum, keep_top_k, over_budget, protect, recent_mask, sink_mask};
 use crate::{CachePolicy, LayerContext, PolicySpec, Schedule};
 use burn::prelude::*;
 use kv_attention::{ObserveRequest, Observation};
@@ -78,14 +78,7 @@ impl<B: Backend> CachePolicy<B> for H2oPolicy {
         cache.add_side(ACC_CHANNEL);
         let acc = cache.side(ACC_CHANNEL)? + group_sum(sums, cache.shape().kv_heads);
         cache.set_side(ACC_CHANNEL, acc)?;
-        if !self.schedule.is_due(ctx.phase) {
-            return Ok(());
-        }
-        let n = cache.slots();
-        let k = self.budget.slots_for(cache.tokens_seen());
-        if n <= k {
-            return Ok(());
-        }
+        let Some((n, k)) = over_budget(self.schedule, self.budget, ctx.phase, cache) else { return Ok(()) };
         let window = ((k as f32 * self.recent).round() as usize).min(k);
         let mut scores = protect(self.scores(cache)?, recent_mask(n, window, &cache.device()));
         if self.sinks > 0 {

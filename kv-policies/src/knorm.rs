@@ -1,6 +1,6 @@
 //! Key-norm eviction (Devoto et al., EMNLP 2024): keep the keys with the lowest L2 norm.
 
-use crate::select::keep_top_k;
+use crate::select::{keep_top_k, over_budget};
 use crate::{CachePolicy, LayerContext, PolicySpec, Schedule};
 use burn::prelude::*;
 use kv_attention::{ObserveRequest, Observation};
@@ -36,13 +36,10 @@ impl<B: Backend> CachePolicy<B> for KnormPolicy {
     }
 
     fn after_attention(&mut self, ctx: &LayerContext<'_, B>, cache: &mut LayerCache<B>, _: Option<&Observation<B>>) -> Result<()> {
-        if ctx.layer < self.skip_layers || !self.schedule.is_due(ctx.phase) {
+        if ctx.layer < self.skip_layers {
             return Ok(());
         }
-        let k = self.budget.slots_for(cache.tokens_seen());
-        if cache.slots() <= k {
-            return Ok(());
-        }
+        let Some((_, k)) = over_budget(self.schedule, self.budget, ctx.phase, cache) else { return Ok(()) };
         let norms = cache.keys().powi_scalar(2).sum_dim(3).squeeze_dim::<3>(3);
         keep_top_k(cache, norms.neg(), k)
     }

@@ -1,7 +1,16 @@
 //! Shared selection machinery: group reduction, protected slots and per-head top-k retention.
 
+use crate::{Phase, Schedule};
 use burn::prelude::*;
-use kv_core::{LayerCache, Result};
+use kv_core::{Budget, LayerCache, Result};
+
+/// `Some((slots held, slots allowed))` when a policy on `schedule` acts in `phase` and the cache
+/// holds more than `budget` allows; `None` means there is nothing to evict now.
+pub fn over_budget<B: Backend>(schedule: Schedule, budget: Budget, phase: Phase, cache: &LayerCache<B>) -> Option<(usize, usize)> {
+    let n = cache.slots();
+    let k = budget.slots_for(cache.tokens_seen());
+    (schedule.is_due(phase) && n > k).then_some((n, k))
+}
 
 /// Reduces per-query-head scores `[b, heads, n]` to one score per KV head `[b, kv_heads, n]` by
 /// summing over each group of contiguous query heads (the kvpress rule, techniques.md §0).

@@ -1,5 +1,6 @@
 //! StreamingLLM (Xiao et al., ICLR 2024): attention sinks plus a recent window.
 
+use crate::select::over_budget;
 use crate::{CachePolicy, LayerContext, PolicySpec, Schedule};
 use burn::prelude::*;
 use kv_attention::{ObserveRequest, Observation};
@@ -47,14 +48,7 @@ impl<B: Backend> CachePolicy<B> for StreamingPolicy {
     }
 
     fn after_attention(&mut self, ctx: &LayerContext<'_, B>, cache: &mut LayerCache<B>, _: Option<&Observation<B>>) -> Result<()> {
-        if !self.schedule.is_due(ctx.phase) {
-            return Ok(());
-        }
-        let n = cache.slots();
-        let k = self.budget.slots_for(cache.tokens_seen());
-        if n <= k {
-            return Ok(());
-        }
+        let Some((n, k)) = over_budget(self.schedule, self.budget, ctx.phase, cache) else { return Ok(()) };
         let sinks = self.sinks.min(k);
         let window = k - sinks;
         let evicted = n - k;

@@ -1,6 +1,6 @@
 //! TOVA, token omission via attention (Oren et al., 2024): keep what the current query attends to.
 
-use crate::select::keep_top_k;
+use crate::select::{keep_top_k, over_budget};
 use crate::{CachePolicy, LayerContext, PolicySpec, Schedule};
 use burn::prelude::*;
 use kv_attention::{ObserveRequest, Observation};
@@ -35,14 +35,7 @@ impl<B: Backend> CachePolicy<B> for TovaPolicy {
     }
 
     fn after_attention(&mut self, ctx: &LayerContext<'_, B>, cache: &mut LayerCache<B>, obs: Option<&Observation<B>>) -> Result<()> {
-        if !self.schedule.is_due(ctx.phase) {
-            return Ok(());
-        }
-        let n = cache.slots();
-        let k = self.budget.slots_for(cache.tokens_seen());
-        if n <= k {
-            return Ok(());
-        }
+        let Some((n, k)) = over_budget(self.schedule, self.budget, ctx.phase, cache) else { return Ok(()) };
         let probs = obs
             .and_then(|o| o.window.clone())
             .ok_or_else(|| KvError::config("tova observation", "none", "the last query's attention"))?;
