@@ -49,6 +49,19 @@ fn repeat_heads<B: Backend>(w: Tensor<B, 2>, kv: usize, r: usize, head_dim: usiz
     w.reshape([d, kv, 1, head_dim]).expand([d, kv, r, head_dim]).reshape([d, kv * r * head_dim])
 }
 
+fn batched_forward_matches_each_row_decoded_alone<B: Backend>(dev: &B::Device) {
+    let model = tiny(8, 2).init::<B>(dev).unwrap();
+    let (a, b) = (sequence(20), sequence(21)[1..].to_vec());
+    let both: Vec<i32> = a.iter().chain(&b).copied().collect();
+    let batch = model.forward(Tensor::<B, 1, Int>::from_ints(both.as_slice(), dev).reshape([2, 20]));
+    for (row, ids) in [a, b].iter().enumerate() {
+        let mut cache = model.new_cache(1);
+        let parts: Vec<_> = ids.iter().map(|&id| model.forward_cached(tokens(&[id], dev), &mut cache).unwrap()).collect();
+        let diff = max_abs_diff(Tensor::cat(parts, 1), batch.clone().narrow(0, row, 1));
+        assert!(diff <= 1e-4, "row {row}: {diff}");
+    }
+}
+
 fn gqa_equals_mha_with_duplicated_kv_heads<B: Backend>(dev: &B::Device) {
     let (heads, kv) = (8, 2);
     let gqa = tiny(heads, kv).init::<B>(dev).unwrap();
@@ -297,6 +310,7 @@ fn endless_streaming_keeps_the_cache_constant<B: Backend>(dev: &B::Device) {
 }
 
 kv_core::backend_tests!(
+    batched_forward_matches_each_row_decoded_alone,
     policy_perplexity_with_a_full_cache_matches_the_forward_pass,
     every_policy_with_a_budget_above_the_length_matches_the_full_cache,
     endless_streaming_keeps_the_cache_constant,
@@ -319,3 +333,4 @@ fn presets_parse_and_unknown_names_list_the_valid_ones() {
     let err = preset("huge").unwrap_err().to_string();
     assert!(err.contains("huge") && err.contains("tiny-mha"), "{err}");
 }
+
