@@ -461,3 +461,40 @@ pub fn run_until<B: AutodiffBackend>(
     }
     Ok(last_eval)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type AD = burn::backend::Autodiff<burn::backend::Flex>;
+
+    fn config(vary: bool) -> TrainConfig {
+        serde_json::from_value(serde_json::json!({
+            "seq_len": 64, "batch_size": 6, "steps": 1, "lr": 0.001, "tasks": ["copy"], "task_fraction": 1.0,
+            "answer_weight": 4.0, "vary_task_length": vary, "seed": 3
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn answers_are_weighted_at_the_end_of_every_task_row() {
+        for vary in [false, true] {
+            let t = Trainer::<AD>::new(DecoderConfig::new(256, 16, 1, 2, 2, 16), config(vary), &Default::default()).unwrap();
+            let (inputs, targets, weights) = t.batch(0, 0).unwrap();
+            assert_eq!(inputs.dims(), [6, 64]);
+            assert_eq!(targets.dims(), [6 * 64]);
+            for row in weights.chunks(64) {
+                // The copy answer is 8 tokens: exactly the row's last 8 targets are weighted.
+                assert!(row[..56].iter().all(|&w| w == 1.0), "vary={vary}");
+                assert!(row[56..].iter().all(|&w| w == 4.0), "vary={vary}");
+            }
+            // The weighted targets are the copied letters, i.e. the task really ends the row.
+            let ids: Vec<i64> = targets.into_data().iter::<i64>().collect();
+            assert!(ids.chunks(64).all(|r| r[56..].iter().all(|&c| (b'a' as i64..=b'z' as i64).contains(&c))));
+        }
+        let mut bad = config(false);
+        bad.answer_weight = 0.0;
+        let e = Trainer::<AD>::new(DecoderConfig::new(256, 16, 1, 2, 2, 16), bad, &Default::default()).err().unwrap();
+        assert!(e.to_string().contains("answer_weight = 0"), "{e}");
+    }
+}
