@@ -57,6 +57,14 @@ impl KvError {
         Self::InvalidConfig { field: field.into(), value: value.to_string(), expected: expected.into() }
     }
 
+    /// Checks that every `(field, value)` count is at least 1, naming the first that is not.
+    pub fn require_positive(fields: &[(&str, usize)]) -> Result<()> {
+        match fields.iter().find(|(_, v)| *v == 0) {
+            Some((field, v)) => Err(Self::config(*field, v, "at least 1")),
+            None => Ok(()),
+        }
+    }
+
     /// Builds an [`KvError::Shape`].
     pub fn shape(what: impl Into<String>, got: &[usize], expected: impl Into<String>) -> Self {
         Self::Shape { what: what.into(), got: got.to_vec(), expected: expected.into() }

@@ -46,11 +46,12 @@ impl DecoderConfig {
 
     /// Checks every field, naming the first bad value and what would be valid.
     pub fn validate(&self) -> Result<()> {
-        let positive = |field: &str, v: usize| if v == 0 { Err(KvError::config(field, v, "at least 1")) } else { Ok(()) };
-        positive("vocab_size", self.vocab_size)?;
-        positive("n_layers", self.n_layers)?;
-        positive("ffn_hidden", self.ffn_hidden)?;
-        positive("max_positions", self.max_positions)?;
+        KvError::require_positive(&[
+            ("vocab_size", self.vocab_size),
+            ("n_layers", self.n_layers),
+            ("ffn_hidden", self.ffn_hidden),
+            ("max_positions", self.max_positions),
+        ])?;
         if !(self.norm_eps > 0.0 && self.norm_eps < 1.0) {
             return Err(KvError::config("norm_eps", self.norm_eps, "a small positive number such as 1e-5"));
         }

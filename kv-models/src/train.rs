@@ -102,11 +102,12 @@ fn stories() -> TextSource {
 impl TrainConfig {
     /// Checks every field, naming the first bad value.
     pub fn validate(&self) -> Result<()> {
-        let positive = |f: &str, v: usize| if v == 0 { Err(KvError::config(f, v, "at least 1")) } else { Ok(()) };
-        positive("seq_len", self.seq_len)?;
-        positive("batch_size", self.batch_size)?;
-        positive("grad_accum", self.grad_accum)?;
-        positive("steps", self.steps)?;
+        KvError::require_positive(&[
+            ("seq_len", self.seq_len),
+            ("batch_size", self.batch_size),
+            ("grad_accum", self.grad_accum),
+            ("steps", self.steps),
+        ])?;
         if !(self.lr > 0.0 && self.lr <= 1.0) {
             return Err(KvError::config("lr", self.lr, "a learning rate in (0, 1]"));
         }
