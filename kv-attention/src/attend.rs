@@ -46,6 +46,9 @@ pub fn grouped_attention<B: Backend>(
     let n: usize = lens.iter().sum();
     let r = h / kvh;
     let kts: Vec<Tensor<B, 4>> = kv.iter().map(|(k, _)| k.clone().swap_dims(2, 3)).collect();
+    // Scaling the queries (t x d) instead of the scores (t x n) keeps a full pass over the scores
+    // off every decode step.
+    let q = q.mul_scalar(scale);
     let mut outs = Vec::with_capacity(t.div_ceil(QUERY_BLOCK));
     let mut col_sums: Option<Tensor<B, 3>> = None;
     let mut windows = Vec::new();
@@ -56,7 +59,7 @@ pub fn grouped_attention<B: Backend>(
         let qb = q.clone().narrow(2, lo, tb).reshape([b, kvh, r * tb, dk]);
         let mut parts: Vec<Tensor<B, 4>> = kts.iter().map(|kt| qb.clone().matmul(kt.clone())).collect();
         let scores = if parts.len() == 1 { parts.pop().unwrap() } else { Tensor::cat(parts, 3) };
-        let mut scores = scores.mul_scalar(scale);
+        let mut scores = scores;
         if scores.dtype() != DType::F32 {
             scores = scores.cast(DType::F32);
         }
