@@ -22,6 +22,17 @@ pub enum Causality<B: Backend> {
         /// Absolute positions of the slots, `[batch | 1, kv_heads | 1, n]`.
         key: Tensor<B, 3, Int>,
     },
+    /// Sliding-window causality: query `i` sees slot `j` iff
+    /// `query_positions[i] - window < key_positions[j] <= query_positions[i]`, so every query sees
+    /// at most `window` keys, itself included.
+    Window {
+        /// Absolute positions of the queries, `[t]`.
+        query: Tensor<B, 1, Int>,
+        /// Absolute positions of the slots, `[batch | 1, kv_heads | 1, n]`.
+        key: Tensor<B, 3, Int>,
+        /// Keys each query sees, itself included (at least 1).
+        window: usize,
+    },
 }
 
 /// Attention of `q` `[batch, heads, t, dk]` over keys `[batch, kv_heads, n_i, dk]` and values
@@ -39,16 +50,44 @@ pub fn grouped_attention<B: Backend>(
     scale: f64,
     observe: ObserveRequest,
 ) -> (Tensor<B, 4>, Option<Observation<B>>) {
-    let [b, h, t, dk] = q.dims();
-    let kvh = kv[0].0.dims()[1];
-    let dv = kv[0].1.dims()[3];
-    let lens: Vec<usize> = kv.iter().map(|(k, _)| k.dims()[2]).collect();
+    let segments: Vec<SplitSegment<B>> = kv.iter().map(|(k, v)| SplitSegment { keys: vec![k.clone()], values: v.clone() }).collect();
+    grouped_attention_parts(&[q], &segments, causality, scale, observe)
+}
+
+/// One contiguous run of slots for [`grouped_attention_parts`]: its keys as parts along the
+/// feature axis (`[batch, kv_heads, n_i, d_p]` each) and its values `[batch, kv_heads, n_i, dv]`.
+#[derive(Debug, Clone)]
+pub struct SplitSegment<B: Backend> {
+    /// Key parts, matching the query parts one to one.
+    pub keys: Vec<Tensor<B, 4>>,
+    /// Values of the same slots.
+    pub values: Tensor<B, 4>,
+}
+
+/// [`grouped_attention`] with queries and keys split into parts along the feature axis: the
+/// score of a query and a slot is `sum_p q_p . k_p`, exactly the dot product of the concatenations.
+///
+/// Why: a key assembled from tensors held separately (MLA's absorbed decode scores the latent
+/// `c` and the shared RoPE key `k_R`, and `c` is also the value) is attended where each piece lies,
+/// so no `[c ; k_R]` copy of the cache is made per step. `q_parts[p]` is `[batch, heads, t, d_p]`.
+pub fn grouped_attention_parts<B: Backend>(
+    q_parts: &[Tensor<B, 4>],
+    kv: &[SplitSegment<B>],
+    causality: &Causality<B>,
+    scale: f64,
+    observe: ObserveRequest,
+) -> (Tensor<B, 4>, Option<Observation<B>>) {
+    let [b, h, t, _] = q_parts[0].dims();
+    let kvh = kv[0].values.dims()[1];
+    let dv = kv[0].values.dims()[3];
+    debug_assert!(kv.iter().all(|s| s.keys.len() == q_parts.len()), "one key part per query part");
+    let lens: Vec<usize> = kv.iter().map(|s| s.values.dims()[2]).collect();
     let n: usize = lens.iter().sum();
     let r = h / kvh;
-    let kts: Vec<Tensor<B, 4>> = kv.iter().map(|(k, _)| k.clone().swap_dims(2, 3)).collect();
+    let kts: Vec<Vec<Tensor<B, 4>>> = kv.iter().map(|s| s.keys.iter().map(|k| k.clone().swap_dims(2, 3)).collect()).collect();
     // Scaling the queries (t x d) instead of the scores (t x n) keeps a full pass over the scores
     // off every decode step.
-    let q = q.mul_scalar(scale);
+    let q_parts: Vec<Tensor<B, 4>> = q_parts.iter().map(|q| q.clone().mul_scalar(scale)).collect();
     let mut outs = Vec::with_capacity(t.div_ceil(QUERY_BLOCK));
     let mut col_sums: Option<Tensor<B, 3>> = None;
     let mut windows = Vec::new();
@@ -56,21 +95,43 @@ pub fn grouped_attention<B: Backend>(
     let mut lo = 0;
     while lo < t {
         let tb = QUERY_BLOCK.min(t - lo);
-        let qb = q.clone().narrow(2, lo, tb).reshape([b, kvh, r * tb, dk]);
-        let mut parts: Vec<Tensor<B, 4>> = kts.iter().map(|kt| qb.clone().matmul(kt.clone())).collect();
+        let qbs: Vec<Tensor<B, 4>> = q_parts
+            .iter()
+            .map(|q| {
+                let dk = q.dims()[3];
+                q.clone().narrow(2, lo, tb).reshape([b, kvh, r * tb, dk])
+            })
+            .collect();
+        let mut parts: Vec<Tensor<B, 4>> = kts
+            .iter()
+            .map(|seg| {
+                let mut s = qbs.iter().zip(seg).map(|(qb, kt)| qb.clone().matmul(kt.clone()));
+                let first = s.next().expect("at least one key part");
+                s.fold(first, |acc, x| acc + x)
+            })
+            .collect();
         let scores = if parts.len() == 1 { parts.pop().unwrap() } else { Tensor::cat(parts, 3) };
         let mut scores = scores;
         if scores.dtype() != DType::F32 {
             scores = scores.cast(DType::F32);
         }
         let mut scores = scores.reshape([b, kvh, r, tb, n]);
-        if let Causality::ByPosition { query, key } = causality {
+        let (query, key, window) = match causality {
+            Causality::None => (None, None, None),
+            Causality::ByPosition { query, key } => (Some(query), Some(key), None),
+            Causality::Window { query, key, window } => (Some(query), Some(key), Some(*window)),
+        };
+        if let (Some(query), Some(key)) = (query, key) {
             // Compared at the positions' own shape ([1, 1, n] while no head has evicted), then
             // broadcast, so the mask costs t x n, not batch x heads x t x n.
             let [pb, ph, _] = key.dims();
             let kp = key.clone().reshape([pb, ph, 1, n]).expand([pb, ph, tb, n]);
             let qp = query.clone().narrow(0, lo, tb).reshape([1, 1, tb, 1]).expand([pb, ph, tb, n]);
-            let mask = kp.greater(qp).reshape([pb, ph, 1, tb, n]).expand([b, kvh, r, tb, n]);
+            let mut mask = kp.clone().greater(qp.clone());
+            if let Some(w) = window {
+                mask = mask.bool_or(kp.add_scalar(w as i64).lower_equal(qp));
+            }
+            let mask = mask.reshape([pb, ph, 1, tb, n]).expand([b, kvh, r, tb, n]);
             scores = scores.mask_fill(mask, -1.0e9);
         }
         let probs = softmax(scores, 4);
@@ -87,14 +148,14 @@ pub fn grouped_attention<B: Backend>(
             windows.push(probs.clone().narrow(3, from - lo, hi - from).reshape([b, h, hi - from, n]));
         }
         let mut probs = probs.reshape([b, kvh, r * tb, n]);
-        if probs.dtype() != kv[0].1.dtype() {
-            probs = probs.cast(kv[0].1.dtype());
+        if probs.dtype() != kv[0].values.dtype() {
+            probs = probs.cast(kv[0].values.dtype());
         }
         let mut out: Option<Tensor<B, 4>> = None;
         let mut offset = 0;
-        for ((_, v), &len) in kv.iter().zip(&lens) {
+        for (seg, &len) in kv.iter().zip(&lens) {
             let p = if len == n { probs.clone() } else { probs.clone().narrow(3, offset, len) };
-            let o = p.matmul(v.clone());
+            let o = p.matmul(seg.values.clone());
             out = Some(match out {
                 Some(acc) => acc + o,
                 None => o,

@@ -17,6 +17,9 @@ pub struct GroupedAttentionConfig {
     /// Base of the RoPE frequencies.
     #[config(default = 10000.0)]
     pub rope_theta: f64,
+    /// Leading dims of each head that RoPE rotates (None: all); the rest match on content alone.
+    #[config(default = "None")]
+    pub rope_dims: Option<usize>,
 }
 
 impl GroupedAttentionConfig {
@@ -56,7 +59,7 @@ impl GroupedAttentionConfig {
             wk: lin(self.d_model, self.n_kv_heads * d),
             wv: lin(self.d_model, self.n_kv_heads * d),
             wo: lin(self.n_heads * d, self.d_model),
-            rope: RotaryConfig::new(d).with_theta(self.rope_theta).init(device)?,
+            rope: RotaryConfig::new(d).with_theta(self.rope_theta).with_rotated(self.rope_dims).init(device)?,
             n_heads: self.n_heads,
             n_kv_heads: self.n_kv_heads,
             head_dim: d,
@@ -113,7 +116,7 @@ impl<B: Backend> GroupedAttention<B> {
     }
 
     /// Projects `x` `[b, t, d_model]` to RoPE'd q `[b, H, t, d]`, RoPE'd k and v `[b, KV, t, d]`.
-    fn project(&self, x: Tensor<B, 3>, start: usize) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+    pub(crate) fn project(&self, x: Tensor<B, 3>, start: usize) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
         let [b, t, _] = x.dims();
         let d = self.head_dim;
         let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, d]).swap_dims(1, 2);
@@ -124,12 +127,12 @@ impl<B: Backend> GroupedAttention<B> {
         (q, k, v)
     }
 
-    fn merge_heads(&self, o: Tensor<B, 4>) -> Tensor<B, 3> {
+    pub(crate) fn merge_heads(&self, o: Tensor<B, 4>) -> Tensor<B, 3> {
         let [b, h, t, d] = o.dims();
         self.wo.forward(o.swap_dims(1, 2).reshape([b, t, h * d]))
     }
 
-    fn scale(&self) -> f64 {
+    pub(crate) fn scale(&self) -> f64 {
         (self.head_dim as f64).powf(-0.5)
     }
 

@@ -11,6 +11,10 @@ pub struct RotaryConfig {
     /// Base of the frequency ladder.
     #[config(default = 10000.0)]
     pub theta: f64,
+    /// Leading dims that are rotated (even, at most `dim`); the rest carry no position (partial
+    /// rotary, as GPT-NeoX). None: all of them.
+    #[config(default = "None")]
+    pub rotated: Option<usize>,
 }
 
 impl RotaryConfig {
@@ -22,10 +26,14 @@ impl RotaryConfig {
         if !(self.theta > 1.0) {
             return Err(KvError::config("rope_theta", self.theta, "a base > 1 such as 10000"));
         }
-        let half = self.dim / 2;
-        // Same recipe as HF Llama, so loaded checkpoints reproduce its numerics.
-        let inv: Vec<f32> = (0..half).map(|i| (1.0 / self.theta.powf((2 * i) as f64 / self.dim as f64)) as f32).collect();
-        Ok(Rotary { inv_freq: Tensor::from_floats(inv.as_slice(), device), dim: self.dim })
+        let rotated = self.rotated.unwrap_or(self.dim);
+        if rotated == 0 || rotated % 2 != 0 || rotated > self.dim {
+            return Err(KvError::config("rope_dims", rotated, format!("an even number of rotated dims in [2, head_dim = {}]", self.dim)));
+        }
+        let half = rotated / 2;
+        // Same recipe as HF Llama (over the rotated dims), so loaded checkpoints reproduce its numerics.
+        let inv: Vec<f32> = (0..half).map(|i| (1.0 / self.theta.powf((2 * i) as f64 / rotated as f64)) as f32).collect();
+        Ok(Rotary { inv_freq: Tensor::from_floats(inv.as_slice(), device), dim: self.dim, rotated })
     }
 }
 
@@ -39,6 +47,7 @@ impl RotaryConfig {
 pub struct Rotary<B: Backend> {
     inv_freq: Tensor<B, 1>,
     dim: usize,
+    rotated: usize,
 }
 
 impl<B: Backend> Rotary<B> {
@@ -49,6 +58,15 @@ impl<B: Backend> Rotary<B> {
 
     /// Rotates `x` `[batch, heads, t, dim]` by `positions` `[batch | 1, heads | 1, t]`.
     pub fn apply(&self, x: Tensor<B, 4>, positions: Tensor<B, 3, Int>) -> Tensor<B, 4> {
+        let d = x.dims()[3];
+        if self.rotated < d {
+            let rest = x.clone().narrow(3, self.rotated, d - self.rotated);
+            return Tensor::cat(vec![self.rotate(x.narrow(3, 0, self.rotated), positions), rest], 3);
+        }
+        self.rotate(x, positions)
+    }
+
+    fn rotate(&self, x: Tensor<B, 4>, positions: Tensor<B, 3, Int>) -> Tensor<B, 4> {
         let [b, h, t, d] = x.dims();
         let [pb, ph, pt] = positions.dims();
         let half = d / 2;

@@ -36,17 +36,28 @@ fn rope_dot_products_depend_only_on_relative_position<B: Backend>(dev: &B::Devic
 }
 
 fn rope_rerotation_by_delta_equals_rotation_at_target<B: Backend>(dev: &B::Device) {
-    let rope = RotaryConfig::new(8).init::<B>(dev).unwrap();
-    let k = randn::<B, 4>([2, 3, 5, 8], dev);
-    let p = [0, 4, 9, 20, 33];
-    for delta in [-4i64, 3, 17] {
-        let direct = rope.apply(k.clone(), pos(&p.map(|x| x + delta), dev));
-        let rerot = rope.apply(rope.apply(k.clone(), pos(&p, dev)), pos(&[delta; 5], dev));
-        let diff = max_abs_diff(direct, rerot);
-        assert!(diff <= 1e-4, "delta {delta}: {diff}");
+    // Full and partial rotary (4 of 8 dims rotated, the rest position-free).
+    for rotated in [None, Some(4)] {
+        let rope = RotaryConfig::new(8).with_rotated(rotated).init::<B>(dev).unwrap();
+        let k = randn::<B, 4>([2, 3, 5, 8], dev);
+        let p = [0, 4, 9, 20, 33];
+        for delta in [-4i64, 3, 17] {
+            let direct = rope.apply(k.clone(), pos(&p.map(|x| x + delta), dev));
+            let rerot = rope.apply(rope.apply(k.clone(), pos(&p, dev)), pos(&[delta; 5], dev));
+            let diff = max_abs_diff(direct, rerot);
+            assert!(diff <= 1e-4, "rotated {rotated:?}, delta {delta}: {diff}");
+        }
+        // Position 0 is the identity.
+        assert!(max_abs_diff(rope.apply(k.clone(), pos(&[0; 5], dev)), k.clone()) <= 1e-7);
+        let moved = rope.apply(k.clone(), pos(&[50; 5], dev));
+        if let Some(r) = rotated {
+            // Unrotated dims are untouched at any position; rotated ones move.
+            assert!(max_abs_diff(moved.clone().narrow(3, r, 8 - r), k.clone().narrow(3, r, 8 - r)) <= 1e-7);
+            assert!(max_abs_diff(moved.narrow(3, 0, r), k.narrow(3, 0, r)) > 1e-2);
+        }
     }
-    // Position 0 is the identity.
-    assert!(max_abs_diff(rope.apply(k.clone(), pos(&[0; 5], dev)), k) <= 1e-7);
+    let err = RotaryConfig::new(8).with_rotated(Some(5)).init::<B>(dev).unwrap_err().to_string();
+    assert!(err.contains("rope_dims = 5"), "{err}");
 }
 
 fn rope_rejects_odd_dim<B: Backend>(dev: &B::Device) {
@@ -146,6 +157,134 @@ fn bad_head_layouts_are_errors<B: Backend>(dev: &B::Device) {
     assert!(err.contains("d_model = 30"), "{err}");
 }
 
+fn split_parts_equal_concatenated_keys<B: Backend>(dev: &B::Device) {
+    // Scores from feature-split parts equal those of the concatenated queries and keys, with the
+    // cache given as two segments and a causal mask.
+    let (h, kvh, t, n) = (4, 1, 3, 9);
+    let (qa, qb) = (randn::<B, 4>([2, h, t, 6], dev), randn::<B, 4>([2, h, t, 2], dev));
+    let (ka, kb, v) = (randn::<B, 4>([2, kvh, n, 6], dev), randn::<B, 4>([2, kvh, n, 2], dev), randn::<B, 4>([2, kvh, n, 5], dev));
+    let causality = Causality::ByPosition { query: Tensor::arange((n - t) as i64..n as i64, dev), key: position_range(0, n, dev) };
+    let observe = ObserveRequest { column_sums: true, window: 2 };
+    let seg = |lo: usize, len: usize| SplitSegment { keys: vec![ka.clone().narrow(2, lo, len), kb.clone().narrow(2, lo, len)], values: v.clone().narrow(2, lo, len) };
+    let (out, obs) = grouped_attention_parts(&[qa.clone(), qb.clone()], &[seg(0, 5), seg(5, 4)], &causality, 0.4, observe);
+    let (want, want_obs) = grouped_attention(Tensor::cat(vec![qa, qb], 3), &[(Tensor::cat(vec![ka, kb], 3), v)], &causality, 0.4, observe);
+    assert!(max_abs_diff(out, want) <= 1e-5);
+    let (obs, want_obs) = (obs.unwrap(), want_obs.unwrap());
+    assert!(max_abs_diff(obs.column_sums.unwrap(), want_obs.column_sums.unwrap()) <= 1e-5);
+    assert!(max_abs_diff(obs.window.unwrap(), want_obs.window.unwrap()) <= 1e-5);
+}
+
+/// A small MLA layer: d_model 32, 4 heads of 8, latent 12, RoPE 4, optional query latent.
+fn small_mla<B: Backend>(heads: usize, query_latent: usize, dev: &B::Device) -> MlaAttention<B> {
+    MlaAttentionConfig::new(32, heads, 8, 12, 4).with_query_latent(query_latent).init::<B>(dev).unwrap()
+}
+
+/// Runs `x` through `mla` as a prefill of `split` tokens then one token at a time on `path`,
+/// returning the outputs and every call's observation (column sums and a 2-query window).
+fn mla_decode<B: Backend>(mla: &MlaAttention<B>, x: &Tensor<B, 3>, split: usize, path: MlaPath, dev: &B::Device) -> (Tensor<B, 3>, Vec<Observation<B>>, kv_core::LayerCache<B>) {
+    let t = x.dims()[1];
+    let observe = ObserveRequest { column_sums: true, window: 2 };
+    let mut cache = kv_core::LayerCache::new(mla.cache_shape(x.dims()[0]), dev);
+    let mut outs = Vec::new();
+    let mut observations = Vec::new();
+    let mut lo = 0;
+    for len in std::iter::once(split).chain(std::iter::repeat_n(1, t - split)) {
+        let out = mla.forward_cached_with(x.clone().narrow(1, lo, len), &mut cache, observe, path).unwrap();
+        outs.push(out.output);
+        observations.push(out.observation.unwrap());
+        lo += len;
+    }
+    (Tensor::cat(outs, 1), observations, cache)
+}
+
+fn mla_absorbed_decode_matches_naive_and_full_forward<B: Backend>(dev: &B::Device) {
+    for query_latent in [0, 16] {
+        let mla = small_mla::<B>(4, query_latent, dev);
+        for (t, split) in [(6, 1), (9, 4), (12, 12), (80, 70)] {
+            let x = randn::<B, 3>([2, t, 32], dev);
+            let full = mla.forward(x.clone());
+            let (absorbed, abs_obs, cache) = mla_decode(&mla, &x, split, MlaPath::Absorbed, dev);
+            let (naive, naive_obs, _) = mla_decode(&mla, &x, split, MlaPath::Naive, dev);
+            let ctx = format!("query_latent {query_latent}, t {t}, split {split}");
+            let diff = max_abs_diff(absorbed.clone(), naive.clone());
+            assert!(diff <= 1e-4, "{ctx}: absorbed vs naive {diff}");
+            let diff = max_abs_diff(absorbed, full);
+            assert!(diff <= 1e-4, "{ctx}: absorbed vs full forward {diff}");
+            // Both paths observe the same attention, per query head, over the one latent head.
+            for (a, n) in abs_obs.into_iter().zip(naive_obs) {
+                assert_eq!(a.column_sums.as_ref().unwrap().dims()[1], 4);
+                assert!(max_abs_diff(a.column_sums.unwrap(), n.column_sums.unwrap()) <= 1e-5, "{ctx}: column sums");
+                assert!(max_abs_diff(a.window.unwrap(), n.window.unwrap()) <= 1e-5, "{ctx}: window");
+            }
+            assert_eq!(cache.slots(), t);
+        }
+    }
+}
+
+fn mla_cache_bytes_do_not_depend_on_heads<B: Backend>(dev: &B::Device) {
+    let x = randn::<B, 3>([1, 7, 32], dev);
+    for heads in [1, 2, 4, 8] {
+        let mla = small_mla::<B>(heads, 0, dev);
+        let (_, _, cache) = mla_decode(&mla, &x, 3, MlaPath::Absorbed, dev);
+        // (kv_latent 12 + rope_dim 4) x 7 slots x 4 bytes, one cache head whatever the head count.
+        let stats = cache.stats();
+        assert_eq!(stats.kv_bytes, (12 + 4) * 7 * 4, "heads {heads}");
+        assert_eq!(stats.slots_per_head, vec![7]);
+    }
+}
+
+fn mla_scores_depend_only_on_relative_position<B: Backend>(dev: &B::Device) {
+    let mla = small_mla::<B>(4, 0, dev);
+    let x = randn::<B, 3>([1, 5, 32], dev);
+    // Full pre-mask score matrices [1, H, 5, 5] with every token shifted by `start`.
+    let scores = |start: usize| {
+        let p = position_range::<B>(start, 5, dev);
+        let (q_c, q_r) = mla.queries(x.clone(), p.clone());
+        let (c, k_r) = mla.latent(x.clone(), p);
+        let (k_c, _) = mla.up_project(c);
+        q_c.matmul(k_c.swap_dims(2, 3)) + q_r.matmul(k_r.swap_dims(2, 3))
+    };
+    let base = scores(0);
+    for shift in [1, 1000] {
+        let diff = max_abs_diff(base.clone(), scores(shift));
+        assert!(diff <= 1e-3, "shift {shift}: scores changed by {diff}");
+    }
+    // The RoPE part alone does depend on position (so the test could fail).
+    let p = |s| position_range::<B>(s, 5, dev);
+    let rope_part = |a: usize, b: usize| mla.queries(x.clone(), p(a)).1.matmul(mla.latent(x.clone(), p(b)).1.swap_dims(2, 3));
+    assert!(max_abs_diff(rope_part(0, 0), rope_part(3, 0)) > 1e-3);
+}
+
+fn mla_bad_configs_name_the_value<B: Backend>(dev: &B::Device) {
+    let base = || MlaAttentionConfig::new(32, 4, 8, 12, 4);
+    let cases = [
+        (MlaAttentionConfig { rope_dim: 7, ..base() }, "rope_dim = 7"),
+        (MlaAttentionConfig { rope_dim: 0, ..base() }, "rope_dim = 0"),
+        (MlaAttentionConfig { kv_latent: 0, ..base() }, "kv_latent = 0"),
+        (MlaAttentionConfig { kv_latent: 40, ..base() }, "kv_latent = 40"),
+        (MlaAttentionConfig::new(32, 1, 4, 12, 4), "kv_latent = 12"),
+        (base().with_query_latent(64), "query_latent = 64"),
+        (MlaAttentionConfig { n_heads: 0, ..base() }, "heads = 0"),
+        (MlaAttentionConfig { head_dim: 0, ..base() }, "head_dim = 0"),
+        (MlaAttentionConfig { d_model: 0, ..base() }, "d_model = 0"),
+        (base().with_rope_theta(0.5), "rope_theta = 0.5"),
+        (MlaAttentionConfig { head_dim: 7, ..base() }, "fine: the content part is never rotated"),
+    ];
+    for (cfg, want) in cases {
+        match cfg.init::<B>(dev) {
+            Ok(_) => assert!(want.starts_with("fine"), "{cfg:?} should fail with {want}"),
+            Err(e) => assert!(e.to_string().contains(want), "{e} should mention {want}"),
+        }
+    }
+    let err = MlaAttentionConfig { kv_latent: 40, ..base() }.validate().unwrap_err().to_string();
+    assert!(err.contains("d_model = 32"), "{err}");
+    // A cache of another shape (a grouped layer's) is refused, not misread.
+    let mla = small_mla::<B>(4, 0, dev);
+    let mut wrong = kv_core::LayerCache::new(kv_core::CacheShape { batch: 1, kv_heads: 4, key_dim: 8, value_dim: 8 }, dev);
+    let err = mla.forward_cached(randn::<B, 3>([1, 2, 32], dev), &mut wrong, ObserveRequest::default()).unwrap_err().to_string();
+    assert!(err.contains("layer cache shape") && err.contains("value_dim: 12"), "{err}");
+}
+
 kv_core::backend_tests!(
     rope_dot_products_depend_only_on_relative_position,
     rope_rerotation_by_delta_equals_rotation_at_target,
@@ -154,5 +293,10 @@ kv_core::backend_tests!(
     blocked_prefill_observes_what_one_block_would,
     cached_layer_matches_full_forward,
     bad_head_layouts_are_errors,
+    split_parts_equal_concatenated_keys,
+    mla_absorbed_decode_matches_naive_and_full_forward,
+    mla_cache_bytes_do_not_depend_on_heads,
+    mla_scores_depend_only_on_relative_position,
+    mla_bad_configs_name_the_value,
 );
 

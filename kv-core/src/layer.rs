@@ -254,6 +254,26 @@ impl<B: Backend> LayerCache<B> {
         self.retain(idx)
     }
 
+    /// Keeps only the newest `n` slots (a sliding window's eviction); `n == 0` drops every slot.
+    /// Unlike [`clear`](Self::clear), the token counter and the side channels' names stay.
+    pub fn keep_last(&mut self, n: usize) -> Result<()> {
+        let held = self.slots();
+        if held <= n {
+            return Ok(());
+        }
+        if n > 0 {
+            return self.retain_range(held - n, n);
+        }
+        let CacheShape { batch, kv_heads, key_dim, value_dim } = self.shape;
+        self.keys = SlotBuffer::zeros([batch, kv_heads, 0, key_dim], &self.device);
+        self.values = SlotBuffer::zeros([batch, kv_heads, 0, value_dim], &self.device);
+        self.positions = SlotBuffer::zeros([batch, kv_heads, 0], &self.device);
+        for (_, buf) in self.side.iter_mut() {
+            *buf = SlotBuffer::zeros([batch, kv_heads, 0], &self.device);
+        }
+        Ok(())
+    }
+
     /// Drops every slot and resets the token counter.
     pub fn clear(&mut self) {
         *self = Self::new(self.shape, &self.device);

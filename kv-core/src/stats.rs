@@ -20,31 +20,50 @@ pub struct LayerStats {
 /// What a whole model's cache holds, summed over layers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CacheStats {
-    /// Per-layer statistics.
+    /// Per-layer statistics of the policy-managed caches.
     pub layers: Vec<LayerStats>,
+    /// Per-cache statistics of the model-managed sliding windows (YOCO's self-decoder).
+    #[serde(default)]
+    pub local_layers: Vec<LayerStats>,
+    /// Bytes of the recurrent states held (YOCO's gated retention), which stand in for K/V.
+    #[serde(default)]
+    pub state_bytes: usize,
     /// Tokens seen (the largest over layers; all layers see every token).
     pub tokens_seen: usize,
-    /// Total bytes of keys and values held.
+    /// Total bytes of keys and values held, local windows and recurrent states included.
     pub kv_bytes: usize,
     /// Total bytes of positions and side channels held.
     pub metadata_bytes: usize,
-    /// Total bytes allocated, spare capacity included.
+    /// Total bytes allocated, spare capacity and recurrent states included.
     pub allocated_bytes: usize,
 }
 
 impl CacheStats {
     /// Sums per-layer statistics.
     pub fn from_layers(layers: Vec<LayerStats>) -> Self {
+        Self::from_parts(layers, Vec::new(), 0)
+    }
+
+    /// Sums policy-managed layers, local windows and recurrent state bytes.
+    pub fn from_parts(layers: Vec<LayerStats>, local_layers: Vec<LayerStats>, state_bytes: usize) -> Self {
+        let all = || layers.iter().chain(local_layers.iter());
         Self {
-            tokens_seen: layers.iter().map(|l| l.tokens_seen).max().unwrap_or(0),
-            kv_bytes: layers.iter().map(|l| l.kv_bytes).sum(),
-            metadata_bytes: layers.iter().map(|l| l.metadata_bytes).sum(),
-            allocated_bytes: layers.iter().map(|l| l.allocated_bytes).sum(),
+            tokens_seen: all().map(|l| l.tokens_seen).max().unwrap_or(0),
+            kv_bytes: all().map(|l| l.kv_bytes).sum::<usize>() + state_bytes,
+            metadata_bytes: all().map(|l| l.metadata_bytes).sum(),
+            allocated_bytes: all().map(|l| l.allocated_bytes).sum::<usize>() + state_bytes,
             layers,
+            local_layers,
+            state_bytes,
         }
     }
 
-    /// Total slots held, over layers and KV heads.
+    /// Key/value bytes of the policy-managed layers only (YOCO: the global cache).
+    pub fn layer_kv_bytes(&self) -> usize {
+        self.layers.iter().map(|l| l.kv_bytes).sum()
+    }
+
+    /// Total slots held, over policy-managed layers and KV heads.
     pub fn total_slots(&self) -> usize {
         self.layers.iter().flat_map(|l| l.slots_per_head.iter()).sum()
     }
@@ -54,7 +73,8 @@ impl CacheStats {
         if self.tokens_seen == 0 { 0.0 } else { self.kv_bytes as f64 / self.tokens_seen as f64 }
     }
 
-    /// Fraction of slots removed compared with keeping every token seen in every head.
+    /// Fraction of slots removed from the policy-managed layers compared with keeping every token
+    /// seen in every head (local windows are the architecture, not a policy's compression).
     pub fn compression_ratio(&self) -> f64 {
         let full: usize = self.layers.iter().map(|l| l.tokens_seen * l.slots_per_head.len()).sum();
         if full == 0 { 0.0 } else { 1.0 - self.total_slots() as f64 / full as f64 }

@@ -152,7 +152,49 @@ fn retain_range_keeps_a_window<B: Backend>(dev: &B::Device) {
     assert!(c.retain_range(2, 4).is_err());
 }
 
+fn keep_last_trims_to_a_window_and_keeps_the_counter<B: Backend>(dev: &B::Device) {
+    let mut c = LayerCache::<B>::new(shape(1, 2, 2), dev);
+    c.add_side("acc");
+    let (k, v) = tagged::<B>(1, 2, 0, 7, 2, dev);
+    c.append(k, v).unwrap();
+    c.keep_last(9).unwrap();
+    assert_eq!(c.slots(), 7);
+    c.keep_last(3).unwrap();
+    assert_eq!(ints(c.positions()), vec![4, 5, 6, 4, 5, 6]);
+    assert_eq!(c.side("acc").unwrap().dims(), [1, 2, 3]);
+    // Zero drops every slot but not the token counter or the side channels.
+    c.keep_last(0).unwrap();
+    assert_eq!((c.slots(), c.tokens_seen()), (0, 7));
+    let (k, v) = tagged::<B>(1, 2, 7, 1, 2, dev);
+    c.append(k, v).unwrap();
+    assert_eq!(ints(c.positions()), vec![7, 7]);
+    assert_eq!(c.side_names(), vec!["acc".to_string()]);
+}
+
+fn model_stats_count_local_windows_and_states<B: Backend>(dev: &B::Device) {
+    let mut cache = ModelCache::<B>::with_local(vec![LayerCache::new(shape(1, 2, 4), dev)], vec![LayerCache::new(shape(1, 1, 4), dev)]);
+    let (k, v) = tagged::<B>(1, 2, 0, 5, 4, dev);
+    cache.layer_mut(0).append(k, v).unwrap();
+    let (k, v) = tagged::<B>(1, 1, 0, 3, 4, dev);
+    cache.local_mut(0).append(k, v).unwrap();
+    cache.set_state("retention.0", Tensor::zeros([1, 2, 4, 4], dev));
+    cache.set_state("retention.0", Tensor::ones([1, 2, 4, 4], dev));
+    assert_eq!(cache.state_names(), vec!["retention.0".to_string()]);
+    let stats = cache.stats();
+    assert_eq!(stats.layer_kv_bytes(), 2 * 2 * 5 * 4 * 4);
+    assert_eq!(stats.state_bytes, 2 * 4 * 4 * 4);
+    assert_eq!(stats.kv_bytes, 2 * 2 * 5 * 4 * 4 + 2 * 3 * 4 * 4 + 2 * 4 * 4 * 4);
+    assert_eq!(stats.local_layers[0].slots_per_head, vec![3]);
+    // Slots and compression are the policy-managed layers' only.
+    assert_eq!(stats.total_slots(), 2 * 5);
+    assert_eq!(cache.tokens_seen(), 5);
+    cache.clear();
+    assert_eq!((cache.stats().kv_bytes, cache.state_names().len()), (0, 0));
+}
+
 crate::backend_tests!(
+    keep_last_trims_to_a_window_and_keeps_the_counter,
+    model_stats_count_local_windows_and_states,
     bytes_match_formula,
     append_assigns_positions_and_counts,
     retain_moves_everything_together,
