@@ -153,6 +153,7 @@ pub fn load_model<B: Backend>(dir: impl AsRef<Path>, device: &B::Device) -> Resu
     let config = sections.model_config(dir)?;
     let record = record_from::<B, _>(sections.model, device, &dir.join(CHECKPOINT_FILE))?;
     let model = config.init::<B>(device)?.load_record(record);
+    model.check_blocks()?;
     Ok((model, config))
 }
 

@@ -1,8 +1,115 @@
 //! The decoder's configuration, validated before anything is built.
 
 use burn::prelude::*;
-use kv_attention::GroupedAttentionConfig;
+use kv_attention::{CrossAttentionConfig, GatedRetentionConfig, GroupedAttentionConfig, MlaAttentionConfig, SlidingWindowAttentionConfig};
 use kv_core::{KvError, Result};
+use serde::{Deserialize, Serialize};
+
+/// Multi-head latent attention settings of a decoder (DeepSeek-V2); absent for MHA/GQA/MQA.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MlaSettings {
+    /// Width `d_h` of one head's content query and key (need not be `d_model / n_heads`).
+    pub head_dim: usize,
+    /// Width `d_c` of the cached key/value latent.
+    pub kv_latent: usize,
+    /// Width `d_R` of the decoupled RoPE query (per head) and key (shared); even.
+    pub rope_dim: usize,
+    /// Width `d_c'` of the query latent; 0 (the default) projects queries straight from the input.
+    #[serde(default)]
+    pub query_latent: usize,
+    /// Width of one head's value; absent (the default): `head_dim`.
+    #[serde(default)]
+    pub value_dim: Option<usize>,
+    /// RMSNorm on the cached latent (default true, as DeepSeek); false only in models converted
+    /// from MHA (see docs/conversion.md).
+    #[serde(default = "yes")]
+    pub latent_norm: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl MlaSettings {
+    /// DeepSeek-V2's layout with these widths: no query compression, values `head_dim` wide,
+    /// normalised latent.
+    pub fn new(head_dim: usize, kv_latent: usize, rope_dim: usize) -> Self {
+        Self { head_dim, kv_latent, rope_dim, query_latent: 0, value_dim: None, latent_norm: true }
+    }
+}
+
+/// The efficient self-attention of a YOCO self-decoder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SelfAttentionKind {
+    /// Sliding-window attention over the last `window` positions (YOCO-SWA).
+    Window,
+    /// Gated retention (YOCO-gRet, the paper's default).
+    Retention,
+}
+
+/// YOCO (You Only Cache Once, Sun et al. 2024) settings of a decoder; absent for other models.
+///
+/// The first `n_layers / 2` blocks form the self-decoder (`self_attention` + FFN, constant-size
+/// state), then one global K/V is computed from its output, and the last `n_layers / 2` blocks
+/// form the cross-decoder (own queries + FFN over that one cache, `n_kv_heads` heads).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct YocoSettings {
+    /// `"window"` or `"retention"`.
+    pub self_attention: SelfAttentionKind,
+    /// Keys each sliding-window query sees, itself included (YOCO's `C`; default 1024).
+    #[serde(default = "default_window")]
+    pub window: usize,
+    /// Tokens per chunk of the retention's chunkwise form (default 256).
+    #[serde(default = "default_chunk")]
+    pub chunk: usize,
+    /// Retention gate temperature `tau` in `gamma = sigmoid(x W)^(1/tau)` (default 16).
+    #[serde(default = "default_tau")]
+    pub tau: f64,
+}
+
+fn default_window() -> usize {
+    1024
+}
+
+fn default_chunk() -> usize {
+    256
+}
+
+fn default_tau() -> f64 {
+    16.0
+}
+
+impl YocoSettings {
+    /// A sliding-window self-decoder with window `window`, the paper's other defaults.
+    pub fn window(window: usize) -> Self {
+        Self { self_attention: SelfAttentionKind::Window, window, chunk: default_chunk(), tau: default_tau() }
+    }
+
+    /// A gated-retention self-decoder with the paper's defaults (chunk 256, tau 16).
+    pub fn retention() -> Self {
+        Self { self_attention: SelfAttentionKind::Retention, window: default_window(), chunk: default_chunk(), tau: default_tau() }
+    }
+
+    /// Checks the settings against the model's layer count, naming the first bad value.
+    pub fn validate(&self, n_layers: usize) -> Result<()> {
+        if n_layers < 2 || n_layers % 2 != 0 {
+            return Err(KvError::config("n_layers", n_layers, "an even number >= 2 with yoco: half self-decoder, half cross-decoder"));
+        }
+        if self.window == 0 {
+            return Err(KvError::config("yoco.window", 0, "at least 1 key per query (the query's own)"));
+        }
+        if self.chunk == 0 {
+            return Err(KvError::config("yoco.chunk", 0, "at least 1 token per retention chunk (YOCO uses 256)"));
+        }
+        if !(self.tau > 0.0 && self.tau.is_finite()) {
+            return Err(KvError::config("yoco.tau", self.tau, "a finite number > 0 (YOCO uses 16)"));
+        }
+        Ok(())
+    }
+}
 
 /// Shape of a Llama-style decoder-only language model.
 #[derive(Config, Debug, PartialEq)]
@@ -15,13 +122,19 @@ pub struct DecoderConfig {
     pub n_layers: usize,
     /// Query heads per layer.
     pub n_heads: usize,
-    /// Key/value heads per layer: `n_heads` for MHA, a divisor for GQA, 1 for MQA.
+    /// Key/value heads per layer: `n_heads` for MHA, a divisor for GQA, 1 for MQA and for MLA
+    /// (whose cache is one latent head shared by every query head).
     pub n_kv_heads: usize,
     /// Hidden width of the SwiGLU feed-forward.
     pub ffn_hidden: usize,
     /// Base of the RoPE frequencies.
     #[config(default = 10000.0)]
     pub rope_theta: f64,
+    /// Leading dims of each head that RoPE rotates (None: all). Unrotated dims compare keys by
+    /// content alone at any distance, which lets a small model's copy circuit learned on short
+    /// rows keep working on long ones.
+    #[config(default = "None")]
+    pub rope_dims: Option<usize>,
     /// Context length the model is trained for (RoPE itself has no limit).
     #[config(default = 1024)]
     pub max_positions: usize,
@@ -31,17 +144,83 @@ pub struct DecoderConfig {
     /// Whether the output head reuses the embedding matrix.
     #[config(default = true)]
     pub tie_embeddings: bool,
+    /// Token shift: add a learned projection of the previous token's embedding to each token's
+    /// input, so a single attention layer can match on "the token before" (the first half of an
+    /// induction head) instead of having to learn it with a second layer first.
+    #[config(default = false)]
+    pub token_shift: bool,
+    /// Previous tokens the token shift reads (None: 1). A few (3, like the short convolutions of
+    /// H3, Based or Canon layers) let one attention layer match on the last few tokens, which
+    /// disambiguates a retrieval cue ("key is") that a single previous token cannot.
+    #[config(default = "None")]
+    pub token_shift_width: Option<usize>,
+    /// Multi-head latent attention instead of grouped attention in every layer; absent (or
+    /// `null`) in the JSON of an MHA/GQA/MQA model, so older configs still load.
+    pub mla: Option<MlaSettings>,
+    /// YOCO decoder-decoder layout instead of identical blocks; absent (or `null`) in the JSON of
+    /// every other model, so older configs still load.
+    pub yoco: Option<YocoSettings>,
 }
 
 impl DecoderConfig {
-    /// The attention settings of every layer.
+    /// The grouped attention settings of every layer (used when [`mla`](Self::mla) is absent).
     pub fn attention(&self) -> GroupedAttentionConfig {
-        GroupedAttentionConfig::new(self.d_model, self.n_heads, self.n_kv_heads).with_rope_theta(self.rope_theta)
+        GroupedAttentionConfig::new(self.d_model, self.n_heads, self.n_kv_heads).with_rope_theta(self.rope_theta).with_rope_dims(self.rope_dims)
     }
 
-    /// Width of one attention head.
+    /// The latent attention settings of every layer, for an MLA model (RoPE on `mla.rope_dim`
+    /// only, so `rope_dims` does not apply).
+    pub fn mla_attention(&self) -> Option<MlaAttentionConfig> {
+        self.mla.as_ref().map(|m| {
+            MlaAttentionConfig::new(self.d_model, self.n_heads, m.head_dim, m.kv_latent, m.rope_dim)
+                .with_query_latent(m.query_latent)
+                .with_value_dim(m.value_dim)
+                .with_latent_norm(m.latent_norm)
+                .with_rope_theta(self.rope_theta)
+                .with_norm_eps(self.norm_eps)
+        })
+    }
+
+    /// Previous tokens the token shift reads (0 without token shift).
+    pub fn shift_width(&self) -> usize {
+        if self.token_shift { self.token_shift_width.unwrap_or(1) } else { 0 }
+    }
+
+    /// YOCO's sliding-window self-attention settings (when `yoco.self_attention` is `window`).
+    pub fn yoco_window(&self) -> Option<SlidingWindowAttentionConfig> {
+        self.yoco
+            .as_ref()
+            .filter(|y| y.self_attention == SelfAttentionKind::Window)
+            .map(|y| SlidingWindowAttentionConfig::new(self.attention(), y.window))
+    }
+
+    /// YOCO's gated retention settings (when `yoco.self_attention` is `retention`).
+    pub fn yoco_retention(&self) -> Option<GatedRetentionConfig> {
+        self.yoco.as_ref().filter(|y| y.self_attention == SelfAttentionKind::Retention).map(|y| {
+            GatedRetentionConfig::new(self.d_model, self.n_heads)
+                .with_tau(y.tau)
+                .with_chunk(y.chunk)
+                .with_rope_theta(self.rope_theta)
+                .with_rope_dims(self.rope_dims)
+        })
+    }
+
+    /// YOCO's global K/V and cross-decoder attention settings.
+    pub fn yoco_cross(&self) -> Option<CrossAttentionConfig> {
+        self.yoco.as_ref().map(|_| {
+            CrossAttentionConfig::new(self.d_model, self.n_heads, self.n_kv_heads)
+                .with_rope_theta(self.rope_theta)
+                .with_rope_dims(self.rope_dims)
+                .with_norm_eps(self.norm_eps)
+        })
+    }
+
+    /// Width of one attention head (MLA: the content part, `mla.head_dim`).
     pub fn head_dim(&self) -> usize {
-        self.d_model / self.n_heads.max(1)
+        match &self.mla {
+            Some(m) => m.head_dim,
+            None => self.d_model / self.n_heads.max(1),
+        }
     }
 
     /// Checks every field, naming the first bad value and what would be valid.
@@ -55,12 +234,50 @@ impl DecoderConfig {
         if !(self.norm_eps > 0.0 && self.norm_eps < 1.0) {
             return Err(KvError::config("norm_eps", self.norm_eps, "a small positive number such as 1e-5"));
         }
-        self.attention().validate()
+        if let Some(w) = self.token_shift_width.filter(|&w| w == 0 || w > 16) {
+            return Err(KvError::config("token_shift_width", w, "between 1 and 16 previous tokens"));
+        }
+        if let Some(yoco) = &self.yoco {
+            if self.mla.is_some() {
+                return Err(KvError::config("mla", "set", "absent (null) with yoco: the cross-decoder caches grouped K/V"));
+            }
+            // Its self-attention and cross-decoder heads are checked as a grouped layer's below.
+            yoco.validate(self.n_layers)?;
+        }
+        match self.mla_attention() {
+            Some(mla) => {
+                if let Some(dims) = self.rope_dims {
+                    return Err(KvError::config(
+                        "rope_dims",
+                        dims,
+                        "absent (null) with mla: MLA's RoPE already covers only its own mla.rope_dim part",
+                    ));
+                }
+                if self.n_kv_heads != 1 {
+                    return Err(KvError::config(
+                        "n_kv_heads",
+                        self.n_kv_heads,
+                        "1 with mla: the latent and the shared RoPE key form one cache head for every query head",
+                    ));
+                }
+                mla.validate()
+            }
+            None => self.attention().validate(),
+        }
     }
 
-    /// Bytes of keys and values one token adds to the cache (f32, full cache).
+    /// Bytes of keys and values one token adds to the cache (f32, full cache): MLA caches the
+    /// latent and the shared RoPE key, `kv_latent + rope_dim` per layer, whatever the head count.
+    /// YOCO caches one layer's K/V (the global cache) whatever the depth; its self-decoder's
+    /// windows and states are a constant, not per token.
     pub fn kv_bytes_per_token(&self) -> usize {
-        2 * self.n_layers * self.n_kv_heads * self.head_dim() * 4
+        if self.yoco.is_some() {
+            return 2 * self.n_kv_heads * self.head_dim() * 4;
+        }
+        match &self.mla {
+            Some(m) => self.n_layers * (m.kv_latent + m.rope_dim) * 4,
+            None => 2 * self.n_layers * self.n_kv_heads * self.head_dim() * 4,
+        }
     }
 
     /// Reads a config from a JSON file, validated.

@@ -1,7 +1,7 @@
 //! Evaluation of a model: held-out loss and exact-match accuracy on the long-context tasks.
 
 use crate::data::{Corpus, TaskKind, exact_match};
-use crate::{ByteTokenizer, DecoderLm, GenerateConfig, SamplerConfig, generate};
+use crate::{ByteTokenizer, DecoderLm, GenerateConfig, Generation, SamplerConfig, generate};
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::prelude::*;
 use kv_core::{KvError, Result};
@@ -42,6 +42,15 @@ pub fn validation_loss<B: Backend>(model: &DecoderLm<B>, corpus: &Corpus, seq_le
     Ok(total / all.len() as f64)
 }
 
+/// Loss of a model reading text through a compressed cache.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct PolicyLoss {
+    /// Mean next-token loss (nats).
+    pub loss: f64,
+    /// Key/value bytes held at the end of each window, measured from the cache, averaged.
+    pub kv_bytes: f64,
+}
+
 /// Mean next-token loss when every token is predicted through the cache under a policy, fed one
 /// token at a time (as StreamingLLM measures perplexity), over `windows` windows of `len` tokens.
 ///
@@ -52,14 +61,14 @@ pub fn policy_loss<B: Backend>(
     len: usize,
     windows: usize,
     policy: &mut dyn FnMut() -> Box<dyn CachePolicy<B>>,
-) -> Result<f64> {
+) -> Result<PolicyLoss> {
     check_byte_vocab(model)?;
     let all = corpus.windows(len + 1, windows);
     if all.is_empty() {
         return Err(KvError::config("validation text", format!("{} bytes", corpus.len()), format!("at least {} bytes", len + 1)));
     }
     let device = model.embed.weight.device();
-    let mut total = 0.0;
+    let (mut total, mut bytes) = (0.0, 0.0);
     for w in &all {
         let mut p = policy();
         let mut cache = model.new_cache(1);
@@ -76,8 +85,10 @@ pub fn policy_loss<B: Backend>(
         let targets = Tensor::<B, 1, Int>::from_ints(targets.as_slice(), &device).reshape([len, 1]);
         let nll = log_softmax(logits, 1).gather(1, targets).mean().neg();
         total += nll.into_scalar().elem::<f64>();
+        bytes += cache.stats().kv_bytes as f64;
     }
-    Ok(total / all.len() as f64)
+    let n = all.len() as f64;
+    Ok(PolicyLoss { loss: total / n, kv_bytes: bytes / n })
 }
 
 /// Exact-match results of one task.
@@ -93,14 +104,17 @@ pub struct TaskResult {
     pub correct: usize,
     /// Samples asked.
     pub total: usize,
+    /// Key/value bytes held when each answer was complete, measured from the cache, averaged.
+    pub kv_bytes: f64,
 }
 
-/// Greedy continuation of one task prompt under a cache policy: the answer's length in tokens.
-pub fn answer<B: Backend>(model: &DecoderLm<B>, prompt: &str, answer_len: usize, policy: &mut dyn CachePolicy<B>) -> Result<String> {
+/// Greedy continuation of one task prompt under a cache policy (the answer's length in tokens),
+/// with the generation's measurements.
+pub fn answer<B: Backend>(model: &DecoderLm<B>, prompt: &str, answer_len: usize, policy: &mut dyn CachePolicy<B>) -> Result<(String, Generation)> {
     let ids: Vec<u32> = prompt.bytes().map(u32::from).collect();
     let config = GenerateConfig { max_new_tokens: answer_len, sampler: SamplerConfig::default(), stop_token: None };
     let out = generate(model, &ids, &config, policy, |_| {})?;
-    Ok(out.tokens.iter().map(|&t| char::from(t.min(255) as u8)).collect())
+    Ok((out.tokens.iter().map(|&t| char::from(t.min(255) as u8)).collect(), out))
 }
 
 /// Accuracy of `model` on `samples` seeded instances of `task` at `context` tokens (full cache);
@@ -127,11 +141,13 @@ pub fn task_accuracy_with<B: Backend>(
     policy: &mut dyn FnMut() -> Box<dyn CachePolicy<B>>,
 ) -> Result<TaskResult> {
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut correct = 0;
+    let (mut correct, mut bytes) = (0, 0.0);
     for _ in 0..samples {
         let s = task.sample(&mut rng, context, depth)?;
-        let got = answer(model, &s.prompt, s.answer.len(), policy().as_mut())?;
+        let (got, generation) = answer(model, &s.prompt, s.answer.len(), policy().as_mut())?;
         correct += exact_match(&s.answer, &got) as usize;
+        bytes += generation.cache.kv_bytes as f64;
     }
-    Ok(TaskResult { task, context, accuracy: correct as f64 / samples.max(1) as f64, correct, total: samples })
+    let n = samples.max(1) as f64;
+    Ok(TaskResult { task, context, accuracy: correct as f64 / n, correct, total: samples, kv_bytes: bytes / n })
 }

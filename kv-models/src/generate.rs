@@ -59,7 +59,7 @@ pub fn generate<B: Backend>(
     let ids: Vec<i32> = prompt.iter().map(|&t| t as i32).collect();
     let start = Instant::now();
     let input = Tensor::<B, 1, Int>::from_ints(ids.as_slice(), &device).reshape([1, prompt.len()]);
-    let mut logits = last_row(model.forward_with_policy(input, &mut cache, policy, Phase::Prefill)?);
+    let mut logits = last_row(model.forward_last_with_policy(input, &mut cache, policy, Phase::Prefill)?);
     let prefill_time = start.elapsed();
     let start = Instant::now();
     let mut tokens = Vec::with_capacity(config.max_new_tokens);
@@ -71,7 +71,7 @@ pub fn generate<B: Backend>(
             break;
         }
         let input = Tensor::<B, 1, Int>::from_ints([next as i32], &device).reshape([1, 1]);
-        logits = last_row(model.forward_with_policy(input, &mut cache, policy, Phase::Decode { step })?);
+        logits = last_row(model.forward_last_with_policy(input, &mut cache, policy, Phase::Decode { step })?);
     }
     Ok(Generation { tokens, cache: cache.stats(), prefill_time, decode_time: start.elapsed() })
 }

@@ -1,36 +1,47 @@
 //! Trainable transformers built from kv-attention, with cached generation and sampling.
 //!
 //! - [`DecoderConfig`] / [`DecoderLm`]: a Llama-style decoder (RMSNorm, RoPE, SwiGLU) whose
-//!   attention is MHA, GQA or MQA by `n_kv_heads`;
+//!   attention is MHA, GQA or MQA by `n_kv_heads`, or MLA (DeepSeek-V2) by `mla`, or YOCO's
+//!   decoder-decoder (a constant-state self-decoder, one global cache) by `yoco`;
+//! - [`to_grouped`] / [`to_latent`]: MHA to GQA/MQA (mean-pooling) or MLA (truncated SVD);
 //! - [`generate`]: prefill + decode with any [`kv_policies::CachePolicy`];
 //! - [`Sampler`]: greedy, temperature, top-k, top-p, seeded;
 //! - [`save_model`] / [`load_model`]: checkpoints written atomically;
 //! - [`data`]: the embedded story corpus, user text files and the long-context tasks;
 //! - [`train`]: training from scratch with exact resume.
 
+mod attention;
 mod checkpoint;
 mod config;
+mod convert;
 pub mod data;
 mod eval;
 mod decoder;
 mod ffn;
 mod generate;
+pub mod grid;
 mod materialize;
 mod presets;
 mod sampling;
 mod tokenizer;
 pub mod train;
+mod yoco;
 
+pub use attention::{BlockAttention, BlockKind};
 pub use checkpoint::{CHECKPOINT_FILE, CONFIG_FILE, load_model, load_model_expecting, save_model, write_atomic};
-pub use config::DecoderConfig;
+pub use config::{DecoderConfig, MlaSettings, SelfAttentionKind, YocoSettings};
+pub use convert::{LatentConversion, to_grouped, to_latent};
 pub use decoder::{DecoderBlock, DecoderLm};
-pub use eval::{TaskResult, answer, policy_loss, task_accuracy, task_accuracy_with, validation_loss};
+pub use eval::{PolicyLoss, TaskResult, answer, policy_loss, task_accuracy, task_accuracy_with, validation_loss};
 pub use ffn::FeedForward;
 pub use generate::{GenerateConfig, Generation, generate};
 pub use materialize::materialize;
 pub use presets::{Preset, preset, preset_names};
 pub use sampling::{Sampler, SamplerConfig, argmax};
 pub use tokenizer::ByteTokenizer;
+pub use yoco::retention_state_name;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod yoco_tests;

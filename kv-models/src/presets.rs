@@ -10,6 +10,11 @@ const PRESETS: &[(&str, &str)] = &[
     ("tiny-mha", include_str!("../../presets/tiny-mha.json")),
     ("tiny-gqa", include_str!("../../presets/tiny-gqa.json")),
     ("tiny-mqa", include_str!("../../presets/tiny-mqa.json")),
+    ("tiny-mla", include_str!("../../presets/tiny-mla.json")),
+    ("tiny-yoco", include_str!("../../presets/tiny-yoco.json")),
+    ("tiny-yoco-retention", include_str!("../../presets/tiny-yoco-retention.json")),
+    ("quick-mha", include_str!("../../presets/quick-mha.json")),
+    ("quick-gqa", include_str!("../../presets/quick-gqa.json")),
     ("decode-bench", include_str!("../../presets/decode-bench.json")),
 ];
 

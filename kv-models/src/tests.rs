@@ -25,8 +25,8 @@ fn max_abs_diff<B: Backend>(a: Tensor<B, 3>, b: Tensor<B, 3>) -> f32 {
 fn cached_decode_matches_full_forward<B: Backend>(dev: &B::Device) {
     // 90 tokens: prompts that fill the cache's body, its tail, and decodes that cross a flush.
     let ids = sequence(90);
-    for (heads, kv) in [(8, 8), (8, 2), (8, 1)] {
-        let model = tiny(heads, kv).init::<B>(dev).unwrap();
+    for (heads, kv, shift, width) in [(8, 8, false, None), (8, 2, false, None), (8, 1, false, None), (8, 2, true, None), (8, 2, true, Some(3))] {
+        let model = tiny(heads, kv).with_token_shift(shift).with_token_shift_width(width).init::<B>(dev).unwrap();
         let full = model.forward(tokens(&ids, dev));
         for split in [1, 5, 17, 70, 90] {
             let mut cache = model.new_cache(1);
@@ -35,7 +35,7 @@ fn cached_decode_matches_full_forward<B: Backend>(dev: &B::Device) {
                 parts.push(model.forward_cached(tokens(&[id], dev), &mut cache).unwrap());
             }
             let diff = max_abs_diff(Tensor::cat(parts, 1), full.clone());
-            assert!(diff <= 1e-4, "heads {heads}/{kv}, split {split}: max abs diff {diff}");
+            assert!(diff <= 1e-4, "heads {heads}/{kv}, shift {shift} x {width:?}, split {split}: max abs diff {diff}");
             assert_eq!(cache.tokens_seen(), ids.len());
             // Measured bytes: 2 (K and V) x layers x kv_heads x head_dim x slots x 4 bytes.
             assert_eq!(cache.stats().kv_bytes, 2 * 2 * kv * 4 * ids.len() * 4);
@@ -67,15 +67,15 @@ fn gqa_equals_mha_with_duplicated_kv_heads<B: Backend>(dev: &B::Device) {
     let gqa = tiny(heads, kv).init::<B>(dev).unwrap();
     let mut mha = gqa.clone();
     for block in mha.blocks.iter_mut() {
-        let src = block.attn.clone();
+        let src = block.attn.clone().unwrap();
         let mut attn = GroupedAttentionConfig::new(32, heads, heads).init::<B>(dev).unwrap();
         attn.wq = src.wq;
         attn.wo = src.wo;
         attn.wk.weight = Param::from_tensor(repeat_heads(src.wk.weight.val(), kv, heads / kv, 4));
         attn.wv.weight = Param::from_tensor(repeat_heads(src.wv.weight.val(), kv, heads / kv, 4));
-        block.attn = attn;
+        block.attn = Some(attn);
     }
-    assert_eq!(mha.blocks[0].attn.n_kv_heads(), heads);
+    assert_eq!(mha.blocks[0].attn.as_ref().unwrap().n_kv_heads(), heads);
     let x = tokens(&sequence(20), dev);
     let diff = max_abs_diff(gqa.forward(x.clone()), mha.forward(x));
     assert!(diff <= 1e-5, "{diff}");
@@ -167,7 +167,7 @@ fn train_config(steps: usize) -> train::TrainConfig {
     serde_json::from_value(serde_json::json!({
         "seq_len": 96, "batch_size": 4, "grad_accum": 2, "steps": steps, "lr": 0.003, "warmup_steps": 2,
         "tasks": ["recall"], "task_fraction": 0.5, "eval_every": 0, "eval_windows": 2, "eval_task_samples": 2,
-        "checkpoint_every": 0, "seed": 7
+        "checkpoint_every": 0, "seed": 7, "short_seq_len": 24, "short_steps": 4
     }))
     .unwrap()
 }
@@ -201,7 +201,8 @@ fn resume_is_exact<B: Backend>(dev: &B::Device) {
     let mut t = train::Trainer::<AD<B>>::new(model, train_config(6), dev).unwrap();
     train::run_until(&mut t, &paused, 3, |_| {}).unwrap();
     drop(t);
-    // A run that died after its checkpoint left a log line the resumed run must not keep.
+    // The pause falls inside the curriculum's short stage, so the resumed run must switch lengths
+    // at the same step. A run that died after its checkpoint left a log line it must not keep.
     let mut log = std::fs::read_to_string(paused.join(train::METRICS_FILE)).unwrap();
     log += "{\"kind\":\"step\",\"step\":4,\"loss\":9.9,\"lr\":0.1,\"tokens_per_s\":1.0}\n";
     std::fs::write(paused.join(train::METRICS_FILE), log).unwrap();
@@ -277,11 +278,15 @@ fn policy_perplexity_with_a_full_cache_matches_the_forward_pass<B: Backend>(dev:
     let err = validation_loss(&small, &corpus, 40, 3).unwrap_err().to_string();
     assert!(err.contains("vocab_size = 64"), "{err}");
     let want = validation_loss(&model, &corpus, 40, 3).unwrap();
-    let got = policy_loss(&model, &corpus, 40, 3, &mut || Box::new(kv_policies::FullCache)).unwrap();
+    let full = policy_loss(&model, &corpus, 40, 3, &mut || Box::new(kv_policies::FullCache)).unwrap();
+    let got = full.loss;
     assert!((want - got).abs() <= 1e-4, "{want} vs {got}");
+    // Bytes measured from the cache: 2 x layers x kv_heads x head_dim x tokens x 4.
+    assert_eq!(full.kv_bytes, (2 * 2 * 2 * 4 * 40 * 4) as f64);
     // A small streaming budget really changes what the model sees.
     let pruned = policy_loss(&model, &corpus, 40, 3, &mut || kv_policies::build_policy::<B>("streaming:budget=4,sinks=1").unwrap()).unwrap();
-    assert!((pruned - want).abs() > 1e-4, "{pruned} vs {want}");
+    assert!((pruned.loss - want).abs() > 1e-4, "{} vs {want}", pruned.loss);
+    assert_eq!(pruned.kv_bytes, (2 * 2 * 2 * 4 * 4 * 4) as f64);
 }
 
 fn endless_streaming_keeps_the_cache_constant<B: Backend>(dev: &B::Device) {
@@ -309,6 +314,303 @@ fn endless_streaming_keeps_the_cache_constant<B: Backend>(dev: &B::Device) {
     assert!(l.iter().all(|x| x.is_finite()));
 }
 
+/// A small MLA decoder: 2 layers, d_model 32, `heads` heads of 8, latent 12, RoPE 4.
+fn tiny_mla(heads: usize, query_latent: usize) -> DecoderConfig {
+    DecoderConfig::new(64, 32, 2, heads, 1, 48).with_mla(Some(MlaSettings { query_latent, ..MlaSettings::new(8, 12, 4) }))
+}
+
+/// Logits of a prefill of `split` tokens, then one decode step per remaining token.
+fn decode_logits<B: Backend>(model: &DecoderLm<B>, ids: &[i32], split: usize, dev: &B::Device) -> (Tensor<B, 3>, kv_core::ModelCache<B>) {
+    let mut cache = model.new_cache(1);
+    let mut parts = vec![model.forward_cached(tokens(&ids[..split], dev), &mut cache).unwrap()];
+    for &id in &ids[split..] {
+        parts.push(model.forward_cached(tokens(&[id], dev), &mut cache).unwrap());
+    }
+    (Tensor::cat(parts, 1), cache)
+}
+
+fn mla_cached_decode_matches_full_forward<B: Backend>(dev: &B::Device) {
+    // 90 tokens, so prompts and decodes cross the cache's tail flush as in the grouped test.
+    let ids = sequence(90);
+    for (query_latent, shift) in [(0, false), (16, false), (16, true)] {
+        let model = tiny_mla(4, query_latent).with_token_shift(shift).init::<B>(dev).unwrap();
+        let full = model.forward(tokens(&ids, dev));
+        for split in [1, 5, 70, 90] {
+            let (logits, cache) = decode_logits(&model, &ids, split, dev);
+            let diff = max_abs_diff(logits, full.clone());
+            assert!(diff <= 1e-4, "query_latent {query_latent}, shift {shift}, split {split}: max abs diff {diff}");
+            // Measured bytes: (kv_latent + rope_dim) x slots x layers x 4 bytes.
+            assert_eq!(cache.stats().kv_bytes, (12 + 4) * ids.len() * 2 * 4);
+        }
+    }
+}
+
+fn mla_absorbed_decode_matches_naive_path_logits<B: Backend>(dev: &B::Device) {
+    for query_latent in [0, 16] {
+        let absorbed = tiny_mla(4, query_latent).init::<B>(dev).unwrap();
+        let mut naive = absorbed.clone();
+        naive.set_mla_path(kv_attention::MlaPath::Naive);
+        for (len, split) in [(8, 1), (15, 7), (40, 33), (75, 68)] {
+            let ids: Vec<i32> = sequence(len + 3)[3..].to_vec();
+            let (a, _) = decode_logits(&absorbed, &ids, split, dev);
+            let (n, _) = decode_logits(&naive, &ids, split, dev);
+            let diff = max_abs_diff(a, n);
+            assert!(diff <= 1e-4, "query_latent {query_latent}, {len} tokens from a prompt of {split}: {diff}");
+        }
+    }
+}
+
+fn mla_cache_bytes_do_not_depend_on_heads<B: Backend>(dev: &B::Device) {
+    let ids = sequence(11);
+    for heads in [1, 2, 4, 8] {
+        let config = tiny_mla(heads, 0);
+        let model = config.init::<B>(dev).unwrap();
+        let (_, cache) = decode_logits(&model, &ids, 6, dev);
+        let stats = cache.stats();
+        assert_eq!(stats.kv_bytes, (12 + 4) * 11 * 2 * 4, "heads {heads}");
+        assert_eq!(stats.kv_bytes, config.kv_bytes_per_token() * 11, "heads {heads}");
+        assert_eq!(stats.total_slots(), 2 * 11);
+    }
+}
+
+fn mla_decoder_configs_name_the_value<B: Backend>(dev: &B::Device) {
+    let mla = |kv_latent, rope_dim| Some(MlaSettings::new(8, kv_latent, rope_dim));
+    let cases = [
+        (DecoderConfig { n_kv_heads: 2, ..tiny_mla(4, 0) }, "n_kv_heads = 2"),
+        (tiny_mla(4, 0).with_rope_dims(Some(4)), "rope_dims = 4"),
+        (tiny_mla(4, 0).with_mla(mla(12, 5)), "rope_dim = 5"),
+        (tiny_mla(4, 0).with_mla(mla(0, 4)), "kv_latent = 0"),
+        (tiny_mla(4, 40), "query_latent = 40"),
+        // d_model need not be heads x head_dim with MLA.
+        (DecoderConfig::new(64, 30, 2, 4, 1, 48).with_mla(mla(12, 4)), "fine"),
+    ];
+    for (cfg, want) in cases {
+        match cfg.init::<B>(dev) {
+            Ok(_) => assert!(want == "fine", "{cfg:?} should fail with {want}"),
+            Err(e) => assert!(e.to_string().contains(want), "{e} should mention {want}"),
+        }
+    }
+    // Configs without the field (every config written before MLA) still parse, as grouped models.
+    let json = r#"{"vocab_size": 64, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_hidden": 48,
+        "rope_theta": 10000.0, "max_positions": 64, "norm_eps": 1e-5, "tie_embeddings": true, "token_shift": false}"#;
+    assert_eq!(DecoderConfig::from_json(json).unwrap().mla, None);
+    let err = DecoderConfig::from_json(&json.replace("\"token_shift\": false", "\"token_shift\": false, \"mla\": {\"head_dim\": 8, \"kv_latent\": 12, \"rope_dim\": 4, \"latent\": 3}")).unwrap_err();
+    assert!(err.to_string().contains("unknown field `latent`"), "{err}");
+}
+
+fn mla_policies_with_a_budget_above_the_length_match_the_full_cache<B: Backend>(dev: &B::Device) {
+    let model = tiny_mla(4, 0).init::<B>(dev).unwrap();
+    let ids = sequence(30);
+    let (want, _) = decode_logits(&model, &ids, 20, dev);
+    let specs = [
+        "h2o:budget=1.0",
+        "h2o:budget=64,normalize=true",
+        "snapkv:budget=1.0,window=8",
+        "streaming:budget=64",
+        "streaming:budget=1.0,rerotate=true",
+        "tova:budget=1.0",
+        "vatp:budget=1.0",
+        "knorm:budget=1.0",
+        "pyramidkv:budget=1.0,window=8",
+    ];
+    for spec in specs {
+        let mut policy = kv_policies::build_policy::<B>(spec).unwrap();
+        let mut cache = model.new_cache(1);
+        let mut parts = vec![model.forward_with_policy(tokens(&ids[..20], dev), &mut cache, policy.as_mut(), kv_policies::Phase::Prefill).unwrap()];
+        for (step, &id) in ids[20..].iter().enumerate() {
+            let phase = kv_policies::Phase::Decode { step: step + 1 };
+            parts.push(model.forward_with_policy(tokens(&[id], dev), &mut cache, policy.as_mut(), phase).unwrap());
+        }
+        let diff = max_abs_diff(Tensor::cat(parts, 1), want.clone());
+        assert!(diff <= 1e-5, "{spec}: {diff}");
+        assert_eq!(cache.stats().total_slots(), 2 * 30, "{spec}");
+    }
+}
+
+fn mla_policies_with_a_small_budget_keep_exactly_the_budget<B: Backend>(dev: &B::Device) {
+    let model = tiny_mla(4, 0).init::<B>(dev).unwrap();
+    let ids = sequence(30);
+    let (full, _) = decode_logits(&model, &ids, 20, dev);
+    let budget = 8;
+    // (spec, slots right after the prefill, slots after the 10 decode steps)
+    let specs = [
+        (format!("h2o:budget={budget}"), budget, budget),
+        (format!("streaming:budget={budget},sinks=2"), budget, budget),
+        (format!("streaming:budget={budget},sinks=2,rerotate=true"), budget, budget),
+        (format!("tova:budget={budget}"), budget, budget),
+        // SnapKV compresses the prompt once; decoded tokens then accumulate.
+        (format!("snapkv:budget={budget},window=4"), budget, budget + 10),
+    ];
+    for (spec, after_prefill, at_end) in specs {
+        let mut policy = kv_policies::build_policy::<B>(&spec).unwrap();
+        let mut cache = model.new_cache(1);
+        let mut parts = vec![model.forward_with_policy(tokens(&ids[..20], dev), &mut cache, policy.as_mut(), kv_policies::Phase::Prefill).unwrap()];
+        let slots = |c: &kv_core::ModelCache<B>| c.stats().layers.iter().map(|l| l.slots_per_head.clone()).collect::<Vec<_>>();
+        assert_eq!(slots(&cache), vec![vec![after_prefill]; 2], "{spec} after prefill");
+        for (step, &id) in ids[20..].iter().enumerate() {
+            let phase = kv_policies::Phase::Decode { step: step + 1 };
+            parts.push(model.forward_with_policy(tokens(&[id], dev), &mut cache, policy.as_mut(), phase).unwrap());
+        }
+        let stats = cache.stats();
+        assert_eq!(slots(&cache), vec![vec![at_end]; 2], "{spec} at the end");
+        assert_eq!(stats.kv_bytes, (12 + 4) * at_end * 2 * 4, "{spec}");
+        assert_eq!(stats.tokens_seen, 30, "{spec}");
+        let logits = Tensor::cat(parts, 1);
+        let values: Vec<f32> = logits.clone().into_data().iter::<f32>().collect();
+        assert!(values.iter().all(|x| x.is_finite()), "{spec}");
+        // Eviction really changed what the model saw.
+        assert!(max_abs_diff(logits, full.clone()) > 1e-4, "{spec}");
+    }
+}
+
+fn mla_checkpoints_round_trip_and_grouped_records_keep_their_layout<B: Backend>(dev: &B::Device) {
+    let cfg = tiny_mla(4, 16);
+    let model = cfg.init::<B>(dev).unwrap();
+    let dir = temp_dir("mla-ckpt");
+    save_model(&model, &cfg, &dir).unwrap();
+    let (loaded, loaded_cfg) = load_model::<B>(&dir, dev).unwrap();
+    assert_eq!(loaded_cfg, cfg);
+    let x = tokens(&sequence(9), dev);
+    assert_eq!(max_abs_diff(model.forward(x.clone()), loaded.forward(x.clone())), 0.0);
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    // A grouped model's record as it was written before MLA existed (a plain `attn` field, no
+    // `mla`) still loads into today's blocks.
+    #[derive(Module, Debug)]
+    struct LegacyBlock<B: Backend> {
+        attn_norm: burn::nn::RmsNorm<B>,
+        attn: kv_attention::GroupedAttention<B>,
+        ffn_norm: burn::nn::RmsNorm<B>,
+        ffn: FeedForward<B>,
+    }
+    #[derive(Module, Debug)]
+    struct LegacyLm<B: Backend> {
+        embed: burn::nn::Embedding<B>,
+        blocks: Vec<LegacyBlock<B>>,
+        norm: burn::nn::RmsNorm<B>,
+        lm_head: Option<burn::nn::Linear<B>>,
+        token_shift: Option<burn::nn::Linear<B>>,
+    }
+    let cfg = tiny(4, 2).with_token_shift(true);
+    let model = cfg.init::<B>(dev).unwrap();
+    let m = model.clone();
+    let legacy = LegacyLm {
+        embed: m.embed,
+        blocks: m.blocks.into_iter().map(|b| LegacyBlock { attn_norm: b.attn_norm, attn: b.attn.unwrap(), ffn_norm: b.ffn_norm, ffn: b.ffn }).collect(),
+        norm: m.norm,
+        lm_head: m.lm_head,
+        token_shift: m.token_shift,
+    };
+    let what = std::path::Path::new("legacy");
+    let bytes = crate::checkpoint::record_bytes::<B, _>(legacy.into_record(), what).unwrap();
+    let record = crate::checkpoint::record_from::<B, _>(bytes, dev, what).unwrap();
+    let reloaded = cfg.init::<B>(dev).unwrap().load_record(record);
+    reloaded.check_blocks().unwrap();
+    assert_eq!(max_abs_diff(model.forward(x.clone()), reloaded.forward(x)), 0.0);
+}
+
+/// `w` `[d, heads * head_dim]` with every head replaced by the first head of its group of `r`.
+fn same_within_groups<B: Backend>(w: Tensor<B, 2>, groups: usize, r: usize, head_dim: usize) -> Tensor<B, 2> {
+    let d = w.dims()[0];
+    w.reshape([d, groups, r, head_dim]).narrow(2, 0, 1).expand([d, groups, r, head_dim]).reshape([d, groups * r * head_dim])
+}
+
+fn mean_pooled_grouping_of_identical_heads_keeps_the_logits<B: Backend>(dev: &B::Device) {
+    let x = tokens(&sequence(20), dev);
+    for (heads, kv, target) in [(8, 8, 2), (8, 8, 1), (8, 2, 1), (8, 4, 4)] {
+        let config = tiny(heads, kv);
+        let mut model = config.init::<B>(dev).unwrap();
+        for block in model.blocks.iter_mut() {
+            let attn = block.attn.as_mut().unwrap();
+            attn.wk.weight = Param::from_tensor(same_within_groups(attn.wk.weight.val(), target, kv / target, 4));
+            attn.wv.weight = Param::from_tensor(same_within_groups(attn.wv.weight.val(), target, kv / target, 4));
+        }
+        let (grouped, grouped_config) = to_grouped(&model, &config, target).unwrap();
+        assert_eq!(grouped_config.n_kv_heads, target);
+        assert_eq!(grouped.blocks[0].attn.as_ref().unwrap().n_kv_heads(), target);
+        let diff = max_abs_diff(model.forward(x.clone()), grouped.forward(x.clone()));
+        assert!(diff <= 1e-5, "{heads}/{kv} -> {target}: {diff}");
+        assert_eq!(grouped_config.kv_bytes_per_token() * kv, config.kv_bytes_per_token() * target);
+    }
+    // With distinct heads each new head is the mean of its group's columns.
+    let config = tiny(8, 8);
+    let model = config.init::<B>(dev).unwrap();
+    let (grouped, _) = to_grouped(&model, &config, 2).unwrap();
+    let old = model.blocks[1].attn.as_ref().unwrap().wv.weight.val();
+    let want = (old.clone().narrow(1, 16, 4) + old.clone().narrow(1, 20, 4) + old.clone().narrow(1, 24, 4) + old.narrow(1, 28, 4)).div_scalar(4.0);
+    let got = grouped.blocks[1].attn.as_ref().unwrap().wv.weight.val().narrow(1, 4, 4);
+    assert!((got - want).abs().max().into_scalar().elem::<f32>() <= 1e-6);
+    for (kv, want) in [(3, "kv_heads = 3"), (0, "kv_heads = 0"), (16, "kv_heads = 16")] {
+        let err = to_grouped(&model, &config, kv).unwrap_err().to_string();
+        assert!(err.contains(want) && err.contains("n_kv_heads = 8"), "{err}");
+    }
+    let mla = tiny_mla(4, 0);
+    let err = to_grouped(&mla.init::<B>(dev).unwrap(), &mla, 1).unwrap_err().to_string();
+    assert!(err.contains("mla"), "{err}");
+}
+
+/// A partial-RoPE grouped model (4 of 8 dims rotated) whose heads share their rotated key projection.
+fn shared_rope_model<B: Backend>(kv: usize, dev: &B::Device) -> (DecoderLm<B>, DecoderConfig) {
+    let config = tiny(4, kv).with_rope_dims(Some(4));
+    let mut model = config.init::<B>(dev).unwrap();
+    for block in model.blocks.iter_mut() {
+        let attn = block.attn.as_mut().unwrap();
+        let w = attn.wk.weight.val().reshape([32, kv, 8]);
+        let rot = w.clone().narrow(1, 0, 1).narrow(2, 0, 4).expand([32, kv, 4]);
+        attn.wk.weight = Param::from_tensor(Tensor::cat(vec![rot, w.narrow(2, 4, 4)], 2).reshape([32, kv * 8]));
+    }
+    (model, config)
+}
+
+fn latent_conversion_is_exact_at_full_rank_and_reports_what_truncation_loses<B: Backend>(dev: &B::Device) {
+    let ids = sequence(24);
+    for kv in [4, 2] {
+        let (model, config) = shared_rope_model::<B>(kv, dev);
+        let want = model.forward(tokens(&ids, dev));
+        // M = [W_K unrotated | W_V] is 32 x (4 x 4 + 4 x 8): rank <= d_model = 32.
+        let (mla, mla_config, report) = to_latent(&model, &config, 32).unwrap();
+        assert!(report.latent_error.iter().chain(&report.rope_error).all(|&e| e <= 1e-6), "{report:?}");
+        let diff = max_abs_diff(mla.forward(tokens(&ids, dev)), want.clone());
+        assert!(diff <= 1e-4, "kv {kv}: converted forward differs by {diff}");
+        let (decoded, cache) = decode_logits(&mla, &ids, 9, dev);
+        let diff = max_abs_diff(decoded, want);
+        assert!(diff <= 1e-4, "kv {kv}: converted absorbed decode differs by {diff}");
+        assert_eq!(cache.stats().kv_bytes, (32 + 4) * ids.len() * 2 * 4);
+        assert_eq!(mla_config.kv_bytes_per_token(), (32 + 4) * 2 * 4);
+        // The converted config round-trips through JSON (checkpoints store it).
+        assert_eq!(DecoderConfig::from_json(&serde_json::to_string(&mla_config).unwrap()).unwrap(), mla_config);
+    }
+    // Truncation: the reported error is the relative error of the factors actually stored, and it
+    // shrinks as the latent widens.
+    let (model, config) = shared_rope_model::<B>(4, dev);
+    let attn = model.blocks[0].attn.as_ref().unwrap();
+    let wk = attn.wk.weight.val().reshape([32, 4, 8]).narrow(2, 4, 4).reshape([32, 16]);
+    let m = Tensor::cat(vec![wk, attn.wv.weight.val()], 1);
+    let mut last = f64::INFINITY;
+    for k in [4, 8, 16, 24] {
+        let (mla, _, report) = to_latent(&model, &config, k).unwrap();
+        let layer = mla.blocks[0].mla.as_ref().unwrap();
+        let up = Tensor::cat(vec![layer.wk_up.weight.val(), layer.wv_up.weight.val()], 1);
+        let rebuilt = layer.wkv_down.weight.val().matmul(up);
+        let norm = |t: Tensor<B, 2>| t.powi_scalar(2).sum().into_scalar().elem::<f64>().sqrt();
+        let measured = norm(rebuilt - m.clone()) / norm(m.clone());
+        assert!((measured - report.latent_error[0]).abs() <= 1e-4, "k {k}: measured {measured} vs reported {}", report.latent_error[0]);
+        assert!(report.latent_error[0] < last && report.latent_error[0] > 0.0, "k {k}: {:?}", report.latent_error);
+        last = report.latent_error[0];
+        assert_eq!(report.singular_values[0].len(), 32);
+    }
+    // Heads with different rotated keys are pooled, and the report says by how much.
+    let config = tiny(4, 4).with_rope_dims(Some(4));
+    let (_, _, report) = to_latent(&config.init::<B>(dev).unwrap(), &config, 32).unwrap();
+    assert!(report.rope_error.iter().all(|&e| e > 0.1), "{report:?}");
+    // Full-RoPE models and nonsense widths are refused, naming the value.
+    let full = tiny(4, 4);
+    let err = to_latent(&full.init::<B>(dev).unwrap(), &full, 16).unwrap_err().to_string();
+    assert!(err.contains("rope_dims = null"), "{err}");
+    let err = to_latent(&model, &config, 40).unwrap_err().to_string();
+    assert!(err.contains("kv_latent = 40"), "{err}");
+}
+
 kv_core::backend_tests!(
     batched_forward_matches_each_row_decoded_alone,
     policy_perplexity_with_a_full_cache_matches_the_forward_pass,
@@ -322,6 +624,15 @@ kv_core::backend_tests!(
     bad_configs_name_the_value,
     checkpoint_round_trips,
     greedy_generation_follows_full_forward_argmax,
+    mla_cached_decode_matches_full_forward,
+    mla_absorbed_decode_matches_naive_path_logits,
+    mla_cache_bytes_do_not_depend_on_heads,
+    mla_decoder_configs_name_the_value,
+    mla_policies_with_a_budget_above_the_length_match_the_full_cache,
+    mla_policies_with_a_small_budget_keep_exactly_the_budget,
+    mla_checkpoints_round_trip_and_grouped_records_keep_their_layout,
+    mean_pooled_grouping_of_identical_heads_keeps_the_logits,
+    latent_conversion_is_exact_at_full_rank_and_reports_what_truncation_loses,
 );
 
 #[test]
@@ -334,3 +645,15 @@ fn presets_parse_and_unknown_names_list_the_valid_ones() {
     assert!(err.contains("huge") && err.contains("tiny-mha"), "{err}");
 }
 
+
+#[test]
+fn tiny_mla_preset_matches_tiny_mha_in_size_with_a_third_of_its_cache() {
+    type B = burn::backend::Flex;
+    let (mha, mla) = (preset("tiny-mha").unwrap(), preset("tiny-mla").unwrap());
+    assert_eq!(mha.train, mla.train);
+    let count = |p: &Preset| p.model.init::<B>(&Default::default()).unwrap().num_params();
+    let (n_mha, n_mla) = (count(&mha), count(&mla));
+    assert!((n_mla as f64 / n_mha as f64 - 1.0).abs() <= 0.02, "{n_mla} vs {n_mha} parameters");
+    // (kv_latent 64 + rope_dim 16) against 2 x 4 heads x 32 per token and layer.
+    assert_eq!(mla.model.kv_bytes_per_token() * 256, mha.model.kv_bytes_per_token() * 80);
+}

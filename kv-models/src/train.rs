@@ -60,6 +60,15 @@ pub struct TrainConfig {
     /// (shorter retrieval distances first teach the lookup), instead of always `seq_len`.
     #[serde(default)]
     pub vary_task_length: bool,
+    /// Length curriculum: the first `short_steps` steps train on sequences of `short_seq_len`
+    /// tokens, with the batch scaled up to keep tokens per step. Attention over a short window is
+    /// less diluted, so copying (an induction head) forms within ~100 steps; at the full length
+    /// from the start it may not form at all within a CPU budget. 0 = off.
+    #[serde(default)]
+    pub short_seq_len: usize,
+    /// Steps of the length curriculum's short stage.
+    #[serde(default)]
+    pub short_steps: usize,
     /// Evaluate every this many steps (0 = only at the end).
     #[serde(default)]
     pub eval_every: usize,
@@ -120,6 +129,9 @@ impl TrainConfig {
         if !(0.0..=1.0).contains(&self.task_fraction) || (self.task_fraction > 0.0 && self.tasks.is_empty()) {
             return Err(KvError::config("task_fraction", self.task_fraction, "in [0, 1], and 0 unless `tasks` names some"));
         }
+        if self.short_steps > 0 && !(2..self.seq_len).contains(&self.short_seq_len) {
+            return Err(KvError::config("short_seq_len", self.short_seq_len, format!("a length in [2, seq_len = {}) for the curriculum's short stage", self.seq_len)));
+        }
         for t in &self.tasks {
             if self.seq_len + 1 < t.min_context() {
                 return Err(KvError::config("seq_len", self.seq_len, format!("at least {} for task {}", t.min_context(), t.name())));
@@ -139,9 +151,18 @@ impl TrainConfig {
         min + (self.lr - min) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
     }
 
-    /// Tokens consumed per optimiser step.
+    /// Tokens consumed per optimiser step (at the full length).
     pub fn tokens_per_step(&self) -> usize {
         self.seq_len * self.batch_size * self.grad_accum
+    }
+
+    /// Sequence length and micro-batch size at `step` (0-based), following the length curriculum.
+    pub fn shape_at(&self, step: usize) -> (usize, usize) {
+        if step < self.short_steps && self.short_seq_len > 0 {
+            (self.short_seq_len, (self.batch_size * self.seq_len).div_ceil(self.short_seq_len))
+        } else {
+            (self.seq_len, self.batch_size)
+        }
     }
 }
 
@@ -156,6 +177,9 @@ pub struct StepMetrics {
     pub lr: f64,
     /// Training tokens per second of this step.
     pub tokens_per_s: f64,
+    /// Wall seconds of this step.
+    #[serde(default)]
+    pub seconds: f64,
 }
 
 /// An evaluation during or after training.
@@ -192,6 +216,40 @@ impl LogLine {
 struct TrainState {
     step: usize,
     config: TrainConfig,
+}
+
+/// What a run directory holds: its model, its recipe and the steps done.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunStatus {
+    /// The model's config.
+    pub model: DecoderConfig,
+    /// The training recipe.
+    pub train: TrainConfig,
+    /// Optimiser steps completed.
+    pub step: usize,
+}
+
+impl RunStatus {
+    /// Whether the run reached its last step.
+    pub fn is_done(&self) -> bool {
+        self.step >= self.train.steps
+    }
+}
+
+/// Reads a run directory's status without loading its weights; `None` when it holds no
+/// checkpoint yet. A damaged checkpoint is an error.
+pub fn run_status(dir: &Path) -> Result<Option<RunStatus>> {
+    if !dir.join(CHECKPOINT_FILE).exists() {
+        return Ok(None);
+    }
+    let sections = Sections::read(dir)?;
+    let model = sections.model_config(dir)?;
+    let path = dir.join(CHECKPOINT_FILE);
+    if sections.train.is_empty() {
+        return Err(KvError::io(&path, "holds weights only (no training state)"));
+    }
+    let state: TrainState = serde_json::from_slice(&sections.train).map_err(|e| KvError::io(&path, format!("bad training state: {e}")))?;
+    Ok(Some(RunStatus { model, train: state.config, step: state.step }))
 }
 
 /// A training run in progress on autodiff backend `B`.
@@ -287,30 +345,33 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// loss weights `[batch * seq_len]`.
     fn batch(&self, step: usize, micro: usize) -> Result<(Tensor<B, 2, Int>, Tensor<B, 1, Int>, Vec<f32>)> {
         let c = &self.config;
+        let (seq_len, batch_size) = c.shape_at(step);
+        // Tasks that fit this step's length (the curriculum's short stage fits fewer).
+        let tasks: Vec<TaskKind> = c.tasks.iter().copied().filter(|t| t.min_context() <= seq_len + 1).collect();
         let mut rng = batch_rng(c.seed, step, micro);
-        let mut ids = Vec::with_capacity(c.batch_size * (c.seq_len + 1));
-        let mut weights = vec![1.0f32; c.batch_size * c.seq_len];
-        for row in 0..c.batch_size {
-            let seq = if !c.tasks.is_empty() && rng.random::<f32>() < c.task_fraction {
-                let task = c.tasks[rng.random_range(0..c.tasks.len())];
+        let mut ids = Vec::with_capacity(batch_size * (seq_len + 1));
+        let mut weights = vec![1.0f32; batch_size * seq_len];
+        for row in 0..batch_size {
+            let seq = if !tasks.is_empty() && rng.random::<f32>() < c.task_fraction {
+                let task = tasks[rng.random_range(0..tasks.len())];
                 // Task lengths vary from the shortest possible to the full window (a curriculum
                 // of retrieval distances), with corpus text in front of the shorter ones.
-                let len = if c.vary_task_length { rng.random_range(task.min_context()..=c.seq_len + 1) } else { c.seq_len + 1 };
+                let len = if c.vary_task_length { rng.random_range(task.min_context()..=seq_len + 1) } else { seq_len + 1 };
                 let sample = task.sample(&mut rng, len, None)?;
                 // The answer is the sequence's tail, so it is the last targets of the row.
-                let end = (row + 1) * c.seq_len;
+                let end = (row + 1) * seq_len;
                 weights[end - sample.answer.len()..end].fill(c.answer_weight);
-                let mut seq = if len <= c.seq_len { self.train.window(&mut rng, c.seq_len + 1 - len)? } else { Vec::new() };
+                let mut seq = if len <= seq_len { self.train.window(&mut rng, seq_len + 1 - len)? } else { Vec::new() };
                 seq.extend(sample.text().bytes().map(u32::from));
                 seq
             } else {
-                self.train.window(&mut rng, c.seq_len + 1)?
+                self.train.window(&mut rng, seq_len + 1)?
             };
             ids.extend(seq.into_iter().map(|t| t as i32));
         }
-        let all = Tensor::<B, 1, Int>::from_ints(ids.as_slice(), &self.device).reshape([c.batch_size, c.seq_len + 1]);
-        let inputs = all.clone().narrow(1, 0, c.seq_len);
-        let targets = all.narrow(1, 1, c.seq_len).reshape([c.batch_size * c.seq_len]);
+        let all = Tensor::<B, 1, Int>::from_ints(ids.as_slice(), &self.device).reshape([batch_size, seq_len + 1]);
+        let inputs = all.clone().narrow(1, 0, seq_len);
+        let targets = all.narrow(1, 1, seq_len).reshape([batch_size * seq_len]);
         Ok((inputs, targets, weights))
     }
 
@@ -336,7 +397,8 @@ impl<B: AutodiffBackend> Trainer<B> {
             step: self.step,
             loss: loss_sum / c.grad_accum as f64,
             lr,
-            tokens_per_s: c.tokens_per_step() as f64 / start.elapsed().as_secs_f64(),
+            tokens_per_s: { let (l, b) = c.shape_at(self.step - 1); (l * b * c.grad_accum) as f64 / start.elapsed().as_secs_f64() },
+            seconds: start.elapsed().as_secs_f64(),
         })
     }
 
@@ -497,5 +559,27 @@ mod tests {
         bad.answer_weight = 0.0;
         let e = Trainer::<AD>::new(DecoderConfig::new(256, 16, 1, 2, 2, 16), bad, &Default::default()).err().unwrap();
         assert!(e.to_string().contains("answer_weight = 0"), "{e}");
+    }
+
+    #[test]
+    fn the_length_curriculum_trains_short_rows_first_at_the_same_tokens_per_step() {
+        let mut c = config(true);
+        c.tasks = vec![TaskKind::Copy, TaskKind::Passkey];
+        c.seq_len = 200;
+        (c.short_seq_len, c.short_steps) = (40, 3);
+        c.validate().unwrap();
+        assert_eq!(c.shape_at(0), (40, 30));
+        assert_eq!(c.shape_at(2), (40, 30));
+        assert_eq!(c.shape_at(3), (200, 6));
+        let t = Trainer::<AD>::new(DecoderConfig::new(256, 16, 1, 2, 2, 16), c.clone(), &Default::default()).unwrap();
+        // Short rows hold only the tasks that fit them (copy, not the 158-token passkey).
+        let (inputs, _, weights) = t.batch(1, 0).unwrap();
+        assert_eq!(inputs.dims(), [30, 40]);
+        assert_eq!(weights.len(), 30 * 40);
+        let (inputs, _, _) = t.batch(3, 0).unwrap();
+        assert_eq!(inputs.dims(), [6, 200]);
+        c.short_seq_len = 200;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("short_seq_len = 200"), "{e}");
     }
 }
