@@ -1,23 +1,32 @@
-//! `kv bench`: decode throughput against context length, with cache bytes measured from tensors.
+//! `kv bench`: cache bytes per token (measured from the tensors held), prefill time, decode
+//! tokens/s against context length, each policy's own time per step, and training tokens/s.
 
 use crate::backend::{BackendJob, DeviceKind};
 use crate::model_source::ModelArgs;
+use crate::plot::{Chart, Series, line_chart};
+use burn::backend::Autodiff;
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use kv_core::{KvError, Result};
-use serde::Serialize;
-use std::path::PathBuf;
-use std::time::Instant;
+use kv_attention::{ObserveRequest, Observation};
+use kv_core::{KvError, LayerCache, ModelCache, Result};
+use kv_models::train::{TrainConfig, Trainer};
+use kv_models::{DecoderConfig, DecoderLm, preset};
+use kv_policies::{CachePolicy, LayerContext, Phase, PolicySpec, build_policy};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// Flags of `kv bench`.
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// KV head counts to compare (each replaces the model's `n_kv_heads`).
-    #[arg(long, value_delimiter = ',', default_value = "8,2,1")]
+    /// KV head counts to compare, each replacing the model's `n_kv_heads` (random weights only;
+    /// default: the model's own).
+    #[arg(long, value_delimiter = ',')]
     pub kv_heads: Vec<usize>,
     /// Context lengths (tokens already cached) at which decode is timed.
     #[arg(long, value_delimiter = ',', default_value = "512,2048,8192")]
@@ -25,113 +34,285 @@ pub struct BenchArgs {
     /// Timed decode steps per cell (after 2 warm-up steps).
     #[arg(long, default_value_t = 32)]
     pub steps: usize,
-    /// Folder for bench.json and bench.md.
+    /// Policy specs to time (with their budgets, e.g. `h2o:budget=1024`); any policy other than
+    /// `full` runs after a real prefill, since it needs the prompt's attention.
+    #[arg(long, value_delimiter = ',', default_value = "full")]
+    pub policy: Vec<String>,
+    /// Also time a real prefill for the full cache (otherwise its cache is filled with random K/V,
+    /// because decode cost depends on the cache's size, not its content).
+    #[arg(long)]
+    pub prefill: bool,
+    /// Training steps to time for training tokens/s (0: skip).
+    #[arg(long, default_value_t = 0)]
+    pub train_steps: usize,
+    /// Folder for bench.json, bench.md and the charts.
     #[arg(long, default_value = "runs/bench")]
     pub out: PathBuf,
 }
 
-/// One measured cell.
-#[derive(Debug, Clone, Serialize)]
+/// One measured decode cell.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DecodeCell {
     /// Backend name.
     pub device: String,
+    /// The model's label (preset, checkpoint folder, or `kv=N` variant).
+    pub model: String,
     /// KV heads of the model.
     pub kv_heads: usize,
-    /// Tokens in the cache when the timed steps start.
+    /// Tokens in the context when the timed steps start.
     pub context: usize,
+    /// The policy spec.
+    pub policy: String,
+    /// Milliseconds of the prompt's forward pass (policy included), when a real prefill ran.
+    pub prefill_ms: Option<f64>,
     /// Decode steps per second (one token each, batch 1).
     pub tokens_per_s: f64,
     /// Mean milliseconds per decode step.
     pub ms_per_step: f64,
-    /// Microseconds to append one token's K/V to one layer's cache at this context, averaged
-    /// over whole tail-flush cycles: flat-ish across contexts when appends do not copy the cache.
+    /// Mean milliseconds per decode step spent in the policy's hooks (all layers).
+    pub policy_ms_per_step: f64,
+    /// Microseconds to append one token's K/V to one layer's cache, averaged over whole
+    /// tail-flush cycles: flat-ish across contexts when appends do not copy the cache.
     pub append_us: f64,
-    /// Key/value bytes per token, measured from the cache tensors held after the run.
+    /// Key/value bytes per token seen, measured from the cache tensors held after the run.
     pub kv_bytes_per_token: f64,
-    /// Key/value bytes held after the run.
+    /// Key/value bytes held after the run, measured.
     pub kv_bytes: usize,
+    /// Slots per KV head in layer 0 after the run.
+    pub slots: usize,
 }
 
-/// Runs the decode benchmark on one backend.
-pub struct DecodeBench {
+/// Training throughput of one model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainCell {
+    /// Backend name.
+    pub device: String,
+    /// The model's label.
+    pub model: String,
+    /// Trainable parameters.
+    pub params: usize,
+    /// Tokens per optimiser step.
+    pub tokens_per_step: usize,
+    /// Training tokens per second (forward, backward and AdamW), after one warm-up step.
+    pub tokens_per_s: f64,
+}
+
+/// The contents of `bench.json`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct BenchFile {
+    /// Decode cells.
+    pub decode: Vec<DecodeCell>,
+    /// Training throughput cells.
+    pub train: Vec<TrainCell>,
+}
+
+/// Times a policy's hooks; the backend is synced around them so the time is the policy's own.
+struct TimedPolicy<'a, B: Backend> {
+    inner: Box<dyn CachePolicy<B>>,
+    device: &'a B::Device,
+    spent: Duration,
+}
+
+impl<B: Backend> CachePolicy<B> for TimedPolicy<'_, B> {
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+
+    fn observe_request(&self, ctx: &LayerContext<'_, B>) -> ObserveRequest {
+        self.inner.observe_request(ctx)
+    }
+
+    fn after_attention(&mut self, ctx: &LayerContext<'_, B>, cache: &mut LayerCache<B>, observation: Option<&Observation<B>>) -> Result<()> {
+        let _ = B::sync(self.device);
+        let start = Instant::now();
+        let r = self.inner.after_attention(ctx, cache, observation);
+        let _ = B::sync(self.device);
+        self.spent += start.elapsed();
+        r
+    }
+}
+
+/// What to measure for one model.
+#[derive(Debug, Clone)]
+pub struct DecodePlan {
+    /// Contexts to time decode at.
+    pub contexts: Vec<usize>,
+    /// Timed decode steps per cell.
+    pub steps: usize,
+    /// Policy specs (budget included).
+    pub policies: Vec<String>,
+    /// Real prefill for the full cache too.
+    pub prefill: bool,
+}
+
+fn one_token<B: Backend>(token: i32, device: &B::Device) -> Tensor<B, 2, Int> {
+    Tensor::<B, 1, Int>::from_ints([token], device).reshape([1, 1])
+}
+
+/// Fills every layer with `context` random K/V slots (positions 0..context).
+fn synthetic_fill<B: Backend>(cache: &mut ModelCache<B>, context: usize, device: &B::Device) -> Result<()> {
+    let shape = cache.layer(0).shape();
+    for layer in cache.layers_mut() {
+        let kv_shape = [1, shape.kv_heads, context, shape.key_dim];
+        layer.append(
+            Tensor::random(kv_shape, Distribution::Normal(0.0, 1.0), device),
+            Tensor::random([1, shape.kv_heads, context, shape.value_dim], Distribution::Normal(0.0, 1.0), device),
+        )?;
+    }
+    Ok(())
+}
+
+/// Measures one decode cell of `model`.
+pub fn decode_cell<B: Backend>(model: &DecoderLm<B>, label: &str, context: usize, policy: &str, plan: &DecodePlan, device: &B::Device, backend: DeviceKind) -> Result<DecodeCell> {
+    let mut timed = TimedPolicy { inner: build_policy::<B>(policy)?, device, spent: Duration::ZERO };
+    let real_prefill = plan.prefill || PolicySpec::parse(policy)?.name != "full";
+    let mut cache = model.new_cache(1);
+    let appends = plan.steps.max(2 * kv_core::TAIL_SLOTS);
+    cache.reserve(context + plan.steps + appends + 2);
+    let mut prefill_ms = None;
+    if real_prefill {
+        // A deterministic byte stream: the policy's choices depend on content, its cost hardly.
+        let ids: Vec<i32> = (0..context).map(|i| (32 + (i * 7 + i / 13) % 90) as i32).collect();
+        let x = Tensor::<B, 1, Int>::from_ints(ids.as_slice(), device).reshape([1, context]);
+        let _ = B::sync(device);
+        let start = Instant::now();
+        let logits = model.forward_with_policy(x, &mut cache, &mut timed, Phase::Prefill)?;
+        let _ = logits.narrow(1, context - 1, 1).into_data();
+        prefill_ms = Some(start.elapsed().as_secs_f64() * 1e3);
+    } else {
+        synthetic_fill(&mut cache, context, device)?;
+    }
+    let mut step_no = 0;
+    let mut step = |cache: &mut ModelCache<B>, timed: &mut TimedPolicy<B>, token: i32| -> Result<()> {
+        step_no += 1;
+        let logits = model.forward_with_policy(one_token(token, device), cache, timed, Phase::Decode { step: step_no })?;
+        // Read the logits back, as generation does: this is also the device sync.
+        let _ = logits.into_data();
+        Ok(())
+    };
+    for i in 0..2 {
+        step(&mut cache, &mut timed, 65 + i)?;
+    }
+    timed.spent = Duration::ZERO;
+    let start = Instant::now();
+    for i in 0..plan.steps {
+        step(&mut cache, &mut timed, 97 + (i % 26) as i32)?;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let policy_ms = timed.spent.as_secs_f64() * 1e3 / plan.steps as f64;
+    let stats = cache.stats();
+    let shape = cache.layer(0).shape();
+    let slots = cache.layer(0).slots();
+    let layer = cache.layer_mut(0);
+    let row = [1, shape.kv_heads, 1, shape.key_dim];
+    let (k, v) = (Tensor::<B, 4>::zeros(row, device), Tensor::<B, 4>::zeros([1, shape.kv_heads, 1, shape.value_dim], device));
+    let _ = B::sync(device);
+    let start = Instant::now();
+    // Whole flush cycles, so the body rewrite every TAIL_SLOTS tokens is amortised in.
+    for _ in 0..appends {
+        layer.append(k.clone(), v.clone())?;
+    }
+    let _ = B::sync(device);
+    let append_us = start.elapsed().as_secs_f64() * 1e6 / appends as f64;
+    Ok(DecodeCell {
+        device: backend.name().into(),
+        model: label.into(),
+        kv_heads: shape.kv_heads,
+        context,
+        policy: policy.into(),
+        prefill_ms,
+        tokens_per_s: plan.steps as f64 / secs,
+        ms_per_step: secs * 1e3 / plan.steps as f64,
+        policy_ms_per_step: policy_ms,
+        append_us,
+        kv_bytes_per_token: stats.kv_bytes_per_token(),
+        kv_bytes: stats.kv_bytes,
+        slots,
+    })
+}
+
+/// Training tokens/s of a freshly initialised `config` under `train` (batch and length), timed
+/// over `steps` optimiser steps after one warm-up step.
+pub fn train_cell<B: Backend>(config: &DecoderConfig, train: &TrainConfig, label: &str, steps: usize, device: &B::Device, backend: DeviceKind) -> Result<TrainCell> {
+    let mut train = train.clone();
+    train.steps = steps + 1;
+    train.eval_every = 0;
+    train.checkpoint_every = 0;
+    let mut trainer = Trainer::<Autodiff<B>>::new(config.clone(), train.clone(), device)?;
+    trainer.train_step()?;
+    let start = Instant::now();
+    for _ in 0..steps {
+        trainer.train_step()?;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    Ok(TrainCell {
+        device: backend.name().into(),
+        model: label.into(),
+        params: trainer.model().num_params(),
+        tokens_per_step: train.tokens_per_step(),
+        tokens_per_s: (steps * train.tokens_per_step()) as f64 / secs,
+    })
+}
+
+/// Runs `kv bench` on one backend.
+pub struct BenchJob {
     /// The flags.
     pub args: BenchArgs,
     /// The backend, for the results.
     pub device: DeviceKind,
 }
 
-impl BackendJob for DecodeBench {
-    type Output = Vec<DecodeCell>;
+impl BackendJob for BenchJob {
+    type Output = BenchFile;
 
-    fn run<B: Backend>(self, device: B::Device) -> Result<Vec<DecodeCell>> {
+    fn run<B: Backend>(self, device: B::Device) -> Result<BenchFile> {
         let args = &self.args;
         if args.steps == 0 {
             return Err(KvError::config("--steps", 0, "at least 1"));
         }
+        if let Some(&c) = args.contexts.iter().find(|&&c| c == 0) {
+            return Err(KvError::config("--contexts", c, "context lengths of at least 1 token"));
+        }
+        for p in &args.policy {
+            build_policy::<B>(p)?;
+        }
+        if !args.kv_heads.is_empty() && args.model.checkpoint.is_some() {
+            return Err(KvError::config("--kv-heads", "with --checkpoint", "random-weight models only (a checkpoint has its own heads)"));
+        }
         let base = args.model.config("decode-bench")?;
-        let cells = args.kv_heads.len() * args.contexts.len();
+        let variants: Vec<(String, Option<usize>)> = if args.kv_heads.is_empty() {
+            vec![(model_label(&args.model), None)]
+        } else {
+            args.kv_heads.iter().map(|&kv| (format!("kv={kv}"), Some(kv))).collect()
+        };
+        let plan = DecodePlan { contexts: args.contexts.clone(), steps: args.steps, policies: args.policy.clone(), prefill: args.prefill };
+        let cells = variants.len() * plan.contexts.len() * plan.policies.len() + usize::from(args.train_steps > 0) * variants.len();
         let bar = ProgressBar::new(cells as u64).with_style(
-            ProgressStyle::with_template("{msg:>28} [{bar:30}] {pos}/{len} {elapsed}").unwrap().progress_chars("=> "),
+            ProgressStyle::with_template("bench {msg:>36} [{bar:30}] {pos}/{len} {elapsed}").unwrap().progress_chars("=> "),
         );
-        let mut out = Vec::new();
-        for &kv in &args.kv_heads {
-            let mut config = base.clone();
-            config.n_kv_heads = kv;
-            config.validate()?;
-            B::seed(&device, args.model.init_seed);
-            let model = config.init::<B>(&device)?;
-            for &context in &args.contexts {
-                bar.set_message(format!("{} kv={kv} ctx={context}", self.device.name()));
-                let mut cache = model.new_cache(1);
-                let appends = args.steps.max(2 * kv_core::TAIL_SLOTS);
-                cache.reserve(context + args.steps + appends + 2);
-                // Decode cost depends on the cache's size, not its content, so synthetic K/V
-                // stand in for a prefill that would cost minutes at 8k on a CPU.
-                let shape = cache.layer(0).shape();
-                for layer in cache.layers_mut() {
-                    let kv_shape = [1, shape.kv_heads, context, shape.key_dim];
-                    layer.append(
-                        Tensor::random(kv_shape, Distribution::Normal(0.0, 1.0), &device),
-                        Tensor::random(kv_shape, Distribution::Normal(0.0, 1.0), &device),
-                    )?;
+        let mut out = BenchFile::default();
+        for (label, kv) in variants {
+            let (model, config) = match kv {
+                Some(kv) => {
+                    let mut config = base.clone();
+                    config.n_kv_heads = kv;
+                    config.validate()?;
+                    B::seed(&device, args.model.init_seed);
+                    (config.init::<B>(&device)?, config)
                 }
-                let step = |cache: &mut kv_core::ModelCache<B>, token: i32| -> Result<()> {
-                    let input = Tensor::<B, 1, Int>::from_ints([token], &device).reshape([1, 1]);
-                    let logits = model.forward_cached(input, cache)?;
-                    // Read the logits back, as generation does: this is also the device sync.
-                    let _ = logits.into_data();
-                    Ok(())
-                };
-                for i in 0..2 {
-                    step(&mut cache, i)?;
+                None => args.model.load::<B>("decode-bench", &device)?,
+            };
+            for &context in &plan.contexts {
+                for policy in &plan.policies {
+                    bar.set_message(format!("{label} {policy} ctx={context}"));
+                    out.decode.push(decode_cell(&model, &label, context, policy, &plan, &device, self.device)?);
+                    bar.inc(1);
                 }
-                let start = Instant::now();
-                for i in 0..args.steps {
-                    step(&mut cache, (i % 256) as i32)?;
-                }
-                let secs = start.elapsed().as_secs_f64();
-                let stats = cache.stats();
-                let layer = cache.layer_mut(0);
-                let row = [1, shape.kv_heads, 1, shape.key_dim];
-                let (k, v) = (Tensor::<B, 4>::zeros(row, &device), Tensor::<B, 4>::zeros(row, &device));
-                let _ = B::sync(&device);
-                let start = Instant::now();
-                // Whole flush cycles, so the body rewrite every TAIL_SLOTS tokens is amortised in.
-                for _ in 0..appends {
-                    layer.append(k.clone(), v.clone())?;
-                }
-                let _ = B::sync(&device);
-                let append_us = start.elapsed().as_secs_f64() * 1e6 / appends as f64;
-                out.push(DecodeCell {
-                    device: self.device.name().into(),
-                    kv_heads: kv,
-                    context,
-                    tokens_per_s: args.steps as f64 / secs,
-                    ms_per_step: secs * 1e3 / args.steps as f64,
-                    append_us,
-                    kv_bytes_per_token: stats.kv_bytes_per_token(),
-                    kv_bytes: stats.kv_bytes,
-                });
+            }
+            if args.train_steps > 0 {
+                bar.set_message(format!("{label} training"));
+                let recipe = preset("tiny-mha")?.train.expect("tiny-mha has a recipe");
+                out.train.push(train_cell::<B>(&config, &recipe, &label, args.train_steps, &device, self.device)?);
                 bar.inc(1);
             }
         }
@@ -140,23 +321,84 @@ impl BackendJob for DecodeBench {
     }
 }
 
-/// The Markdown table of a decode benchmark.
-pub fn markdown(cells: &[DecodeCell]) -> String {
+fn model_label(m: &ModelArgs) -> String {
+    match (&m.checkpoint, &m.config, &m.preset) {
+        (Some(dir), _, _) => crate::eval::label(dir),
+        (None, Some(path), _) => path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+        (None, None, Some(p)) => p.clone(),
+        (None, None, None) => "decode-bench".into(),
+    }
+}
+
+/// The Markdown tables of a benchmark.
+pub fn markdown(file: &BenchFile) -> String {
     let mut s = String::from(
-        "| device | kv_heads | context | decode tokens/s | ms/step | append µs/layer | KV bytes/token (measured) |\n|---|---:|---:|---:|---:|---:|---:|\n",
+        "| device | model | kv_heads | policy | context | prefill ms | decode tokens/s | ms/step | policy ms/step | append µs/layer | KV bytes/token (measured) | slots/head |\n|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
-    for c in cells {
+    for c in &file.decode {
         s += &format!(
-            "| {} | {} | {} | {:.1} | {:.2} | {:.1} | {:.0} |\n",
-            c.device, c.kv_heads, c.context, c.tokens_per_s, c.ms_per_step, c.append_us, c.kv_bytes_per_token
+            "| {} | {} | {} | {} | {} | {} | {:.1} | {:.2} | {:.3} | {:.1} | {:.0} | {} |\n",
+            c.device,
+            c.model,
+            c.kv_heads,
+            c.policy,
+            c.context,
+            c.prefill_ms.map_or("-".into(), |m| format!("{m:.0}")),
+            c.tokens_per_s,
+            c.ms_per_step,
+            c.policy_ms_per_step,
+            c.append_us,
+            c.kv_bytes_per_token,
+            c.slots
         );
+    }
+    if !file.train.is_empty() {
+        s += "\n| device | model | parameters | tokens/step | training tokens/s |\n|---|---|---:|---:|---:|\n";
+        for t in &file.train {
+            s += &format!("| {} | {} | {} | {} | {:.0} |\n", t.device, t.model, t.params, t.tokens_per_step, t.tokens_per_s);
+        }
     }
     s
 }
 
-/// Writes `bench.json` and `bench.md` into `dir`.
-pub fn write_results(dir: &std::path::Path, cells: &[DecodeCell]) -> Result<()> {
-    let json = serde_json::to_string_pretty(cells).map_err(|e| KvError::io(dir, e))?;
-    kv_models::write_atomic(&dir.join("bench.json"), json.as_bytes())?;
-    kv_models::write_atomic(&dir.join("bench.md"), markdown(cells).as_bytes())
+/// Charts of decode tokens/s and measured KV bytes against context, a line per (model, policy).
+pub fn charts(dir: &Path, file: &BenchFile) -> Result<Vec<PathBuf>> {
+    let mut lines: BTreeMap<String, Vec<&DecodeCell>> = BTreeMap::new();
+    for c in &file.decode {
+        let name = if c.policy == "full" { c.model.clone() } else { format!("{} {}", c.model, c.policy) };
+        lines.entry(name).or_default().push(c);
+    }
+    if lines.values().all(|cells| cells.len() < 2) {
+        return Ok(vec![]);
+    }
+    let series = |f: &dyn Fn(&DecodeCell) -> f64| -> Vec<Series> {
+        lines
+            .iter()
+            .map(|(name, cells)| {
+                let mut points: Vec<(f64, f64)> = cells.iter().map(|c| (c.context as f64, f(c))).collect();
+                points.sort_by(|a, b| a.0.total_cmp(&b.0));
+                Series { name: name.clone(), points }
+            })
+            .collect()
+    };
+    let speed = dir.join("decode-speed.png");
+    line_chart(&speed, &Chart { title: "Decode speed against context", x_label: "context (tokens)", y_label: "tokens/s", log_x: false, series: series(&|c| c.tokens_per_s) })?;
+    let bytes = dir.join("cache-bytes.png");
+    line_chart(
+        &bytes,
+        &Chart { title: "KV cache held against context (measured)", x_label: "context (tokens)", y_label: "MiB", log_x: false, series: series(&|c| c.kv_bytes as f64 / (1 << 20) as f64) },
+    )?;
+    Ok(vec![speed, bytes])
+}
+
+/// Writes `bench.json`, `bench.md` and the charts into `dir`; returns the paths written.
+pub fn write_results(dir: &Path, file: &BenchFile) -> Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir).map_err(|e| KvError::io(dir, e))?;
+    let json = serde_json::to_string_pretty(file).map_err(|e| KvError::io(dir, e))?;
+    let (json_path, md_path) = (dir.join("bench.json"), dir.join("bench.md"));
+    kv_models::write_atomic(&json_path, json.as_bytes())?;
+    kv_models::write_atomic(&md_path, markdown(file).as_bytes())?;
+    let mut paths = vec![json_path, md_path];
+    paths.extend(charts(dir, file)?);
+    Ok(paths)
 }

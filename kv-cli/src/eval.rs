@@ -1,74 +1,118 @@
-//! `kv eval`: accuracy on a long-context task, or perplexity, of a saved model at a chosen context.
+//! `kv eval`: a grid of checkpoints x policies x compressions x tasks x contexts x depths, written
+//! as JSON, a Markdown table and PNG charts.
 
-use crate::backend::BackendJob;
+use crate::backend::{BackendJob, DeviceKind};
+use crate::report::{FORMAT_VERSION, GridFile};
 use burn::prelude::*;
 use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
 use kv_core::{KvError, Result};
-use kv_models::data::{TaskKind, TextSource};
-use kv_models::{load_model, policy_loss, task_accuracy_with};
-use kv_policies::build_policy;
-use serde_json::json;
-use std::path::PathBuf;
+use kv_models::data::TextSource;
+use kv_models::grid::{GridSpec, Probe, run_grid};
+use kv_models::{CONFIG_FILE, DecoderConfig, load_model};
+use std::path::{Path, PathBuf};
 
-/// Flags of `kv eval`.
+/// Flags of `kv eval`; every list flag takes comma-separated values.
 #[derive(Debug, Clone, Args)]
 pub struct EvalArgs {
-    /// Checkpoint directory to evaluate.
-    #[arg(long)]
-    pub checkpoint: PathBuf,
-    /// passkey, needle, recall, copy or ppl.
-    #[arg(long, default_value = "passkey")]
-    pub task: String,
-    /// Context length in tokens (prompt + answer).
-    #[arg(long, default_value_t = 256)]
-    pub context: usize,
-    /// Samples (task) or windows (ppl).
+    /// Checkpoint directories to evaluate (labelled by folder name).
+    #[arg(long, required = true, value_delimiter = ',')]
+    pub checkpoint: Vec<PathBuf>,
+    /// Probes: passkey, needle, recall, copy, ppl.
+    #[arg(long, value_delimiter = ',', default_value = "passkey")]
+    pub task: Vec<String>,
+    /// Policy specs without a budget (`full`, `h2o`, `knorm:skip=2`, ...).
+    #[arg(long, value_delimiter = ',', default_value = "full")]
+    pub policy: Vec<String>,
+    /// Fractions of slots removed, each in [0, 1); a policy's budget is 1 - compression.
+    #[arg(long, value_delimiter = ',', default_value = "0.5,0.875")]
+    pub compression: Vec<f64>,
+    /// Context lengths in tokens (prompt + answer, or the perplexity window).
+    #[arg(long, value_delimiter = ',', default_value = "256")]
+    pub context: Vec<usize>,
+    /// Depths of the passkey / needle as fractions of the context (default: random per sample).
+    #[arg(long, value_delimiter = ',')]
+    pub depth: Vec<f32>,
+    /// Samples per task cell.
     #[arg(long, default_value_t = 20)]
     pub samples: usize,
-    /// Where the needle / passkey sits, as a fraction of the context (default: random).
-    #[arg(long)]
-    pub depth: Option<f32>,
+    /// Text windows per perplexity cell.
+    #[arg(long, default_value_t = 4)]
+    pub windows: usize,
     /// Seed of the task samples.
     #[arg(long, default_value_t = 1234)]
     pub seed: u64,
-    /// Cache policy spec: tasks generate under it, ppl predicts every token through it.
-    #[arg(long, default_value = "full")]
-    pub policy: String,
+    /// Folder for eval.json, eval.md and the charts.
+    #[arg(long, default_value = "runs/eval")]
+    pub out: PathBuf,
 }
 
-impl BackendJob for EvalArgs {
-    type Output = serde_json::Value;
+impl EvalArgs {
+    /// The grid's axes, parsed.
+    pub fn spec(&self) -> Result<GridSpec> {
+        Ok(GridSpec {
+            policies: self.policy.clone(),
+            compressions: self.compression.clone(),
+            probes: self.task.iter().map(|t| Probe::parse(t)).collect::<Result<_>>()?,
+            contexts: self.context.clone(),
+            depths: self.depth.iter().map(|&d| Some(d)).collect(),
+            samples: self.samples,
+            windows: self.windows,
+            seed: self.seed,
+        })
+    }
+}
 
-    fn run<B: Backend>(self, device: B::Device) -> Result<serde_json::Value> {
-        let task = if self.task == "ppl" { None } else { Some(TaskKind::parse(&self.task).map_err(|_| KvError::Unknown {
-            kind: "task".into(),
-            name: self.task.clone(),
-            valid: "passkey, needle, recall, copy, ppl".into(),
-        })?) };
-        if self.samples == 0 {
-            return Err(KvError::config("--samples", 0, "at least 1"));
+/// A checkpoint's label: its folder name.
+pub fn label(dir: &Path) -> String {
+    dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| dir.display().to_string())
+}
+
+/// Fails unless `dir` holds a readable checkpoint config (the weights are checked when loaded).
+pub fn check_checkpoint(dir: &Path) -> Result<DecoderConfig> {
+    if !dir.is_dir() {
+        return Err(KvError::io(dir, "no such checkpoint directory"));
+    }
+    DecoderConfig::from_file(dir.join(CONFIG_FILE))
+}
+
+/// Runs a grid over `checkpoints` with a progress bar; everything is validated before any work.
+pub fn run_checkpoints<B: Backend>(checkpoints: &[PathBuf], spec: &GridSpec, device: &B::Device, backend: DeviceKind) -> Result<GridFile> {
+    let labels: Vec<String> = checkpoints.iter().map(|c| label(c)).collect();
+    for (i, l) in labels.iter().enumerate() {
+        if labels[..i].contains(l) {
+            return Err(KvError::config("--checkpoint", l, "checkpoint folders with distinct names"));
         }
-        build_policy::<B>(&self.policy)?;
-        let (model, _) = load_model::<B>(&self.checkpoint, &device)?;
-        let start = std::time::Instant::now();
-        let result = match task {
-            Some(task) => {
-                let spec = self.policy.clone();
-                let mut make = || build_policy::<B>(&spec).expect("validated above");
-                let r = task_accuracy_with(&model, task, self.context, self.samples, self.seed, self.depth, &mut make)?;
-                json!({"task": task.name(), "policy": self.policy, "context": self.context, "accuracy": r.accuracy, "correct": r.correct, "total": r.total})
-            }
-            None => {
-                let (_, valid) = TextSource::Stories.load(0)?;
-                let spec = self.policy.clone();
-                let mut make = || build_policy::<B>(&spec).expect("validated above");
-                let loss = policy_loss(&model, &valid, self.context, self.samples, &mut make)?;
-                json!({"task": "ppl", "policy": self.policy, "context": self.context, "loss": loss, "perplexity": loss.exp(), "windows": self.samples})
-            }
-        };
-        let mut result = result;
-        result["checkpoint"] = json!(self.checkpoint.display().to_string());
-        result["seconds"] = json!(start.elapsed().as_secs_f64());
-        Ok(result)
+    }
+    checkpoints.iter().try_for_each(|c| check_checkpoint(c).map(|_| ()))?;
+    let cells = spec.cells::<B>(&labels)?;
+    let (_, text) = TextSource::Stories.load(0)?;
+    let models = checkpoints.iter().map(|c| load_model::<B>(c, device).map(|(m, _)| m)).collect::<Result<Vec<_>>>()?;
+    let named: Vec<(String, &kv_models::DecoderLm<B>)> = labels.iter().cloned().zip(models.iter()).collect();
+    let bar = ProgressBar::new(cells.len() as u64).with_style(
+        ProgressStyle::with_template("eval {msg:>40} [{bar:30}] {pos}/{len} {elapsed} eta {eta}").unwrap().progress_chars("=> "),
+    );
+    let results = run_grid(&named, &cells, spec, &text, |r| {
+        bar.set_message(format!("{} {} {}@{}", r.cell.model, r.cell.spec, r.cell.probe, r.cell.context));
+        bar.inc(1);
+    })?;
+    bar.finish_and_clear();
+    Ok(GridFile { version: FORMAT_VERSION, device: backend.name().into(), spec: spec.clone(), results })
+}
+
+/// Runs `kv eval` on one backend.
+pub struct EvalJob {
+    /// The flags.
+    pub args: EvalArgs,
+    /// The backend, for the results.
+    pub device: DeviceKind,
+}
+
+impl BackendJob for EvalJob {
+    type Output = GridFile;
+
+    fn run<B: Backend>(self, device: B::Device) -> Result<GridFile> {
+        let spec = self.args.spec()?;
+        run_checkpoints::<B>(&self.args.checkpoint, &spec, &device, self.device)
     }
 }

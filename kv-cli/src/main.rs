@@ -3,9 +3,13 @@
 
 mod backend;
 mod bench;
+mod convert;
 mod eval;
 mod generate;
 mod model_source;
+mod plot;
+mod report;
+mod tour;
 mod train;
 
 use backend::{DeviceKind, run_on};
@@ -27,11 +31,16 @@ struct Cli {
 enum Command {
     /// Generate text from a random or saved model, printing tokens as they come.
     Generate(generate::GenerateArgs),
-    /// Measure decode tokens/s against context length and KV heads; writes JSON and Markdown.
+    /// Measure cache bytes, prefill, decode tokens/s, policy cost and training speed; JSON, Markdown, PNGs.
     Bench(bench::BenchArgs),
+    /// The first command to run: train (or reuse) the tiny presets, evaluate every policy at 50%
+    /// and 87.5% compression, benchmark, and write a report folder.
+    Tour(tour::TourArgs),
     /// Train a preset or config from scratch, resume a run, or fine-tune from a checkpoint.
     Train(train::TrainArgs),
-    /// Evaluate a checkpoint on a long-context task or perplexity at a chosen context.
+    /// Convert a trained checkpoint to fewer KV heads (GQA/MQA) or a latent cache (MLA).
+    Convert(convert::ConvertArgs),
+    /// Evaluate checkpoints x policies x compressions x tasks; writes JSON, Markdown and PNGs.
     Eval(eval::EvalArgs),
 }
 
@@ -40,17 +49,42 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate(args) => run_on(device, args),
         Command::Train(args) => run_on(device, args),
+        Command::Convert(args) => {
+            let out = args.out.clone();
+            let r = run_on(device, args)?;
+            let latent = r.latent_error.map_or(String::new(), |e| format!(", worst latent factorisation error {:.1}%", e * 100.0));
+            eprintln!(
+                "wrote {}: KV bytes/token {} -> {}{latent}; fine-tune it with `kv train --init {}`",
+                out.display(),
+                r.bytes_per_token.0,
+                r.bytes_per_token.1,
+                out.display()
+            );
+            Ok(())
+        }
+        Command::Tour(args) => {
+            let plan = if args.quick { tour::TourPlan::quick()? } else { tour::TourPlan::standard()? };
+            let out = args.out.clone();
+            let report = run_on(device, tour::TourJob { args, plan, device })?;
+            let written = tour::write_report(&out, &report)?;
+            println!("{}", std::fs::read_to_string(out.join("report.md")).unwrap_or_default());
+            eprintln!("tour done in {:.0} s; wrote {} files into {}", report.seconds, written.len(), out.display());
+            Ok(())
+        }
         Command::Eval(args) => {
-            let result = run_on(device, args)?;
-            println!("{result}");
+            let out = args.out.clone();
+            let file = run_on(device, eval::EvalJob { args, device })?;
+            let written = report::write(&out, &file)?;
+            println!("{}", report::markdown(&file.results));
+            eprintln!("wrote {}", written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
             Ok(())
         }
         Command::Bench(args) => {
             let out = args.out.clone();
-            let cells = run_on(device, bench::DecodeBench { args, device })?;
-            bench::write_results(&out, &cells)?;
-            println!("{}", bench::markdown(&cells));
-            eprintln!("wrote {} and {}", out.join("bench.json").display(), out.join("bench.md").display());
+            let file = run_on(device, bench::BenchJob { args, device })?;
+            let written = bench::write_results(&out, &file)?;
+            println!("{}", bench::markdown(&file));
+            eprintln!("wrote {}", written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
             Ok(())
         }
     }
@@ -63,3 +97,6 @@ fn main() {
         std::process::exit(1);
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -7,9 +7,10 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use kv_core::{KvError, Result};
 use kv_models::data::{TextSource, text_files};
-use kv_models::train::{TrainEvent, Trainer, run};
+use burn::tensor::backend::AutodiffBackend;
+use kv_models::train::{EvalMetrics, TrainEvent, Trainer, run};
 use kv_models::{Preset, load_model, preset};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Flags of `kv train`.
 #[derive(Debug, Clone, Args)]
@@ -82,34 +83,8 @@ impl BackendJob for TrainArgs {
                 None => Trainer::new(recipe.model, train, &device)?,
             }
         };
-        let c = trainer.config().clone();
-        let params = trainer.model().num_params();
-        eprintln!(
-            "training {params} parameters for {} steps of {} tokens into {} (from step {})",
-            c.steps,
-            c.tokens_per_step(),
-            out.display(),
-            trainer.step()
-        );
-        let bar = ProgressBar::new(c.steps as u64).with_position(trainer.step() as u64).with_style(
-            ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed} < {eta}] {msg}").unwrap().progress_chars("=> "),
-        );
         let started = std::time::Instant::now();
-        let mut eval_msg = String::new();
-        let last = run(&mut trainer, &out, |e| match e {
-            TrainEvent::Step(m) => {
-                bar.set_position(m.step as u64);
-                bar.set_message(format!("loss {:.3} | lr {:.1e} | {:.0} tok/s{eval_msg}", m.loss, m.lr, m.tokens_per_s));
-            }
-            TrainEvent::Eval(ev) => {
-                let tasks: Vec<String> = ev.task_accuracy.iter().map(|(t, a)| format!("{} {:.0}%", t.name(), a * 100.0)).collect();
-                eval_msg = format!(" | valid {:.3} {}", ev.valid_loss, tasks.join(" "));
-                bar.println(format!("step {:>5}: valid loss {:.4}; {}", ev.step, ev.valid_loss, tasks.join(", ")));
-            }
-            TrainEvent::Checkpoint { .. } => {}
-        })?;
-        bar.finish_and_clear();
-        if let Some(ev) = last {
+        if let Some(ev) = train_with_progress(&mut trainer, &out, "")? {
             let tasks: Vec<String> = ev.task_accuracy.iter().map(|(t, a)| format!("{} {:.1}%", t.name(), a * 100.0)).collect();
             eprintln!(
                 "done in {:.1} s: step {}, valid loss {:.4}, {}; checkpoint in {}",
@@ -122,4 +97,36 @@ impl BackendJob for TrainArgs {
         }
         Ok(())
     }
+}
+
+/// Runs `trainer` to its last step with a progress bar (loss, tokens/s, ETA) and evaluation
+/// lines; `label` prefixes the bar when several runs share a screen.
+pub fn train_with_progress<B: AutodiffBackend>(trainer: &mut Trainer<B>, out: &Path, label: &str) -> Result<Option<EvalMetrics>> {
+    let c = trainer.config().clone();
+    let params = trainer.model().num_params();
+    eprintln!(
+        "{label}training {params} parameters for {} steps of {} tokens into {} (from step {})",
+        c.steps,
+        c.tokens_per_step(),
+        out.display(),
+        trainer.step()
+    );
+    let bar = ProgressBar::new(c.steps as u64).with_position(trainer.step() as u64).with_style(
+        ProgressStyle::with_template(&format!("{label}{{bar:30}} {{pos}}/{{len}} [{{elapsed}} < {{eta}}] {{msg}}")).unwrap().progress_chars("=> "),
+    );
+    let mut eval_msg = String::new();
+    let last = run(trainer, out, |e| match e {
+        TrainEvent::Step(m) => {
+            bar.set_position(m.step as u64);
+            bar.set_message(format!("loss {:.3} | lr {:.1e} | {:.0} tok/s{eval_msg}", m.loss, m.lr, m.tokens_per_s));
+        }
+        TrainEvent::Eval(ev) => {
+            let tasks: Vec<String> = ev.task_accuracy.iter().map(|(t, a)| format!("{} {:.0}%", t.name(), a * 100.0)).collect();
+            eval_msg = format!(" | valid {:.3} {}", ev.valid_loss, tasks.join(" "));
+            bar.println(format!("{label}step {:>5}: valid loss {:.4}; {}", ev.step, ev.valid_loss, tasks.join(", ")));
+        }
+        TrainEvent::Checkpoint { .. } => {}
+    })?;
+    bar.finish_and_clear();
+    Ok(last)
 }

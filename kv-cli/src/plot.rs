@@ -1,0 +1,98 @@
+//! PNG line charts of results (plotters, with an embedded font so no system fonts are needed).
+
+use kv_core::{KvError, Result};
+use plotters::prelude::*;
+use std::path::Path;
+use std::sync::OnceLock;
+
+/// DejaVu Sans (Bitstream Vera license, see assets/DejaVuSans.LICENSE).
+static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
+
+/// One named line of a chart.
+#[derive(Debug, Clone)]
+pub struct Series {
+    /// Legend entry.
+    pub name: String,
+    /// Points, drawn in the order given.
+    pub points: Vec<(f64, f64)>,
+}
+
+/// A line chart to draw.
+#[derive(Debug, Clone)]
+pub struct Chart<'a> {
+    /// Title above the plot.
+    pub title: &'a str,
+    /// X axis label.
+    pub x_label: &'a str,
+    /// Y axis label.
+    pub y_label: &'a str,
+    /// Draw the x axis on a log scale (context lengths).
+    pub log_x: bool,
+    /// The lines.
+    pub series: Vec<Series>,
+}
+
+fn register_font() -> bool {
+    static REGISTERED: OnceLock<bool> = OnceLock::new();
+    *REGISTERED.get_or_init(|| plotters::style::register_font("sans-serif", FontStyle::Normal, FONT).is_ok())
+}
+
+fn err(path: &Path, e: impl std::fmt::Display) -> KvError {
+    KvError::io(path, format!("cannot draw chart: {e}"))
+}
+
+/// Draws `chart` into a 900x560 PNG at `path` (written whole, then renamed into place).
+pub fn line_chart(path: &Path, chart: &Chart) -> Result<()> {
+    if !register_font() {
+        return Err(KvError::io(path, "cannot draw chart: the embedded font did not load"));
+    }
+    let points: Vec<(f64, f64)> = chart.series.iter().flat_map(|s| s.points.iter().copied()).filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
+    if points.is_empty() {
+        return Err(KvError::config(format!("chart {}", chart.title), "no finite points", "at least one point"));
+    }
+    let (mut x0, mut x1) = points.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
+    let (mut y0, mut y1) = points.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
+    if x1 <= x0 {
+        (x0, x1) = if chart.log_x { (x0 / 2.0, x1 * 2.0) } else { (x0 - 0.5, x1 + 0.5) };
+    }
+    let pad = ((y1 - y0) * 0.08).max(1e-3 * y1.abs().max(1.0));
+    (y0, y1) = (y0 - pad, y1 + pad);
+    // The encoder picks the format from the extension, so the temporary file ends in .png too.
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp.png"));
+    {
+        let root = BitMapBackend::new(&tmp, (900, 560)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| err(path, e))?;
+        let mut builder = ChartBuilder::on(&root);
+        builder.caption(chart.title, ("sans-serif", 22)).margin(14).x_label_area_size(44).y_label_area_size(70);
+        macro_rules! draw {
+            ($ctx:expr) => {{
+                let mut ctx = $ctx;
+                ctx.configure_mesh().x_desc(chart.x_label).y_desc(chart.y_label).label_style(("sans-serif", 14)).draw().map_err(|e| err(path, e))?;
+                for (i, s) in chart.series.iter().enumerate() {
+                    let color = Palette99::pick(i).to_rgba();
+                    let pts: Vec<(f64, f64)> = s.points.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
+                    ctx.draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+                        .map_err(|e| err(path, e))?
+                        .label(s.name.clone())
+                        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+                    ctx.draw_series(pts.into_iter().map(|p| Circle::new(p, 3, color.filled()))).map_err(|e| err(path, e))?;
+                }
+                ctx.configure_series_labels()
+                    .background_style(WHITE.mix(0.85))
+                    .border_style(BLACK)
+                    .label_font(("sans-serif", 14))
+                    .position(SeriesLabelPosition::UpperRight)
+                    .draw()
+                    .map_err(|e| err(path, e))?;
+            }};
+        }
+        if chart.log_x {
+            draw!(builder.build_cartesian_2d((x0..x1).log_scale(), y0..y1).map_err(|e| err(path, e))?);
+        } else {
+            draw!(builder.build_cartesian_2d(x0..x1, y0..y1).map_err(|e| err(path, e))?);
+        }
+        root.present().map_err(|e| err(path, e))?;
+    }
+    std::fs::rename(&tmp, path).map_err(|e| KvError::io(path, e))
+}

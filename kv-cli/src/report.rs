@@ -1,0 +1,138 @@
+//! Grid results as files: `eval.json` (every number with its settings), `eval.md` (a pivot
+//! table) and PNG charts of accuracy and perplexity against compression.
+
+use crate::plot::{Chart, Series, line_chart};
+use kv_core::{KvError, Result};
+use kv_models::grid::{CellResult, GridSpec};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Version of the JSON layout documented in docs/harness.md.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// The contents of `eval.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GridFile {
+    /// Layout version ([`FORMAT_VERSION`]).
+    pub version: u32,
+    /// Backend the grid ran on.
+    pub device: String,
+    /// The grid's axes.
+    pub spec: GridSpec,
+    /// One result per cell.
+    pub results: Vec<CellResult>,
+}
+
+/// A row of the pivot table: one model under one policy at one compression.
+type RowKey = (String, String, u64);
+
+fn row_key(r: &CellResult) -> RowKey {
+    // Compression as an integer key (per mille) so rows sort and group exactly.
+    (r.cell.model.clone(), r.cell.policy.clone(), (r.cell.compression * 1000.0).round() as u64)
+}
+
+fn value(r: &CellResult) -> f64 {
+    r.accuracy.or(r.perplexity).unwrap_or(f64::NAN)
+}
+
+fn mean(xs: impl IntoIterator<Item = f64>) -> f64 {
+    let (s, n) = xs.into_iter().fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
+    if n == 0 { f64::NAN } else { s / n as f64 }
+}
+
+/// The pivot table: a row per (model, policy, compression), a column per (probe, context) with
+/// depths averaged, and the measured share of the full cache's bytes the row kept.
+pub fn markdown(results: &[CellResult]) -> String {
+    let mut columns: Vec<(String, usize)> = results.iter().map(|r| (r.cell.probe.clone(), r.cell.context)).collect();
+    columns.sort();
+    columns.dedup();
+    let mut rows: BTreeMap<RowKey, Vec<&CellResult>> = BTreeMap::new();
+    for r in results {
+        rows.entry(row_key(r)).or_default().push(r);
+    }
+    let mut s = String::from("| model | policy | compression |");
+    for (probe, ctx) in &columns {
+        let unit = if probe == "ppl" { "ppl" } else { "acc" };
+        s += &format!(" {probe}@{ctx} {unit} |");
+    }
+    s += " kept bytes (measured) |\n|---|---|---:|";
+    s += &"---:|".repeat(columns.len() + 1);
+    s += "\n";
+    for ((model, policy, c), cells) in &rows {
+        s += &format!("| {model} | {policy} | {:.1}% |", *c as f64 / 10.0);
+        for col in &columns {
+            let v = mean(cells.iter().filter(|r| (&r.cell.probe, r.cell.context) == (&col.0, col.1)).map(|r| value(r)));
+            s += &match (v.is_nan(), col.0 == "ppl") {
+                (true, _) => " - |".to_string(),
+                (false, true) => format!(" {v:.3} |"),
+                (false, false) => format!(" {:.0}% |", v * 100.0),
+            };
+        }
+        // Kept share: this row's bytes over the full cache's bytes in the same cells.
+        let kept = mean(cells.iter().filter_map(|r| {
+            let full = results.iter().find(|f| {
+                f.cell.policy == "full" && f.cell.model == r.cell.model && f.cell.probe == r.cell.probe && f.cell.context == r.cell.context && f.cell.depth == r.cell.depth
+            })?;
+            (full.kv_bytes > 0.0).then(|| r.kv_bytes / full.kv_bytes)
+        }));
+        s += &if kept.is_nan() { " - |\n".to_string() } else { format!(" {:.1}% |\n", kept * 100.0) };
+    }
+    s
+}
+
+/// One chart per probe: its metric against compression, a line per (model, policy), each line
+/// starting from the model's full-cache value at compression 0.
+pub fn charts(dir: &Path, results: &[CellResult]) -> Result<Vec<PathBuf>> {
+    let mut probes: Vec<String> = results.iter().map(|r| r.cell.probe.clone()).collect();
+    probes.sort();
+    probes.dedup();
+    let mut written = Vec::new();
+    for probe in probes {
+        let of_probe: Vec<&CellResult> = results.iter().filter(|r| r.cell.probe == probe).collect();
+        let mut lines: BTreeMap<(String, String), BTreeMap<u64, Vec<f64>>> = BTreeMap::new();
+        for r in &of_probe {
+            let (model, policy, c) = row_key(r);
+            lines.entry((model, policy)).or_default().entry(c).or_default().push(value(r));
+        }
+        let full: BTreeMap<String, f64> = lines
+            .iter()
+            .filter(|((_, p), _)| p == "full")
+            .map(|((m, _), pts)| (m.clone(), mean(pts.values().flatten().copied())))
+            .collect();
+        let several_models = full.len() > 1 || lines.keys().map(|k| &k.0).collect::<std::collections::BTreeSet<_>>().len() > 1;
+        let series: Vec<Series> = lines
+            .iter()
+            .filter(|((_, p), _)| p != "full")
+            .map(|((model, policy), pts)| {
+                let mut points: Vec<(f64, f64)> = full.get(model).map(|&v| vec![(0.0, v)]).unwrap_or_default();
+                points.extend(pts.iter().map(|(&c, vs)| (c as f64 / 1000.0, mean(vs.iter().copied()))));
+                Series { name: if several_models { format!("{policy} ({model})") } else { policy.clone() }, points }
+            })
+            .collect();
+        if series.is_empty() {
+            continue;
+        }
+        let (file, title, y) = if probe == "ppl" {
+            ("perplexity.png".to_string(), "Perplexity through the compressed cache".to_string(), "perplexity")
+        } else {
+            (format!("accuracy-{probe}.png"), format!("{probe}: exact-match accuracy"), "accuracy")
+        };
+        let path = dir.join(file);
+        line_chart(&path, &Chart { title: &title, x_label: "compression (fraction of slots removed)", y_label: y, log_x: false, series })?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
+/// Writes `eval.json`, `eval.md` and the charts into `dir`; returns the paths written.
+pub fn write(dir: &Path, file: &GridFile) -> Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir).map_err(|e| KvError::io(dir, e))?;
+    let json = serde_json::to_string_pretty(file).map_err(|e| KvError::io(dir, e))?;
+    let (json_path, md_path) = (dir.join("eval.json"), dir.join("eval.md"));
+    kv_models::write_atomic(&json_path, json.as_bytes())?;
+    kv_models::write_atomic(&md_path, markdown(&file.results).as_bytes())?;
+    let mut paths = vec![json_path, md_path];
+    paths.extend(charts(dir, &file.results)?);
+    Ok(paths)
+}

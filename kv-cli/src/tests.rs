@@ -1,0 +1,152 @@
+//! End-to-end tests of the harness: a tiny tour, the grid's files, and bad specs failing early.
+
+use crate::backend::DeviceKind;
+use crate::eval::run_checkpoints;
+use crate::report::GridFile;
+use crate::tour::{TourArgs, TourJob, TourPlan, TourReport, write_report};
+use burn::backend::Flex;
+use kv_models::Preset;
+use kv_models::data::TaskKind;
+use kv_models::grid::{GridSpec, Probe};
+use std::path::{Path, PathBuf};
+
+type B = Flex;
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kv-cli-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn tiny_preset(kv_heads: usize) -> Preset {
+    let json = format!(
+        r#"{{"model": {{"vocab_size": 256, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": {kv_heads},
+            "ffn_hidden": 64, "rope_theta": 10000.0, "max_positions": 160, "norm_eps": 1e-5,
+            "tie_embeddings": true, "token_shift": true}},
+          "train": {{"seq_len": 160, "batch_size": 2, "steps": 2, "lr": 0.001, "tasks": ["passkey"],
+            "task_fraction": 0.5, "eval_windows": 1, "eval_task_samples": 1}}}}"#
+    );
+    Preset::from_json(&json, "test").unwrap()
+}
+
+fn tiny_grid(policies: &[&str]) -> GridSpec {
+    GridSpec {
+        policies: policies.iter().map(|p| p.to_string()).collect(),
+        compressions: vec![0.5],
+        probes: vec![Probe::Ppl, Probe::Task(TaskKind::Passkey)],
+        contexts: vec![160],
+        depths: vec![],
+        samples: 2,
+        windows: 1,
+        seed: 7,
+    }
+}
+
+fn tiny_plan(policies: &[&str]) -> TourPlan {
+    TourPlan {
+        presets: vec![("t-mha".into(), tiny_preset(4)), ("t-gqa".into(), tiny_preset(2))],
+        grid: tiny_grid(policies),
+        bench_contexts: vec![32, 64],
+        policy_context: 64,
+        bench_steps: 2,
+    }
+}
+
+fn run_tour(root: &Path, policies: &[&str]) -> kv_core::Result<TourReport> {
+    let args = TourArgs { quick: true, out: root.join("tour"), models: root.join("models") };
+    let job = TourJob { args, plan: tiny_plan(policies), device: DeviceKind::Flex };
+    crate::backend::BackendJob::run::<B>(job, Default::default())
+}
+
+fn is_png(path: &Path) -> bool {
+    std::fs::read(path).is_ok_and(|b| b.len() > 1000 && b.starts_with(b"\x89PNG\r\n\x1a\n"))
+}
+
+#[test]
+fn a_tiny_tour_runs_end_to_end_and_reuses_its_models() {
+    let root = scratch("tour");
+    let report = run_tour(&root, &["full", "h2o", "streaming"]).unwrap();
+    // One result per cell: 2 models x 2 probes x (full + 2 policies at one compression).
+    assert_eq!(report.eval.results.len(), 2 * 2 * 3);
+    assert!(report.models.iter().all(|m| m.trained_now && m.params > 0));
+    let written = write_report(&root.join("tour"), &report).unwrap();
+    for name in ["report.md", "report.json", "eval.json", "eval.md", "bench.json", "bench.md"] {
+        let path = root.join("tour").join(name);
+        assert!(std::fs::metadata(&path).is_ok_and(|m| m.len() > 0), "{name} missing or empty");
+    }
+    let pngs: Vec<&PathBuf> = written.iter().filter(|p| p.extension().is_some_and(|e| e == "png")).collect();
+    // Perplexity, passkey accuracy, decode speed and cache bytes.
+    assert_eq!(pngs.len(), 4, "{pngs:?}");
+    assert!(pngs.iter().all(|p| is_png(p)), "{pngs:?}");
+    let md = std::fs::read_to_string(root.join("tour/report.md")).unwrap();
+    for section in ["## Models", "## Quality under compression", "## Speed and memory", "![perplexity.png](perplexity.png)"] {
+        assert!(md.contains(section), "report.md lacks {section}");
+    }
+    // Measured bytes: at 50% compression the policies hold about half of the full cache.
+    let full = report.eval.results.iter().find(|r| r.cell.policy == "full" && r.cell.probe == "ppl").unwrap();
+    let h2o = report.eval.results.iter().find(|r| r.cell.policy == "h2o" && r.cell.probe == "ppl" && r.cell.model == full.cell.model).unwrap();
+    let kept = h2o.kv_bytes / full.kv_bytes;
+    assert!((0.45..=0.55).contains(&kept), "h2o at 50% kept {kept} of the full cache's bytes");
+    // A second tour reuses the trained models.
+    let again = run_tour(&root, &["full"]).unwrap();
+    assert!(again.models.iter().all(|m| !m.trained_now));
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn eval_json_has_its_documented_shape_and_full_cells_match_plain_eval() {
+    let root = scratch("grid");
+    let preset = tiny_preset(2);
+    let dir = root.join("m");
+    let trainer = kv_models::train::Trainer::<burn::backend::Autodiff<B>>::new(preset.model.clone(), preset.train.clone().unwrap(), &Default::default()).unwrap();
+    trainer.save(&dir).unwrap();
+    let spec = tiny_grid(&["full", "snapkv"]);
+    let file = run_checkpoints::<B>(&[dir.clone()], &spec, &Default::default(), DeviceKind::Flex).unwrap();
+    let written = crate::report::write(&root.join("out"), &file).unwrap();
+    assert!(written.iter().all(|p| std::fs::metadata(p).is_ok_and(|m| m.len() > 0)));
+    // The documented shape (docs/harness.md): top-level keys and every result's keys.
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root.join("out/eval.json")).unwrap()).unwrap();
+    for key in ["version", "device", "spec", "results"] {
+        assert!(json.get(key).is_some(), "eval.json lacks {key}");
+    }
+    for r in json["results"].as_array().unwrap() {
+        for key in ["model", "policy", "spec", "compression", "probe", "context", "depth", "accuracy", "loss", "perplexity", "kv_bytes", "samples", "seconds"] {
+            assert!(r.get(key).is_some(), "a result lacks {key}: {r}");
+        }
+        assert!(r["accuracy"].is_number() != r["loss"].is_number(), "exactly one metric per probe: {r}");
+    }
+    let back: GridFile = serde_json::from_value(json).unwrap();
+    assert_eq!(back.results.len(), file.results.len());
+    // Full-cache cells reproduce the plain evaluation functions.
+    let (model, _) = kv_models::load_model::<B>(&dir, &Default::default()).unwrap();
+    let (_, text) = kv_models::data::TextSource::Stories.load(0).unwrap();
+    let ppl = kv_models::validation_loss(&model, &text, 160, 1).unwrap();
+    let cell = file.results.iter().find(|r| r.cell.policy == "full" && r.cell.probe == "ppl").unwrap();
+    assert!((cell.loss.unwrap() - ppl).abs() <= 1e-4, "{:?} vs {ppl}", cell.loss);
+    let acc = kv_models::task_accuracy(&model, TaskKind::Passkey, 160, 2, 7, None).unwrap();
+    let cell = file.results.iter().find(|r| r.cell.policy == "full" && r.cell.probe == "passkey").unwrap();
+    assert_eq!(cell.accuracy, Some(acc.accuracy));
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn bad_grid_specs_fail_before_any_work() {
+    let root = scratch("bad");
+    let cases: [(&[&str], f64, &str); 3] = [
+        (&["full", "bogus"], 0.5, "bogus"),
+        (&["h2o"], 1.0, "compression = 1"),
+        (&["snapkv:window=0x"], 0.5, "window"),
+    ];
+    for (policies, compression, needle) in cases {
+        let mut plan = tiny_plan(policies);
+        plan.grid.compressions = vec![compression];
+        let args = TourArgs { quick: true, out: root.join("tour"), models: root.join("models") };
+        let err = crate::backend::BackendJob::run::<B>(TourJob { args, plan, device: DeviceKind::Flex }, Default::default()).unwrap_err().to_string();
+        assert!(err.contains(needle), "{err}");
+        assert!(!root.join("models").exists(), "training started before the grid was validated");
+    }
+    let missing = root.join("no-such-checkpoint");
+    let err = run_checkpoints::<B>(&[missing.clone()], &tiny_grid(&["full"]), &Default::default(), DeviceKind::Flex).unwrap_err().to_string();
+    assert!(err.contains("no-such-checkpoint"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+}

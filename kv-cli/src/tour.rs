@@ -1,0 +1,279 @@
+//! `kv tour`: the newcomer's first command. Trains the presets it needs (or reuses them),
+//! evaluates every policy at 50% and 87.5% compression, benchmarks memory and speed, and writes a
+//! report folder (`report.md` with tables and charts, `report.json` with every number).
+
+use crate::backend::{BackendJob, DeviceKind};
+use crate::bench::{BenchFile, DecodePlan, decode_cell};
+use crate::eval::run_checkpoints;
+use crate::report::GridFile;
+use crate::train::train_with_progress;
+use burn::backend::Autodiff;
+use burn::prelude::*;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use kv_core::{KvError, Result};
+use kv_models::data::TaskKind;
+use kv_models::grid::{GridSpec, Probe};
+use kv_models::train::{LogLine, Trainer, read_log, run_status};
+use kv_models::{Preset, load_model, preset};
+use kv_policies::POLICY_NAMES;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Flags of `kv tour`.
+#[derive(Debug, Clone, Args)]
+pub struct TourArgs {
+    /// Smaller models and fewer cells: a few minutes instead of half an hour.
+    #[arg(long)]
+    pub quick: bool,
+    /// Report folder.
+    #[arg(long, default_value = "runs/tour")]
+    pub out: PathBuf,
+    /// Where trained models are kept and reused by later tours.
+    #[arg(long, default_value = "runs/models")]
+    pub models: PathBuf,
+}
+
+/// Everything a tour does, so tests can run a tiny one.
+#[derive(Debug, Clone)]
+pub struct TourPlan {
+    /// Presets to train (or reuse) and evaluate, by name.
+    pub presets: Vec<(String, Preset)>,
+    /// The evaluation grid (policies, compressions, probes, contexts).
+    pub grid: GridSpec,
+    /// Contexts at which decode speed and cache bytes are measured (full cache).
+    pub bench_contexts: Vec<usize>,
+    /// Context at which each policy's decode cost is measured after a real prefill.
+    pub policy_context: usize,
+    /// Timed decode steps per bench cell.
+    pub bench_steps: usize,
+}
+
+impl TourPlan {
+    /// The tour the README runs: the tiny presets, every policy at 50% and 87.5% compression.
+    pub fn standard() -> Result<Self> {
+        Self::with_presets(&["tiny-mha", "tiny-gqa"], 20, 4, vec![512, 2048, 8192], 2048)
+    }
+
+    /// `--quick`: small presets, few samples, short contexts.
+    pub fn quick() -> Result<Self> {
+        Self::with_presets(&["quick-mha", "quick-gqa"], 5, 1, vec![256, 1024], 1024)
+    }
+
+    fn with_presets(names: &[&str], samples: usize, windows: usize, bench_contexts: Vec<usize>, policy_context: usize) -> Result<Self> {
+        let presets: Vec<(String, Preset)> = names.iter().map(|n| preset(n).map(|p| (n.to_string(), p))).collect::<Result<_>>()?;
+        let seq_len = presets[0].1.train.as_ref().map_or(256, |t| t.seq_len);
+        Ok(Self {
+            presets,
+            grid: GridSpec {
+                policies: POLICY_NAMES.iter().map(|p| p.to_string()).collect(),
+                compressions: vec![0.5, 0.875],
+                probes: vec![Probe::Ppl, Probe::Task(TaskKind::Passkey), Probe::Task(TaskKind::Needle)],
+                contexts: vec![seq_len],
+                depths: vec![],
+                samples,
+                windows,
+                seed: 1234,
+            },
+            bench_contexts,
+            policy_context,
+            bench_steps: 16,
+        })
+    }
+}
+
+/// What the report says about one trained model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelSummary {
+    /// Preset name (also the checkpoint folder's name).
+    pub name: String,
+    /// Checkpoint folder.
+    pub checkpoint: PathBuf,
+    /// Trainable parameters.
+    pub params: usize,
+    /// KV heads.
+    pub kv_heads: usize,
+    /// Whether this tour trained it (false: reused from the models folder).
+    pub trained_now: bool,
+    /// Seconds spent in optimiser steps over the whole run, from its log.
+    pub train_seconds: f64,
+    /// Mean training tokens/s over the run, from its log.
+    pub train_tokens_per_s: f64,
+    /// Validation loss at the last evaluation.
+    pub valid_loss: Option<f64>,
+    /// Task accuracies at the last evaluation (full cache, training context).
+    pub task_accuracy: Vec<(TaskKind, f64)>,
+}
+
+/// The contents of `report.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TourReport {
+    /// Backend used.
+    pub device: String,
+    /// Whether this was `--quick`.
+    pub quick: bool,
+    /// Wall time of the whole tour.
+    pub seconds: f64,
+    /// The models.
+    pub models: Vec<ModelSummary>,
+    /// The evaluation grid and its results.
+    pub eval: GridFile,
+    /// Speed and memory measurements.
+    pub bench: BenchFile,
+}
+
+/// Runs the tour on one backend.
+pub struct TourJob {
+    /// The flags.
+    pub args: TourArgs,
+    /// The plan (standard or quick, or a test's).
+    pub plan: TourPlan,
+    /// The backend, for the results.
+    pub device: DeviceKind,
+}
+
+/// Trains `preset` into `dir`, resumes an unfinished run there, or reuses a finished one.
+fn ensure_trained<B: Backend>(name: &str, preset: &Preset, dir: &Path, device: &B::Device) -> Result<bool> {
+    let train = preset.train.clone().ok_or_else(|| KvError::config("tour preset", name, "a preset with a training recipe"))?;
+    match run_status(dir)? {
+        Some(status) if status.model != preset.model || status.train != train => Err(KvError::io(
+            dir,
+            format!("holds a different {name} run (its config differs from presets/{name}.json); delete the folder or pass --models DIR"),
+        )),
+        Some(status) if status.is_done() => Ok(false),
+        Some(_) => {
+            let mut trainer = Trainer::<Autodiff<B>>::resume(dir, None, device)?;
+            train_with_progress(&mut trainer, dir, &format!("{name}: "))?;
+            Ok(true)
+        }
+        None => {
+            let mut trainer = Trainer::<Autodiff<B>>::new(preset.model.clone(), train, device)?;
+            train_with_progress(&mut trainer, dir, &format!("{name}: "))?;
+            Ok(true)
+        }
+    }
+}
+
+fn summary<B: Backend>(name: &str, dir: &Path, trained_now: bool, device: &B::Device) -> Result<ModelSummary> {
+    let (model, config) = load_model::<B>(dir, device)?;
+    let log = read_log(dir)?;
+    let (mut secs, mut tokens) = (0.0, 0.0);
+    let mut last_eval = None;
+    for line in &log {
+        match line {
+            LogLine::Step(m) => {
+                secs += m.seconds;
+                tokens += m.tokens_per_s * m.seconds;
+            }
+            LogLine::Eval(e) => last_eval = Some(e.clone()),
+        }
+    }
+    Ok(ModelSummary {
+        name: name.into(),
+        checkpoint: dir.to_path_buf(),
+        params: model.num_params(),
+        kv_heads: config.n_kv_heads,
+        trained_now,
+        train_seconds: secs,
+        train_tokens_per_s: if secs > 0.0 { tokens / secs } else { 0.0 },
+        valid_loss: last_eval.as_ref().map(|e| e.valid_loss),
+        task_accuracy: last_eval.map(|e| e.task_accuracy).unwrap_or_default(),
+    })
+}
+
+impl BackendJob for TourJob {
+    type Output = TourReport;
+
+    fn run<B: Backend>(self, device: B::Device) -> Result<TourReport> {
+        let start = Instant::now();
+        let plan = &self.plan;
+        let dirs: Vec<PathBuf> = plan.presets.iter().map(|(n, _)| self.args.models.join(n)).collect();
+        let labels: Vec<String> = plan.presets.iter().map(|(n, _)| n.clone()).collect();
+        // Validate the whole grid before the first training step.
+        plan.grid.cells::<B>(&labels)?;
+        let mut models = Vec::new();
+        for ((name, preset), dir) in plan.presets.iter().zip(&dirs) {
+            let trained_now = ensure_trained::<B>(name, preset, dir, &device)?;
+            models.push(summary::<B>(name, dir, trained_now, &device)?);
+        }
+        let eval = run_checkpoints::<B>(&dirs, &plan.grid, &device, self.device)?;
+        let mut bench = BenchFile::default();
+        let budget = |c: f64| ((plan.policy_context as f64) * (1.0 - c)).round() as usize;
+        let policies: Vec<String> = ["h2o", "snapkv", "streaming"].iter().map(|p| format!("{p}:budget={}", budget(0.875))).collect();
+        let cells = dirs.len() * (plan.bench_contexts.len() + 1 + policies.len());
+        let bar = ProgressBar::new(cells as u64).with_style(
+            ProgressStyle::with_template("bench {msg:>36} [{bar:30}] {pos}/{len} {elapsed}").unwrap().progress_chars("=> "),
+        );
+        for (dir, label) in dirs.iter().zip(&labels) {
+            let (model, _) = load_model::<B>(dir, &device)?;
+            let decode = DecodePlan { contexts: plan.bench_contexts.clone(), steps: plan.bench_steps, policies: vec![], prefill: false };
+            for &context in &plan.bench_contexts {
+                bar.set_message(format!("{label} full ctx={context}"));
+                bench.decode.push(decode_cell(&model, label, context, "full", &decode, &device, self.device)?);
+                bar.inc(1);
+            }
+            // Policies are timed after a real prefill, against a real full-cache prefill.
+            let real = DecodePlan { prefill: true, ..decode };
+            for policy in std::iter::once("full".to_string()).chain(policies.iter().cloned()) {
+                bar.set_message(format!("{label} {policy} ctx={}", plan.policy_context));
+                bench.decode.push(decode_cell(&model, label, plan.policy_context, &policy, &real, &device, self.device)?);
+                bar.inc(1);
+            }
+        }
+        bar.finish_and_clear();
+        Ok(TourReport { device: self.device.name().into(), quick: self.args.quick, seconds: start.elapsed().as_secs_f64(), models, eval, bench })
+    }
+}
+
+fn models_table(models: &[ModelSummary]) -> String {
+    let mut s = String::from("| model | parameters | KV heads | trained | training time (s) | training tokens/s | valid loss | valid ppl | tasks (full cache, training context) |\n|---|---:|---:|---|---:|---:|---:|---:|---|\n");
+    for m in models {
+        let tasks: Vec<String> = m.task_accuracy.iter().map(|(t, a)| format!("{} {:.0}%", t.name(), a * 100.0)).collect();
+        s += &format!(
+            "| {} | {} | {} | {} | {:.0} | {:.0} | {} | {} | {} |\n",
+            m.name,
+            m.params,
+            m.kv_heads,
+            if m.trained_now { "now" } else { "reused" },
+            m.train_seconds,
+            m.train_tokens_per_s,
+            m.valid_loss.map_or("-".into(), |l| format!("{l:.4}")),
+            m.valid_loss.map_or("-".into(), |l| format!("{:.3}", l.exp())),
+            tasks.join(", ")
+        );
+    }
+    s
+}
+
+/// Writes `report.md`, `report.json`, the eval and bench files and every chart into `dir`.
+pub fn write_report(dir: &Path, report: &TourReport) -> Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir).map_err(|e| KvError::io(dir, e))?;
+    let mut written = crate::report::write(dir, &report.eval)?;
+    written.extend(crate::bench::write_results(dir, &report.bench)?);
+    let image = |p: &PathBuf| p.file_name().map(|n| n.to_string_lossy().into_owned()).filter(|n| n.ends_with(".png"));
+    let charts: Vec<String> = written.iter().filter_map(image).collect();
+    let mut md = format!(
+        "# KV-cache tour{}\n\nDevice: `{}`. Wall time: {:.0} s. Every number below is also in `report.json`; cache bytes are measured from the tensors held.\n\n",
+        if report.quick { " (quick)" } else { "" },
+        report.device,
+        report.seconds
+    );
+    md += "## Models\n\n";
+    md += &models_table(&report.models);
+    md += "\n## Quality under compression\n\nCompression is the fraction of cache slots removed (budget = 1 - compression). `ppl` predicts every token of held-out text through the compressed cache, one token at a time; `passkey` and `needle` are exact-match accuracies.\n\n";
+    md += &crate::report::markdown(&report.eval.results);
+    md += "\n## Speed and memory\n\n";
+    md += &crate::bench::markdown(&report.bench);
+    md += "\n## Charts\n\n";
+    for c in &charts {
+        md += &format!("![{c}]({c})\n\n");
+    }
+    let (md_path, json_path) = (dir.join("report.md"), dir.join("report.json"));
+    kv_models::write_atomic(&md_path, md.as_bytes())?;
+    let json = serde_json::to_string_pretty(report).map_err(|e| KvError::io(dir, e))?;
+    kv_models::write_atomic(&json_path, json.as_bytes())?;
+    written.push(md_path);
+    written.push(json_path);
+    Ok(written)
+}
