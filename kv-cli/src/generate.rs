@@ -61,7 +61,7 @@ impl BackendJob for GenerateArgs {
         let _ = writeln!(out);
         let n = result.tokens.len();
         eprintln!(
-            "{n} tokens | {} | prefill {:.1} ms ({} tokens) | decode {:.1} tok/s | cache {} slots/head/layer, {:.0} KiB ({} B/token; {} layers x {} kv heads x {} dims)",
+            "{n} tokens | {} | prefill {:.1} ms ({} tokens) | decode {:.1} tok/s | cache {} slots/head in layer 0, {:.0} KiB measured ({} B/token; {} by the config's formula)",
             policy.name(),
             result.prefill_time.as_secs_f64() * 1e3,
             prompt.len(),
@@ -69,9 +69,7 @@ impl BackendJob for GenerateArgs {
             result.cache.layers[0].slots_per_head[0],
             result.cache.kv_bytes as f64 / 1024.0,
             result.cache.kv_bytes_per_token() as usize,
-            config.n_layers,
-            config.n_kv_heads,
-            config.head_dim(),
+            config.kv_bytes_per_token(),
         );
         Ok(())
     }

@@ -63,7 +63,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Tour(args) => {
-            let plan = if args.quick { tour::TourPlan::quick()? } else { tour::TourPlan::standard()? };
+            let plan = if args.quick { tour::TourPlan::quick(&args.presets)? } else { tour::TourPlan::standard(&args.presets)? };
             let out = args.out.clone();
             let report = run_on(device, tour::TourJob { args, plan, device })?;
             let written = tour::write_report(&out, &report)?;

@@ -53,7 +53,7 @@ fn tiny_plan(policies: &[&str]) -> TourPlan {
 }
 
 fn run_tour(root: &Path, policies: &[&str]) -> kv_core::Result<TourReport> {
-    let args = TourArgs { quick: true, out: root.join("tour"), models: root.join("models") };
+    let args = TourArgs { quick: true, out: root.join("tour"), models: root.join("models"), presets: vec![] };
     let job = TourJob { args, plan: tiny_plan(policies), device: DeviceKind::Flex };
     crate::backend::BackendJob::run::<B>(job, Default::default())
 }
@@ -140,7 +140,7 @@ fn bad_grid_specs_fail_before_any_work() {
     for (policies, compression, needle) in cases {
         let mut plan = tiny_plan(policies);
         plan.grid.compressions = vec![compression];
-        let args = TourArgs { quick: true, out: root.join("tour"), models: root.join("models") };
+        let args = TourArgs { quick: true, out: root.join("tour"), models: root.join("models"), presets: vec![] };
         let err = crate::backend::BackendJob::run::<B>(TourJob { args, plan, device: DeviceKind::Flex }, Default::default()).unwrap_err().to_string();
         assert!(err.contains(needle), "{err}");
         assert!(!root.join("models").exists(), "training started before the grid was validated");

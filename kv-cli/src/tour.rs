@@ -33,6 +33,11 @@ pub struct TourArgs {
     /// Where trained models are kept and reused by later tours.
     #[arg(long, default_value = "runs/models")]
     pub models: PathBuf,
+    /// Presets to train (or reuse) and compare (default: tiny-mha,tiny-gqa; with --quick:
+    /// quick-mha,quick-gqa). Add tiny-mla, tiny-yoco, tiny-yoco-retention or tiny-mqa to compare
+    /// more architectures, at about 8 minutes of training each on 2 cores.
+    #[arg(long, value_delimiter = ',')]
+    pub presets: Vec<String>,
 }
 
 /// Everything a tour does, so tests can run a tiny one.
@@ -51,19 +56,25 @@ pub struct TourPlan {
 }
 
 impl TourPlan {
-    /// The tour the README runs: the tiny presets, every policy at 50% and 87.5% compression.
-    pub fn standard() -> Result<Self> {
-        Self::with_presets(&["tiny-mha", "tiny-gqa"], 20, 4, vec![512, 2048, 8192], 2048)
+    /// The tour the README runs: the tiny presets (or `presets`), every policy at 50% and 87.5%
+    /// compression.
+    pub fn standard(presets: &[String]) -> Result<Self> {
+        Self::with_presets(&Self::names(presets, &["tiny-mha", "tiny-gqa"]), 20, 4, vec![512, 2048, 8192], 2048)
     }
 
     /// `--quick`: small presets, few samples, short contexts.
-    pub fn quick() -> Result<Self> {
-        Self::with_presets(&["quick-mha", "quick-gqa"], 5, 1, vec![256, 1024], 1024)
+    pub fn quick(presets: &[String]) -> Result<Self> {
+        Self::with_presets(&Self::names(presets, &["quick-mha", "quick-gqa"]), 5, 1, vec![256, 1024], 1024)
+    }
+
+    fn names<'a>(given: &'a [String], default: &[&'a str]) -> Vec<&'a str> {
+        if given.is_empty() { default.to_vec() } else { given.iter().map(String::as_str).collect() }
     }
 
     fn with_presets(names: &[&str], samples: usize, windows: usize, bench_contexts: Vec<usize>, policy_context: usize) -> Result<Self> {
         let presets: Vec<(String, Preset)> = names.iter().map(|n| preset(n).map(|p| (n.to_string(), p))).collect::<Result<_>>()?;
-        let seq_len = presets[0].1.train.as_ref().map_or(256, |t| t.seq_len);
+        let Some((_, first)) = presets.first() else { return Err(KvError::config("--presets", "none", "at least one preset")) };
+        let seq_len = first.train.as_ref().map_or(256, |t| t.seq_len);
         Ok(Self {
             presets,
             grid: GridSpec {
