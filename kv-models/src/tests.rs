@@ -611,12 +611,36 @@ fn latent_conversion_is_exact_at_full_rank_and_reports_what_truncation_loses<B: 
     assert!(err.contains("kv_latent = 40"), "{err}");
 }
 
+fn converted_models_uptrain_below_their_starting_loss<B: Backend>(dev: &B::Device) {
+    type AD<B> = burn::backend::Autodiff<B>;
+    // Partial RoPE (4 of 8 dims) so the latent conversion applies too.
+    let config = DecoderConfig::new(256, 32, 2, 4, 4, 64).with_rope_dims(Some(4));
+    let model = config.init::<B>(dev).unwrap();
+    let grouped = to_grouped(&model, &config, 2).unwrap();
+    let (latent_model, latent_config, _) = to_latent(&model, &config, 16).unwrap();
+    for (name, (m, c)) in [("gqa", grouped), ("mla", (latent_model, latent_config))] {
+        // As `kv convert` then `kv train --init`: saved, then loaded for training.
+        let dir = temp_dir(&format!("converted-{name}"));
+        save_model(&m, &c, &dir).unwrap();
+        let (m, c) = load_model::<AD<B>>(&dir, dev).unwrap();
+        let mut t = train::Trainer::<AD<B>>::from_model(m, c, train_config(6), dev).unwrap();
+        let before = t.evaluate().unwrap().valid_loss;
+        for _ in 0..6 {
+            t.train_step().unwrap();
+        }
+        let after = t.evaluate().unwrap().valid_loss;
+        assert!(after < before, "{name}: validation loss {before} -> {after} after 6 steps");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
 kv_core::backend_tests!(
     batched_forward_matches_each_row_decoded_alone,
     policy_perplexity_with_a_full_cache_matches_the_forward_pass,
     every_policy_with_a_budget_above_the_length_matches_the_full_cache,
     endless_streaming_keeps_the_cache_constant,
     resume_is_exact,
+    converted_models_uptrain_below_their_starting_loss,
     a_few_steps_reduce_the_loss,
     bad_training_configs_are_errors,
     cached_decode_matches_full_forward,
