@@ -5,6 +5,45 @@ use burn::prelude::*;
 use burn::tensor::DType;
 use burn::tensor::activation::softmax;
 
+/// Attention of `q` `[batch, heads, t, d]` over every slot a layer cache holds, whether its
+/// storage is rectangular or ragged; `query_positions` (absolute, `[t]`) masks causally by the
+/// positions the slots remember, `None` lets every query see every slot (a single new token).
+///
+/// Ragged storage (heads with unequal budgets) attends head by head, each KV head's group of
+/// query heads over that head's own slots, and observes nothing: the policies that give heads
+/// unequal budgets act once, at prefill, while storage is still rectangular.
+pub fn attend_cache<B: Backend>(
+    q: Tensor<B, 4>,
+    cache: &kv_core::LayerCache<B>,
+    query_positions: Option<Tensor<B, 1, Int>>,
+    scale: f64,
+    observe: ObserveRequest,
+) -> (Tensor<B, 4>, Option<Observation<B>>) {
+    let causality = |key: Tensor<B, 3, Int>| match &query_positions {
+        None => Causality::None,
+        Some(query) => Causality::ByPosition { query: query.clone(), key },
+    };
+    let Some(heads) = cache.head_caches() else {
+        return grouped_attention(q, &cache.kv_segments(), &causality(cache.positions()), scale, observe);
+    };
+    let [b, h, _, _] = q.dims();
+    let kv = cache.shape().kv_heads;
+    let group = h / kv;
+    let rows = (0..b)
+        .map(|row| {
+            let per_head = (0..kv)
+                .map(|head| {
+                    let c = &heads[row * kv + head];
+                    let q = q.clone().narrow(0, row, 1).narrow(1, head * group, group);
+                    grouped_attention(q, &c.kv_segments(), &causality(c.positions()), scale, ObserveRequest::default()).0
+                })
+                .collect();
+            Tensor::cat(per_head, 1)
+        })
+        .collect();
+    (Tensor::cat(rows, 0), None)
+}
+
 /// Queries are processed in blocks of this many rows so that prefill never materialises a full
 /// `[heads, t, n]` score matrix; it bounds memory at `heads x BLOCK x n` scores.
 pub const QUERY_BLOCK: usize = 256;

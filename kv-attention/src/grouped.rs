@@ -1,6 +1,6 @@
 //! Grouped-query attention: MHA (`kv_heads == heads`), GQA and MQA (`kv_heads == 1`) in one module.
 
-use crate::{Causality, ObserveRequest, Observation, Rotary, RotaryConfig, grouped_attention, position_range};
+use crate::{Causality, ObserveRequest, Observation, Rotary, RotaryConfig, attend_cache, grouped_attention, position_range};
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 use kv_core::{CacheShape, KvError, LayerCache, Result};
@@ -163,12 +163,8 @@ impl<B: Backend> GroupedAttention<B> {
         let (q, k, v) = self.project(x, cache.rope_position());
         cache.append(k, v)?;
         // A single new token comes after every slot, so it needs no mask.
-        let causality = if t == 1 {
-            Causality::None
-        } else {
-            Causality::ByPosition { query: Tensor::arange(start as i64..(start + t) as i64, &device), key: cache.positions() }
-        };
-        let (o, observation) = grouped_attention(q, &cache.kv_segments(), &causality, self.scale(), observe);
+        let query_positions = (t > 1).then(|| Tensor::arange(start as i64..(start + t) as i64, &device));
+        let (o, observation) = attend_cache(q, cache, query_positions, self.scale(), observe);
         Ok(AttentionOutput { output: self.merge_heads(o), observation })
     }
 }

@@ -335,6 +335,10 @@ impl<B: Backend> MlaAttention<B> {
         }
         // Causality uses absolute positions; RoPE uses the cache's rotary position (they differ
         // only after a re-rotating policy shifted it).
+        if cache.is_ragged() {
+            // One latent "head" per row: a per-head budget can never make it ragged by itself.
+            return Err(KvError::config("MLA cache storage", "ragged", "rectangular: the latent is one head shared by every query head"));
+        }
         let start = cache.tokens_seen();
         let device = x.device();
         let pos = position_range::<B>(cache.rope_position(), t, &device);

@@ -285,7 +285,38 @@ fn mla_bad_configs_name_the_value<B: Backend>(dev: &B::Device) {
     assert!(err.contains("layer cache shape") && err.contains("value_dim: 12"), "{err}");
 }
 
+fn ragged_attention_equals_each_heads_rectangular_attention<B: Backend>(dev: &B::Device) {
+    use kv_core::{CacheShape, LayerCache};
+    let (batch, heads, kv, d, n) = (2, 4, 2, 8, 12);
+    let mut full = LayerCache::<B>::new(CacheShape { batch, kv_heads: kv, key_dim: d, value_dim: d }, dev);
+    full.append(randn([batch, kv, n, d], dev), randn([batch, kv, n, d], dev)).unwrap();
+    let keep: Vec<Vec<usize>> = vec![vec![0, 2, 5, 7, 11], (0..12).filter(|&i| i != 3).collect(), vec![4, 11], vec![1, 4, 9, 10]];
+    let mut ragged = full.clone();
+    ragged.retain_per_head(&keep).unwrap();
+    assert!(ragged.is_ragged());
+    // Three queries at positions 9..12 (causal by remembered position), then one unmasked query.
+    for (t, query_positions) in [(3, Some(Tensor::<B, 1, Int>::arange(9..12, dev))), (1, None)] {
+        let q = randn([batch, heads, t, d], dev);
+        let (got, obs) = attend_cache(q.clone(), &ragged, query_positions.clone(), 0.3, ObserveRequest { column_sums: true, window: 0 });
+        assert!(obs.is_none(), "ragged attention observes nothing");
+        assert_eq!(got.dims(), [batch, heads, t, d]);
+        // Reference: every head of a rectangular cache keeps head i's slots; read group i from it.
+        for (i, idx) in keep.iter().enumerate() {
+            let (b, h) = (i / kv, i % kv);
+            let mut rect = full.clone();
+            rect.retain_per_head(&vec![idx.clone(); batch * kv]).unwrap();
+            assert!(!rect.is_ragged());
+            let (want, _) = attend_cache(q.clone(), &rect, query_positions.clone(), 0.3, ObserveRequest::default());
+            let group = heads / kv;
+            let pick = |x: Tensor<B, 4>| x.narrow(0, b, 1).narrow(1, h * group, group);
+            let diff = max_abs_diff(pick(got.clone()), pick(want));
+            assert!(diff <= 1e-6, "t {t}, head {i}: {diff}");
+        }
+    }
+}
+
 kv_core::backend_tests!(
+    ragged_attention_equals_each_heads_rectangular_attention,
     rope_dot_products_depend_only_on_relative_position,
     rope_rerotation_by_delta_equals_rotation_at_target,
     rope_rejects_odd_dim,

@@ -17,13 +17,20 @@ pub struct CacheShape {
     pub value_dim: usize,
 }
 
-/// A layer's cache with rectangular storage: every KV head holds the same number of slots.
+/// A layer's cache: keys, values, positions and side channels of the slots each KV head holds.
 ///
-/// Keys are `[batch, kv_heads, slots, key_dim]`, values `[batch, kv_heads, slots, value_dim]`,
+/// **Rectangular storage** (the usual one): every KV head holds the same number of slots. Keys are `[batch, kv_heads, slots, key_dim]`, values `[batch, kv_heads, slots, value_dim]`,
 /// positions `[batch, kv_heads, slots]` (Int) and each side channel `[batch, kv_heads, slots]`.
 /// All of them are [`SlotBuffer`]s of the same length: appending a token copies at most a small
 /// tail, never the whole cache (see `slots.rs` for why a plain in-place write is not enough on
 /// burn-flex), and attention reads the held slots as at most two contiguous segments.
+///
+/// **Ragged storage**: after [`retain_per_head`](Self::retain_per_head) gives heads unequal
+/// budgets (AdaKV; later FastGen, DMC), every (batch row, KV head) owns a `[1, 1, n_i, ..]` cache
+/// of its own, so a head that keeps fewer slots really holds fewer bytes. Attention then runs per
+/// head over [`head_caches`](Self::head_caches); the rectangular views are empty and the
+/// operations that need one slot count per layer (`retain`, side channels, re-rotation) return
+/// an error instead of acting on the wrong slots.
 #[derive(Debug, Clone)]
 pub struct LayerCache<B: Backend> {
     shape: CacheShape,
@@ -34,6 +41,8 @@ pub struct LayerCache<B: Backend> {
     seen: usize,
     rope_shift: usize,
     device: B::Device,
+    /// Per (batch row, KV head) caches, index `b * kv_heads + h`, when storage is ragged.
+    ragged: Option<Vec<LayerCache<B>>>,
 }
 
 impl<B: Backend> LayerCache<B> {
@@ -49,7 +58,40 @@ impl<B: Backend> LayerCache<B> {
             seen: 0,
             rope_shift: 0,
             device: device.clone(),
+            ragged: None,
         }
+    }
+
+    /// Whether heads hold unequal numbers of slots, each in a cache of its own.
+    pub fn is_ragged(&self) -> bool {
+        self.ragged.is_some()
+    }
+
+    /// The per-head caches of ragged storage (index `b * kv_heads + h`, each `[1, 1, n_i, ..]`);
+    /// `None` for rectangular storage.
+    pub fn head_caches(&self) -> Option<&[LayerCache<B>]> {
+        self.ragged.as_deref()
+    }
+
+    /// Slots held by every (batch row, KV head), index `b * kv_heads + h`.
+    pub fn slots_per_head(&self) -> Vec<usize> {
+        match &self.ragged {
+            Some(heads) => heads.iter().map(|h| h.slots()).collect(),
+            None => vec![self.slots(); self.shape.batch * self.shape.kv_heads],
+        }
+    }
+
+    /// The error for an operation that needs rectangular storage.
+    fn needs_rectangular(&self, what: &str) -> KvError {
+        KvError::config(
+            format!("{what} on a layer cache"),
+            format!("ragged storage (slots per head {:?})", self.slots_per_head()),
+            "rectangular storage: a per-head-budget policy (AdaKV) compresses once, at prefill, and cannot be followed by another eviction",
+        )
+    }
+
+    fn check_rectangular(&self, what: &str) -> Result<()> {
+        if self.is_ragged() { Err(self.needs_rectangular(what)) } else { Ok(()) }
     }
 
     /// The fixed dimensions of this cache.
@@ -57,9 +99,12 @@ impl<B: Backend> LayerCache<B> {
         self.shape
     }
 
-    /// Slots held per KV head.
+    /// Slots held per KV head (with ragged storage: the most any head holds).
     pub fn slots(&self) -> usize {
-        self.positions.len()
+        match &self.ragged {
+            Some(heads) => heads.iter().map(|h| h.slots()).max().unwrap_or(0),
+            None => self.positions.len(),
+        }
     }
 
     /// Tokens seen so far: the RoPE position of the next token, whatever was evicted.
@@ -76,6 +121,7 @@ impl<B: Backend> LayerCache<B> {
     /// Lowers the RoPE position of every future token by `by`, for a policy that has just
     /// re-rotated the cached keys `by` positions down; `tokens_seen` is unchanged.
     pub fn shift_rope(&mut self, by: usize) -> Result<()> {
+        self.check_rectangular("re-rotation")?;
         if self.rope_shift + by > self.seen {
             return Err(KvError::config("rope shift", self.rope_shift + by, format!("at most the {} tokens seen", self.seen)));
         }
@@ -90,6 +136,10 @@ impl<B: Backend> LayerCache<B> {
 
     /// Makes room for at least `extra` more slots, so a known-length generation never regrows.
     pub fn reserve(&mut self, extra: usize) {
+        if let Some(heads) = &mut self.ragged {
+            heads.iter_mut().for_each(|h| h.reserve(extra));
+            return;
+        }
         let total = self.slots() + extra;
         self.keys.reserve_total(total);
         self.values.reserve_total(total);
@@ -113,6 +163,14 @@ impl<B: Backend> LayerCache<B> {
         if t == 0 {
             return Ok(());
         }
+        if let Some(heads) = &mut self.ragged {
+            for (i, head) in heads.iter_mut().enumerate() {
+                let (b, h) = (i / kv_heads, i % kv_heads);
+                head.append(keys.clone().narrow(0, b, 1).narrow(1, h, 1), values.clone().narrow(0, b, 1).narrow(1, h, 1))?;
+            }
+            self.seen += t;
+            return Ok(());
+        }
         self.keys.append(keys);
         self.values.append(values);
         let pos = Tensor::<B, 1, Int>::arange(self.seen as i64..(self.seen + t) as i64, &self.device)
@@ -126,31 +184,37 @@ impl<B: Backend> LayerCache<B> {
         Ok(())
     }
 
-    /// The keys held, `[batch, kv_heads, slots, key_dim]`.
+    /// The keys held, `[batch, kv_heads, slots, key_dim]` (rectangular storage; empty when ragged).
     pub fn keys(&self) -> Tensor<B, 4> {
+        debug_assert!(!self.is_ragged(), "rectangular view of a ragged cache: read head_caches()");
         self.keys.view()
     }
 
-    /// The values held, `[batch, kv_heads, slots, value_dim]`.
+    /// The values held, `[batch, kv_heads, slots, value_dim]` (rectangular storage; empty when ragged).
     pub fn values(&self) -> Tensor<B, 4> {
+        debug_assert!(!self.is_ragged(), "rectangular view of a ragged cache: read head_caches()");
         self.values.view()
     }
 
     /// The keys and values held as contiguous segments in slot order, for attention kernels that
-    /// read the cache without concatenating it.
+    /// read the cache without concatenating it (rectangular storage; none when ragged).
     pub fn kv_segments(&self) -> Vec<(Tensor<B, 4>, Tensor<B, 4>)> {
+        debug_assert!(!self.is_ragged(), "rectangular view of a ragged cache: read head_caches()");
         let (k, v) = (self.keys.segments(), self.values.segments());
         debug_assert_eq!(k.len(), v.len());
         k.into_iter().zip(v).collect()
     }
 
-    /// The original (absolute) position of every slot, `[batch, kv_heads, slots]`.
+    /// The original (absolute) position of every slot, `[batch, kv_heads, slots]` (rectangular
+    /// storage; empty when ragged).
     pub fn positions(&self) -> Tensor<B, 3, Int> {
+        debug_assert!(!self.is_ragged(), "rectangular view of a ragged cache: read head_caches()");
         self.positions.view()
     }
 
     /// Overwrites the keys held, for example after re-rotating them to new positions.
     pub fn set_keys(&mut self, keys: Tensor<B, 4>) -> Result<()> {
+        self.check_rectangular("set_keys")?;
         let CacheShape { batch, kv_heads, key_dim, .. } = self.shape;
         let n = self.slots();
         if keys.dims() != [batch, kv_heads, n, key_dim] {
@@ -162,6 +226,7 @@ impl<B: Backend> LayerCache<B> {
 
     /// Overwrites the recorded positions of the slots held (StreamingLLM's in-cache positions).
     pub fn set_positions(&mut self, positions: Tensor<B, 3, Int>) -> Result<()> {
+        self.check_rectangular("set_positions")?;
         let CacheShape { batch, kv_heads, .. } = self.shape;
         let n = self.slots();
         if positions.dims() != [batch, kv_heads, n] {
@@ -175,6 +240,9 @@ impl<B: Backend> LayerCache<B> {
     pub fn add_side(&mut self, name: &str) {
         if self.side.iter().any(|(n, _)| n == name) {
             return;
+        }
+        if let Some(heads) = &mut self.ragged {
+            heads.iter_mut().for_each(|h| h.add_side(name));
         }
         let CacheShape { batch, kv_heads, .. } = self.shape;
         let mut buf = SlotBuffer::zeros([batch, kv_heads, 0], &self.device);
@@ -200,12 +268,14 @@ impl<B: Backend> LayerCache<B> {
 
     /// A side channel's values for the slots held, `[batch, kv_heads, slots]`.
     pub fn side(&self, name: &str) -> Result<Tensor<B, 3>> {
+        self.check_rectangular("reading a side channel")?;
         let i = self.side_index(name)?;
         Ok(self.side[i].1.view())
     }
 
     /// Overwrites a side channel for the slots held.
     pub fn set_side(&mut self, name: &str, values: Tensor<B, 3>) -> Result<()> {
+        self.check_rectangular("writing a side channel")?;
         let i = self.side_index(name)?;
         let CacheShape { batch, kv_heads, .. } = self.shape;
         let n = self.slots();
@@ -222,6 +292,7 @@ impl<B: Backend> LayerCache<B> {
     /// Indices must be below [`slots`](Self::slots); checking that would cost a host sync, so it is
     /// the caller's contract (policies build them with top-k over the slots held).
     pub fn retain(&mut self, indices: Tensor<B, 3, Int>) -> Result<()> {
+        self.check_rectangular("retain")?;
         let CacheShape { batch, kv_heads, value_dim, .. } = self.shape;
         let [ib, ih, k] = indices.dims();
         if [ib, ih] != [batch, kv_heads] || k > self.slots() || k == 0 {
@@ -257,6 +328,7 @@ impl<B: Backend> LayerCache<B> {
     /// Keeps only the newest `n` slots (a sliding window's eviction); `n == 0` drops every slot.
     /// Unlike [`clear`](Self::clear), the token counter and the side channels' names stay.
     pub fn keep_last(&mut self, n: usize) -> Result<()> {
+        self.check_rectangular("keep_last")?;
         let held = self.slots();
         if held <= n {
             return Ok(());
@@ -274,6 +346,77 @@ impl<B: Backend> LayerCache<B> {
         Ok(())
     }
 
+    /// Keeps, for every (batch row `b`, KV head `h`), the slots `keep[b * kv_heads + h]` (slot
+    /// indices in increasing order); heads may keep different numbers of slots.
+    ///
+    /// Equal counts keep rectangular storage (one gather, as [`retain`](Self::retain)); unequal
+    /// ones move every head into a cache of its own, sized to what it keeps, so the bytes held
+    /// shrink with each head's budget. Indices are checked here: they come from the host anyway,
+    /// because unequal budgets need their sizes on the host to allocate.
+    pub fn retain_per_head(&mut self, keep: &[Vec<usize>]) -> Result<()> {
+        let CacheShape { batch, kv_heads, .. } = self.shape;
+        if keep.len() != batch * kv_heads {
+            return Err(KvError::config("per-head index lists", keep.len(), format!("one per batch row and KV head ({batch} x {kv_heads})")));
+        }
+        let held = self.slots_per_head();
+        for (i, (idx, &n)) in keep.iter().zip(&held).enumerate() {
+            let sorted = idx.windows(2).all(|w| w[0] < w[1]);
+            if idx.is_empty() || !sorted || idx.last().is_some_and(|&last| last >= n) {
+                return Err(KvError::config(
+                    format!("kept slots of head {i}"),
+                    format!("{} indices, last {:?}", idx.len(), idx.last()),
+                    format!("1 or more strictly increasing indices below the {n} slots it holds"),
+                ));
+            }
+        }
+        let to_tensor = |idx: &[usize], dims: [usize; 3]| {
+            let ints: Vec<i64> = idx.iter().map(|&i| i as i64).collect();
+            Tensor::<B, 1, Int>::from_ints(ints.as_slice(), &self.device).reshape(dims)
+        };
+        if let Some(heads) = &mut self.ragged {
+            for (head, idx) in heads.iter_mut().zip(keep) {
+                if idx.len() < head.slots() {
+                    head.retain(to_tensor(idx, [1, 1, idx.len()]))?;
+                }
+            }
+            return Ok(());
+        }
+        let k = keep[0].len();
+        if keep.iter().all(|idx| idx.len() == k) {
+            let flat: Vec<usize> = keep.concat();
+            return self.retain(to_tensor(&flat, [batch, kv_heads, k]));
+        }
+        let (keys, values, positions) = (self.keys.view(), self.values.view(), self.positions.view());
+        let sides: Vec<(String, Tensor<B, 3>)> = self.side.iter().map(|(n, b)| (n.clone(), b.view())).collect();
+        let one = CacheShape { batch: 1, kv_heads: 1, ..self.shape };
+        let mut heads = Vec::with_capacity(keep.len());
+        for (i, idx) in keep.iter().enumerate() {
+            let (b, h) = (i / kv_heads, i % kv_heads);
+            let sel = to_tensor(idx, [idx.len(), 1, 1]).reshape([idx.len()]);
+            let pick4 = |t: &Tensor<B, 4>| t.clone().narrow(0, b, 1).narrow(1, h, 1).select(2, sel.clone());
+            let mut head = LayerCache::new(one, &self.device);
+            head.keys.replace(pick4(&keys));
+            head.values.replace(if self.shape.value_dim > 0 { pick4(&values) } else { Tensor::zeros([1, 1, idx.len(), 0], &self.device) });
+            head.positions.replace(positions.clone().narrow(0, b, 1).narrow(1, h, 1).select(2, sel.clone()));
+            for (name, side) in &sides {
+                let mut buf = SlotBuffer::zeros([1, 1, 0], &self.device);
+                buf.replace(side.clone().narrow(0, b, 1).narrow(1, h, 1).select(2, sel.clone()));
+                head.side.push((name.clone(), buf));
+            }
+            (head.seen, head.rope_shift) = (self.seen, self.rope_shift);
+            heads.push(head);
+        }
+        let CacheShape { key_dim, value_dim, .. } = self.shape;
+        self.keys = SlotBuffer::zeros([batch, kv_heads, 0, key_dim], &self.device);
+        self.values = SlotBuffer::zeros([batch, kv_heads, 0, value_dim], &self.device);
+        self.positions = SlotBuffer::zeros([batch, kv_heads, 0], &self.device);
+        for (_, buf) in self.side.iter_mut() {
+            *buf = SlotBuffer::zeros([batch, kv_heads, 0], &self.device);
+        }
+        self.ragged = Some(heads);
+        Ok(())
+    }
+
     /// Drops every slot and resets the token counter.
     pub fn clear(&mut self) {
         *self = Self::new(self.shape, &self.device);
@@ -281,6 +424,16 @@ impl<B: Backend> LayerCache<B> {
 
     /// Statistics measured from the tensors held.
     pub fn stats(&self) -> LayerStats {
+        if let Some(heads) = &self.ragged {
+            let per: Vec<LayerStats> = heads.iter().map(|h| h.stats()).collect();
+            return LayerStats {
+                slots_per_head: per.iter().map(|s| s.slots_per_head[0]).collect(),
+                tokens_seen: self.seen,
+                kv_bytes: per.iter().map(|s| s.kv_bytes).sum(),
+                metadata_bytes: per.iter().map(|s| s.metadata_bytes).sum(),
+                allocated_bytes: per.iter().map(|s| s.allocated_bytes).sum(),
+            };
+        }
         fn bytes<B: Backend, const D: usize, K: burn::tensor::BasicOps<B>>(t: &[Tensor<B, D, K>]) -> usize {
             t.iter().map(|t| t.dims().iter().product::<usize>() * t.dtype().size()).sum()
         }
@@ -292,7 +445,7 @@ impl<B: Backend> LayerCache<B> {
             allocated_bytes += buf.allocated_bytes();
         }
         LayerStats {
-            slots_per_head: vec![self.slots(); self.shape.kv_heads],
+            slots_per_head: self.slots_per_head(),
             tokens_seen: self.seen,
             kv_bytes,
             metadata_bytes,

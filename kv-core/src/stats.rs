@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 /// What one layer's cache holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LayerStats {
-    /// Slots held by each KV head (equal for rectangular storage).
+    /// Slots held by each (batch row, KV head), index `b * kv_heads + h` (equal unless storage is ragged).
     pub slots_per_head: Vec<usize>,
     /// Tokens seen by this layer.
     pub tokens_seen: usize,

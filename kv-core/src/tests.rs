@@ -104,7 +104,7 @@ fn retain_moves_everything_together<B: Backend>(dev: &B::Device) {
     assert_eq!(ints(c.positions())[3], n as i64);
     assert_eq!(floats(c.side("score").unwrap())[3], 0.0);
     let stats = c.stats();
-    assert_eq!(stats.slots_per_head, vec![4, 4]);
+    assert_eq!(stats.slots_per_head, vec![4; b * h], "one entry per (batch row, head)");
     assert_eq!(stats.kv_bytes, 2 * b * h * 4 * d * 4);
 }
 
@@ -192,7 +192,67 @@ fn model_stats_count_local_windows_and_states<B: Backend>(dev: &B::Device) {
     assert_eq!((cache.stats().kv_bytes, cache.state_names().len()), (0, 0));
 }
 
+fn ragged_storage_holds_each_heads_own_slots<B: Backend>(dev: &B::Device) {
+    let d = 4;
+    let mut c = LayerCache::<B>::new(shape(2, 2, d), dev);
+    let (k, v) = tagged::<B>(2, 2, 0, 10, d, dev);
+    c.append(k, v).unwrap();
+    c.add_side("tag");
+    c.set_side("tag", c.positions().float()).unwrap();
+    // Equal counts stay rectangular.
+    let mut rect = c.clone();
+    rect.retain_per_head(&[vec![0, 5, 9], vec![1, 2, 3], vec![4, 6, 8], vec![0, 1, 9]]).unwrap();
+    assert!(!rect.is_ragged());
+    assert_eq!(ints(rect.positions()), vec![0, 5, 9, 1, 2, 3, 4, 6, 8, 0, 1, 9]);
+    // Unequal counts: every (row, head) holds exactly its own slots, and the bytes shrink with them.
+    let keep = vec![vec![0, 9], vec![1, 2, 3, 4, 5, 6, 7], vec![9], vec![0, 3, 6, 9]];
+    c.retain_per_head(&keep).unwrap();
+    assert!(c.is_ragged());
+    assert_eq!(c.slots_per_head(), vec![2, 7, 1, 4]);
+    assert_eq!(c.slots(), 7);
+    let stats = c.stats();
+    assert_eq!(stats.slots_per_head, vec![2, 7, 1, 4]);
+    assert_eq!(stats.kv_bytes, 14 * 2 * d * 4, "keys + values of 14 slots");
+    let int_bytes = Tensor::<B, 1, Int>::zeros([1], dev).dtype().size();
+    assert_eq!(stats.metadata_bytes, 14 * (int_bytes + 4), "an Int position and one f32 side value per slot");
+    let heads = c.head_caches().unwrap();
+    for (i, (head, idx)) in heads.iter().zip(&keep).enumerate() {
+        let (b, h) = (i / 2, i % 2);
+        let want: Vec<i64> = idx.iter().map(|&p| p as i64).collect();
+        assert_eq!(ints(head.positions()), want, "head {i}");
+        let keys: Vec<f32> = idx.iter().flat_map(|&p| [(b * 10_000 + h * 1_000 + p) as f32; 4]).collect();
+        assert_eq!(floats(head.keys()), keys, "head {i} keys");
+        assert_eq!(floats(head.values()), keys.iter().map(|k| -k).collect::<Vec<_>>(), "head {i} values");
+        assert_eq!(floats(head.side("tag").unwrap()), want.iter().map(|&p| p as f32).collect::<Vec<_>>(), "head {i} side data");
+    }
+    // Appending adds the new token to every head; the counter is the tokens seen, not slots.
+    let (k, v) = tagged::<B>(2, 2, 10, 1, d, dev);
+    c.append(k, v).unwrap();
+    assert_eq!(c.slots_per_head(), vec![3, 8, 2, 5]);
+    assert_eq!((c.tokens_seen(), c.rope_position()), (11, 11));
+    assert!(c.head_caches().unwrap().iter().all(|h| ints(h.positions()).last() == Some(&10)));
+    // A second per-head retain works head by head.
+    c.retain_per_head(&[vec![2], vec![0, 7], vec![0, 1], vec![4]]).unwrap();
+    assert_eq!(c.slots_per_head(), vec![1, 2, 2, 1]);
+    assert_eq!(c.stats().kv_bytes, 6 * 2 * d * 4);
+    // Operations that need one slot count per layer say so instead of acting on the wrong slots.
+    let idx = Tensor::<B, 3, Int>::zeros([2, 2, 1], dev);
+    let e = c.retain(idx).unwrap_err().to_string();
+    assert!(e.contains("retain") && e.contains("ragged") && e.contains("[1, 2, 2, 1]"), "{e}");
+    assert!(c.side("tag").unwrap_err().to_string().contains("rectangular storage"));
+    assert!(c.shift_rope(1).is_err());
+    // Bad index lists name the head and what is valid.
+    let e = c.retain_per_head(&[vec![0], vec![1, 0], vec![0], vec![0]]).unwrap_err().to_string();
+    assert!(e.contains("head 1") && e.contains("strictly increasing"), "{e}");
+    let e = c.retain_per_head(&[vec![0], vec![5], vec![0], vec![0]]).unwrap_err().to_string();
+    assert!(e.contains("below the 2 slots"), "{e}");
+    assert!(c.retain_per_head(&[vec![0]]).unwrap_err().to_string().contains("2 x 2"));
+    c.clear();
+    assert!(!c.is_ragged());
+}
+
 crate::backend_tests!(
+    ragged_storage_holds_each_heads_own_slots,
     keep_last_trims_to_a_window_and_keeps_the_counter,
     model_stats_count_local_windows_and_states,
     bytes_match_formula,

@@ -256,7 +256,7 @@ fn every_policy_with_a_budget_above_the_length_matches_the_full_cache<B: Backend
     let ids = sequence(30);
     let mut full_cache = model.new_cache(1);
     let want = model.forward_cached(tokens(&ids, dev), &mut full_cache).unwrap();
-    for spec in ["full", "streaming:budget=64", "streaming:budget=1.0,rerotate=true", "h2o:budget=1.0", "h2o:budget=64,normalize=true", "vatp:budget=1.0", "knorm:budget=1.0", "snapkv:budget=1.0,window=8", "tova:budget=1.0", "pyramidkv:budget=1.0,window=8"] {
+    for spec in ["full", "streaming:budget=64", "streaming:budget=1.0,rerotate=true", "h2o:budget=1.0", "h2o:budget=64,normalize=true", "vatp:budget=1.0", "knorm:budget=1.0", "snapkv:budget=1.0,window=8", "tova:budget=1.0", "pyramidkv:budget=1.0,window=8", "adakv:budget=1.0,window=8", "adakv:budget=1.0,scorer=h2o"] {
         let mut policy = kv_policies::build_policy::<B>(spec).unwrap();
         let mut cache = model.new_cache(1);
         let mut parts = vec![model.forward_with_policy(tokens(&ids[..20], dev), &mut cache, policy.as_mut(), kv_policies::Phase::Prefill).unwrap()];
@@ -412,6 +412,7 @@ fn mla_policies_with_a_budget_above_the_length_match_the_full_cache<B: Backend>(
         "vatp:budget=1.0",
         "knorm:budget=1.0",
         "pyramidkv:budget=1.0,window=8",
+        "adakv:budget=1.0,window=8",
     ];
     for spec in specs {
         let mut policy = kv_policies::build_policy::<B>(spec).unwrap();
@@ -440,6 +441,8 @@ fn mla_policies_with_a_small_budget_keep_exactly_the_budget<B: Backend>(dev: &B:
         (format!("tova:budget={budget}"), budget, budget),
         // SnapKV compresses the prompt once; decoded tokens then accumulate.
         (format!("snapkv:budget={budget},window=4"), budget, budget + 10),
+        // One latent head: AdaKV's layer-wide top-k is SnapKV's, and storage stays rectangular.
+        (format!("adakv:budget={budget},window=4"), budget, budget + 10),
     ];
     for (spec, after_prefill, at_end) in specs {
         let mut policy = kv_policies::build_policy::<B>(&spec).unwrap();
@@ -634,7 +637,37 @@ fn converted_models_uptrain_below_their_starting_loss<B: Backend>(dev: &B::Devic
     }
 }
 
+fn adakv_decodes_from_ragged_storage_and_holds_fewer_bytes<B: Backend>(dev: &B::Device) {
+    let model = tiny(8, 2).init::<B>(dev).unwrap();
+    let ids = sequence(30);
+    let (head_dim, kv) = (32 / 8, 2);
+    for spec in ["adakv:budget=8,window=4,min_share=0.25", "adakv:budget=8,min_share=0.25,scorer=h2o"] {
+        let mut policy = kv_policies::build_policy::<B>(spec).unwrap();
+        let mut cache = model.new_cache(1);
+        let mut parts = vec![model.forward_with_policy(tokens(&ids[..20], dev), &mut cache, policy.as_mut(), kv_policies::Phase::Prefill).unwrap()];
+        let prefill = cache.stats();
+        for l in &prefill.layers {
+            assert_eq!(l.slots_per_head.iter().sum::<usize>(), kv * 8, "{spec}: {:?}", l.slots_per_head);
+            assert!(l.slots_per_head.iter().all(|&s| s >= 2), "{spec}: {:?}", l.slots_per_head);
+            assert_eq!(l.kv_bytes, kv * 8 * 2 * head_dim * 4, "{spec}: measured bytes");
+        }
+        for (step, &id) in ids[20..].iter().enumerate() {
+            let phase = kv_policies::Phase::Decode { step: step + 1 };
+            parts.push(model.forward_with_policy(tokens(&[id], dev), &mut cache, policy.as_mut(), phase).unwrap());
+        }
+        let logits = Tensor::cat(parts, 1);
+        assert!(logits.clone().is_finite().all().into_scalar().to_bool(), "{spec}");
+        let stats = cache.stats();
+        assert_eq!(stats.tokens_seen, 30);
+        assert_eq!(stats.kv_bytes, 2 * kv * (8 + 10) * 2 * head_dim * 4, "{spec}: every head grew by the 10 decoded tokens");
+        // Compressing really changed what the model attends to.
+        let (full, _) = decode_logits(&model, &ids, 20, dev);
+        assert!(max_abs_diff(logits, full) > 1e-4, "{spec}");
+    }
+}
+
 kv_core::backend_tests!(
+    adakv_decodes_from_ragged_storage_and_holds_fewer_bytes,
     batched_forward_matches_each_row_decoded_alone,
     policy_perplexity_with_a_full_cache_matches_the_forward_pass,
     every_policy_with_a_budget_above_the_length_matches_the_full_cache,

@@ -167,6 +167,7 @@ fn yoco_policies_with_a_budget_above_the_length_match_the_full_cache<B: Backend>
             "tova:budget=1.0",
             "knorm:budget=1.0",
             "pyramidkv:budget=1.0,window=8",
+            "adakv:budget=1.0,window=8",
         ];
         for spec in specs {
             let (got, cache) = decode_with(&model, &ids, 20, spec, dev);

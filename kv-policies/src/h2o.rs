@@ -2,7 +2,7 @@
 //! recent window.
 
 use crate::select::{group_sum, keep_top_k, over_budget, protect, recent_mask, sink_mask};
-use crate::{CachePolicy, LayerContext, PolicySpec, Schedule};
+use crate::{CachePolicy, LayerContext, PolicySpec, Schedule, Scorer};
 use burn::prelude::*;
 use kv_attention::{ObserveRequest, Observation};
 use kv_core::{Budget, KvError, LayerCache, Result};
@@ -72,18 +72,38 @@ impl<B: Backend> CachePolicy<B> for H2oPolicy {
     }
 
     fn after_attention(&mut self, ctx: &LayerContext<'_, B>, cache: &mut LayerCache<B>, obs: Option<&Observation<B>>) -> Result<()> {
+        self.accumulate(cache, obs)?;
+        let Some((_, k)) = over_budget(self.schedule, self.budget, ctx.phase, cache) else { return Ok(()) };
+        let scores = self.protected_scores(cache, k)?;
+        keep_top_k(cache, scores, k)
+    }
+}
+
+impl H2oPolicy {
+    /// Adds this call's attention column sums to every slot's accumulated score.
+    fn accumulate<B: Backend>(&self, cache: &mut LayerCache<B>, obs: Option<&Observation<B>>) -> Result<()> {
         let sums = obs
             .and_then(|o| o.column_sums.clone())
             .ok_or_else(|| KvError::config("h2o observation", "none", "attention column sums (the model ignored the policy's request)"))?;
         cache.add_side(ACC_CHANNEL);
         let acc = cache.side(ACC_CHANNEL)? + group_sum(sums, cache.shape().kv_heads);
-        cache.set_side(ACC_CHANNEL, acc)?;
-        let Some((n, k)) = over_budget(self.schedule, self.budget, ctx.phase, cache) else { return Ok(()) };
+        cache.set_side(ACC_CHANNEL, acc)
+    }
+
+    /// The scores with the recent share of a `k`-slot budget and the sinks protected.
+    fn protected_scores<B: Backend>(&self, cache: &LayerCache<B>, k: usize) -> Result<Tensor<B, 3>> {
         let window = ((k as f32 * self.recent).round() as usize).min(k);
-        let mut scores = protect(self.scores(cache)?, recent_mask(n, window, &cache.device()));
+        let mut scores = protect(self.scores(cache)?, recent_mask(cache.slots(), window, &cache.device()));
         if self.sinks > 0 {
             scores = protect(scores, sink_mask(cache, self.sinks));
         }
-        keep_top_k(cache, scores, k)
+        Ok(scores)
+    }
+}
+
+impl<B: Backend> Scorer<B> for H2oPolicy {
+    fn score(&self, _: &LayerContext<'_, B>, cache: &mut LayerCache<B>, obs: Option<&Observation<B>>, k: usize) -> Result<Tensor<B, 3>> {
+        self.accumulate(cache, obs)?;
+        self.protected_scores(cache, k)
     }
 }

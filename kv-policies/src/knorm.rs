@@ -1,7 +1,7 @@
 //! Key-norm eviction (Devoto et al., EMNLP 2024): keep the keys with the lowest L2 norm.
 
 use crate::select::{keep_top_k, over_budget};
-use crate::{CachePolicy, LayerContext, PolicySpec, Schedule};
+use crate::{CachePolicy, LayerContext, PolicySpec, Schedule, Scorer};
 use burn::prelude::*;
 use kv_attention::{ObserveRequest, Observation};
 use kv_core::{Budget, LayerCache, Result};
@@ -35,12 +35,23 @@ impl<B: Backend> CachePolicy<B> for KnormPolicy {
         ObserveRequest::default()
     }
 
-    fn after_attention(&mut self, ctx: &LayerContext<'_, B>, cache: &mut LayerCache<B>, _: Option<&Observation<B>>) -> Result<()> {
-        if ctx.layer < self.skip_layers {
+    fn after_attention(&mut self, ctx: &LayerContext<'_, B>, cache: &mut LayerCache<B>, obs: Option<&Observation<B>>) -> Result<()> {
+        if self.skips_layer(ctx) {
             return Ok(());
         }
         let Some((_, k)) = over_budget(self.schedule, self.budget, ctx.phase, cache) else { return Ok(()) };
-        let norms = cache.keys().powi_scalar(2).sum_dim(3).squeeze_dim::<3>(3);
-        keep_top_k(cache, norms.neg(), k)
+        let scores = self.score(ctx, cache, obs, k)?;
+        keep_top_k(cache, scores, k)
+    }
+}
+
+impl<B: Backend> Scorer<B> for KnormPolicy {
+    /// Minus the squared L2 norm of each key: the smallest norms score highest.
+    fn score(&self, _: &LayerContext<'_, B>, cache: &mut LayerCache<B>, _: Option<&Observation<B>>, _: usize) -> Result<Tensor<B, 3>> {
+        Ok(cache.keys().powi_scalar(2).sum_dim(3).squeeze_dim::<3>(3).neg())
+    }
+
+    fn skips_layer(&self, ctx: &LayerContext<'_, B>) -> bool {
+        ctx.layer < self.skip_layers
     }
 }

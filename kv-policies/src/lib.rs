@@ -14,11 +14,17 @@
 //! | `snapkv` | `snapkv.rs` | observation-window attention, pooled |
 //! | `tova` | `tova.rs` | the latest query's attention, averaged over the layer's heads |
 //! | `pyramidkv` | `pyramid.rs` | SnapKV with per-layer budgets shrinking with depth |
+//! | `adakv` | `adakv.rs` | any scorer, one top-k across a layer's heads (unequal per-head budgets) |
+//!
+//! The scoring policies also implement [`Scorer`], so a selection rule other than their own
+//! per-head top-k (AdaKV's) can use their scores.
 
+mod adakv;
 mod h2o;
 mod knorm;
 mod policy;
 mod pyramid;
+mod scorer;
 pub mod select;
 mod snapkv;
 mod spec;
@@ -26,11 +32,13 @@ mod streaming;
 mod tova;
 mod vatp;
 
+pub use adakv::{ADAKV_SCORERS, AdaKvPolicy};
 pub use h2o::{ACC_CHANNEL, H2oPolicy};
+pub use scorer::Scorer;
 pub use knorm::KnormPolicy;
 pub use policy::{CachePolicy, FullCache, LayerContext, Phase, Schedule};
 pub use snapkv::{Pool, SnapKvPolicy, pool1d};
-pub use spec::{POLICY_NAMES, Params, PolicySpec, build_policy};
+pub use spec::{POLICY_NAMES, Params, PolicySpec, build_policy, build_scorer};
 pub use pyramid::PyramidKvPolicy;
 pub use streaming::StreamingPolicy;
 pub use tova::TovaPolicy;

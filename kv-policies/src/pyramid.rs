@@ -69,6 +69,6 @@ impl<B: Backend> CachePolicy<B> for PyramidKvPolicy {
             return Ok(());
         }
         let k = self.layer_budget(flat, ctx.layer, ctx.n_layers).min(cache.tokens_seen());
-        self.snapkv.compress(cache, obs, k)
+        self.snapkv.compress(ctx, cache, obs, k)
     }
 }

@@ -22,8 +22,8 @@ pub fn group_sum<B: Backend>(x: Tensor<B, 3>, kv_heads: usize) -> Tensor<B, 3> {
     x.reshape([b, kv_heads, h / kv_heads, n]).sum_dim(2).reshape([b, kv_heads, n])
 }
 
-/// Indices of the `k` largest entries along dim 2 (`k < n`).
-fn top_k_indices<B: Backend>(scores: Tensor<B, 3>, k: usize) -> Tensor<B, 3, Int> {
+/// Indices of the `k` largest entries along dim 2 (`k < n`), in no particular order.
+pub fn top_k_indices<B: Backend>(scores: Tensor<B, 3>, k: usize) -> Tensor<B, 3, Int> {
     // argtopk is native on CubeCL but unimplemented on the CPU backends, where a sort is cheap.
     if B::name(&scores.device()).contains("cubecl") || B::name(&scores.device()).contains("fusion") {
         scores.argtopk(k, 2)

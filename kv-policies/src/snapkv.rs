@@ -2,7 +2,7 @@
 //! window of the last prompt queries.
 
 use crate::select::{group_sum, keep_top_k, protect, recent_mask};
-use crate::{CachePolicy, LayerContext, PolicySpec, Schedule};
+use crate::{CachePolicy, LayerContext, PolicySpec, Schedule, Scorer};
 use burn::prelude::*;
 use kv_attention::{ObserveRequest, Observation};
 use kv_core::{Budget, KvError, LayerCache, Result};
@@ -98,30 +98,39 @@ impl<B: Backend> CachePolicy<B> for SnapKvPolicy {
             return Ok(());
         }
         let k = self.budget.slots_for(cache.tokens_seen());
-        self.compress(cache, obs, k)
+        self.compress(ctx, cache, obs, k)
     }
 }
 
 impl SnapKvPolicy {
     /// Keeps `k` slots per KV head: the observation window and the best-voted prefix slots.
-    pub fn compress<B: Backend>(&self, cache: &mut LayerCache<B>, obs: Option<&Observation<B>>, k: usize) -> Result<()> {
-        let n = cache.slots();
-        if n <= k {
+    pub fn compress<B: Backend>(&self, ctx: &LayerContext<'_, B>, cache: &mut LayerCache<B>, obs: Option<&Observation<B>>, k: usize) -> Result<()> {
+        if cache.slots() <= k {
             return Ok(());
         }
+        let scores = self.score(ctx, cache, obs, k)?;
+        keep_top_k(cache, scores, k)
+    }
+}
+
+impl<B: Backend> Scorer<B> for SnapKvPolicy {
+    /// The window's pooled votes for the prefix slots, the window itself protected; when `k`
+    /// cannot hold the window, the slot order (so the newest `k` slots win).
+    fn score(&self, _: &LayerContext<'_, B>, cache: &mut LayerCache<B>, obs: Option<&Observation<B>>, k: usize) -> Result<Tensor<B, 3>> {
+        let n = cache.slots();
         let probs = obs
             .and_then(|o| o.window.clone())
             .ok_or_else(|| KvError::config("snapkv observation", "none", "the window's attention (the model ignored the policy's request)"))?;
-        let w = probs.dims()[2].min(n);
+        let [b, h, w, _] = probs.dims();
+        let w = w.min(n);
+        let kv = cache.shape().kv_heads;
         if k <= w {
-            return cache.retain_range(n - k, k);
+            return Ok(Tensor::<B, 1, Int>::arange(0..n as i64, &cache.device()).float().reshape([1, 1, n]).expand([b, kv, n]));
         }
-        let [b, h, _, _] = probs.dims();
         // Column sums of the window over the prefix, pooled; the window itself is always kept.
         let votes = probs.narrow(3, 0, n - w).sum_dim(2).reshape([b, h, n - w]);
-        let votes = group_sum(pool1d(votes, self.kernel, self.pool), cache.shape().kv_heads);
-        let kv = votes.dims()[1];
+        let votes = group_sum(pool1d(votes, self.kernel, self.pool), kv);
         let scores = Tensor::cat(vec![votes, Tensor::zeros([b, kv, w], &cache.device())], 2);
-        keep_top_k(cache, protect(scores, recent_mask(n, w, &cache.device())), k)
+        Ok(protect(scores, recent_mask(n, w, &cache.device())))
     }
 }

@@ -1,13 +1,13 @@
 //! Policy specs: one string syntax for the CLI and config files, e.g.
 //! `snapkv:budget=0.5,window=32,kernel=7,pool=max`.
 
-use crate::{CachePolicy, FullCache, H2oPolicy, KnormPolicy, PyramidKvPolicy, Schedule, SnapKvPolicy, StreamingPolicy, TovaPolicy, VatpPolicy};
+use crate::{AdaKvPolicy, CachePolicy, FullCache, H2oPolicy, KnormPolicy, PyramidKvPolicy, Schedule, Scorer, SnapKvPolicy, StreamingPolicy, TovaPolicy, VatpPolicy};
 use burn::prelude::*;
 use kv_core::{Budget, KvError, Result};
 use std::collections::BTreeMap;
 
 /// Names of the policies [`build_policy`] knows.
-pub const POLICY_NAMES: &[&str] = &["full", "streaming", "h2o", "vatp", "knorm", "snapkv", "tova", "pyramidkv"];
+pub const POLICY_NAMES: &[&str] = &["full", "streaming", "h2o", "vatp", "knorm", "snapkv", "tova", "pyramidkv", "adakv"];
 
 /// A parsed `name:key=value,...` spec.
 #[derive(Debug, Clone, PartialEq)]
@@ -137,6 +137,22 @@ pub fn build_policy<B: Backend>(spec: &str) -> Result<Box<dyn CachePolicy<B>>> {
         "snapkv" => Box::new(SnapKvPolicy::from_spec(&spec)?),
         "tova" => Box::new(TovaPolicy::from_spec(&spec)?),
         "pyramidkv" => Box::new(PyramidKvPolicy::from_spec(&spec)?),
+        "adakv" => Box::new(AdaKvPolicy::<B>::from_spec(&spec)?),
         _ => unreachable!("parse only accepts known names"),
+    })
+}
+
+/// Builds the scorer a spec names (a policy whose scores another selection rule can use).
+pub fn build_scorer<B: Backend>(spec: &str) -> Result<Box<dyn Scorer<B>>> {
+    let spec = PolicySpec::parse(spec)?;
+    Ok(match spec.name.as_str() {
+        "snapkv" => Box::new(SnapKvPolicy::from_spec(&spec)?),
+        "h2o" => Box::new(H2oPolicy::from_spec(&spec)?),
+        "vatp" => Box::new(VatpPolicy::from_spec(&spec)?),
+        "knorm" => Box::new(KnormPolicy::from_spec(&spec)?),
+        "tova" => Box::new(TovaPolicy::from_spec(&spec)?),
+        other => {
+            return Err(KvError::config("scorer", other, format!("one of {}", crate::ADAKV_SCORERS.join(", "))));
+        }
     })
 }

@@ -30,8 +30,10 @@ impl<B: Backend> Stack<B> {
             let ctx = LayerContext { layer: i, n_layers, n_heads: layer.n_heads(), phase, rope: Some(&layer.rope) };
             let x = Tensor::<B, 3>::random([1, t, D_MODEL], Distribution::Normal(0.0, 1.0), dev);
             let out = layer.forward_cached(x, cache, policy.observe_request(&ctx)).unwrap();
-            cache.add_side("tag");
-            cache.set_side("tag", cache.positions().float()).unwrap();
+            if !cache.is_ragged() {
+                cache.add_side("tag");
+                cache.set_side("tag", cache.positions().float()).unwrap();
+            }
             policy.after_attention(&ctx, cache, out.observation.as_ref()).unwrap();
         }
     }
@@ -57,8 +59,19 @@ fn specs_parse_and_bad_ones_say_what_is_valid() {
     for spec in ["full", "streaming:budget=64,sinks=2,rerotate=true", "h2o:budget=0.2,recent=0.5,normalize=true", "vatp", "knorm:skip=1", "snapkv:budget=0.5,window=32,kernel=7,pool=max"] {
         build_policy::<B>(spec).unwrap_or_else(|e| panic!("{spec}: {e}"));
     }
-    let e = build_policy::<B>("adakv").err().unwrap().to_string();
-    assert!(e.contains("unknown policy 'adakv'") && e.contains("pyramidkv"), "{e}");
+    let e = build_policy::<B>("adakw").err().unwrap().to_string();
+    assert!(e.contains("unknown policy 'adakw'") && e.contains("pyramidkv, adakv"), "{e}");
+    for spec in ["adakv", "adakv:budget=0.3,min_share=0.5,scorer=h2o,recent=0.25", "adakv:scorer=snapkv,window=8,kernel=3"] {
+        build_policy::<B>(spec).unwrap_or_else(|e| panic!("{spec}: {e}"));
+    }
+    let e = build_policy::<B>("adakv:scorer=streaming").err().unwrap().to_string();
+    assert!(e.contains("adakv:scorer = streaming") && e.contains("snapkv, h2o"), "{e}");
+    let e = build_policy::<B>("adakv:every=4").err().unwrap().to_string();
+    assert!(e.contains("once, at the end of prefill"), "{e}");
+    let e = build_policy::<B>("adakv:min_share=2").err().unwrap().to_string();
+    assert!(e.contains("min_share = 2"), "{e}");
+    let e = build_policy::<B>("adakv:scorer=h2o,window=8").err().unwrap().to_string();
+    assert!(e.contains("window") && e.contains("recent"), "{e}");
     let e = build_policy::<B>("snapkv:windo=3").err().unwrap().to_string();
     assert!(e.contains("windo") && e.contains("window, kernel"), "{e}");
     let e = build_policy::<B>("h2o:budget=1.5").err().unwrap().to_string();
@@ -323,7 +336,76 @@ fn tova_keeps_what_the_last_query_attends_to_averaged_over_heads<B: Backend>(dev
     assert!(head_positions(&c).iter().all(|h| *h == want), "{:?} vs {want:?}", head_positions(&c));
 }
 
+fn adakv_gives_heads_unequal_budgets_with_a_minimum_share<B: Backend>(dev: &B::Device) {
+    // Head 0's scores all beat head 1's: the layer-wide top-k hands it everything but head 1's
+    // guaranteed share.
+    let scores = Tensor::<B, 1>::from_floats([(0..10).map(|i| 10.0 + i as f32).collect::<Vec<_>>(), (0..10).map(|i| i as f32 / 100.0).collect()].concat().as_slice(), dev).reshape([1, 2, 10]);
+    for (min_share, want0, want1) in [(0.25, vec![3, 4, 5, 6, 7, 8, 9], vec![9]), (0.5, vec![4, 5, 6, 7, 8, 9], vec![8, 9]), (1.0, vec![6, 7, 8, 9], vec![6, 7, 8, 9])] {
+        let policy = AdaKvPolicy::<B>::new(Budget::Tokens(4), min_share, build_scorer::<B>("knorm").unwrap());
+        let keep = policy.select(scores.clone(), 4);
+        assert_eq!(keep, vec![want0, want1], "min_share {min_share}");
+    }
+}
+
+fn adakv_invariants<B: Backend>(dev: &B::Device) {
+    let prompt = 40;
+    let scorers = ["scorer=snapkv,window=8,kernel=3", "scorer=h2o", "scorer=vatp", "scorer=tova", "scorer=knorm"];
+    for scorer in scorers {
+        for (heads, kv) in [(4, 4), (4, 2), (4, 1)] {
+            for (ratio, min_share) in [(0.2f32, 0.2f32), (0.8, 0.2), (0.2, 0.6)] {
+                let spec = format!("adakv:budget={ratio},min_share={min_share},{scorer}");
+                let mut policy = build_policy::<B>(&spec).unwrap();
+                let mut stack = Stack::<B>::new(2, heads, kv, dev);
+                stack.run(prompt, policy.as_mut(), Phase::Prefill, dev);
+                let k = Budget::Ratio(ratio).slots_for(prompt);
+                let safe = ((min_share * k as f32).floor() as usize).max(1);
+                let head_dim = D_MODEL / heads;
+                for step in 0..=6 {
+                    if step > 0 {
+                        stack.run(1, policy.as_mut(), Phase::Decode { step }, dev);
+                    }
+                    let seen = prompt + step;
+                    for c in &stack.caches {
+                        let ctx = format!("{spec} heads {heads}/{kv} step {step}");
+                        let slots = c.slots_per_head();
+                        // The layer keeps kv_heads x k prompt slots, every head at least its share.
+                        assert_eq!(slots.iter().sum::<usize>(), kv * (k + step), "{ctx}: {slots:?}");
+                        assert!(slots.iter().all(|&s| s >= safe + step), "{ctx}: {slots:?} vs share {safe}");
+                        // Bytes measured from the tensors equal the per-head slots' bytes.
+                        let stats = c.stats();
+                        assert_eq!(stats.slots_per_head, slots, "{ctx}");
+                        assert_eq!(stats.kv_bytes, slots.iter().sum::<usize>() * 2 * head_dim * 4, "{ctx}: bytes");
+                        assert_eq!((c.tokens_seen(), c.rope_position()), (seen, seen), "{ctx}");
+                        let views: Vec<&LayerCache<B>> = match c.head_caches() {
+                            Some(h) => h.iter().collect(),
+                            None => vec![c],
+                        };
+                        for head in views {
+                            for h in head_positions(head) {
+                                assert!(h.windows(2).all(|w| w[0] < w[1]), "{ctx}: positions {h:?}");
+                                if step > 0 || !(scorer.contains("knorm") || scorer.contains("tova")) {
+                                    assert_eq!(*h.last().unwrap(), seen as i64 - 1, "{ctx}: newest token kept");
+                                }
+                                if scorer.contains("snapkv") {
+                                    assert!((prompt as i64 - 8..prompt as i64).all(|p| h.contains(&p)), "{ctx}: window kept {h:?}");
+                                }
+                            }
+                            // Side data moved with its slot (tokens decoded into ragged storage are untagged: 0).
+                            let tags = floats(head.side("tag").unwrap());
+                            let tagged = |p: i64| !c.is_ragged() || p < prompt as i64;
+                            let pos: Vec<f32> = ints(head.positions()).iter().map(|&p| if tagged(p) { p as f32 } else { 0.0 }).collect();
+                            assert_eq!(tags, pos, "{ctx}: side data out of line");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 kv_core::backend_tests!(
+    adakv_gives_heads_unequal_budgets_with_a_minimum_share,
+    adakv_invariants,
     pyramid_budgets_shrink_with_depth_around_the_flat_mean,
     tova_keeps_what_the_last_query_attends_to_averaged_over_heads,
     invariant_matrix,

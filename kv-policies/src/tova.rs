@@ -1,7 +1,7 @@
 //! TOVA, token omission via attention (Oren et al., 2024): keep what the current query attends to.
 
 use crate::select::{keep_top_k, over_budget};
-use crate::{CachePolicy, LayerContext, PolicySpec, Schedule};
+use crate::{CachePolicy, LayerContext, PolicySpec, Schedule, Scorer};
 use burn::prelude::*;
 use kv_attention::{ObserveRequest, Observation};
 use kv_core::{Budget, KvError, LayerCache, Result};
@@ -35,14 +35,20 @@ impl<B: Backend> CachePolicy<B> for TovaPolicy {
     }
 
     fn after_attention(&mut self, ctx: &LayerContext<'_, B>, cache: &mut LayerCache<B>, obs: Option<&Observation<B>>) -> Result<()> {
-        let Some((n, k)) = over_budget(self.schedule, self.budget, ctx.phase, cache) else { return Ok(()) };
+        let Some((_, k)) = over_budget(self.schedule, self.budget, ctx.phase, cache) else { return Ok(()) };
+        let scores = self.score(ctx, cache, obs, k)?;
+        keep_top_k(cache, scores, k)
+    }
+}
+
+impl<B: Backend> Scorer<B> for TovaPolicy {
+    /// The latest query's attention averaged over the layer's query heads, the same for every KV head.
+    fn score(&self, _: &LayerContext<'_, B>, cache: &mut LayerCache<B>, obs: Option<&Observation<B>>, _: usize) -> Result<Tensor<B, 3>> {
         let probs = obs
             .and_then(|o| o.window.clone())
             .ok_or_else(|| KvError::config("tova observation", "none", "the last query's attention"))?;
-        let [b, h, w, _] = probs.dims();
+        let [b, h, w, n] = probs.dims();
         let last = probs.narrow(2, w - 1, 1).reshape([b, h, n]);
-        let shape = cache.shape();
-        let scores = last.mean_dim(1).expand([b, shape.kv_heads, n]);
-        keep_top_k(cache, scores, k)
+        Ok(last.mean_dim(1).expand([b, cache.shape().kv_heads, n]))
     }
 }

@@ -105,9 +105,13 @@ pub fn exact_match(answer: &str, generated: &str) -> bool {
     generated.len() >= answer.len() && generated.as_bytes()[..answer.len()] == *answer.as_bytes()
 }
 
-const PASSKEY_HEADER: &str = "There is a pass key hidden in this text. Remember it. ";
-const PASSKEY_FILLER: &str = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
-const PASSKEY_QUESTION: &str = " What is the pass key? The pass key is ";
+// The filler is the classic one (Mohtashami & Jaggi) with its verbs changed so that "is " occurs
+// only in the key sentence and the question: in the classic "The sky is blue" the cue's last six
+// bytes ("ky is ") recur every 90 bytes, which turns a byte-level passkey test into a test of
+// 7-byte prefix matching that a tiny model cannot learn in minutes.
+const PASSKEY_HEADER: &str = "A pass key hides in the text below. Remember it. ";
+const PASSKEY_FILLER: &str = "The grass grows green. The sky turns blue. The sun shines yellow. Here we go. There and back again. ";
+const PASSKEY_QUESTION: &str = " Now tell me the pass key. The pass key is ";
 
 fn passkey(rng: &mut impl Rng, context: usize, depth: f32) -> TaskSample {
     let key = rng.random_range(10_000..100_000).to_string();
@@ -215,6 +219,17 @@ mod tests {
                 // The answer appears in the prompt (it is retrievable), before the question.
                 assert!(a.prompt.contains(&a.answer), "{task:?}: {a:?}");
             }
+        }
+    }
+
+    #[test]
+    fn the_passkey_cue_is_the_only_is_in_its_prompt() {
+        // The key sentence and the question are the only places "is " occurs, so a 3-byte match
+        // of the cue finds the key (see PASSKEY_FILLER); every phase of the filler is checked.
+        for seed in 0..50 {
+            let s = TaskKind::Passkey.sample(&mut StdRng::seed_from_u64(seed), 600, None).unwrap();
+            assert_eq!(s.prompt.matches("is ").count(), 2, "{s:?}");
+            assert!(s.prompt.ends_with("The pass key is "));
         }
     }
 
