@@ -1,6 +1,7 @@
 //! Grouped-query attention: MHA (`kv_heads == heads`), GQA and MQA (`kv_heads == 1`) in one module.
 
 use crate::{Causality, ObserveRequest, Observation, Rotary, RotaryConfig, attend_cache, grouped_attention, position_range};
+use burn::module::Param;
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 use kv_core::{CacheShape, KvError, LayerCache, Result};
@@ -20,6 +21,18 @@ pub struct GroupedAttentionConfig {
     /// Leading dims of each head that RoPE rotates (None: all); the rest match on content alone.
     #[config(default = "None")]
     pub rope_dims: Option<usize>,
+    /// Key token shift: each key is projected from a learned per-channel mix of its own input and
+    /// the previous token's (RWKV's time-mix, on keys only). A query then matches the key *after*
+    /// a token like its own with the same `W_q`/`W_k` pairing that matches equal tokens, which is
+    /// the induction ("find the cue, read what follows") circuit in one layer.
+    #[config(default = "None")]
+    pub key_shift: Option<bool>,
+    /// Mimetic initialisation of the query-key product (Trockman & Kolter, 2023): each KV head's
+    /// key projection starts equal to the query projection of the first head of its group, so
+    /// `W_q^T W_k` starts positive semi-definite and attention already prefers keys whose input
+    /// resembles the query's, the starting point of a copy or lookup head.
+    #[config(default = "None")]
+    pub mimetic_init: Option<bool>,
 }
 
 impl GroupedAttentionConfig {
@@ -54,12 +67,20 @@ impl GroupedAttentionConfig {
         self.validate()?;
         let d = self.head_dim();
         let lin = |i, o| LinearConfig::new(i, o).with_bias(false).init(device);
+        let wq: Linear<B> = lin(self.d_model, self.n_heads * d);
+        let mut wk: Linear<B> = lin(self.d_model, self.n_kv_heads * d);
+        if self.mimetic_init == Some(true) {
+            let group = self.n_heads / self.n_kv_heads;
+            let w = wq.weight.val().reshape([self.d_model, self.n_kv_heads, group, d]).narrow(2, 0, 1).reshape([self.d_model, self.n_kv_heads * d]);
+            wk.weight = Param::from_tensor(w.detach());
+        }
         Ok(GroupedAttention {
-            wq: lin(self.d_model, self.n_heads * d),
-            wk: lin(self.d_model, self.n_kv_heads * d),
+            wq,
+            wk,
             wv: lin(self.d_model, self.n_kv_heads * d),
             wo: lin(self.n_heads * d, self.d_model),
             rope: RotaryConfig::new(d).with_theta(self.rope_theta).with_rotated(self.rope_dims).init(device)?,
+            key_mix: self.key_shift.unwrap_or(false).then(|| Param::from_tensor(Tensor::full([self.d_model], 0.5, device))),
             n_heads: self.n_heads,
             n_kv_heads: self.n_kv_heads,
             head_dim: d,
@@ -80,6 +101,9 @@ pub struct GroupedAttention<B: Backend> {
     pub wo: Linear<B>,
     /// Rotary embedding for queries and keys.
     pub rope: Rotary<B>,
+    /// Key token shift's per-channel weight of the token's own input (`1 - mix` goes to the
+    /// previous token's); absent without key shift.
+    pub key_mix: Option<Param<Tensor<B, 1>>>,
     n_heads: usize,
     n_kv_heads: usize,
     head_dim: usize,
@@ -115,16 +139,44 @@ impl<B: Backend> GroupedAttention<B> {
         CacheShape { batch, kv_heads: self.n_kv_heads, key_dim: self.head_dim, value_dim: self.head_dim }
     }
 
-    /// Projects `x` `[b, t, d_model]` to RoPE'd q `[b, H, t, d]`, RoPE'd k and v `[b, KV, t, d]`.
-    pub(crate) fn project(&self, x: Tensor<B, 3>, start: usize) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
-        let [b, t, _] = x.dims();
+    /// Whether keys are token-shifted (the cache then keeps the layer's last input).
+    pub fn has_key_shift(&self) -> bool {
+        self.key_mix.is_some()
+    }
+
+    /// Projects `x` `[b, t, d_model]` to RoPE'd q `[b, H, t, d]`, RoPE'd k and v `[b, KV, t, d]`;
+    /// `before` `[b, 1, d_model]` is the input of the token before `x`'s first (zeros if None),
+    /// read by the key shift.
+    pub(crate) fn project(&self, x: Tensor<B, 3>, start: usize, before: Option<Tensor<B, 3>>) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+        let [b, t, dm] = x.dims();
         let d = self.head_dim;
         let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, d]).swap_dims(1, 2);
         let pos = position_range::<B>(start, t, &x.device());
         let q = self.rope.apply(heads(self.wq.forward(x.clone()), self.n_heads), pos.clone());
-        let k = self.rope.apply(heads(self.wk.forward(x.clone()), self.n_kv_heads), pos);
+        let key_input = match &self.key_mix {
+            None => x.clone(),
+            Some(mix) => {
+                let before = before.unwrap_or_else(|| Tensor::zeros([b, 1, dm], &x.device()));
+                let prev = if t > 1 { Tensor::cat(vec![before, x.clone().narrow(1, 0, t - 1)], 1) } else { before };
+                let mix = mix.val().reshape([1, 1, dm]);
+                prev.clone() + (x.clone() - prev) * mix
+            }
+        };
+        let k = self.rope.apply(heads(self.wk.forward(key_input), self.n_kv_heads), pos);
         let v = heads(self.wv.forward(x), self.n_kv_heads);
         (q, k, v)
+    }
+
+    /// For key shift: the input before `x` (the cache's carried last input) and, as a side
+    /// effect, `x`'s last row carried for the next call.
+    pub(crate) fn shift_carry(&self, x: &Tensor<B, 3>, cache: &mut LayerCache<B>) -> Option<Tensor<B, 3>> {
+        if !self.has_key_shift() {
+            return None;
+        }
+        let t = x.dims()[1];
+        let before = if cache.tokens_seen() > 0 { cache.last_input() } else { None };
+        cache.set_last_input(x.clone().narrow(1, t - 1, 1));
+        before
     }
 
     pub(crate) fn merge_heads(&self, o: Tensor<B, 4>) -> Tensor<B, 3> {
@@ -140,7 +192,7 @@ impl<B: Backend> GroupedAttention<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let t = x.dims()[1];
         let device = x.device();
-        let (q, k, v) = self.project(x, 0);
+        let (q, k, v) = self.project(x, 0, None);
         let causality = Causality::ByPosition {
             query: Tensor::arange(0..t as i64, &device),
             key: position_range(0, t, &device),
@@ -160,7 +212,8 @@ impl<B: Backend> GroupedAttention<B> {
         // equals tokens seen unless a re-rotating policy shifted it.
         let start = cache.tokens_seen();
         let device = x.device();
-        let (q, k, v) = self.project(x, cache.rope_position());
+        let before = self.shift_carry(&x, cache);
+        let (q, k, v) = self.project(x, cache.rope_position(), before);
         cache.append(k, v)?;
         // A single new token comes after every slot, so it needs no mask.
         let query_positions = (t > 1).then(|| Tensor::arange(start as i64..(start + t) as i64, &device));

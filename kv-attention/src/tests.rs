@@ -131,8 +131,9 @@ fn blocked_prefill_observes_what_one_block_would<B: Backend>(dev: &B::Device) {
 }
 
 fn cached_layer_matches_full_forward<B: Backend>(dev: &B::Device) {
-    for (h, kvh) in [(4, 4), (4, 2), (4, 1)] {
-        let attn = GroupedAttentionConfig::new(32, h, kvh).init::<B>(dev).unwrap();
+    for (h, kvh, key_shift) in [(4, 4, None), (4, 2, None), (4, 1, None), (4, 2, Some(true))] {
+        let attn = GroupedAttentionConfig::new(32, h, kvh).with_key_shift(key_shift).init::<B>(dev).unwrap();
+        assert_eq!(attn.has_key_shift(), key_shift.is_some());
         let x = randn::<B, 3>([2, 10, 32], dev);
         let full = attn.forward(x.clone());
         for split in [1, 4, 9] {
@@ -142,7 +143,7 @@ fn cached_layer_matches_full_forward<B: Backend>(dev: &B::Device) {
                 parts.push(attn.forward_cached(x.clone().narrow(1, i, 1), &mut cache, ObserveRequest::default()).unwrap().output);
             }
             let diff = max_abs_diff(Tensor::cat(parts, 1), full.clone());
-            assert!(diff <= 1e-5, "heads {h}/{kvh} split {split}: {diff}");
+            assert!(diff <= 1e-5, "heads {h}/{kvh} key shift {key_shift:?} split {split}: {diff}");
             assert_eq!(cache.slots(), 10);
         }
     }
@@ -315,7 +316,30 @@ fn ragged_attention_equals_each_heads_rectangular_attention<B: Backend>(dev: &B:
     }
 }
 
+fn mimetic_init_copies_each_groups_first_query_projection_into_its_keys<B: Backend>(dev: &B::Device) {
+    let (d_model, heads, kv) = (32, 4, 2);
+    let attn = GroupedAttentionConfig::new(d_model, heads, kv).with_mimetic_init(Some(true)).init::<B>(dev).unwrap();
+    let d = attn.head_dim();
+    let (wq, wk) = (attn.wq.weight.val(), attn.wk.weight.val());
+    for g in 0..kv {
+        let q_first = wq.clone().narrow(1, g * (heads / kv) * d, d);
+        assert!(max_abs_diff(wk.clone().narrow(1, g * d, d), q_first) == 0.0, "group {g}");
+    }
+    // So every head scores a key from the query's own input highest: q.k = |W x|^2 >= q.k' (for
+    // the first head of each group, by Cauchy-Schwarz when the norms match, here on average).
+    let x = randn::<B, 3>([1, 6, d_model], dev);
+    let (q, k, _) = attn.project(x, 0, None);
+    let scores = q.narrow(1, 0, 1).matmul(k.narrow(1, 0, 1).swap_dims(2, 3)).reshape([6, 6]);
+    let diag: f32 = scores.clone().mul(Tensor::eye(6, dev)).sum().into_scalar().elem();
+    let all: f32 = scores.sum().into_scalar().elem();
+    assert!(diag / 6.0 > (all - diag) / 30.0, "diagonal {diag} vs all {all}");
+    // Without it, keys are drawn independently.
+    let plain = GroupedAttentionConfig::new(d_model, heads, kv).init::<B>(dev).unwrap();
+    assert!(max_abs_diff(plain.wk.weight.val().narrow(1, 0, d), plain.wq.weight.val().narrow(1, 0, d)) > 0.0);
+}
+
 kv_core::backend_tests!(
+    mimetic_init_copies_each_groups_first_query_projection_into_its_keys,
     ragged_attention_equals_each_heads_rectangular_attention,
     rope_dot_products_depend_only_on_relative_position,
     rope_rerotation_by_delta_equals_rotation_at_target,

@@ -63,7 +63,7 @@ impl<B: Backend> SlidingWindowAttention<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let t = x.dims()[1];
         let device = x.device();
-        let (q, k, v) = self.attn.project(x, 0);
+        let (q, k, v) = self.attn.project(x, 0, None);
         let causality = Causality::Window { query: Tensor::arange(0..t as i64, &device), key: position_range(0, t, &device), window: self.window };
         let (o, _) = grouped_attention(q, &[(k, v)], &causality, self.attn.scale(), ObserveRequest::default());
         self.attn.merge_heads(o)
@@ -80,7 +80,8 @@ impl<B: Backend> SlidingWindowAttention<B> {
         cache.keep_last(self.window - 1)?;
         let start = cache.tokens_seen();
         let device = x.device();
-        let (q, k, v) = self.attn.project(x, start);
+        let before = self.attn.shift_carry(&x, cache);
+        let (q, k, v) = self.attn.project(x, start, before);
         cache.append(k, v)?;
         // A single new token sees every slot held (the last window - 1 and itself).
         let causality = if t == 1 {

@@ -36,6 +36,11 @@ impl DeviceKind {
             .unwrap_or(DeviceKind::Flex)
     }
 
+    /// Whether the backend keeps its tensors in host memory (so the global allocator sees them).
+    pub fn is_cpu(self) -> bool {
+        matches!(self, DeviceKind::Flex | DeviceKind::Ndarray)
+    }
+
     /// Whether this build includes the backend.
     pub fn is_compiled(self) -> bool {
         match self {

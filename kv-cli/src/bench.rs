@@ -65,6 +65,10 @@ pub struct DecodeCell {
     pub policy: String,
     /// Milliseconds of the prompt's forward pass (policy included), when a real prefill ran.
     pub prefill_ms: Option<f64>,
+    /// Peak host memory the prefill added (activations, scores, cache), counted by the global
+    /// allocator; CPU backends only (a GPU's tensors are not on this heap).
+    #[serde(default)]
+    pub prefill_peak_mib: Option<f64>,
     /// Decode steps per second (one token each, batch 1).
     pub tokens_per_s: f64,
     /// Mean milliseconds per decode step.
@@ -169,16 +173,20 @@ pub fn decode_cell<B: Backend>(model: &DecoderLm<B>, label: &str, context: usize
     let mut cache = model.new_cache(1);
     let appends = plan.steps.max(2 * kv_core::TAIL_SLOTS);
     cache.reserve(context + plan.steps + appends + 2);
-    let mut prefill_ms = None;
+    let (mut prefill_ms, mut prefill_peak_mib) = (None, None);
     if real_prefill {
         // A deterministic byte stream: the policy's choices depend on content, its cost hardly.
         let ids: Vec<i32> = (0..context).map(|i| (32 + (i * 7 + i / 13) % 90) as i32).collect();
         let x = Tensor::<B, 1, Int>::from_ints(ids.as_slice(), device).reshape([1, context]);
         let _ = B::sync(device);
+        let base = crate::peak::reset_peak();
         let start = Instant::now();
         let logits = model.forward_with_policy(x, &mut cache, &mut timed, Phase::Prefill)?;
         let _ = logits.narrow(1, context - 1, 1).into_data();
         prefill_ms = Some(start.elapsed().as_secs_f64() * 1e3);
+        if backend.is_cpu() {
+            prefill_peak_mib = Some((crate::peak::peak() - base) as f64 / (1 << 20) as f64);
+        }
     } else {
         synthetic_fill(&mut cache, context, device)?;
     }
@@ -221,6 +229,7 @@ pub fn decode_cell<B: Backend>(model: &DecoderLm<B>, label: &str, context: usize
         context,
         policy: policy.into(),
         prefill_ms,
+        prefill_peak_mib,
         tokens_per_s: plan.steps as f64 / secs,
         ms_per_step: secs * 1e3 / plan.steps as f64,
         policy_ms_per_step: policy_ms,
@@ -335,20 +344,22 @@ fn model_label(m: &ModelArgs) -> String {
 /// The Markdown tables of a benchmark.
 pub fn markdown(file: &BenchFile) -> String {
     let mut s = String::from(
-        "| device | model | kv_heads | policy | context | prefill ms | decode tokens/s | ms/step | policy ms/step | append µs/layer | KV bytes/token (measured) | slots/head |\n|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| device | model | kv_heads | policy | context | prefill ms | prefill peak MiB | decode tokens/s | ms/step | policy ms/step | policy share | append µs/layer | KV bytes/token (measured) | slots/head |\n|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for c in &file.decode {
         s += &format!(
-            "| {} | {} | {} | {} | {} | {} | {:.1} | {:.2} | {:.3} | {:.1} | {:.0} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.2} | {:.3} | {:.0}% | {:.1} | {:.0} | {} |\n",
             c.device,
             c.model,
             c.kv_heads,
             c.policy,
             c.context,
             c.prefill_ms.map_or("-".into(), |m| format!("{m:.0}")),
+            c.prefill_peak_mib.map_or("-".into(), |m| format!("{m:.1}")),
             c.tokens_per_s,
             c.ms_per_step,
             c.policy_ms_per_step,
+            100.0 * c.policy_ms_per_step / c.ms_per_step,
             c.append_us,
             c.kv_bytes_per_token,
             c.slots

@@ -92,6 +92,8 @@ impl BackendJob for ConvertArgs {
             }
         };
         save_model(&model, &config, &self.out)?;
+        // The converted model reads text exactly as its source did.
+        kv_models::Tokenizer::for_run(&self.from)?.save_to_run(&self.out)?;
         Ok(ConvertReport { bytes_per_token: (before, config.kv_bytes_per_token()), latent_error })
     }
 }

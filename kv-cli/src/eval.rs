@@ -8,8 +8,8 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use kv_core::{KvError, Result};
 use kv_models::data::TextSource;
-use kv_models::grid::{GridSpec, Probe, run_grid};
-use kv_models::{CONFIG_FILE, DecoderConfig, load_model};
+use kv_models::grid::{GridModel, GridSpec, Probe, run_grid};
+use kv_models::{CONFIG_FILE, DecoderConfig, Tokenizer, load_model};
 use std::path::{Path, PathBuf};
 
 /// Flags of `kv eval`; every list flag takes comma-separated values.
@@ -18,7 +18,7 @@ pub struct EvalArgs {
     /// Checkpoint directories to evaluate (labelled by folder name).
     #[arg(long, required = true, value_delimiter = ',')]
     pub checkpoint: Vec<PathBuf>,
-    /// Probes: passkey, needle, recall, copy, ppl.
+    /// Probes: passkey, needle, recall, copy, lookup, ppl.
     #[arg(long, value_delimiter = ',', default_value = "passkey")]
     pub task: Vec<String>,
     /// Policy specs without a budget (`full`, `h2o`, `knorm:skip=2`, ...).
@@ -39,6 +39,10 @@ pub struct EvalArgs {
     /// Text windows per perplexity cell.
     #[arg(long, default_value_t = 4)]
     pub windows: usize,
+    /// Fraction of each perplexity window prefilled as one prompt (so prefill-time policies
+    /// compress it); only the continuation is scored. 0: token by token from the first token.
+    #[arg(long, default_value_t = 0.5)]
+    pub ppl_prompt: f64,
     /// Seed of the task samples.
     #[arg(long, default_value_t = 1234)]
     pub seed: u64,
@@ -58,6 +62,7 @@ impl EvalArgs {
             depths: self.depth.iter().map(|&d| Some(d)).collect(),
             samples: self.samples,
             windows: self.windows,
+            ppl_prompt: self.ppl_prompt,
             seed: self.seed,
         })
     }
@@ -86,13 +91,18 @@ pub fn run_checkpoints<B: Backend>(checkpoints: &[PathBuf], spec: &GridSpec, dev
     }
     checkpoints.iter().try_for_each(|c| check_checkpoint(c).map(|_| ()))?;
     let cells = spec.cells::<B>(&labels)?;
-    let (_, text) = TextSource::Stories.load(0)?;
     let models = checkpoints.iter().map(|c| load_model::<B>(c, device).map(|(m, _)| m)).collect::<Result<Vec<_>>>()?;
-    let named: Vec<(String, &kv_models::DecoderLm<B>)> = labels.iter().cloned().zip(models.iter()).collect();
+    let mut named = Vec::with_capacity(models.len());
+    for ((label, dir), model) in labels.iter().zip(checkpoints).zip(&models) {
+        // Each model reads the same held-out stories, in its own tokens.
+        let tokenizer = Tokenizer::for_run(dir)?;
+        let (_, text) = TextSource::Stories.load_with(0, &tokenizer)?;
+        named.push(GridModel { label: label.clone(), model, tokenizer, text });
+    }
     let bar = ProgressBar::new(cells.len() as u64).with_style(
         ProgressStyle::with_template("eval {msg:>40} [{bar:30}] {pos}/{len} {elapsed} eta {eta}").unwrap().progress_chars("=> "),
     );
-    let results = run_grid(&named, &cells, spec, &text, |r| {
+    let results = run_grid(&named, &cells, spec, |r| {
         bar.set_message(format!("{} {} {}@{}", r.cell.model, r.cell.spec, r.cell.probe, r.cell.context));
         bar.inc(1);
     })?;

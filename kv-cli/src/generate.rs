@@ -5,7 +5,7 @@ use crate::model_source::ModelArgs;
 use burn::prelude::*;
 use clap::Args;
 use kv_core::Result;
-use kv_models::{ByteTokenizer, GenerateConfig, SamplerConfig, generate};
+use kv_models::{GenerateConfig, SamplerConfig, generate};
 use kv_policies::build_policy;
 use std::io::Write;
 
@@ -43,8 +43,8 @@ impl BackendJob for GenerateArgs {
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
         let mut policy = build_policy::<B>(&self.policy)?;
         let (model, config) = self.model.load::<B>("tiny-mha", &device)?;
-        let tokenizer = ByteTokenizer;
-        let prompt = tokenizer.encode(&self.prompt);
+        let tokenizer = self.model.tokenizer()?;
+        let prompt = tokenizer.encode(&self.prompt)?;
         let gen_config = GenerateConfig {
             max_new_tokens: self.max_tokens,
             sampler: SamplerConfig { temperature: self.temperature, top_k: self.top_k, top_p: self.top_p, seed: self.seed },
@@ -55,7 +55,8 @@ impl BackendJob for GenerateArgs {
         let _ = out.flush();
         let result = generate(&model, &prompt, &gen_config, policy.as_mut(), |t| {
             // Byte tokens go out as raw bytes, so multi-byte characters reassemble in the terminal.
-            let _ = out.write_all(&[t as u8]);
+            let text = if tokenizer.is_bytes() { vec![t as u8] } else { tokenizer.decode(&[t]).unwrap_or_default().into_bytes() };
+            let _ = out.write_all(&text);
             let _ = out.flush();
         })?;
         let _ = writeln!(out);

@@ -7,6 +7,7 @@ mod convert;
 mod eval;
 mod generate;
 mod model_source;
+mod peak;
 mod plot;
 mod report;
 mod tour;
@@ -15,6 +16,9 @@ mod train;
 use backend::{DeviceKind, run_on};
 use clap::{Parser, Subcommand};
 use kv_core::Result;
+
+#[global_allocator]
+static HEAP: peak::CountingAlloc = peak::CountingAlloc;
 
 /// KV-cache compression toolkit: train, generate, evaluate and benchmark small transformers.
 #[derive(Debug, Parser)]

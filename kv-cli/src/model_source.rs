@@ -3,7 +3,7 @@
 use burn::prelude::*;
 use clap::Args;
 use kv_core::{KvError, Result};
-use kv_models::{DecoderConfig, DecoderLm, Preset, load_model, preset};
+use kv_models::{DecoderConfig, DecoderLm, Preset, Tokenizer, load_model, preset};
 use std::path::PathBuf;
 
 /// Model selection flags shared by commands.
@@ -31,6 +31,11 @@ impl ModelArgs {
             (None, Some(path)) => config_file(path),
             (None, None) => Ok(preset(self.preset.as_deref().unwrap_or(default_preset))?.model),
         }
+    }
+
+    /// The tokenizer of the model: a checkpoint's own `tokenizer.json`, bytes otherwise.
+    pub fn tokenizer(&self) -> Result<Tokenizer> {
+        self.checkpoint.as_ref().map_or(Ok(Tokenizer::Bytes), |dir| Tokenizer::for_run(dir))
     }
 
     /// Builds (or loads) the model on `device`.

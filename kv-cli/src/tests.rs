@@ -38,6 +38,7 @@ fn tiny_grid(policies: &[&str]) -> GridSpec {
         depths: vec![],
         samples: 2,
         windows: 1,
+        ppl_prompt: 0.5,
         seed: 7,
     }
 }
@@ -120,7 +121,8 @@ fn eval_json_has_its_documented_shape_and_full_cells_match_plain_eval() {
     // Full-cache cells reproduce the plain evaluation functions.
     let (model, _) = kv_models::load_model::<B>(&dir, &Default::default()).unwrap();
     let (_, text) = kv_models::data::TextSource::Stories.load(0).unwrap();
-    let ppl = kv_models::validation_loss(&model, &text, 160, 1).unwrap();
+    // The grid prefills half of each window and scores the continuation from the prompt's last token.
+    let ppl = kv_models::validation_loss_from(&model, &text, 160, 1, 79).unwrap();
     let cell = file.results.iter().find(|r| r.cell.policy == "full" && r.cell.probe == "ppl").unwrap();
     assert!((cell.loss.unwrap() - ppl).abs() <= 1e-4, "{:?} vs {ppl}", cell.loss);
     let acc = kv_models::task_accuracy(&model, TaskKind::Passkey, 160, 2, 7, None).unwrap();

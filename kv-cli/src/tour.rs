@@ -85,6 +85,7 @@ impl TourPlan {
                 depths: vec![],
                 samples,
                 windows,
+                ppl_prompt: 0.5,
                 seed: 1234,
             },
             bench_contexts,

@@ -9,7 +9,7 @@ use kv_core::{KvError, Result};
 use kv_models::data::{TextSource, text_files};
 use burn::tensor::backend::AutodiffBackend;
 use kv_models::train::{EvalMetrics, TrainEvent, Trainer, run};
-use kv_models::{Preset, load_model, preset};
+use kv_models::{Preset, Tokenizer, load_model, preset};
 use std::path::{Path, PathBuf};
 
 /// Flags of `kv train`.
@@ -36,6 +36,10 @@ pub struct TrainArgs {
     /// Train on these text files (a file or a folder of .txt / .jsonl) instead of the stories.
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// Read text with this Hugging Face tokenizer.json instead of bytes (builds with the
+    /// `hf-tokenizer` feature); a fresh model's vocabulary is resized to the tokenizer's.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
 }
 
 impl TrainArgs {
@@ -71,6 +75,14 @@ impl BackendJob for TrainArgs {
             if let Some(path) = &self.data {
                 train.data = TextSource::Files(text_files(path)?);
             }
+            let mut model_config = recipe.model;
+            if let Some(path) = &self.tokenizer {
+                model_config.vocab_size = Tokenizer::from_file(path)?.vocab_size();
+                train.tokenizer = Some(path.clone());
+            } else if let Some(dir) = self.init.as_ref().filter(|d| d.join(kv_models::TOKENIZER_FILE).is_file()) {
+                // Fine-tuning keeps the tokenizer the weights were trained with.
+                train.tokenizer = Some(dir.join(kv_models::TOKENIZER_FILE));
+            }
             train.validate()?;
             if out.join(kv_models::CHECKPOINT_FILE).exists() {
                 return Err(KvError::io(&out, "already holds a run; pass --resume to continue it or --out to start another"));
@@ -80,7 +92,7 @@ impl BackendJob for TrainArgs {
                     let (model, config) = load_model::<Autodiff<B>>(dir, &device)?;
                     Trainer::from_model(model, config, train, &device)?
                 }
-                None => Trainer::new(recipe.model, train, &device)?,
+                None => Trainer::new(model_config, train, &device)?,
             }
         };
         let started = std::time::Instant::now();

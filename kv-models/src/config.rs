@@ -154,6 +154,15 @@ pub struct DecoderConfig {
     /// disambiguates a retrieval cue ("key is") that a single previous token cannot.
     #[config(default = "None")]
     pub token_shift_width: Option<usize>,
+    /// Key token shift in every grouped attention layer (see `GroupedAttentionConfig::key_shift`):
+    /// keys read a learned mix of their token's and the previous token's layer input, so one
+    /// layer can find "the token after one like mine". Not with MLA (its latent is the value too).
+    #[config(default = "None")]
+    pub key_shift: Option<bool>,
+    /// Mimetic query-key initialisation in every grouped attention layer (see
+    /// `GroupedAttentionConfig::mimetic_init`).
+    #[config(default = "None")]
+    pub mimetic_init: Option<bool>,
     /// Multi-head latent attention instead of grouped attention in every layer; absent (or
     /// `null`) in the JSON of an MHA/GQA/MQA model, so older configs still load.
     pub mla: Option<MlaSettings>,
@@ -165,7 +174,11 @@ pub struct DecoderConfig {
 impl DecoderConfig {
     /// The grouped attention settings of every layer (used when [`mla`](Self::mla) is absent).
     pub fn attention(&self) -> GroupedAttentionConfig {
-        GroupedAttentionConfig::new(self.d_model, self.n_heads, self.n_kv_heads).with_rope_theta(self.rope_theta).with_rope_dims(self.rope_dims)
+        GroupedAttentionConfig::new(self.d_model, self.n_heads, self.n_kv_heads)
+            .with_rope_theta(self.rope_theta)
+            .with_rope_dims(self.rope_dims)
+            .with_key_shift(self.key_shift)
+            .with_mimetic_init(self.mimetic_init)
     }
 
     /// The latent attention settings of every layer, for an MLA model (RoPE on `mla.rope_dim`
@@ -259,6 +272,9 @@ impl DecoderConfig {
                         self.n_kv_heads,
                         "1 with mla: the latent and the shared RoPE key form one cache head for every query head",
                     ));
+                }
+                if self.key_shift == Some(true) {
+                    return Err(KvError::config("key_shift", true, "absent with mla: the latent is both key and value, so it cannot read a shifted input for keys only"));
                 }
                 mla.validate()
             }

@@ -46,6 +46,7 @@ pub fn to_grouped<B: Backend>(model: &DecoderLm<B>, config: &DecoderConfig, kv_h
         attn.wq = src.wq.clone();
         attn.wo = src.wo.clone();
         attn.rope = src.rope.clone();
+        attn.key_mix = src.key_mix.clone();
         attn.wk.weight = Param::from_tensor(pool(src.wk.weight.val()));
         attn.wv.weight = Param::from_tensor(pool(src.wv.weight.val()));
         block.attn = Some(attn);
@@ -98,6 +99,9 @@ pub fn to_latent<B: Backend>(model: &DecoderLm<B>, config: &DecoderConfig, kv_la
             ));
         }
     };
+    if config.key_shift == Some(true) {
+        return Err(KvError::config("key_shift", true, "a model without key shift: MLA's latent is key and value at once, so it has no key-only input to shift"));
+    }
     let nope = d_h - r;
     let settings = MlaSettings { value_dim: Some(d_h), latent_norm: false, ..MlaSettings::new(nope, kv_latent, r) };
     let new_config = DecoderConfig { n_kv_heads: 1, rope_dims: None, mla: Some(settings), ..config.clone() };

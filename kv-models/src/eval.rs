@@ -1,7 +1,7 @@
 //! Evaluation of a model: held-out loss and exact-match accuracy on the long-context tasks.
 
 use crate::data::{Corpus, TaskKind, exact_match};
-use crate::{ByteTokenizer, DecoderLm, GenerateConfig, Generation, SamplerConfig, generate};
+use crate::{DecoderLm, GenerateConfig, Generation, SamplerConfig, Tokenizer, generate};
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::prelude::*;
 use kv_core::{KvError, Result};
@@ -11,18 +11,32 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
-/// Errors unless `model` can read byte-level tokens (ids up to 255).
-pub fn check_byte_vocab<B: Backend>(model: &DecoderLm<B>) -> Result<()> {
+/// Errors unless `model` has at least `needed` token ids.
+pub fn check_vocab<B: Backend>(model: &DecoderLm<B>, needed: usize, what: &str) -> Result<()> {
     let v = model.vocab_size();
-    if v < ByteTokenizer::VOCAB {
-        return Err(KvError::config("vocab_size", v, format!("at least {} for byte-level text and tasks", ByteTokenizer::VOCAB)));
+    if v < needed {
+        return Err(KvError::config("vocab_size", v, format!("at least {needed} for {what}")));
     }
     Ok(())
 }
 
+/// Errors unless `model` can read every token of `corpus`.
+fn check_corpus_vocab<B: Backend>(model: &DecoderLm<B>, corpus: &Corpus) -> Result<()> {
+    check_vocab(model, corpus.max_token() as usize + 1, "the text's token ids")
+}
+
 /// Mean next-token loss over the first `windows` consecutive windows of `seq_len` tokens.
 pub fn validation_loss<B: Backend>(model: &DecoderLm<B>, corpus: &Corpus, seq_len: usize, windows: usize) -> Result<f64> {
-    check_byte_vocab(model)?;
+    validation_loss_from(model, corpus, seq_len, windows, 0)
+}
+
+/// [`validation_loss`] over the predictions made at positions `from..seq_len` only (what
+/// [`policy_loss`] with a `from + 1`-token prompt scores).
+pub fn validation_loss_from<B: Backend>(model: &DecoderLm<B>, corpus: &Corpus, seq_len: usize, windows: usize, from: usize) -> Result<f64> {
+    check_corpus_vocab(model, corpus)?;
+    if from >= seq_len {
+        return Err(KvError::config("first scored position", from, format!("below the window of {seq_len} tokens")));
+    }
     let all = corpus.windows(seq_len + 1, windows);
     if all.is_empty() {
         return Err(KvError::config("validation text", format!("{} bytes", corpus.len()), format!("at least {} bytes", seq_len + 1)));
@@ -34,9 +48,9 @@ pub fn validation_loss<B: Backend>(model: &DecoderLm<B>, corpus: &Corpus, seq_le
         let ids: Vec<i32> = chunk.iter().flatten().map(|&t| t as i32).collect();
         let b = chunk.len();
         let x = Tensor::<B, 1, Int>::from_ints(ids.as_slice(), &device).reshape([b, seq_len + 1]);
-        let logits = model.forward(x.clone().narrow(1, 0, seq_len));
-        let v = logits.dims()[2];
-        let loss = ce.forward(logits.reshape([b * seq_len, v]), x.narrow(1, 1, seq_len).reshape([b * seq_len]));
+        let logits = model.forward(x.clone().narrow(1, 0, seq_len)).narrow(1, from, seq_len - from);
+        let (v, n) = (logits.dims()[2], seq_len - from);
+        let loss = ce.forward(logits.reshape([b * n, v]), x.narrow(1, from + 1, n).reshape([b * n]));
         total += loss.into_scalar().elem::<f64>() * b as f64;
     }
     Ok(total / all.len() as f64)
@@ -51,18 +65,25 @@ pub struct PolicyLoss {
     pub kv_bytes: f64,
 }
 
-/// Mean next-token loss when every token is predicted through the cache under a policy, fed one
-/// token at a time (as StreamingLLM measures perplexity), over `windows` windows of `len` tokens.
+/// Mean next-token loss of text read through the cache under a policy, over `windows` windows of
+/// `len` tokens: the first `prompt` tokens are one prefill (so prefill-time policies such as
+/// SnapKV and AdaKV compress them), the rest are fed one token at a time (as StreamingLLM measures
+/// perplexity), and the loss is over the predictions made from the last prompt token on.
 ///
-/// With the full cache this equals [`validation_loss`] up to float rounding.
+/// With the full cache this equals [`validation_loss_from`]`(.., prompt - 1)` up to float
+/// rounding; with `prompt = 1` it scores every token, like [`validation_loss`].
 pub fn policy_loss<B: Backend>(
     model: &DecoderLm<B>,
     corpus: &Corpus,
     len: usize,
     windows: usize,
+    prompt: usize,
     policy: &mut dyn FnMut() -> Box<dyn CachePolicy<B>>,
 ) -> Result<PolicyLoss> {
-    check_byte_vocab(model)?;
+    check_corpus_vocab(model, corpus)?;
+    if !(1..=len).contains(&prompt) {
+        return Err(KvError::config("perplexity prompt", prompt, format!("1 to {len} tokens of the {len}-token window")));
+    }
     let all = corpus.windows(len + 1, windows);
     if all.is_empty() {
         return Err(KvError::config("validation text", format!("{} bytes", corpus.len()), format!("at least {} bytes", len + 1)));
@@ -73,16 +94,19 @@ pub fn policy_loss<B: Backend>(
         let mut p = policy();
         let mut cache = model.new_cache(1);
         cache.reserve(len);
-        let mut rows = Vec::with_capacity(len);
-        for (i, &t) in w[..len].iter().enumerate() {
-            let phase = if i == 0 { Phase::Prefill } else { Phase::Decode { step: i } };
+        let n = len - prompt + 1;
+        let mut rows = Vec::with_capacity(n);
+        let head: Vec<i32> = w[..prompt].iter().map(|&t| t as i32).collect();
+        let x = Tensor::<B, 1, Int>::from_ints(head.as_slice(), &device).reshape([1, prompt]);
+        rows.push(model.forward_with_policy(x, &mut cache, p.as_mut(), Phase::Prefill)?.narrow(1, prompt - 1, 1));
+        for (i, &t) in w[prompt..len].iter().enumerate() {
             let x = Tensor::<B, 1, Int>::from_ints([t as i32], &device).reshape([1, 1]);
-            rows.push(model.forward_with_policy(x, &mut cache, p.as_mut(), phase)?);
+            rows.push(model.forward_with_policy(x, &mut cache, p.as_mut(), Phase::Decode { step: i + 1 })?);
         }
         let v = model.vocab_size();
-        let logits = Tensor::cat(rows, 1).reshape([len, v]);
-        let targets: Vec<i32> = w[1..].iter().map(|&t| t as i32).collect();
-        let targets = Tensor::<B, 1, Int>::from_ints(targets.as_slice(), &device).reshape([len, 1]);
+        let logits = Tensor::cat(rows, 1).reshape([n, v]);
+        let targets: Vec<i32> = w[prompt..].iter().map(|&t| t as i32).collect();
+        let targets = Tensor::<B, 1, Int>::from_ints(targets.as_slice(), &device).reshape([n, 1]);
         let nll = log_softmax(logits, 1).gather(1, targets).mean().neg();
         total += nll.into_scalar().elem::<f64>();
         bytes += cache.stats().kv_bytes as f64;
@@ -108,17 +132,19 @@ pub struct TaskResult {
     pub kv_bytes: f64,
 }
 
-/// Greedy continuation of one task prompt under a cache policy (the answer's length in tokens),
-/// with the generation's measurements.
-pub fn answer<B: Backend>(model: &DecoderLm<B>, prompt: &str, answer_len: usize, policy: &mut dyn CachePolicy<B>) -> Result<(String, Generation)> {
-    let ids: Vec<u32> = prompt.bytes().map(u32::from).collect();
+/// Greedy continuation of one task prompt under a cache policy, with the generation's
+/// measurements: `answer_len` tokens, the answer's length in bytes (no token is shorter than a
+/// byte, so that is enough for any tokenizer).
+pub fn answer<B: Backend>(model: &DecoderLm<B>, tokenizer: &Tokenizer, prompt: &str, answer_len: usize, policy: &mut dyn CachePolicy<B>) -> Result<(String, Generation)> {
+    check_vocab(model, tokenizer.vocab_size(), &format!("the {} tokenizer", tokenizer.name()))?;
+    let ids = tokenizer.encode(prompt)?;
     let config = GenerateConfig { max_new_tokens: answer_len, sampler: SamplerConfig::default(), stop_token: None };
     let out = generate(model, &ids, &config, policy, |_| {})?;
-    Ok((out.tokens.iter().map(|&t| char::from(t.min(255) as u8)).collect(), out))
+    Ok((tokenizer.decode(&out.tokens)?, out))
 }
 
-/// Accuracy of `model` on `samples` seeded instances of `task` at `context` tokens (full cache);
-/// `depth` fixes where the needle or passkey sits (None: random).
+/// Accuracy of `model` on `samples` seeded instances of `task` at `context` tokens (full cache,
+/// byte tokens); `depth` fixes where the needle or passkey sits (None: random).
 pub fn task_accuracy<B: Backend>(
     model: &DecoderLm<B>,
     task: TaskKind,
@@ -127,12 +153,15 @@ pub fn task_accuracy<B: Backend>(
     seed: u64,
     depth: Option<f32>,
 ) -> Result<TaskResult> {
-    task_accuracy_with(model, task, context, samples, seed, depth, &mut || Box::new(FullCache))
+    task_accuracy_with(model, &Tokenizer::Bytes, task, context, samples, seed, depth, &mut || Box::new(FullCache))
 }
 
-/// [`task_accuracy`] under a cache policy made fresh for every sample by `policy`.
+/// [`task_accuracy`] read through `tokenizer` (whose contexts are bytes of text, fewer tokens
+/// unless it is the byte tokenizer), under a cache policy made fresh for every sample by `policy`.
+#[allow(clippy::too_many_arguments)]
 pub fn task_accuracy_with<B: Backend>(
     model: &DecoderLm<B>,
+    tokenizer: &Tokenizer,
     task: TaskKind,
     context: usize,
     samples: usize,
@@ -144,7 +173,7 @@ pub fn task_accuracy_with<B: Backend>(
     let (mut correct, mut bytes) = (0, 0.0);
     for _ in 0..samples {
         let s = task.sample(&mut rng, context, depth)?;
-        let (got, generation) = answer(model, &s.prompt, s.answer.len(), policy().as_mut())?;
+        let (got, generation) = answer(model, tokenizer, &s.prompt, s.answer.len(), policy().as_mut())?;
         correct += exact_match(&s.answer, &got) as usize;
         bytes += generation.cache.kv_bytes as f64;
     }

@@ -5,7 +5,7 @@
 //! surface after an hour of evaluation.
 
 use crate::data::{Corpus, TaskKind};
-use crate::{DecoderLm, policy_loss, task_accuracy_with};
+use crate::{DecoderLm, Tokenizer, policy_loss, task_accuracy_with};
 use burn::prelude::*;
 use kv_core::{KvError, Result};
 use kv_policies::{PolicySpec, build_policy};
@@ -39,7 +39,7 @@ impl Probe {
         TaskKind::parse(name).map(Probe::Task).map_err(|_| KvError::Unknown {
             kind: "task".into(),
             name: name.into(),
-            valid: "passkey, needle, recall, copy, ppl".into(),
+            valid: "passkey, needle, recall, copy, lookup, ppl".into(),
         })
     }
 
@@ -66,6 +66,11 @@ pub struct GridSpec {
     pub samples: usize,
     /// Text windows per perplexity cell.
     pub windows: usize,
+    /// Fraction of each perplexity window prefilled as one prompt before the rest is read token
+    /// by token (0: one token, StreamingLLM's way); only the continuation is scored, so
+    /// prefill-time policies (SnapKV, PyramidKV, AdaKV) are measured on what they compressed.
+    #[serde(default)]
+    pub ppl_prompt: f64,
     /// Seed of the task samples (the same prompts in every cell).
     pub seed: u64,
 }
@@ -127,6 +132,11 @@ pub fn policy_at(policy: &str, compression: f64) -> Result<String> {
 }
 
 impl GridSpec {
+    /// Tokens prefilled before a perplexity window of `context` tokens is read token by token.
+    pub fn ppl_prompt_tokens(&self, context: usize) -> usize {
+        ((self.ppl_prompt * context as f64).round() as usize).clamp(1, context)
+    }
+
     /// Every cell for models labelled `models`, validated: unknown policies or parameters,
     /// compressions out of range and contexts too short fail here, before any work.
     pub fn cells<B: Backend>(&self, models: &[String]) -> Result<Vec<GridCell>> {
@@ -144,6 +154,9 @@ impl GridSpec {
         }
         if let Some(d) = self.depths.iter().flatten().find(|d| !(0.0..=1.0).contains(*d)) {
             return Err(KvError::config("depth", d, "a fraction of the context in [0, 1]"));
+        }
+        if !(0.0..1.0).contains(&self.ppl_prompt) {
+            return Err(KvError::config("ppl prompt", self.ppl_prompt, "a fraction of the perplexity window in [0, 1)"));
         }
         for &probe in &self.probes {
             let min = match probe {
@@ -193,20 +206,32 @@ impl GridSpec {
     }
 }
 
+/// A model of the grid with what it reads: its tokenizer and the held-out text in its tokens.
+pub struct GridModel<'a, B: Backend> {
+    /// The label cells name it by.
+    pub label: String,
+    /// The model.
+    pub model: &'a DecoderLm<B>,
+    /// Its tokenizer (task prompts are encoded with it).
+    pub tokenizer: Tokenizer,
+    /// Held-out text for perplexity cells, in its tokenizer's tokens.
+    pub text: Corpus,
+}
+
 /// Runs one cell on `model`; `text` is the held-out text of perplexity cells.
-pub fn run_cell<B: Backend>(model: &DecoderLm<B>, cell: &GridCell, spec: &GridSpec, text: &Corpus) -> Result<CellResult> {
+pub fn run_cell<B: Backend>(model: &DecoderLm<B>, tokenizer: &Tokenizer, cell: &GridCell, spec: &GridSpec, text: &Corpus) -> Result<CellResult> {
     let start = Instant::now();
     let mut make = || build_policy::<B>(&cell.spec).expect("validated when the grid was built");
     let mut result = CellResult { cell: cell.clone(), accuracy: None, loss: None, perplexity: None, kv_bytes: 0.0, samples: 0, seconds: 0.0 };
     match Probe::parse(&cell.probe)? {
         Probe::Task(task) => {
-            let r = task_accuracy_with(model, task, cell.context, spec.samples, spec.seed, cell.depth, &mut make)?;
+            let r = task_accuracy_with(model, tokenizer, task, cell.context, spec.samples, spec.seed, cell.depth, &mut make)?;
             result.accuracy = Some(r.accuracy);
             result.kv_bytes = r.kv_bytes;
             result.samples = r.total;
         }
         Probe::Ppl => {
-            let r = policy_loss(model, text, cell.context, spec.windows, &mut make)?;
+            let r = policy_loss(model, text, cell.context, spec.windows, spec.ppl_prompt_tokens(cell.context), &mut make)?;
             result.loss = Some(r.loss);
             result.perplexity = Some(r.loss.exp());
             result.kv_bytes = r.kv_bytes;
@@ -218,21 +243,14 @@ pub fn run_cell<B: Backend>(model: &DecoderLm<B>, cell: &GridCell, spec: &GridSp
 }
 
 /// Runs every cell, the model of each looked up by label; `on_cell` sees each result as it lands.
-pub fn run_grid<B: Backend>(
-    models: &[(String, &DecoderLm<B>)],
-    cells: &[GridCell],
-    spec: &GridSpec,
-    text: &Corpus,
-    mut on_cell: impl FnMut(&CellResult),
-) -> Result<Vec<CellResult>> {
+pub fn run_grid<B: Backend>(models: &[GridModel<'_, B>], cells: &[GridCell], spec: &GridSpec, mut on_cell: impl FnMut(&CellResult)) -> Result<Vec<CellResult>> {
     let mut out = Vec::with_capacity(cells.len());
     for cell in cells {
-        let model = models
+        let m = models
             .iter()
-            .find(|(label, _)| *label == cell.model)
-            .map(|(_, m)| *m)
+            .find(|m| m.label == cell.model)
             .ok_or_else(|| KvError::config("grid model", &cell.model, "one of the loaded models"))?;
-        let r = run_cell(model, cell, spec, text)?;
+        let r = run_cell(m.model, &m.tokenizer, cell, spec, &m.text)?;
         on_cell(&r);
         out.push(r);
     }

@@ -32,13 +32,13 @@ pub use checkpoint::{CHECKPOINT_FILE, CONFIG_FILE, load_model, load_model_expect
 pub use config::{DecoderConfig, MlaSettings, SelfAttentionKind, YocoSettings};
 pub use convert::{LatentConversion, to_grouped, to_latent};
 pub use decoder::{DecoderBlock, DecoderLm};
-pub use eval::{PolicyLoss, TaskResult, answer, policy_loss, task_accuracy, task_accuracy_with, validation_loss};
+pub use eval::{PolicyLoss, TaskResult, answer, policy_loss, task_accuracy, task_accuracy_with, validation_loss, validation_loss_from};
 pub use ffn::FeedForward;
 pub use generate::{GenerateConfig, Generation, generate};
 pub use materialize::materialize;
 pub use presets::{Preset, preset, preset_names};
 pub use sampling::{Sampler, SamplerConfig, argmax};
-pub use tokenizer::ByteTokenizer;
+pub use tokenizer::{ByteTokenizer, TOKENIZER_FILE, Tokenizer};
 pub use yoco::retention_state_name;
 
 #[cfg(test)]

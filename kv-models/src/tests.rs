@@ -25,8 +25,8 @@ fn max_abs_diff<B: Backend>(a: Tensor<B, 3>, b: Tensor<B, 3>) -> f32 {
 fn cached_decode_matches_full_forward<B: Backend>(dev: &B::Device) {
     // 90 tokens: prompts that fill the cache's body, its tail, and decodes that cross a flush.
     let ids = sequence(90);
-    for (heads, kv, shift, width) in [(8, 8, false, None), (8, 2, false, None), (8, 1, false, None), (8, 2, true, None), (8, 2, true, Some(3))] {
-        let model = tiny(heads, kv).with_token_shift(shift).with_token_shift_width(width).init::<B>(dev).unwrap();
+    for (heads, kv, shift, width, key_shift) in [(8, 8, false, None, None), (8, 2, false, None, None), (8, 1, false, None, None), (8, 2, true, None, None), (8, 2, true, Some(3), None), (8, 2, true, Some(3), Some(true))] {
+        let model = tiny(heads, kv).with_token_shift(shift).with_token_shift_width(width).with_key_shift(key_shift).init::<B>(dev).unwrap();
         let full = model.forward(tokens(&ids, dev));
         for split in [1, 5, 17, 70, 90] {
             let mut cache = model.new_cache(1);
@@ -35,7 +35,7 @@ fn cached_decode_matches_full_forward<B: Backend>(dev: &B::Device) {
                 parts.push(model.forward_cached(tokens(&[id], dev), &mut cache).unwrap());
             }
             let diff = max_abs_diff(Tensor::cat(parts, 1), full.clone());
-            assert!(diff <= 1e-4, "heads {heads}/{kv}, shift {shift} x {width:?}, split {split}: max abs diff {diff}");
+            assert!(diff <= 1e-4, "heads {heads}/{kv}, shift {shift} x {width:?}, key shift {key_shift:?}, split {split}: max abs diff {diff}");
             assert_eq!(cache.tokens_seen(), ids.len());
             // Measured bytes: 2 (K and V) x layers x kv_heads x head_dim x slots x 4 bytes.
             assert_eq!(cache.stats().kv_bytes, 2 * 2 * kv * 4 * ids.len() * 4);
@@ -278,15 +278,24 @@ fn policy_perplexity_with_a_full_cache_matches_the_forward_pass<B: Backend>(dev:
     let err = validation_loss(&small, &corpus, 40, 3).unwrap_err().to_string();
     assert!(err.contains("vocab_size = 64"), "{err}");
     let want = validation_loss(&model, &corpus, 40, 3).unwrap();
-    let full = policy_loss(&model, &corpus, 40, 3, &mut || Box::new(kv_policies::FullCache)).unwrap();
+    let full = policy_loss(&model, &corpus, 40, 3, 1, &mut || Box::new(kv_policies::FullCache)).unwrap();
     let got = full.loss;
     assert!((want - got).abs() <= 1e-4, "{want} vs {got}");
     // Bytes measured from the cache: 2 x layers x kv_heads x head_dim x tokens x 4.
     assert_eq!(full.kv_bytes, (2 * 2 * 2 * 4 * 40 * 4) as f64);
     // A small streaming budget really changes what the model sees.
-    let pruned = policy_loss(&model, &corpus, 40, 3, &mut || kv_policies::build_policy::<B>("streaming:budget=4,sinks=1").unwrap()).unwrap();
+    let pruned = policy_loss(&model, &corpus, 40, 3, 1, &mut || kv_policies::build_policy::<B>("streaming:budget=4,sinks=1").unwrap()).unwrap();
     assert!((pruned.loss - want).abs() > 1e-4, "{} vs {want}", pruned.loss);
     assert_eq!(pruned.kv_bytes, (2 * 2 * 2 * 4 * 4 * 4) as f64);
+    // With a 24-token prompt, the continuation's loss matches the forward pass from position 23,
+    // and a prefill-only policy compresses the prompt: SnapKV keeps half of it, then grows by 16.
+    let want = validation_loss_from(&model, &corpus, 40, 3, 23).unwrap();
+    let full = policy_loss(&model, &corpus, 40, 3, 24, &mut || Box::new(kv_policies::FullCache)).unwrap();
+    assert!((want - full.loss).abs() <= 1e-4, "{want} vs {}", full.loss);
+    let snap = policy_loss(&model, &corpus, 40, 3, 24, &mut || kv_policies::build_policy::<B>("snapkv:budget=0.5,window=4").unwrap()).unwrap();
+    assert!((snap.loss - want).abs() > 1e-4, "{} vs {want}", snap.loss);
+    assert_eq!(snap.kv_bytes, (2 * 2 * 2 * 4 * (12 + 16) * 4) as f64);
+    assert!(policy_loss(&model, &corpus, 40, 3, 41, &mut || Box::new(kv_policies::FullCache)).unwrap_err().to_string().contains("prompt = 41"));
 }
 
 fn endless_streaming_keeps_the_cache_constant<B: Backend>(dev: &B::Device) {
@@ -666,6 +675,77 @@ fn adakv_decodes_from_ragged_storage_and_holds_fewer_bytes<B: Backend>(dev: &B::
     }
 }
 
+/// A word-level tokenizer.json of the stories' and the tasks' own words (`\w+` runs and
+/// punctuation runs, as its Whitespace pre-tokenizer splits them), written to `dir`.
+#[cfg(feature = "hf-tokenizer")]
+fn word_level_tokenizer(dir: &std::path::Path) -> std::path::PathBuf {
+    use rand::SeedableRng;
+    let mut text = data::story(&mut rand::rngs::StdRng::seed_from_u64(1), 60_000);
+    text += " Remember each key and its value. Q = ; \n";
+    let mut vocab = vec!["[UNK]".to_string()];
+    let mut word = String::new();
+    let flush = |w: &mut String, vocab: &mut Vec<String>| {
+        if !w.is_empty() && !vocab.contains(w) {
+            vocab.push(w.clone());
+        }
+        w.clear();
+    };
+    for c in text.chars() {
+        if c.is_alphanumeric() || c == '_' {
+            word.push(c);
+        } else {
+            flush(&mut word, &mut vocab);
+            if !c.is_whitespace() {
+                flush(&mut c.to_string(), &mut vocab);
+            }
+        }
+    }
+    (0..1000).for_each(|n| flush(&mut n.to_string(), &mut vocab));
+    let ids: serde_json::Map<String, serde_json::Value> = vocab.iter().enumerate().map(|(i, w)| (w.clone(), i.into())).collect();
+    let json = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+        "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "unk_token": "[UNK]", "vocab": ids}
+    });
+    let path = dir.join("words.json");
+    std::fs::write(&path, json.to_string()).unwrap();
+    path
+}
+
+#[cfg(feature = "hf-tokenizer")]
+fn a_hugging_face_tokenizer_trains_resumes_and_evaluates<B: Backend>(dev: &B::Device) {
+    type AD<B> = burn::backend::Autodiff<B>;
+    let dir = temp_dir("hf");
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = dir.join("run");
+    let path = word_level_tokenizer(&dir);
+    let tokenizer = Tokenizer::from_file(&path).unwrap();
+    let words = tokenizer.vocab_size();
+    assert!((100..2000).contains(&words), "{words}");
+    let mut cfg = train_config(6);
+    cfg.tokenizer = Some(path.clone());
+    // A model too small for the tokenizer is refused before training.
+    let e = train::Trainer::<AD<B>>::new(DecoderConfig::new(64, 32, 1, 4, 4, 64), cfg.clone(), dev).err().unwrap().to_string();
+    assert!(e.contains("vocab_size = 64") && e.contains(&format!("at least {words}")), "{e}");
+    let model = DecoderConfig::new(words, 32, 2, 4, 4, 64);
+    let mut t = train::Trainer::<AD<B>>::new(model.clone(), cfg.clone(), dev).unwrap();
+    let before = t.evaluate().unwrap();
+    train::run_until(&mut t, &run, 3, |_| {}).unwrap();
+    // The run carries its own copy of the tokenizer: resuming works without the original.
+    std::fs::remove_file(&path).unwrap();
+    let copy = Tokenizer::for_run(&run).unwrap();
+    assert_eq!(copy.name(), "hf");
+    assert_eq!(copy.encode("the key is 42.").unwrap(), tokenizer.encode("the key is 42.").unwrap());
+    let mut resumed = train::Trainer::<AD<B>>::resume(&run, None, dev).unwrap();
+    let after = train::run(&mut resumed, &run, |_| {}).unwrap().unwrap();
+    assert!(after.valid_loss.is_finite() && after.valid_loss < before.valid_loss, "{} -> {}", before.valid_loss, after.valid_loss);
+    // Tasks are read through the same tokenizer (recall's words and numbers are in its vocabulary).
+    let (loaded, _) = load_model::<B>(&run, dev).unwrap();
+    let r = task_accuracy_with(&loaded, &Tokenizer::for_run(&run).unwrap(), data::TaskKind::Recall, 200, 2, 3, None, &mut || Box::new(kv_policies::FullCache)).unwrap();
+    assert_eq!(r.total, 2);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 kv_core::backend_tests!(
     adakv_decodes_from_ragged_storage_and_holds_fewer_bytes,
     batched_forward_matches_each_row_decoded_alone,
@@ -713,4 +793,10 @@ fn tiny_mla_preset_matches_tiny_mha_in_size_with_a_third_of_its_cache() {
     assert!((n_mla as f64 / n_mha as f64 - 1.0).abs() <= 0.02, "{n_mla} vs {n_mha} parameters");
     // (kv_latent 64 + rope_dim 16) against 2 x 4 heads x 32 per token and layer.
     assert_eq!(mla.model.kv_bytes_per_token() * 256, mha.model.kv_bytes_per_token() * 80);
+}
+
+#[cfg(feature = "hf-tokenizer")]
+mod hf {
+    use super::*;
+    kv_core::backend_tests!(a_hugging_face_tokenizer_trains_resumes_and_evaluates);
 }

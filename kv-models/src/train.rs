@@ -3,8 +3,9 @@
 
 use crate::checkpoint::{Sections, record_bytes, record_from};
 use crate::data::{Corpus, TaskKind, TextSource, batch_rng};
-use crate::eval::{task_accuracy, validation_loss};
-use crate::{CHECKPOINT_FILE, DecoderConfig, DecoderLm};
+use crate::eval::{task_accuracy_with, validation_loss};
+use crate::{CHECKPOINT_FILE, DecoderConfig, DecoderLm, Tokenizer};
+use kv_policies::FullCache;
 use burn::grad_clipping::GradientClippingConfig;
 use burn::module::AutodiffModule;
 use burn::optim::adaptor::OptimizerAdaptor;
@@ -87,6 +88,10 @@ pub struct TrainConfig {
     /// Training text.
     #[serde(default = "stories")]
     pub data: TextSource,
+    /// A Hugging Face `tokenizer.json` to read text with (None: bytes). It is copied into the
+    /// run folder, so checkpoints stay usable without it; task contexts then count bytes of text.
+    #[serde(default)]
+    pub tokenizer: Option<std::path::PathBuf>,
 }
 
 fn one() -> usize {
@@ -261,6 +266,7 @@ pub struct Trainer<B: AutodiffBackend> {
     step: usize,
     train: Corpus,
     valid: Corpus,
+    tokenizer: Tokenizer,
     device: B::Device,
 }
 
@@ -284,16 +290,24 @@ impl<B: AutodiffBackend> Trainer<B> {
 
     /// A fresh run (step 0, new optimiser) that starts from given weights (`kv train --init`).
     pub fn from_model(model: DecoderLm<B>, model_config: DecoderConfig, config: TrainConfig, device: &B::Device) -> Result<Self> {
+        let tokenizer = match &config.tokenizer {
+            Some(path) => Tokenizer::from_file(path)?,
+            None => Tokenizer::Bytes,
+        };
+        Self::with_tokenizer(model, model_config, config, tokenizer, device)
+    }
+
+    fn with_tokenizer(model: DecoderLm<B>, model_config: DecoderConfig, config: TrainConfig, tokenizer: Tokenizer, device: &B::Device) -> Result<Self> {
         config.validate()?;
         model_config.validate()?;
-        crate::eval::check_byte_vocab(&model)?;
-        let (train, valid) = config.data.load(config.seed)?;
+        crate::eval::check_vocab(&model, tokenizer.vocab_size(), &format!("the {} tokenizer", tokenizer.name()))?;
+        let (train, valid) = config.data.load_with(config.seed, &tokenizer)?;
         for (name, c) in [("training", &train), ("validation", &valid)] {
             if c.len() < config.seq_len + 1 {
-                return Err(KvError::config(format!("{name} text"), format!("{} bytes", c.len()), format!("at least seq_len + 1 = {}", config.seq_len + 1)));
+                return Err(KvError::config(format!("{name} text"), format!("{} tokens", c.len()), format!("at least seq_len + 1 = {}", config.seq_len + 1)));
             }
         }
-        Ok(Self { optim: adamw(&config), model, model_config, config, step: 0, train, valid, device: device.clone() })
+        Ok(Self { optim: adamw(&config), model, model_config, config, step: 0, train, valid, tokenizer, device: device.clone() })
     }
 
     /// Continues the run saved in `dir` exactly where it stopped; `steps`, if given, replaces the
@@ -310,7 +324,12 @@ impl<B: AutodiffBackend> Trainer<B> {
             state.config.steps = s;
         }
         let model = model_config.init::<B>(device)?.load_record(record_from::<B, _>(sections.model, device, &path)?);
-        let mut trainer = Self::from_model(model, model_config, state.config, device)?;
+        // The run's own copy of its tokenizer, so a moved or deleted original does not matter.
+        let tokenizer = Tokenizer::for_run(dir)?;
+        if tokenizer.is_bytes() && state.config.tokenizer.is_some() {
+            return Err(KvError::io(dir.join(crate::TOKENIZER_FILE), "missing: the run was trained with a tokenizer file"));
+        }
+        let mut trainer = Self::with_tokenizer(model, model_config, state.config, tokenizer, device)?;
         trainer.optim = adamw(&trainer.config).load_record(record_from::<B, _>(sections.optim, device, &path)?);
         trainer.step = state.step;
         Ok(trainer)
@@ -358,11 +377,27 @@ impl<B: AutodiffBackend> Trainer<B> {
                 // of retrieval distances), with corpus text in front of the shorter ones.
                 let len = if c.vary_task_length { rng.random_range(task.min_context()..=seq_len + 1) } else { seq_len + 1 };
                 let sample = task.sample(&mut rng, len, None)?;
+                // Prompt and answer are encoded apart, so the answer starts on a token boundary;
+                // a token is at least a byte, so the text fits (the front is cut if it ever did not).
+                let answer = self.tokenizer.encode(&sample.answer)?;
+                let mut text = self.tokenizer.encode(&sample.prompt)?;
+                text.extend_from_slice(&answer);
+                let text = &text[text.len().saturating_sub(seq_len + 1)..];
                 // The answer is the sequence's tail, so it is the last targets of the row.
                 let end = (row + 1) * seq_len;
-                weights[end - sample.answer.len()..end].fill(c.answer_weight);
-                let mut seq = if len <= seq_len { self.train.window(&mut rng, seq_len + 1 - len)? } else { Vec::new() };
-                seq.extend(sample.text().bytes().map(u32::from));
+                weights[end - answer.len()..end].fill(c.answer_weight);
+                // Earlier answers inside the prompt (answered queries) are graded the same way:
+                // with byte tokens the text's byte `at` is the target of row position `at - 1`.
+                if self.tokenizer.is_bytes() {
+                    let text_start = end + 1 - text.len();
+                    for &at in &sample.retrieved {
+                        if at > 0 {
+                            weights[text_start + at - 1] = c.answer_weight;
+                        }
+                    }
+                }
+                let mut seq = if text.len() <= seq_len { self.train.window(&mut rng, seq_len + 1 - text.len())? } else { Vec::new() };
+                seq.extend_from_slice(text);
                 seq
             } else {
                 self.train.window(&mut rng, seq_len + 1)?
@@ -413,7 +448,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         tasks.sort_by_key(|t| t.name());
         tasks.dedup();
         for task in tasks {
-            let r = task_accuracy(&model, task, c.seq_len, c.eval_task_samples, c.seed ^ 0xe7a1, None)?;
+            let r = task_accuracy_with(&model, &self.tokenizer, task, c.seq_len, c.eval_task_samples, c.seed ^ 0xe7a1, None, &mut || Box::new(FullCache))?;
             task_acc.push((task, r.accuracy));
         }
         Ok(EvalMetrics { step: self.step, valid_loss, task_accuracy: task_acc })
@@ -428,6 +463,8 @@ impl<B: AutodiffBackend> Trainer<B> {
             model: record_bytes::<B, _>(self.model.clone().into_record(), dir)?,
             optim: record_bytes::<B, _>(self.optim.to_record(), dir)?,
         };
+        // The tokenizer first: a checkpoint never exists without the tokenizer it was trained with.
+        self.tokenizer.save_to_run(dir)?;
         sections.write(dir)
     }
 }
@@ -537,6 +574,28 @@ mod tests {
             "answer_weight": 4.0, "vary_task_length": vary, "seed": 3
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn lookup_rows_weight_every_retrieved_value() {
+        let mut c = config(true);
+        c.tasks = vec![TaskKind::Lookup];
+        let t = Trainer::<AD>::new(DecoderConfig::new(256, 16, 1, 2, 2, 16), c, &Default::default()).unwrap();
+        let (inputs, targets, weights) = t.batch(0, 0).unwrap();
+        let ids: Vec<i64> = targets.into_data().iter::<i64>().collect();
+        let inp: Vec<i64> = inputs.into_data().iter::<i64>().collect();
+        for (row, (w, (x, y))) in weights.chunks(64).zip(inp.chunks(64).zip(ids.chunks(64))).enumerate() {
+            let text: String = x.iter().map(|&b| b as u8 as char).collect();
+            let weighted: Vec<(usize, char)> = w.iter().enumerate().filter(|(_, w)| **w != 1.0).map(|(i, _)| (i, y[i] as u8 as char)).collect();
+            // Every weighted target is a digit that follows `=` in the input, and the query before
+            // it names a key listed earlier in the row with that very digit.
+            for &(i, digit) in &weighted {
+                assert!(digit.is_ascii_digit() && text.as_bytes()[i] == b'=', "row {row}: {text:?} at {i}");
+                let pair = format!("{}{}", &text[i - 2..=i], digit);
+                assert!(text[..i - 2].contains(&pair), "row {row}: {pair} not listed before {i} in {text:?}");
+            }
+            assert!(!weighted.is_empty(), "row {row}: {text:?}");
+        }
     }
 
     #[test]

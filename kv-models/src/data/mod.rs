@@ -6,33 +6,55 @@ mod tasks;
 pub use stories::story;
 pub use tasks::{TaskKind, TaskSample, exact_match};
 
+use crate::Tokenizer;
 use kv_core::{KvError, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-/// A body of byte-level text to cut training and validation windows from.
+/// A body of tokenized text to cut training and validation windows from.
 #[derive(Debug, Clone)]
 pub struct Corpus {
-    bytes: Vec<u8>,
+    tokens: Vec<u32>,
 }
 
 impl Corpus {
-    /// About `bytes` bytes of generated stories from `seed` (the embedded default corpus).
+    /// About `bytes` bytes of generated stories from `seed` (the embedded default corpus), as
+    /// byte tokens.
     pub fn stories(seed: u64, bytes: usize) -> Self {
+        Self::from_bytes(&Self::story_text(seed, bytes))
+    }
+
+    fn story_text(seed: u64, bytes: usize) -> Vec<u8> {
         let mut rng = StdRng::seed_from_u64(seed);
         let mut text = String::with_capacity(bytes + 4096);
         while text.len() < bytes {
             let len = rng.random_range(1500..6000);
             text += &story(&mut rng, len);
         }
-        Self { bytes: text.into_bytes() }
+        text.into_bytes()
+    }
+
+    fn from_bytes(bytes: &[u8]) -> Self {
+        Self { tokens: bytes.iter().map(|&b| u32::from(b)).collect() }
+    }
+
+    /// `text` as tokens of `tokenizer` (bytes that are not UTF-8 count as U+FFFD for others).
+    pub fn tokenize(text: &[u8], tokenizer: &Tokenizer) -> Result<Self> {
+        if tokenizer.is_bytes() {
+            return Ok(Self::from_bytes(text));
+        }
+        Ok(Self { tokens: tokenizer.encode(&String::from_utf8_lossy(text))? })
     }
 
     /// Text from files: `.jsonl` files contribute the `"text"` field of each line, anything else
-    /// is read as plain UTF-8 text. Documents are separated by blank lines.
+    /// is read as plain UTF-8 text. Documents are separated by blank lines. Byte tokens.
     pub fn from_files(paths: &[PathBuf]) -> Result<Self> {
+        Ok(Self::from_bytes(&Self::file_text(paths)?))
+    }
+
+    fn file_text(paths: &[PathBuf]) -> Result<Vec<u8>> {
         let mut bytes = Vec::new();
         for path in paths {
             let text = std::fs::read_to_string(path).map_err(|e| KvError::io(path, e))?;
@@ -51,38 +73,43 @@ impl Corpus {
                 bytes.extend_from_slice(b"\n\n");
             }
         }
-        Ok(Self { bytes })
+        Ok(bytes)
     }
 
-    /// Bytes of text held.
+    /// Tokens held.
     pub fn len(&self) -> usize {
-        self.bytes.len()
+        self.tokens.len()
     }
 
     /// Whether the corpus is empty.
     pub fn is_empty(&self) -> bool {
-        self.bytes.is_empty()
+        self.tokens.is_empty()
+    }
+
+    /// The largest token id held (0 when empty), to check a model's vocabulary against.
+    pub fn max_token(&self) -> u32 {
+        self.tokens.iter().copied().max().unwrap_or(0)
     }
 
     /// Splits off the last `fraction` of the text for validation.
     pub fn split(mut self, fraction: f32) -> (Corpus, Corpus) {
-        let at = ((self.bytes.len() as f64) * (1.0 - fraction as f64)) as usize;
-        let valid = self.bytes.split_off(at);
-        (self, Corpus { bytes: valid })
+        let at = ((self.tokens.len() as f64) * (1.0 - fraction as f64)) as usize;
+        let valid = self.tokens.split_off(at);
+        (self, Corpus { tokens: valid })
     }
 
     /// A random window of `len` tokens.
     pub fn window(&self, rng: &mut impl Rng, len: usize) -> Result<Vec<u32>> {
-        if self.bytes.len() < len {
-            return Err(KvError::config("corpus size", self.bytes.len(), format!("at least one window of {len} bytes")));
+        if self.tokens.len() < len {
+            return Err(KvError::config("corpus size", format!("{} tokens", self.tokens.len()), format!("at least one window of {len} tokens")));
         }
-        let start = rng.random_range(0..=self.bytes.len() - len);
-        Ok(self.bytes[start..start + len].iter().map(|&b| b as u32).collect())
+        let start = rng.random_range(0..=self.tokens.len() - len);
+        Ok(self.tokens[start..start + len].to_vec())
     }
 
     /// Consecutive, non-overlapping windows of `len` tokens from the start (for validation).
     pub fn windows(&self, len: usize, count: usize) -> Vec<Vec<u32>> {
-        self.bytes.chunks_exact(len).take(count).map(|w| w.iter().map(|&b| b as u32).collect()).collect()
+        self.tokens.chunks_exact(len).take(count).map(<[u32]>::to_vec).collect()
     }
 }
 
@@ -97,12 +124,20 @@ pub enum TextSource {
 }
 
 impl TextSource {
-    /// Loads the training and validation corpora (the last 5% is validation).
+    /// Loads the training and validation corpora as byte tokens (the last 5% is validation).
     pub fn load(&self, seed: u64) -> Result<(Corpus, Corpus)> {
+        self.load_with(seed, &Tokenizer::Bytes)
+    }
+
+    /// Loads the training and validation corpora as tokens of `tokenizer`.
+    pub fn load_with(&self, seed: u64, tokenizer: &Tokenizer) -> Result<(Corpus, Corpus)> {
         match self {
-            TextSource::Stories => Ok((Corpus::stories(seed, 4 << 20), Corpus::stories(seed ^ 0x5eed_7a11, 256 << 10))),
+            TextSource::Stories => Ok((
+                Corpus::tokenize(&Corpus::story_text(seed, 4 << 20), tokenizer)?,
+                Corpus::tokenize(&Corpus::story_text(seed ^ 0x5eed_7a11, 256 << 10), tokenizer)?,
+            )),
             TextSource::Files(paths) => {
-                let corpus = Corpus::from_files(paths)?;
+                let corpus = Corpus::tokenize(&Corpus::file_text(paths)?, tokenizer)?;
                 if corpus.is_empty() {
                     let names: Vec<_> = paths.iter().map(|p| p.display().to_string()).collect();
                     return Err(KvError::config("data files", names.join(", "), "files with some text"));
@@ -153,7 +188,8 @@ mod tests {
         std::fs::write(dir.join("b.jsonl"), "{\"text\": \"second doc\"}\n\n{\"text\": \"third\"}\n").unwrap();
         let files = text_files(&dir).unwrap();
         let c = Corpus::from_files(&files).unwrap();
-        assert_eq!(String::from_utf8(c.bytes.clone()).unwrap(), "hello world\n\nsecond doc\n\nthird\n\n");
+        let text: Vec<u8> = c.tokens.iter().map(|&t| t as u8).collect();
+        assert_eq!(String::from_utf8(text).unwrap(), "hello world\n\nsecond doc\n\nthird\n\n");
         std::fs::write(dir.join("c.jsonl"), "{\"body\": 1}\n").unwrap();
         let e = Corpus::from_files(&[dir.join("c.jsonl")]).unwrap_err().to_string();
         assert!(e.contains("line 1") && e.contains("\"text\""), "{e}");

@@ -6,7 +6,7 @@
 use super::stories::story;
 use kv_core::{KvError, Result};
 use rand::Rng;
-use rand::seq::IndexedRandom;
+use rand::seq::{IndexedRandom, SliceRandom};
 use serde::{Deserialize, Serialize};
 
 /// A long-context task.
@@ -22,11 +22,17 @@ pub enum TaskKind {
     /// A random string, a separator, then the same string again: the model must finish the
     /// copy. The purest induction task, used to teach copying early in training.
     Copy,
+    /// Multi-query associative recall in miniature: two-letter keys with one-digit values
+    /// (`ab=3 cd=7 ef=1 `), then every key asked again in a random order with its value
+    /// (`ef=1 ab=3 cd=`), the last one unanswered. A content lookup that fits in a few dozen
+    /// tokens and grades every query, so the length curriculum's short stage can teach the
+    /// "find the cue, read what follows" circuit that passkey and recall need.
+    Lookup,
 }
 
 impl TaskKind {
     /// Every task.
-    pub const ALL: [TaskKind; 4] = [TaskKind::Passkey, TaskKind::Needle, TaskKind::Recall, TaskKind::Copy];
+    pub const ALL: [TaskKind; 5] = [TaskKind::Passkey, TaskKind::Needle, TaskKind::Recall, TaskKind::Copy, TaskKind::Lookup];
 
     /// The name used on the command line.
     pub fn name(self) -> &'static str {
@@ -35,6 +41,7 @@ impl TaskKind {
             TaskKind::Needle => "needle",
             TaskKind::Recall => "recall",
             TaskKind::Copy => "copy",
+            TaskKind::Lookup => "lookup",
         }
     }
 
@@ -43,7 +50,7 @@ impl TaskKind {
         Self::ALL.into_iter().find(|t| t.name() == name).ok_or_else(|| KvError::Unknown {
             kind: "task".into(),
             name: name.into(),
-            valid: "passkey, needle, recall, copy".into(),
+            valid: "passkey, needle, recall, copy, lookup".into(),
         })
     }
 
@@ -54,6 +61,7 @@ impl TaskKind {
             TaskKind::Needle => NEEDLE_HEADER.len() + 2 * 40 + 2 * 50 + 4 + 8,
             TaskKind::Recall => RECALL_HEADER.len() + 3 * 8 + 2 * 6 + 8,
             TaskKind::Copy => 2 * COPY_ANSWER + 2,
+            TaskKind::Lookup => 3 * LOOKUP_PAIR + 4,
         }
     }
 
@@ -77,6 +85,7 @@ impl TaskKind {
             TaskKind::Needle => needle(rng, context, depth),
             TaskKind::Recall => recall(rng, context),
             TaskKind::Copy => copy(rng, context),
+            TaskKind::Lookup => lookup(rng, context),
         };
         debug_assert_eq!(s.prompt.len() + s.answer.len(), context, "{self:?}");
         Ok(s)
@@ -90,6 +99,10 @@ pub struct TaskSample {
     pub prompt: String,
     /// The exact continuation expected.
     pub answer: String,
+    /// Byte offsets in the prompt of earlier answers, predictable only by retrieval (the answered
+    /// queries of lookup and recall); training weights them like the answer.
+    #[serde(default)]
+    pub retrieved: Vec<usize>,
 }
 
 impl TaskSample {
@@ -122,7 +135,7 @@ fn passkey(rng: &mut impl Rng, context: usize, depth: f32) -> TaskSample {
     let phase = rng.random_range(0..PASSKEY_FILLER.len());
     let filler: String = PASSKEY_FILLER.chars().cycle().skip(phase).take(filler_len).collect();
     let prompt = format!("{PASSKEY_HEADER}{}{needle}{}{PASSKEY_QUESTION}", &filler[..before], &filler[before..]);
-    TaskSample { prompt, answer: key }
+    TaskSample { prompt, answer: key, retrieved: Vec::new() }
 }
 
 const NEEDLE_HEADER: &str = "Read the story and answer the question at the end.\n";
@@ -144,7 +157,7 @@ fn needle(rng: &mut impl Rng, context: usize, depth: f32) -> TaskSample {
     let at = hay[..target].rfind(". ").map_or(0, |i| i + 1);
     let at = if target == hay_len { hay_len } else { at };
     let prompt = format!("{NEEDLE_HEADER}{}{sentence}{}{question}", &hay[..at], &hay[at..]);
-    TaskSample { prompt, answer: code }
+    TaskSample { prompt, answer: code, retrieved: Vec::new() }
 }
 
 const COPY_ANSWER: usize = 8;
@@ -155,7 +168,40 @@ fn copy(rng: &mut impl Rng, context: usize) -> TaskSample {
     let s: String = (0..len).map(|_| (b'a' + rng.random_range(0..26u8)) as char).collect();
     let pad = context - 1 - 2 * len;
     let prompt = format!("{}{s}|{}", " ".repeat(pad), &s[..len - COPY_ANSWER]);
-    TaskSample { prompt, answer: s[len - COPY_ANSWER..].to_string() }
+    TaskSample { prompt, answer: s[len - COPY_ANSWER..].to_string(), retrieved: Vec::new() }
+}
+
+/// Bytes of one `ab=3 ` pair.
+const LOOKUP_PAIR: usize = 5;
+
+fn lookup(rng: &mut impl Rng, context: usize) -> TaskSample {
+    // `pairs` pairs and as many queries take 10 x pairs - 1 bytes (the last query has no space).
+    let pairs = ((context + 1) / (2 * LOOKUP_PAIR)).min(26 * 26);
+    let mut keys: Vec<[u8; 2]> = Vec::with_capacity(pairs);
+    while keys.len() < pairs {
+        let k = [b'a' + rng.random_range(0..26u8), b'a' + rng.random_range(0..26u8)];
+        if !keys.contains(&k) {
+            keys.push(k);
+        }
+    }
+    let values: Vec<u8> = (0..pairs).map(|_| b'0' + rng.random_range(0..10u8)).collect();
+    let pair = |i: usize| format!("{}{}={}", keys[i][0] as char, keys[i][1] as char, values[i] as char);
+    let mut prompt = " ".repeat(context + 1 - 2 * LOOKUP_PAIR * pairs);
+    for i in 0..pairs {
+        prompt += &pair(i);
+        prompt.push(' ');
+    }
+    let mut order: Vec<usize> = (0..pairs).collect();
+    order.shuffle(rng);
+    let mut retrieved = Vec::with_capacity(pairs - 1);
+    for &i in &order[..pairs - 1] {
+        retrieved.push(prompt.len() + 3);
+        prompt += &pair(i);
+        prompt.push(' ');
+    }
+    let last = order[pairs - 1];
+    prompt += &pair(last)[..3];
+    TaskSample { prompt, answer: (values[last] as char).to_string(), retrieved }
 }
 
 const RECALL_HEADER: &str = "Remember each key and its value.\n";
@@ -181,11 +227,14 @@ fn recall(rng: &mut impl Rng, context: usize) -> TaskSample {
     }
     prompt.push('\n');
     let mut asked = Vec::new();
+    let mut retrieved = Vec::new();
     for q in 0..queries {
         let i = rng.random_range(0..pairs);
         asked.push(i);
         if q + 1 < queries {
+            let at = prompt.len() + 6;
             prompt += &format!("Q {}={} ", keys[i], values[i]);
+            retrieved.extend(at..at + values[i].len());
         } else {
             prompt += &format!("Q {}=", keys[i]);
         }
@@ -194,9 +243,11 @@ fn recall(rng: &mut impl Rng, context: usize) -> TaskSample {
     // Pad (or trim the pair list's tail of spaces) to land exactly on the context length.
     let total = prompt.len() + answer.len();
     if total < context {
-        prompt.insert_str(RECALL_HEADER.len(), &" ".repeat(context - total));
+        let pad = context - total;
+        prompt.insert_str(RECALL_HEADER.len(), &" ".repeat(pad));
+        retrieved.iter_mut().for_each(|at| *at += pad);
     }
-    TaskSample { prompt, answer }
+    TaskSample { prompt, answer, retrieved }
 }
 
 #[cfg(test)]
@@ -234,6 +285,30 @@ mod tests {
     }
 
     #[test]
+    fn lookup_asks_every_key_once_and_marks_the_retrieved_values() {
+        for (seed, context) in (0..50).zip([19, 34, 35, 100, 257].into_iter().cycle()) {
+            let s = TaskKind::Lookup.sample(&mut StdRng::seed_from_u64(seed), context, None).unwrap();
+            let items: Vec<&str> = s.prompt.trim_start().split(' ').collect();
+            let pairs = items.len() / 2;
+            assert!(pairs >= 2 && items.len() == 2 * pairs, "{s:?}");
+            let (listed, rest) = items.split_at(pairs);
+            let (asked, last) = rest.split_at(pairs - 1);
+            // Every key is listed once and asked once; answered queries repeat the listed value.
+            let mut keys: Vec<&str> = asked.iter().chain(last).map(|q| &q[..3]).collect();
+            keys.sort();
+            let mut listed_keys: Vec<&str> = listed.iter().map(|p| &p[..3]).collect();
+            listed_keys.sort();
+            assert_eq!(keys, listed_keys, "{s:?}");
+            assert!(asked.iter().all(|q| listed.contains(q)), "{s:?}");
+            assert!(listed.contains(&format!("{}{}", last[0], s.answer).as_str()), "{s:?}");
+            assert_eq!(s.retrieved.len(), pairs - 1);
+            for (&at, q) in s.retrieved.iter().zip(asked) {
+                assert_eq!(s.prompt.as_bytes()[at], q.as_bytes()[3], "{s:?}");
+            }
+        }
+    }
+
+    #[test]
     fn depth_places_the_needle() {
         let mut rng = StdRng::seed_from_u64(1);
         let early = TaskKind::Needle.sample(&mut rng, 2000, Some(0.0)).unwrap();
@@ -262,6 +337,6 @@ mod tests {
         let e = TaskKind::Passkey.sample(&mut rng, 10, None).unwrap_err().to_string();
         assert!(e.contains("passkey context = 10"), "{e}");
         assert!(TaskKind::Needle.sample(&mut rng, 1000, Some(1.5)).unwrap_err().to_string().contains("depth = 1.5"));
-        assert!(TaskKind::parse("haystack").unwrap_err().to_string().contains("passkey, needle, recall, copy"));
+        assert!(TaskKind::parse("haystack").unwrap_err().to_string().contains("passkey, needle, recall, copy, lookup"));
     }
 }
