@@ -28,9 +28,12 @@ pub struct GroupedAttentionConfig {
     #[config(default = "None")]
     pub key_shift: Option<bool>,
     /// Mimetic initialisation of the query-key product (Trockman & Kolter, 2023): each KV head's
-    /// key projection starts equal to the query projection of the first head of its group, so
-    /// `W_q^T W_k` starts positive semi-definite and attention already prefers keys whose input
-    /// resembles the query's, the starting point of a copy or lookup head.
+    /// key projection starts equal to the query projection of the first head of its group, and
+    /// the group's other query heads start halfway between that key projection and their own
+    /// random draw, so every head's `W_q^T W_k` starts near positive semi-definite: attention
+    /// already prefers keys whose input resembles the query's, the starting point of a copy or
+    /// lookup head. (Only the first head of each group gets it exactly; without the others, GQA
+    /// and MQA models had too few such heads to learn retrieval in the presets' budget.)
     #[config(default = "None")]
     pub mimetic_init: Option<bool>,
 }
@@ -67,12 +70,19 @@ impl GroupedAttentionConfig {
         self.validate()?;
         let d = self.head_dim();
         let lin = |i, o| LinearConfig::new(i, o).with_bias(false).init(device);
-        let wq: Linear<B> = lin(self.d_model, self.n_heads * d);
+        let mut wq: Linear<B> = lin(self.d_model, self.n_heads * d);
         let mut wk: Linear<B> = lin(self.d_model, self.n_kv_heads * d);
         if self.mimetic_init == Some(true) {
-            let group = self.n_heads / self.n_kv_heads;
-            let w = wq.weight.val().reshape([self.d_model, self.n_kv_heads, group, d]).narrow(2, 0, 1).reshape([self.d_model, self.n_kv_heads * d]);
-            wk.weight = Param::from_tensor(w.detach());
+            let (kv, group) = (self.n_kv_heads, self.n_heads / self.n_kv_heads);
+            let q = wq.weight.val().detach().reshape([self.d_model, kv, group, d]);
+            let first = q.clone().narrow(2, 0, 1);
+            wk.weight = Param::from_tensor(first.clone().reshape([self.d_model, kv * d]).detach());
+            if group > 1 {
+                // Equal-variance mix, so every query head keeps the scale of a fresh draw.
+                let rest = (q.narrow(2, 1, group - 1) + first.expand([self.d_model, kv, group - 1, d])).mul_scalar(std::f64::consts::FRAC_1_SQRT_2);
+                let all = Tensor::cat(vec![wq.weight.val().detach().reshape([self.d_model, kv, group, d]).narrow(2, 0, 1), rest], 2);
+                wq.weight = Param::from_tensor(all.reshape([self.d_model, self.n_heads * d]).detach());
+            }
         }
         Ok(GroupedAttention {
             wq,

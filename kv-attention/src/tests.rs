@@ -324,6 +324,10 @@ fn mimetic_init_copies_each_groups_first_query_projection_into_its_keys<B: Backe
     for g in 0..kv {
         let q_first = wq.clone().narrow(1, g * (heads / kv) * d, d);
         assert!(max_abs_diff(wk.clone().narrow(1, g * d, d), q_first) == 0.0, "group {g}");
+        // The group's other head leans towards the same key projection: a positive trace.
+        let other = wq.clone().narrow(1, (g * (heads / kv) + 1) * d, d);
+        let trace: f32 = other.transpose().matmul(wk.clone().narrow(1, g * d, d)).mul(Tensor::eye(d, dev)).sum().into_scalar().elem();
+        assert!(trace > 0.0, "group {g}: trace {trace}");
     }
     // So every head scores a key from the query's own input highest: q.k = |W x|^2 >= q.k' (for
     // the first head of each group, by Cauchy-Schwarz when the norms match, here on average).

@@ -273,7 +273,7 @@ pub fn write_report(dir: &Path, report: &TourReport) -> Result<Vec<PathBuf>> {
     );
     md += "## Models\n\n";
     md += &models_table(&report.models);
-    md += "\n## Quality under compression\n\nCompression is the fraction of cache slots removed (budget = 1 - compression). `ppl` predicts every token of held-out text through the compressed cache, one token at a time; `passkey` and `needle` are exact-match accuracies.\n\n";
+    md += "\n## Quality under compression\n\nCompression is the fraction of cache slots removed (budget = 1 - compression). `ppl` prefills the first half of each held-out window as a prompt (so prefill-time policies compress it), then predicts the second half through the compressed cache one token at a time; `passkey` and `needle` are exact-match accuracies of a greedy answer. The kept-bytes column is measured at the end of each sample and averaged over the probes.\n\n";
     md += &crate::report::markdown(&report.eval.results);
     md += "\n## Speed and memory\n\n";
     md += &crate::bench::markdown(&report.bench);
