@@ -31,8 +31,8 @@ impl<B: Backend> AdaKvPolicy<B> {
     /// Parses `adakv:budget=0.5,min_share=0.2,scorer=snapkv,...`; the other parameters go to the
     /// scorer (`window`, `kernel`, `pool` for SnapKV, `recent` for H2O, ...).
     pub fn from_spec(spec: &PolicySpec) -> Result<Self> {
-        if spec.pairs().any(|(k, _)| k == "every") {
-            return Err(KvError::config("adakv:every", spec.pairs().find(|(k, _)| *k == "every").unwrap().1, "no schedule: AdaKV compresses once, at the end of prefill"));
+        if let Some((_, every)) = spec.pairs().find(|(k, _)| *k == "every") {
+            return Err(KvError::config("adakv:every", every, "no schedule: AdaKV compresses once, at the end of prefill"));
         }
         let scorer_name = spec.pairs().find(|(k, _)| *k == "scorer").map_or("snapkv", |(_, v)| v);
         if !ADAKV_SCORERS.contains(&scorer_name) {
