@@ -79,8 +79,8 @@ impl GroupedAttentionConfig {
             wk.weight = Param::from_tensor(first.clone().reshape([self.d_model, kv * d]).detach());
             if group > 1 {
                 // Equal-variance mix, so every query head keeps the scale of a fresh draw.
-                let rest = (q.narrow(2, 1, group - 1) + first.expand([self.d_model, kv, group - 1, d])).mul_scalar(std::f64::consts::FRAC_1_SQRT_2);
-                let all = Tensor::cat(vec![wq.weight.val().detach().reshape([self.d_model, kv, group, d]).narrow(2, 0, 1), rest], 2);
+                let rest = (q.narrow(2, 1, group - 1) + first.clone().expand([self.d_model, kv, group - 1, d])).mul_scalar(std::f64::consts::FRAC_1_SQRT_2);
+                let all = Tensor::cat(vec![first, rest], 2);
                 wq.weight = Param::from_tensor(all.reshape([self.d_model, self.n_heads * d]).detach());
             }
         }

@@ -93,10 +93,11 @@ pub fn run_checkpoints<B: Backend>(checkpoints: &[PathBuf], spec: &GridSpec, dev
     let cells = spec.cells::<B>(&labels)?;
     let models = checkpoints.iter().map(|c| load_model::<B>(c, device).map(|(m, _)| m)).collect::<Result<Vec<_>>>()?;
     let mut named = Vec::with_capacity(models.len());
+    // Each model reads the same held-out stories in its own tokens; byte models share one copy.
+    let byte_text = TextSource::Stories.load(0)?.1;
     for ((label, dir), model) in labels.iter().zip(checkpoints).zip(&models) {
-        // Each model reads the same held-out stories, in its own tokens.
         let tokenizer = Tokenizer::for_run(dir)?;
-        let (_, text) = TextSource::Stories.load_with(0, &tokenizer)?;
+        let text = if tokenizer.is_bytes() { byte_text.clone() } else { TextSource::Stories.load_with(0, &tokenizer)?.1 };
         named.push(GridModel { label: label.clone(), model, tokenizer, text });
     }
     let bar = ProgressBar::new(cells.len() as u64).with_style(
