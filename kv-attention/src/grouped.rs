@@ -36,12 +36,19 @@ pub struct GroupedAttentionConfig {
     /// and MQA models had too few such heads to learn retrieval in the presets' budget.)
     #[config(default = "None")]
     pub mimetic_init: Option<bool>,
+    /// Width of one head when it is not `d_model / n_heads` (some pretrained models, e.g.
+    /// Mistral-Nemo); None: `d_model / n_heads`.
+    #[config(default = "None")]
+    pub head_dim: Option<usize>,
+    /// Biases on the query, key and value projections (Qwen2); None: no biases (Llama).
+    #[config(default = "None")]
+    pub qkv_bias: Option<bool>,
 }
 
 impl GroupedAttentionConfig {
-    /// Width of one head (`d_model / n_heads`).
+    /// Width of one head (`head_dim` if set, else `d_model / n_heads`).
     pub fn head_dim(&self) -> usize {
-        self.d_model / self.n_heads.max(1)
+        self.head_dim.unwrap_or(self.d_model / self.n_heads.max(1))
     }
 
     /// Checks the head layout, naming the first bad value.
@@ -49,8 +56,8 @@ impl GroupedAttentionConfig {
         if self.n_heads == 0 {
             return Err(KvError::config("heads", 0, "at least 1"));
         }
-        if self.d_model == 0 || self.d_model % self.n_heads != 0 {
-            return Err(KvError::config("d_model", self.d_model, format!("a positive multiple of heads = {}", self.n_heads)));
+        if self.d_model == 0 || (self.head_dim.is_none() && self.d_model % self.n_heads != 0) {
+            return Err(KvError::config("d_model", self.d_model, format!("a positive multiple of heads = {} (or set head_dim)", self.n_heads)));
         }
         if self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
             return Err(KvError::config(
@@ -59,8 +66,8 @@ impl GroupedAttentionConfig {
                 format!("a divisor of heads = {} (heads = kv_heads x group size)", self.n_heads),
             ));
         }
-        if self.head_dim() % 2 != 0 {
-            return Err(KvError::config("head_dim", self.head_dim(), "even, because RoPE rotates pairs (d_model / heads)"));
+        if self.head_dim() == 0 || self.head_dim() % 2 != 0 {
+            return Err(KvError::config("head_dim", self.head_dim(), "even and > 0, because RoPE rotates pairs (d_model / heads unless set)"));
         }
         Ok(())
     }
@@ -70,8 +77,10 @@ impl GroupedAttentionConfig {
         self.validate()?;
         let d = self.head_dim();
         let lin = |i, o| LinearConfig::new(i, o).with_bias(false).init(device);
-        let mut wq: Linear<B> = lin(self.d_model, self.n_heads * d);
-        let mut wk: Linear<B> = lin(self.d_model, self.n_kv_heads * d);
+        let bias = self.qkv_bias.unwrap_or(false);
+        let qkv = |i, o| LinearConfig::new(i, o).with_bias(bias).init(device);
+        let mut wq: Linear<B> = qkv(self.d_model, self.n_heads * d);
+        let mut wk: Linear<B> = qkv(self.d_model, self.n_kv_heads * d);
         if self.mimetic_init == Some(true) {
             let (kv, group) = (self.n_kv_heads, self.n_heads / self.n_kv_heads);
             let q = wq.weight.val().detach().reshape([self.d_model, kv, group, d]);
@@ -87,7 +96,7 @@ impl GroupedAttentionConfig {
         Ok(GroupedAttention {
             wq,
             wk,
-            wv: lin(self.d_model, self.n_kv_heads * d),
+            wv: qkv(self.d_model, self.n_kv_heads * d),
             wo: lin(self.n_heads * d, self.d_model),
             rope: RotaryConfig::new(d).with_theta(self.rope_theta).with_rotated(self.rope_dims).init(device)?,
             key_mix: self.key_shift.unwrap_or(false).then(|| Param::from_tensor(Tensor::full([self.d_model], 0.5, device))),

@@ -287,12 +287,12 @@ impl BackendJob for BenchJob {
         for p in &args.policy {
             build_policy::<B>(p)?;
         }
-        if !args.kv_heads.is_empty() && args.model.checkpoint.is_some() {
-            return Err(KvError::config("--kv-heads", "with --checkpoint", "random-weight models only (a checkpoint has its own heads)"));
+        if !args.kv_heads.is_empty() && args.model.has_weights() {
+            return Err(KvError::config("--kv-heads", "with trained weights", "random-weight models only (a checkpoint or pretrained model has its own heads)"));
         }
         let base = args.model.config("decode-bench")?;
         let variants: Vec<(String, Option<usize>)> = if args.kv_heads.is_empty() {
-            vec![(model_label(&args.model), None)]
+            vec![(args.model.label("decode-bench"), None)]
         } else {
             args.kv_heads.iter().map(|&kv| (format!("kv={kv}"), Some(kv))).collect()
         };
@@ -311,7 +311,10 @@ impl BackendJob for BenchJob {
                     B::seed(&device, args.model.init_seed);
                     (config.init::<B>(&device)?, config)
                 }
-                None => args.model.load::<B>("decode-bench", &device)?,
+                None => {
+                    let loaded = args.model.load::<B>("decode-bench", &device)?;
+                    (loaded.model, loaded.config)
+                }
             };
             for &context in &plan.contexts {
                 for policy in &plan.policies {
@@ -329,15 +332,6 @@ impl BackendJob for BenchJob {
         }
         bar.finish_and_clear();
         Ok(out)
-    }
-}
-
-fn model_label(m: &ModelArgs) -> String {
-    match (&m.checkpoint, &m.config, &m.preset) {
-        (Some(dir), _, _) => crate::eval::label(dir),
-        (None, Some(path), _) => path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
-        (None, None, Some(p)) => p.clone(),
-        (None, None, None) => "decode-bench".into(),
     }
 }
 

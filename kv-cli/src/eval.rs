@@ -9,15 +9,19 @@ use indicatif::{ProgressBar, ProgressStyle};
 use kv_core::{KvError, Result};
 use kv_models::data::TextSource;
 use kv_models::grid::{GridModel, GridSpec, Probe, run_grid};
-use kv_models::{CONFIG_FILE, DecoderConfig, Tokenizer, load_model};
+use kv_models::{CONFIG_FILE, DecoderConfig, DecoderLm, Tokenizer, load_model};
 use std::path::{Path, PathBuf};
 
 /// Flags of `kv eval`; every list flag takes comma-separated values.
 #[derive(Debug, Clone, Args)]
 pub struct EvalArgs {
     /// Checkpoint directories to evaluate (labelled by folder name).
-    #[arg(long, required = true, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', required_unless_present = "model")]
     pub checkpoint: Vec<PathBuf>,
+    /// Pretrained models to evaluate: `.gguf` files, Hugging Face folders, or `smollm2`
+    /// (labelled by file or folder name).
+    #[arg(long, value_delimiter = ',')]
+    pub model: Vec<PathBuf>,
     /// Probes: passkey, needle, recall, copy, lookup, ppl.
     #[arg(long, value_delimiter = ',', default_value = "passkey")]
     pub task: Vec<String>,
@@ -81,24 +85,62 @@ pub fn check_checkpoint(dir: &Path) -> Result<DecoderConfig> {
     DecoderConfig::from_file(dir.join(CONFIG_FILE))
 }
 
-/// Runs a grid over `checkpoints` with a progress bar; everything is validated before any work.
-pub fn run_checkpoints<B: Backend>(checkpoints: &[PathBuf], spec: &GridSpec, device: &B::Device, backend: DeviceKind) -> Result<GridFile> {
-    let labels: Vec<String> = checkpoints.iter().map(|c| label(c)).collect();
-    for (i, l) in labels.iter().enumerate() {
-        if labels[..i].contains(l) {
-            return Err(KvError::config("--checkpoint", l, "checkpoint folders with distinct names"));
+/// A model the grid evaluates.
+#[derive(Debug, Clone)]
+pub enum EvalModel {
+    /// A checkpoint directory written by `kv train` or `kv convert`.
+    Checkpoint(PathBuf),
+    /// A pretrained model (`.gguf`, Hugging Face folder, or `smollm2`).
+    Pretrained(PathBuf),
+}
+
+impl EvalModel {
+    /// The label cells name it by (its folder or file name), after checking that it exists and
+    /// its config reads (the weights are checked when loaded).
+    fn check(&self) -> Result<String> {
+        match self {
+            EvalModel::Checkpoint(dir) => check_checkpoint(dir).map(|_| label(dir)),
+            EvalModel::Pretrained(path) => {
+                let p = crate::model_source::pretrained(path)?;
+                p.config()?;
+                Ok(p.label())
+            }
         }
     }
-    checkpoints.iter().try_for_each(|c| check_checkpoint(c).map(|_| ()))?;
+
+    fn load<B: Backend>(&self, device: &B::Device) -> Result<(DecoderLm<B>, Tokenizer)> {
+        match self {
+            EvalModel::Checkpoint(dir) => Ok((load_model::<B>(dir, device)?.0, Tokenizer::for_run(dir)?)),
+            EvalModel::Pretrained(path) => {
+                let p = crate::model_source::pretrained(path)?.load::<B>(device)?;
+                Ok((p.model, p.tokenizer))
+            }
+        }
+    }
+}
+
+/// Runs a grid over checkpoint directories (see [`run_models`]).
+pub fn run_checkpoints<B: Backend>(checkpoints: &[PathBuf], spec: &GridSpec, device: &B::Device, backend: DeviceKind) -> Result<GridFile> {
+    let models: Vec<EvalModel> = checkpoints.iter().cloned().map(EvalModel::Checkpoint).collect();
+    run_models::<B>(&models, spec, device, backend)
+}
+
+/// Runs a grid over `models` with a progress bar; everything is validated before any work.
+pub fn run_models<B: Backend>(sources: &[EvalModel], spec: &GridSpec, device: &B::Device, backend: DeviceKind) -> Result<GridFile> {
+    let labels = sources.iter().map(EvalModel::check).collect::<Result<Vec<_>>>()?;
+    for (i, l) in labels.iter().enumerate() {
+        if labels[..i].contains(l) {
+            return Err(KvError::config("--checkpoint/--model", l, "models with distinct folder or file names"));
+        }
+    }
     let cells = spec.cells::<B>(&labels)?;
-    let models = checkpoints.iter().map(|c| load_model::<B>(c, device).map(|(m, _)| m)).collect::<Result<Vec<_>>>()?;
-    let mut named = Vec::with_capacity(models.len());
+    let loaded = sources.iter().map(|s| s.load::<B>(device)).collect::<Result<Vec<_>>>()?;
+    let mut named = Vec::with_capacity(loaded.len());
     // Each model reads the same held-out stories in its own tokens; byte models share one copy.
     let byte_text = TextSource::Stories.load(0)?.1;
-    for ((label, dir), model) in labels.iter().zip(checkpoints).zip(&models) {
-        let tokenizer = Tokenizer::for_run(dir)?;
-        let text = if tokenizer.is_bytes() { byte_text.clone() } else { TextSource::Stories.load_with(0, &tokenizer)?.1 };
-        named.push(GridModel { label: label.clone(), model, tokenizer, text });
+    for (label, (model, tokenizer)) in labels.iter().zip(&loaded) {
+        let text = if tokenizer.is_bytes() { byte_text.clone() } else { TextSource::Stories.load_with(0, tokenizer)?.1 };
+        named.push(GridModel { label: label.clone(), model, tokenizer: tokenizer.clone(), text });
     }
     let bar = ProgressBar::new(cells.len() as u64).with_style(
         ProgressStyle::with_template("eval {msg:>40} [{bar:30}] {pos}/{len} {elapsed} eta {eta}").unwrap().progress_chars("=> "),
@@ -124,6 +166,9 @@ impl BackendJob for EvalJob {
 
     fn run<B: Backend>(self, device: B::Device) -> Result<GridFile> {
         let spec = self.args.spec()?;
-        run_checkpoints::<B>(&self.args.checkpoint, &spec, &device, self.device)
+        let models: Vec<EvalModel> = (self.args.checkpoint.iter().cloned().map(EvalModel::Checkpoint))
+            .chain(self.args.model.iter().cloned().map(EvalModel::Pretrained))
+            .collect();
+        run_models::<B>(&models, &spec, &device, self.device)
     }
 }

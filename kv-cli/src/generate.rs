@@ -4,19 +4,30 @@ use crate::backend::BackendJob;
 use crate::model_source::ModelArgs;
 use burn::prelude::*;
 use clap::Args;
-use kv_core::Result;
-use kv_models::{GenerateConfig, SamplerConfig, generate};
+use kv_core::{KvError, Result};
+use kv_models::{ChatMessage, GenerateConfig, SamplerConfig, Tokenizer, generate};
 use kv_policies::build_policy;
 use std::io::Write;
+use std::path::PathBuf;
 
 /// Flags of `kv generate`.
 #[derive(Debug, Clone, Args)]
 pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// The prompt (byte-level tokens).
-    #[arg(long, default_value = "Once upon a time")]
+    /// The prompt, as plain text.
+    #[arg(long, default_value = "Once upon a time", conflicts_with_all = ["chat", "prompt_file"])]
     pub prompt: String,
+    /// The prompt, read from a UTF-8 file.
+    #[arg(long, conflicts_with = "chat")]
+    pub prompt_file: Option<PathBuf>,
+    /// A user message, wrapped in the model's chat template (pretrained models); the answer
+    /// streams until the model ends its turn.
+    #[arg(long)]
+    pub chat: Option<String>,
+    /// A system message for `--chat` (default: the template's own, if it has one).
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
     /// Tokens to generate.
     #[arg(long, default_value_t = 64)]
     pub max_tokens: usize,
@@ -37,28 +48,79 @@ pub struct GenerateArgs {
     pub policy: String,
 }
 
+impl GenerateArgs {
+    /// The prompt's ids, and the text to echo before the answer (none for a chat).
+    fn prompt(&self, tokenizer: &Tokenizer) -> Result<(Vec<u32>, String)> {
+        if let Some(user) = &self.chat {
+            let mut messages = Vec::new();
+            if let Some(system) = &self.system {
+                messages.push(ChatMessage::new("system", system));
+            }
+            messages.push(ChatMessage::new("user", user));
+            let text = tokenizer.render_chat(&messages, true)?;
+            return Ok((tokenizer.encode(&text)?, String::new()));
+        }
+        let text = match &self.prompt_file {
+            Some(path) => {
+                let bytes = std::fs::read(path).map_err(|e| KvError::io(path, e))?;
+                String::from_utf8(bytes).map_err(|e| KvError::io(path, format!("not UTF-8 text (first bad byte at {})", e.utf8_error().valid_up_to())))?
+            }
+            None => self.prompt.clone(),
+        };
+        Ok((tokenizer.encode_prompt(&text)?, text))
+    }
+}
+
+/// Prints generated text as it grows, holding back an incomplete UTF-8 character and any stop
+/// token.
+struct Stream<'a> {
+    tokenizer: &'a Tokenizer,
+    stops: Vec<u32>,
+    ids: Vec<u32>,
+    printed: usize,
+}
+
+impl Stream<'_> {
+    fn push(&mut self, token: u32, out: &mut impl Write) {
+        if self.stops.contains(&token) {
+            return;
+        }
+        if self.tokenizer.is_bytes() {
+            // Raw bytes reassemble multi-byte characters in the terminal.
+            let _ = out.write_all(&[token as u8]);
+        } else {
+            self.ids.push(token);
+            let text = self.tokenizer.decode(&self.ids).unwrap_or_default();
+            if text.ends_with('\u{FFFD}') {
+                return;
+            }
+            if let Some(new) = text.get(self.printed..) {
+                let _ = out.write_all(new.as_bytes());
+                self.printed = text.len();
+            }
+        }
+        let _ = out.flush();
+    }
+}
+
 impl BackendJob for GenerateArgs {
     type Output = ();
 
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
         let mut policy = build_policy::<B>(&self.policy)?;
-        let (model, config) = self.model.load::<B>("tiny-mha", &device)?;
-        let tokenizer = self.model.tokenizer()?;
-        let prompt = tokenizer.encode(&self.prompt)?;
+        let loaded = self.model.load::<B>("tiny-mha", &device)?;
+        let tokenizer = &loaded.tokenizer;
+        let (prompt, echo) = self.prompt(tokenizer)?;
         let gen_config = GenerateConfig {
             max_new_tokens: self.max_tokens,
             sampler: SamplerConfig { temperature: self.temperature, top_k: self.top_k, top_p: self.top_p, seed: self.seed },
-            stop_token: None,
+            stop_tokens: tokenizer.stop_tokens(),
         };
         let mut out = std::io::stdout().lock();
-        let _ = out.write_all(self.prompt.as_bytes());
+        let _ = out.write_all(echo.as_bytes());
         let _ = out.flush();
-        let result = generate(&model, &prompt, &gen_config, policy.as_mut(), |t| {
-            // Byte tokens go out as raw bytes, so multi-byte characters reassemble in the terminal.
-            let text = if tokenizer.is_bytes() { vec![t as u8] } else { tokenizer.decode(&[t]).unwrap_or_default().into_bytes() };
-            let _ = out.write_all(&text);
-            let _ = out.flush();
-        })?;
+        let mut stream = Stream { tokenizer, stops: gen_config.stop_tokens.clone(), ids: vec![], printed: 0 };
+        let result = generate(&loaded.model, &prompt, &gen_config, policy.as_mut(), |t| stream.push(t, &mut out))?;
         let _ = writeln!(out);
         let n = result.tokens.len();
         eprintln!(
@@ -70,7 +132,7 @@ impl BackendJob for GenerateArgs {
             result.cache.layers[0].slots_per_head[0],
             result.cache.kv_bytes as f64 / 1024.0,
             result.cache.kv_bytes_per_token() as usize,
-            config.kv_bytes_per_token(),
+            loaded.config.kv_bytes_per_token(),
         );
         Ok(())
     }

@@ -1,54 +1,92 @@
-//! Where a command's model comes from: a preset, a config file or a saved checkpoint.
+//! Where a command's model comes from: a preset, a config file, a saved checkpoint, or a
+//! pretrained model (a GGUF file or a Hugging Face folder).
 
 use burn::prelude::*;
 use clap::Args;
 use kv_core::{KvError, Result};
-use kv_models::{DecoderConfig, DecoderLm, Preset, Tokenizer, load_model, preset};
-use std::path::PathBuf;
+use kv_models::{DecoderConfig, DecoderLm, Preset, Pretrained, Tokenizer, load_model, preset, resolve_model};
+use std::path::{Path, PathBuf};
 
 /// Model selection flags shared by commands.
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
     /// A built-in preset, randomly initialised (tiny-mha, tiny-gqa, tiny-mqa, decode-bench).
-    #[arg(long, conflicts_with_all = ["config", "checkpoint"])]
+    #[arg(long, conflicts_with_all = ["config", "checkpoint", "model"])]
     pub preset: Option<String>,
     /// A decoder config JSON file, randomly initialised.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["checkpoint", "model"])]
     pub config: Option<PathBuf>,
-    /// A saved checkpoint directory (config.json + model.mpk).
-    #[arg(long)]
+    /// A saved checkpoint directory (checkpoint.kvc + config.json).
+    #[arg(long, conflicts_with = "model")]
     pub checkpoint: Option<PathBuf>,
+    /// A pretrained model: a `.gguf` file, a Hugging Face folder (config.json, safetensors,
+    /// tokenizer.json), or `smollm2` (fetched by scripts/fetch-assets.sh).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
     /// Seed of the random initialisation.
     #[arg(long, default_value_t = 0)]
     pub init_seed: u64,
 }
 
+/// A model ready to run, with its tokenizer.
+pub struct LoadedModel<B: Backend> {
+    /// The model.
+    pub model: DecoderLm<B>,
+    /// Its config.
+    pub config: DecoderConfig,
+    /// How it reads and writes text.
+    pub tokenizer: Tokenizer,
+}
+
+/// The pretrained model a `--model` value names.
+pub fn pretrained(path: &Path) -> Result<Pretrained> {
+    Pretrained::open(resolve_model(path)?)
+}
+
 impl ModelArgs {
     /// The config the flags name (`default_preset` when they name none), without building it.
     pub fn config(&self, default_preset: &str) -> Result<DecoderConfig> {
-        match (&self.checkpoint, &self.config) {
-            (Some(dir), _) => DecoderConfig::from_file(dir.join(kv_models::CONFIG_FILE)),
-            (None, Some(path)) => config_file(path),
-            (None, None) => Ok(preset(self.preset.as_deref().unwrap_or(default_preset))?.model),
+        match (&self.model, &self.checkpoint, &self.config) {
+            (Some(path), _, _) => pretrained(path)?.config(),
+            (None, Some(dir), _) => DecoderConfig::from_file(dir.join(kv_models::CONFIG_FILE)),
+            (None, None, Some(path)) => config_file(path),
+            (None, None, None) => Ok(preset(self.preset.as_deref().unwrap_or(default_preset))?.model),
         }
     }
 
-    /// The tokenizer of the model: a checkpoint's own `tokenizer.json`, bytes otherwise.
-    pub fn tokenizer(&self) -> Result<Tokenizer> {
-        self.checkpoint.as_ref().map_or(Ok(Tokenizer::Bytes), |dir| Tokenizer::for_run(dir))
+    /// Whether the flags name trained weights (a checkpoint or a pretrained model).
+    pub fn has_weights(&self) -> bool {
+        self.checkpoint.is_some() || self.model.is_some()
     }
 
-    /// Builds (or loads) the model on `device`.
-    pub fn load<B: Backend>(&self, default_preset: &str, device: &B::Device) -> Result<(DecoderLm<B>, DecoderConfig)> {
+    /// A label for results: the preset, config, checkpoint or model file name.
+    pub fn label(&self, default_preset: &str) -> String {
+        let stem = |p: &Path| p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        match (&self.model, &self.checkpoint, &self.config, &self.preset) {
+            (Some(path), ..) => pretrained(path).map(|p| p.label()).unwrap_or_else(|_| stem(path)),
+            (None, Some(dir), ..) => crate::eval::label(dir),
+            (None, None, Some(path), _) => stem(path),
+            (None, None, None, Some(p)) => p.clone(),
+            (None, None, None, None) => default_preset.into(),
+        }
+    }
+
+    /// Builds (or loads) the model on `device`, with its tokenizer.
+    pub fn load<B: Backend>(&self, default_preset: &str, device: &B::Device) -> Result<LoadedModel<B>> {
+        if let Some(path) = &self.model {
+            let p = pretrained(path)?.load::<B>(device)?;
+            return Ok(LoadedModel { model: p.model, config: p.config, tokenizer: p.tokenizer });
+        }
         if let Some(dir) = &self.checkpoint {
             if !dir.is_dir() {
                 return Err(KvError::io(dir, "no such checkpoint directory"));
             }
-            return load_model(dir, device);
+            let (model, config) = load_model(dir, device)?;
+            return Ok(LoadedModel { model, config, tokenizer: Tokenizer::for_run(dir)? });
         }
         let config = self.config(default_preset)?;
         B::seed(device, self.init_seed);
-        Ok((config.init(device)?, config))
+        Ok(LoadedModel { model: config.init(device)?, config, tokenizer: Tokenizer::Bytes })
     }
 }
 

@@ -163,6 +163,13 @@ pub struct DecoderConfig {
     /// `GroupedAttentionConfig::mimetic_init`).
     #[config(default = "None")]
     pub mimetic_init: Option<bool>,
+    /// Width of one attention head when it is not `d_model / n_heads` (some pretrained models);
+    /// None: `d_model / n_heads`.
+    #[config(default = "None")]
+    pub head_dim: Option<usize>,
+    /// Biases on the query, key and value projections (Qwen2); None: none (Llama).
+    #[config(default = "None")]
+    pub qkv_bias: Option<bool>,
     /// Multi-head latent attention instead of grouped attention in every layer; absent (or
     /// `null`) in the JSON of an MHA/GQA/MQA model, so older configs still load.
     pub mla: Option<MlaSettings>,
@@ -179,6 +186,8 @@ impl DecoderConfig {
             .with_rope_dims(self.rope_dims)
             .with_key_shift(self.key_shift)
             .with_mimetic_init(self.mimetic_init)
+            .with_head_dim(self.head_dim)
+            .with_qkv_bias(self.qkv_bias)
     }
 
     /// The latent attention settings of every layer, for an MLA model (RoPE on `mla.rope_dim`
@@ -232,7 +241,7 @@ impl DecoderConfig {
     pub fn head_dim(&self) -> usize {
         match &self.mla {
             Some(m) => m.head_dim,
-            None => self.d_model / self.n_heads.max(1),
+            None => self.head_dim.unwrap_or(self.d_model / self.n_heads.max(1)),
         }
     }
 
@@ -249,6 +258,15 @@ impl DecoderConfig {
         }
         if let Some(w) = self.token_shift_width.filter(|&w| w == 0 || w > 16) {
             return Err(KvError::config("token_shift_width", w, "between 1 and 16 previous tokens"));
+        }
+        if self.mla.is_some() || self.yoco.is_some() {
+            let kind = if self.mla.is_some() { "mla" } else { "yoco" };
+            if let Some(d) = self.head_dim {
+                return Err(KvError::config("head_dim", d, format!("absent with {kind}: only grouped attention takes an explicit head width")));
+            }
+            if self.qkv_bias == Some(true) {
+                return Err(KvError::config("qkv_bias", true, format!("absent with {kind}: only grouped attention has q/k/v biases")));
+            }
         }
         if let Some(yoco) = &self.yoco {
             if self.mla.is_some() {

@@ -42,6 +42,8 @@ pub fn to_grouped<B: Backend>(model: &DecoderLm<B>, config: &DecoderConfig, kv_h
             let d_model = w.dims()[0];
             w.reshape([d_model, kv_heads, old / kv_heads, d]).mean_dim(2).reshape([d_model, kv_heads * d])
         };
+        // A bias is one more input row of its projection: pooled the same way.
+        let pool_bias = |b: &Param<Tensor<B, 1>>| Param::from_tensor(pool(b.val().reshape([1, old * d])).reshape([kv_heads * d]));
         let mut attn = new_config.attention().init::<B>(&device)?;
         attn.wq = src.wq.clone();
         attn.wo = src.wo.clone();
@@ -49,6 +51,8 @@ pub fn to_grouped<B: Backend>(model: &DecoderLm<B>, config: &DecoderConfig, kv_h
         attn.key_mix = src.key_mix.clone();
         attn.wk.weight = Param::from_tensor(pool(src.wk.weight.val()));
         attn.wv.weight = Param::from_tensor(pool(src.wv.weight.val()));
+        attn.wk.bias = src.wk.bias.as_ref().map(pool_bias);
+        attn.wv.bias = src.wv.bias.as_ref().map(pool_bias);
         block.attn = Some(attn);
     }
     Ok((out, new_config))
@@ -102,6 +106,9 @@ pub fn to_latent<B: Backend>(model: &DecoderLm<B>, config: &DecoderConfig, kv_la
     if config.key_shift == Some(true) {
         return Err(KvError::config("key_shift", true, "a model without key shift: MLA's latent is key and value at once, so it has no key-only input to shift"));
     }
+    if config.qkv_bias == Some(true) {
+        return Err(KvError::config("qkv_bias", true, "a model without q/k/v biases: MLA's projections have none"));
+    }
     let nope = d_h - r;
     let settings = MlaSettings { value_dim: Some(d_h), latent_norm: false, ..MlaSettings::new(nope, kv_latent, r) };
     let new_config = DecoderConfig { n_kv_heads: 1, rope_dims: None, mla: Some(settings), ..config.clone() };
@@ -140,6 +147,56 @@ pub fn to_latent<B: Backend>(model: &DecoderLm<B>, config: &DecoderConfig, kv_la
         block.mla = Some(mla);
     }
     Ok((out, new_config, report))
+}
+
+/// A copy of a full-RoPE grouped model whose heads rotate only their `rotated` highest-frequency
+/// dims (MHA2MLA's partial RoPE, "S_high", Ji et al. 2025), the step that lets a pretrained model
+/// such as SmolLM2 be converted to MLA.
+///
+/// In the rotate-half layout, pair `(i, i + d/2)` turns at `theta^(-2i/d)`. The `rotated / 2`
+/// fastest pairs are moved to the front of each query and key head, in the order partial RoPE
+/// rotates (`(j, j + rotated/2)`), and the base becomes `theta^(rotated/d)`, so those dims turn at
+/// exactly their old frequencies; the other dims lose their (slow) rotation, which is the one
+/// approximation, recovered by uptraining. Values and outputs are unchanged, and since queries
+/// and keys are permuted alike, `q . k` of the rotated part is unchanged.
+pub fn to_partial_rope<B: Backend>(model: &DecoderLm<B>, config: &DecoderConfig, rotated: usize) -> Result<(DecoderLm<B>, DecoderConfig)> {
+    if config.mla.is_some() || config.yoco.is_some() {
+        return Err(KvError::config("model attention", if config.mla.is_some() { "mla" } else { "yoco" }, "a grouped (MHA/GQA/MQA) model"));
+    }
+    let d = config.head_dim();
+    if let Some(r) = config.rope_dims {
+        return Err(KvError::config("rope_dims", r, "null (a model that rotates every dim); this model already uses partial RoPE"));
+    }
+    if rotated == 0 || rotated % 2 != 0 || rotated >= d {
+        return Err(KvError::config("rope_dims", rotated, format!("an even number of rotated dims below head_dim = {d}")));
+    }
+    let (half, keep) = (d / 2, rotated / 2);
+    // New position p of each head takes old dim order[p].
+    let order: Vec<usize> = (0..keep).chain(half..half + keep).chain(keep..half).chain(half + keep..d).collect();
+    let theta = config.rope_theta.powf(rotated as f64 / d as f64);
+    let new_config = DecoderConfig { rope_dims: Some(rotated), rope_theta: theta, ..config.clone() };
+    new_config.validate()?;
+    let device = model.embed.weight.device();
+    let mut out = model.clone();
+    for (i, block) in out.blocks.iter_mut().enumerate() {
+        let src = grouped_block(block.attn.as_ref(), i, config)?;
+        let permute = |w: Tensor<B, 2>, heads: usize| {
+            let rows = w.dims()[0];
+            let index: Vec<i32> = (0..heads).flat_map(|h| order.iter().map(move |&o| (h * d + o) as i32)).collect();
+            w.reshape([rows, heads * d]).select(1, Tensor::<B, 1, Int>::from_ints(index.as_slice(), &device))
+        };
+        let permute_bias = |b: &Param<Tensor<B, 1>>, heads: usize| Param::from_tensor(permute(b.val().reshape([1, heads * d]), heads).reshape([heads * d]));
+        let mut attn = new_config.attention().init::<B>(&device)?;
+        attn.wq.weight = Param::from_tensor(permute(src.wq.weight.val(), config.n_heads));
+        attn.wk.weight = Param::from_tensor(permute(src.wk.weight.val(), config.n_kv_heads));
+        attn.wq.bias = src.wq.bias.as_ref().map(|b| permute_bias(b, config.n_heads));
+        attn.wk.bias = src.wk.bias.as_ref().map(|b| permute_bias(b, config.n_kv_heads));
+        attn.wv = src.wv.clone();
+        attn.wo = src.wo.clone();
+        attn.key_mix = src.key_mix.clone();
+        block.attn = Some(attn);
+    }
+    Ok((out, new_config))
 }
 
 fn grouped_block<'a, B: Backend>(attn: Option<&'a GroupedAttention<B>>, layer: usize, config: &DecoderConfig) -> Result<&'a GroupedAttention<B>> {

@@ -50,6 +50,12 @@ pub struct DecoderLm<B: Backend> {
 impl DecoderConfig {
     /// Validates the config and builds a randomly initialised model.
     pub fn init<B: Backend>(&self, device: &B::Device) -> Result<DecoderLm<B>> {
+        Ok(crate::materialize(self.init_lazy(device)?))
+    }
+
+    /// [`init`](Self::init) with every parameter still lazy, for loaders that replace them all
+    /// (so no random initialisation runs).
+    pub(crate) fn init_lazy<B: Backend>(&self, device: &B::Device) -> Result<DecoderLm<B>> {
         self.validate()?;
         let norm = || RmsNormConfig::new(self.d_model).with_epsilon(self.norm_eps).init(device);
         let blocks = (0..self.n_layers)
@@ -82,7 +88,7 @@ impl DecoderConfig {
             })
             .collect::<Result<Vec<_>>>()?;
         let global_kv = self.yoco_cross().map(|c| c.init_global(device)).transpose()?;
-        Ok(crate::materialize(DecoderLm {
+        Ok(DecoderLm {
             embed: EmbeddingConfig::new(self.vocab_size, self.d_model)
                 .with_initializer(Initializer::Normal { mean: 0.0, std: 0.02 })
                 .init(device),
@@ -91,7 +97,7 @@ impl DecoderConfig {
             lm_head: (!self.tie_embeddings).then(|| LinearConfig::new(self.d_model, self.vocab_size).with_bias(false).init(device)),
             token_shift: self.token_shift.then(|| LinearConfig::new(self.shift_width() * self.d_model, self.d_model).with_bias(false).init(device)),
             global_kv,
-        }))
+        })
     }
 }
 

@@ -137,8 +137,8 @@ pub struct TaskResult {
 /// byte, so that is enough for any tokenizer).
 pub fn answer<B: Backend>(model: &DecoderLm<B>, tokenizer: &Tokenizer, prompt: &str, answer_len: usize, policy: &mut dyn CachePolicy<B>) -> Result<(String, Generation)> {
     check_vocab(model, tokenizer.vocab_size(), &format!("the {} tokenizer", tokenizer.name()))?;
-    let ids = tokenizer.encode(prompt)?;
-    let config = GenerateConfig { max_new_tokens: answer_len, sampler: SamplerConfig::default(), stop_token: None };
+    let ids = tokenizer.encode_prompt(prompt)?;
+    let config = GenerateConfig { max_new_tokens: answer_len, sampler: SamplerConfig::default(), stop_tokens: tokenizer.stop_tokens() };
     let out = generate(model, &ids, &config, policy, |_| {})?;
     Ok((tokenizer.decode(&out.tokens)?, out))
 }

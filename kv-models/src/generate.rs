@@ -7,14 +7,14 @@ use kv_policies::{CachePolicy, Phase};
 use std::time::{Duration, Instant};
 
 /// What to generate.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct GenerateConfig {
     /// Tokens to generate after the prompt.
     pub max_new_tokens: usize,
     /// How each token is chosen.
     pub sampler: SamplerConfig,
-    /// Stop early after producing this token.
-    pub stop_token: Option<u32>,
+    /// Stop early after producing any of these tokens (EOS, end of turn); it is kept in the output.
+    pub stop_tokens: Vec<u32>,
 }
 
 /// The result of one generation.
@@ -67,7 +67,7 @@ pub fn generate<B: Backend>(
         let next = sampler.sample(&logits);
         tokens.push(next);
         on_token(next);
-        if Some(next) == config.stop_token || step == config.max_new_tokens {
+        if config.stop_tokens.contains(&next) || step == config.max_new_tokens {
             break;
         }
         let input = Tensor::<B, 1, Int>::from_ints([next as i32], &device).reshape([1, 1]);

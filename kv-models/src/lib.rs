@@ -8,9 +8,12 @@
 //! - [`Sampler`]: greedy, temperature, top-k, top-p, seeded;
 //! - [`save_model`] / [`load_model`]: checkpoints written atomically;
 //! - [`data`]: the embedded story corpus, user text files and the long-context tasks;
-//! - [`train`]: training from scratch with exact resume.
+//! - [`train`]: training from scratch with exact resume;
+//! - [`load`]: pretrained Llama-family models from GGUF files or Hugging Face folders, with
+//!   their tokenizers and chat templates ([`Pretrained`]).
 
 mod attention;
+mod chat;
 mod checkpoint;
 mod config;
 mod convert;
@@ -20,6 +23,7 @@ mod decoder;
 mod ffn;
 mod generate;
 pub mod grid;
+pub mod load;
 mod materialize;
 mod presets;
 mod sampling;
@@ -30,7 +34,7 @@ mod yoco;
 pub use attention::{BlockAttention, BlockKind};
 pub use checkpoint::{CHECKPOINT_FILE, CONFIG_FILE, load_model, load_model_expecting, save_model, write_atomic};
 pub use config::{DecoderConfig, MlaSettings, SelfAttentionKind, YocoSettings};
-pub use convert::{LatentConversion, to_grouped, to_latent};
+pub use convert::{LatentConversion, to_grouped, to_latent, to_partial_rope};
 pub use decoder::{DecoderBlock, DecoderLm};
 pub use eval::{PolicyLoss, TaskResult, answer, policy_loss, task_accuracy, task_accuracy_with, validation_loss, validation_loss_from};
 pub use ffn::FeedForward;
@@ -38,7 +42,8 @@ pub use generate::{GenerateConfig, Generation, generate};
 pub use materialize::materialize;
 pub use presets::{Preset, preset, preset_names};
 pub use sampling::{Sampler, SamplerConfig, argmax};
-pub use tokenizer::{ByteTokenizer, TOKENIZER_FILE, Tokenizer};
+pub use load::{Pretrained, PretrainedFormat, PretrainedModel, assets_dir, resolve_model};
+pub use tokenizer::{ByteTokenizer, ChatMessage, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, TextConfig, Tokenizer};
 pub use yoco::retention_state_name;
 
 #[cfg(test)]

@@ -138,7 +138,7 @@ fn checkpoint_round_trips<B: Backend>(dev: &B::Device) {
 fn greedy_generation_follows_full_forward_argmax<B: Backend>(dev: &B::Device) {
     let model = tiny(8, 2).init::<B>(dev).unwrap();
     let prompt: Vec<u32> = sequence(6).iter().map(|&t| t as u32).collect();
-    let config = GenerateConfig { max_new_tokens: 8, sampler: SamplerConfig::default(), stop_token: None };
+    let config = GenerateConfig { max_new_tokens: 8, sampler: SamplerConfig::default(), stop_tokens: vec![] };
     let mut streamed = Vec::new();
     let out = generate(&model, &prompt, &config, &mut FullCache, |t| streamed.push(t)).unwrap();
     assert_eq!(out.tokens, streamed);
@@ -302,7 +302,7 @@ fn endless_streaming_keeps_the_cache_constant<B: Backend>(dev: &B::Device) {
     let model = DecoderConfig::new(64, 16, 1, 2, 1, 16).init::<B>(dev).unwrap();
     for rerotate in [false, true] {
         let mut policy = kv_policies::build_policy::<B>(&format!("streaming:budget=24,sinks=4,rerotate={rerotate}")).unwrap();
-        let config = GenerateConfig { max_new_tokens: 5000, sampler: SamplerConfig { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 3 }, stop_token: None };
+        let config = GenerateConfig { max_new_tokens: 5000, sampler: SamplerConfig { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 3 }, stop_tokens: vec![] };
         let mut sizes = Vec::new();
         let out = generate(&model, &[1, 2, 3], &config, policy.as_mut(), |_| sizes.push(())).unwrap();
         assert_eq!(out.tokens.len(), 5000);

@@ -79,7 +79,7 @@ fn yoco_early_exit_prefill_gives_the_same_next_token_logits<B: Backend>(dev: &B:
         assert!(diff <= 1e-4, "{kind:?} decode after early exit: {diff}");
         // Generation (which exits early) follows the full forward's argmax.
         let prompt_u: Vec<u32> = prompt.iter().map(|&t| t as u32).collect();
-        let config = GenerateConfig { max_new_tokens: 5, sampler: SamplerConfig::default(), stop_token: None };
+        let config = GenerateConfig { max_new_tokens: 5, sampler: SamplerConfig::default(), stop_tokens: vec![] };
         let out = generate(&model, &prompt_u, &config, &mut FullCache, |_| {}).unwrap();
         let mut seq = prompt.to_vec();
         for &t in &out.tokens {

@@ -1,0 +1,118 @@
+//! Building a [`DecoderLm`] from the named tensors of a Llama-family checkpoint, whatever file
+//! they came from: every format maps its names to Hugging Face's and hands over plain f32 rows.
+
+use crate::{DecoderConfig, DecoderLm};
+use burn::module::{ModuleVisitor, Param};
+use burn::nn::Linear;
+use burn::prelude::*;
+use burn::tensor::TensorData;
+use kv_core::{KvError, Result};
+
+/// A tensor read from a checkpoint: row-major shape (PyTorch's) and f32 values.
+pub(crate) type HostTensor = (Vec<usize>, Vec<f32>);
+
+/// Where a loader reads tensors from, by their Hugging Face Llama name
+/// (`model.layers.0.self_attn.q_proj.weight`), already in Hugging Face's layout.
+pub(crate) trait WeightSource {
+    /// The tensor of that name, or None if the checkpoint has none.
+    fn read(&mut self, hf_name: &str) -> Result<Option<HostTensor>>;
+    /// The checkpoint, for error messages.
+    fn origin(&self) -> String;
+}
+
+struct Builder<'a, B: Backend> {
+    src: &'a mut dyn WeightSource,
+    device: &'a B::Device,
+}
+
+impl<B: Backend> Builder<'_, B> {
+    fn read(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let (got, values) = self.src.read(name)?.ok_or_else(|| KvError::io(self.src.origin(), format!("checkpoint has no tensor {name}")))?;
+        if got != shape {
+            return Err(KvError::io(
+                self.src.origin(),
+                format!("tensor {name} has shape {got:?}, but the config makes it {shape:?}"),
+            ));
+        }
+        Ok(values)
+    }
+
+    fn vector(&mut self, name: &str, n: usize) -> Result<Param<Tensor<B, 1>>> {
+        let v = self.read(name, &[n])?;
+        Ok(Param::from_tensor(Tensor::from_data(TensorData::new(v, [n]), self.device)))
+    }
+
+    /// A PyTorch `[out, in]` weight as burn's `[in, out]`.
+    fn matrix_t(&mut self, name: &str, out: usize, inp: usize) -> Result<Param<Tensor<B, 2>>> {
+        let v = self.read(name, &[out, inp])?;
+        Ok(Param::from_tensor(Tensor::from_data(TensorData::new(transpose(&v, out, inp), [inp, out]), self.device)))
+    }
+
+    fn linear(&mut self, layer: &mut Linear<B>, prefix: &str, out: usize, inp: usize) -> Result<()> {
+        layer.weight = self.matrix_t(&format!("{prefix}.weight"), out, inp)?;
+        if layer.bias.is_some() {
+            layer.bias = Some(self.vector(&format!("{prefix}.bias"), out)?);
+        }
+        Ok(())
+    }
+}
+
+/// `[rows, cols]` row-major values as `[cols, rows]` row-major.
+pub(crate) fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; v.len()];
+    for (r, row) in v.chunks_exact(cols).enumerate() {
+        for (c, &x) in row.iter().enumerate() {
+            out[c * rows + r] = x;
+        }
+    }
+    out
+}
+
+struct Unset(usize);
+
+impl<B: Backend> ModuleVisitor<B> for Unset {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        self.0 += usize::from(!param.is_initialized());
+    }
+}
+
+/// A Llama-style model with `config`'s shape and every weight read from `src`.
+///
+/// The model is built without random initialisation (burn's parameters are lazy and every one is
+/// replaced); a parameter the mapping below missed would stay lazy and silently random, so the
+/// build ends by checking that none is left.
+pub(crate) fn build_llama<B: Backend>(config: &DecoderConfig, src: &mut dyn WeightSource, device: &B::Device) -> Result<DecoderLm<B>> {
+    if config.mla.is_some() || config.yoco.is_some() || config.token_shift || config.key_shift == Some(true) || config.rope_dims.is_some() {
+        return Err(KvError::config("pretrained config", "mla, yoco, token or key shift, or partial RoPE", "a plain Llama layout"));
+    }
+    let mut model = config.init_lazy::<B>(device)?;
+    let (d, v, f) = (config.d_model, config.vocab_size, config.ffn_hidden);
+    let hd = config.head_dim();
+    let (q_out, kv_out) = (config.n_heads * hd, config.n_kv_heads * hd);
+    let mut b = Builder::<B> { src, device };
+    let embed = b.read("model.embed_tokens.weight", &[v, d])?;
+    model.embed.weight = Param::from_tensor(Tensor::from_data(TensorData::new(embed, [v, d]), device));
+    for (i, block) in model.blocks.iter_mut().enumerate() {
+        let p = format!("model.layers.{i}");
+        block.attn_norm.gamma = b.vector(&format!("{p}.input_layernorm.weight"), d)?;
+        block.ffn_norm.gamma = b.vector(&format!("{p}.post_attention_layernorm.weight"), d)?;
+        let attn = block.attn.as_mut().expect("a grouped config builds grouped blocks");
+        b.linear(&mut attn.wq, &format!("{p}.self_attn.q_proj"), q_out, d)?;
+        b.linear(&mut attn.wk, &format!("{p}.self_attn.k_proj"), kv_out, d)?;
+        b.linear(&mut attn.wv, &format!("{p}.self_attn.v_proj"), kv_out, d)?;
+        b.linear(&mut attn.wo, &format!("{p}.self_attn.o_proj"), d, q_out)?;
+        b.linear(&mut block.ffn.gate, &format!("{p}.mlp.gate_proj"), f, d)?;
+        b.linear(&mut block.ffn.up, &format!("{p}.mlp.up_proj"), f, d)?;
+        b.linear(&mut block.ffn.down, &format!("{p}.mlp.down_proj"), d, f)?;
+    }
+    model.norm.gamma = b.vector("model.norm.weight", d)?;
+    if let Some(head) = model.lm_head.as_mut() {
+        head.weight = b.matrix_t("lm_head.weight", v, d)?;
+    }
+    let mut unset = Unset(0);
+    model.visit(&mut unset);
+    if unset.0 > 0 {
+        return Err(KvError::config("loaded parameters", format!("{} left unset", unset.0), "every parameter read from the checkpoint"));
+    }
+    Ok(model)
+}
