@@ -89,8 +89,11 @@ impl BackendJob for ConvertArgs {
                 (m, c, kv_models::Tokenizer::for_run(dir)?)
             }
             (None, Some(path)) => {
-                let p = crate::model_source::pretrained(path)?.load::<B>(&device)?;
-                (p.model, p.config, p.tokenizer)
+                let source = crate::model_source::pretrained(path)?;
+                // A folder of weights alone converts too; the result then reads bytes.
+                let tokenizer = if source.has_tokenizer() { source.tokenizer()? } else { kv_models::Tokenizer::Bytes };
+                let (m, c) = source.load_model::<B>(&device)?;
+                (m, c, tokenizer)
             }
             (None, None) => return Err(KvError::config("--from", "missing", "a checkpoint (--from DIR) or a pretrained model (--model PATH)")),
         };

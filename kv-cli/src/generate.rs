@@ -73,15 +73,21 @@ impl GenerateArgs {
 
 /// Prints generated text as it grows, holding back an incomplete UTF-8 character and any stop
 /// token.
-struct Stream<'a> {
+pub(crate) struct Stream<'a> {
     tokenizer: &'a Tokenizer,
     stops: Vec<u32>,
     ids: Vec<u32>,
     printed: usize,
 }
 
-impl Stream<'_> {
-    fn push(&mut self, token: u32, out: &mut impl Write) {
+impl<'a> Stream<'a> {
+    /// A stream that stops printing at `tokenizer`'s stop tokens.
+    pub(crate) fn new(tokenizer: &'a Tokenizer) -> Self {
+        Self { tokenizer, stops: tokenizer.stop_tokens(), ids: vec![], printed: 0 }
+    }
+
+    /// Prints what `token` adds to the text.
+    pub(crate) fn push(&mut self, token: u32, out: &mut impl Write) {
         if self.stops.contains(&token) {
             return;
         }
@@ -119,7 +125,7 @@ impl BackendJob for GenerateArgs {
         let mut out = std::io::stdout().lock();
         let _ = out.write_all(echo.as_bytes());
         let _ = out.flush();
-        let mut stream = Stream { tokenizer, stops: gen_config.stop_tokens.clone(), ids: vec![], printed: 0 };
+        let mut stream = Stream::new(tokenizer);
         let result = generate(&loaded.model, &prompt, &gen_config, policy.as_mut(), |t| stream.push(t, &mut out))?;
         let _ = writeln!(out);
         let n = result.tokens.len();

@@ -152,3 +152,62 @@ fn bad_grid_specs_fail_before_any_work() {
     assert!(err.contains("no-such-checkpoint"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
 }
+
+fn tiny_llama_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../kv-models/testdata/tiny-llama")
+}
+
+fn smollm2() -> PathBuf {
+    kv_models::resolve_model(Path::new("smollm2")).expect("the SmolLM2 tests need scripts/fetch-assets.sh to have run")
+}
+
+#[test]
+fn a_pretrained_folder_converts_to_a_checkpoint_that_loads_and_runs() {
+    let root = scratch("convert-pretrained");
+    let out = root.join("tiny-mqa");
+    let args = crate::convert::ConvertArgs { from: None, model: Some(tiny_llama_dir()), to: "mqa".into(), out: out.clone() };
+    let report = crate::backend::BackendJob::run::<B>(args, Default::default()).unwrap();
+    // 2 layers x 2 (K, V) x 16 dims x 4 bytes per KV head: 2 heads -> 1.
+    assert_eq!(report.bytes_per_token, (2 * 2 * 2 * 16 * 4, 2 * 2 * 16 * 4));
+    let (model, config) = kv_models::load_model::<B>(&out, &Default::default()).unwrap();
+    assert_eq!((config.n_kv_heads, config.vocab_size), (1, 256));
+    let x = burn::tensor::Tensor::<B, 1, burn::tensor::Int>::from_ints([1, 2, 3], &Default::default()).reshape([1, 3]);
+    assert_eq!(model.forward(x).dims(), [1, 3, 256]);
+    // A full-RoPE model converts to MLA once told which dims keep RoPE.
+    let args = crate::convert::ConvertArgs { from: None, model: Some(tiny_llama_dir()), to: "mla:d_c=32".into(), out: root.join("mla-no-rope") };
+    let e = crate::backend::BackendJob::run::<B>(args, Default::default()).unwrap_err().to_string();
+    assert!(e.contains("rope_dims"), "{e}");
+    let args = crate::convert::ConvertArgs { from: None, model: Some(tiny_llama_dir()), to: "mla:d_c=32,rope_dims=8".into(), out: root.join("mla") };
+    let report = crate::backend::BackendJob::run::<B>(args, Default::default()).unwrap();
+    assert_eq!(report.bytes_per_token.1, 2 * (32 + 8) * 4);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn smollm2_runs_through_the_grid_and_streams_text_whole_characters_at_a_time() {
+    let model = crate::eval::EvalModel::Pretrained(smollm2());
+    let spec = GridSpec { policies: vec!["full".into(), "streaming".into()], probes: vec![Probe::Ppl], contexts: vec![48], windows: 1, ..tiny_grid(&[]) };
+    let file = crate::eval::run_models::<B>(&[model], &spec, &Default::default(), DeviceKind::Flex).unwrap();
+    assert_eq!(file.results.len(), 2);
+    for r in &file.results {
+        assert_eq!(r.cell.model, "SmolLM2-135M-Instruct.Q4_1");
+        let ppl = r.perplexity.unwrap();
+        // A pretrained model reads simple English stories far better than chance (49152).
+        assert!(ppl.is_finite() && ppl < 50.0, "{}: perplexity {ppl}", r.cell.spec);
+    }
+    let full = file.results.iter().find(|r| r.cell.policy == "full").unwrap();
+    let streaming = file.results.iter().find(|r| r.cell.policy == "streaming").unwrap();
+    assert!(streaming.kv_bytes < 0.6 * full.kv_bytes, "{} vs {}", streaming.kv_bytes, full.kv_bytes);
+    // Streaming output: token by token, never half a character, and exactly the decoded text.
+    let tokenizer = kv_models::Pretrained::open(smollm2()).unwrap().tokenizer().unwrap();
+    let text = "naïve café — 東京 🙂 done.";
+    let ids = tokenizer.encode(text).unwrap();
+    let mut stream = crate::generate::Stream::new(&tokenizer);
+    let mut out = Vec::new();
+    for &t in ids.iter().chain([2u32].iter()) {
+        let before = out.len();
+        stream.push(t, &mut out);
+        assert!(std::str::from_utf8(&out[before..]).is_ok(), "split a character at token {t}");
+    }
+    assert_eq!(String::from_utf8(out).unwrap(), text, "the stop token <|im_end|> is not printed");
+}

@@ -57,12 +57,17 @@ impl<B: Backend> Builder<'_, B> {
     }
 }
 
-/// `[rows, cols]` row-major values as `[cols, rows]` row-major.
+/// `[rows, cols]` row-major values as `[cols, rows]` row-major, in tiles that stay in cache.
 pub(crate) fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const TILE: usize = 32;
     let mut out = vec![0.0f32; v.len()];
-    for (r, row) in v.chunks_exact(cols).enumerate() {
-        for (c, &x) in row.iter().enumerate() {
-            out[c * rows + r] = x;
+    for r0 in (0..rows).step_by(TILE) {
+        for c0 in (0..cols).step_by(TILE) {
+            for r in r0..(r0 + TILE).min(rows) {
+                for c in c0..(c0 + TILE).min(cols) {
+                    out[c * rows + r] = v[r * cols + c];
+                }
+            }
         }
     }
     out

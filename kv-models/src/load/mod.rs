@@ -120,6 +120,12 @@ impl Pretrained {
         }
     }
 
+    /// Whether the checkpoint carries a tokenizer (a GGUF file always does; a Hugging Face
+    /// folder when it holds `tokenizer.json`).
+    pub fn has_tokenizer(&self) -> bool {
+        self.format == PretrainedFormat::Gguf || self.path.join(crate::TOKENIZER_FILE).is_file()
+    }
+
     /// Model, config and tokenizer at once.
     pub fn load<B: Backend>(&self, device: &B::Device) -> Result<PretrainedModel<B>> {
         let tokenizer = self.tokenizer()?;

@@ -4,12 +4,8 @@
 
 use super::gguf::{GgmlType, GgufFile, GgufValue, dequantize};
 use super::*;
-use burn::backend::Flex;
-use burn::tensor::{Int, Tensor};
 use safetensors::SafeTensors;
 use std::path::PathBuf;
-
-type B = Flex;
 
 fn testdata(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata").join(name)
@@ -72,8 +68,8 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max)
 }
 
-fn logits_of(model: &crate::DecoderLm<B>, ids: &[i64]) -> Vec<f32> {
-    let dev = Default::default();
+fn logits_of<B: Backend>(model: &crate::DecoderLm<B>, ids: &[i64]) -> Vec<f32> {
+    let dev = model.embed.weight.device();
     let ids: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
     let x = Tensor::<B, 1, Int>::from_ints(ids.as_slice(), &dev).reshape([1, ids.len()]);
     model.forward(x).into_data().iter::<f32>().collect()
@@ -84,23 +80,21 @@ fn tiny_llama_golden() -> (Vec<i64>, Vec<f32>) {
     (i64s(&tensor_named(&all, "input_ids").1), f32s(&tensor_named(&all, "logits").1))
 }
 
-#[test]
-fn tiny_llama_from_its_hugging_face_folder_reproduces_transformers_logits() {
+fn tiny_llama_from_its_hugging_face_folder_reproduces_transformers_logits<B: Backend>(dev: &B::Device) {
     let source = Pretrained::open(testdata("tiny-llama")).unwrap();
     assert_eq!(source.format(), PretrainedFormat::HuggingFace);
     let config = source.config().unwrap();
     assert_eq!((config.vocab_size, config.d_model, config.n_layers, config.n_heads, config.n_kv_heads), (256, 64, 2, 4, 2));
     assert!(!config.tie_embeddings);
     assert_eq!(config.norm_eps, 1e-6);
-    let (model, _) = source.load_model::<B>(&Default::default()).unwrap();
+    let (model, _) = source.load_model::<B>(dev).unwrap();
     let (ids, want) = tiny_llama_golden();
     let diff = max_abs_diff(&logits_of(&model, &ids), &want);
     eprintln!("tiny-llama (safetensors): max abs logit diff vs transformers {diff:.2e}");
     assert!(diff <= 1e-4, "max abs diff {diff}");
     // The cached path (prefill 40, then one token at a time) reads the same model.
-    let dev = Default::default();
     let mut cache = model.new_cache(1);
-    let as_t = |s: &[i64]| Tensor::<B, 1, Int>::from_ints(s.iter().map(|&i| i as i32).collect::<Vec<_>>().as_slice(), &dev).reshape([1, s.len()]);
+    let as_t = |s: &[i64]| Tensor::<B, 1, Int>::from_ints(s.iter().map(|&i| i as i32).collect::<Vec<_>>().as_slice(), dev).reshape([1, s.len()]);
     let mut rows = vec![model.forward_cached(as_t(&ids[..40]), &mut cache).unwrap()];
     for i in 40..ids.len() {
         rows.push(model.forward_cached(as_t(&ids[i..i + 1]), &mut cache).unwrap());
@@ -276,13 +270,12 @@ fn tiny_llama_gguf(path: &Path, skip: Option<&str>) -> PathBuf {
     w.write(path)
 }
 
-#[test]
-fn tiny_llama_as_a_gguf_file_with_permuted_rows_reproduces_transformers_logits() {
+fn tiny_llama_as_a_gguf_file_with_permuted_rows_reproduces_transformers_logits<B: Backend>(dev: &B::Device) {
     let dir = scratch("tiny-gguf");
     let path = tiny_llama_gguf(&dir.join("tiny.gguf"), None);
     let source = Pretrained::open(&path).unwrap();
     assert_eq!((source.format(), source.label()), (PretrainedFormat::Gguf, "tiny".to_string()));
-    let (model, config) = source.load_model::<B>(&Default::default()).unwrap();
+    let (model, config) = source.load_model::<B>(dev).unwrap();
     assert!(!config.tie_embeddings);
     let (ids, want) = tiny_llama_golden();
     let diff = max_abs_diff(&logits_of(&model, &ids), &want);
@@ -301,16 +294,14 @@ fn error_of<T>(r: kv_core::Result<T>) -> String {
     }
 }
 
-#[test]
-fn hostile_or_broken_gguf_files_are_one_line_errors_naming_the_problem() {
+fn hostile_or_broken_gguf_files_are_one_line_errors_naming_the_problem<B: Backend>(dev: &B::Device) {
     let dir = scratch("bad-gguf");
     let good = tiny_llama_gguf(&dir.join("good.gguf"), None).to_path_buf();
     let bytes = std::fs::read(&good).unwrap();
-    let dev = Default::default();
     let load = |name: &str, data: &[u8]| {
         let p = dir.join(name);
         std::fs::write(&p, data).unwrap();
-        Pretrained::open(&p).and_then(|s| s.load_model::<B>(&dev))
+        Pretrained::open(&p).and_then(|s| s.load_model::<B>(dev))
     };
     let open = |name: &str, data: &[u8]| {
         let p = dir.join(name);
@@ -382,10 +373,8 @@ fn hostile_or_broken_gguf_files_are_one_line_errors_naming_the_problem() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-#[test]
-fn broken_hugging_face_folders_are_errors_naming_the_problem() {
+fn broken_hugging_face_folders_are_errors_naming_the_problem<B: Backend>(dev: &B::Device) {
     let dir = scratch("bad-hf");
-    let dev = Default::default();
     let copy = |name: &str| {
         let d = dir.join(name);
         std::fs::create_dir_all(&d).unwrap();
@@ -397,13 +386,13 @@ fn broken_hugging_face_folders_are_errors_naming_the_problem() {
     let d = copy("truncated");
     let bytes = std::fs::read(d.join("model.safetensors")).unwrap();
     std::fs::write(d.join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
-    let e = error_of(Pretrained::open(&d).unwrap().load_model::<B>(&dev));
+    let e = error_of(Pretrained::open(&d).unwrap().load_model::<B>(dev));
     assert!(e.contains("safetensors"), "{e}");
     let d = copy("header");
     let mut bad = bytes.clone();
     bad[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
     std::fs::write(d.join("model.safetensors"), &bad).unwrap();
-    let e = error_of(Pretrained::open(&d).unwrap().load_model::<B>(&dev));
+    let e = error_of(Pretrained::open(&d).unwrap().load_model::<B>(dev));
     assert!(e.contains("header of"), "{e}");
     let d = copy("arch");
     let config = std::fs::read_to_string(d.join("config.json")).unwrap().replace("\"llama\"", "\"gpt_neox\"").replace("LlamaForCausalLM", "GPTNeoXForCausalLM");
@@ -437,9 +426,8 @@ fn smollm2_config_comes_from_the_gguf_metadata() {
     assert!((config.norm_eps - 1e-5).abs() < 1e-10);
 }
 
-#[test]
-fn smollm2_logits_match_transformers_on_the_golden_cases() {
-    let (model, _) = Pretrained::open(smollm2()).unwrap().load_model::<B>(&Default::default()).unwrap();
+fn smollm2_logits_match_transformers_on_the_golden_cases<B: Backend>(dev: &B::Device) {
+    let (model, _) = Pretrained::open(smollm2()).unwrap().load_model::<B>(dev).unwrap();
     let all = read_safetensors(&testdata("smollm2-golden.safetensors"));
     for case in ["short", "long"] {
         let ids = i64s(&tensor_named(&all, &format!("{case}.input_ids")).1);
@@ -496,10 +484,9 @@ mod text {
         assert!(tokenizer.prompt_prefix().is_empty(), "SmolLM2 adds no BOS");
     }
 
-    #[test]
-    fn smollm2_chat_prompt_and_greedy_answer_match_transformers() {
+    fn smollm2_chat_prompt_and_greedy_answer_match_transformers<B: Backend>(dev: &B::Device) {
         let source = Pretrained::open(smollm2()).unwrap();
-        let pretrained = source.load::<B>(&Default::default()).unwrap();
+        let pretrained = source.load::<B>(dev).unwrap();
         let g = golden();
         let greedy = &g["greedy"];
         let messages: Vec<ChatMessage> = serde_json::from_value(greedy["messages"].clone()).unwrap();
@@ -573,6 +560,8 @@ mod text {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    kv_core::backend_tests!(smollm2_chat_prompt_and_greedy_answer_match_transformers);
+
     #[test]
     fn a_run_folder_keeps_the_tokenizer_and_its_chat_settings() {
         let dir = scratch("run-text");
@@ -596,3 +585,11 @@ fn transposes_and_unpermutes_are_what_they_say() {
     assert_eq!(unpermute_rows(&permute_rows(&v, 3, 12, 4), 3, 12, 4).unwrap(), v);
     assert!(unpermute_rows(&v, 5, 12, 4).is_none());
 }
+
+kv_core::backend_tests!(
+    tiny_llama_from_its_hugging_face_folder_reproduces_transformers_logits,
+    tiny_llama_as_a_gguf_file_with_permuted_rows_reproduces_transformers_logits,
+    hostile_or_broken_gguf_files_are_one_line_errors_naming_the_problem,
+    broken_hugging_face_folders_are_errors_naming_the_problem,
+    smollm2_logits_match_transformers_on_the_golden_cases,
+);
