@@ -24,7 +24,9 @@ pub fn attend_cache<B: Backend>(
         Some(query) => Causality::ByPosition { query: query.clone(), key },
     };
     let Some(heads) = cache.head_caches() else {
-        return grouped_attention(q, &cache.kv_segments(), &causality(cache.positions()), scale, observe);
+        let h = q.dims()[1];
+        let (o, observation) = grouped_attention(q, &cache.kv_segments(), &causality(cache.positions()), scale, observe);
+        return (o, Observation::with_plain_norms(observation, observe, cache, h));
     };
     let [b, h, _, _] = q.dims();
     let kv = cache.shape().kv_heads;
@@ -42,6 +44,73 @@ pub fn attend_cache<B: Backend>(
         })
         .collect();
     (Tensor::cat(rows, 0), None)
+}
+
+/// Causal attention of the cache's newest `t` tokens (`q` `[batch, heads, t, d]`, at positions
+/// `tokens_seen - t ..`, their K/V already appended) over every slot it holds: what a layer runs
+/// after appending a prompt, a chunk or one decoded token.
+///
+/// A chunk that no policy needs every row of (nothing, or only SnapKV's window) goes through
+/// burn's fused kernel ([`fused_prefill`]); one token, a ragged cache or column sums take
+/// [`attend_cache`].
+pub fn attend_appended<B: Backend>(q: Tensor<B, 4>, cache: &kv_core::LayerCache<B>, scale: f64, observe: ObserveRequest) -> (Tensor<B, 4>, Option<Observation<B>>) {
+    let [_, h, t, _] = q.dims();
+    let seen = cache.tokens_seen();
+    if t > 1 && !cache.is_ragged() && !observe.column_sums {
+        let (o, observation) = fused_prefill(q, cache, scale, observe);
+        return (o, Observation::with_plain_norms(observation, observe, cache, h));
+    }
+    // A single newest token comes after every slot, so it needs no mask.
+    let query_positions = (t > 1).then(|| Tensor::arange((seen - t) as i64..seen as i64, &q.device()));
+    attend_cache(q, cache, query_positions, scale, observe)
+}
+
+/// Causal attention of a chunk of `t` new queries (the cache's last `t` slots) through burn's
+/// fused `attention` (flash on Flex and CubeCL), except for the last `observe.window` rows, which
+/// the explicit kernel computes so their probabilities can be observed.
+///
+/// Exact, not an approximation: appended slots are the newest, so query `i` of the chunk sees
+/// the `n - t` older slots and new slots `0..=i`, which is the bottom-right causal mask; the rows
+/// before the window see no window key, so they attend over the first `n - w` slots alone, where
+/// the mask is square-aligned. Query and key heads must match for the fused kernel, so each KV
+/// head is broadcast to its group for this call (a temporary the size of the keys, never held).
+fn fused_prefill<B: Backend>(q: Tensor<B, 4>, cache: &kv_core::LayerCache<B>, scale: f64, observe: ObserveRequest) -> (Tensor<B, 4>, Option<Observation<B>>) {
+    use burn::tensor::module::attention;
+    use burn::tensor::ops::AttentionModuleOptions;
+    let [b, h, t, dk] = q.dims();
+    let (keys, values, positions) = (cache.keys(), cache.values(), cache.positions());
+    let [_, kv, n, _] = keys.dims();
+    let dv = values.dims()[3];
+    let w = observe.window.min(t);
+    let head = t - w;
+    let mut outs = Vec::with_capacity(2);
+    if head > 0 {
+        let visible = n - w;
+        let spread = |x: Tensor<B, 4>, d: usize| x.narrow(2, 0, visible).reshape([b, kv, 1, visible, d]).expand([b, kv, h / kv, visible, d]).reshape([b, h, visible, d]);
+        let qh = q.clone().narrow(2, 0, head);
+        // Flex aligns a non-square causal mask bottom-right, CubeCL's flash kernel top-left:
+        // only a square one is portable, so a chunk after older slots gets an explicit mask.
+        let (mask, is_causal) = if head == visible {
+            (None, true)
+        } else {
+            (Some(Tensor::<B, 2, Bool>::tril_mask([head, visible], (visible - head) as i64, &q.device()).reshape([1, 1, head, visible])), false)
+        };
+        // An explicit scale drops CubeCL to its unfused fallback; the usual one is the default.
+        let default_scale = ((scale * scale * dk as f64) - 1.0).abs() < 1e-9;
+        let options = AttentionModuleOptions { scale: (!default_scale).then_some(scale), softcap: None, is_causal };
+        outs.push(attention(qh, spread(keys.clone(), dk), spread(values.clone(), dv), mask, None, options));
+    }
+    let mut observation = None;
+    if w > 0 {
+        let qw = q.narrow(2, head, w);
+        let query = Tensor::<B, 1, Int>::arange((cache.tokens_seen() - w) as i64..cache.tokens_seen() as i64, &qw.device());
+        let (o, obs) = grouped_attention(qw, &cache.kv_segments(), &Causality::ByPosition { query, key: positions }, scale, observe);
+        outs.push(o);
+        observation = obs;
+    }
+    let out = if outs.len() == 1 { outs.pop().unwrap() } else { Tensor::cat(outs, 2) };
+    debug_assert_eq!(out.dims(), [b, h, t, dv]);
+    (out, observation)
 }
 
 /// Queries are processed in blocks of this many rows so that prefill never materialises a full
@@ -208,6 +277,7 @@ pub fn grouped_attention_parts<B: Backend>(
     let observation = (!observe.is_empty()).then(|| Observation {
         column_sums: col_sums,
         window: (!windows.is_empty()).then(|| Tensor::cat(windows, 2)),
+        ..Default::default()
     });
     (out, observation)
 }

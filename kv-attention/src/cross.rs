@@ -1,7 +1,7 @@
 //! YOCO's cross-decoder attention: one global K/V computed once from the self-decoder's output,
 //! shared by every cross-decoder layer, each of which only projects its own queries.
 
-use crate::{AttentionOutput, Causality, ObserveRequest, Rotary, RotaryConfig, attend_cache, grouped_attention, position_range};
+use crate::{AttentionOutput, Causality, ObserveRequest, Rotary, RotaryConfig, attend_appended, grouped_attention, position_range};
 use burn::nn::{Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::prelude::*;
 use kv_core::{CacheShape, KvError, LayerCache, Result};
@@ -187,12 +187,9 @@ impl<B: Backend> CrossAttention<B> {
         if m > seen || cache.slots() == 0 {
             return Err(KvError::config("cross-decoder queries", m, format!("at most the {seen} tokens in the global cache, which must hold a slot")));
         }
-        let device = x.device();
         // Absolute positions for causality, the cache's RoPE positions for the rotation.
         let q = self.queries(x, cache.rope_position().saturating_sub(m));
-        // The newest token comes after every slot, so it needs no mask.
-        let query_positions = (m > 1).then(|| Tensor::arange((seen - m) as i64..seen as i64, &device));
-        let (o, observation) = attend_cache(q, cache, query_positions, self.scale(), observe);
+        let (o, observation) = attend_appended(q, cache, self.scale(), observe);
         Ok(AttentionOutput { output: self.merge_heads(o), observation })
     }
 }

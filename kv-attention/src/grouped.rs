@@ -1,6 +1,6 @@
 //! Grouped-query attention: MHA (`kv_heads == heads`), GQA and MQA (`kv_heads == 1`) in one module.
 
-use crate::{Causality, ObserveRequest, Observation, Rotary, RotaryConfig, attend_cache, grouped_attention, position_range};
+use crate::{Causality, ObserveRequest, Observation, Rotary, RotaryConfig, attend_appended, grouped_attention, position_range};
 use burn::module::Param;
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
@@ -223,20 +223,16 @@ impl<B: Backend> GroupedAttention<B> {
     /// Inference path: the new tokens `x` `[b, t, d_model]` take positions `tokens_seen ..`,
     /// their K/V are appended to `cache`, and they attend over every slot the cache holds.
     pub fn forward_cached(&self, x: Tensor<B, 3>, cache: &mut LayerCache<B>, observe: ObserveRequest) -> Result<AttentionOutput<B>> {
-        let [b, t, _] = x.dims();
+        let b = x.dims()[0];
         if cache.shape() != self.cache_shape(b) {
             return Err(KvError::config("layer cache shape", format!("{:?}", cache.shape()), format!("{:?}", self.cache_shape(b))));
         }
         // Causality uses the absolute positions; RoPE uses the cache's rotary position, which
         // equals tokens seen unless a re-rotating policy shifted it.
-        let start = cache.tokens_seen();
-        let device = x.device();
         let before = self.shift_carry(&x, cache);
         let (q, k, v) = self.project(x, cache.rope_position(), before);
         cache.append(k, v)?;
-        // A single new token comes after every slot, so it needs no mask.
-        let query_positions = (t > 1).then(|| Tensor::arange(start as i64..(start + t) as i64, &device));
-        let (o, observation) = attend_cache(q, cache, query_positions, self.scale(), observe);
+        let (o, observation) = attend_appended(q, cache, self.scale(), observe);
         Ok(AttentionOutput { output: self.merge_heads(o), observation })
     }
 }

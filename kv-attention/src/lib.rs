@@ -23,7 +23,7 @@ mod retention;
 mod rope;
 mod window;
 
-pub use attend::{Causality, QUERY_BLOCK, SplitSegment, attend_cache, grouped_attention, grouped_attention_parts};
+pub use attend::{Causality, QUERY_BLOCK, SplitSegment, attend_appended, attend_cache, grouped_attention, grouped_attention_parts};
 pub use grouped::{AttentionOutput, GroupedAttention, GroupedAttentionConfig};
 pub use mla::{MlaAttention, MlaAttentionConfig, MlaPath};
 pub use observe::{ObserveRequest, Observation};

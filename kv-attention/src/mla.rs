@@ -352,10 +352,41 @@ impl<B: Backend> MlaAttention<B> {
             Causality::ByPosition { query: Tensor::arange(start as i64..(start + t) as i64, &device), key: cache.positions() }
         };
         let segments = cache.kv_segments();
-        let (o, observation) = match path {
+        let (o, mut observation) = match path {
             MlaPath::Absorbed => self.attend_absorbed(queries, segments, &causality, observe),
             MlaPath::Naive => self.attend_naive(queries, segments, &causality, observe),
         };
+        if observe.key_norms || observe.value_norms {
+            let o = observation.get_or_insert_with(Default::default);
+            let (c, k_r) = (cache.values(), cache.keys());
+            if observe.key_norms {
+                o.key_norms = Some(self.key_norms(c.clone(), k_r));
+            }
+            if observe.value_norms {
+                o.value_norms = Some(self.value_norms(c));
+            }
+        }
         Ok(AttentionOutput { output: self.merge_heads(o), observation })
+    }
+
+    /// `[b, 1, n]`: for each cached latent, the squared norms of the keys all heads score,
+    /// `sum_h |W_UK^h c|^2 + heads x |k_R|^2`, through the Gram matrix `G = W_UK W_UK^T`
+    /// (`kv_latent` squared), so no per-head key is formed: `sum_h |W_UK^h c|^2 = c^T G c`.
+    pub fn key_norms(&self, c: Tensor<B, 4>, k_r: Tensor<B, 4>) -> Tensor<B, 3> {
+        let [b, _, n, d_c] = c.dims();
+        let w = self.wk_up.weight.val();
+        let gram = w.clone().matmul(w.transpose());
+        let c = c.reshape([b * n, d_c]);
+        let content = (c.clone().matmul(gram) * c).sum_dim(1).reshape([b, 1, n]);
+        let rope = k_r.powi_scalar(2).sum_dim(3).reshape([b, 1, n]).mul_scalar(self.n_heads as f64);
+        content + rope
+    }
+
+    /// `[b, heads, n]`: the L1 norm of each head's value `W_UV^h c` of each cached latent. Unlike
+    /// the key norms this has no shortcut: it costs one up-projection of the cache's values.
+    pub fn value_norms(&self, c: Tensor<B, 4>) -> Tensor<B, 3> {
+        let [b, _, n, _] = c.dims();
+        let (_, v) = self.up_project(c);
+        v.abs().sum_dim(3).reshape([b, self.n_heads, n])
     }
 }

@@ -9,25 +9,63 @@ pub struct ObserveRequest {
     pub column_sums: bool,
     /// Attention probabilities of the last `window` queries of this call (0 = none).
     pub window: usize,
+    /// Squared norms of the keys the query heads read, per slot (key-norm eviction).
+    pub key_norms: bool,
+    /// L1 norms of the values the query heads read, per slot (value-aware eviction).
+    pub value_norms: bool,
 }
 
 impl ObserveRequest {
     /// True when nothing is requested.
     pub fn is_empty(&self) -> bool {
-        !self.column_sums && self.window == 0
+        !self.column_sums && self.window == 0 && !self.key_norms && !self.value_norms
     }
 
     /// The union of two requests (the larger window).
     pub fn union(self, other: Self) -> Self {
-        Self { column_sums: self.column_sums || other.column_sums, window: self.window.max(other.window) }
+        Self {
+            column_sums: self.column_sums || other.column_sums,
+            window: self.window.max(other.window),
+            key_norms: self.key_norms || other.key_norms,
+            value_norms: self.value_norms || other.value_norms,
+        }
     }
 }
 
 /// Attention statistics of one call, over the keys the cache held during it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Observation<B: Backend> {
     /// `[batch, heads, keys]`: for each key, the sum of its attention over this call's queries.
     pub column_sums: Option<Tensor<B, 3>>,
     /// `[batch, heads, w, keys]`: the probabilities of the last `w` queries (causally masked).
     pub window: Option<Tensor<B, 4>>,
+    /// `[batch, kv_heads, keys]`: for each slot, the squared L2 norms of the keys its query heads
+    /// score, summed over the group. A cache that holds keys as they are scored gives
+    /// `group x |k|^2`; MLA's, whose heads score different up-projections of one latent, gives
+    /// `sum_h |W_UK^h c|^2 + heads x |k_R|^2`.
+    pub key_norms: Option<Tensor<B, 3>>,
+    /// `[batch, heads, keys]`: the L1 norm of the value each query head reads from each slot
+    /// (MLA: of `W_UV^h c`, not of the latent).
+    pub value_norms: Option<Tensor<B, 3>>,
+}
+
+impl<B: Backend> Observation<B> {
+    /// `observation` (or an empty one) with the norms `request` asks for, computed from the keys
+    /// and values `cache` holds as they are scored and read (any cache but MLA's latent).
+    pub fn with_plain_norms(observation: Option<Self>, request: ObserveRequest, cache: &kv_core::LayerCache<B>, heads: usize) -> Option<Self> {
+        if !(request.key_norms || request.value_norms) || cache.is_ragged() || cache.slots() == 0 {
+            return observation;
+        }
+        let mut o = observation.unwrap_or_default();
+        let [b, kv, n] = cache.positions().dims();
+        let group = heads / kv.max(1);
+        if request.key_norms {
+            o.key_norms = Some(cache.keys().powi_scalar(2).sum_dim(3).reshape([b, kv, n]).mul_scalar(group as f64));
+        }
+        if request.value_norms {
+            let per_kv = cache.values().abs().sum_dim(3).reshape([b, kv, 1, n]);
+            o.value_norms = Some(per_kv.expand([b, kv, group, n]).reshape([b, heads, n]));
+        }
+        Some(o)
+    }
 }

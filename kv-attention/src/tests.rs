@@ -96,7 +96,7 @@ fn grouped_broadcast_equals_repeated_heads<B: Backend>(dev: &B::Device) {
             query: Tensor::arange((n - t) as i64..n as i64, dev),
             key: position_range(0, n, dev),
         };
-        let observe = ObserveRequest { column_sums: true, window: 2 };
+        let observe = ObserveRequest { column_sums: true, window: 2, ..Default::default() };
         let (out, obs) = grouped_attention(q.clone(), &[(k.clone(), v.clone())], &causality, 0.35, observe);
         // The same keys split into two segments (a cache's body and tail) give the same result.
         if n > 2 {
@@ -118,7 +118,7 @@ fn blocked_prefill_observes_what_one_block_would<B: Backend>(dev: &B::Device) {
     let (q, k, v) = (randn::<B, 4>([1, h, t, 4], dev), randn::<B, 4>([1, kvh, t, 4], dev), randn::<B, 4>([1, kvh, t, 4], dev));
     let causality = Causality::ByPosition { query: Tensor::arange(0..t as i64, dev), key: position_range(0, t, dev) };
     let w = 50; // straddles the block boundary
-    let (out, obs) = grouped_attention(q.clone(), &[(k.clone(), v.clone())], &causality, 0.5, ObserveRequest { column_sums: true, window: w });
+    let (out, obs) = grouped_attention(q.clone(), &[(k.clone(), v.clone())], &causality, 0.5, ObserveRequest { column_sums: true, window: w, ..Default::default() });
     let (want, want_sums) = reference(q.clone(), k.clone(), v, true, 0.5);
     assert!(max_abs_diff(out, want) <= 1e-5);
     let obs = obs.unwrap();
@@ -165,7 +165,7 @@ fn split_parts_equal_concatenated_keys<B: Backend>(dev: &B::Device) {
     let (qa, qb) = (randn::<B, 4>([2, h, t, 6], dev), randn::<B, 4>([2, h, t, 2], dev));
     let (ka, kb, v) = (randn::<B, 4>([2, kvh, n, 6], dev), randn::<B, 4>([2, kvh, n, 2], dev), randn::<B, 4>([2, kvh, n, 5], dev));
     let causality = Causality::ByPosition { query: Tensor::arange((n - t) as i64..n as i64, dev), key: position_range(0, n, dev) };
-    let observe = ObserveRequest { column_sums: true, window: 2 };
+    let observe = ObserveRequest { column_sums: true, window: 2, ..Default::default() };
     let seg = |lo: usize, len: usize| SplitSegment { keys: vec![ka.clone().narrow(2, lo, len), kb.clone().narrow(2, lo, len)], values: v.clone().narrow(2, lo, len) };
     let (out, obs) = grouped_attention_parts(&[qa.clone(), qb.clone()], &[seg(0, 5), seg(5, 4)], &causality, 0.4, observe);
     let (want, want_obs) = grouped_attention(Tensor::cat(vec![qa, qb], 3), &[(Tensor::cat(vec![ka, kb], 3), v)], &causality, 0.4, observe);
@@ -184,7 +184,7 @@ fn small_mla<B: Backend>(heads: usize, query_latent: usize, dev: &B::Device) -> 
 /// returning the outputs and every call's observation (column sums and a 2-query window).
 fn mla_decode<B: Backend>(mla: &MlaAttention<B>, x: &Tensor<B, 3>, split: usize, path: MlaPath, dev: &B::Device) -> (Tensor<B, 3>, Vec<Observation<B>>, kv_core::LayerCache<B>) {
     let t = x.dims()[1];
-    let observe = ObserveRequest { column_sums: true, window: 2 };
+    let observe = ObserveRequest { column_sums: true, window: 2, ..Default::default() };
     let mut cache = kv_core::LayerCache::new(mla.cache_shape(x.dims()[0]), dev);
     let mut outs = Vec::new();
     let mut observations = Vec::new();
@@ -298,7 +298,7 @@ fn ragged_attention_equals_each_heads_rectangular_attention<B: Backend>(dev: &B:
     // Three queries at positions 9..12 (causal by remembered position), then one unmasked query.
     for (t, query_positions) in [(3, Some(Tensor::<B, 1, Int>::arange(9..12, dev))), (1, None)] {
         let q = randn([batch, heads, t, d], dev);
-        let (got, obs) = attend_cache(q.clone(), &ragged, query_positions.clone(), 0.3, ObserveRequest { column_sums: true, window: 0 });
+        let (got, obs) = attend_cache(q.clone(), &ragged, query_positions.clone(), 0.3, ObserveRequest { column_sums: true, ..Default::default() });
         assert!(obs.is_none(), "ragged attention observes nothing");
         assert_eq!(got.dims(), [batch, heads, t, d]);
         // Reference: every head of a rectangular cache keeps head i's slots; read group i from it.
@@ -342,7 +342,35 @@ fn mimetic_init_copies_each_groups_first_query_projection_into_its_keys<B: Backe
     assert!(max_abs_diff(plain.wk.weight.val().narrow(1, 0, d), plain.wq.weight.val().narrow(1, 0, d)) > 0.0);
 }
 
+fn mla_reports_the_norms_of_the_keys_and_values_its_heads_use<B: Backend>(dev: &B::Device) {
+    let heads = 4;
+    let mla = small_mla::<B>(heads, 0, dev);
+    let x = randn::<B, 3>([1, 10, 32], dev);
+    let mut cache = kv_core::LayerCache::new(mla.cache_shape(1), dev);
+    let request = ObserveRequest { key_norms: true, value_norms: true, ..Default::default() };
+    let out = mla.forward_cached(x, &mut cache, request).unwrap();
+    let obs = out.observation.unwrap();
+    // Reference: every head's content key and value up-projected (the naive path), k_R shared.
+    let (k_c, v) = mla.up_project(cache.values());
+    let k_r = cache.keys();
+    let want_keys = k_c.powi_scalar(2).sum_dim(3).sum_dim(1).reshape([1, 1, 10]) + k_r.clone().powi_scalar(2).sum_dim(3).reshape([1, 1, 10]).mul_scalar(heads as f64);
+    let got_keys = obs.key_norms.unwrap();
+    assert!(max_abs_diff(got_keys.clone(), want_keys.clone()) <= 1e-3 * want_keys.clone().max().into_scalar().elem::<f32>(), "key norms");
+    let want_values = v.abs().sum_dim(3).reshape([1, heads, 10]);
+    assert!(max_abs_diff(obs.value_norms.unwrap(), want_values) <= 1e-4, "value norms");
+    // The shared RoPE key alone ranks the slots differently: scoring it instead would be wrong.
+    let rope_only: Vec<f32> = k_r.powi_scalar(2).sum_dim(3).into_data().iter::<f32>().collect();
+    let full: Vec<f32> = got_keys.into_data().iter::<f32>().collect();
+    let rank = |v: &[f32]| {
+        let mut o: Vec<usize> = (0..v.len()).collect();
+        o.sort_by(|&a, &b| v[a].total_cmp(&v[b]));
+        o
+    };
+    assert_ne!(rank(&rope_only), rank(&full));
+}
+
 kv_core::backend_tests!(
+    mla_reports_the_norms_of_the_keys_and_values_its_heads_use,
     mimetic_init_copies_each_groups_first_query_projection_into_its_keys,
     ragged_attention_equals_each_heads_rectangular_attention,
     rope_dot_products_depend_only_on_relative_position,

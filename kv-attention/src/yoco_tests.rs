@@ -175,7 +175,36 @@ fn cross_attention_over_the_global_cache_matches_forward_and_is_causal<B: Backen
     assert!(err.contains("kv_heads = 3"), "{err}");
 }
 
+fn gated_retention_of_three_scalar_tokens_matches_a_hand_computation<B: Backend>(dev: &B::Device) {
+    // One head, d_k = d_v = 1: S_t = gamma_t S_(t-1) + k_t v_t, o_t = q_t S_t, with gamma applied to
+    // the previous state (not after adding the new outer product). gamma = 0.5, 0.5, 0.25;
+    // k = 1, 2, 3; v = 1; q = 1, 2, 1.
+    //   from S_0 = 0: S = 1, 2.5, 3.625       -> o = 1, 5, 3.625
+    //   from S_0 = 4: S = 3, 3.5, 3.875       -> o = 3, 7, 3.875
+    let t3 = |x: [f32; 3]| Tensor::<B, 1>::from_floats(x, dev).reshape([1, 1, 3, 1]);
+    let (q, k, v) = (t3([1.0, 2.0, 1.0]), t3([1.0, 2.0, 3.0]), t3([1.0, 1.0, 1.0]));
+    let log_gamma = Tensor::<B, 1>::from_floats([0.5f32.ln(), 0.5f32.ln(), 0.25f32.ln()], dev).reshape([1, 1, 3]);
+    let close = |got: Tensor<B, 4>, want: [f32; 3], what: &str| {
+        let got: Vec<f32> = got.into_data().iter::<f32>().collect();
+        assert!(got.iter().zip(want).all(|(g, w)| (g - w).abs() < 1e-5), "{what}: {got:?} vs {want:?}");
+    };
+    close(retention_parallel(q.clone(), k.clone(), v.clone(), log_gamma.clone()), [1.0, 5.0, 3.625], "parallel");
+    let (o, s) = retention_recurrent(q.clone(), k.clone(), v.clone(), log_gamma.clone(), None);
+    close(o, [1.0, 5.0, 3.625], "recurrent");
+    assert!((s.into_scalar().elem::<f32>() - 3.625).abs() < 1e-5);
+    let s0 = Tensor::<B, 4>::full([1, 1, 1, 1], 4.0, dev);
+    let (o, s) = retention_recurrent(q.clone(), k.clone(), v.clone(), log_gamma.clone(), Some(s0.clone()));
+    close(o, [3.0, 7.0, 3.875], "recurrent from a state");
+    assert!((s.into_scalar().elem::<f32>() - 3.875).abs() < 1e-5);
+    for chunk in [1, 2, 3] {
+        let (o, s) = retention_chunkwise(q.clone(), k.clone(), v.clone(), log_gamma.clone(), chunk, Some(s0.clone()));
+        close(o, [3.0, 7.0, 3.875], &format!("chunkwise ({chunk}) from a state"));
+        assert!((s.into_scalar().elem::<f32>() - 3.875).abs() < 1e-5);
+    }
+}
+
 kv_core::backend_tests!(
+    gated_retention_of_three_scalar_tokens_matches_a_hand_computation,
     windowed_causality_matches_an_explicit_mask,
     sliding_window_decode_matches_forward_and_never_holds_more_than_the_window,
     retention_parallel_chunkwise_and_recurrent_forms_agree,

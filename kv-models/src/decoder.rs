@@ -183,7 +183,20 @@ impl<B: Backend> DecoderLm<B> {
         let h = self.norm.forward(h);
         match &self.lm_head {
             Some(head) => head.forward(h),
-            None => burn::tensor::module::linear(h, self.embed.weight.val().transpose(), None),
+            None => {
+                // Tied head: logits = h E^T. A transposed view of E is copied whole by the CPU
+                // backends before the matmul (vocab x d_model per call: 113 MB for SmolLM2, most
+                // of a decode step), so for a few rows compute (E h^T)^T, whose transposes
+                // touch only rows x vocab values.
+                let [b, t, d] = h.dims();
+                let w = self.embed.weight.val();
+                if b * t < d {
+                    let v = w.dims()[0];
+                    w.matmul(h.reshape([b * t, d]).transpose()).transpose().reshape([b, t, v])
+                } else {
+                    burn::tensor::module::linear(h, w.transpose(), None)
+                }
+            }
         }
     }
 

@@ -47,6 +47,8 @@ pub use tokenizer::{ByteTokenizer, ChatMessage, TOKENIZER_CONFIG_FILE, TOKENIZER
 pub use yoco::retention_state_name;
 
 #[cfg(test)]
+mod kept_tests;
+#[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod yoco_tests;

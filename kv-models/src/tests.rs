@@ -445,6 +445,10 @@ fn mla_policies_with_a_small_budget_keep_exactly_the_budget<B: Backend>(dev: &B:
     // (spec, slots right after the prefill, slots after the 10 decode steps)
     let specs = [
         (format!("h2o:budget={budget}"), budget, budget),
+        (format!("h2o:budget={budget},normalize=true"), budget, budget),
+        // Scored on each head's up-projected keys and values, not on the cached latent.
+        (format!("vatp:budget={budget}"), budget, budget),
+        (format!("knorm:budget={budget},skip=0"), budget, budget),
         (format!("streaming:budget={budget},sinks=2"), budget, budget),
         (format!("streaming:budget={budget},sinks=2,rerotate=true"), budget, budget),
         (format!("tova:budget={budget}"), budget, budget),
@@ -623,6 +627,61 @@ fn latent_conversion_is_exact_at_full_rank_and_reports_what_truncation_loses<B: 
     assert!(err.contains("kv_latent = 40"), "{err}");
 }
 
+fn partial_rope_conversion_keeps_the_fast_frequencies_exactly<B: Backend>(dev: &B::Device) {
+    // head_dim 8: rotate-half pairs (i, i + 4) turn at 10000^(-i/4); keeping 4 dims keeps pairs 0, 1.
+    let ids = sequence(30);
+    let config = tiny(4, 2);
+    let mut model = config.init::<B>(dev).unwrap();
+    let approx = to_partial_rope(&model, &config, 4).unwrap().0.forward(tokens(&ids, dev));
+    // Queries that read nothing from the slow pairs (dims 2, 3, 6, 7 of each head) make the
+    // dropped rotation irrelevant, so the converted model must reproduce the logits.
+    let mask: Vec<f32> = (0..4).flat_map(|_| [1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0]).collect();
+    let mask = Tensor::<B, 1>::from_floats(mask.as_slice(), dev).reshape([1, 32]);
+    for block in model.blocks.iter_mut() {
+        let attn = block.attn.as_mut().unwrap();
+        attn.wq.weight = Param::from_tensor(attn.wq.weight.val() * mask.clone());
+    }
+    let want = model.forward(tokens(&ids, dev));
+    let (partial, partial_config) = to_partial_rope(&model, &config, 4).unwrap();
+    assert_eq!(partial_config.rope_dims, Some(4));
+    assert!((partial_config.rope_theta - 100.0).abs() < 1e-9, "{}", partial_config.rope_theta);
+    let diff = max_abs_diff(partial.forward(tokens(&ids, dev)), want.clone());
+    assert!(diff <= 1e-5, "partial RoPE changed the logits by {diff}");
+    // With the slow pairs in use, dropping their rotation is an approximation (the test can fail).
+    let full = to_partial_rope(&config.init::<B>(dev).unwrap(), &config, 4).unwrap();
+    assert!(max_abs_diff(approx, full.0.forward(tokens(&ids, dev))) > 0.0);
+    // The converted model is a partial-RoPE model, so the latent conversion applies.
+    let (mla, mla_config, _) = to_latent(&partial, &partial_config, 16).unwrap();
+    assert_eq!(mla_config.mla.as_ref().unwrap().rope_dim, 4);
+    assert_eq!(mla.forward(tokens(&ids, dev)).dims(), [1, 30, 64]);
+    for (bad, want) in [(0, "rope_dims = 0"), (3, "rope_dims = 3"), (8, "rope_dims = 8")] {
+        let err = to_partial_rope(&model, &config, bad).unwrap_err().to_string();
+        assert!(err.contains(want), "{err}");
+    }
+    let err = to_partial_rope(&partial, &partial_config, 2).unwrap_err().to_string();
+    assert!(err.contains("already uses partial RoPE"), "{err}");
+}
+
+fn grouped_conversion_pools_query_key_value_biases<B: Backend>(dev: &B::Device) {
+    let x = tokens(&sequence(20), dev);
+    let config = tiny(8, 8).with_qkv_bias(Some(true));
+    let mut model = config.init::<B>(dev).unwrap();
+    for block in model.blocks.iter_mut() {
+        let attn = block.attn.as_mut().unwrap();
+        for lin in [&mut attn.wk, &mut attn.wv] {
+            lin.weight = Param::from_tensor(same_within_groups(lin.weight.val(), 2, 4, 4));
+            let b = lin.bias.as_ref().unwrap().val().reshape([1, 32]);
+            lin.bias = Some(Param::from_tensor(same_within_groups(b, 2, 4, 4).reshape([32])));
+        }
+    }
+    let (grouped, grouped_config) = to_grouped(&model, &config, 2).unwrap();
+    assert_eq!(grouped.blocks[0].attn.as_ref().unwrap().wk.bias.as_ref().unwrap().dims(), [8]);
+    let diff = max_abs_diff(model.forward(x.clone()), grouped.forward(x));
+    assert!(diff <= 1e-5, "pooled biases changed the logits by {diff}");
+    let err = to_latent(&grouped, &grouped_config.clone().with_rope_dims(Some(2)), 8).unwrap_err().to_string();
+    assert!(err.contains("qkv_bias"), "{err}");
+}
+
 fn converted_models_uptrain_below_their_starting_loss<B: Backend>(dev: &B::Device) {
     type AD<B> = burn::backend::Autodiff<B>;
     // Partial RoPE (4 of 8 dims) so the latent conversion applies too.
@@ -770,6 +829,8 @@ kv_core::backend_tests!(
     mla_checkpoints_round_trip_and_grouped_records_keep_their_layout,
     mean_pooled_grouping_of_identical_heads_keeps_the_logits,
     latent_conversion_is_exact_at_full_rank_and_reports_what_truncation_loses,
+    partial_rope_conversion_keeps_the_fast_frequencies_exactly,
+    grouped_conversion_pools_query_key_value_biases,
 );
 
 #[test]

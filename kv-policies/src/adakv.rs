@@ -4,6 +4,7 @@
 use crate::select::{protect, top_k_indices};
 use crate::{CachePolicy, LayerContext, Phase, PolicySpec, Scorer, build_scorer};
 use burn::prelude::*;
+use burn::tensor::IndexingUpdateOp;
 use kv_attention::{ObserveRequest, Observation};
 use kv_core::{Budget, KvError, LayerCache, Result};
 
@@ -53,12 +54,12 @@ impl<B: Backend> AdaKvPolicy<B> {
     pub fn select(&self, scores: Tensor<B, 3>, k: usize) -> Vec<Vec<usize>> {
         let [b, kv, n] = scores.dims();
         let safe = ((self.min_share * k as f32).floor() as usize).clamp(1, k);
-        // Each head's `safe` best slots become unbeatable before the layer-wide top-k.
+        // Each head's `safe` best slots become unbeatable before the layer-wide top-k: exactly
+        // those slots (marked by index, so ties at the threshold protect no more than `safe`).
         let scores = if safe < n {
             let best = top_k_indices(scores.clone(), safe);
-            let threshold = scores.clone().gather(2, best).min_dim(2);
-            let mask = scores.clone().greater_equal(threshold.expand([b, kv, n]));
-            protect(scores, mask)
+            let marks = Tensor::<B, 3>::zeros([b, kv, n], &scores.device()).scatter(2, best, Tensor::ones([b, kv, safe], &scores.device()), IndexingUpdateOp::Add);
+            protect(scores, marks.greater_elem(0.5))
         } else {
             scores
         };

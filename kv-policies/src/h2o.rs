@@ -7,7 +7,8 @@ use burn::prelude::*;
 use kv_attention::{ObserveRequest, Observation};
 use kv_core::{Budget, KvError, LayerCache, Result};
 
-/// Side channel holding each slot's accumulated attention (summed over its GQA group).
+/// Side channel holding each slot's accumulated attention (summed over its GQA group; VATP's
+/// weighted by value norms).
 pub const ACC_CHANNEL: &str = "h2o.acc";
 
 /// Keeps the slots with the most accumulated attention plus a recent window.
@@ -26,7 +27,8 @@ pub struct H2oPolicy {
     pub normalize: bool,
     /// Leading tokens never evicted (0 in the original H2O).
     pub sinks: usize,
-    /// Weight scores by each value's L1 norm (VATP).
+    /// Weight each step's attention by the L1 norm of the value each query head reads from the
+    /// slot before accumulating it (VATP).
     pub value_aware: bool,
     /// When to evict (scores accumulate every step regardless).
     pub schedule: Schedule,
@@ -54,9 +56,6 @@ impl H2oPolicy {
             let seen = cache.positions().neg().add_scalar(cache.tokens_seen() as i64).float();
             s = s / seen;
         }
-        if self.value_aware {
-            s = s * cache.values().abs().sum_dim(3).squeeze_dim::<3>(3);
-        }
         Ok(s)
     }
 }
@@ -68,7 +67,7 @@ impl<B: Backend> CachePolicy<B> for H2oPolicy {
     }
 
     fn observe_request(&self, _: &LayerContext<'_, B>) -> ObserveRequest {
-        ObserveRequest { column_sums: true, window: 0 }
+        ObserveRequest { column_sums: true, value_norms: self.value_aware, ..Default::default() }
     }
 
     fn after_attention(&mut self, ctx: &LayerContext<'_, B>, cache: &mut LayerCache<B>, obs: Option<&Observation<B>>) -> Result<()> {
@@ -80,11 +79,21 @@ impl<B: Backend> CachePolicy<B> for H2oPolicy {
 }
 
 impl H2oPolicy {
-    /// Adds this call's attention column sums to every slot's accumulated score.
+    /// Adds this call's attention column sums (VATP: each query head's times the L1 norm of the
+    /// value it reads) to every slot's accumulated score.
     fn accumulate<B: Backend>(&self, cache: &mut LayerCache<B>, obs: Option<&Observation<B>>) -> Result<()> {
-        let sums = obs
+        let mut sums = obs
             .and_then(|o| o.column_sums.clone())
             .ok_or_else(|| KvError::config("h2o observation", "none", "attention column sums (the model ignored the policy's request)"))?;
+        if self.value_aware {
+            let [b, h, n] = sums.dims();
+            let norms = obs.and_then(|o| o.value_norms.clone()).unwrap_or_else(|| {
+                // Observed without norms: the values the cache holds are the ones read.
+                let kv = cache.shape().kv_heads;
+                cache.values().abs().sum_dim(3).reshape([b, kv, 1, n]).expand([b, kv, h / kv, n]).reshape([b, h, n])
+            });
+            sums = sums * norms;
+        }
         cache.add_side(ACC_CHANNEL);
         let acc = cache.side(ACC_CHANNEL)? + group_sum(sums, cache.shape().kv_heads);
         cache.set_side(ACC_CHANNEL, acc)

@@ -7,7 +7,7 @@ use kv_attention::{ObserveRequest, Observation};
 use kv_core::{Budget, LayerCache, Result};
 
 /// Keeps, per KV head, the slots whose keys have the smallest L2 norm; needs no attention
-/// scores. RoPE is a rotation, so the norm of a cached (rotated) key equals its raw norm.
+/// probabilities. RoPE is a rotation, so the norm of a cached (rotated) key equals its raw norm.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KnormPolicy {
     /// Slots kept per KV head.
@@ -19,10 +19,13 @@ pub struct KnormPolicy {
 }
 
 impl KnormPolicy {
-    /// Parses `knorm:budget=..,skip=0,every=1`.
+    /// Parses `knorm:budget=..,skip=2,every=1`. The default skips layers 0 and 1, as the paper's
+    /// code does (l2compress's README: "we skip compression of the first two layers"), because
+    /// there a low key norm does not mean high attention; kvpress's `KnormPress` prunes every
+    /// layer (`skip=0`).
     pub fn from_spec(spec: &PolicySpec) -> Result<Self> {
         let p = spec.params(&["budget", "skip", "every"])?;
-        Ok(Self { budget: p.budget("budget", Budget::Ratio(0.5))?, skip_layers: p.usize("skip", 0)?, schedule: p.schedule(Schedule::EveryStep)? })
+        Ok(Self { budget: p.budget("budget", Budget::Ratio(0.5))?, skip_layers: p.usize("skip", 2)?, schedule: p.schedule(Schedule::EveryStep)? })
     }
 }
 
@@ -31,8 +34,8 @@ impl<B: Backend> CachePolicy<B> for KnormPolicy {
         format!("knorm(budget={},skip={})", self.budget, self.skip_layers)
     }
 
-    fn observe_request(&self, _: &LayerContext<'_, B>) -> ObserveRequest {
-        ObserveRequest::default()
+    fn observe_request(&self, ctx: &LayerContext<'_, B>) -> ObserveRequest {
+        ObserveRequest { key_norms: !self.skips_layer(ctx), ..Default::default() }
     }
 
     fn after_attention(&mut self, ctx: &LayerContext<'_, B>, cache: &mut LayerCache<B>, obs: Option<&Observation<B>>) -> Result<()> {
@@ -46,9 +49,13 @@ impl<B: Backend> CachePolicy<B> for KnormPolicy {
 }
 
 impl<B: Backend> Scorer<B> for KnormPolicy {
-    /// Minus the squared L2 norm of each key: the smallest norms score highest.
-    fn score(&self, _: &LayerContext<'_, B>, cache: &mut LayerCache<B>, _: Option<&Observation<B>>, _: usize) -> Result<Tensor<B, 3>> {
-        Ok(cache.keys().powi_scalar(2).sum_dim(3).squeeze_dim::<3>(3).neg())
+    /// Minus the squared L2 norm of the keys attention scores at each slot, summed over the KV
+    /// head's query group: the smallest norms score highest. The attention reports the norms
+    /// (MLA's are of its up-projected keys, not of the cached latent); a cache observed without
+    /// them is scored by the keys it holds.
+    fn score(&self, _: &LayerContext<'_, B>, cache: &mut LayerCache<B>, obs: Option<&Observation<B>>, _: usize) -> Result<Tensor<B, 3>> {
+        let norms = obs.and_then(|o| o.key_norms.clone()).unwrap_or_else(|| cache.keys().powi_scalar(2).sum_dim(3).squeeze_dim::<3>(3));
+        Ok(norms.neg())
     }
 
     fn skips_layer(&self, ctx: &LayerContext<'_, B>) -> bool {

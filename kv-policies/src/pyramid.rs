@@ -8,13 +8,20 @@ use kv_core::{KvError, LayerCache, Result};
 /// SnapKV with a pyramid of budgets: lower layers (broad attention) keep more, upper layers
 /// (focused attention) keep less, with the same mean as the flat budget.
 ///
-/// As kvpress does it: with `C` the flat budget and `w` the window, the prefix budgets run in
-/// equal steps from `2(C - w) - (C - w)/beta` at layer 0 down to `(C - w)/beta` at the last layer.
+/// The budgets are kvpress's (`PyramidKVPress.get_layer_budget`), which adapts the formula of
+/// PyramidKV's official code (KVCache-Factory, `PyramidKVCluster`): with `A` the flat budget and
+/// `w` the window, layer totals run in equal steps from `max = 2A - A/beta` at layer 0 down to
+/// `min = A/beta` at the last; layer 0 cannot keep more than the `n - w` prefix tokens there are,
+/// so `max` is capped there and `min = 2A - max` (which keeps the mean at `A` for keep ratios
+/// above about one half); when the pyramid does not fit (`min < w`: the smallest layer could not
+/// hold its window), every layer keeps `A`, plain SnapKV. KVCache-Factory instead builds its
+/// pyramid over prefix budgets (`A - w`, plus the window in every layer) and skips it for prompts
+/// shorter than `2 (A - w)`; kvpress's version is the one the field's benchmarks use.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PyramidKvPolicy {
     /// Scoring, window and the mean budget.
     pub snapkv: SnapKvPolicy,
-    /// Steepness: the last layer keeps `1 / beta` of the mean prefix budget (kvpress: 20).
+    /// Steepness: the last layer keeps `1 / beta` of the mean budget (kvpress: 20).
     pub beta: f32,
 }
 
@@ -27,17 +34,22 @@ impl PyramidKvPolicy {
         Ok(Self { snapkv: SnapKvPolicy::from_spec(&snap)?, beta })
     }
 
-    /// Slots layer `layer` of `n_layers` keeps when the flat budget is `flat` slots.
-    pub fn layer_budget(&self, flat: usize, layer: usize, n_layers: usize) -> usize {
-        let w = self.snapkv.window.min(flat);
-        let avail = (flat - w) as f64;
-        if n_layers < 2 || avail == 0.0 {
+    /// Slots layer `layer` of `n_layers` keeps of `n` prompt tokens when the flat budget is
+    /// `flat` slots (see the type's docs for the formula).
+    pub fn layer_budget(&self, n: usize, flat: usize, layer: usize, n_layers: usize) -> usize {
+        let (n_f, a, w) = (n as f64, flat as f64, self.snapkv.window as f64);
+        let mut min = a / self.beta as f64;
+        let mut max = 2.0 * a - min;
+        if max >= n_f - w {
+            max = n_f - w;
+            min = 2.0 * a - max;
+        }
+        // kvpress's feasibility test; one layer has no pyramid (its mean must be the flat budget).
+        if n_layers < 2 || !(n_f >= max && max >= min && min >= w) {
             return flat;
         }
-        let min = avail / self.beta as f64;
-        let max = 2.0 * avail - min;
         let step = (max - min) / (n_layers - 1) as f64;
-        w + (max - layer as f64 * step).round().max(0.0) as usize
+        (max - layer as f64 * step).round() as usize
     }
 }
 
@@ -68,7 +80,7 @@ impl<B: Backend> CachePolicy<B> for PyramidKvPolicy {
             // Nothing to compress, so nothing to redistribute across layers.
             return Ok(());
         }
-        let k = self.layer_budget(flat, ctx.layer, ctx.n_layers).min(cache.tokens_seen());
+        let k = self.layer_budget(cache.tokens_seen(), flat, ctx.layer, ctx.n_layers).min(cache.tokens_seen());
         self.snapkv.compress(ctx, cache, obs, k)
     }
 }

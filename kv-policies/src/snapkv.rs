@@ -90,7 +90,7 @@ impl<B: Backend> CachePolicy<B> for SnapKvPolicy {
 
     fn observe_request(&self, ctx: &LayerContext<'_, B>) -> ObserveRequest {
         let window = if self.schedule.is_due(ctx.phase) { self.window } else { 0 };
-        ObserveRequest { column_sums: false, window }
+        ObserveRequest { window, ..Default::default() }
     }
 
     fn after_attention(&mut self, ctx: &LayerContext<'_, B>, cache: &mut LayerCache<B>, obs: Option<&Observation<B>>) -> Result<()> {

@@ -67,14 +67,18 @@ impl<B: Backend> CachePolicy<B> for StreamingPolicy {
         .reshape([1, 1, k])
         .expand([shape.batch, shape.kv_heads, k]);
         cache.retain(idx)?;
-        if self.rerotate && window > 0 {
+        if self.rerotate {
             let rope = ctx.rope.ok_or_else(|| KvError::config("streaming:rerotate", true, "a layer with RoPE (this one has none)"))?;
-            let keys = cache.keys();
-            let recent = keys.clone().narrow(2, sinks, window);
-            let delta = Tensor::<B, 1, Int>::full([window], -(evicted as i64), &device).reshape([1, 1, window]);
-            let recent = rope.apply(recent, delta);
-            let keys = if sinks > 0 { Tensor::cat(vec![keys.narrow(2, 0, sinks), recent], 2) } else { recent };
-            cache.set_keys(keys)?;
+            // With a budget at or below the sinks there is no window to move, but the next token
+            // must still rotate at the cache length, so the shift applies either way.
+            if window > 0 {
+                let keys = cache.keys();
+                let recent = keys.clone().narrow(2, sinks, window);
+                let delta = Tensor::<B, 1, Int>::full([window], -(evicted as i64), &device).reshape([1, 1, window]);
+                let recent = rope.apply(recent, delta);
+                let keys = if sinks > 0 { Tensor::cat(vec![keys.narrow(2, 0, sinks), recent], 2) } else { recent };
+                cache.set_keys(keys)?;
+            }
             cache.shift_rope(evicted)?;
         }
         Ok(())

@@ -85,7 +85,7 @@ fn specs_parse_and_bad_ones_say_what_is_valid() {
 
 fn invariant_matrix<B: Backend>(dev: &B::Device) {
     let (prompt, steps) = (40, 12);
-    let kinds = ["streaming", "streaming:rerotate=true", "h2o", "h2o:normalize=true", "vatp", "knorm", "snapkv:window=8,kernel=3", "tova"];
+    let kinds = ["streaming", "streaming:rerotate=true", "h2o", "h2o:normalize=true", "vatp", "knorm:skip=0", "snapkv:window=8,kernel=3", "tova"];
     for kind in kinds {
         for every in [0, 1] {
             for (heads, kv) in [(4, 4), (4, 2), (4, 1)] {
@@ -171,37 +171,34 @@ fn crafted<B: Backend>(keys: &[f32], values: &[f32], acc: &[f32], n: usize, dev:
     c
 }
 
-/// Runs one decode-phase eviction with an observation that adds nothing to the scores.
-fn evict<B: Backend>(policy: &mut dyn CachePolicy<B>, cache: &mut LayerCache<B>, heads: usize) {
-    let n = cache.slots();
-    let obs = Observation { column_sums: Some(Tensor::zeros([1, heads, n], &cache.device())), window: None };
-    let ctx = LayerContext { layer: 0, n_layers: 1, n_heads: heads, phase: Phase::Decode { step: 1 }, rope: None };
-    policy.after_attention(&ctx, cache, Some(&obs)).unwrap();
-}
-
 fn vatp_with_equal_value_norms_selects_what_h2o_selects<B: Backend>(dev: &B::Device) {
     let n = 10;
-    let acc: Vec<f32> = (0..2 * n).map(|i| ((i * 7) % 11) as f32 + 0.1 * i as f32).collect();
+    let sums: Vec<f32> = (0..2 * n).map(|i| ((i * 7) % 11) as f32 + 0.1 * i as f32).collect();
     let keys: Vec<f32> = (0..2 * n * 2).map(|i| i as f32).collect();
-    // Equal L1 norms, different signs and layouts.
-    let equal: Vec<f32> = (0..2 * n * 2).map(|i| if i % 3 == 0 { -1.0 } else { 1.0 }).collect();
-    let run = |spec: &str, values: &[f32]| {
-        let mut c = crafted::<B>(&keys, values, &acc, n, dev);
-        evict(build_policy::<B>(spec).unwrap().as_mut(), &mut c, 2);
-        head_positions(&c)
+    // One step of attention (2 query heads, one per KV head) observed over a cache that has none yet.
+    let run = |spec: &str, values: &[f32], sums: &[f32]| {
+        let mut c = crafted::<B>(&keys, values, &vec![0.0; 2 * n], n, dev);
+        let obs = Observation { column_sums: Some(Tensor::<B, 1>::from_floats(sums, dev).reshape([1, 2, n])), ..Default::default() };
+        let ctx = LayerContext { layer: 0, n_layers: 1, n_heads: 2, phase: Phase::Decode { step: 1 }, rope: None };
+        build_policy::<B>(spec).unwrap().after_attention(&ctx, &mut c, Some(&obs)).unwrap();
+        (head_positions(&c), floats(c.side(ACC_CHANNEL).unwrap()))
     };
-    let h2o = run("h2o:budget=4,recent=0.25", &equal);
-    assert_eq!(run("vatp:budget=4,recent=0.25,sinks=0", &equal), h2o);
+    // Equal L1 norms (2 each), different signs and layouts.
+    let equal: Vec<f32> = (0..2 * n * 2).map(|i| if i % 3 == 0 { -1.0 } else { 1.0 }).collect();
+    let (h2o, h2o_acc) = run("h2o:budget=4,recent=0.25", &equal, &sums);
+    let (vatp, vatp_acc) = run("vatp:budget=4,recent=0.25,sinks=0", &equal, &sums);
+    assert_eq!(vatp, h2o);
+    // VATP accumulates attention x value norm (the official code's order), by value.
+    assert!(vatp_acc.iter().zip(&h2o_acc).all(|(v, h)| (v - 2.0 * h).abs() < 1e-5), "{vatp_acc:?} vs 2 x {h2o_acc:?}");
     // Unequal norms change the choice (so the test above can fail).
     let skewed: Vec<f32> = (0..2 * n * 2).map(|i| if (i / 2) % n == 1 { 50.0 } else { 0.01 }).collect();
-    assert_ne!(run("vatp:budget=4,recent=0.25,sinks=0", &skewed), h2o);
+    assert_ne!(run("vatp:budget=4,recent=0.25,sinks=0", &skewed, &sums).0, h2o);
     // Sinks survive even with no attention and no value norm.
-    let mut acc0 = acc.clone();
-    acc0[0] = 0.0;
-    acc0[n] = 0.0;
-    let mut c = crafted::<B>(&keys, &equal, &acc0, n, dev);
-    evict(build_policy::<B>("vatp:budget=4,recent=0.25,sinks=1").unwrap().as_mut(), &mut c, 2);
-    assert!(head_positions(&c).iter().all(|h| h[0] == 0), "{:?}", head_positions(&c));
+    let mut sums0 = sums.clone();
+    sums0[0] = 0.0;
+    sums0[n] = 0.0;
+    let (kept, _) = run("vatp:budget=4,recent=0.25,sinks=1", &equal, &sums0);
+    assert!(kept.iter().all(|h| h[0] == 0), "{kept:?}");
 }
 
 fn h2o_with_no_heavy_hitters_is_a_sliding_window<B: Backend>(dev: &B::Device) {
@@ -219,7 +216,7 @@ fn knorm_keeps_exactly_the_smallest_norms<B: Backend>(dev: &B::Device) {
     let (n, d) = (9, 3);
     let keys: Vec<f32> = (0..2 * n * d).map(|i| (((i * 37) % 23) as f32 - 11.0) * 0.3).collect();
     let mut c = crafted::<B>(&keys, &keys, &vec![0.0; 2 * n], n, dev);
-    let mut policy = build_policy::<B>("knorm:budget=4").unwrap();
+    let mut policy = build_policy::<B>("knorm:budget=4,skip=0").unwrap();
     let ctx = LayerContext { layer: 0, n_layers: 1, n_heads: 2, phase: Phase::Prefill, rope: None };
     policy.after_attention(&ctx, &mut c, None).unwrap();
     for (h, kept) in head_positions(&c).iter().enumerate() {
@@ -231,11 +228,13 @@ fn knorm_keeps_exactly_the_smallest_norms<B: Backend>(dev: &B::Device) {
         want.sort();
         assert_eq!(*kept, want, "head {h}");
     }
-    // Skipped layers are untouched.
-    let mut c = crafted::<B>(&keys, &keys, &vec![0.0; 2 * n], n, dev);
-    let mut policy = build_policy::<B>("knorm:budget=4,skip=1").unwrap();
-    policy.after_attention(&ctx, &mut c, None).unwrap();
-    assert_eq!(c.slots(), n);
+    // Skipped layers are untouched; by default (the paper's code) layers 0 and 1.
+    for (spec, layer, pruned) in [("knorm:budget=4,skip=1", 0, false), ("knorm:budget=4", 1, false), ("knorm:budget=4", 2, true)] {
+        let mut c = crafted::<B>(&keys, &keys, &vec![0.0; 2 * n], n, dev);
+        let ctx = LayerContext { layer, n_layers: 4, ..ctx };
+        build_policy::<B>(spec).unwrap().after_attention(&ctx, &mut c, None).unwrap();
+        assert_eq!(c.slots(), if pruned { 4 } else { n }, "{spec} at layer {layer}");
+    }
 }
 
 fn snapkv_keeps_the_window_and_unpooled_votes_are_column_sums<B: Backend>(dev: &B::Device) {
@@ -245,7 +244,7 @@ fn snapkv_keeps_the_window_and_unpooled_votes_are_column_sums<B: Backend>(dev: &
     let mut c = crafted::<B>(&keys, &keys, &vec![0.0; 2 * n], n, dev);
     let mut policy = build_policy::<B>(&format!("snapkv:budget=7,window={w},kernel=1")).unwrap();
     let ctx = LayerContext { layer: 0, n_layers: 1, n_heads: heads, phase: Phase::Prefill, rope: None };
-    policy.after_attention(&ctx, &mut c, Some(&Observation { column_sums: None, window: Some(probs.clone()) })).unwrap();
+    policy.after_attention(&ctx, &mut c, Some(&Observation { window: Some(probs.clone()), ..Default::default() })).unwrap();
     let sums = floats(probs.sum_dim(2).reshape([heads, n]));
     for (h, kept) in head_positions(&c).iter().enumerate() {
         let mut order: Vec<usize> = (0..n - w).collect();
@@ -293,18 +292,33 @@ fn streaming_keeps_sinks_and_recent_and_rerotation_matches_recomputed_rope<B: Ba
 }
 
 fn pyramid_budgets_shrink_with_depth_around_the_flat_mean<B: Backend>(dev: &B::Device) {
-    let p = PyramidKvPolicy::from_spec(&PolicySpec::parse("pyramidkv:budget=40,window=8,beta=20").unwrap()).unwrap();
-    let layers = 5;
-    let budgets: Vec<usize> = (0..layers).map(|l| p.layer_budget(40, l, layers)).collect();
-    assert!(budgets.windows(2).all(|w| w[0] > w[1]), "{budgets:?}");
-    let mean = budgets.iter().sum::<usize>() as f64 / layers as f64;
-    assert!((mean - 40.0).abs() <= 0.5, "{budgets:?}");
-    assert_eq!(budgets[layers - 1], 8 + 2, "last layer keeps (40 - 8) / 20 ~ 2 prefix slots");
+    let p = policy_spec("pyramidkv:budget=0.5,window=8,beta=20");
+    let budgets = |n: usize, flat: usize, layers: usize| -> Vec<usize> { (0..layers).map(|l| p.layer_budget(n, flat, l, layers)).collect() };
+    // Keep 1/2 of 400: from 2A - A/beta = 390 down to A/beta = 10 in equal steps, mean 200.
+    assert_eq!(budgets(400, 200, 5), vec![390, 295, 200, 105, 10]);
+    // Keep 3/4: layer 0 would keep 585 of 400 tokens, so it is capped at the 392 prefix tokens and
+    // the bottom rises to 2A - 392 = 208, which keeps the mean at the flat 300.
+    let clamped = budgets(400, 300, 5);
+    assert_eq!(clamped, vec![392, 346, 300, 254, 208]);
+    assert_eq!(clamped.iter().sum::<usize>(), 5 * 300);
+    for keep in [0.25, 0.5, 0.6, 0.75, 0.9] {
+        let flat = (1000.0 * keep) as usize;
+        let b = budgets(1000, flat, 7);
+        let mean = b.iter().sum::<usize>() as f64 / 7.0;
+        assert!((mean - flat as f64).abs() <= 0.5, "keep {keep}: {b:?}");
+        assert!(b.windows(2).all(|w| w[0] >= w[1]) && b[0] <= 1000 - 8, "keep {keep}: {b:?}");
+    }
+    // Infeasible pyramids (the smallest layer could not hold its window) fall back to flat SnapKV.
+    let wide = policy_spec("pyramidkv:budget=0.25,window=32");
+    assert_eq!((0..4).map(|l| wide.layer_budget(100, 25, l, 4)).collect::<Vec<_>>(), vec![25; 4]);
+    assert_eq!(p.layer_budget(400, 200, 0, 1), 200, "one layer keeps the flat budget");
     // In a model: every layer holds its own budget, and the bytes held are their sum.
     let mut stack = Stack::<B>::new(3, 4, 2, dev);
-    let mut policy = build_policy::<B>("pyramidkv:budget=0.5,window=4,kernel=3").unwrap();
+    let mut policy = build_policy::<B>("pyramidkv:budget=0.5,window=4,kernel=3,beta=2").unwrap();
     stack.run(60, policy.as_mut(), Phase::Prefill, dev);
-    let want: Vec<usize> = (0..3).map(|l| p_layer(&policy_spec("pyramidkv:budget=0.5,window=4,kernel=3"), 30, l, 3)).collect();
+    let spec = policy_spec("pyramidkv:budget=0.5,window=4,kernel=3,beta=2");
+    let want: Vec<usize> = (0..3).map(|l| spec.layer_budget(60, 30, l, 3)).collect();
+    assert_eq!(want, vec![45, 30, 15]);
     let got: Vec<usize> = stack.caches.iter().map(|c| c.slots()).collect();
     assert_eq!(got, want);
     let bytes: usize = stack.caches.iter().map(|c| c.stats().kv_bytes).sum();
@@ -315,10 +329,6 @@ fn policy_spec(s: &str) -> PyramidKvPolicy {
     PyramidKvPolicy::from_spec(&PolicySpec::parse(s).unwrap()).unwrap()
 }
 
-fn p_layer(p: &PyramidKvPolicy, flat: usize, l: usize, n: usize) -> usize {
-    p.layer_budget(flat, l, n)
-}
-
 fn tova_keeps_what_the_last_query_attends_to_averaged_over_heads<B: Backend>(dev: &B::Device) {
     let (n, heads) = (10, 4);
     let probs = softmax(Tensor::<B, 4>::random([1, heads, 1, n], Distribution::Normal(0.0, 2.0), dev), 3);
@@ -326,7 +336,7 @@ fn tova_keeps_what_the_last_query_attends_to_averaged_over_heads<B: Backend>(dev
     let mut c = crafted::<B>(&keys, &keys, &vec![0.0; 2 * n], n, dev);
     let mut policy = build_policy::<B>("tova:budget=4").unwrap();
     let ctx = LayerContext { layer: 0, n_layers: 1, n_heads: heads, phase: Phase::Decode { step: 1 }, rope: None };
-    policy.after_attention(&ctx, &mut c, Some(&Observation { column_sums: None, window: Some(probs.clone()) })).unwrap();
+    policy.after_attention(&ctx, &mut c, Some(&Observation { window: Some(probs.clone()), ..Default::default() })).unwrap();
     let p = floats(probs.reshape([heads, n]));
     let mean: Vec<f32> = (0..n).map(|j| (0..heads).map(|h| p[h * n + j]).sum::<f32>() / heads as f32).collect();
     let mut order: Vec<usize> = (0..n).collect();
@@ -349,7 +359,7 @@ fn adakv_gives_heads_unequal_budgets_with_a_minimum_share<B: Backend>(dev: &B::D
 
 fn adakv_invariants<B: Backend>(dev: &B::Device) {
     let prompt = 40;
-    let scorers = ["scorer=snapkv,window=8,kernel=3", "scorer=h2o", "scorer=vatp", "scorer=tova", "scorer=knorm"];
+    let scorers = ["scorer=snapkv,window=8,kernel=3", "scorer=h2o", "scorer=vatp", "scorer=tova", "scorer=knorm,skip=0"];
     for scorer in scorers {
         for (heads, kv) in [(4, 4), (4, 2), (4, 1)] {
             for (ratio, min_share) in [(0.2f32, 0.2f32), (0.8, 0.2), (0.2, 0.6)] {
@@ -403,6 +413,152 @@ fn adakv_invariants<B: Backend>(dev: &B::Device) {
     }
 }
 
+/// Appends one slot (key value `x` in every dim) to a 2-KV-head cache of width 2.
+fn push_slot<B: Backend>(c: &mut LayerCache<B>, x: f32, dev: &B::Device) {
+    c.append(Tensor::full([1, 2, 1, 2], x, dev), Tensor::full([1, 2, 1, 2], 1.0, dev)).unwrap();
+}
+
+fn colsums<B: Backend>(head0: &[f32], head1: &[f32], dev: &B::Device) -> Observation<B> {
+    let n = head0.len();
+    let v: Vec<f32> = head0.iter().chain(head1).copied().collect();
+    Observation { column_sums: Some(Tensor::<B, 1>::from_floats(v.as_slice(), dev).reshape([1, 2, n])), ..Default::default() }
+}
+
+fn h2o_evicts_the_hand_computed_slots_of_a_toy_sequence<B: Backend>(dev: &B::Device) {
+    // techniques.md section 1, test 6: 2 heads, 6 tokens, budget 3 (1 recent + 2 heavy hitters).
+    // Prefill of 3 tokens (column sums of 3 causal queries), then one query per step. By hand:
+    //   step 1  head 0 acc [1.6 1.5 0.7 0.2] -> keep 0 1 + recent 3, evict 2
+    //           head 1 acc [1.3 1.2 1.3 0.2] -> keep 0 2 + 3, evict 1
+    //   step 2  head 0 acc over [0 1 3 4] = [1.8 1.6 0.7 0.2] -> evict 3
+    //           head 1 acc over [0 2 3 4] = [1.3 1.6 0.8 0.1] -> evict 3
+    //   step 3  head 0 acc over [0 1 4 5] = [1.9 1.7 0.9 0.1] -> evict 4
+    //           head 1 acc over [0 2 4 5] = [1.35 1.65 0.9 0.1] -> evict 4
+    let mut c = LayerCache::<B>::new(kv_core::CacheShape { batch: 1, kv_heads: 2, key_dim: 2, value_dim: 2 }, dev);
+    let mut policy = build_policy::<B>("h2o:budget=3,recent=0.34").unwrap();
+    let ctx = |phase| LayerContext { layer: 0, n_layers: 1, n_heads: 2, phase, rope: None };
+    for x in 0..3 {
+        push_slot(&mut c, x as f32, dev);
+    }
+    policy.after_attention(&ctx(Phase::Prefill), &mut c, Some(&colsums(&[1.5, 0.9, 0.6], &[1.2, 1.1, 0.7], dev))).unwrap();
+    assert_eq!(head_positions(&c), vec![vec![0, 1, 2], vec![0, 1, 2]]);
+    let steps: [([f32; 4], [f32; 4], [[i64; 3]; 2], [[f32; 3]; 2]); 3] = [
+        ([0.1, 0.6, 0.1, 0.2], [0.1, 0.1, 0.6, 0.2], [[0, 1, 3], [0, 2, 3]], [[1.6, 1.5, 0.2], [1.3, 1.3, 0.2]]),
+        ([0.2, 0.1, 0.5, 0.2], [0.0, 0.3, 0.6, 0.1], [[0, 1, 4], [0, 2, 4]], [[1.8, 1.6, 0.2], [1.3, 1.6, 0.1]]),
+        ([0.1, 0.1, 0.7, 0.1], [0.05, 0.05, 0.8, 0.1], [[0, 1, 5], [0, 2, 5]], [[1.9, 1.7, 0.1], [1.35, 1.65, 0.1]]),
+    ];
+    for (step, (h0, h1, kept, acc)) in steps.iter().enumerate() {
+        push_slot(&mut c, 3.0 + step as f32, dev);
+        policy.after_attention(&ctx(Phase::Decode { step: step + 1 }), &mut c, Some(&colsums(h0, h1, dev))).unwrap();
+        assert_eq!(head_positions(&c), kept.iter().map(|k| k.to_vec()).collect::<Vec<_>>(), "step {}", step + 1);
+        // The accumulated scores are a replay of the column sums over the compressed cache.
+        let got = floats(c.side(ACC_CHANNEL).unwrap());
+        let want: Vec<f32> = acc.iter().flatten().copied().collect();
+        assert!(got.iter().zip(&want).all(|(g, w)| (g - w).abs() < 1e-5), "step {}: acc {got:?} vs {want:?}", step + 1);
+        // Keys moved with their slots: slot x was written with key value x.
+        let keys: Vec<f32> = floats(c.keys()).chunks(2).map(|k| k[0]).collect();
+        assert_eq!(keys, kept.iter().flatten().map(|&p| p as f32).collect::<Vec<_>>());
+    }
+    // normalize divides each slot's accumulated score by the queries that could see it
+    // (tokens seen - position), checked by value on the final cache (6 tokens seen).
+    let normalized = H2oPolicy { normalize: true, ..H2oPolicy::from_spec(&PolicySpec::parse("h2o:budget=3").unwrap()).unwrap() };
+    let got = floats(normalized.scores(&c).unwrap());
+    let want = [1.9 / 6.0, 1.7 / 5.0, 0.1 / 1.0, 1.35 / 6.0, 1.65 / 4.0, 0.1 / 1.0];
+    assert!(got.iter().zip(want).all(|(g, w)| (g - w).abs() < 1e-6), "{got:?} vs {want:?}");
+}
+
+fn streaming_rerotation_at_or_below_the_sinks_keeps_the_rope_position_at_the_slot_count<B: Backend>(dev: &B::Device) {
+    let layer = GroupedAttentionConfig::new(D_MODEL, 4, 2).init::<B>(dev).unwrap();
+    for (budget, sinks) in [(2, 4), (4, 4), (3, 3)] {
+        let mut cache = LayerCache::new(layer.cache_shape(1), dev);
+        let mut policy = build_policy::<B>(&format!("streaming:budget={budget},sinks={sinks},rerotate=true")).unwrap();
+        for i in 0..12 {
+            let phase = if i == 0 { Phase::Prefill } else { Phase::Decode { step: i } };
+            let ctx = LayerContext { layer: 0, n_layers: 1, n_heads: 4, phase, rope: Some(&layer.rope) };
+            let x = Tensor::<B, 3>::random([1, if i == 0 { 6 } else { 1 }, D_MODEL], Distribution::Normal(0.0, 1.0), dev);
+            layer.forward_cached(x, &mut cache, ObserveRequest::default()).unwrap();
+            policy.after_attention(&ctx, &mut cache, None).unwrap();
+            assert_eq!((cache.slots(), cache.rope_position()), (budget, budget), "budget {budget}, sinks {sinks}, step {i}");
+        }
+        // Only sinks are left: the first `budget` positions of the stream.
+        let want: Vec<i64> = (0..budget as i64).collect();
+        assert!(head_positions(&cache).iter().all(|h| *h == want), "{:?}", head_positions(&cache));
+    }
+}
+
+fn snapkv_with_grouped_heads_selects_what_explicit_queries_and_keys_vote_for<B: Backend>(dev: &B::Device) {
+    // GQA 4/2: votes are pooled per query head, then summed over the group (kvpress's order).
+    let (heads, kv, t, w, budget, kernel) = (4, 2, 24, 4, 10, 3);
+    let layer = GroupedAttentionConfig::new(D_MODEL, heads, kv).init::<B>(dev).unwrap();
+    let mut cache = LayerCache::new(layer.cache_shape(1), dev);
+    let mut policy = build_policy::<B>(&format!("snapkv:budget={budget},window={w},kernel={kernel},pool=max")).unwrap();
+    let x = Tensor::<B, 3>::random([1, t, D_MODEL], Distribution::Normal(0.0, 1.0), dev);
+    let ctx = LayerContext { layer: 0, n_layers: 1, n_heads: heads, phase: Phase::Prefill, rope: Some(&layer.rope) };
+    let out = layer.forward_cached(x.clone(), &mut cache, policy.observe_request(&ctx)).unwrap();
+    policy.after_attention(&ctx, &mut cache, out.observation.as_ref()).unwrap();
+    // Reference from the layer's weights: the window's causal softmax over all keys.
+    let d = D_MODEL / heads;
+    let pos = position_range::<B>(0, t, dev);
+    let q = layer.rope.apply(layer.wq.forward(x.clone()).reshape([1, t, heads, d]).swap_dims(1, 2), pos.clone());
+    let k = layer.rope.apply(layer.wk.forward(x).reshape([1, t, kv, d]).swap_dims(1, 2), pos);
+    let k = k.reshape([1, kv, 1, t, d]).expand([1, kv, heads / kv, t, d]).reshape([1, heads, t, d]);
+    let s = q.narrow(2, t - w, w).matmul(k.swap_dims(2, 3)).div_scalar((d as f64).sqrt());
+    let mask = Tensor::<B, 2, Bool>::tril_mask([w, t], (t - w) as i64, dev).reshape([1, 1, w, t]).expand([1, heads, w, t]);
+    let p = floats(softmax(s.mask_fill(mask, f32::NEG_INFINITY), 3));
+    let prefix = t - w;
+    for g in 0..kv {
+        let mut votes = vec![0.0f32; prefix];
+        for h in g * heads / kv..(g + 1) * heads / kv {
+            let col: Vec<f32> = (0..prefix).map(|j| (0..w).map(|i| p[(h * w + i) * t + j]).sum()).collect();
+            // Max-pool of width 3 with -inf padding, per query head.
+            for j in 0..prefix {
+                let lo = j.saturating_sub(kernel / 2);
+                let hi = (j + kernel / 2).min(prefix - 1);
+                votes[j] += col[lo..=hi].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            }
+        }
+        let mut order: Vec<usize> = (0..prefix).collect();
+        order.sort_by(|&a, &b| votes[b].total_cmp(&votes[a]));
+        let mut want: Vec<i64> = order[..budget - w].iter().map(|&j| j as i64).chain(prefix as i64..t as i64).collect();
+        want.sort();
+        assert_eq!(head_positions(&cache)[g], want, "KV head {g}");
+    }
+}
+
+fn knorm_selection_is_unchanged_by_rope<B: Backend>(dev: &B::Device) {
+    let (heads, kv, t) = (4, 2, 20);
+    let layer = GroupedAttentionConfig::new(D_MODEL, heads, kv).init::<B>(dev).unwrap();
+    let x = Tensor::<B, 3>::random([1, t, D_MODEL], Distribution::Normal(0.0, 1.0), dev);
+    let mut cache = LayerCache::new(layer.cache_shape(1), dev);
+    let mut policy = build_policy::<B>("knorm:budget=7,skip=0").unwrap();
+    let ctx = LayerContext { layer: 0, n_layers: 1, n_heads: heads, phase: Phase::Prefill, rope: Some(&layer.rope) };
+    let out = layer.forward_cached(x.clone(), &mut cache, policy.observe_request(&ctx)).unwrap();
+    // The attention reports the norms of the rotated keys it holds: equal to the raw keys' norms.
+    let d = D_MODEL / heads;
+    let raw = layer.wk.forward(x).reshape([1, t, kv, d]).swap_dims(1, 2);
+    let raw_norms = floats(raw.powi_scalar(2).sum_dim(3).reshape([kv, t]));
+    let reported = floats(out.observation.as_ref().unwrap().key_norms.clone().unwrap().reshape([kv, t]));
+    let group = (heads / kv) as f32;
+    assert!(raw_norms.iter().zip(&reported).all(|(r, o)| (group * r - o).abs() <= 1e-4 * o.abs().max(1.0)), "{raw_norms:?} vs {reported:?}");
+    policy.after_attention(&ctx, &mut cache, out.observation.as_ref()).unwrap();
+    for g in 0..kv {
+        let mut order: Vec<usize> = (0..t).collect();
+        order.sort_by(|&a, &b| raw_norms[g * t + a].total_cmp(&raw_norms[g * t + b]));
+        let mut want: Vec<i64> = order[..7].iter().map(|&j| j as i64).collect();
+        want.sort();
+        assert_eq!(head_positions(&cache)[g], want, "KV head {g}: smallest raw (unrotated) norms");
+    }
+}
+
+fn adakv_protects_exactly_the_minimum_share_when_scores_tie<B: Backend>(dev: &B::Device) {
+    // Head 1's scores all tie: a threshold would protect all 10 of its slots; exactly
+    // max(1, 0.5 x 4) = 2 may be protected, and head 0 wins the rest of the 8 slots.
+    let scores = Tensor::<B, 1>::from_floats([(0..10).map(|i| 10.0 + i as f32).collect::<Vec<_>>(), vec![1.0; 10]].concat().as_slice(), dev).reshape([1, 2, 10]);
+    let policy = AdaKvPolicy::<B>::new(Budget::Tokens(4), 0.5, build_scorer::<B>("knorm").unwrap());
+    let keep = policy.select(scores, 4);
+    assert_eq!(keep[0], vec![4, 5, 6, 7, 8, 9]);
+    assert_eq!(keep[1].len(), 2, "{keep:?}");
+}
+
 kv_core::backend_tests!(
     adakv_gives_heads_unequal_budgets_with_a_minimum_share,
     adakv_invariants,
@@ -416,4 +572,9 @@ kv_core::backend_tests!(
     snapkv_keeps_the_window_and_unpooled_votes_are_column_sums,
     pooling_matches_hand_computed_values,
     streaming_keeps_sinks_and_recent_and_rerotation_matches_recomputed_rope,
+    h2o_evicts_the_hand_computed_slots_of_a_toy_sequence,
+    streaming_rerotation_at_or_below_the_sinks_keeps_the_rope_position_at_the_slot_count,
+    snapkv_with_grouped_heads_selects_what_explicit_queries_and_keys_vote_for,
+    knorm_selection_is_unchanged_by_rope,
+    adakv_protects_exactly_the_minimum_share_when_scores_tie,
 );

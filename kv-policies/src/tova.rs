@@ -31,7 +31,7 @@ impl<B: Backend> CachePolicy<B> for TovaPolicy {
     }
 
     fn observe_request(&self, ctx: &LayerContext<'_, B>) -> ObserveRequest {
-        ObserveRequest { column_sums: false, window: if self.schedule.is_due(ctx.phase) { 1 } else { 0 } }
+        ObserveRequest { window: if self.schedule.is_due(ctx.phase) { 1 } else { 0 }, ..Default::default() }
     }
 
     fn after_attention(&mut self, ctx: &LayerContext<'_, B>, cache: &mut LayerCache<B>, obs: Option<&Observation<B>>) -> Result<()> {

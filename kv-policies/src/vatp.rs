@@ -6,10 +6,11 @@ use kv_core::{Budget, Result};
 
 /// VATP is H2O with value-norm-weighted scores and a sink guard; see [`H2oPolicy`].
 ///
-/// Since a token's value norm never changes, accumulating `attention x norm` each step equals
-/// `accumulated attention x norm` at selection time, which is how it is computed here (the norm
-/// is read from the values held, so it cannot fall out of line with its slot). Sinks matter: they
-/// draw most attention but have near-zero value norms, and evicting them collapses quality.
+/// As in the official code, each step's attention of every query head is multiplied by the L1
+/// norm of the value that head reads before it is accumulated, so with GQA the product is summed
+/// over the group, and with MLA each head's norm is of its own up-projected value `W_UV^h c`, not
+/// of the shared latent (the attention reports the norms). Sinks matter: they draw most attention
+/// but have near-zero value norms, and evicting them collapses quality.
 pub struct VatpPolicy;
 
 impl VatpPolicy {

@@ -1,0 +1,250 @@
+//! Which slots policies keep inside real models (MLA, YOCO's global cache, AdaKV's ragged
+//! storage, StreamingLLM's re-rotation), checked against selections recomputed here, on the host,
+//! from exactly what the policy observed.
+
+use crate::*;
+use burn::prelude::*;
+use kv_attention::{ObserveRequest, Observation};
+use kv_core::LayerCache;
+use kv_policies::{CachePolicy, LayerContext, Phase, build_policy};
+
+fn tokens<B: Backend>(ids: &[i32], dev: &B::Device) -> Tensor<B, 2, Int> {
+    Tensor::<B, 1, Int>::from_ints(ids, dev).reshape([1, ids.len()])
+}
+
+fn sequence(len: usize) -> Vec<i32> {
+    (0..len).map(|i| ((i * 29 + 7) % 64) as i32).collect()
+}
+
+fn floats<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data().iter::<f32>().collect()
+}
+
+/// Original positions per (batch row 0) KV head, for rectangular and ragged caches alike.
+fn kept<B: Backend>(c: &LayerCache<B>) -> Vec<Vec<i64>> {
+    let one = |c: &LayerCache<B>| {
+        let n = c.slots();
+        c.positions().into_data().iter::<i64>().collect::<Vec<_>>().chunks(n.max(1)).map(<[i64]>::to_vec).collect::<Vec<_>>()
+    };
+    match c.head_caches() {
+        Some(heads) => heads.iter().flat_map(one).collect(),
+        None => one(c),
+    }
+}
+
+/// What a policy saw in one call on one layer, and what it kept.
+#[derive(Debug, Clone)]
+struct Seen {
+    layer: usize,
+    phase: Phase,
+    heads: usize,
+    before: Vec<Vec<i64>>,
+    column_sums: Option<Vec<f32>>,
+    window: Option<(usize, Vec<f32>)>,
+    after: Vec<Vec<i64>>,
+}
+
+/// Defers to `inner` and records every call.
+struct Recorder<B: Backend> {
+    inner: Box<dyn CachePolicy<B>>,
+    log: Vec<Seen>,
+}
+
+impl<B: Backend> Recorder<B> {
+    fn new(spec: &str) -> Self {
+        Self { inner: build_policy::<B>(spec).unwrap(), log: vec![] }
+    }
+}
+
+impl<B: Backend> CachePolicy<B> for Recorder<B> {
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+
+    fn observe_request(&self, ctx: &LayerContext<'_, B>) -> ObserveRequest {
+        self.inner.observe_request(ctx)
+    }
+
+    fn after_attention(&mut self, ctx: &LayerContext<'_, B>, cache: &mut LayerCache<B>, obs: Option<&Observation<B>>) -> kv_core::Result<()> {
+        let before = kept(cache);
+        let column_sums = obs.and_then(|o| o.column_sums.clone()).map(floats);
+        let window = obs.and_then(|o| o.window.clone()).map(|w| (w.dims()[2], floats(w)));
+        self.inner.after_attention(ctx, cache, obs)?;
+        self.log.push(Seen { layer: ctx.layer, phase: ctx.phase, heads: ctx.n_heads, before, column_sums, window, after: kept(cache) });
+        Ok(())
+    }
+}
+
+/// Indices of the `k` largest `scores` (every score finite or +inf), ascending.
+fn top_k(scores: &[f32], k: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+    let mut top = order[..k.min(scores.len())].to_vec();
+    top.sort_unstable();
+    top
+}
+
+/// SnapKV's per-KV-head scores from a window observation `[heads, w, n]`: column sums over the
+/// window of the prefix, max-pooled per query head, summed over each KV head's group, the window
+/// itself at +inf.
+fn snapkv_scores(seen: &Seen, kv: usize, kernel: usize) -> Vec<Vec<f32>> {
+    let (w, probs) = seen.window.as_ref().expect("SnapKV observes its window");
+    let n = seen.before[0].len();
+    let group = seen.heads / kv;
+    (0..kv)
+        .map(|g| {
+            let mut votes = vec![0.0f32; n];
+            for h in g * group..(g + 1) * group {
+                let col: Vec<f32> = (0..n - w).map(|j| (0..*w).map(|i| probs[(h * w + i) * n + j]).sum()).collect();
+                for j in 0..n - w {
+                    let (lo, hi) = (j.saturating_sub(kernel / 2), (j + kernel / 2).min(n - w - 1));
+                    votes[j] += col[lo..=hi].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                }
+            }
+            votes[n - w..].iter_mut().for_each(|v| *v = f32::INFINITY);
+            votes
+        })
+        .collect()
+}
+
+fn positions_of(before: &[i64], idx: &[usize]) -> Vec<i64> {
+    idx.iter().map(|&i| before[i]).collect()
+}
+
+fn mla_snapkv_and_h2o_keep_what_their_observations_select<B: Backend>(dev: &B::Device) {
+    let config = DecoderConfig::new(64, 32, 2, 4, 1, 48).with_mla(Some(MlaSettings::new(8, 12, 4)));
+    let model = config.init::<B>(dev).unwrap();
+    let ids = sequence(30);
+    // SnapKV at prefill: one latent "head", every query head's pooled votes summed.
+    let mut policy = Recorder::<B>::new("snapkv:budget=10,window=4,kernel=3,pool=max");
+    let mut cache = model.new_cache(1);
+    model.forward_with_policy(tokens(&ids[..24], dev), &mut cache, &mut policy, Phase::Prefill).unwrap();
+    for seen in &policy.log {
+        let scores = snapkv_scores(seen, 1, 3);
+        assert_eq!(seen.after, vec![positions_of(&seen.before[0], &top_k(&scores[0], 10))], "MLA SnapKV, layer {}", seen.layer);
+    }
+    // H2O through prefill and decode: a host replay of the accumulated column sums decides.
+    let (budget, recent) = (9, 3);
+    let mut policy = Recorder::<B>::new(&format!("h2o:budget={budget},recent={}", recent as f32 / budget as f32));
+    let mut cache = model.new_cache(1);
+    model.forward_with_policy(tokens(&ids[..16], dev), &mut cache, &mut policy, Phase::Prefill).unwrap();
+    for (step, &id) in ids[16..].iter().enumerate() {
+        model.forward_with_policy(tokens(&[id], dev), &mut cache, &mut policy, Phase::Decode { step: step + 1 }).unwrap();
+    }
+    for layer in 0..2 {
+        let mut acc: std::collections::BTreeMap<i64, f32> = Default::default();
+        let calls: Vec<&Seen> = policy.log.iter().filter(|s| s.layer == layer).collect();
+        assert_eq!(calls.len(), 1 + ids.len() - 16);
+        for seen in calls {
+            let before = &seen.before[0];
+            let sums = seen.column_sums.as_ref().unwrap();
+            let n = before.len();
+            for (j, &p) in before.iter().enumerate() {
+                *acc.entry(p).or_default() += (0..seen.heads).map(|h| sums[h * n + j]).sum::<f32>();
+            }
+            let mut scores: Vec<f32> = before.iter().map(|p| acc[p]).collect();
+            scores[n.saturating_sub(recent)..].iter_mut().for_each(|s| *s = f32::INFINITY);
+            let want = if n > budget { positions_of(before, &top_k(&scores, budget)) } else { before.clone() };
+            assert_eq!(seen.after, vec![want.clone()], "MLA H2O, layer {layer}, {:?}", seen.phase);
+            acc.retain(|p, _| want.contains(p));
+        }
+    }
+}
+
+fn yoco_global_cache_keeps_what_snapkv_selects_with_and_without_early_exit<B: Backend>(dev: &B::Device) {
+    let yoco = YocoSettings { self_attention: SelfAttentionKind::Window, window: 6, chunk: 4, tau: 16.0 };
+    let model = DecoderConfig::new(64, 32, 4, 4, 2, 48).with_yoco(Some(yoco)).init::<B>(dev).unwrap();
+    let ids = sequence(30);
+    let mut runs = vec![];
+    for early_exit in [false, true] {
+        let mut policy = Recorder::<B>::new("snapkv:budget=10,window=4,kernel=3,pool=max");
+        let mut cache = model.new_cache(1);
+        let mut last = vec![];
+        for (i, chunk) in std::iter::once(&ids[..22]).chain(ids[22..].chunks(1)).enumerate() {
+            let phase = if i == 0 { Phase::Prefill } else { Phase::Decode { step: i } };
+            let logits = if early_exit {
+                model.forward_last_with_policy(tokens(chunk, dev), &mut cache, &mut policy, phase).unwrap()
+            } else {
+                let l = model.forward_with_policy(tokens(chunk, dev), &mut cache, &mut policy, phase).unwrap();
+                let n = l.dims()[1];
+                l.narrow(1, n - 1, 1)
+            };
+            last.push(floats(logits));
+        }
+        let prefill = &policy.log[0];
+        let scores = snapkv_scores(prefill, 2, 3);
+        let want: Vec<Vec<i64>> = scores.iter().zip(&prefill.before).map(|(s, b)| positions_of(b, &top_k(s, 10))).collect();
+        assert_eq!(prefill.after, want, "early exit {early_exit}");
+        runs.push((last, kept(cache.layer(0))));
+    }
+    // Early exit changes which rows the cross-decoder computes, never the logits or the slots.
+    assert_eq!(runs[0].1, runs[1].1);
+    for (a, b) in runs[0].0.iter().zip(&runs[1].0) {
+        let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        assert!(diff <= 1e-5, "early exit changed the logits by {diff}");
+    }
+}
+
+fn adakv_ragged_decode_keeps_the_layer_wide_selection_then_grows_every_head<B: Backend>(dev: &B::Device) {
+    let model = DecoderConfig::new(64, 32, 2, 4, 2, 48).init::<B>(dev).unwrap();
+    let ids = sequence(32);
+    let (budget, min_share) = (8usize, 0.25f32);
+    let mut policy = Recorder::<B>::new(&format!("adakv:budget={budget},min_share={min_share},window=4,kernel=3,pool=max"));
+    let mut cache = model.new_cache(1);
+    model.forward_with_policy(tokens(&ids[..28], dev), &mut cache, &mut policy, Phase::Prefill).unwrap();
+    let mut want_per_layer = vec![];
+    for seen in &policy.log {
+        // Each head's best max(1, share x k) slots protected, then one top-(kv x k) over both heads.
+        let scores = snapkv_scores(seen, 2, 3);
+        let safe = ((min_share * budget as f32).floor() as usize).max(1);
+        let n = seen.before[0].len();
+        let mut flat: Vec<f32> = vec![];
+        for s in &scores {
+            let protected = top_k(s, safe);
+            flat.extend((0..n).map(|j| if protected.contains(&j) { f32::INFINITY } else { s[j] }));
+        }
+        let picked = top_k(&flat, 2 * budget);
+        let want: Vec<Vec<i64>> = (0..2).map(|g| picked.iter().filter(|&&f| f / n == g).map(|&f| seen.before[g][f % n]).collect()).collect();
+        assert_eq!(seen.after, want, "layer {}", seen.layer);
+        want_per_layer.push(want);
+    }
+    // Ragged decode: every head keeps its slots and appends each new token.
+    for (step, &id) in ids[28..].iter().enumerate() {
+        model.forward_with_policy(tokens(&[id], dev), &mut cache, &mut policy, Phase::Decode { step: step + 1 }).unwrap();
+    }
+    for (layer, want) in want_per_layer.iter().enumerate() {
+        let grown: Vec<Vec<i64>> = want.iter().map(|h| h.iter().copied().chain(28..32).collect()).collect();
+        assert_eq!(kept(cache.layer(layer)), grown, "layer {layer}");
+    }
+}
+
+fn rerotated_streaming_decodes_like_a_fresh_run_over_the_kept_tokens<B: Backend>(dev: &B::Device) {
+    // One layer, so a token's K/V depend on the token alone: the cache after eviction must be what
+    // a fresh run over just the kept tokens, at positions 0..k-1, would hold.
+    let model = DecoderConfig::new(64, 32, 1, 4, 2, 48).init::<B>(dev).unwrap();
+    let ids = sequence(26);
+    let (budget, sinks) = (8, 2);
+    let mut policy = build_policy::<B>(&format!("streaming:budget={budget},sinks={sinks},rerotate=true")).unwrap();
+    let mut cache = model.new_cache(1);
+    model.forward_with_policy(tokens(&ids[..12], dev), &mut cache, policy.as_mut(), Phase::Prefill).unwrap();
+    for (step, &id) in ids[12..25].iter().enumerate() {
+        model.forward_with_policy(tokens(&[id], dev), &mut cache, policy.as_mut(), Phase::Decode { step: step + 1 }).unwrap();
+    }
+    let held = kept(cache.layer(0));
+    let want: Vec<i64> = (0..sinks as i64).chain((25 - (budget - sinks) as i64)..25).collect();
+    assert!(held.iter().all(|h| *h == want), "{held:?}");
+    assert_eq!(cache.layer(0).rope_position(), budget);
+    let next = model.forward_with_policy(tokens(&ids[25..], dev), &mut cache, policy.as_mut(), Phase::Decode { step: 14 }).unwrap();
+    let fresh_ids: Vec<i32> = want.iter().map(|&p| ids[p as usize]).chain([ids[25]]).collect();
+    let mut fresh = model.new_cache(1);
+    let fresh_logits = model.forward_cached(tokens(&fresh_ids, dev), &mut fresh).unwrap().narrow(1, budget, 1);
+    let diff = (next - fresh_logits).abs().max().into_scalar().elem::<f32>();
+    assert!(diff <= 1e-4, "re-rotated streaming differs from a fresh run over the kept tokens by {diff}");
+}
+
+kv_core::backend_tests!(
+    mla_snapkv_and_h2o_keep_what_their_observations_select,
+    yoco_global_cache_keeps_what_snapkv_selects_with_and_without_early_exit,
+    adakv_ragged_decode_keeps_the_layer_wide_selection_then_grows_every_head,
+    rerotated_streaming_decodes_like_a_fresh_run_over_the_kept_tokens,
+);
