@@ -50,6 +50,23 @@ pub struct Observation<B: Backend> {
 }
 
 impl<B: Backend> Observation<B> {
+    /// What `request` asks for out of a richer observation: the column sums and norms if asked,
+    /// the last `request.window` rows of the window. Lets several policies share one attention
+    /// call that observed the union of their requests.
+    pub fn restricted(&self, request: ObserveRequest) -> Self {
+        let window = self.window.as_ref().filter(|_| request.window > 0).map(|w| {
+            let rows = w.dims()[2];
+            let keep = request.window.min(rows);
+            w.clone().narrow(2, rows - keep, keep)
+        });
+        Self {
+            column_sums: self.column_sums.clone().filter(|_| request.column_sums),
+            window,
+            key_norms: self.key_norms.clone().filter(|_| request.key_norms),
+            value_norms: self.value_norms.clone().filter(|_| request.value_norms),
+        }
+    }
+
     /// `observation` (or an empty one) with the norms `request` asks for, computed from the keys
     /// and values `cache` holds as they are scored and read (any cache but MLA's latent).
     pub fn with_plain_norms(observation: Option<Self>, request: ObserveRequest, cache: &kv_core::LayerCache<B>, heads: usize) -> Option<Self> {

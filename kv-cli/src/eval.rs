@@ -7,7 +7,7 @@ use burn::prelude::*;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use kv_core::{KvError, Result};
-use kv_models::data::TextSource;
+use kv_models::data::{NiahSpec, TextSource};
 use kv_models::grid::{GridModel, GridSpec, Probe, run_grid};
 use kv_models::{CONFIG_FILE, DecoderConfig, DecoderLm, Tokenizer, load_model};
 use std::path::{Path, PathBuf};
@@ -22,7 +22,9 @@ pub struct EvalArgs {
     /// (labelled by file or folder name).
     #[arg(long, value_delimiter = ',')]
     pub model: Vec<PathBuf>,
-    /// Probes: passkey, needle, recall, copy, lookup, ppl.
+    /// Probes: passkey, needle, recall, copy, lookup (tasks the tiny models learn), niah and
+    /// niah-query (the Needle-in-a-Haystack test, question seen after or before compression),
+    /// ppl (held-out stories), ppl-essays (Paul Graham's essays).
     #[arg(long, value_delimiter = ',', default_value = "passkey")]
     pub task: Vec<String>,
     /// Policy specs without a budget (`full`, `h2o`, `knorm:skip=2`, ...).
@@ -50,6 +52,22 @@ pub struct EvalArgs {
     /// Seed of the task samples.
     #[arg(long, default_value_t = 1234)]
     pub seed: u64,
+    /// Tokens of a perplexity continuation fed per call (1: token by token; the policy acts
+    /// after every call).
+    #[arg(long, default_value_t = 1)]
+    pub ppl_chunk: usize,
+    /// The sentence the niah probes hide (default: the test's San Francisco needle).
+    #[arg(long)]
+    pub needle: Option<String>,
+    /// The question the niah probes ask about it.
+    #[arg(long)]
+    pub question: Option<String>,
+    /// Phrases a right niah answer contains, separated by `|` (score: the share found).
+    #[arg(long)]
+    pub expect: Option<String>,
+    /// A folder of .txt files to use as the haystack (default: the essays the fetch script gets).
+    #[arg(long)]
+    pub haystack: Option<PathBuf>,
     /// Folder for eval.json, eval.md and the charts.
     #[arg(long, default_value = "runs/eval")]
     pub out: PathBuf,
@@ -68,7 +86,20 @@ impl EvalArgs {
             windows: self.windows,
             ppl_prompt: self.ppl_prompt,
             seed: self.seed,
+            niah: self.niah_spec(),
+            ppl_chunk: self.ppl_chunk,
         })
+    }
+
+    /// The needle, question, expected phrases and haystack of the niah probes.
+    pub fn niah_spec(&self) -> NiahSpec {
+        let d = NiahSpec::default();
+        NiahSpec {
+            needle: self.needle.clone().unwrap_or(d.needle),
+            question: self.question.clone().unwrap_or(d.question),
+            expect: self.expect.as_ref().map_or(d.expect, |e| e.split('|').map(|p| p.trim().to_string()).collect()),
+            haystack: self.haystack.clone(),
+        }
     }
 }
 

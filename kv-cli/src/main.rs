@@ -6,6 +6,7 @@ mod bench;
 mod convert;
 mod eval;
 mod generate;
+mod kept;
 mod model_source;
 mod peak;
 mod plot;
@@ -46,6 +47,8 @@ enum Command {
     Convert(convert::ConvertArgs),
     /// Evaluate checkpoints x policies x compressions x tasks; writes JSON, Markdown and PNGs.
     Eval(eval::EvalArgs),
+    /// Write which positions each policy keeps after a prompt, per layer and KV head, as JSON.
+    Kept(kept::KeptArgs),
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -81,6 +84,14 @@ fn run(cli: Cli) -> Result<()> {
             let written = report::write(&out, &file)?;
             println!("{}", report::markdown(&file.results));
             eprintln!("wrote {}", written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
+            Ok(())
+        }
+        Command::Kept(args) => {
+            let out = args.out.clone();
+            let file = run_on(device, args)?;
+            let json = serde_json::to_string(&file).map_err(|e| kv_core::KvError::io(&out, e))?;
+            kv_models::write_atomic(&out, json.as_bytes())?;
+            eprintln!("wrote {}: {} policies over {} prompt tokens", out.display(), file.policies.len(), file.prompt_tokens);
             Ok(())
         }
         Command::Bench(args) => {

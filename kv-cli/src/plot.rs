@@ -96,3 +96,93 @@ pub fn line_chart(path: &Path, chart: &Chart) -> Result<()> {
     }
     std::fs::rename(&tmp, path).map_err(|e| KvError::io(path, e))
 }
+
+/// One panel of a heat-map grid: cells `(column, row, value)` on discrete axes.
+#[derive(Debug, Clone)]
+pub struct Panel {
+    /// Title above the panel.
+    pub title: String,
+    /// `(column index, row index, value in [0, 1])`; absent cells stay blank.
+    pub cells: Vec<(usize, usize, f64)>,
+}
+
+/// A grid of heat maps sharing their axes (NIAH: context across, depth down).
+#[derive(Debug, Clone)]
+pub struct HeatMaps<'a> {
+    /// Title of the whole figure.
+    pub title: &'a str,
+    /// Column labels (left to right).
+    pub columns: Vec<String>,
+    /// Row labels (top to bottom).
+    pub rows: Vec<String>,
+    /// What the axes are.
+    pub x_label: &'a str,
+    /// What the rows are.
+    pub y_label: &'a str,
+    /// The panels, laid out left to right, top to bottom.
+    pub panels: Vec<Panel>,
+}
+
+/// Red (0) through yellow to green (1), the colours of the Needle-in-a-Haystack plots.
+fn score_color(v: f64) -> RGBColor {
+    let v = v.clamp(0.0, 1.0);
+    let (r, g) = if v < 0.5 { (220.0, 60.0 + 340.0 * v) } else { (220.0 - 360.0 * (v - 0.5), 230.0) };
+    RGBColor(r as u8, g as u8, 70)
+}
+
+/// Draws `maps` into a PNG at `path`, panels 4 to a row.
+pub fn heat_maps(path: &Path, maps: &HeatMaps) -> Result<()> {
+    if !register_font() {
+        return Err(KvError::io(path, "cannot draw chart: the embedded font did not load"));
+    }
+    if maps.panels.is_empty() || maps.columns.is_empty() || maps.rows.is_empty() {
+        return Err(KvError::config(format!("chart {}", maps.title), "no cells", "at least one panel with cells"));
+    }
+    let per_row = maps.panels.len().min(4);
+    let grid_rows = maps.panels.len().div_ceil(per_row);
+    let (pw, ph) = (300u32, 240u32);
+    let (w, h) = (per_row as u32 * pw, grid_rows as u32 * ph + 50);
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp.png"));
+    {
+        let root = BitMapBackend::new(&tmp, (w, h)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| err(path, e))?;
+        let (top, body) = root.split_vertically(50);
+        top.titled(maps.title, ("sans-serif", 22)).map_err(|e| err(path, e))?;
+        let areas = body.split_evenly((grid_rows, per_row));
+        let (nc, nr) = (maps.columns.len(), maps.rows.len());
+        for (panel, area) in maps.panels.iter().zip(areas) {
+            let mut ctx = ChartBuilder::on(&area)
+                .caption(&panel.title, ("sans-serif", 15))
+                .margin(6)
+                .x_label_area_size(34)
+                .y_label_area_size(44)
+                .build_cartesian_2d((0..nc).into_segmented(), (0..nr).into_segmented())
+                .map_err(|e| err(path, e))?;
+            let label = |names: &[String], v: &SegmentValue<usize>, flip: bool| match v {
+                SegmentValue::CenterOf(i) if *i < names.len() => names[if flip { names.len() - 1 - i } else { *i }].clone(),
+                _ => String::new(),
+            };
+            ctx.configure_mesh()
+                .disable_mesh()
+                .x_labels(nc)
+                .y_labels(nr)
+                .x_desc(maps.x_label)
+                .y_desc(maps.y_label)
+                .x_label_formatter(&|v| label(&maps.columns, v, false))
+                .y_label_formatter(&|v| label(&maps.rows, v, true))
+                .label_style(("sans-serif", 11))
+                .axis_desc_style(("sans-serif", 12))
+                .draw()
+                .map_err(|e| err(path, e))?;
+            ctx.draw_series(panel.cells.iter().map(|&(c, r, v)| {
+                // Row 0 at the top, as depth 0% heads the usual NIAH plot.
+                let y = nr - 1 - r;
+                Rectangle::new([(SegmentValue::Exact(c), SegmentValue::Exact(y)), (SegmentValue::Exact(c + 1), SegmentValue::Exact(y + 1))], score_color(v).filled())
+            }))
+            .map_err(|e| err(path, e))?;
+        }
+        root.present().map_err(|e| err(path, e))?;
+    }
+    std::fs::rename(&tmp, path).map_err(|e| KvError::io(path, e))
+}

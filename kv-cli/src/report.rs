@@ -1,7 +1,7 @@
 //! Grid results as files: `eval.json` (every number with its settings), `eval.md` (a pivot
 //! table) and PNG charts of accuracy and perplexity against compression.
 
-use crate::plot::{Chart, Series, line_chart};
+use crate::plot::{Chart, HeatMaps, Panel, Series, heat_maps, line_chart};
 use kv_core::{KvError, Result};
 use kv_models::grid::{CellResult, GridSpec};
 use serde::{Deserialize, Serialize};
@@ -53,7 +53,7 @@ pub fn markdown(results: &[CellResult]) -> String {
     }
     let mut s = String::from("| model | policy | compression |");
     for (probe, ctx) in &columns {
-        let unit = if probe == "ppl" { "ppl" } else { "acc" };
+        let unit = if probe.starts_with("ppl") { "ppl" } else if probe.starts_with("niah") { "score" } else { "acc" };
         s += &format!(" {probe}@{ctx} {unit} |");
     }
     s += " kept bytes (measured) |\n|---|---|---:|";
@@ -63,7 +63,7 @@ pub fn markdown(results: &[CellResult]) -> String {
         s += &format!("| {model} | {policy} | {:.1}% |", *c as f64 / 10.0);
         for col in &columns {
             let v = mean(cells.iter().filter(|r| (&r.cell.probe, r.cell.context) == (&col.0, col.1)).map(|r| value(r)));
-            s += &match (v.is_nan(), col.0 == "ppl") {
+            s += &match (v.is_nan(), col.0.starts_with("ppl")) {
                 (true, _) => " - |".to_string(),
                 (false, true) => format!(" {v:.3} |"),
                 (false, false) => format!(" {:.0}% |", v * 100.0),
@@ -115,11 +115,57 @@ pub fn charts(dir: &Path, results: &[CellResult]) -> Result<Vec<PathBuf>> {
         }
         let (file, title, y) = if probe == "ppl" {
             ("perplexity.png".to_string(), "Perplexity through the compressed cache".to_string(), "perplexity")
+        } else if probe.starts_with("ppl") {
+            (format!("perplexity-{}.png", &probe[4..]), format!("Perplexity ({}) through the compressed cache", &probe[4..]), "perplexity")
+        } else if probe.starts_with("niah") {
+            (format!("score-{probe}.png"), format!("{probe}: Needle-in-a-Haystack score (mean over depths and contexts)"), "score")
         } else {
             (format!("accuracy-{probe}.png"), format!("{probe}: exact-match accuracy"), "accuracy")
         };
         let path = dir.join(file);
         line_chart(&path, &Chart { title: &title, x_label: "compression (fraction of slots removed)", y_label: y, log_x: false, series })?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
+/// The Needle-in-a-Haystack heat maps: one figure per (niah probe, model), one panel per policy
+/// and compression, context across and depth down, each square the score of that cell.
+pub fn niah_heat_maps(dir: &Path, results: &[CellResult]) -> Result<Vec<PathBuf>> {
+    let mut groups: BTreeMap<(String, String), Vec<&CellResult>> = BTreeMap::new();
+    for r in results.iter().filter(|r| r.cell.probe.starts_with("niah") && r.cell.depth.is_some()) {
+        groups.entry((r.cell.probe.clone(), r.cell.model.clone())).or_default().push(r);
+    }
+    let mut written = Vec::new();
+    for ((probe, model), cells) in groups {
+        let mut contexts: Vec<usize> = cells.iter().map(|r| r.cell.context).collect();
+        contexts.sort();
+        contexts.dedup();
+        let mut depths: Vec<u64> = cells.iter().map(|r| (r.cell.depth.unwrap_or(0.0) * 1000.0).round() as u64).collect();
+        depths.sort();
+        depths.dedup();
+        let mut panels: BTreeMap<(bool, String, u64), Vec<(usize, usize, f64)>> = BTreeMap::new();
+        for r in cells {
+            let c = contexts.iter().position(|&x| x == r.cell.context).unwrap_or(0);
+            let d = depths.iter().position(|&x| x == (r.cell.depth.unwrap_or(0.0) * 1000.0).round() as u64).unwrap_or(0);
+            // The full cache first, then policies by name and compression.
+            let key = (r.cell.policy != "full", r.cell.policy.clone(), (r.cell.compression * 1000.0).round() as u64);
+            panels.entry(key).or_default().push((c, d, r.accuracy.unwrap_or(0.0)));
+        }
+        let maps = HeatMaps {
+            title: &format!("{probe}: Needle-in-a-Haystack score, {model} (green 1, red 0)"),
+            columns: contexts.iter().map(|c| c.to_string()).collect(),
+            rows: depths.iter().map(|d| format!("{}%", d / 10)).collect(),
+            x_label: "context (tokens)",
+            y_label: "depth",
+            panels: panels
+                .into_iter()
+                .map(|((_, policy, c), cells)| Panel { title: if policy == "full" { "full".into() } else { format!("{policy} {:.1}%", c as f64 / 10.0) }, cells })
+                .collect(),
+        };
+        let safe: String = model.chars().map(|ch| if ch.is_ascii_alphanumeric() || ch == '-' || ch == '.' { ch } else { '_' }).collect();
+        let path = dir.join(format!("heatmap-{probe}-{safe}.png"));
+        heat_maps(&path, &maps)?;
         written.push(path);
     }
     Ok(written)
@@ -134,5 +180,6 @@ pub fn write(dir: &Path, file: &GridFile) -> Result<Vec<PathBuf>> {
     kv_models::write_atomic(&md_path, markdown(&file.results).as_bytes())?;
     let mut paths = vec![json_path, md_path];
     paths.extend(charts(dir, &file.results)?);
+    paths.extend(niah_heat_maps(dir, &file.results)?);
     Ok(paths)
 }

@@ -40,6 +40,8 @@ fn tiny_grid(policies: &[&str]) -> GridSpec {
         windows: 1,
         ppl_prompt: 0.5,
         seed: 7,
+        niah: Default::default(),
+        ppl_chunk: 1,
     }
 }
 
@@ -210,4 +212,45 @@ fn smollm2_runs_through_the_grid_and_streams_text_whole_characters_at_a_time() {
         assert!(std::str::from_utf8(&out[before..]).is_ok(), "split a character at token {t}");
     }
     assert_eq!(String::from_utf8(out).unwrap(), text, "the stop token <|im_end|> is not printed");
+}
+
+#[test]
+fn niah_cells_score_share_one_prefill_and_draw_heat_maps() {
+    let root = scratch("niah");
+    let hay = root.join("hay");
+    std::fs::create_dir_all(&hay).unwrap();
+    std::fs::write(hay.join("a.txt"), "The river runs past the old mill. Birds sing at dawn. ".repeat(30)).unwrap();
+    let preset = tiny_preset(2);
+    let dir = root.join("m");
+    let trainer = kv_models::train::Trainer::<burn::backend::Autodiff<B>>::new(preset.model.clone(), preset.train.clone().unwrap(), &Default::default()).unwrap();
+    trainer.save(&dir).unwrap();
+    let mut spec = GridSpec { policies: vec!["full".into(), "snapkv".into(), "h2o".into()], probes: vec![Probe::parse("niah").unwrap(), Probe::parse("niah-query").unwrap()], contexts: vec![360], ..tiny_grid(&[]) };
+    spec.niah.haystack = Some(hay.clone());
+    // The needle says what a byte model might echo: a phrase from the haystack scores by content.
+    spec.niah.expect = vec!["zebra".into()];
+    let file = run_checkpoints::<B>(&[dir.clone()], &spec, &Default::default(), DeviceKind::Flex).unwrap();
+    // 2 modes x 5 default depths x (full + 2 policies at one compression).
+    assert_eq!(file.results.len(), 2 * 5 * 3);
+    for r in &file.results {
+        let score = r.accuracy.unwrap();
+        assert!((0.0..=1.0).contains(&score) && r.answer.is_some() && r.kv_bytes > 0.0, "{r:?}");
+        assert_eq!(score, if r.answer.as_ref().unwrap().to_lowercase().contains("zebra") { 1.0 } else { 0.0 });
+    }
+    let depths: std::collections::BTreeSet<u32> = file.results.iter().map(|r| (r.cell.depth.unwrap() * 100.0) as u32).collect();
+    assert_eq!(depths.into_iter().collect::<Vec<_>>(), vec![0, 25, 50, 75, 100]);
+    // Compressed cells hold about half the full cache's bytes (the answer adds a few slots).
+    let full = file.results.iter().find(|r| r.cell.policy == "full" && r.cell.probe == "niah").unwrap();
+    let snap = file.results.iter().find(|r| r.cell.policy == "snapkv" && r.cell.probe == "niah" && r.cell.depth == full.cell.depth).unwrap();
+    assert!(snap.kv_bytes < 0.75 * full.kv_bytes, "{} vs {}", snap.kv_bytes, full.kv_bytes);
+    let written = crate::report::write(&root.join("out"), &file).unwrap();
+    let maps: Vec<&PathBuf> = written.iter().filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("heatmap-")).collect();
+    assert_eq!(maps.len(), 2, "{written:?}");
+    assert!(maps.iter().all(|p| is_png(p)));
+    // A haystack folder without text is an error before any work.
+    let empty = root.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    spec.niah.haystack = Some(empty);
+    let e = run_checkpoints::<B>(&[dir], &spec, &Default::default(), DeviceKind::Flex).unwrap_err().to_string();
+    assert!(e.contains("no .txt files"), "{e}");
+    let _ = std::fs::remove_dir_all(&root);
 }

@@ -87,6 +87,8 @@ impl TourPlan {
                 windows,
                 ppl_prompt: 0.5,
                 seed: 1234,
+                niah: Default::default(),
+                ppl_chunk: 1,
             },
             bench_contexts,
             policy_context,

@@ -179,6 +179,15 @@ impl<B: Backend> DecoderLm<B> {
         self.blocks.iter_mut().filter_map(|b| b.mla.as_mut()).for_each(|m| m.set_path(path));
     }
 
+    /// The rotary embedding of the keys in policy-managed cache `layer` (a YOCO model has one,
+    /// its global cache), as the model hands it to policies in [`LayerContext`].
+    pub fn policy_rope(&self, layer: usize) -> Option<&kv_attention::Rotary<B>> {
+        match &self.global_kv {
+            Some(global) => Some(&global.rope),
+            None => self.blocks.get(layer).and_then(|b| b.attention().ok()).map(|a| a.rope()),
+        }
+    }
+
     pub(crate) fn head(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
         let h = self.norm.forward(h);
         match &self.lm_head {

@@ -67,8 +67,9 @@ pub struct PolicyLoss {
 
 /// Mean next-token loss of text read through the cache under a policy, over `windows` windows of
 /// `len` tokens: the first `prompt` tokens are one prefill (so prefill-time policies such as
-/// SnapKV and AdaKV compress them), the rest are fed one token at a time (as StreamingLLM measures
-/// perplexity), and the loss is over the predictions made from the last prompt token on.
+/// SnapKV and AdaKV compress them), the rest are fed `chunk` tokens per call (1: one at a time,
+/// as StreamingLLM measures perplexity; the policy acts after every call), and the loss is over
+/// the predictions made from the last prompt token on.
 ///
 /// With the full cache this equals [`validation_loss_from`]`(.., prompt - 1)` up to float
 /// rounding; with `prompt = 1` it scores every token, like [`validation_loss`].
@@ -78,8 +79,12 @@ pub fn policy_loss<B: Backend>(
     len: usize,
     windows: usize,
     prompt: usize,
+    chunk: usize,
     policy: &mut dyn FnMut() -> Box<dyn CachePolicy<B>>,
 ) -> Result<PolicyLoss> {
+    if chunk == 0 {
+        return Err(KvError::config("perplexity chunk", 0, "at least 1 token per call"));
+    }
     check_corpus_vocab(model, corpus)?;
     if !(1..=len).contains(&prompt) {
         return Err(KvError::config("perplexity prompt", prompt, format!("1 to {len} tokens of the {len}-token window")));
@@ -99,8 +104,9 @@ pub fn policy_loss<B: Backend>(
         let head: Vec<i32> = w[..prompt].iter().map(|&t| t as i32).collect();
         let x = Tensor::<B, 1, Int>::from_ints(head.as_slice(), &device).reshape([1, prompt]);
         rows.push(model.forward_with_policy(x, &mut cache, p.as_mut(), Phase::Prefill)?.narrow(1, prompt - 1, 1));
-        for (i, &t) in w[prompt..len].iter().enumerate() {
-            let x = Tensor::<B, 1, Int>::from_ints([t as i32], &device).reshape([1, 1]);
+        for (i, part) in w[prompt..len].chunks(chunk).enumerate() {
+            let ids: Vec<i32> = part.iter().map(|&t| t as i32).collect();
+            let x = Tensor::<B, 1, Int>::from_ints(ids.as_slice(), &device).reshape([1, part.len()]);
             rows.push(model.forward_with_policy(x, &mut cache, p.as_mut(), Phase::Decode { step: i + 1 })?);
         }
         let v = model.vocab_size();

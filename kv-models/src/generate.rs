@@ -2,7 +2,7 @@
 
 use crate::{DecoderLm, Sampler, SamplerConfig};
 use burn::prelude::*;
-use kv_core::{CacheStats, KvError, Result};
+use kv_core::{CacheStats, KvError, ModelCache, Result};
 use kv_policies::{CachePolicy, Phase};
 use std::time::{Duration, Instant};
 
@@ -30,7 +30,8 @@ pub struct Generation {
     pub decode_time: Duration,
 }
 
-fn last_row<B: Backend>(logits: Tensor<B, 3>) -> Vec<f32> {
+/// The last position's logits of `[b, t, vocab]` (batch row 0), read to the host.
+pub fn last_row<B: Backend>(logits: Tensor<B, 3>) -> Vec<f32> {
     let [_, t, v] = logits.dims();
     // The one host sync per token: the sampler needs the numbers.
     logits.narrow(1, t - 1, 1).reshape([v]).into_data().iter::<f32>().collect()
@@ -43,7 +44,7 @@ pub fn generate<B: Backend>(
     prompt: &[u32],
     config: &GenerateConfig,
     policy: &mut dyn CachePolicy<B>,
-    mut on_token: impl FnMut(u32),
+    on_token: impl FnMut(u32),
 ) -> Result<Generation> {
     if prompt.is_empty() {
         return Err(KvError::config("prompt", "\"\"", "at least one token"));
@@ -52,26 +53,44 @@ pub fn generate<B: Backend>(
     if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
         return Err(KvError::config("prompt token", bad, format!("an id below the vocabulary size {vocab}")));
     }
-    let mut sampler = Sampler::new(config.sampler)?;
+    Sampler::new(config.sampler)?;
     let device = model.embed.weight.device();
     let mut cache = model.new_cache(1);
     cache.reserve(prompt.len() + config.max_new_tokens);
     let ids: Vec<i32> = prompt.iter().map(|&t| t as i32).collect();
     let start = Instant::now();
     let input = Tensor::<B, 1, Int>::from_ints(ids.as_slice(), &device).reshape([1, prompt.len()]);
-    let mut logits = last_row(model.forward_last_with_policy(input, &mut cache, policy, Phase::Prefill)?);
+    let logits = last_row(model.forward_last_with_policy(input, &mut cache, policy, Phase::Prefill)?);
     let prefill_time = start.elapsed();
     let start = Instant::now();
+    let tokens = continue_generation(model, &mut cache, logits, config, policy, 1, on_token)?;
+    Ok(Generation { tokens, cache: cache.stats(), prefill_time, decode_time: start.elapsed() })
+}
+
+/// Generates after text already in `cache`, whose last position gave `logits`: up to
+/// `config.max_new_tokens`, the first one chosen from `logits`, the rest fed back as decode steps
+/// numbered from `first_step` (1 right after a prefill).
+pub fn continue_generation<B: Backend>(
+    model: &DecoderLm<B>,
+    cache: &mut ModelCache<B>,
+    mut logits: Vec<f32>,
+    config: &GenerateConfig,
+    policy: &mut dyn CachePolicy<B>,
+    first_step: usize,
+    mut on_token: impl FnMut(u32),
+) -> Result<Vec<u32>> {
+    let mut sampler = Sampler::new(config.sampler)?;
+    let device = model.embed.weight.device();
     let mut tokens = Vec::with_capacity(config.max_new_tokens);
-    for step in 1..=config.max_new_tokens {
+    for i in 0..config.max_new_tokens {
         let next = sampler.sample(&logits);
         tokens.push(next);
         on_token(next);
-        if config.stop_tokens.contains(&next) || step == config.max_new_tokens {
+        if config.stop_tokens.contains(&next) || i + 1 == config.max_new_tokens {
             break;
         }
         let input = Tensor::<B, 1, Int>::from_ints([next as i32], &device).reshape([1, 1]);
-        logits = last_row(model.forward_last_with_policy(input, &mut cache, policy, Phase::Decode { step })?);
+        logits = last_row(model.forward_last_with_policy(input, cache, policy, Phase::Decode { step: first_step + i })?);
     }
-    Ok(Generation { tokens, cache: cache.stats(), prefill_time, decode_time: start.elapsed() })
+    Ok(tokens)
 }

@@ -4,23 +4,32 @@
 //! A grid is validated as a whole before any cell runs, so a typo in the last policy does not
 //! surface after an hour of evaluation.
 
-use crate::data::{Corpus, TaskKind};
-use crate::{DecoderLm, Tokenizer, policy_loss, task_accuracy_with};
+use crate::data::{ANSWER_TOKENS, Corpus, DEFAULT_DEPTHS, FRAME_TOKENS, Haystack, NiahMode, NiahSpec, TaskKind, niah_prompt};
+use crate::{DecoderLm, GenerateConfig, SamplerConfig, SharedPrefill, Tokenizer, continue_generation, last_row, policy_loss, task_accuracy_with};
 use burn::prelude::*;
 use kv_core::{KvError, Result};
-use kv_policies::{PolicySpec, build_policy};
+use kv_policies::{Phase, PolicySpec, build_policy};
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
 
-/// What a cell measures: exact-match accuracy on a task, or perplexity through the cache.
+/// What a cell measures: exact-match accuracy on a task, the Needle-in-a-Haystack score, or
+/// perplexity through the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Probe {
     /// A long-context task, answered greedily under the policy.
     Task(TaskKind),
-    /// Held-out text, every token predicted through the compressed cache.
+    /// Held-out generated stories, predicted through the compressed cache.
     Ppl,
+    /// Paul Graham's essays (the haystack), predicted through the compressed cache.
+    #[serde(rename = "ppl-essays")]
+    PplEssays,
+    /// The Needle-in-a-Haystack test in one of its two modes.
+    Niah(NiahMode),
 }
+
+/// Every probe name [`Probe::parse`] accepts.
+pub const PROBE_NAMES: &str = "passkey, needle, recall, copy, lookup, niah, niah-query, ppl, ppl-essays";
 
 impl Probe {
     /// The name used on the command line and in results.
@@ -28,24 +37,37 @@ impl Probe {
         match self {
             Probe::Task(t) => t.name(),
             Probe::Ppl => "ppl",
+            Probe::PplEssays => "ppl-essays",
+            Probe::Niah(NiahMode::Agnostic) => "niah",
+            Probe::Niah(NiahMode::QueryAware) => "niah-query",
         }
     }
 
-    /// Parses `ppl` or a task name.
+    /// Parses a probe name ([`PROBE_NAMES`]).
     pub fn parse(name: &str) -> Result<Self> {
-        if name == "ppl" {
-            return Ok(Probe::Ppl);
+        match name {
+            "ppl" => return Ok(Probe::Ppl),
+            "ppl-essays" => return Ok(Probe::PplEssays),
+            "niah" => return Ok(Probe::Niah(NiahMode::Agnostic)),
+            "niah-query" => return Ok(Probe::Niah(NiahMode::QueryAware)),
+            _ => {}
         }
-        TaskKind::parse(name).map(Probe::Task).map_err(|_| KvError::Unknown {
-            kind: "task".into(),
-            name: name.into(),
-            valid: "passkey, needle, recall, copy, lookup, ppl".into(),
-        })
+        TaskKind::parse(name).map(Probe::Task).map_err(|_| KvError::Unknown { kind: "task".into(), name: name.into(), valid: PROBE_NAMES.into() })
     }
 
     /// Whether the probe places something at a depth of the context.
     fn uses_depth(self) -> bool {
-        matches!(self, Probe::Task(TaskKind::Passkey | TaskKind::Needle))
+        matches!(self, Probe::Task(TaskKind::Passkey | TaskKind::Needle) | Probe::Niah(_))
+    }
+
+    /// Whether the probe reads the haystack (the essays or `--haystack`).
+    fn reads_haystack(self) -> bool {
+        matches!(self, Probe::PplEssays | Probe::Niah(_))
+    }
+
+    /// Whether the probe reports perplexity (else a score in [0, 1]).
+    pub fn is_perplexity(self) -> bool {
+        matches!(self, Probe::Ppl | Probe::PplEssays)
     }
 }
 
@@ -73,6 +95,17 @@ pub struct GridSpec {
     pub ppl_prompt: f64,
     /// Seed of the task samples (the same prompts in every cell).
     pub seed: u64,
+    /// The Needle-in-a-Haystack test's needle, question, expected phrases and haystack.
+    #[serde(default)]
+    pub niah: NiahSpec,
+    /// Tokens of a perplexity window's continuation fed per call (1: token by token; more: the
+    /// policy acts once per chunk, which is cheaper on a large model).
+    #[serde(default = "one")]
+    pub ppl_chunk: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// One cell's settings.
@@ -112,6 +145,9 @@ pub struct CellResult {
     pub samples: usize,
     /// Wall time of the cell.
     pub seconds: f64,
+    /// The generated answer (Needle-in-a-Haystack cells), to see what the score was given for.
+    #[serde(default)]
+    pub answer: Option<String>,
 }
 
 /// The spec a policy runs at a compression: `full` stays `full`; others get `budget = 1 - c`.
@@ -148,7 +184,10 @@ impl GridSpec {
                 return Err(KvError::config(name, "none", "at least one"));
             }
         }
-        KvError::require_positive(&[("samples", self.samples), ("windows", self.windows)])?;
+        KvError::require_positive(&[("samples", self.samples), ("windows", self.windows), ("ppl chunk", self.ppl_chunk)])?;
+        if self.probes.iter().any(|p| matches!(p, Probe::Niah(_))) {
+            self.niah.validate()?;
+        }
         if let Some(c) = self.compressions.iter().find(|c| !(0.0..1.0).contains(*c)) {
             return Err(KvError::config("compression", c, "a fraction of slots removed in [0, 1)"));
         }
@@ -161,7 +200,8 @@ impl GridSpec {
         for &probe in &self.probes {
             let min = match probe {
                 Probe::Task(t) => t.min_context(),
-                Probe::Ppl => 2,
+                Probe::Ppl | Probe::PplEssays => 2,
+                Probe::Niah(_) => FRAME_TOKENS + 64,
             };
             if let Some(&c) = self.contexts.iter().find(|&&c| c < min) {
                 return Err(KvError::config(format!("{} context", probe.name()), c, format!("at least {min} tokens")));
@@ -181,11 +221,17 @@ impl GridSpec {
             }
         }
         let depths = if self.depths.is_empty() { vec![None] } else { self.depths.clone() };
+        // The haystack test is defined at fixed depths; without any it uses the standard five.
+        let niah_depths: Vec<Option<f32>> = if self.depths.is_empty() { DEFAULT_DEPTHS.iter().map(|&d| Some(d)).collect() } else { self.depths.clone() };
         let mut cells = Vec::new();
         for model in models {
             for &probe in &self.probes {
                 for &context in &self.contexts {
-                    let probe_depths: &[Option<f32>] = if probe.uses_depth() { &depths } else { &[None] };
+                    let probe_depths: &[Option<f32>] = match probe {
+                        Probe::Niah(_) => &niah_depths,
+                        p if p.uses_depth() => &depths,
+                        _ => &[None],
+                    };
                     for &depth in probe_depths {
                         for (policy, spec, compression) in &policies {
                             cells.push(GridCell {
@@ -218,11 +264,16 @@ pub struct GridModel<'a, B: Backend> {
     pub text: Corpus,
 }
 
-/// Runs one cell on `model`; `text` is the held-out text of perplexity cells.
-pub fn run_cell<B: Backend>(model: &DecoderLm<B>, tokenizer: &Tokenizer, cell: &GridCell, spec: &GridSpec, text: &Corpus) -> Result<CellResult> {
+/// Runs one cell on `model`; `text` is the held-out text of `ppl` cells, `haystack` the
+/// haystack of NIAH and `ppl-essays` cells (already read, with its tokens for this model).
+pub fn run_cell<B: Backend>(model: &DecoderLm<B>, tokenizer: &Tokenizer, cell: &GridCell, spec: &GridSpec, text: &Corpus, haystack: Option<&Haystack>) -> Result<CellResult> {
+    if let Probe::Niah(_) = Probe::parse(&cell.probe)? {
+        let haystack = haystack.ok_or_else(|| KvError::config("niah cell", &cell.model, "a haystack (the essays or --haystack)"))?;
+        return Ok(niah_cells(model, tokenizer, std::slice::from_ref(cell), spec, haystack)?.remove(0));
+    }
     let start = Instant::now();
     let mut make = || build_policy::<B>(&cell.spec).expect("validated when the grid was built");
-    let mut result = CellResult { cell: cell.clone(), accuracy: None, loss: None, perplexity: None, kv_bytes: 0.0, samples: 0, seconds: 0.0 };
+    let mut result = CellResult { cell: cell.clone(), accuracy: None, loss: None, perplexity: None, kv_bytes: 0.0, samples: 0, seconds: 0.0, answer: None };
     match Probe::parse(&cell.probe)? {
         Probe::Task(task) => {
             let r = task_accuracy_with(model, tokenizer, task, cell.context, spec.samples, spec.seed, cell.depth, &mut make)?;
@@ -230,29 +281,104 @@ pub fn run_cell<B: Backend>(model: &DecoderLm<B>, tokenizer: &Tokenizer, cell: &
             result.kv_bytes = r.kv_bytes;
             result.samples = r.total;
         }
-        Probe::Ppl => {
-            let r = policy_loss(model, text, cell.context, spec.windows, spec.ppl_prompt_tokens(cell.context), &mut make)?;
+        probe @ (Probe::Ppl | Probe::PplEssays) => {
+            let essays;
+            let corpus = if probe == Probe::Ppl {
+                text
+            } else {
+                let h = haystack.ok_or_else(|| KvError::config("ppl-essays cell", &cell.model, "the essays (run scripts/fetch-assets.sh)"))?;
+                essays = Corpus::tokenize(h.text().as_bytes(), tokenizer)?;
+                &essays
+            };
+            let r = policy_loss(model, corpus, cell.context, spec.windows, spec.ppl_prompt_tokens(cell.context), spec.ppl_chunk, &mut make)?;
             result.loss = Some(r.loss);
             result.perplexity = Some(r.loss.exp());
             result.kv_bytes = r.kv_bytes;
             result.samples = spec.windows;
         }
+        Probe::Niah(_) => unreachable!("handled above"),
     }
     result.seconds = start.elapsed().as_secs_f64();
     Ok(result)
 }
 
-/// Runs every cell, the model of each looked up by label; `on_cell` sees each result as it lands.
-pub fn run_grid<B: Backend>(models: &[GridModel<'_, B>], cells: &[GridCell], spec: &GridSpec, mut on_cell: impl FnMut(&CellResult)) -> Result<Vec<CellResult>> {
+/// The Needle-in-a-Haystack cells of one (model, mode, context, depth), every policy of
+/// `cells` reading one shared prefill of the prompt ([`SharedPrefill`]); each cell's time is
+/// its own decode plus an equal share of the prefill.
+fn niah_cells<B: Backend>(model: &DecoderLm<B>, tokenizer: &Tokenizer, cells: &[GridCell], spec: &GridSpec, haystack: &Haystack) -> Result<Vec<CellResult>> {
+    let start = Instant::now();
+    let first = &cells[0];
+    let Probe::Niah(mode) = Probe::parse(&first.probe)? else {
+        return Err(KvError::config("niah cells", &first.probe, "niah or niah-query"));
+    };
+    let prompt = niah_prompt(haystack, tokenizer, &spec.niah, first.context, first.depth.unwrap_or(0.5))?;
+    let prefill: Vec<u32> = match mode {
+        NiahMode::Agnostic => prompt.context.clone(),
+        NiahMode::QueryAware => prompt.context.iter().chain(&prompt.question).copied().collect(),
+    };
+    let mut policies: Vec<Box<dyn kv_policies::CachePolicy<B>>> = cells.iter().map(|c| build_policy::<B>(&c.spec)).collect::<Result<_>>()?;
+    let shared = {
+        let refs: Vec<&dyn kv_policies::CachePolicy<B>> = policies.iter().map(|p| p.as_ref()).collect();
+        SharedPrefill::new(model, &prefill, &refs, prompt.question.len() + ANSWER_TOKENS)?
+    };
+    let prefill_share = start.elapsed().as_secs_f64() / cells.len() as f64;
+    let stops = tokenizer.stop_tokens();
+    let config = GenerateConfig { max_new_tokens: ANSWER_TOKENS, sampler: SamplerConfig::default(), stop_tokens: stops.clone() };
+    let device = model.embed.weight.device();
     let mut out = Vec::with_capacity(cells.len());
-    for cell in cells {
+    for (cell, policy) in cells.iter().zip(policies.iter_mut()) {
+        let t = Instant::now();
+        let mut cache = shared.cache_for(model, policy.as_mut())?;
+        let (logits, next_step) = match mode {
+            NiahMode::Agnostic => {
+                let ids: Vec<i32> = prompt.question.iter().map(|&t| t as i32).collect();
+                let x = Tensor::<B, 1, Int>::from_ints(ids.as_slice(), &device).reshape([1, ids.len()]);
+                (last_row(model.forward_last_with_policy(x, &mut cache, policy.as_mut(), Phase::Decode { step: 1 })?), 2)
+            }
+            NiahMode::QueryAware => (last_row(shared.last_logits.clone()), 1),
+        };
+        let tokens = continue_generation(model, &mut cache, logits, &config, policy.as_mut(), next_step, |_| {})?;
+        let answer = tokenizer.decode(&tokens.iter().copied().filter(|t| !stops.contains(t)).collect::<Vec<_>>())?;
+        out.push(CellResult {
+            cell: cell.clone(),
+            accuracy: Some(spec.niah.score(&answer)),
+            loss: None,
+            perplexity: None,
+            kv_bytes: cache.stats().kv_bytes as f64,
+            samples: 1,
+            seconds: t.elapsed().as_secs_f64() + prefill_share,
+            answer: Some(answer),
+        });
+    }
+    Ok(out)
+}
+
+/// Runs every cell, the model of each looked up by label; `on_cell` sees each result as it
+/// lands. Consecutive Needle-in-a-Haystack cells that differ only in their policy share one
+/// prefill.
+pub fn run_grid<B: Backend>(models: &[GridModel<'_, B>], cells: &[GridCell], spec: &GridSpec, mut on_cell: impl FnMut(&CellResult)) -> Result<Vec<CellResult>> {
+    let needs_haystack = cells.iter().any(|c| Probe::parse(&c.probe).is_ok_and(|p| p.reads_haystack()));
+    let haystack = if needs_haystack { Some(Haystack::for_spec(&spec.niah)?) } else { None };
+    let mut out = Vec::with_capacity(cells.len());
+    let mut i = 0;
+    while i < cells.len() {
+        let cell = &cells[i];
         let m = models
             .iter()
             .find(|m| m.label == cell.model)
             .ok_or_else(|| KvError::config("grid model", &cell.model, "one of the loaded models"))?;
-        let r = run_cell(m.model, &m.tokenizer, cell, spec, &m.text)?;
-        on_cell(&r);
-        out.push(r);
+        let results = if let (Ok(Probe::Niah(_)), Some(h)) = (Probe::parse(&cell.probe), haystack.as_ref()) {
+            let same = |c: &GridCell| (&c.model, &c.probe, c.context, c.depth) == (&cell.model, &cell.probe, cell.context, cell.depth);
+            let n = cells[i..].iter().take_while(|c| same(c)).count();
+            niah_cells(m.model, &m.tokenizer, &cells[i..i + n], spec, h)?
+        } else {
+            vec![run_cell(m.model, &m.tokenizer, cell, spec, &m.text, haystack.as_ref())?]
+        };
+        i += results.len();
+        for r in results {
+            on_cell(&r);
+            out.push(r);
+        }
     }
     Ok(out)
 }

@@ -278,24 +278,28 @@ fn policy_perplexity_with_a_full_cache_matches_the_forward_pass<B: Backend>(dev:
     let err = validation_loss(&small, &corpus, 40, 3).unwrap_err().to_string();
     assert!(err.contains("vocab_size = 64"), "{err}");
     let want = validation_loss(&model, &corpus, 40, 3).unwrap();
-    let full = policy_loss(&model, &corpus, 40, 3, 1, &mut || Box::new(kv_policies::FullCache)).unwrap();
+    let full = policy_loss(&model, &corpus, 40, 3, 1, 1, &mut || Box::new(kv_policies::FullCache)).unwrap();
     let got = full.loss;
     assert!((want - got).abs() <= 1e-4, "{want} vs {got}");
     // Bytes measured from the cache: 2 x layers x kv_heads x head_dim x tokens x 4.
     assert_eq!(full.kv_bytes, (2 * 2 * 2 * 4 * 40 * 4) as f64);
     // A small streaming budget really changes what the model sees.
-    let pruned = policy_loss(&model, &corpus, 40, 3, 1, &mut || kv_policies::build_policy::<B>("streaming:budget=4,sinks=1").unwrap()).unwrap();
+    let pruned = policy_loss(&model, &corpus, 40, 3, 1, 1, &mut || kv_policies::build_policy::<B>("streaming:budget=4,sinks=1").unwrap()).unwrap();
     assert!((pruned.loss - want).abs() > 1e-4, "{} vs {want}", pruned.loss);
     assert_eq!(pruned.kv_bytes, (2 * 2 * 2 * 4 * 4 * 4) as f64);
     // With a 24-token prompt, the continuation's loss matches the forward pass from position 23,
     // and a prefill-only policy compresses the prompt: SnapKV keeps half of it, then grows by 16.
     let want = validation_loss_from(&model, &corpus, 40, 3, 23).unwrap();
-    let full = policy_loss(&model, &corpus, 40, 3, 24, &mut || Box::new(kv_policies::FullCache)).unwrap();
+    let full = policy_loss(&model, &corpus, 40, 3, 24, 1, &mut || Box::new(kv_policies::FullCache)).unwrap();
     assert!((want - full.loss).abs() <= 1e-4, "{want} vs {}", full.loss);
-    let snap = policy_loss(&model, &corpus, 40, 3, 24, &mut || kv_policies::build_policy::<B>("snapkv:budget=0.5,window=4").unwrap()).unwrap();
+    let snap = policy_loss(&model, &corpus, 40, 3, 24, 1, &mut || kv_policies::build_policy::<B>("snapkv:budget=0.5,window=4").unwrap()).unwrap();
     assert!((snap.loss - want).abs() > 1e-4, "{} vs {want}", snap.loss);
     assert_eq!(snap.kv_bytes, (2 * 2 * 2 * 4 * (12 + 16) * 4) as f64);
-    assert!(policy_loss(&model, &corpus, 40, 3, 41, &mut || Box::new(kv_policies::FullCache)).unwrap_err().to_string().contains("prompt = 41"));
+    assert!(policy_loss(&model, &corpus, 40, 3, 41, 1, &mut || Box::new(kv_policies::FullCache)).unwrap_err().to_string().contains("prompt = 41"));
+    // Fed in chunks, a full cache reads the same continuation: the loss does not move.
+    let chunked = policy_loss(&model, &corpus, 40, 3, 24, 5, &mut || Box::new(kv_policies::FullCache)).unwrap();
+    assert!((want - chunked.loss).abs() <= 1e-4, "{want} vs {}", chunked.loss);
+    assert!(policy_loss(&model, &corpus, 40, 3, 24, 0, &mut || Box::new(kv_policies::FullCache)).is_err());
 }
 
 fn endless_streaming_keeps_the_cache_constant<B: Backend>(dev: &B::Device) {

@@ -230,7 +230,7 @@ fn yoco_policy_perplexity_with_a_full_cache_matches_the_forward_pass<B: Backend>
         let model = DecoderConfig::new(256, 32, 2, 4, 2, 48).with_yoco(Some(yoco)).init::<B>(dev).unwrap();
         let corpus = data::Corpus::stories(5, 4000);
         let want = validation_loss(&model, &corpus, 24, 2).unwrap();
-        let got = policy_loss(&model, &corpus, 24, 2, 1, &mut || Box::new(FullCache)).unwrap();
+        let got = policy_loss(&model, &corpus, 24, 2, 1, 1, &mut || Box::new(FullCache)).unwrap();
         assert!((want - got.loss).abs() <= 1e-4, "{kind:?}: {want} vs {}", got.loss);
     }
 }

@@ -1,8 +1,10 @@
 //! Training and evaluation data: the embedded story corpus, user text files and long-context tasks.
 
+mod niah;
 mod stories;
 mod tasks;
 
+pub use niah::{ANSWER_TOKENS, DEFAULT_DEPTHS, ESSAYS_DIR, FRAME_TOKENS, Haystack, NiahMode, NiahPrompt, NiahSpec, niah_prompt};
 pub use stories::story;
 pub use tasks::{TaskKind, TaskSample, exact_match};
 

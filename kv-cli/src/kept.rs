@@ -1,0 +1,80 @@
+//! `kv kept`: which positions each policy keeps after a prompt, per layer and KV head, as JSON
+//! (what `reference/kvpress_kept.py` records for kvpress, for any model, policy and prompt).
+
+use crate::backend::BackendJob;
+use crate::model_source::ModelArgs;
+use burn::prelude::*;
+use clap::Args;
+use kv_core::{KvError, LayerCache, Result};
+use kv_models::SharedPrefill;
+use kv_policies::{CachePolicy, build_policy};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// Flags of `kv kept`.
+#[derive(Debug, Clone, Args)]
+pub struct KeptArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Policy specs with their budgets (`snapkv:budget=0.5,window=64`, ...).
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub policy: Vec<String>,
+    /// The prompt, as plain text.
+    #[arg(long, conflicts_with = "prompt_file")]
+    pub prompt: Option<String>,
+    /// The prompt, read from a UTF-8 file.
+    #[arg(long)]
+    pub prompt_file: Option<PathBuf>,
+    /// Where to write the JSON.
+    #[arg(long, default_value = "runs/kept.json")]
+    pub out: PathBuf,
+}
+
+/// The contents of the JSON `kv kept` writes.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeptFile {
+    /// The model's label.
+    pub model: String,
+    /// Tokens of the prompt.
+    pub prompt_tokens: usize,
+    /// Per policy spec: per layer, per KV head (batch row 0), the original positions kept.
+    pub policies: BTreeMap<String, Vec<Vec<Vec<i64>>>>,
+}
+
+fn positions<B: Backend>(cache: &LayerCache<B>) -> Vec<Vec<i64>> {
+    let one = |c: &LayerCache<B>| {
+        let n = c.slots().max(1);
+        c.positions().into_data().iter::<i64>().collect::<Vec<_>>().chunks(n).map(<[i64]>::to_vec).collect::<Vec<_>>()
+    };
+    match cache.head_caches() {
+        Some(heads) => heads.iter().flat_map(one).collect(),
+        None => one(cache).into_iter().take(cache.shape().kv_heads).collect(),
+    }
+}
+
+impl BackendJob for KeptArgs {
+    type Output = KeptFile;
+
+    fn run<B: Backend>(self, device: B::Device) -> Result<KeptFile> {
+        let mut policies: Vec<Box<dyn CachePolicy<B>>> = self.policy.iter().map(|p| build_policy::<B>(p)).collect::<Result<_>>()?;
+        let text = match (&self.prompt, &self.prompt_file) {
+            (Some(t), _) => t.clone(),
+            (None, Some(path)) => std::fs::read_to_string(path).map_err(|e| KvError::io(path, e))?,
+            (None, None) => return Err(KvError::config("--prompt", "missing", "a prompt (--prompt TEXT or --prompt-file FILE)")),
+        };
+        let loaded = self.model.load::<B>("tiny-mha", &device)?;
+        let ids = loaded.tokenizer.encode_prompt(&text)?;
+        if ids.is_empty() {
+            return Err(KvError::config("--prompt", "\"\"", "text with at least one token"));
+        }
+        let refs: Vec<&dyn CachePolicy<B>> = policies.iter().map(|p| p.as_ref()).collect();
+        let shared = SharedPrefill::new(&loaded.model, &ids, &refs, 0)?;
+        let mut out = BTreeMap::new();
+        for (spec, policy) in self.policy.iter().zip(policies.iter_mut()) {
+            let cache = shared.cache_for(&loaded.model, policy.as_mut())?;
+            out.insert(spec.clone(), (0..cache.num_layers()).map(|l| positions(cache.layer(l))).collect());
+        }
+        Ok(KeptFile { model: self.model.label("tiny-mha"), prompt_tokens: ids.len(), policies: out })
+    }
+}
