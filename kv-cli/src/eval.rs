@@ -68,6 +68,11 @@ pub struct EvalArgs {
     /// A folder of .txt files to use as the haystack (default: the essays the fetch script gets).
     #[arg(long)]
     pub haystack: Option<PathBuf>,
+    /// Also write the NIAH prompts (token ids per context and depth, for the first model) to
+    /// this JSON file, so another implementation can run exactly the same cells
+    /// (`reference/kvpress_niah.py`).
+    #[arg(long)]
+    pub niah_prompts: Option<PathBuf>,
     /// Folder for eval.json, eval.md and the charts.
     #[arg(long, default_value = "runs/eval")]
     pub out: PathBuf,
@@ -200,6 +205,28 @@ impl BackendJob for EvalJob {
         let models: Vec<EvalModel> = (self.args.checkpoint.iter().cloned().map(EvalModel::Checkpoint))
             .chain(self.args.model.iter().cloned().map(EvalModel::Pretrained))
             .collect();
+        if let Some(path) = &self.args.niah_prompts {
+            write_niah_prompts::<B>(path, &models, &spec, &device)?;
+        }
         run_models::<B>(&models, &spec, &device, self.device)
     }
+}
+
+/// Writes the NIAH prompts of `spec` for the first model's tokenizer: `{"model", "needle",
+/// "question", "expect", "cells": [{"context", "depth", "context_ids", "question_ids"}]}`.
+fn write_niah_prompts<B: Backend>(path: &Path, models: &[EvalModel], spec: &GridSpec, device: &B::Device) -> Result<()> {
+    let first = models.first().ok_or_else(|| KvError::config("--niah-prompts", path.display(), "a grid with at least one model"))?;
+    let (_, tokenizer) = first.load::<B>(device)?;
+    let haystack = kv_models::data::Haystack::for_spec(&spec.niah)?;
+    let depths: Vec<f32> = if spec.depths.is_empty() { kv_models::data::DEFAULT_DEPTHS.to_vec() } else { spec.depths.iter().flatten().copied().collect() };
+    let mut cells = Vec::new();
+    for &context in &spec.contexts {
+        for &depth in &depths {
+            let p = kv_models::data::niah_prompt(&haystack, &tokenizer, &spec.niah, context, depth)?;
+            cells.push(serde_json::json!({"context": context, "depth": depth, "context_ids": p.context, "question_ids": p.question}));
+        }
+    }
+    let label = first.check()?;
+    let json = serde_json::json!({"model": label, "needle": spec.niah.needle, "question": spec.niah.question, "expect": spec.niah.expect, "cells": cells});
+    kv_models::write_atomic(path, json.to_string().as_bytes())
 }

@@ -49,6 +49,19 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Write which positions each policy keeps after a prompt, per layer and KV head, as JSON.
     Kept(kept::KeptArgs),
+    /// Redraw an eval's Markdown table and charts from its eval.json.
+    Report(ReportArgs),
+}
+
+/// Flags of `kv report`.
+#[derive(Debug, clap::Args)]
+struct ReportArgs {
+    /// An eval.json written by `kv eval` or the tour.
+    #[arg(long)]
+    from: std::path::PathBuf,
+    /// Folder for eval.md and the charts (default: the folder of --from).
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -92,6 +105,15 @@ fn run(cli: Cli) -> Result<()> {
             let json = serde_json::to_string(&file).map_err(|e| kv_core::KvError::io(&out, e))?;
             kv_models::write_atomic(&out, json.as_bytes())?;
             eprintln!("wrote {}: {} policies over {} prompt tokens", out.display(), file.policies.len(), file.prompt_tokens);
+            Ok(())
+        }
+        Command::Report(args) => {
+            let text = std::fs::read_to_string(&args.from).map_err(|e| kv_core::KvError::io(&args.from, e))?;
+            let file: report::GridFile = serde_json::from_str(&text).map_err(|e| kv_core::KvError::io(&args.from, format!("not an eval.json: {e}")))?;
+            let out = args.out.clone().unwrap_or_else(|| args.from.parent().map(|p| p.to_path_buf()).unwrap_or_default());
+            let written = report::write(&out, &file)?;
+            println!("{}", report::markdown(&file.results));
+            eprintln!("wrote {}", written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
             Ok(())
         }
         Command::Bench(args) => {

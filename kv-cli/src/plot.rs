@@ -141,7 +141,8 @@ pub fn heat_maps(path: &Path, maps: &HeatMaps) -> Result<()> {
     let per_row = maps.panels.len().min(4);
     let grid_rows = maps.panels.len().div_ceil(per_row);
     let (pw, ph) = (300u32, 240u32);
-    let (w, h) = (per_row as u32 * pw, grid_rows as u32 * ph + 50);
+    // At least three panels wide, so the title fits.
+    let (w, h) = (per_row.max(3) as u32 * pw, grid_rows as u32 * ph + 50);
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.tmp.png"));
     {
@@ -157,7 +158,8 @@ pub fn heat_maps(path: &Path, maps: &HeatMaps) -> Result<()> {
                 .margin(6)
                 .x_label_area_size(34)
                 .y_label_area_size(44)
-                .build_cartesian_2d((0..nc).into_segmented(), (0..nr).into_segmented())
+                // A usize range is inclusive as a discrete axis: 0..n-1 is n segments.
+                .build_cartesian_2d((0..nc - 1).into_segmented(), (0..nr - 1).into_segmented())
                 .map_err(|e| err(path, e))?;
             let label = |names: &[String], v: &SegmentValue<usize>, flip: bool| match v {
                 SegmentValue::CenterOf(i) if *i < names.len() => names[if flip { names.len() - 1 - i } else { *i }].clone(),
@@ -175,10 +177,12 @@ pub fn heat_maps(path: &Path, maps: &HeatMaps) -> Result<()> {
                 .axis_desc_style(("sans-serif", 12))
                 .draw()
                 .map_err(|e| err(path, e))?;
+            // The right (top) edge of the last segment is `Last`, not a segment of its own.
+            let edge = |i: usize, n: usize| if i + 1 >= n { SegmentValue::Last } else { SegmentValue::Exact(i + 1) };
             ctx.draw_series(panel.cells.iter().map(|&(c, r, v)| {
                 // Row 0 at the top, as depth 0% heads the usual NIAH plot.
                 let y = nr - 1 - r;
-                Rectangle::new([(SegmentValue::Exact(c), SegmentValue::Exact(y)), (SegmentValue::Exact(c + 1), SegmentValue::Exact(y + 1))], score_color(v).filled())
+                Rectangle::new([(SegmentValue::Exact(c), SegmentValue::Exact(y)), (edge(c, nc), edge(y, nr))], score_color(v).filled())
             }))
             .map_err(|e| err(path, e))?;
         }

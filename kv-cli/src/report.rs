@@ -153,7 +153,7 @@ pub fn niah_heat_maps(dir: &Path, results: &[CellResult]) -> Result<Vec<PathBuf>
             panels.entry(key).or_default().push((c, d, r.accuracy.unwrap_or(0.0)));
         }
         let maps = HeatMaps {
-            title: &format!("{probe}: Needle-in-a-Haystack score, {model} (green 1, red 0)"),
+            title: &format!("{probe}, {model}: score (green 1, red 0)"),
             columns: contexts.iter().map(|c| c.to_string()).collect(),
             rows: depths.iter().map(|d| format!("{}%", d / 10)).collect(),
             x_label: "context (tokens)",

@@ -52,6 +52,7 @@ fn tiny_plan(policies: &[&str]) -> TourPlan {
         bench_contexts: vec![32, 64],
         policy_context: 64,
         bench_steps: 2,
+        real: None,
     }
 }
 

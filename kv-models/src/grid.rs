@@ -113,7 +113,7 @@ fn one() -> usize {
 pub struct GridCell {
     /// The model's label.
     pub model: String,
-    /// The policy's name.
+    /// The policy as the grid was given it (name and any parameters, no budget).
     pub policy: String,
     /// The full spec the cell ran, budget included.
     pub spec: String,
@@ -214,10 +214,13 @@ impl GridSpec {
             if compressions.is_empty() {
                 return Err(KvError::config("compressions", "none", format!("at least one for policy {name}")));
             }
+            // Label: the policy as given (its name, plus any parameters), so variants such as
+            // `streaming` and `streaming:rerotate=true` stay apart in tables and charts.
+            let label = if name == "full" { name.clone() } else { policy.trim().to_string() };
             for c in compressions {
                 let spec = policy_at(policy, c)?;
                 build_policy::<B>(&spec)?;
-                policies.push((name.clone(), spec, c));
+                policies.push((label.clone(), spec, c));
             }
         }
         let depths = if self.depths.is_empty() { vec![None] } else { self.depths.clone() };

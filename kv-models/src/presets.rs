@@ -16,6 +16,9 @@ const PRESETS: &[(&str, &str)] = &[
     ("quick-mha", include_str!("../../presets/quick-mha.json")),
     ("quick-gqa", include_str!("../../presets/quick-gqa.json")),
     ("decode-bench", include_str!("../../presets/decode-bench.json")),
+    // The uptraining recipe for a converted SmolLM2 (`kv train --init DIR --preset uptrain-smollm2`:
+    // the checkpoint's own config wins, this preset supplies the schedule).
+    ("uptrain-smollm2", include_str!("../../presets/uptrain-smollm2.json")),
 ];
 
 /// A model config and, if the preset is trainable, how to train it.
