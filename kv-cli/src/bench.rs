@@ -284,7 +284,8 @@ impl BackendJob for BenchJob {
         if let Some(&c) = args.contexts.iter().find(|&&c| c == 0) {
             return Err(KvError::config("--contexts", c, "context lengths of at least 1 token"));
         }
-        for p in &args.policy {
+        let policies = kv_policies::split_specs(&args.policy);
+        for p in &policies {
             build_policy::<B>(p)?;
         }
         if !args.kv_heads.is_empty() && args.model.has_weights() {
@@ -296,7 +297,7 @@ impl BackendJob for BenchJob {
         } else {
             args.kv_heads.iter().map(|&kv| (format!("kv={kv}"), Some(kv))).collect()
         };
-        let plan = DecodePlan { contexts: args.contexts.clone(), steps: args.steps, policies: args.policy.clone(), prefill: args.prefill };
+        let plan = DecodePlan { contexts: args.contexts.clone(), steps: args.steps, policies, prefill: args.prefill };
         let cells = variants.len() * plan.contexts.len() * plan.policies.len() + usize::from(args.train_steps > 0) * variants.len();
         let bar = ProgressBar::new(cells as u64).with_style(
             ProgressStyle::with_template("bench {msg:>36} [{bar:30}] {pos}/{len} {elapsed}").unwrap().progress_chars("=> "),

@@ -27,7 +27,8 @@ pub struct EvalArgs {
     /// ppl (held-out stories), ppl-essays (Paul Graham's essays).
     #[arg(long, value_delimiter = ',', default_value = "passkey")]
     pub task: Vec<String>,
-    /// Policy specs without a budget (`full`, `h2o`, `knorm:skip=2`, ...).
+    /// Policy specs without a budget (`full`, `h2o`, `snapkv:window=64,kernel=5`, ...); a
+    /// `key=value` after a comma belongs to the spec before it.
     #[arg(long, value_delimiter = ',', default_value = "full")]
     pub policy: Vec<String>,
     /// Fractions of slots removed, each in [0, 1); a policy's budget is 1 - compression.
@@ -82,7 +83,7 @@ impl EvalArgs {
     /// The grid's axes, parsed.
     pub fn spec(&self) -> Result<GridSpec> {
         Ok(GridSpec {
-            policies: self.policy.clone(),
+            policies: kv_policies::split_specs(&self.policy),
             compressions: self.compression.clone(),
             probes: self.task.iter().map(|t| Probe::parse(t)).collect::<Result<_>>()?,
             contexts: self.context.clone(),

@@ -57,7 +57,8 @@ impl BackendJob for KeptArgs {
     type Output = KeptFile;
 
     fn run<B: Backend>(self, device: B::Device) -> Result<KeptFile> {
-        let mut policies: Vec<Box<dyn CachePolicy<B>>> = self.policy.iter().map(|p| build_policy::<B>(p)).collect::<Result<_>>()?;
+        let specs = kv_policies::split_specs(&self.policy);
+        let mut policies: Vec<Box<dyn CachePolicy<B>>> = specs.iter().map(|p| build_policy::<B>(p)).collect::<Result<_>>()?;
         let text = match (&self.prompt, &self.prompt_file) {
             (Some(t), _) => t.clone(),
             (None, Some(path)) => std::fs::read_to_string(path).map_err(|e| KvError::io(path, e))?,
@@ -71,7 +72,7 @@ impl BackendJob for KeptArgs {
         let refs: Vec<&dyn CachePolicy<B>> = policies.iter().map(|p| p.as_ref()).collect();
         let shared = SharedPrefill::new(&loaded.model, &ids, &refs, 0)?;
         let mut out = BTreeMap::new();
-        for (spec, policy) in self.policy.iter().zip(policies.iter_mut()) {
+        for (spec, policy) in specs.iter().zip(policies.iter_mut()) {
             let cache = shared.cache_for(&loaded.model, policy.as_mut())?;
             out.insert(spec.clone(), (0..cache.num_layers()).map(|l| positions(cache.layer(l))).collect());
         }

@@ -38,7 +38,7 @@ pub use scorer::Scorer;
 pub use knorm::KnormPolicy;
 pub use policy::{CachePolicy, FullCache, LayerContext, Phase, Schedule};
 pub use snapkv::{Pool, SnapKvPolicy, pool1d};
-pub use spec::{POLICY_NAMES, Params, PolicySpec, build_policy, build_scorer};
+pub use spec::{POLICY_NAMES, Params, PolicySpec, build_policy, build_scorer, split_specs};
 pub use pyramid::PyramidKvPolicy;
 pub use streaming::StreamingPolicy;
 pub use tova::TovaPolicy;

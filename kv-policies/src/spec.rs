@@ -122,6 +122,23 @@ impl Params<'_> {
     }
 }
 
+/// Splits a comma-separated list of specs whose own parameters are comma-separated too:
+/// `full,snapkv:window=64,kernel=5,h2o` is `full`, `snapkv:window=64,kernel=5` and `h2o`. A piece
+/// with `=` and no `:` continues the spec before it (a policy name never holds `=`).
+pub fn split_specs(list: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for piece in list.iter().flat_map(|s| s.split(',')).map(str::trim).filter(|p| !p.is_empty()) {
+        match out.last_mut() {
+            Some(last) if piece.contains('=') && !piece.contains(':') => {
+                last.push(if last.contains(':') { ',' } else { ':' });
+                last.push_str(piece);
+            }
+            _ => out.push(piece.to_string()),
+        }
+    }
+    out
+}
+
 /// Builds the policy a spec names, with its parameters validated.
 pub fn build_policy<B: Backend>(spec: &str) -> Result<Box<dyn CachePolicy<B>>> {
     let spec = PolicySpec::parse(spec)?;

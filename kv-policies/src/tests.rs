@@ -54,6 +54,12 @@ fn head_positions<B: Backend>(c: &LayerCache<B>) -> Vec<Vec<i64>> {
 }
 
 #[test]
+fn lists_of_specs_split_where_a_new_policy_starts() {
+    let given = vec!["full,snapkv:window=64,kernel=5,pool=avg,h2o".to_string(), "knorm:skip=0".into(), "tova,every=0".into()];
+    assert_eq!(split_specs(&given), vec!["full", "snapkv:window=64,kernel=5,pool=avg", "h2o", "knorm:skip=0", "tova:every=0"]);
+}
+
+#[test]
 fn specs_parse_and_bad_ones_say_what_is_valid() {
     type B = burn::backend::Flex;
     for spec in ["full", "streaming:budget=64,sinks=2,rerotate=true", "h2o:budget=0.2,recent=0.5,normalize=true", "vatp", "knorm:skip=1", "snapkv:budget=0.5,window=32,kernel=7,pool=max"] {
@@ -130,6 +136,16 @@ fn invariant_matrix<B: Backend>(dev: &B::Device) {
     }
 }
 
+/// Queries and keys (each KV head repeated over its group) of `layer` for `x` `[1, t, d_model]`
+/// at positions `0..t`, computed from its weights rather than by the attention kernel.
+fn explicit_qk<B: Backend>(layer: &GroupedAttention<B>, x: Tensor<B, 3>, heads: usize, kv: usize, dev: &B::Device) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    let (t, d) = (x.dims()[1], D_MODEL / heads);
+    let pos = position_range::<B>(0, t, dev);
+    let q = layer.rope.apply(layer.wq.forward(x.clone()).reshape([1, t, heads, d]).swap_dims(1, 2), pos.clone());
+    let k = layer.rope.apply(layer.wk.forward(x).reshape([1, t, kv, d]).swap_dims(1, 2), pos);
+    (q, k.reshape([1, kv, 1, t, d]).expand([1, kv, heads / kv, t, d]).reshape([1, heads, t, d]))
+}
+
 fn h2o_accumulates_column_sums_of_causal_attention<B: Backend>(dev: &B::Device) {
     for (heads, kv) in [(4, 4), (4, 2)] {
         let layer = GroupedAttentionConfig::new(D_MODEL, heads, kv).init::<B>(dev).unwrap();
@@ -143,10 +159,7 @@ fn h2o_accumulates_column_sums_of_causal_attention<B: Backend>(dev: &B::Device) 
         // Reference: explicit causal softmax from the layer's own weights, summed over queries
         // and over each GQA group.
         let d = D_MODEL / heads;
-        let pos = position_range::<B>(0, t, dev);
-        let q = layer.rope.apply(layer.wq.forward(x.clone()).reshape([1, t, heads, d]).swap_dims(1, 2), pos.clone());
-        let k = layer.rope.apply(layer.wk.forward(x).reshape([1, t, kv, d]).swap_dims(1, 2), pos);
-        let k = k.reshape([1, kv, 1, t, d]).expand([1, kv, heads / kv, t, d]).reshape([1, heads, t, d]);
+        let (q, k) = explicit_qk(&layer, x, heads, kv, dev);
         let s = q.matmul(k.swap_dims(2, 3)).div_scalar((d as f64).sqrt());
         let mask = Tensor::<B, 2, Bool>::tril_mask([t, t], 0, dev).reshape([1, 1, t, t]).expand([1, heads, t, t]);
         let p = softmax(s.mask_fill(mask, f32::NEG_INFINITY), 3);
@@ -497,10 +510,7 @@ fn snapkv_with_grouped_heads_selects_what_explicit_queries_and_keys_vote_for<B: 
     policy.after_attention(&ctx, &mut cache, out.observation.as_ref()).unwrap();
     // Reference from the layer's weights: the window's causal softmax over all keys.
     let d = D_MODEL / heads;
-    let pos = position_range::<B>(0, t, dev);
-    let q = layer.rope.apply(layer.wq.forward(x.clone()).reshape([1, t, heads, d]).swap_dims(1, 2), pos.clone());
-    let k = layer.rope.apply(layer.wk.forward(x).reshape([1, t, kv, d]).swap_dims(1, 2), pos);
-    let k = k.reshape([1, kv, 1, t, d]).expand([1, kv, heads / kv, t, d]).reshape([1, heads, t, d]);
+    let (q, k) = explicit_qk(&layer, x, heads, kv, dev);
     let s = q.narrow(2, t - w, w).matmul(k.swap_dims(2, 3)).div_scalar((d as f64).sqrt());
     let mask = Tensor::<B, 2, Bool>::tril_mask([w, t], (t - w) as i64, dev).reshape([1, 1, w, t]).expand([1, heads, w, t]);
     let p = floats(softmax(s.mask_fill(mask, f32::NEG_INFINITY), 3));
