@@ -10,8 +10,8 @@ use burn::tensor::activation::softmax;
 /// positions the slots remember, `None` lets every query see every slot (a single new token).
 ///
 /// Ragged storage (heads with unequal budgets) attends head by head, each KV head's group of
-/// query heads over that head's own slots, and observes nothing: the policies that give heads
-/// unequal budgets act once, at prefill, while storage is still rectangular.
+/// query heads over that head's own slots; what it observes is per head too
+/// ([`Observation::heads`]), with no norms (no ragged-storage policy reads them).
 pub fn attend_cache<B: Backend>(
     q: Tensor<B, 4>,
     cache: &kv_core::LayerCache<B>,
@@ -31,19 +31,24 @@ pub fn attend_cache<B: Backend>(
     let [b, h, _, _] = q.dims();
     let kv = cache.shape().kv_heads;
     let group = h / kv;
+    let per_head_request = ObserveRequest { key_norms: false, value_norms: false, ..observe };
+    let mut observed = Vec::new();
     let rows = (0..b)
         .map(|row| {
             let per_head = (0..kv)
                 .map(|head| {
                     let c = &heads[row * kv + head];
                     let q = q.clone().narrow(0, row, 1).narrow(1, head * group, group);
-                    grouped_attention(q, &c.kv_segments(), &causality(c.positions()), scale, ObserveRequest::default()).0
+                    let (o, obs) = grouped_attention(q, &c.kv_segments(), &causality(c.positions()), scale, per_head_request);
+                    observed.extend(obs);
+                    o
                 })
                 .collect();
             Tensor::cat(per_head, 1)
         })
         .collect();
-    (Tensor::cat(rows, 0), None)
+    let observation = (!per_head_request.is_empty()).then(|| Observation { heads: Some(observed), ..Default::default() });
+    (Tensor::cat(rows, 0), observation)
 }
 
 /// Causal attention of the cache's newest `t` tokens (`q` `[batch, heads, t, d]`, at positions
@@ -56,7 +61,7 @@ pub fn attend_cache<B: Backend>(
 pub fn attend_appended<B: Backend>(q: Tensor<B, 4>, cache: &kv_core::LayerCache<B>, scale: f64, observe: ObserveRequest) -> (Tensor<B, 4>, Option<Observation<B>>) {
     let [_, h, t, _] = q.dims();
     let seen = cache.tokens_seen();
-    if t > 1 && !cache.is_ragged() && !observe.column_sums {
+    if t > 1 && !cache.is_ragged() && !observe.column_sums && observe.band == 0 {
         let (o, observation) = fused_prefill(q, cache, scale, observe);
         return (o, Observation::with_plain_norms(observation, observe, cache, h));
     }
@@ -198,6 +203,7 @@ pub fn grouped_attention_parts<B: Backend>(
     let q_parts: Vec<Tensor<B, 4>> = q_parts.iter().map(|q| q.clone().mul_scalar(scale)).collect();
     let mut outs = Vec::with_capacity(t.div_ceil(QUERY_BLOCK));
     let mut col_sums: Option<Tensor<B, 3>> = None;
+    let mut band_sums: Option<Tensor<B, 3>> = None;
     let mut windows = Vec::new();
     let win_start = t.saturating_sub(observe.window);
     let mut lo = 0;
@@ -229,12 +235,17 @@ pub fn grouped_attention_parts<B: Backend>(
             Causality::ByPosition { query, key } => (Some(query), Some(key), None),
             Causality::Window { query, key, window } => (Some(query), Some(key), Some(*window)),
         };
+        let mut near: Option<Tensor<B, 5, Bool>> = None;
         if let (Some(query), Some(key)) = (query, key) {
             // Compared at the positions' own shape ([1, 1, n] while no head has evicted), then
             // broadcast, so the mask costs t x n, not batch x heads x t x n.
             let [pb, ph, _] = key.dims();
             let kp = key.clone().reshape([pb, ph, 1, n]).expand([pb, ph, tb, n]);
             let qp = query.clone().narrow(0, lo, tb).reshape([1, 1, tb, 1]).expand([pb, ph, tb, n]);
+            if observe.band > 0 {
+                let far = kp.clone().add_scalar(observe.band as i64).lower_equal(qp.clone());
+                near = Some(far.reshape([pb, ph, 1, tb, n]).expand([b, kvh, r, tb, n]));
+            }
             let mut mask = kp.clone().greater(qp.clone());
             if let Some(w) = window {
                 mask = mask.bool_or(kp.add_scalar(w as i64).lower_equal(qp));
@@ -246,6 +257,13 @@ pub fn grouped_attention_parts<B: Backend>(
         if observe.column_sums {
             let s = probs.clone().sum_dim(3).reshape([b, h, n]);
             col_sums = Some(match col_sums {
+                Some(acc) => acc + s,
+                None => s,
+            });
+        }
+        if let Some(far) = near {
+            let s = probs.clone().mask_fill(far, 0.0).sum_dim(3).reshape([b, h, n]);
+            band_sums = Some(match band_sums {
                 Some(acc) => acc + s,
                 None => s,
             });
@@ -277,6 +295,8 @@ pub fn grouped_attention_parts<B: Backend>(
     let observation = (!observe.is_empty()).then(|| Observation {
         column_sums: col_sums,
         window: (!windows.is_empty()).then(|| Tensor::cat(windows, 2)),
+        band: if band_sums.is_some() { observe.band } else { 0 },
+        band_sums,
         ..Default::default()
     });
     (out, observation)

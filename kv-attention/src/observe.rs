@@ -13,12 +13,15 @@ pub struct ObserveRequest {
     pub key_norms: bool,
     /// L1 norms of the values the query heads read, per slot (value-aware eviction).
     pub value_norms: bool,
+    /// Per-key attention of the queries at most `band - 1` positions after it (0 = none): the
+    /// mass a local window of `band` keys keeps (FastGen's profiling).
+    pub band: usize,
 }
 
 impl ObserveRequest {
     /// True when nothing is requested.
     pub fn is_empty(&self) -> bool {
-        !self.column_sums && self.window == 0 && !self.key_norms && !self.value_norms
+        !self.column_sums && self.window == 0 && !self.key_norms && !self.value_norms && self.band == 0
     }
 
     /// The union of two requests (the larger window).
@@ -28,6 +31,7 @@ impl ObserveRequest {
             window: self.window.max(other.window),
             key_norms: self.key_norms || other.key_norms,
             value_norms: self.value_norms || other.value_norms,
+            band: self.band.max(other.band),
         }
     }
 }
@@ -47,6 +51,14 @@ pub struct Observation<B: Backend> {
     /// `[batch, heads, keys]`: the L1 norm of the value each query head reads from each slot
     /// (MLA: of `W_UV^h c`, not of the latent).
     pub value_norms: Option<Tensor<B, 3>>,
+    /// `[batch, heads, keys]`: for each key at position `p`, the attention it gets from this
+    /// call's queries at positions `p .. p + band` (a causal call only).
+    pub band_sums: Option<Tensor<B, 3>>,
+    /// The `band` the band sums were taken over (0 when there are none).
+    pub band: usize,
+    /// With ragged storage, the observation of each (batch row, KV head) over its own slots
+    /// (index `b * kv_heads + h`, tensors `[1, group, n_i]`); the fields above are then empty.
+    pub heads: Option<Vec<Observation<B>>>,
 }
 
 impl<B: Backend> Observation<B> {
@@ -64,6 +76,9 @@ impl<B: Backend> Observation<B> {
             window,
             key_norms: self.key_norms.clone().filter(|_| request.key_norms),
             value_norms: self.value_norms.clone().filter(|_| request.value_norms),
+            band_sums: self.band_sums.clone().filter(|_| request.band > 0),
+            band: if request.band > 0 { self.band } else { 0 },
+            heads: self.heads.as_ref().map(|hs| hs.iter().map(|h| h.restricted(request)).collect()),
         }
     }
 

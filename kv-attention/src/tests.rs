@@ -298,8 +298,10 @@ fn ragged_attention_equals_each_heads_rectangular_attention<B: Backend>(dev: &B:
     // Three queries at positions 9..12 (causal by remembered position), then one unmasked query.
     for (t, query_positions) in [(3, Some(Tensor::<B, 1, Int>::arange(9..12, dev))), (1, None)] {
         let q = randn([batch, heads, t, d], dev);
-        let (got, obs) = attend_cache(q.clone(), &ragged, query_positions.clone(), 0.3, ObserveRequest { column_sums: true, ..Default::default() });
-        assert!(obs.is_none(), "ragged attention observes nothing");
+        let request = ObserveRequest { column_sums: true, ..Default::default() };
+        let (got, obs) = attend_cache(q.clone(), &ragged, query_positions.clone(), 0.3, request);
+        let per_head = obs.and_then(|o| o.heads).expect("ragged attention observes per head");
+        assert_eq!(per_head.len(), batch * kv);
         assert_eq!(got.dims(), [batch, heads, t, d]);
         // Reference: every head of a rectangular cache keeps head i's slots; read group i from it.
         for (i, idx) in keep.iter().enumerate() {
@@ -307,11 +309,40 @@ fn ragged_attention_equals_each_heads_rectangular_attention<B: Backend>(dev: &B:
             let mut rect = full.clone();
             rect.retain_per_head(&vec![idx.clone(); batch * kv]).unwrap();
             assert!(!rect.is_ragged());
-            let (want, _) = attend_cache(q.clone(), &rect, query_positions.clone(), 0.3, ObserveRequest::default());
+            let (want, want_obs) = attend_cache(q.clone(), &rect, query_positions.clone(), 0.3, request);
             let group = heads / kv;
             let pick = |x: Tensor<B, 4>| x.narrow(0, b, 1).narrow(1, h * group, group);
             let diff = max_abs_diff(pick(got.clone()), pick(want));
             assert!(diff <= 1e-6, "t {t}, head {i}: {diff}");
+            let want_sums = want_obs.and_then(|o| o.column_sums).unwrap().narrow(0, b, 1).narrow(1, h * group, group);
+            let got_sums = per_head[i].column_sums.clone().expect("column sums of the head's slots");
+            assert_eq!(got_sums.dims(), [1, group, idx.len()]);
+            let diff = max_abs_diff(got_sums, want_sums);
+            assert!(diff <= 1e-6, "t {t}, head {i} column sums: {diff}");
+        }
+    }
+}
+
+fn band_sums_are_the_attention_of_the_queries_within_the_band_after_each_key<B: Backend>(dev: &B::Device) {
+    let (heads, kv, d, n, band) = (4, 2, 8, 300, 7);
+    let q = randn::<B, 4>([1, heads, n, d], dev);
+    let (k, v) = (randn::<B, 4>([1, kv, n, d], dev), randn::<B, 4>([1, kv, n, d], dev));
+    let positions = Tensor::<B, 1, Int>::arange(0..n as i64, dev);
+    let causality = Causality::ByPosition { query: positions.clone(), key: positions.clone().reshape([1, 1, n]) };
+    // Two query blocks (n > QUERY_BLOCK), so the sums cross a block boundary.
+    let request = ObserveRequest { band, column_sums: true, window: n, ..Default::default() };
+    let (_, obs) = grouped_attention(q, &[(k, v)], &causality, 0.35, request);
+    let obs = obs.unwrap();
+    assert_eq!(obs.band, band);
+    let probs: Vec<f32> = obs.window.unwrap().into_data().iter::<f32>().collect();
+    let sums: Vec<f32> = obs.band_sums.unwrap().into_data().iter::<f32>().collect();
+    let cols: Vec<f32> = obs.column_sums.unwrap().into_data().iter::<f32>().collect();
+    for h in 0..heads {
+        for j in 0..n {
+            let want: f32 = (j..(j + band).min(n)).map(|i| probs[(h * n + i) * n + j]).sum();
+            let got = sums[h * n + j];
+            assert!((got - want).abs() <= 1e-5, "head {h}, key {j}: {got} vs {want}");
+            assert!(got <= cols[h * n + j] + 1e-6);
         }
     }
 }
@@ -373,6 +404,7 @@ kv_core::backend_tests!(
     mla_reports_the_norms_of_the_keys_and_values_its_heads_use,
     mimetic_init_copies_each_groups_first_query_projection_into_its_keys,
     ragged_attention_equals_each_heads_rectangular_attention,
+    band_sums_are_the_attention_of_the_queries_within_the_band_after_each_key,
     rope_dot_products_depend_only_on_relative_position,
     rope_rerotation_by_delta_equals_rotation_at_target,
     rope_rejects_odd_dim,

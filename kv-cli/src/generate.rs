@@ -6,7 +6,7 @@ use burn::prelude::*;
 use clap::Args;
 use kv_core::{KvError, Result};
 use kv_models::{ChatMessage, GenerateConfig, SamplerConfig, Tokenizer, generate};
-use kv_policies::build_policy;
+use kv_policies::build_policy_in;
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -113,9 +113,10 @@ impl BackendJob for GenerateArgs {
     type Output = ();
 
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
-        let mut policy = build_policy::<B>(&self.policy)?;
+        kv_policies::PolicySpec::parse(&self.policy)?;
         let loaded = self.model.load::<B>("tiny-mha", &device)?;
         let tokenizer = &loaded.tokenizer;
+        let mut policy = build_policy_in::<B>(&self.policy, &tokenizer.policy_env())?;
         let (prompt, echo) = self.prompt(tokenizer)?;
         let gen_config = GenerateConfig {
             max_new_tokens: self.max_tokens,

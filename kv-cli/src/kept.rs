@@ -7,7 +7,7 @@ use burn::prelude::*;
 use clap::Args;
 use kv_core::{KvError, LayerCache, Result};
 use kv_models::SharedPrefill;
-use kv_policies::{CachePolicy, build_policy};
+use kv_policies::{CachePolicy, build_policy_in};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -40,6 +40,9 @@ pub struct KeptFile {
     pub prompt_tokens: usize,
     /// Per policy spec: per layer, per KV head (batch row 0), the original positions kept.
     pub policies: BTreeMap<String, Vec<Vec<Vec<i64>>>>,
+    /// Per policy spec that chooses per head (FastGen): per layer, per KV head, what it chose.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub choices: BTreeMap<String, Vec<Vec<String>>>,
 }
 
 fn positions<B: Backend>(cache: &LayerCache<B>) -> Vec<Vec<i64>> {
@@ -58,7 +61,9 @@ impl BackendJob for KeptArgs {
 
     fn run<B: Backend>(self, device: B::Device) -> Result<KeptFile> {
         let specs = kv_policies::split_specs(&self.policy);
-        let mut policies: Vec<Box<dyn CachePolicy<B>>> = specs.iter().map(|p| build_policy::<B>(p)).collect::<Result<_>>()?;
+        // Checked before the model loads; built with the model's tokenizer after.
+        let check = kv_policies::PolicyEnv::with_classes(kv_policies::TokenClasses::default());
+        specs.iter().try_for_each(|p| build_policy_in::<B>(p, &check).map(|_| ()))?;
         let text = match (&self.prompt, &self.prompt_file) {
             (Some(t), _) => t.clone(),
             (None, Some(path)) => std::fs::read_to_string(path).map_err(|e| KvError::io(path, e))?,
@@ -66,16 +71,22 @@ impl BackendJob for KeptArgs {
         };
         let loaded = self.model.load::<B>("tiny-mha", &device)?;
         let ids = loaded.tokenizer.encode_prompt(&text)?;
+        let env = loaded.tokenizer.policy_env();
+        let mut policies: Vec<Box<dyn CachePolicy<B>>> = specs.iter().map(|p| build_policy_in::<B>(p, &env)).collect::<Result<_>>()?;
         if ids.is_empty() {
             return Err(KvError::config("--prompt", "\"\"", "text with at least one token"));
         }
         let refs: Vec<&dyn CachePolicy<B>> = policies.iter().map(|p| p.as_ref()).collect();
         let shared = SharedPrefill::new(&loaded.model, &ids, &refs, 0)?;
-        let mut out = BTreeMap::new();
+        let (mut out, mut choices) = (BTreeMap::new(), BTreeMap::new());
         for (spec, policy) in specs.iter().zip(policies.iter_mut()) {
             let cache = shared.cache_for(&loaded.model, policy.as_mut())?;
             out.insert(spec.clone(), (0..cache.num_layers()).map(|l| positions(cache.layer(l))).collect());
+            let chose = policy.head_choices();
+            if !chose.is_empty() {
+                choices.insert(spec.clone(), chose);
+            }
         }
-        Ok(KeptFile { model: self.model.label("tiny-mha"), prompt_tokens: ids.len(), policies: out })
+        Ok(KeptFile { model: self.model.label("tiny-mha"), prompt_tokens: ids.len(), policies: out, choices })
     }
 }

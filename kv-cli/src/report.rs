@@ -60,7 +60,9 @@ pub fn markdown(results: &[CellResult]) -> String {
     s += &"---:|".repeat(columns.len() + 1);
     s += "\n";
     for ((model, policy, c), cells) in &rows {
-        s += &format!("| {model} | {policy} | {:.1}% |", *c as f64 / 10.0);
+        // A policy that sets its own compression (FastGen) shows what it kept instead.
+        let compression = if sets_own_compression(policy) { "own".to_string() } else { format!("{:.1}%", *c as f64 / 10.0) };
+        s += &format!("| {model} | {policy} | {compression} |");
         for col in &columns {
             let v = mean(cells.iter().filter(|r| (&r.cell.probe, r.cell.context) == (&col.0, col.1)).map(|r| value(r)));
             s += &match (v.is_nan(), col.0.starts_with("ppl")) {
@@ -69,16 +71,22 @@ pub fn markdown(results: &[CellResult]) -> String {
                 (false, false) => format!(" {:.0}% |", v * 100.0),
             };
         }
-        // Kept share: this row's bytes over the full cache's bytes in the same cells.
-        let kept = mean(cells.iter().filter_map(|r| {
-            let full = results.iter().find(|f| {
-                f.cell.policy == "full" && f.cell.model == r.cell.model && f.cell.probe == r.cell.probe && f.cell.context == r.cell.context && f.cell.depth == r.cell.depth
-            })?;
-            (full.kv_bytes > 0.0).then(|| r.kv_bytes / full.kv_bytes)
-        }));
+        let kept = mean(cells.iter().filter_map(|r| kept_share(results, r)));
         s += &if kept.is_nan() { " - |\n".to_string() } else { format!(" {:.1}% |\n", kept * 100.0) };
     }
     s
+}
+
+/// Whether a policy label names one that sets its own compression (FastGen), not the grid.
+fn sets_own_compression(policy: &str) -> bool {
+    let name = policy.split(':').next().unwrap_or(policy);
+    name != "full" && kv_policies::SELF_BUDGETED.contains(&name)
+}
+
+/// A cell's bytes over the full cache's bytes in the same (model, probe, context, depth).
+fn kept_share(results: &[CellResult], r: &CellResult) -> Option<f64> {
+    let full = results.iter().find(|f| f.cell.policy == "full" && f.cell.model == r.cell.model && f.cell.probe == r.cell.probe && f.cell.context == r.cell.context && f.cell.depth == r.cell.depth)?;
+    (full.kv_bytes > 0.0).then(|| r.kv_bytes / full.kv_bytes)
 }
 
 /// One chart per probe: its metric against compression, a line per (model, policy), each line
@@ -92,7 +100,11 @@ pub fn charts(dir: &Path, results: &[CellResult]) -> Result<Vec<PathBuf>> {
         let of_probe: Vec<&CellResult> = results.iter().filter(|r| r.cell.probe == probe).collect();
         let mut lines: BTreeMap<(String, String), BTreeMap<u64, Vec<f64>>> = BTreeMap::new();
         for r in &of_probe {
-            let (model, policy, c) = row_key(r);
+            let (model, policy, mut c) = row_key(r);
+            if sets_own_compression(&policy) {
+                // Plotted at the compression it reached: one minus the share of bytes it kept.
+                c = kept_share(results, r).map_or(c, |k| ((1.0 - k) * 1000.0).round().max(0.0) as u64);
+            }
             lines.entry((model, policy)).or_default().entry(c).or_default().push(value(r));
         }
         let full: BTreeMap<String, f64> = lines

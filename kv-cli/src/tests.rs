@@ -79,11 +79,13 @@ fn a_tiny_tour_runs_end_to_end_and_reuses_its_models() {
         assert!(std::fs::metadata(&path).is_ok_and(|m| m.len() > 0), "{name} missing or empty");
     }
     let pngs: Vec<&PathBuf> = written.iter().filter(|p| p.extension().is_some_and(|e| e == "png")).collect();
-    // Perplexity, passkey accuracy, decode speed and cache bytes.
-    assert_eq!(pngs.len(), 4, "{pngs:?}");
+    // Perplexity, passkey accuracy, decode speed, cache bytes and FastGen's choice per head.
+    assert_eq!(pngs.len(), 5, "{pngs:?}");
     assert!(pngs.iter().all(|p| is_png(p)), "{pngs:?}");
     let md = std::fs::read_to_string(root.join("tour/report.md")).unwrap();
-    for section in ["## Models", "## Quality under compression", "## Speed and memory", "![perplexity.png](perplexity.png)"] {
+    assert_eq!(report.fastgen.len(), 2, "one FastGen profile per model");
+    assert!(report.fastgen.iter().all(|c| !c.layers.is_empty() && c.layers.iter().all(|l| !l.is_empty())));
+    for section in ["## Models", "## Quality under compression", "## Speed and memory", "![perplexity.png](perplexity.png)", "## FastGen: what each head chose"] {
         assert!(md.contains(section), "report.md lacks {section}");
     }
     // Measured bytes: at 50% compression the policies hold about half of the full cache.

@@ -33,8 +33,8 @@ pub struct TourArgs {
     /// Where trained models are kept and reused by later tours.
     #[arg(long, default_value = "runs/models")]
     pub models: PathBuf,
-    /// Presets to train (or reuse) and compare (default: tiny-mha,tiny-gqa; with --quick:
-    /// quick-mha,quick-gqa). Add tiny-mla, tiny-yoco, tiny-yoco-retention or tiny-mqa to compare
+    /// Presets to train (or reuse) and compare (default: tiny-mha; with --quick:
+    /// quick-mha,quick-gqa). Add tiny-gqa, tiny-mla, tiny-yoco, tiny-yoco-retention or tiny-mqa to compare
     /// more architectures, at about 8 minutes of training each on 2 cores.
     #[arg(long, value_delimiter = ',')]
     pub presets: Vec<String>,
@@ -103,7 +103,9 @@ impl TourPlan {
     /// compression, and SmolLM2 on the Needle-in-a-Haystack test (1024 and 2048 tokens, depths
     /// 0, 50 and 100%) and on the essays.
     pub fn standard(presets: &[String]) -> Result<Self> {
-        let mut plan = Self::with_presets(&Self::names(presets, &["tiny-mha", "tiny-gqa"]), 20, 4, vec![512, 2048, 8192], 2048)?;
+        // One trained preset (SmolLM2 brings GQA) keeps the tour near 30 minutes from a fresh clone
+        // on two cores: about 8 to build, 7 to train tiny-mha, 15 for the rest.
+        let mut plan = Self::with_presets(&Self::names(presets, &["tiny-mha"]), 20, 4, vec![512, 2048, 8192], 2048)?;
         // Three of the test's five standard depths keep the section near ten minutes on two cores
         // (`kv eval --task niah` runs all five: about 15 minutes for this grid).
         plan.real = Some(RealPlan::new(&plan.grid.policies, vec![1024, 2048], vec![0.0, 0.5, 1.0], 512, 1, vec![1024, 2048]));
@@ -196,6 +198,80 @@ pub struct TourReport {
     /// Wall time of each part of the tour, in order.
     #[serde(default)]
     pub parts: Vec<(String, f64)>,
+    /// What FastGen chose per head after one prompt, per model.
+    #[serde(default)]
+    pub fastgen: Vec<HeadChoices>,
+}
+
+/// FastGen's choice for every (layer, KV head) of a model after one prompt.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HeadChoices {
+    /// The model's label.
+    pub model: String,
+    /// The policy spec profiled.
+    pub spec: String,
+    /// Tokens of the prompt profiled.
+    pub prompt_tokens: usize,
+    /// Per layer, per KV head, the policy chosen.
+    pub layers: Vec<Vec<String>>,
+}
+
+/// The FastGen spec whose per-head choices the tour reports.
+const FASTGEN_SPEC: &str = "fastgen:recover=0.95";
+
+/// Profiles `prompt` with FastGen and returns what each head chose.
+fn fastgen_choices<B: Backend>(label: &str, model: &kv_models::DecoderLm<B>, tokenizer: &kv_models::Tokenizer, prompt: &[u32]) -> Result<HeadChoices> {
+    let mut policy = kv_policies::build_policy_in::<B>(FASTGEN_SPEC, &tokenizer.policy_env())?;
+    let shared = kv_models::SharedPrefill::new(model, prompt, &[policy.as_ref()], 0)?;
+    shared.cache_for(model, policy.as_mut())?;
+    Ok(HeadChoices { model: label.to_string(), spec: FASTGEN_SPEC.into(), prompt_tokens: prompt.len(), layers: policy.head_choices() })
+}
+
+/// The per-layer histogram of FastGen's choices, as a table and a heat map (a panel per model:
+/// policies across, layers down, each square the share of the layer's heads that chose it).
+fn fastgen_section(dir: &Path, choices: &[HeadChoices], written: &mut Vec<PathBuf>) -> Result<String> {
+    use kv_policies::HeadPolicy;
+    if choices.is_empty() {
+        return Ok(String::new());
+    }
+    let names: Vec<String> = HeadPolicy::ORDER.iter().map(|p| p.name().to_string()).collect();
+    let mut md = format!("
+## FastGen: what each head chose
+
+`{}` profiled on one prompt per model; per layer, how many KV heads chose each policy (cheapest first).
+
+| model | layer | {} |
+|---|---:|{}
+", FASTGEN_SPEC, names.join(" | "), "---:|".repeat(names.len()));
+    let mut panels = Vec::new();
+    let layers_max = choices.iter().map(|c| c.layers.len()).max().unwrap_or(0);
+    for c in choices {
+        let mut cells = Vec::new();
+        for (l, heads) in c.layers.iter().enumerate() {
+            let counts: Vec<usize> = names.iter().map(|n| heads.iter().filter(|h| *h == n).count()).collect();
+            md += &format!("| {} | {l} | {} |
+", c.model, counts.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(" | "));
+            for (i, &n) in counts.iter().enumerate() {
+                cells.push((i, l, n as f64 / heads.len().max(1) as f64));
+            }
+        }
+        panels.push(crate::plot::Panel { title: format!("{} ({} tokens)", c.model, c.prompt_tokens), cells });
+    }
+    let path = dir.join("fastgen-heads.png");
+    let maps = crate::plot::HeatMaps {
+        title: "FastGen: share of each layer's heads choosing each policy",
+        columns: vec!["spec".into(), "+punct".into(), "+freq".into(), "+local".into(), "full".into()],
+        rows: (0..layers_max).map(|l| l.to_string()).collect(),
+        x_label: "policy (cheapest first)",
+        y_label: "layer",
+        panels,
+    };
+    crate::plot::heat_maps(&path, &maps)?;
+    md += "
+![fastgen-heads.png](fastgen-heads.png)
+";
+    written.push(path);
+    Ok(md)
 }
 
 /// What the tour measured on the real model, or why it did not.
@@ -299,6 +375,13 @@ impl BackendJob for TourJob {
         }
         time("train (or reuse) the tiny models", &mut parts);
         let eval = run_checkpoints::<B>(&dirs, &plan.grid, &device, self.device)?;
+        let mut fastgen = Vec::new();
+        for (dir, label) in dirs.iter().zip(&labels) {
+            let (model, _) = load_model::<B>(dir, &device)?;
+            let tokenizer = kv_models::Tokenizer::for_run(dir)?;
+            let prompt = kv_models::data::Corpus::stories(99, 8 * plan.policy_context).windows(plan.policy_context.min(512), 1).remove(0);
+            fastgen.push(fastgen_choices::<B>(label, &model, &tokenizer, &prompt)?);
+        }
         time("evaluate the tiny models", &mut parts);
         let mut bench = BenchFile::default();
         let budget = |c: f64| ((plan.policy_context as f64) * (1.0 - c)).round() as usize;
@@ -327,15 +410,15 @@ impl BackendJob for TourJob {
         time("benchmark the tiny models", &mut parts);
         let real = match &plan.real {
             None => None,
-            Some(real) => Some(run_real::<B>(real, plan.bench_steps, &device, self.device, &mut |name| time(name, &mut parts))?),
+            Some(real) => Some(run_real::<B>(real, plan.bench_steps, &device, self.device, &mut fastgen, &mut |name| time(name, &mut parts))?),
         };
-        Ok(TourReport { device: self.device.name().into(), quick: self.args.quick, seconds: start.elapsed().as_secs_f64(), models, eval, bench, real, parts })
+        Ok(TourReport { device: self.device.name().into(), quick: self.args.quick, seconds: start.elapsed().as_secs_f64(), models, eval, bench, real, parts, fastgen })
     }
 }
 
 /// The real-model section: SmolLM2 on the NIAH grid, the essays and the bench, or the reason it
 /// was skipped when the assets are missing.
-fn run_real<B: Backend>(plan: &RealPlan, steps: usize, device: &B::Device, backend: DeviceKind, lap: &mut dyn FnMut(&str)) -> Result<RealSection> {
+fn run_real<B: Backend>(plan: &RealPlan, steps: usize, device: &B::Device, backend: DeviceKind, fastgen: &mut Vec<HeadChoices>, lap: &mut dyn FnMut(&str)) -> Result<RealSection> {
     let skip = |why: String| {
         eprintln!("tour: real-model section skipped ({why})");
         Ok(RealSection { model: "smollm2".into(), skipped: Some(why), niah: None, ppl: None, bench: BenchFile::default() })
@@ -355,6 +438,9 @@ fn run_real<B: Backend>(plan: &RealPlan, steps: usize, device: &B::Device, backe
     let pretrained = kv_models::Pretrained::open(&path)?;
     let label = pretrained.label();
     let (model, _) = pretrained.load_model::<B>(device)?;
+    let tokenizer = pretrained.tokenizer()?;
+    let essay = kv_models::data::Haystack::essays()?.tokens(&tokenizer, plan.policy_context)?;
+    fastgen.push(fastgen_choices::<B>(&label, &model, &tokenizer, &essay)?);
     let mut bench = BenchFile::default();
     let budget = |c: f64| ((plan.policy_context as f64) * (1.0 - c)).round() as usize;
     let policies: Vec<String> = ["h2o", "snapkv", "streaming"].iter().map(|p| format!("{p}:budget={}", budget(0.875))).collect();
@@ -460,6 +546,7 @@ pub fn write_report(dir: &Path, report: &TourReport) -> Result<Vec<PathBuf>> {
     if let Some(real) = &report.real {
         md += &real_section(dir, real, &mut written)?;
     }
+    md += &fastgen_section(dir, &report.fastgen, &mut written)?;
     if !report.parts.is_empty() {
         md += "\n## Where the time went\n\n| part | seconds |\n|---|---:|\n";
         for (part, secs) in &report.parts {

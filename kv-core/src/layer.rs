@@ -86,6 +86,12 @@ impl<B: Backend> LayerCache<B> {
         self.ragged.as_deref()
     }
 
+    /// The per-head caches of ragged storage, mutable, for a policy that evicts head by head
+    /// (FastGen's decode); `None` for rectangular storage.
+    pub fn head_caches_mut(&mut self) -> Option<&mut [LayerCache<B>]> {
+        self.ragged.as_deref_mut()
+    }
+
     /// Slots held by every (batch row, KV head), index `b * kv_heads + h`.
     pub fn slots_per_head(&self) -> Vec<usize> {
         match &self.ragged {

@@ -302,12 +302,12 @@ impl<B: Backend> DecoderLm<B> {
             return Err(KvError::config("cache layers", cache.num_layers(), format!("{} (one per block)", self.blocks.len())));
         }
         let t = tokens.dims()[1];
-        let mut h = self.embed_continuing(tokens, cache);
+        let mut h = self.embed_continuing(tokens.clone(), cache);
         let n_layers = self.blocks.len();
         for (i, block) in self.blocks.iter().enumerate() {
             let attn = block.attention()?;
             let layer = cache.layer_mut(i);
-            let ctx = LayerContext { layer: i, n_layers, n_heads: attn.n_heads(), phase, rope: Some(attn.rope()) };
+            let ctx = LayerContext { layer: i, n_layers, n_heads: attn.n_heads(), phase, rope: Some(attn.rope()), tokens: Some(&tokens) };
             let request = policy.observe_request(&ctx);
             let out = attn.forward_cached(block.attn_norm.forward(h.clone()), layer, request)?;
             policy.after_attention(&ctx, layer, out.observation.as_ref())?;

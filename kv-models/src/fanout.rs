@@ -21,6 +21,8 @@ pub struct SharedPrefill<B: Backend> {
     layers: Vec<((usize, usize, usize), Option<Observation<B>>)>,
     /// Logits of the prompt's last position `[1, 1, vocab]`, the same under every policy.
     pub last_logits: Tensor<B, 3>,
+    /// The prompt's token ids `[1, t]`, handed to policies as the model hands them.
+    tokens: Tensor<B, 2, Int>,
 }
 
 /// Observes the union of several policies' requests and evicts nothing.
@@ -53,8 +55,8 @@ impl<B: Backend> SharedPrefill<B> {
         let mut cache = model.new_cache(1);
         cache.reserve(prompt.len() + reserve);
         let mut union = Union { policies, seen: vec![] };
-        let last_logits = model.forward_last_with_policy(x, &mut cache, &mut union, Phase::Prefill)?;
-        Ok(Self { cache, layers: union.seen, last_logits })
+        let last_logits = model.forward_last_with_policy(x.clone(), &mut cache, &mut union, Phase::Prefill)?;
+        Ok(Self { cache, layers: union.seen, last_logits, tokens: x })
     }
 
     /// The full cache after the prompt, before any policy acted.
@@ -68,11 +70,11 @@ impl<B: Backend> SharedPrefill<B> {
     }
 
     /// The context the model handed policies for cache `layer` at this prefill.
-    pub fn context<'m>(&self, model: &'m DecoderLm<B>, layer: usize) -> Option<LayerContext<'m, B>> {
+    pub fn context<'s>(&'s self, model: &'s DecoderLm<B>, layer: usize) -> Option<LayerContext<'s, B>> {
         self.layers
             .iter()
             .find(|((l, ..), _)| *l == layer)
-            .map(|((layer, n_layers, n_heads), _)| LayerContext { layer: *layer, n_layers: *n_layers, n_heads: *n_heads, phase: Phase::Prefill, rope: model.policy_rope(*layer) })
+            .map(|((layer, n_layers, n_heads), _)| LayerContext { layer: *layer, n_layers: *n_layers, n_heads: *n_heads, phase: Phase::Prefill, rope: model.policy_rope(*layer), tokens: Some(&self.tokens) })
     }
 
     /// `policy`'s cache after the prompt: the full cache compressed as `policy` would have at
@@ -80,7 +82,7 @@ impl<B: Backend> SharedPrefill<B> {
     pub fn cache_for(&self, model: &DecoderLm<B>, policy: &mut dyn CachePolicy<B>) -> Result<ModelCache<B>> {
         let mut cache = self.cache.clone();
         for ((layer, n_layers, n_heads), observation) in &self.layers {
-            let ctx = LayerContext { layer: *layer, n_layers: *n_layers, n_heads: *n_heads, phase: Phase::Prefill, rope: model.policy_rope(*layer) };
+            let ctx = LayerContext { layer: *layer, n_layers: *n_layers, n_heads: *n_heads, phase: Phase::Prefill, rope: model.policy_rope(*layer), tokens: Some(&self.tokens) };
             let request = policy.observe_request(&ctx);
             let mine = observation.as_ref().map(|o| o.restricted(request));
             policy.after_attention(&ctx, cache.layer_mut(*layer), mine.as_ref())?;

@@ -8,7 +8,7 @@ use crate::data::{ANSWER_TOKENS, Corpus, DEFAULT_DEPTHS, FRAME_TOKENS, Haystack,
 use crate::{DecoderLm, GenerateConfig, SamplerConfig, SharedPrefill, Tokenizer, continue_generation, last_row, policy_loss, task_accuracy_with};
 use burn::prelude::*;
 use kv_core::{KvError, Result};
-use kv_policies::{Phase, PolicySpec, build_policy};
+use kv_policies::{Phase, PolicyEnv, PolicySpec, SELF_BUDGETED, TokenClasses, build_policy_in};
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
 
@@ -150,11 +150,15 @@ pub struct CellResult {
     pub answer: Option<String>,
 }
 
-/// The spec a policy runs at a compression: `full` stays `full`; others get `budget = 1 - c`.
+/// The spec a policy runs at a compression: `full` stays `full`, FastGen (which sets its own
+/// compression from its recovery threshold) keeps its spec; others get `budget = 1 - c`.
 pub fn policy_at(policy: &str, compression: f64) -> Result<String> {
     let parsed = PolicySpec::parse(policy)?;
     if parsed.name == "full" {
         return Ok("full".into());
+    }
+    if SELF_BUDGETED.contains(&parsed.name.as_str()) {
+        return Ok(policy.trim().to_string());
     }
     if parsed.pairs().any(|(k, _)| k == "budget") {
         return Err(KvError::config(
@@ -210,7 +214,7 @@ impl GridSpec {
         let mut policies = Vec::new();
         for policy in &self.policies {
             let name = PolicySpec::parse(policy)?.name;
-            let compressions: Vec<f64> = if name == "full" { vec![0.0] } else { self.compressions.clone() };
+            let compressions: Vec<f64> = if SELF_BUDGETED.contains(&name.as_str()) { vec![0.0] } else { self.compressions.clone() };
             if compressions.is_empty() {
                 return Err(KvError::config("compressions", "none", format!("at least one for policy {name}")));
             }
@@ -219,7 +223,8 @@ impl GridSpec {
             let label = if name == "full" { name.clone() } else { policy.trim().to_string() };
             for c in compressions {
                 let spec = policy_at(policy, c)?;
-                build_policy::<B>(&spec)?;
+                // Validated with empty token classes: the run hands each model's own.
+                build_policy_in::<B>(&spec, &PolicyEnv::with_classes(TokenClasses::default()))?;
                 policies.push((label.clone(), spec, c));
             }
         }
@@ -275,7 +280,8 @@ pub fn run_cell<B: Backend>(model: &DecoderLm<B>, tokenizer: &Tokenizer, cell: &
         return Ok(niah_cells(model, tokenizer, std::slice::from_ref(cell), spec, haystack)?.remove(0));
     }
     let start = Instant::now();
-    let mut make = || build_policy::<B>(&cell.spec).expect("validated when the grid was built");
+    let env = tokenizer.policy_env();
+    let mut make = || build_policy_in::<B>(&cell.spec, &env).expect("validated when the grid was built");
     let mut result = CellResult { cell: cell.clone(), accuracy: None, loss: None, perplexity: None, kv_bytes: 0.0, samples: 0, seconds: 0.0, answer: None };
     match Probe::parse(&cell.probe)? {
         Probe::Task(task) => {
@@ -319,7 +325,8 @@ fn niah_cells<B: Backend>(model: &DecoderLm<B>, tokenizer: &Tokenizer, cells: &[
         NiahMode::Agnostic => prompt.context.clone(),
         NiahMode::QueryAware => prompt.context.iter().chain(&prompt.question).copied().collect(),
     };
-    let mut policies: Vec<Box<dyn kv_policies::CachePolicy<B>>> = cells.iter().map(|c| build_policy::<B>(&c.spec)).collect::<Result<_>>()?;
+    let env = tokenizer.policy_env();
+    let mut policies: Vec<Box<dyn kv_policies::CachePolicy<B>>> = cells.iter().map(|c| build_policy_in::<B>(&c.spec, &env)).collect::<Result<_>>()?;
     let shared = {
         let refs: Vec<&dyn kv_policies::CachePolicy<B>> = policies.iter().map(|p| p.as_ref()).collect();
         SharedPrefill::new(model, &prefill, &refs, prompt.question.len() + ANSWER_TOKENS)?

@@ -738,6 +738,36 @@ fn adakv_decodes_from_ragged_storage_and_holds_fewer_bytes<B: Backend>(dev: &B::
     }
 }
 
+fn fastgen_runs_on_gqa_and_mla_and_at_full_recovery_decodes_as_the_full_cache<B: Backend>(dev: &B::Device) {
+    let ids = sequence(36);
+    let env = kv_policies::PolicyEnv::with_classes(kv_policies::TokenClasses::new(64, [7], [1, 2, 3, 4]));
+    let run = |model: &DecoderLm<B>, spec: &str| {
+        let mut policy = kv_policies::build_policy_in::<B>(spec, &env).unwrap();
+        let mut cache = model.new_cache(1);
+        let mut parts = vec![model.forward_with_policy(tokens(&ids[..24], dev), &mut cache, policy.as_mut(), kv_policies::Phase::Prefill).unwrap()];
+        for (step, &id) in ids[24..].iter().enumerate() {
+            parts.push(model.forward_with_policy(tokens(&[id], dev), &mut cache, policy.as_mut(), kv_policies::Phase::Decode { step: step + 1 }).unwrap());
+        }
+        (Tensor::cat(parts, 1), cache)
+    };
+    let models = [("gqa", tiny(8, 2).init::<B>(dev).unwrap()), ("mla", tiny_mla(4, 0).init::<B>(dev).unwrap())];
+    for (name, model) in &models {
+        let (full, full_cache) = decode_logits(model, &ids, 24, dev);
+        let (same, cache) = run(model, "fastgen:recover=1");
+        assert!(max_abs_diff(full.clone(), same) <= 1e-5, "{name}: T = 1 is the full cache");
+        assert_eq!(cache.stats().kv_bytes, full_cache.stats().kv_bytes, "{name}");
+        let (logits, cache) = run(model, "fastgen:recover=0.5,local=0.25,frequent=0.25");
+        assert!(logits.clone().is_finite().all().into_scalar().to_bool(), "{name}");
+        let stats = cache.stats();
+        assert_eq!(stats.tokens_seen, 36, "{name}");
+        assert!(stats.kv_bytes < full_cache.stats().kv_bytes, "{name}: FastGen at T = 0.5 holds fewer bytes");
+        assert!(stats.layers.iter().all(|l| l.slots_per_head.iter().all(|&s| s >= 1)), "{name}");
+        for l in 0..cache.num_layers() {
+            assert_eq!(cache.layer(l).rope_position(), 36, "{name}: the next RoPE position is the tokens seen");
+        }
+    }
+}
+
 /// A word-level tokenizer.json of the stories' and the tasks' own words (`\w+` runs and
 /// punctuation runs, as its Whitespace pre-tokenizer splits them), written to `dir`.
 #[cfg(feature = "hf-tokenizer")]
@@ -811,6 +841,7 @@ fn a_hugging_face_tokenizer_trains_resumes_and_evaluates<B: Backend>(dev: &B::De
 
 kv_core::backend_tests!(
     adakv_decodes_from_ragged_storage_and_holds_fewer_bytes,
+    fastgen_runs_on_gqa_and_mla_and_at_full_recovery_decodes_as_the_full_cache,
     batched_forward_matches_each_row_decoded_alone,
     policy_perplexity_with_a_full_cache_matches_the_forward_pass,
     every_policy_with_a_budget_above_the_length_matches_the_full_cache,

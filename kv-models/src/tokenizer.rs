@@ -113,6 +113,8 @@ pub struct HfTokenizer {
     /// Ids of `text.bos_token` etc., resolved once.
     bos_id: Option<u32>,
     stop_ids: Vec<u32>,
+    /// FastGen's token classes, computed on first use (one decode per vocabulary entry).
+    classes: std::sync::OnceLock<std::sync::Arc<kv_policies::TokenClasses>>,
 }
 
 /// The tokenizer a model reads and writes text with, and how its text is framed.
@@ -187,7 +189,7 @@ impl Tokenizer {
         if text.add_bos_token && bos_id.is_none() {
             return Err(KvError::config("add_bos_token", true, "false, or a bos_token to add"));
         }
-        Ok(Tokenizer::Hf(std::sync::Arc::new(HfTokenizer { inner, json: json.to_string(), text, bos_id, stop_ids })))
+        Ok(Tokenizer::Hf(std::sync::Arc::new(HfTokenizer { inner, json: json.to_string(), text, bos_id, stop_ids, classes: Default::default() })))
     }
 
     /// A tokenizer from `tokenizer.json` contents (not compiled into this build).
@@ -292,6 +294,32 @@ impl Tokenizer {
             #[cfg(feature = "hf-tokenizer")]
             Tokenizer::Hf(t) => t.bos_id.is_some_and(|b| t.inner.encode("a", true).is_ok_and(|e| e.get_ids().first() == Some(&b))),
         }
+    }
+
+    /// FastGen's token classes: special tokens (added tokens marked special, BOS and the stop
+    /// tokens; control bytes for the byte tokenizer) and punctuation (tokens whose text is only
+    /// punctuation and whitespace), computed once per tokenizer.
+    pub fn token_classes(&self) -> std::sync::Arc<kv_policies::TokenClasses> {
+        match self {
+            Tokenizer::Bytes => std::sync::Arc::new(kv_policies::TokenClasses::bytes()),
+            #[cfg(feature = "hf-tokenizer")]
+            Tokenizer::Hf(t) => t
+                .classes
+                .get_or_init(|| {
+                    let vocab = self.vocab_size();
+                    let mut special: Vec<u32> = t.inner.get_added_tokens_decoder().iter().filter(|(_, a)| a.special).map(|(id, _)| *id).collect();
+                    special.extend(t.bos_id);
+                    special.extend(&t.stop_ids);
+                    let texts: Vec<(u32, String)> = (0..vocab as u32).filter_map(|id| t.inner.decode(&[id], false).ok().map(|s| (id, s))).collect();
+                    std::sync::Arc::new(kv_policies::TokenClasses::from_texts(vocab, texts.iter().map(|(i, s)| (*i, s.as_str())), special))
+                })
+                .clone(),
+        }
+    }
+
+    /// What policies built for this tokenizer's model need from it (FastGen's token classes).
+    pub fn policy_env(&self) -> kv_policies::PolicyEnv {
+        kv_policies::PolicyEnv { token_classes: Some(self.token_classes()) }
     }
 
     /// Tokens after which generation stops (EOS, end of turn); none for the byte tokenizer.

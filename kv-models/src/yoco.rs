@@ -111,7 +111,7 @@ impl<B: Backend> DecoderLm<B> {
             return Err(KvError::config("new tokens", 0, "at least 1"));
         }
         let start = cache.tokens_seen();
-        let mut h = self.embed_continuing(tokens, cache);
+        let mut h = self.embed_continuing(tokens.clone(), cache);
         let mut window = 0;
         for (i, block) in self.self_decoder().iter().enumerate() {
             let x = block.attn_norm.forward(h.clone());
@@ -137,11 +137,11 @@ impl<B: Backend> DecoderLm<B> {
             Some(BlockKind::Cross(a)) => a.n_heads(),
             _ => return Err(KvError::config("yoco block", self.blocks.len() / 2, "a cross-attention block")),
         };
-        let ctx = LayerContext { layer: 0, n_layers: 1, n_heads, phase, rope: Some(&global.rope) };
+        let ctx = LayerContext { layer: 0, n_layers: 1, n_heads, phase, rope: Some(&global.rope), tokens: Some(&tokens) };
         let request = policy.observe_request(&ctx);
         // Early exit: only the rows someone reads go through the cross-decoder; the first layer
         // also runs the prompt queries the policy observes (H2O: all; SnapKV: its window).
-        let rows = if last_only { t.min(if request.column_sums { t } else { request.window.max(1) }) } else { t };
+        let rows = if last_only { t.min(if request.column_sums || request.band > 0 { t } else { request.window.max(1) }) } else { t };
         if rows < t {
             h = h.narrow(1, t - rows, rows);
         }

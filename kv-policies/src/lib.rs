@@ -15,11 +15,13 @@
 //! | `tova` | `tova.rs` | the latest query's attention, averaged over the layer's heads |
 //! | `pyramidkv` | `pyramid.rs` | SnapKV with per-layer budgets shrinking with depth |
 //! | `adakv` | `adakv.rs` | any scorer, one top-k across a layer's heads (unequal per-head budgets) |
+//! | `fastgen` | `fastgen.rs` | per head, the cheapest of five token-class policies that recovers `T` of its attention |
 //!
 //! The scoring policies also implement [`Scorer`], so a selection rule other than their own
 //! per-head top-k (AdaKV's) can use their scores.
 
 mod adakv;
+mod fastgen;
 mod h2o;
 mod knorm;
 mod policy;
@@ -33,12 +35,13 @@ mod tova;
 mod vatp;
 
 pub use adakv::{ADAKV_SCORERS, AdaKvPolicy};
+pub use fastgen::{FASTGEN_ACC, FastGenPolicy, HeadPolicy, HeadProfile, TokenClasses, admit, is_punctuation_text, profile_head};
 pub use h2o::{ACC_CHANNEL, H2oPolicy};
 pub use scorer::Scorer;
 pub use knorm::KnormPolicy;
 pub use policy::{CachePolicy, FullCache, LayerContext, Phase, Schedule};
 pub use snapkv::{Pool, SnapKvPolicy, pool1d};
-pub use spec::{POLICY_NAMES, Params, PolicySpec, build_policy, build_scorer, split_specs};
+pub use spec::{POLICY_NAMES, Params, PolicyEnv, PolicySpec, SELF_BUDGETED, build_policy, build_policy_in, build_scorer, split_specs};
 pub use pyramid::PyramidKvPolicy;
 pub use streaming::StreamingPolicy;
 pub use tova::TovaPolicy;
@@ -46,3 +49,5 @@ pub use vatp::VatpPolicy;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod fastgen_tests;

@@ -52,6 +52,9 @@ pub struct LayerContext<'a, B: Backend> {
     pub phase: Phase,
     /// The layer's rotary embedding, for policies that re-rotate cached keys.
     pub rope: Option<&'a Rotary<B>>,
+    /// The token ids of this call, `[batch, t]`, for policies that keep tokens by kind
+    /// (FastGen's special and punctuation classes); `None` where the caller has none.
+    pub tokens: Option<&'a Tensor<B, 2, Int>>,
 }
 
 /// A decision over a layer's cache, made after the layer's attention has run.
@@ -69,6 +72,12 @@ pub trait CachePolicy<B: Backend> {
 
     /// Updates scores and/or evicts slots of the layer's cache.
     fn after_attention(&mut self, ctx: &LayerContext<'_, B>, cache: &mut LayerCache<B>, observation: Option<&Observation<B>>) -> Result<()>;
+
+    /// What a per-head adaptive policy chose, per layer and (batch row, KV head), by name
+    /// (FastGen's profiles); empty for policies that choose nothing per head.
+    fn head_choices(&self) -> Vec<Vec<String>> {
+        Vec::new()
+    }
 }
 
 /// The reference policy: keeps every slot and observes nothing.

@@ -1,13 +1,32 @@
 //! Policy specs: one string syntax for the CLI and config files, e.g.
 //! `snapkv:budget=0.5,window=32,kernel=7,pool=max`.
 
-use crate::{AdaKvPolicy, CachePolicy, FullCache, H2oPolicy, KnormPolicy, PyramidKvPolicy, Schedule, Scorer, SnapKvPolicy, StreamingPolicy, TovaPolicy, VatpPolicy};
+use crate::{AdaKvPolicy, CachePolicy, FastGenPolicy, FullCache, TokenClasses, H2oPolicy, KnormPolicy, PyramidKvPolicy, Schedule, Scorer, SnapKvPolicy, StreamingPolicy, TovaPolicy, VatpPolicy};
 use burn::prelude::*;
 use kv_core::{Budget, KvError, Result};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// Names of the policies [`build_policy`] knows.
-pub const POLICY_NAMES: &[&str] = &["full", "streaming", "h2o", "vatp", "knorm", "snapkv", "tova", "pyramidkv", "adakv"];
+pub const POLICY_NAMES: &[&str] = &["full", "streaming", "h2o", "vatp", "knorm", "snapkv", "tova", "pyramidkv", "adakv", "fastgen"];
+
+/// Policies that set their own compression (FastGen's from a recovery threshold), so a budget
+/// neither applies to them nor comes from an evaluation grid's compression axis.
+pub const SELF_BUDGETED: &[&str] = &["full", "fastgen"];
+
+/// What some policies need beyond their spec: the tokenizer's token classes (FastGen).
+#[derive(Debug, Clone, Default)]
+pub struct PolicyEnv {
+    /// Special and punctuation token ids of the model's tokenizer.
+    pub token_classes: Option<Arc<TokenClasses>>,
+}
+
+impl PolicyEnv {
+    /// An environment with the tokenizer's token classes.
+    pub fn with_classes(classes: TokenClasses) -> Self {
+        Self { token_classes: Some(Arc::new(classes)) }
+    }
+}
 
 /// A parsed `name:key=value,...` spec.
 #[derive(Debug, Clone, PartialEq)]
@@ -139,8 +158,14 @@ pub fn split_specs(list: &[String]) -> Vec<String> {
     out
 }
 
-/// Builds the policy a spec names, with its parameters validated.
+/// Builds the policy a spec names, with its parameters validated; policies that need the
+/// tokenizer (FastGen) are an error here: build them with [`build_policy_in`].
 pub fn build_policy<B: Backend>(spec: &str) -> Result<Box<dyn CachePolicy<B>>> {
+    build_policy_in(spec, &PolicyEnv::default())
+}
+
+/// Builds the policy a spec names in `env` (which hands FastGen the tokenizer's classes).
+pub fn build_policy_in<B: Backend>(spec: &str, env: &PolicyEnv) -> Result<Box<dyn CachePolicy<B>>> {
     let spec = PolicySpec::parse(spec)?;
     Ok(match spec.name.as_str() {
         "full" => {
@@ -155,6 +180,10 @@ pub fn build_policy<B: Backend>(spec: &str) -> Result<Box<dyn CachePolicy<B>>> {
         "tova" => Box::new(TovaPolicy::from_spec(&spec)?),
         "pyramidkv" => Box::new(PyramidKvPolicy::from_spec(&spec)?),
         "adakv" => Box::new(AdaKvPolicy::<B>::from_spec(&spec)?),
+        "fastgen" => {
+            let classes = env.token_classes.clone().ok_or_else(|| KvError::config("fastgen token classes", "none", "the tokenizer's special and punctuation tokens (build_policy_in with PolicyEnv::with_classes)"))?;
+            Box::new(FastGenPolicy::from_spec(&spec, classes)?)
+        }
         _ => unreachable!("parse only accepts known names"),
     })
 }

@@ -27,7 +27,7 @@ impl<B: Backend> Stack<B> {
     fn run(&mut self, t: usize, policy: &mut dyn CachePolicy<B>, phase: Phase, dev: &B::Device) {
         let n_layers = self.layers.len();
         for (i, (layer, cache)) in self.layers.iter().zip(self.caches.iter_mut()).enumerate() {
-            let ctx = LayerContext { layer: i, n_layers, n_heads: layer.n_heads(), phase, rope: Some(&layer.rope) };
+            let ctx = LayerContext { layer: i, n_layers, n_heads: layer.n_heads(), phase, rope: Some(&layer.rope), tokens: None };
             let x = Tensor::<B, 3>::random([1, t, D_MODEL], Distribution::Normal(0.0, 1.0), dev);
             let out = layer.forward_cached(x, cache, policy.observe_request(&ctx)).unwrap();
             if !cache.is_ragged() {
@@ -153,7 +153,7 @@ fn h2o_accumulates_column_sums_of_causal_attention<B: Backend>(dev: &B::Device) 
         let mut policy = build_policy::<B>("h2o:budget=1.0").unwrap();
         let t = 12;
         let x = Tensor::<B, 3>::random([1, t, D_MODEL], Distribution::Normal(0.0, 1.0), dev);
-        let ctx = LayerContext { layer: 0, n_layers: 1, n_heads: heads, phase: Phase::Prefill, rope: Some(&layer.rope) };
+        let ctx = LayerContext { layer: 0, n_layers: 1, n_heads: heads, phase: Phase::Prefill, rope: Some(&layer.rope), tokens: None };
         let out = layer.forward_cached(x.clone(), &mut cache, policy.observe_request(&ctx)).unwrap();
         policy.after_attention(&ctx, &mut cache, out.observation.as_ref()).unwrap();
         // Reference: explicit causal softmax from the layer's own weights, summed over queries
@@ -192,7 +192,7 @@ fn vatp_with_equal_value_norms_selects_what_h2o_selects<B: Backend>(dev: &B::Dev
     let run = |spec: &str, values: &[f32], sums: &[f32]| {
         let mut c = crafted::<B>(&keys, values, &vec![0.0; 2 * n], n, dev);
         let obs = Observation { column_sums: Some(Tensor::<B, 1>::from_floats(sums, dev).reshape([1, 2, n])), ..Default::default() };
-        let ctx = LayerContext { layer: 0, n_layers: 1, n_heads: 2, phase: Phase::Decode { step: 1 }, rope: None };
+        let ctx = LayerContext { layer: 0, n_layers: 1, n_heads: 2, phase: Phase::Decode { step: 1 }, rope: None, tokens: None };
         build_policy::<B>(spec).unwrap().after_attention(&ctx, &mut c, Some(&obs)).unwrap();
         (head_positions(&c), floats(c.side(ACC_CHANNEL).unwrap()))
     };
@@ -230,7 +230,7 @@ fn knorm_keeps_exactly_the_smallest_norms<B: Backend>(dev: &B::Device) {
     let keys: Vec<f32> = (0..2 * n * d).map(|i| (((i * 37) % 23) as f32 - 11.0) * 0.3).collect();
     let mut c = crafted::<B>(&keys, &keys, &vec![0.0; 2 * n], n, dev);
     let mut policy = build_policy::<B>("knorm:budget=4,skip=0").unwrap();
-    let ctx = LayerContext { layer: 0, n_layers: 1, n_heads: 2, phase: Phase::Prefill, rope: None };
+    let ctx = LayerContext { layer: 0, n_layers: 1, n_heads: 2, phase: Phase::Prefill, rope: None, tokens: None };
     policy.after_attention(&ctx, &mut c, None).unwrap();
     for (h, kept) in head_positions(&c).iter().enumerate() {
         let mut norms: Vec<(f32, i64)> = (0..n)
@@ -256,7 +256,7 @@ fn snapkv_keeps_the_window_and_unpooled_votes_are_column_sums<B: Backend>(dev: &
     let keys: Vec<f32> = (0..2 * n * 2).map(|i| i as f32).collect();
     let mut c = crafted::<B>(&keys, &keys, &vec![0.0; 2 * n], n, dev);
     let mut policy = build_policy::<B>(&format!("snapkv:budget=7,window={w},kernel=1")).unwrap();
-    let ctx = LayerContext { layer: 0, n_layers: 1, n_heads: heads, phase: Phase::Prefill, rope: None };
+    let ctx = LayerContext { layer: 0, n_layers: 1, n_heads: heads, phase: Phase::Prefill, rope: None, tokens: None };
     policy.after_attention(&ctx, &mut c, Some(&Observation { window: Some(probs.clone()), ..Default::default() })).unwrap();
     let sums = floats(probs.sum_dim(2).reshape([heads, n]));
     for (h, kept) in head_positions(&c).iter().enumerate() {
@@ -286,7 +286,7 @@ fn streaming_keeps_sinks_and_recent_and_rerotation_matches_recomputed_rope<B: Ba
         let xs = Tensor::<B, 3>::random([1, t, D_MODEL], Distribution::Normal(0.0, 1.0), dev);
         for i in 0..t {
             let phase = if i == 0 { Phase::Prefill } else { Phase::Decode { step: i } };
-            let ctx = LayerContext { layer: 0, n_layers: 1, n_heads: 4, phase, rope: Some(&layer.rope) };
+            let ctx = LayerContext { layer: 0, n_layers: 1, n_heads: 4, phase, rope: Some(&layer.rope), tokens: None };
             layer.forward_cached(xs.clone().narrow(1, i, 1), &mut cache, ObserveRequest::default()).unwrap();
             policy.after_attention(&ctx, &mut cache, None).unwrap();
         }
@@ -348,7 +348,7 @@ fn tova_keeps_what_the_last_query_attends_to_averaged_over_heads<B: Backend>(dev
     let keys: Vec<f32> = (0..2 * n * 2).map(|i| i as f32).collect();
     let mut c = crafted::<B>(&keys, &keys, &vec![0.0; 2 * n], n, dev);
     let mut policy = build_policy::<B>("tova:budget=4").unwrap();
-    let ctx = LayerContext { layer: 0, n_layers: 1, n_heads: heads, phase: Phase::Decode { step: 1 }, rope: None };
+    let ctx = LayerContext { layer: 0, n_layers: 1, n_heads: heads, phase: Phase::Decode { step: 1 }, rope: None, tokens: None };
     policy.after_attention(&ctx, &mut c, Some(&Observation { window: Some(probs.clone()), ..Default::default() })).unwrap();
     let p = floats(probs.reshape([heads, n]));
     let mean: Vec<f32> = (0..n).map(|j| (0..heads).map(|h| p[h * n + j]).sum::<f32>() / heads as f32).collect();
@@ -448,7 +448,7 @@ fn h2o_evicts_the_hand_computed_slots_of_a_toy_sequence<B: Backend>(dev: &B::Dev
     //           head 1 acc over [0 2 4 5] = [1.35 1.65 0.9 0.1] -> evict 4
     let mut c = LayerCache::<B>::new(kv_core::CacheShape { batch: 1, kv_heads: 2, key_dim: 2, value_dim: 2 }, dev);
     let mut policy = build_policy::<B>("h2o:budget=3,recent=0.34").unwrap();
-    let ctx = |phase| LayerContext { layer: 0, n_layers: 1, n_heads: 2, phase, rope: None };
+    let ctx = |phase| LayerContext { layer: 0, n_layers: 1, n_heads: 2, phase, rope: None, tokens: None };
     for x in 0..3 {
         push_slot(&mut c, x as f32, dev);
     }
@@ -486,7 +486,7 @@ fn streaming_rerotation_at_or_below_the_sinks_keeps_the_rope_position_at_the_slo
         let mut policy = build_policy::<B>(&format!("streaming:budget={budget},sinks={sinks},rerotate=true")).unwrap();
         for i in 0..12 {
             let phase = if i == 0 { Phase::Prefill } else { Phase::Decode { step: i } };
-            let ctx = LayerContext { layer: 0, n_layers: 1, n_heads: 4, phase, rope: Some(&layer.rope) };
+            let ctx = LayerContext { layer: 0, n_layers: 1, n_heads: 4, phase, rope: Some(&layer.rope), tokens: None };
             let x = Tensor::<B, 3>::random([1, if i == 0 { 6 } else { 1 }, D_MODEL], Distribution::Normal(0.0, 1.0), dev);
             layer.forward_cached(x, &mut cache, ObserveRequest::default()).unwrap();
             policy.after_attention(&ctx, &mut cache, None).unwrap();
@@ -505,7 +505,7 @@ fn snapkv_with_grouped_heads_selects_what_explicit_queries_and_keys_vote_for<B: 
     let mut cache = LayerCache::new(layer.cache_shape(1), dev);
     let mut policy = build_policy::<B>(&format!("snapkv:budget={budget},window={w},kernel={kernel},pool=max")).unwrap();
     let x = Tensor::<B, 3>::random([1, t, D_MODEL], Distribution::Normal(0.0, 1.0), dev);
-    let ctx = LayerContext { layer: 0, n_layers: 1, n_heads: heads, phase: Phase::Prefill, rope: Some(&layer.rope) };
+    let ctx = LayerContext { layer: 0, n_layers: 1, n_heads: heads, phase: Phase::Prefill, rope: Some(&layer.rope), tokens: None };
     let out = layer.forward_cached(x.clone(), &mut cache, policy.observe_request(&ctx)).unwrap();
     policy.after_attention(&ctx, &mut cache, out.observation.as_ref()).unwrap();
     // Reference from the layer's weights: the window's causal softmax over all keys.
@@ -540,7 +540,7 @@ fn knorm_selection_is_unchanged_by_rope<B: Backend>(dev: &B::Device) {
     let x = Tensor::<B, 3>::random([1, t, D_MODEL], Distribution::Normal(0.0, 1.0), dev);
     let mut cache = LayerCache::new(layer.cache_shape(1), dev);
     let mut policy = build_policy::<B>("knorm:budget=7,skip=0").unwrap();
-    let ctx = LayerContext { layer: 0, n_layers: 1, n_heads: heads, phase: Phase::Prefill, rope: Some(&layer.rope) };
+    let ctx = LayerContext { layer: 0, n_layers: 1, n_heads: heads, phase: Phase::Prefill, rope: Some(&layer.rope), tokens: None };
     let out = layer.forward_cached(x.clone(), &mut cache, policy.observe_request(&ctx)).unwrap();
     // The attention reports the norms of the rotated keys it holds: equal to the raw keys' norms.
     let d = D_MODEL / heads;
