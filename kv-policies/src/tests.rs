@@ -136,6 +136,19 @@ fn invariant_matrix<B: Backend>(dev: &B::Device) {
     }
 }
 
+/// A random `heads`/`kv` layer prefilled with `t` random inputs under the policy `spec`: the
+/// layer, its cache after the policy acted, and the inputs.
+fn one_prefill<B: Backend>(heads: usize, kv: usize, t: usize, spec: &str, dev: &B::Device) -> (GroupedAttention<B>, LayerCache<B>, Tensor<B, 3>) {
+    let layer = GroupedAttentionConfig::new(D_MODEL, heads, kv).init::<B>(dev).unwrap();
+    let mut cache = LayerCache::new(layer.cache_shape(1), dev);
+    let mut policy = build_policy::<B>(spec).unwrap();
+    let x = Tensor::<B, 3>::random([1, t, D_MODEL], Distribution::Normal(0.0, 1.0), dev);
+    let ctx = LayerContext { layer: 0, n_layers: 1, n_heads: heads, phase: Phase::Prefill, rope: Some(&layer.rope), tokens: None };
+    let out = layer.forward_cached(x.clone(), &mut cache, policy.observe_request(&ctx)).unwrap();
+    policy.after_attention(&ctx, &mut cache, out.observation.as_ref()).unwrap();
+    (layer, cache, x)
+}
+
 /// Queries and keys (each KV head repeated over its group) of `layer` for `x` `[1, t, d_model]`
 /// at positions `0..t`, computed from its weights rather than by the attention kernel.
 fn explicit_qk<B: Backend>(layer: &GroupedAttention<B>, x: Tensor<B, 3>, heads: usize, kv: usize, dev: &B::Device) -> (Tensor<B, 4>, Tensor<B, 4>) {
@@ -148,14 +161,8 @@ fn explicit_qk<B: Backend>(layer: &GroupedAttention<B>, x: Tensor<B, 3>, heads: 
 
 fn h2o_accumulates_column_sums_of_causal_attention<B: Backend>(dev: &B::Device) {
     for (heads, kv) in [(4, 4), (4, 2)] {
-        let layer = GroupedAttentionConfig::new(D_MODEL, heads, kv).init::<B>(dev).unwrap();
-        let mut cache = LayerCache::new(layer.cache_shape(1), dev);
-        let mut policy = build_policy::<B>("h2o:budget=1.0").unwrap();
         let t = 12;
-        let x = Tensor::<B, 3>::random([1, t, D_MODEL], Distribution::Normal(0.0, 1.0), dev);
-        let ctx = LayerContext { layer: 0, n_layers: 1, n_heads: heads, phase: Phase::Prefill, rope: Some(&layer.rope), tokens: None };
-        let out = layer.forward_cached(x.clone(), &mut cache, policy.observe_request(&ctx)).unwrap();
-        policy.after_attention(&ctx, &mut cache, out.observation.as_ref()).unwrap();
+        let (layer, cache, x) = one_prefill::<B>(heads, kv, t, "h2o:budget=1.0", dev);
         // Reference: explicit causal softmax from the layer's own weights, summed over queries
         // and over each GQA group.
         let d = D_MODEL / heads;
@@ -501,13 +508,7 @@ fn streaming_rerotation_at_or_below_the_sinks_keeps_the_rope_position_at_the_slo
 fn snapkv_with_grouped_heads_selects_what_explicit_queries_and_keys_vote_for<B: Backend>(dev: &B::Device) {
     // GQA 4/2: votes are pooled per query head, then summed over the group (kvpress's order).
     let (heads, kv, t, w, budget, kernel) = (4, 2, 24, 4, 10, 3);
-    let layer = GroupedAttentionConfig::new(D_MODEL, heads, kv).init::<B>(dev).unwrap();
-    let mut cache = LayerCache::new(layer.cache_shape(1), dev);
-    let mut policy = build_policy::<B>(&format!("snapkv:budget={budget},window={w},kernel={kernel},pool=max")).unwrap();
-    let x = Tensor::<B, 3>::random([1, t, D_MODEL], Distribution::Normal(0.0, 1.0), dev);
-    let ctx = LayerContext { layer: 0, n_layers: 1, n_heads: heads, phase: Phase::Prefill, rope: Some(&layer.rope), tokens: None };
-    let out = layer.forward_cached(x.clone(), &mut cache, policy.observe_request(&ctx)).unwrap();
-    policy.after_attention(&ctx, &mut cache, out.observation.as_ref()).unwrap();
+    let (layer, cache, x) = one_prefill::<B>(heads, kv, t, &format!("snapkv:budget={budget},window={w},kernel={kernel},pool=max"), dev);
     // Reference from the layer's weights: the window's causal softmax over all keys.
     let d = D_MODEL / heads;
     let (q, k) = explicit_qk(&layer, x, heads, kv, dev);
