@@ -307,7 +307,23 @@ impl FastGenPolicy {
         let host_f = |x: Tensor<B, 3>| -> Vec<f32> { x.into_data().convert::<f32>().iter::<f32>().collect() };
         let mut keep = Vec::with_capacity(plan.heads.len());
         let mut changed = false;
+        let held = cache.slots_per_head();
+        let t = ctx.tokens.map_or(1, |x| x.dims()[1]);
         for (i, head) in plan.heads.iter().enumerate() {
+            let n = held[i];
+            // Full heads keep all; class-only heads hold only class tokens before this call, so
+            // only the `t` newest slots (positions seen - t ..) need a decision: no device read.
+            if head.policy == HeadPolicy::Full || head.policy <= HeadPolicy::Punct {
+                let kept: Vec<usize> = (0..n)
+                    .filter(|&j| head.policy == HeadPolicy::Full || j + t < n || {
+                        let f = self.seen_flags[i / kv_heads][seen - (n - j)];
+                        f == SPECIAL || (head.policy.keeps_punct() && f != 0)
+                    })
+                    .collect();
+                changed |= kept.len() < n;
+                keep.push(kept);
+                continue;
+            }
             let (positions, scores) = match cache.head_caches() {
                 Some(hs) => {
                     let h = &hs[i];
