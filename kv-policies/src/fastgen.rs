@@ -129,6 +129,11 @@ impl HeadPolicy {
     fn keeps_punct(self) -> bool {
         self >= HeadPolicy::Punct
     }
+
+    /// Whether the policy ranks slots by accumulated attention (the frequent class).
+    fn ranks(self) -> bool {
+        matches!(self, HeadPolicy::Frequent | HeadPolicy::Local)
+    }
 }
 
 /// What profiling chose for one (batch row, KV head).
@@ -192,10 +197,12 @@ pub fn admit(policy: HeadPolicy, positions: &[usize], flags: &[u8], scores: Opti
     (0..n).filter(|&j| keep[j]).collect()
 }
 
-/// A layer's profile: per (batch row, KV head), the policy and the class sizes it was given.
+/// A layer's profile: per (batch row, KV head), the policy, the positions it holds, and the
+/// class sizes it was given.
 #[derive(Debug, Clone)]
 struct LayerPlan {
     heads: Vec<HeadProfile>,
+    held: Vec<Vec<usize>>,
     frequent: usize,
     local: usize,
 }
@@ -277,12 +284,14 @@ impl FastGenPolicy {
         let n = cache.slots();
         let mut heads = Vec::new();
         let mut keep = Vec::new();
+        let mut held = Vec::new();
         for i in 0..cache.shape().batch * kv_heads {
             let flags: Vec<u8> = positions[i * n..(i + 1) * n].iter().map(|&p| self.seen_flags[i / kv_heads][p as usize]).collect();
             let zeros = vec![0.0; n];
             let band_i = bnd.as_ref().map_or(&zeros[..], |b| &b[i * n..(i + 1) * n]);
             let (profile, kept) = profile_head(&col[i * n..(i + 1) * n], band_i, &flags, queries, self.recover, frequent, local);
             heads.push(profile);
+            held.push(kept.iter().map(|&j| positions[i * n + j] as usize).collect());
             keep.push(kept);
         }
         cache.add_side(FASTGEN_ACC);
@@ -291,56 +300,41 @@ impl FastGenPolicy {
         if self.plans.len() <= ctx.layer {
             self.plans.resize(ctx.layer + 1, None);
         }
-        self.plans[ctx.layer] = Some(LayerPlan { heads, frequent, local });
+        self.plans[ctx.layer] = Some(LayerPlan { heads, held, frequent, local });
         cache.retain_per_head(&keep)
     }
 
     fn decode_layer<B: Backend>(&mut self, ctx: &LayerContext<'_, B>, cache: &mut LayerCache<B>, obs: Option<&Observation<B>>) -> Result<()> {
-        let plan = self.plans.get(ctx.layer).and_then(|p| p.clone()).ok_or_else(|| KvError::config(format!("fastgen layer {}", ctx.layer), "not profiled", "a prefill first: FastGen profiles each head on the prompt"))?;
+        let not_profiled = || KvError::config(format!("fastgen layer {}", ctx.layer), "not profiled", "a prefill first: FastGen profiles each head on the prompt");
+        let plan = self.plans.get_mut(ctx.layer).and_then(Option::as_mut).ok_or_else(not_profiled)?;
         let kv_heads = cache.shape().kv_heads;
         let seen = cache.tokens_seen();
-        let ranks = plan.heads.iter().any(|h| h.policy == HeadPolicy::Frequent || h.policy == HeadPolicy::Local);
-        if ranks {
+        if plan.heads.iter().any(|h| h.policy.ranks()) {
             accumulate(cache, obs, kv_heads)?;
         }
-        let host_i = |x: Tensor<B, 3, Int>| -> Vec<usize> { x.into_data().convert::<i64>().iter::<i64>().map(|p| p as usize).collect() };
-        let host_f = |x: Tensor<B, 3>| -> Vec<f32> { x.into_data().convert::<f32>().iter::<f32>().collect() };
+        let t = ctx.tokens.map_or(1, |x| x.dims()[1]);
         let mut keep = Vec::with_capacity(plan.heads.len());
         let mut changed = false;
-        let held = cache.slots_per_head();
-        let t = ctx.tokens.map_or(1, |x| x.dims()[1]);
         for (i, head) in plan.heads.iter().enumerate() {
-            let n = held[i];
-            // Full heads keep all; class-only heads hold only class tokens before this call, so
-            // only the `t` newest slots (positions seen - t ..) need a decision: no device read.
-            if head.policy == HeadPolicy::Full || head.policy <= HeadPolicy::Punct {
-                let kept: Vec<usize> = (0..n)
-                    .filter(|&j| head.policy == HeadPolicy::Full || j + t < n || {
-                        let f = self.seen_flags[i / kv_heads][seen - (n - j)];
-                        f == SPECIAL || (head.policy.keeps_punct() && f != 0)
-                    })
-                    .collect();
-                changed |= kept.len() < n;
-                keep.push(kept);
-                continue;
-            }
-            let (positions, scores) = match cache.head_caches() {
-                Some(hs) => {
-                    let h = &hs[i];
-                    (host_i(h.positions()), if head.policy >= HeadPolicy::Frequent && head.policy != HeadPolicy::Full { Some(host_f(h.side(FASTGEN_ACC)?)) } else { None })
-                }
-                None => {
-                    let n = cache.slots();
-                    let (b, h) = (i / kv_heads, i % kv_heads);
-                    let pos = host_i(cache.positions().narrow(0, b, 1).narrow(1, h, 1));
-                    let s = if head.policy >= HeadPolicy::Frequent && head.policy != HeadPolicy::Full { Some(host_f(cache.side(FASTGEN_ACC)?.narrow(0, b, 1).narrow(1, h, 1))) } else { None };
-                    debug_assert_eq!(pos.len(), n);
-                    (pos, s)
-                }
+            // Positions are tracked on the host (appends are the newest, retains are ours), so
+            // only a ranked head reads anything from the device: its accumulated scores.
+            let held = &mut plan.held[i];
+            held.extend(seen - t..seen);
+            let scores = if head.policy.ranks() {
+                let side = match cache.head_caches() {
+                    Some(hs) => hs[i].side(FASTGEN_ACC)?,
+                    None => cache.side(FASTGEN_ACC)?.narrow(0, i / kv_heads, 1).narrow(1, i % kv_heads, 1),
+                };
+                Some(side.into_data().convert::<f32>().iter::<f32>().collect::<Vec<f32>>())
+            } else {
+                None
             };
-            let flags: Vec<u8> = positions.iter().map(|&p| self.seen_flags[i / kv_heads][p]).collect();
-            let kept = admit(head.policy, &positions, &flags, scores.as_deref(), seen, plan.frequent, plan.local);
-            changed |= kept.len() < positions.len();
+            let flags: Vec<u8> = held.iter().map(|&p| self.seen_flags[i / kv_heads][p]).collect();
+            let kept = admit(head.policy, held, &flags, scores.as_deref(), seen, plan.frequent, plan.local);
+            if kept.len() < held.len() {
+                changed = true;
+                *held = kept.iter().map(|&j| held[j]).collect();
+            }
             keep.push(kept);
         }
         if changed { cache.retain_per_head(&keep) } else { Ok(()) }
@@ -384,7 +378,7 @@ impl<B: Backend> CachePolicy<B> for FastGenPolicy {
                 ObserveRequest { column_sums: true, band: self.class_sizes(prompt).1, ..Default::default() }
             }
             Phase::Decode { .. } => {
-                let ranks = self.plans.get(ctx.layer).and_then(|p| p.as_ref()).is_some_and(|p| p.heads.iter().any(|h| matches!(h.policy, HeadPolicy::Frequent | HeadPolicy::Local)));
+                let ranks = self.plans.get(ctx.layer).and_then(|p| p.as_ref()).is_some_and(|p| p.heads.iter().any(|h| h.policy.ranks()));
                 ObserveRequest { column_sums: ranks, ..Default::default() }
             }
         }
