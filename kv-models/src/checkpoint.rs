@@ -107,8 +107,12 @@ impl Sections {
 
     /// The model config stored in the checkpoint.
     pub fn model_config(&self, dir: &Path) -> Result<DecoderConfig> {
-        let text = std::str::from_utf8(&self.config).map_err(|e| KvError::io(dir.join(CHECKPOINT_FILE), e))?;
-        DecoderConfig::from_json(text)
+        let path = dir.join(CHECKPOINT_FILE);
+        let text = std::str::from_utf8(&self.config).map_err(|e| KvError::io(&path, format!("its config is not UTF-8: {e}")))?;
+        DecoderConfig::from_json(text).map_err(|e| match e {
+            KvError::Io { message, .. } => KvError::io(&path, message),
+            other => other,
+        })
     }
 }
 
@@ -128,11 +132,90 @@ pub(crate) fn record_bytes<B: Backend, R: burn::record::Record<B>>(record: R, wh
     NamedMpkBytesRecorder::<FullPrecisionSettings>::new().record(record, ()).map_err(|e| KvError::io(what, e))
 }
 
+/// A MessagePack record re-encoded with every map's entries in key order.
+///
+/// burn writes an optimiser's state as a hash map keyed by parameter id, so its bytes come out in
+/// a different order on every run; sorted, the same training run always writes the same file.
+pub(crate) fn canonical_record(bytes: Vec<u8>) -> Vec<u8> {
+    fn sort(v: &mut rmpv::Value) {
+        match v {
+            rmpv::Value::Map(entries) => {
+                entries.iter_mut().for_each(|(k, x)| {
+                    sort(k);
+                    sort(x)
+                });
+                entries.sort_by_cached_key(|(k, _)| k.to_string());
+            }
+            rmpv::Value::Array(items) => items.iter_mut().for_each(sort),
+            _ => {}
+        }
+    }
+    let Ok(mut value) = rmpv::decode::read_value(&mut bytes.as_slice()) else { return bytes };
+    sort(&mut value);
+    let mut out = Vec::with_capacity(bytes.len());
+    match rmpv::encode::write_value(&mut out, &value) {
+        Ok(()) => out,
+        Err(_) => bytes,
+    }
+}
+
+/// Runs `f`, turning a panic into its message: burn's record decoding asserts on malformed
+/// input (a bad parameter id, data that does not fill its shape) instead of returning an error,
+/// and a checkpoint is input from outside. The panic hook is silenced meanwhile, so the caller
+/// reports one error rather than a panic trace.
+fn without_panics<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    std::panic::set_hook(hook);
+    out.map_err(|p| {
+        let message = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
+        message.unwrap_or_else(|| "malformed record".into()).lines().next().unwrap_or_default().to_string()
+    })
+}
+
 /// Deserialises a burn record from bytes.
 pub(crate) fn record_from<B: Backend, R: burn::record::Record<B>>(bytes: Vec<u8>, device: &B::Device, what: &Path) -> Result<R> {
-    NamedMpkBytesRecorder::<FullPrecisionSettings>::new()
-        .load(bytes, device)
-        .map_err(|e| KvError::io(what, format!("record does not fit this model: {e}")))
+    let bad = |e: String| KvError::io(what, format!("record does not fit this model: {e}"));
+    without_panics(|| NamedMpkBytesRecorder::<FullPrecisionSettings>::new().load(bytes, device)).map_err(bad)?.map_err(|e| bad(e.to_string()))
+}
+
+/// The shape of every float parameter, in visiting order, without initialising lazy ones, and
+/// how many are still lazy.
+struct Shapes(Vec<Vec<usize>>, usize);
+
+impl<B: Backend> burn::module::ModuleVisitor<B> for Shapes {
+    fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<B, D>>) {
+        self.0.push(param.lazy_shape().to_vec());
+        self.1 += usize::from(!param.is_initialized());
+    }
+}
+
+/// The model `config` describes, with every weight from the record in `bytes`.
+///
+/// Nothing is initialised from the config: it is built lazily, the record's tensors replace its
+/// parameters, and every shape must equal the config's. So a checkpoint whose config asks for a
+/// huge model but holds small weights is an error, not an allocation the file dictates.
+pub(crate) fn model_from_record<B: Backend>(config: &DecoderConfig, bytes: Vec<u8>, device: &B::Device, what: &Path) -> Result<DecoderLm<B>> {
+    let lazy = config.init_lazy::<B>(device)?;
+    let mut want = Shapes(vec![], 0);
+    lazy.visit(&mut want);
+    let record = record_from::<B, _>(bytes, device, what)?;
+    let model = without_panics(|| lazy.load_record(record)).map_err(|e| KvError::io(what, format!("record does not fit this model: {e}")))?;
+    // A missing attention module is named by the block check; shapes are compared after it.
+    model.check_blocks()?;
+    let mut got = Shapes(vec![], 0);
+    model.visit(&mut got);
+    if let Some((i, (w, g))) = want.0.iter().zip(&got.0).enumerate().find(|(_, (w, g))| w != g) {
+        return Err(KvError::io(what, format!("record does not fit this model: parameter {i} has shape {g:?}, the config needs {w:?}")));
+    }
+    if want.0.len() != got.0.len() {
+        return Err(KvError::io(what, format!("record does not fit this model: {} parameters, the config needs {}", got.0.len(), want.0.len())));
+    }
+    if got.1 > 0 {
+        return Err(KvError::io(what, format!("record does not fit this model: {} parameters of the config are missing from it", got.1)));
+    }
+    Ok(model)
 }
 
 /// Saves `model` and `config` (no training state) into directory `dir`.
@@ -140,7 +223,8 @@ pub fn save_model<B: Backend>(model: &DecoderLm<B>, config: &DecoderConfig, dir:
     let dir = dir.as_ref();
     let sections = Sections {
         config: serde_json::to_vec_pretty(config).map_err(|e| KvError::io(dir, e))?,
-        model: record_bytes::<B, _>(model.clone().into_record(), dir)?,
+        // Ordinal ids: the same weights always make the same file.
+        model: record_bytes::<B, _>(crate::ordinal_ids(model.clone()).into_record(), dir)?,
         ..Default::default()
     };
     sections.write(dir)
@@ -151,9 +235,7 @@ pub fn load_model<B: Backend>(dir: impl AsRef<Path>, device: &B::Device) -> Resu
     let dir = dir.as_ref();
     let sections = Sections::read(dir)?;
     let config = sections.model_config(dir)?;
-    let record = record_from::<B, _>(sections.model, device, &dir.join(CHECKPOINT_FILE))?;
-    let model = config.init::<B>(device)?.load_record(record);
-    model.check_blocks()?;
+    let model = model_from_record::<B>(&config, sections.model, device, &dir.join(CHECKPOINT_FILE))?;
     Ok((model, config))
 }
 

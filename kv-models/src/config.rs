@@ -111,6 +111,13 @@ impl YocoSettings {
     }
 }
 
+/// Largest width a config may ask for (vocabulary, model, heads, feed-forward).
+pub const MAX_WIDTH: usize = 1 << 24;
+/// Most layers a config may ask for.
+pub const MAX_LAYERS: usize = 4096;
+/// Most parameters a config may ask for (by [`DecoderConfig::parameter_estimate`]).
+pub const MAX_PARAMETERS: u64 = 1 << 36;
+
 /// Shape of a Llama-style decoder-only language model.
 #[derive(Config, Debug, PartialEq)]
 pub struct DecoderConfig {
@@ -245,6 +252,17 @@ impl DecoderConfig {
         }
     }
 
+    /// Roughly the parameter count (embeddings, attention and feed-forward of every layer),
+    /// saturating instead of overflowing: what validation bounds before any allocation.
+    pub fn parameter_estimate(&self) -> u64 {
+        let u = |x: usize| x as u64;
+        let hd = u(self.head_dim.unwrap_or(self.d_model / self.n_heads.max(1)));
+        let attn = u(self.d_model).saturating_mul(hd).saturating_mul(u(self.n_heads) * 2 + u(self.n_kv_heads) * 2);
+        let ffn = u(self.d_model).saturating_mul(u(self.ffn_hidden)).saturating_mul(3);
+        let embed = u(self.vocab_size).saturating_mul(u(self.d_model)).saturating_mul(if self.tie_embeddings { 1 } else { 2 });
+        attn.saturating_add(ffn).saturating_mul(u(self.n_layers)).saturating_add(embed)
+    }
+
     /// Checks every field, naming the first bad value and what would be valid.
     pub fn validate(&self) -> Result<()> {
         KvError::require_positive(&[
@@ -253,6 +271,33 @@ impl DecoderConfig {
             ("ffn_hidden", self.ffn_hidden),
             ("max_positions", self.max_positions),
         ])?;
+        // A config file dictates allocations: bound every size before anything is built.
+        for (field, value) in [
+            ("vocab_size", self.vocab_size),
+            ("d_model", self.d_model),
+            ("n_heads", self.n_heads),
+            ("n_kv_heads", self.n_kv_heads),
+            ("ffn_hidden", self.ffn_hidden),
+            ("head_dim", self.head_dim.unwrap_or(0)),
+        ] {
+            if value > MAX_WIDTH {
+                return Err(KvError::config(field, value, format!("at most {MAX_WIDTH}")));
+            }
+        }
+        if self.n_layers > MAX_LAYERS {
+            return Err(KvError::config("n_layers", self.n_layers, format!("at most {MAX_LAYERS}")));
+        }
+        KvError::require_positive(&[("n_heads", self.n_heads), ("n_kv_heads", self.n_kv_heads)])?;
+        if self.n_heads % self.n_kv_heads != 0 {
+            return Err(KvError::config("n_kv_heads", self.n_kv_heads, format!("a divisor of n_heads = {} (each KV head serves a group of query heads)", self.n_heads)));
+        }
+        if self.mla.is_none() && self.head_dim.is_none() && self.d_model % self.n_heads != 0 {
+            return Err(KvError::config("d_model", self.d_model, format!("a multiple of n_heads = {} (or set head_dim)", self.n_heads)));
+        }
+        let params = self.parameter_estimate();
+        if params > MAX_PARAMETERS {
+            return Err(KvError::config("model size", format!("about {params} parameters"), format!("at most {MAX_PARAMETERS} (256 GiB of f32)")));
+        }
         if !(self.norm_eps > 0.0 && self.norm_eps < 1.0) {
             return Err(KvError::config("norm_eps", self.norm_eps, "a small positive number such as 1e-5"));
         }
@@ -324,11 +369,25 @@ impl DecoderConfig {
         })
     }
 
-    /// Parses a config from JSON text, validated.
+    /// Parses a config from JSON text, validated; a field this config does not have (a typo that
+    /// would otherwise be ignored silently) is an error naming it.
     pub fn from_json(text: &str) -> Result<Self> {
-        let cfg: Self = serde_json::from_str(text).map_err(|e| KvError::io("<config>", format!("not a decoder config: {e}")))?;
+        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| KvError::io("<config>", format!("not a decoder config: {e}")))?;
+        Self::check_fields(&value)?;
+        let cfg: Self = serde_json::from_value(value).map_err(|e| KvError::io("<config>", format!("not a decoder config: {e}")))?;
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// Rejects a JSON object holding a key that is not a field of the config.
+    pub(crate) fn check_fields(value: &serde_json::Value) -> Result<()> {
+        let Some(object) = value.as_object() else { return Ok(()) };
+        let known = serde_json::to_value(Self::new(1, 1, 1, 1, 1, 1)).unwrap_or_default();
+        let known: Vec<&str> = known.as_object().map(|o| o.keys().map(String::as_str).collect()).unwrap_or_default();
+        match object.keys().find(|k| !known.contains(&k.as_str())) {
+            Some(bad) => Err(KvError::Unknown { kind: "model config field".into(), name: bad.clone(), valid: known.join(", ") }),
+            None => Ok(()),
+        }
     }
 
     /// The fields whose values differ from `other`, as `field checkpoint_value vs other_value`.

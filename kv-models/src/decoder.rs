@@ -50,7 +50,7 @@ pub struct DecoderLm<B: Backend> {
 impl DecoderConfig {
     /// Validates the config and builds a randomly initialised model.
     pub fn init<B: Backend>(&self, device: &B::Device) -> Result<DecoderLm<B>> {
-        Ok(crate::materialize(self.init_lazy(device)?))
+        Ok(crate::materialize::ordinal_ids(crate::materialize(self.init_lazy(device)?)))
     }
 
     /// [`init`](Self::init) with every parameter still lazy, for loaders that replace them all

@@ -35,7 +35,10 @@ pub struct Preset {
 impl Preset {
     /// Parses and validates a preset (or `kv train --config`) file's JSON.
     pub fn from_json(text: &str, origin: &str) -> Result<Self> {
-        let p: Self = serde_json::from_str(text).map_err(|e| KvError::io(origin, format!("not a preset ({{\"model\": .., \"train\": ..}}): {e}")))?;
+        let bad = |e: serde_json::Error| KvError::io(origin, format!("not a preset ({{\"model\": .., \"train\": ..}}): {e}"));
+        let value: serde_json::Value = serde_json::from_str(text).map_err(bad)?;
+        DecoderConfig::check_fields(&value["model"])?;
+        let p: Self = serde_json::from_value(value).map_err(bad)?;
         p.model.validate()?;
         if let Some(t) = &p.train {
             t.validate()?;

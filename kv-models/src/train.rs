@@ -1,7 +1,7 @@
 //! Training from scratch or from a checkpoint: AdamW, warmup + cosine, clipping, accumulation,
 //! a mixture of corpus and task batches, periodic evaluation and exact resume.
 
-use crate::checkpoint::{Sections, record_bytes, record_from};
+use crate::checkpoint::{Sections, canonical_record, model_from_record, record_bytes, record_from};
 use crate::data::{Corpus, TaskKind, TextSource, batch_rng};
 use crate::eval::{task_accuracy_with, validation_loss};
 use crate::{CHECKPOINT_FILE, DecoderConfig, DecoderLm, Tokenizer};
@@ -127,6 +127,12 @@ impl TrainConfig {
         }
         if !(0.0..=1.0).contains(&self.min_lr_ratio) {
             return Err(KvError::config("min_lr_ratio", self.min_lr_ratio, "a fraction in [0, 1]"));
+        }
+        if !(0.0..1.0).contains(&self.weight_decay) {
+            return Err(KvError::config("weight_decay", self.weight_decay, "a decay in [0, 1) such as 0.1"));
+        }
+        if !(self.clip_norm >= 0.0 && self.clip_norm.is_finite()) {
+            return Err(KvError::config("clip_norm", self.clip_norm, "a gradient norm >= 0 (0 = no clipping)"));
         }
         if !(self.answer_weight > 0.0 && self.answer_weight.is_finite()) {
             return Err(KvError::config("answer_weight", self.answer_weight, "a positive loss weight (1 = plain language modelling)"));
@@ -317,13 +323,13 @@ impl<B: AutodiffBackend> Trainer<B> {
         let path = dir.join(CHECKPOINT_FILE);
         let model_config = sections.model_config(dir)?;
         if sections.train.is_empty() || sections.optim.is_empty() {
-            return Err(KvError::io(&path, "holds weights only (no training state); start a new run with --init instead"));
+            return Err(KvError::io(&path, "holds weights only (no training state), so it cannot be resumed; start a new run from it with --init"));
         }
         let mut state: TrainState = serde_json::from_slice(&sections.train).map_err(|e| KvError::io(&path, format!("bad training state: {e}")))?;
         if let Some(s) = steps {
             state.config.steps = s;
         }
-        let model = model_config.init::<B>(device)?.load_record(record_from::<B, _>(sections.model, device, &path)?);
+        let model = model_from_record::<B>(&model_config, sections.model, device, &path)?;
         // The run's own copy of its tokenizer, so a moved or deleted original does not matter.
         let tokenizer = Tokenizer::for_run(dir)?;
         if tokenizer.is_bytes() && state.config.tokenizer.is_some() {
@@ -461,7 +467,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             config: serde_json::to_vec_pretty(&self.model_config).map_err(|e| KvError::io(dir, e))?,
             train: serde_json::to_vec_pretty(&state).map_err(|e| KvError::io(dir, e))?,
             model: record_bytes::<B, _>(self.model.clone().into_record(), dir)?,
-            optim: record_bytes::<B, _>(self.optim.to_record(), dir)?,
+            optim: canonical_record(record_bytes::<B, _>(self.optim.to_record(), dir)?),
         };
         // The tokenizer first: a checkpoint never exists without the tokenizer it was trained with.
         self.tokenizer.save_to_run(dir)?;
@@ -506,7 +512,14 @@ pub fn read_log(dir: &Path) -> Result<Vec<LogLine>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
         Err(e) => return Err(KvError::io(&path, e)),
     };
-    text.lines()
+    // A process killed while appending leaves its last line without a newline: that line never
+    // finished, so it is not part of the log (the step it describes reruns on resume).
+    let complete = match text.rfind('\n') {
+        Some(end) => &text[..=end],
+        None => "",
+    };
+    complete
+        .lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| serde_json::from_str(l).map_err(|e| KvError::io(&path, e)))
         .collect()
@@ -537,8 +550,10 @@ pub fn run_until<B: AutodiffBackend>(
     let log_path = out.join(METRICS_FILE);
     let mut log = std::fs::OpenOptions::new().append(true).open(&log_path).map_err(|e| KvError::io(&log_path, e))?;
     let mut write = |line: &LogLine| -> Result<()> {
-        let s = serde_json::to_string(line).map_err(|e| KvError::io(&log_path, e))?;
-        writeln!(log, "{s}").map_err(|e| KvError::io(&log_path, e))
+        let mut s = serde_json::to_string(line).map_err(|e| KvError::io(&log_path, e))?;
+        s.push('\n');
+        // One write per line, so a kill leaves at most one unfinished line, which read_log drops.
+        log.write_all(s.as_bytes()).map_err(|e| KvError::io(&log_path, e))
     };
     let mut last_eval = None;
     let until = until.min(trainer.config().steps);

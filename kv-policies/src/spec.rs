@@ -48,7 +48,11 @@ impl PolicySpec {
         let mut params = BTreeMap::new();
         for pair in rest.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').ok_or_else(|| KvError::config(format!("{name} parameter"), pair, "key=value"))?;
-            params.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+            let key = k.trim().to_ascii_lowercase();
+            if params.contains_key(&key) {
+                return Err(KvError::config(format!("{name}:{key}"), format!("given twice in {spec:?}"), "each parameter at most once"));
+            }
+            params.insert(key, v.trim().to_string());
         }
         Ok(Self { name, params })
     }

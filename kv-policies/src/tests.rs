@@ -87,6 +87,9 @@ fn specs_parse_and_bad_ones_say_what_is_valid() {
     let e = build_policy::<B>("full:budget=0.5").err().unwrap().to_string();
     assert!(e.contains("budget") && e.contains("none"), "{e}");
     assert!(build_policy::<B>("streaming:rerotate=maybe").err().unwrap().to_string().contains("true or false"));
+    // A key given twice is an error, not "the last one wins", whatever its spelling.
+    let e = build_policy::<B>("h2o:budget=0.5,Budget=0.6").err().unwrap().to_string();
+    assert!(e.contains("h2o:budget") && e.contains("twice") && e.contains("at most once"), "{e}");
 }
 
 fn invariant_matrix<B: Backend>(dev: &B::Device) {

@@ -119,5 +119,5 @@ pub(crate) fn build_llama<B: Backend>(config: &DecoderConfig, src: &mut dyn Weig
     if unset.0 > 0 {
         return Err(KvError::config("loaded parameters", format!("{} left unset", unset.0), "every parameter read from the checkpoint"));
     }
-    Ok(model)
+    Ok(crate::ordinal_ids(model))
 }
