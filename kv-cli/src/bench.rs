@@ -393,11 +393,11 @@ pub fn charts(dir: &Path, file: &BenchFile) -> Result<Vec<PathBuf>> {
             .collect()
     };
     let speed = dir.join("decode-speed.png");
-    line_chart(&speed, &Chart { title: "Decode speed against context", x_label: "context (tokens)", y_label: "tokens/s", log_x: false, series: series(&|c| c.tokens_per_s) })?;
+    line_chart(&speed, &Chart { title: "Decode speed against context", x_label: "context (tokens)", y_label: "tokens/s", log_x: false, y_from_zero: false, series: series(&|c| c.tokens_per_s) })?;
     let bytes = dir.join("cache-bytes.png");
     line_chart(
         &bytes,
-        &Chart { title: "KV cache held against context (measured)", x_label: "context (tokens)", y_label: "MiB", log_x: false, series: series(&|c| c.kv_bytes as f64 / (1 << 20) as f64) },
+        &Chart { title: "KV cache held against context (measured)", x_label: "context (tokens)", y_label: "MiB", log_x: false, y_from_zero: false, series: series(&|c| c.kv_bytes as f64 / (1 << 20) as f64) },
     )?;
     Ok(vec![speed, bytes])
 }

@@ -67,6 +67,9 @@ impl GenerateArgs {
             }
             None => self.prompt.clone(),
         };
+        if text.is_empty() {
+            return Err(KvError::config("prompt", "\"\" (empty)", "some text: --prompt TEXT, --prompt-file FILE or --chat MESSAGE"));
+        }
         Ok((tokenizer.encode_prompt(&text)?, text))
     }
 }
@@ -118,6 +121,13 @@ impl BackendJob for GenerateArgs {
         let tokenizer = &loaded.tokenizer;
         let mut policy = build_policy_in::<B>(&self.policy, &tokenizer.policy_env())?;
         let (prompt, echo) = self.prompt(tokenizer)?;
+        if prompt.len() > loaded.config.max_positions {
+            return Err(KvError::config(
+                "prompt",
+                format!("{} tokens", prompt.len()),
+                format!("at most the model's max_positions = {} (the context it was trained for)", loaded.config.max_positions),
+            ));
+        }
         let gen_config = GenerateConfig {
             max_new_tokens: self.max_tokens,
             sampler: SamplerConfig { temperature: self.temperature, top_k: self.top_k, top_p: self.top_p, seed: self.seed },

@@ -74,7 +74,7 @@ impl BackendJob for KeptArgs {
         let env = loaded.tokenizer.policy_env();
         let mut policies: Vec<Box<dyn CachePolicy<B>>> = specs.iter().map(|p| build_policy_in::<B>(p, &env)).collect::<Result<_>>()?;
         if ids.is_empty() {
-            return Err(KvError::config("--prompt", "\"\"", "text with at least one token"));
+            return Err(KvError::config("--prompt", "\"\" (empty)", "text with at least one token"));
         }
         let refs: Vec<&dyn CachePolicy<B>> = policies.iter().map(|p| p.as_ref()).collect();
         let shared = SharedPrefill::new(&loaded.model, &ids, &refs, 0)?;

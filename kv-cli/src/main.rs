@@ -11,6 +11,7 @@ mod model_source;
 mod peak;
 mod plot;
 mod report;
+mod stream;
 mod tour;
 mod train;
 
@@ -51,6 +52,9 @@ enum Command {
     Kept(kept::KeptArgs),
     /// Redraw an eval's Markdown table and charts from its eval.json.
     Report(ReportArgs),
+    /// Decode a very long stream (a million tokens) under a bounded cache, recording resident
+    /// memory as it goes; JSON, Markdown and a PNG of memory against tokens.
+    Stream(stream::StreamArgs),
 }
 
 /// Flags of `kv report`.
@@ -116,6 +120,14 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("wrote {}", written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
             Ok(())
         }
+        Command::Stream(args) => {
+            let out = args.out.clone();
+            let file = run_on(device, stream::StreamJob { args, device })?;
+            let written = stream::write_results(&out, &file)?;
+            println!("{}", stream::markdown(&file));
+            eprintln!("wrote {}", written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
+            Ok(())
+        }
         Command::Bench(args) => {
             let out = args.out.clone();
             let file = run_on(device, bench::BenchJob { args, device })?;
@@ -127,10 +139,43 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// Folds a message onto one line, so every failure reads as a single `error: ...` line.
+fn one_line(message: &str) -> String {
+    message.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ")
+}
+
+/// Writes the heap high-water mark to the file `KV_PEAK_HEAP_FILE` names, if set: the tests use
+/// it to show that no input makes the command allocate more than the input justifies.
+fn report_peak_heap() {
+    if let Some(path) = std::env::var_os("KV_PEAK_HEAP_FILE") {
+        let _ = std::fs::write(path, peak::peak().to_string());
+    }
+}
+
 fn main() {
-    let cli = Cli::parse();
-    if let Err(e) = run(cli) {
-        eprintln!("error: {e}");
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            // clap's report spans several lines (the error, valid values, tips, usage): keep all
+            // but the usage on one line.
+            let text = e.render().to_string();
+            let kept: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+                .filter(|l| !l.is_empty())
+                .collect();
+            let line = if kept.is_empty() { "error: invalid arguments".to_string() } else { kept.join("; ") };
+            eprintln!("{line} (see `kv --help`)");
+            report_peak_heap();
+            std::process::exit(2);
+        }
+    };
+    let result = run(cli);
+    report_peak_heap();
+    if let Err(e) = result {
+        eprintln!("error: {}", one_line(&e.to_string()));
         std::process::exit(1);
     }
 }

@@ -62,3 +62,8 @@ pub fn reset_peak() -> usize {
 pub fn peak() -> usize {
     PEAK.load(Relaxed)
 }
+
+/// Bytes in use now.
+pub fn current() -> usize {
+    CURRENT.load(Relaxed)
+}

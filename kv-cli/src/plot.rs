@@ -28,6 +28,8 @@ pub struct Chart<'a> {
     pub y_label: &'a str,
     /// Draw the x axis on a log scale (context lengths).
     pub log_x: bool,
+    /// Start the y axis at 0, so a flat line looks flat (memory against time).
+    pub y_from_zero: bool,
     /// The lines.
     pub series: Vec<Series>,
 }
@@ -57,6 +59,9 @@ pub fn line_chart(path: &Path, chart: &Chart) -> Result<()> {
     }
     let pad = ((y1 - y0) * 0.08).max(1e-3 * y1.abs().max(1.0));
     (y0, y1) = (y0 - pad, y1 + pad);
+    if chart.y_from_zero && y0 > 0.0 {
+        y0 = 0.0;
+    }
     // The encoder picks the format from the extension, so the temporary file ends in .png too.
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.tmp.png"));

@@ -135,7 +135,7 @@ pub fn charts(dir: &Path, results: &[CellResult]) -> Result<Vec<PathBuf>> {
             (format!("accuracy-{probe}.png"), format!("{probe}: exact-match accuracy"), "accuracy")
         };
         let path = dir.join(file);
-        line_chart(&path, &Chart { title: &title, x_label: "compression (fraction of slots removed)", y_label: y, log_x: false, series })?;
+        line_chart(&path, &Chart { title: &title, x_label: "compression (fraction of slots removed)", y_label: y, log_x: false, y_from_zero: false, series })?;
         written.push(path);
     }
     Ok(written)

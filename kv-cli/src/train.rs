@@ -95,6 +95,9 @@ impl BackendJob for TrainArgs {
                 None => Trainer::new(model_config, train, &device)?,
             }
         };
+        // The run folder exists before the first line is printed, so an unusable --out is the
+        // command's only output.
+        std::fs::create_dir_all(&out).map_err(|e| KvError::io(&out, e))?;
         let started = std::time::Instant::now();
         if let Some(ev) = train_with_progress(&mut trainer, &out, "")? {
             let tasks: Vec<String> = ev.task_accuracy.iter().map(|(t, a)| format!("{} {:.1}%", t.name(), a * 100.0)).collect();

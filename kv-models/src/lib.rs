@@ -41,13 +41,17 @@ pub use eval::{PolicyLoss, TaskResult, answer, policy_loss, task_accuracy, task_
 pub use fanout::SharedPrefill;
 pub use ffn::FeedForward;
 pub use generate::{GenerateConfig, Generation, continue_generation, generate, last_row};
-pub use materialize::materialize;
+pub use materialize::{materialize, ordinal_ids};
 pub use presets::{Preset, preset, preset_names};
 pub use sampling::{Sampler, SamplerConfig, argmax};
 pub use load::{Pretrained, PretrainedFormat, PretrainedModel, assets_dir, resolve_model};
 pub use tokenizer::{ByteTokenizer, ChatMessage, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, TextConfig, Tokenizer};
 pub use yoco::retention_state_name;
 
+#[cfg(test)]
+mod backend_tests;
+#[cfg(test)]
+mod fuzz_tests;
 #[cfg(test)]
 mod kept_tests;
 #[cfg(test)]

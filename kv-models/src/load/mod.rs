@@ -209,4 +209,4 @@ pub fn resolve_model(name: &Path) -> Result<PathBuf> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -7,7 +7,7 @@ use super::*;
 use safetensors::SafeTensors;
 use std::path::PathBuf;
 
-fn testdata(name: &str) -> PathBuf {
+pub(crate) fn testdata(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata").join(name)
 }
 
@@ -220,7 +220,7 @@ fn permute_rows(values: &[f32], heads: usize, rows: usize, cols: usize) -> Vec<f
 }
 
 /// tiny-llama written as llama.cpp's converter would write it (F32, q/k rows permuted).
-fn tiny_llama_gguf(path: &Path, skip: Option<&str>) -> PathBuf {
+pub(crate) fn tiny_llama_gguf(path: &Path, skip: Option<&str>) -> PathBuf {
     let all = read_safetensors(&testdata("tiny-llama/model.safetensors"));
     let mut w = GgufWriter::default()
         .meta("general.architecture", GgufValue::Str("llama".into()))
