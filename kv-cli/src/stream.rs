@@ -146,14 +146,26 @@ impl BackendJob for StreamJob {
                 bar.set_position(step as u64);
                 bar.set_message(format!("RSS {:.1} MiB | KV {:.2} MiB | {} slots", s.rss_mib, s.kv_mib, s.slots));
                 samples.push(s);
+                // A long run can be watched (or cut short) from its JSON, rewritten at each reading.
+                if step < args.tokens {
+                    let so_far = StreamFile {
+                        device: self.device.name().into(),
+                        model: args.model.label("tiny-mha"),
+                        policy: policy.name(),
+                        tokens: step,
+                        seconds: start.elapsed().as_secs_f64(),
+                        samples: samples.clone(),
+                        warm_from_tokens: warm_from(&samples, prompt.len(), args.tokens),
+                    };
+                    std::fs::create_dir_all(&args.out).map_err(|e| KvError::io(&args.out, e))?;
+                    let json = serde_json::to_string_pretty(&so_far).map_err(|e| KvError::io(&args.out, e))?;
+                    kv_models::write_atomic(&args.out.join("stream.json"), json.as_bytes())?;
+                }
             }
         }
         bar.finish_and_clear();
         let seconds = start.elapsed().as_secs_f64();
-        // Warm-up: until the cache has filled and been cut back a few times, and the first tenth
-        // of the stream (allocator pools and the backend's buffers reach their steady sizes).
-        let full_at = samples.iter().map(|s| s.slots).max().unwrap_or(0) + prompt.len();
-        let warm_from_tokens = (2 * full_at).max(args.tokens / 10).min(prompt.len() + args.tokens);
+        let warm_from_tokens = warm_from(&samples, prompt.len(), args.tokens);
         Ok(StreamFile {
             device: self.device.name().into(),
             model: args.model.label("tiny-mha"),
@@ -164,6 +176,13 @@ impl BackendJob for StreamJob {
             warm_from_tokens,
         })
     }
+}
+
+/// Where the warm-up ends: once the cache has filled and been cut back for as long again, and
+/// after the first tenth of the stream (allocator pools and the backend's buffers settle).
+fn warm_from(samples: &[StreamSample], prompt: usize, tokens: usize) -> usize {
+    let full_at = samples.iter().map(|s| s.slots).max().unwrap_or(0) + prompt;
+    (2 * full_at).max(tokens / 10).min(prompt + tokens)
 }
 
 /// The greedy next token from logits `[1, t, vocab]` (its last row).

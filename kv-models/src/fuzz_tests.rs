@@ -172,24 +172,38 @@ fn fuzz<S: Strategy>(name: &str, mode: Mode, strategy: S, test: impl Fn(S::Value
 where
     S::Value: std::fmt::Debug,
 {
-    let (cases, deadline, rng) = match mode {
-        Mode::Quick(n) => (n, None, TestRng::deterministic_rng(RngAlgorithm::ChaCha)),
-        Mode::For(d) => (256, Some(Instant::now() + d), TestRng::from_seed(RngAlgorithm::ChaCha, &rand_seed())),
+    let (cases, deadline) = match mode {
+        Mode::Quick(n) => (n, None),
+        Mode::For(d) => (256, Some(Instant::now() + d)),
     };
+    let base = rand_seed();
     let config = Config { cases, failure_persistence: None, max_shrink_iters: 256, ..Config::default() };
-    let mut runner = TestRunner::new_with_rng(config, rng);
-    let mut total = 0u64;
-    loop {
-        match runner.run(&strategy, |v| test(v)) {
+    let ran = Cell::new(0u64);
+    for round in 0u64.. {
+        // A runner stops after `cases` successes; each round of the long mode gets a fresh one
+        // on its own stream.
+        let rng = match deadline {
+            None => TestRng::deterministic_rng(RngAlgorithm::ChaCha),
+            Some(_) => {
+                let mut seed = base;
+                seed[..8].iter_mut().zip(round.to_le_bytes()).for_each(|(s, r)| *s ^= r);
+                TestRng::from_seed(RngAlgorithm::ChaCha, &seed)
+            }
+        };
+        let mut runner = TestRunner::new_with_rng(config.clone(), rng);
+        match runner.run(&strategy, |v| {
+            ran.set(ran.get() + 1);
+            test(v)
+        }) {
             Ok(()) => {}
             Err(TestError::Fail(why, input)) => panic!("{name}: {why}\nminimal failing input: {input:?}"),
             Err(TestError::Abort(why)) => panic!("{name}: aborted: {why}"),
         }
-        total += cases as u64;
         if deadline.is_none_or(|d| Instant::now() >= d) {
             break;
         }
     }
+    let total = ran.get();
     eprintln!("{name}: {total} cases, none panicked, hung or over-allocated");
     total
 }
