@@ -122,7 +122,10 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Stream(args) => {
             let out = args.out.clone();
-            let file = run_on(device, stream::StreamJob { args, device })?;
+            let file = match &args.from {
+                Some(path) => stream::read(path)?,
+                None => run_on(device, stream::StreamJob { args, device })?,
+            };
             let written = stream::write_results(&out, &file)?;
             println!("{}", stream::markdown(&file));
             eprintln!("wrote {}", written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));

@@ -35,6 +35,16 @@ pub struct StreamArgs {
     /// Folder for stream.json, stream.md and stream-rss.png.
     #[arg(long, default_value = "runs/stream")]
     pub out: PathBuf,
+    /// Decode nothing: redraw stream.md and stream-rss.png from this stream.json (a finished run,
+    /// or the readings so far of one still running or cut short).
+    #[arg(long)]
+    pub from: Option<PathBuf>,
+}
+
+/// Reads a stream.json written by `kv stream`.
+pub fn read(path: &Path) -> Result<StreamFile> {
+    let text = std::fs::read_to_string(path).map_err(|e| KvError::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| KvError::io(path, format!("not a stream.json: {e}")))
 }
 
 /// One memory reading during the stream.
