@@ -51,7 +51,7 @@ pub(crate) struct Sections {
 }
 
 impl Sections {
-    fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let mut out = MAGIC.to_vec();
         for s in [&self.config, &self.train, &self.model, &self.optim] {
             out.extend_from_slice(&(s.len() as u64).to_le_bytes());
@@ -62,7 +62,7 @@ impl Sections {
         out
     }
 
-    fn decode(bytes: &[u8], path: &Path) -> Result<Self> {
+    pub(crate) fn decode(bytes: &[u8], path: &Path) -> Result<Self> {
         let bad = |what: &str| KvError::io(path, format!("not a usable checkpoint: {what}"));
         if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
             return Err(bad("wrong file type (no KVCKPT01 header)"));

@@ -307,25 +307,12 @@ fn seed_checkpoint(dir: &Path) -> Vec<u8> {
 }
 
 fn sections(bytes: &[u8]) -> Vec<Vec<u8>> {
-    let mut at = 8;
-    (0..4)
-        .map(|_| {
-            let n = u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap()) as usize;
-            at += 8 + n;
-            bytes[at - n..at].to_vec()
-        })
-        .collect()
+    let s = crate::checkpoint::Sections::decode(bytes, Path::new("seed")).unwrap();
+    vec![s.config, s.train, s.model, s.optim]
 }
 
-fn sealed(sections: &[Vec<u8>]) -> Vec<u8> {
-    let mut out = b"KVCKPT01".to_vec();
-    for s in sections {
-        out.extend_from_slice(&(s.len() as u64).to_le_bytes());
-        out.extend_from_slice(s);
-    }
-    let sum = out.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3));
-    out.extend_from_slice(&sum.to_le_bytes());
-    out
+fn sealed(p: &[Vec<u8>]) -> Vec<u8> {
+    crate::checkpoint::Sections { config: p[0].clone(), train: p[1].clone(), model: p[2].clone(), optim: p[3].clone() }.encode()
 }
 
 /// Checkpoints: raw byte edits (caught by the checksum) and edits of one section re-sealed with
