@@ -53,6 +53,8 @@ mod backend_tests;
 #[cfg(test)]
 mod fuzz_tests;
 #[cfg(test)]
+mod golden_tests;
+#[cfg(test)]
 mod kept_tests;
 #[cfg(test)]
 mod tests;
