@@ -50,6 +50,12 @@ pub struct Rotary<B: Backend> {
     rotated: usize,
 }
 
+impl<B: Backend> kv_core::KeyRotation<B> for Rotary<B> {
+    fn rotate_by(&self, keys: Tensor<B, 4>, delta: Tensor<B, 3, Int>) -> Tensor<B, 4> {
+        self.apply(keys, delta)
+    }
+}
+
 impl<B: Backend> Rotary<B> {
     /// Width of the rotated vectors.
     pub fn dim(&self) -> usize {

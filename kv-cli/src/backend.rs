@@ -60,6 +60,27 @@ pub trait BackendJob {
     fn run<B: Backend>(self, device: B::Device) -> Result<Self::Output>;
 }
 
+/// The backend whose policy registry names policies outside a job (help, report tables); the
+/// registry's names and kinds do not depend on the backend.
+#[cfg(feature = "flex")]
+pub type NamingBackend = burn::backend::Flex;
+/// The backend whose policy registry names policies outside a job.
+#[cfg(all(not(feature = "flex"), feature = "ndarray"))]
+pub type NamingBackend = burn::backend::NdArray;
+/// The backend whose policy registry names policies outside a job.
+#[cfg(all(not(any(feature = "flex", feature = "ndarray")), feature = "wgpu"))]
+pub type NamingBackend = burn::backend::Wgpu;
+/// The backend whose policy registry names policies outside a job.
+#[cfg(all(not(any(feature = "flex", feature = "ndarray", feature = "wgpu")), feature = "cuda"))]
+pub type NamingBackend = burn::backend::Cuda;
+#[cfg(not(any(feature = "flex", feature = "ndarray", feature = "wgpu", feature = "cuda")))]
+compile_error!("kv needs at least one backend feature: flex, ndarray, wgpu or cuda");
+
+/// The policies `kv` knows: the standard registry (a binary of one's own registers more here).
+pub fn policies<B: Backend>() -> kv_policies::Registry<B> {
+    kv_policies::Registry::standard()
+}
+
 /// Runs `job` on the backend `kind`, or explains which cargo feature would compile it in.
 pub fn run_on<J: BackendJob>(kind: DeviceKind, job: J) -> Result<J::Output> {
     match kind {

@@ -13,7 +13,7 @@ use kv_attention::{ObserveRequest, Observation};
 use kv_core::{KvError, LayerCache, ModelCache, Result};
 use kv_models::train::{TrainConfig, Trainer};
 use kv_models::{DecoderConfig, DecoderLm, preset};
-use kv_policies::{CachePolicy, LayerContext, Phase, PolicyEnv, PolicySpec, TokenClasses, build_policy_in};
+use kv_policies::{CachePolicy, LayerContext, Phase, PolicyEnv, TokenClasses};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -171,8 +171,8 @@ pub fn decode_cell<B: Backend>(model: &DecoderLm<B>, label: &str, context: usize
     // The prefill below is a synthetic byte stream, so FastGen gets the byte tokenizer's classes:
     // what is measured is the policy's cost, not its choices on real text.
     let env = PolicyEnv::with_classes(TokenClasses::bytes());
-    let mut timed = TimedPolicy { inner: build_policy_in::<B>(policy, &env)?, device, spent: Duration::ZERO };
-    let real_prefill = plan.prefill || PolicySpec::parse(policy)?.name != "full";
+    let mut timed = TimedPolicy { inner: crate::backend::policies::<B>().build(policy, &env)?, device, spent: Duration::ZERO };
+    let real_prefill = plan.prefill || crate::backend::policies::<B>().parse(policy)?.name != "full";
     let mut cache = model.new_cache(1);
     let appends = plan.steps.max(2 * kv_core::TAIL_SLOTS);
     cache.reserve(context + plan.steps + appends + 2);
@@ -289,7 +289,7 @@ impl BackendJob for BenchJob {
         }
         let policies = kv_policies::split_specs(&args.policy);
         for p in &policies {
-            build_policy_in::<B>(p, &PolicyEnv::with_classes(TokenClasses::bytes()))?;
+            crate::backend::policies::<B>().build(p, &PolicyEnv::with_classes(TokenClasses::bytes()))?;
         }
         if !args.kv_heads.is_empty() && args.model.has_weights() {
             return Err(KvError::config("--kv-heads", "with trained weights", "random-weight models only (a checkpoint or pretrained model has its own heads)"));

@@ -170,7 +170,8 @@ pub fn run_models<B: Backend>(sources: &[EvalModel], spec: &GridSpec, device: &B
             return Err(KvError::config("--checkpoint/--model", l, "models with distinct folder or file names"));
         }
     }
-    let cells = spec.cells::<B>(&labels)?;
+    let registry = crate::backend::policies::<B>();
+    let cells = spec.cells(&labels, &registry)?;
     let loaded = sources.iter().map(|s| s.load::<B>(device)).collect::<Result<Vec<_>>>()?;
     let mut named = Vec::with_capacity(loaded.len());
     // Each model reads the same held-out stories in its own tokens; byte models share one copy.
@@ -182,7 +183,7 @@ pub fn run_models<B: Backend>(sources: &[EvalModel], spec: &GridSpec, device: &B
     let bar = ProgressBar::new(cells.len() as u64).with_style(
         ProgressStyle::with_template("eval {msg:>40} [{bar:30}] {pos}/{len} {elapsed} eta {eta}").unwrap().progress_chars("=> "),
     );
-    let results = run_grid(&named, &cells, spec, |r| {
+    let results = run_grid(&named, &cells, spec, &registry, |r| {
         bar.set_message(format!("{} {} {}@{}", r.cell.model, r.cell.spec, r.cell.probe, r.cell.context));
         bar.inc(1);
     })?;

@@ -6,7 +6,6 @@ use burn::prelude::*;
 use clap::Args;
 use kv_core::{KvError, Result};
 use kv_models::{ChatMessage, GenerateConfig, SamplerConfig, Tokenizer, generate};
-use kv_policies::build_policy_in;
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -116,10 +115,10 @@ impl BackendJob for GenerateArgs {
     type Output = ();
 
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
-        kv_policies::PolicySpec::parse(&self.policy)?;
+        crate::backend::policies::<B>().parse(&self.policy)?;
         let loaded = self.model.load::<B>("tiny-mha", &device)?;
         let tokenizer = &loaded.tokenizer;
-        let mut policy = build_policy_in::<B>(&self.policy, &tokenizer.policy_env())?;
+        let mut policy = crate::backend::policies::<B>().build(&self.policy, &tokenizer.policy_env())?;
         let (prompt, echo) = self.prompt(tokenizer)?;
         if prompt.len() > loaded.config.max_positions {
             return Err(KvError::config(

@@ -7,7 +7,7 @@ use burn::prelude::*;
 use clap::Args;
 use kv_core::{KvError, LayerCache, Result};
 use kv_models::SharedPrefill;
-use kv_policies::{CachePolicy, build_policy_in};
+use kv_policies::CachePolicy;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -63,7 +63,7 @@ impl BackendJob for KeptArgs {
         let specs = kv_policies::split_specs(&self.policy);
         // Checked before the model loads; built with the model's tokenizer after.
         let check = kv_policies::PolicyEnv::with_classes(kv_policies::TokenClasses::default());
-        specs.iter().try_for_each(|p| build_policy_in::<B>(p, &check).map(|_| ()))?;
+        specs.iter().try_for_each(|p| crate::backend::policies::<B>().build(p, &check).map(|_| ()))?;
         let text = match (&self.prompt, &self.prompt_file) {
             (Some(t), _) => t.clone(),
             (None, Some(path)) => std::fs::read_to_string(path).map_err(|e| KvError::io(path, e))?,
@@ -72,7 +72,7 @@ impl BackendJob for KeptArgs {
         let loaded = self.model.load::<B>("tiny-mha", &device)?;
         let ids = loaded.tokenizer.encode_prompt(&text)?;
         let env = loaded.tokenizer.policy_env();
-        let mut policies: Vec<Box<dyn CachePolicy<B>>> = specs.iter().map(|p| build_policy_in::<B>(p, &env)).collect::<Result<_>>()?;
+        let mut policies: Vec<Box<dyn CachePolicy<B>>> = specs.iter().map(|p| crate::backend::policies::<B>().build(p, &env)).collect::<Result<_>>()?;
         if ids.is_empty() {
             return Err(KvError::config("--prompt", "\"\" (empty)", "text with at least one token"));
         }

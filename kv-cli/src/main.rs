@@ -16,7 +16,7 @@ mod tour;
 mod train;
 
 use backend::{DeviceKind, run_on};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use kv_core::Result;
 
 #[global_allocator]
@@ -155,8 +155,14 @@ fn report_peak_heap() {
     }
 }
 
+/// The policies a spec can name, from the registry, for the end of `kv --help`.
+fn policy_help() -> String {
+    format!("Policies (--policy name:key=value,...):\n{}", backend::policies::<backend::NamingBackend>().help())
+}
+
 fn main() {
-    let cli = match Cli::try_parse() {
+    let parsed = Cli::command().after_help(policy_help()).try_get_matches().and_then(|m| Cli::from_arg_matches(&m));
+    let cli = match parsed {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => e.exit(),
         Err(e) => {

@@ -80,7 +80,7 @@ pub fn markdown(results: &[CellResult]) -> String {
 /// Whether a policy label names one that sets its own compression (FastGen), not the grid.
 fn sets_own_compression(policy: &str) -> bool {
     let name = policy.split(':').next().unwrap_or(policy);
-    name != "full" && kv_policies::SELF_BUDGETED.contains(&name)
+    name != "full" && crate::backend::policies::<crate::backend::NamingBackend>().is_self_budgeted(name)
 }
 
 /// A cell's bytes over the full cache's bytes in the same (model, probe, context, depth).

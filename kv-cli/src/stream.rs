@@ -9,7 +9,7 @@ use burn::prelude::*;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use kv_core::{KvError, Result};
-use kv_policies::{Phase, PolicySpec, build_policy_in};
+use kv_policies::Phase;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -120,9 +120,9 @@ impl BackendJob for StreamJob {
             let (flag, v) = if args.tokens == 0 { ("--tokens", 0) } else if args.sample_every == 0 { ("--sample-every", 0) } else { ("--prompt-tokens", 0) };
             return Err(KvError::config(flag, v, "at least 1"));
         }
-        PolicySpec::parse(&args.policy)?;
+        crate::backend::policies::<B>().parse(&args.policy)?;
         let loaded = args.model.load::<B>("tiny-mha", &device)?;
-        let mut policy = build_policy_in::<B>(&args.policy, &loaded.tokenizer.policy_env())?;
+        let mut policy = crate::backend::policies::<B>().build(&args.policy, &loaded.tokenizer.policy_env())?;
         let model = &loaded.model;
         let vocab = loaded.config.vocab_size;
         let prompt: Vec<i32> = (0..args.prompt_tokens).map(|i| (32 + (i * 7 + i / 13) % 90) as i32 % vocab as i32).collect();

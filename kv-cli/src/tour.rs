@@ -16,7 +16,6 @@ use kv_models::data::TaskKind;
 use kv_models::grid::{GridSpec, Probe};
 use kv_models::train::{LogLine, Trainer, read_log, run_status};
 use kv_models::{Preset, load_model, preset};
-use kv_policies::POLICY_NAMES;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -95,7 +94,8 @@ impl RealPlan {
 
 /// Every policy at the tour's compressions, StreamingLLM in both position modes.
 fn tour_policies() -> Vec<String> {
-    POLICY_NAMES.iter().map(|p| p.to_string()).chain(std::iter::once("streaming:rerotate=true".to_string())).collect()
+    let registry = crate::backend::policies::<crate::backend::NamingBackend>();
+    registry.names().iter().map(|p| p.to_string()).chain(std::iter::once("streaming:rerotate=true".to_string())).collect()
 }
 
 impl TourPlan {
@@ -221,7 +221,7 @@ const FASTGEN_SPEC: &str = "fastgen:recover=0.95";
 
 /// Profiles `prompt` with FastGen and returns what each head chose.
 fn fastgen_choices<B: Backend>(label: &str, model: &kv_models::DecoderLm<B>, tokenizer: &kv_models::Tokenizer, prompt: &[u32]) -> Result<HeadChoices> {
-    let mut policy = kv_policies::build_policy_in::<B>(FASTGEN_SPEC, &tokenizer.policy_env())?;
+    let mut policy = crate::backend::policies::<B>().build(FASTGEN_SPEC, &tokenizer.policy_env())?;
     let shared = kv_models::SharedPrefill::new(model, prompt, &[policy.as_ref()], 0)?;
     shared.cache_for(model, policy.as_mut())?;
     Ok(HeadChoices { model: label.to_string(), spec: FASTGEN_SPEC.into(), prompt_tokens: prompt.len(), layers: policy.head_choices() })
@@ -357,10 +357,10 @@ impl BackendJob for TourJob {
         let dirs: Vec<PathBuf> = plan.presets.iter().map(|(n, _)| self.args.models.join(n)).collect();
         let labels: Vec<String> = plan.presets.iter().map(|(n, _)| n.clone()).collect();
         // Validate the whole grid before the first training step.
-        plan.grid.cells::<B>(&labels)?;
+        plan.grid.cells(&labels, &crate::backend::policies::<B>())?;
         if let Some(real) = &plan.real {
-            real.niah.cells::<B>(&["real".to_string()])?;
-            real.ppl.cells::<B>(&["real".to_string()])?;
+            real.niah.cells(&["real".to_string()], &crate::backend::policies::<B>())?;
+            real.ppl.cells(&["real".to_string()], &crate::backend::policies::<B>())?;
         }
         let mut parts = Vec::new();
         let mut lap = Instant::now();

@@ -6,7 +6,7 @@ use burn::nn::{Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig, Rm
 use burn::prelude::*;
 use kv_attention::{CrossAttention, GatedRetention, GlobalKv, GroupedAttention, MlaAttention, MlaPath, SlidingWindowAttention};
 use kv_core::{CacheShape, KvError, LayerCache, ModelCache, Result};
-use kv_policies::{CachePolicy, FullCache, LayerContext, Phase};
+use kv_policies::{CachePolicy, FullCache, LayerContext, Phase, drive_layer};
 
 /// One pre-norm decoder block: `x + attn(norm(x))`, then `x + ffn(norm(x))`.
 #[derive(Module, Debug)]
@@ -308,10 +308,8 @@ impl<B: Backend> DecoderLm<B> {
             let attn = block.attention()?;
             let layer = cache.layer_mut(i);
             let ctx = LayerContext { layer: i, n_layers, n_heads: attn.n_heads(), phase, rope: Some(attn.rope()), tokens: Some(&tokens) };
-            let request = policy.observe_request(&ctx);
-            let out = attn.forward_cached(block.attn_norm.forward(h.clone()), layer, request)?;
-            policy.after_attention(&ctx, layer, out.observation.as_ref())?;
-            h = h + out.output;
+            let x = block.attn_norm.forward(h.clone());
+            h = h + drive_layer(policy, &ctx, layer, |layer, request| attn.forward_cached(x, layer, request).map(|o| (o.output, o.observation)))?;
             h = h.clone() + block.ffn.forward(block.ffn_norm.forward(h));
         }
         if last_only && t > 1 {

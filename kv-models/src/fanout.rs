@@ -74,7 +74,7 @@ impl<B: Backend> SharedPrefill<B> {
         self.layers
             .iter()
             .find(|((l, ..), _)| *l == layer)
-            .map(|((layer, n_layers, n_heads), _)| LayerContext { layer: *layer, n_layers: *n_layers, n_heads: *n_heads, phase: Phase::Prefill, rope: model.policy_rope(*layer), tokens: Some(&self.tokens) })
+            .map(|((layer, n_layers, n_heads), _)| LayerContext { layer: *layer, n_layers: *n_layers, n_heads: *n_heads, phase: Phase::Prefill, rope: model.policy_rope(*layer).map(|r| r as &dyn kv_core::KeyRotation<B>), tokens: Some(&self.tokens) })
     }
 
     /// `policy`'s cache after the prompt: the full cache compressed as `policy` would have at
@@ -82,7 +82,7 @@ impl<B: Backend> SharedPrefill<B> {
     pub fn cache_for(&self, model: &DecoderLm<B>, policy: &mut dyn CachePolicy<B>) -> Result<ModelCache<B>> {
         let mut cache = self.cache.clone();
         for ((layer, n_layers, n_heads), observation) in &self.layers {
-            let ctx = LayerContext { layer: *layer, n_layers: *n_layers, n_heads: *n_heads, phase: Phase::Prefill, rope: model.policy_rope(*layer), tokens: Some(&self.tokens) };
+            let ctx = LayerContext { layer: *layer, n_layers: *n_layers, n_heads: *n_heads, phase: Phase::Prefill, rope: model.policy_rope(*layer).map(|r| r as &dyn kv_core::KeyRotation<B>), tokens: Some(&self.tokens) };
             let request = policy.observe_request(&ctx);
             let mine = observation.as_ref().map(|o| o.restricted(request));
             policy.after_attention(&ctx, cache.layer_mut(*layer), mine.as_ref())?;

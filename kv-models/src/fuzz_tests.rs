@@ -227,7 +227,7 @@ fn scratch(name: &str) -> PathBuf {
 /// Policy specs built from the pieces real specs are made of, plus arbitrary text.
 fn spec_text() -> impl Strategy<Value = String> {
     let piece = prop_oneof![
-        prop::sample::select(kv_policies::POLICY_NAMES.to_vec()).prop_map(str::to_string),
+        prop::sample::select(kv_policies::Registry::<burn::backend::Flex>::standard().names().iter().map(|n| n.to_string()).collect::<Vec<_>>()),
         prop::sample::select(vec!["budget", "every", "window", "kernel", "pool", "sinks", "rerotate", "scorer", "recover", "alpha", "beta", "floor", "value", "protect"]).prop_map(str::to_string),
         prop::sample::select(vec![":", "=", ",", " ", "=,", "::", ""]).prop_map(str::to_string),
         prop::sample::select(vec!["0", "1", "-1", "0.5", "1.5", "nan", "inf", "-inf", "1e40", "1024", "18446744073709551616", "4294967296", "true", "max", "avg", "h2o", "snapkv"]).prop_map(str::to_string),

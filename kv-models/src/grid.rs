@@ -8,7 +8,7 @@ use crate::data::{ANSWER_TOKENS, Corpus, DEFAULT_DEPTHS, FRAME_TOKENS, Haystack,
 use crate::{DecoderLm, GenerateConfig, SamplerConfig, SharedPrefill, Tokenizer, continue_generation, last_row, policy_loss, task_accuracy_with};
 use burn::prelude::*;
 use kv_core::{KvError, Result};
-use kv_policies::{Phase, PolicyEnv, PolicySpec, SELF_BUDGETED, TokenClasses, build_policy_in};
+use kv_policies::{Phase, PolicyEnv, Registry, TokenClasses};
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
 
@@ -152,12 +152,12 @@ pub struct CellResult {
 
 /// The spec a policy runs at a compression: `full` stays `full`, FastGen (which sets its own
 /// compression from its recovery threshold) keeps its spec; others get `budget = 1 - c`.
-pub fn policy_at(policy: &str, compression: f64) -> Result<String> {
-    let parsed = PolicySpec::parse(policy)?;
+pub fn policy_at<B: Backend>(registry: &Registry<B>, policy: &str, compression: f64) -> Result<String> {
+    let parsed = registry.parse(policy)?;
     if parsed.name == "full" {
         return Ok("full".into());
     }
-    if SELF_BUDGETED.contains(&parsed.name.as_str()) {
+    if registry.is_self_budgeted(&parsed.name) {
         return Ok(policy.trim().to_string());
     }
     if parsed.pairs().any(|(k, _)| k == "budget") {
@@ -177,9 +177,10 @@ impl GridSpec {
         ((self.ppl_prompt * context as f64).round() as usize).clamp(1, context)
     }
 
-    /// Every cell for models labelled `models`, validated: unknown policies or parameters,
-    /// compressions out of range and contexts too short fail here, before any work.
-    pub fn cells<B: Backend>(&self, models: &[String]) -> Result<Vec<GridCell>> {
+    /// Every cell for models labelled `models`, validated: policies unknown to `registry` or
+    /// their bad parameters, compressions out of range and contexts too short fail here, before
+    /// any work.
+    pub fn cells<B: Backend>(&self, models: &[String], registry: &Registry<B>) -> Result<Vec<GridCell>> {
         if models.is_empty() {
             return Err(KvError::config("models", 0, "at least one checkpoint"));
         }
@@ -213,8 +214,8 @@ impl GridSpec {
         }
         let mut policies = Vec::new();
         for policy in &self.policies {
-            let name = PolicySpec::parse(policy)?.name;
-            let compressions: Vec<f64> = if SELF_BUDGETED.contains(&name.as_str()) { vec![0.0] } else { self.compressions.clone() };
+            let name = registry.parse(policy)?.name;
+            let compressions: Vec<f64> = if registry.is_self_budgeted(&name) { vec![0.0] } else { self.compressions.clone() };
             if compressions.is_empty() {
                 return Err(KvError::config("compressions", "none", format!("at least one for policy {name}")));
             }
@@ -222,9 +223,9 @@ impl GridSpec {
             // `streaming` and `streaming:rerotate=true` stay apart in tables and charts.
             let label = if name == "full" { name.clone() } else { policy.trim().to_string() };
             for c in compressions {
-                let spec = policy_at(policy, c)?;
+                let spec = policy_at(registry, policy, c)?;
                 // Validated with empty token classes: the run hands each model's own.
-                build_policy_in::<B>(&spec, &PolicyEnv::with_classes(TokenClasses::default()))?;
+                registry.build(&spec, &PolicyEnv::with_classes(TokenClasses::default()))?;
                 policies.push((label.clone(), spec, c));
             }
         }
@@ -274,14 +275,14 @@ pub struct GridModel<'a, B: Backend> {
 
 /// Runs one cell on `model`; `text` is the held-out text of `ppl` cells, `haystack` the
 /// haystack of NIAH and `ppl-essays` cells (already read, with its tokens for this model).
-pub fn run_cell<B: Backend>(model: &DecoderLm<B>, tokenizer: &Tokenizer, cell: &GridCell, spec: &GridSpec, text: &Corpus, haystack: Option<&Haystack>) -> Result<CellResult> {
+pub fn run_cell<B: Backend>(model: &DecoderLm<B>, tokenizer: &Tokenizer, cell: &GridCell, spec: &GridSpec, text: &Corpus, haystack: Option<&Haystack>, registry: &Registry<B>) -> Result<CellResult> {
     if let Probe::Niah(_) = Probe::parse(&cell.probe)? {
         let haystack = haystack.ok_or_else(|| KvError::config("niah cell", &cell.model, "a haystack (the essays or --haystack)"))?;
-        return Ok(niah_cells(model, tokenizer, std::slice::from_ref(cell), spec, haystack)?.remove(0));
+        return Ok(niah_cells(model, tokenizer, std::slice::from_ref(cell), spec, haystack, registry)?.remove(0));
     }
     let start = Instant::now();
     let env = tokenizer.policy_env();
-    let mut make = || build_policy_in::<B>(&cell.spec, &env).expect("validated when the grid was built");
+    let mut make = || registry.build(&cell.spec, &env).expect("validated when the grid was built");
     let mut result = CellResult { cell: cell.clone(), accuracy: None, loss: None, perplexity: None, kv_bytes: 0.0, samples: 0, seconds: 0.0, answer: None };
     match Probe::parse(&cell.probe)? {
         Probe::Task(task) => {
@@ -314,7 +315,7 @@ pub fn run_cell<B: Backend>(model: &DecoderLm<B>, tokenizer: &Tokenizer, cell: &
 /// The Needle-in-a-Haystack cells of one (model, mode, context, depth), every policy of
 /// `cells` reading one shared prefill of the prompt ([`SharedPrefill`]); each cell's time is
 /// its own decode plus an equal share of the prefill.
-fn niah_cells<B: Backend>(model: &DecoderLm<B>, tokenizer: &Tokenizer, cells: &[GridCell], spec: &GridSpec, haystack: &Haystack) -> Result<Vec<CellResult>> {
+fn niah_cells<B: Backend>(model: &DecoderLm<B>, tokenizer: &Tokenizer, cells: &[GridCell], spec: &GridSpec, haystack: &Haystack, registry: &Registry<B>) -> Result<Vec<CellResult>> {
     let start = Instant::now();
     let first = &cells[0];
     let Probe::Niah(mode) = Probe::parse(&first.probe)? else {
@@ -326,7 +327,7 @@ fn niah_cells<B: Backend>(model: &DecoderLm<B>, tokenizer: &Tokenizer, cells: &[
         NiahMode::QueryAware => prompt.context.iter().chain(&prompt.question).copied().collect(),
     };
     let env = tokenizer.policy_env();
-    let mut policies: Vec<Box<dyn kv_policies::CachePolicy<B>>> = cells.iter().map(|c| build_policy_in::<B>(&c.spec, &env)).collect::<Result<_>>()?;
+    let mut policies: Vec<Box<dyn kv_policies::CachePolicy<B>>> = cells.iter().map(|c| registry.build(&c.spec, &env)).collect::<Result<_>>()?;
     let shared = {
         let refs: Vec<&dyn kv_policies::CachePolicy<B>> = policies.iter().map(|p| p.as_ref()).collect();
         SharedPrefill::new(model, &prefill, &refs, prompt.question.len() + ANSWER_TOKENS)?
@@ -366,7 +367,7 @@ fn niah_cells<B: Backend>(model: &DecoderLm<B>, tokenizer: &Tokenizer, cells: &[
 /// Runs every cell, the model of each looked up by label; `on_cell` sees each result as it
 /// lands. Consecutive Needle-in-a-Haystack cells that differ only in their policy share one
 /// prefill.
-pub fn run_grid<B: Backend>(models: &[GridModel<'_, B>], cells: &[GridCell], spec: &GridSpec, mut on_cell: impl FnMut(&CellResult)) -> Result<Vec<CellResult>> {
+pub fn run_grid<B: Backend>(models: &[GridModel<'_, B>], cells: &[GridCell], spec: &GridSpec, registry: &Registry<B>, mut on_cell: impl FnMut(&CellResult)) -> Result<Vec<CellResult>> {
     let needs_haystack = cells.iter().any(|c| Probe::parse(&c.probe).is_ok_and(|p| p.reads_haystack()));
     let haystack = if needs_haystack { Some(Haystack::for_spec(&spec.niah)?) } else { None };
     let mut out = Vec::with_capacity(cells.len());
@@ -380,9 +381,9 @@ pub fn run_grid<B: Backend>(models: &[GridModel<'_, B>], cells: &[GridCell], spe
         let results = if let (Ok(Probe::Niah(_)), Some(h)) = (Probe::parse(&cell.probe), haystack.as_ref()) {
             let same = |c: &GridCell| (&c.model, &c.probe, c.context, c.depth) == (&cell.model, &cell.probe, cell.context, cell.depth);
             let n = cells[i..].iter().take_while(|c| same(c)).count();
-            niah_cells(m.model, &m.tokenizer, &cells[i..i + n], spec, h)?
+            niah_cells(m.model, &m.tokenizer, &cells[i..i + n], spec, h, registry)?
         } else {
-            vec![run_cell(m.model, &m.tokenizer, cell, spec, &m.text, haystack.as_ref())?]
+            vec![run_cell(m.model, &m.tokenizer, cell, spec, &m.text, haystack.as_ref(), registry)?]
         };
         i += results.len();
         for r in results {

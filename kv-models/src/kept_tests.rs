@@ -368,12 +368,13 @@ fn agree_with_kvpress<B: Backend>(model: &DecoderLm<B>, case: &str, ids: &[u32])
 /// Whether slots `x` and `y` of KV head `head` score within 1e-4 (relative) of each other under
 /// our scorer for `spec` on the shared prefill's full cache of `layer`.
 fn near_tie<B: Backend>(model: &DecoderLm<B>, shared: &SharedPrefill<B>, spec: &str, layer: usize, head: usize, x: i64, y: i64) -> bool {
-    let Ok(scorer) = kv_policies::build_scorer::<B>(spec) else { return false };
+    let Ok(scorer) = kv_policies::Registry::<B>::standard().scorer_from_spec(spec) else { return false };
     let ctx = shared.context(model, layer).unwrap();
     let mut cache = shared.full_cache().layer(layer).clone();
-    let obs = shared.observation(layer).map(|o| o.restricted(scorer.observe_request(&ctx)));
+    let obs = shared.observation(layer).map(|o| o.restricted(scorer.observe_request(&ctx, true)));
     let n = cache.slots();
-    let scores = floats(scorer.score(&ctx, &mut cache, obs.as_ref(), n / 2).unwrap());
+    scorer.observe(&ctx, &mut cache, obs.as_ref()).unwrap();
+    let scores = floats(scorer.score(&ctx, &cache, obs.as_ref(), n / 2).unwrap());
     let (a, b) = (scores[head * n + x as usize], scores[head * n + y as usize]);
     (a - b).abs() <= 1e-4 * a.abs().max(b.abs()).max(1e-6)
 }

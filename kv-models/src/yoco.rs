@@ -9,7 +9,7 @@ use crate::{BlockKind, DecoderLm};
 use burn::prelude::*;
 use kv_attention::{GlobalKv, ObserveRequest};
 use kv_core::{KvError, LayerCache, ModelCache, Result};
-use kv_policies::{CachePolicy, LayerContext, Phase};
+use kv_policies::{CachePolicy, LayerContext, Phase, drive_layer};
 
 /// Name of block `i`'s retention state in the model cache.
 pub fn retention_state_name(block: usize) -> String {
@@ -138,31 +138,33 @@ impl<B: Backend> DecoderLm<B> {
             _ => return Err(KvError::config("yoco block", self.blocks.len() / 2, "a cross-attention block")),
         };
         let ctx = LayerContext { layer: 0, n_layers: 1, n_heads, phase, rope: Some(&global.rope), tokens: Some(&tokens) };
-        let request = policy.observe_request(&ctx);
-        // Early exit: only the rows someone reads go through the cross-decoder; the first layer
-        // also runs the prompt queries the policy observes (H2O: all; SnapKV: its window).
-        let rows = if last_only { t.min(if request.column_sums || request.band > 0 { t } else { request.window.max(1) }) } else { t };
-        if rows < t {
-            h = h.narrow(1, t - rows, rows);
-        }
-        let mut observation = None;
-        for (j, block) in cross_layers.iter().enumerate() {
-            let BlockKind::Cross(a) = block.kind()? else {
-                return Err(KvError::config(format!("yoco block {}", self.blocks.len() / 2 + j), block.kind()?.name(), "cross-attention"));
-            };
-            let observe = if j == 0 { request } else { ObserveRequest::default() };
-            let out = a.forward_cached(block.attn_norm.forward(h.clone()), cache.layer(0), observe)?;
-            if j == 0 {
-                observation = out.observation;
+        // The whole cross-decoder is the "attention" of the one policy-managed cache.
+        let h = drive_layer(policy, &ctx, cache.layer_mut(0), |global_cache, request| {
+            // Early exit: only the rows someone reads go through the cross-decoder; the first
+            // layer also runs the prompt queries the policy observes (H2O: all; SnapKV: its window).
+            let rows = if last_only { t.min(if request.column_sums || request.band > 0 { t } else { request.window.max(1) }) } else { t };
+            if rows < t {
+                h = h.narrow(1, t - rows, rows);
             }
-            h = h + out.output;
-            h = h.clone() + block.ffn.forward(block.ffn_norm.forward(h));
-            let m = h.dims()[1];
-            if last_only && m > 1 {
-                h = h.narrow(1, m - 1, 1);
+            let mut observation = None;
+            for (j, block) in cross_layers.iter().enumerate() {
+                let BlockKind::Cross(a) = block.kind()? else {
+                    return Err(KvError::config(format!("yoco block {}", self.blocks.len() / 2 + j), block.kind()?.name(), "cross-attention"));
+                };
+                let observe = if j == 0 { request } else { ObserveRequest::default() };
+                let out = a.forward_cached(block.attn_norm.forward(h.clone()), global_cache, observe)?;
+                if j == 0 {
+                    observation = out.observation;
+                }
+                h = h + out.output;
+                h = h.clone() + block.ffn.forward(block.ffn_norm.forward(h));
+                let m = h.dims()[1];
+                if last_only && m > 1 {
+                    h = h.narrow(1, m - 1, 1);
+                }
             }
-        }
-        policy.after_attention(&ctx, cache.layer_mut(0), observation.as_ref())?;
+            Ok((h, observation))
+        })?;
         Ok(self.head(h))
     }
 }

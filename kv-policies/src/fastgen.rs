@@ -20,8 +20,7 @@
 use crate::select::group_sum;
 use crate::{CachePolicy, LayerContext, Phase, PolicySpec};
 use burn::prelude::*;
-use kv_attention::{ObserveRequest, Observation};
-use kv_core::{KvError, LayerCache, Result};
+use kv_core::{ObserveRequest, Observation, KvError, LayerCache, Result};
 use std::sync::Arc;
 
 /// Side channel holding each slot's accumulated attention (summed over its GQA group), which the

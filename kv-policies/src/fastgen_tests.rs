@@ -148,8 +148,7 @@ fn run<B: Backend>(layers: &[GroupedAttention<B>], caches: &mut [LayerCache<B>],
     for (i, (layer, cache)) in layers.iter().zip(caches.iter_mut()).enumerate() {
         let ctx = LayerContext { layer: i, n_layers: layers.len(), n_heads: layer.n_heads(), phase, rope: Some(&layer.rope), tokens: Some(&tokens) };
         let x = Tensor::<B, 3>::random([1, ids.len(), 32], Distribution::Normal(0.0, 1.0), dev);
-        let out = layer.forward_cached(x, cache, policy.observe_request(&ctx)).unwrap();
-        policy.after_attention(&ctx, cache, out.observation.as_ref()).unwrap();
+        drive_layer(policy, &ctx, cache, |cache, request| layer.forward_cached(x, cache, request).map(|o| (o.output, o.observation))).unwrap();
     }
 }
 

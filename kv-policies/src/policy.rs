@@ -1,8 +1,7 @@
 //! The interface every cache policy implements, and when policies run.
 
 use burn::prelude::*;
-use kv_attention::{ObserveRequest, Observation, Rotary};
-use kv_core::{LayerCache, Result};
+use kv_core::{KeyRotation, LayerCache, ObserveRequest, Observation, Result};
 
 /// Where in generation a policy is being consulted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,8 +49,8 @@ pub struct LayerContext<'a, B: Backend> {
     pub n_heads: usize,
     /// When in generation this is.
     pub phase: Phase,
-    /// The layer's rotary embedding, for policies that re-rotate cached keys.
-    pub rope: Option<&'a Rotary<B>>,
+    /// The rotation of the layer's cached keys (its RoPE), for policies that re-rotate them.
+    pub rope: Option<&'a dyn KeyRotation<B>>,
     /// The token ids of this call, `[batch, t]`, for policies that keep tokens by kind
     /// (FastGen's special and punctuation classes); `None` where the caller has none.
     pub tokens: Option<&'a Tensor<B, 2, Int>>,

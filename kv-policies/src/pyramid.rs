@@ -1,12 +1,11 @@
-//! PyramidKV (Cai et al., 2024): SnapKV scoring with per-layer budgets that shrink with depth.
+//! PyramidKV (Cai et al., 2024): per-layer budgets that shrink with depth, around the flat mean;
+//! registered over SnapKV's scores (as in the paper), and usable over any scorer.
 
-use crate::{CachePolicy, LayerContext, PolicySpec, SnapKvPolicy};
-use burn::prelude::*;
-use kv_attention::{ObserveRequest, Observation};
-use kv_core::{KvError, LayerCache, Result};
+use kv_core::{Budget, KvError, Result};
+use serde::{Deserialize, Serialize};
 
-/// SnapKV with a pyramid of budgets: lower layers (broad attention) keep more, upper layers
-/// (focused attention) keep less, with the same mean as the flat budget.
+/// PyramidKV's budgets: lower layers (broad attention) keep more, upper layers (focused attention)
+/// keep less, with the same mean as the flat budget.
 ///
 /// The budgets are kvpress's (`PyramidKVPress.get_layer_budget`), which adapts the formula of
 /// PyramidKV's official code (KVCache-Factory, `PyramidKVCluster`): with `A` the flat budget and
@@ -17,27 +16,19 @@ use kv_core::{KvError, LayerCache, Result};
 /// hold its window), every layer keeps `A`, plain SnapKV. KVCache-Factory instead builds its
 /// pyramid over prefix budgets (`A - w`, plus the window in every layer) and skips it for prompts
 /// shorter than `2 (A - w)`; kvpress's version is the one the field's benchmarks use.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PyramidKvPolicy {
-    /// Scoring, window and the mean budget.
-    pub snapkv: SnapKvPolicy,
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct PyramidBudgets {
     /// Steepness: the last layer keeps `1 / beta` of the mean budget (kvpress: 20).
     pub beta: f32,
+    /// The protected window every layer must hold (SnapKV's observation window).
+    pub window: usize,
 }
 
-impl PyramidKvPolicy {
-    /// Parses `pyramidkv:budget=..,window=32,kernel=7,pool=max,beta=20,every=0`.
-    pub fn from_spec(spec: &PolicySpec) -> Result<Self> {
-        let p = spec.params(&["budget", "window", "kernel", "pool", "every", "beta"])?;
-        let beta = p.f32_in("beta", 20.0, 1.0, 1e6)?;
-        let snap = PolicySpec::parse(&spec_without(spec, "beta"))?;
-        Ok(Self { snapkv: SnapKvPolicy::from_spec(&snap)?, beta })
-    }
-
+impl PyramidBudgets {
     /// Slots layer `layer` of `n_layers` keeps of `n` prompt tokens when the flat budget is
     /// `flat` slots (see the type's docs for the formula).
     pub fn layer_budget(&self, n: usize, flat: usize, layer: usize, n_layers: usize) -> usize {
-        let (n_f, a, w) = (n as f64, flat as f64, self.snapkv.window as f64);
+        let (n_f, a, w) = (n as f64, flat as f64, self.window as f64);
         let mut min = a / self.beta as f64;
         let mut max = 2.0 * a - min;
         if max >= n_f - w {
@@ -51,36 +42,17 @@ impl PyramidKvPolicy {
         let step = (max - min) / (n_layers - 1) as f64;
         (max - layer as f64 * step).round() as usize
     }
-}
 
-/// The spec string of `spec` with parameter `drop` removed (to hand the rest to SnapKV).
-fn spec_without(spec: &PolicySpec, drop: &str) -> String {
-    let params: Vec<String> = spec.pairs().filter(|(k, _)| *k != drop).map(|(k, v)| format!("{k}={v}")).collect();
-    format!("snapkv:{}", params.join(","))
-}
-
-impl<B: Backend> CachePolicy<B> for PyramidKvPolicy {
-    fn name(&self) -> String {
-        format!("pyramidkv(budget={},window={},beta={})", self.snapkv.budget, self.snapkv.window, self.beta)
-    }
-
-    fn observe_request(&self, ctx: &LayerContext<'_, B>) -> ObserveRequest {
-        CachePolicy::<B>::observe_request(&self.snapkv, ctx)
-    }
-
-    fn after_attention(&mut self, ctx: &LayerContext<'_, B>, cache: &mut LayerCache<B>, obs: Option<&Observation<B>>) -> Result<()> {
-        if !self.snapkv.schedule.is_due(ctx.phase) {
-            return Ok(());
+    /// Slots layer `layer` keeps once `seen` tokens have been seen: `seen` (nothing to evict)
+    /// when the flat budget keeps everything, so nothing is redistributed across layers.
+    pub fn slots(&self, budget: Budget, seen: usize, layer: usize, n_layers: usize) -> Result<usize> {
+        if layer >= n_layers {
+            return Err(KvError::config("layer", layer, format!("below the model's {n_layers} layers")));
         }
-        if ctx.layer >= ctx.n_layers {
-            return Err(KvError::config("layer", ctx.layer, format!("below the model's {} layers", ctx.n_layers)));
+        let flat = budget.slots_for(seen);
+        if flat >= seen {
+            return Ok(seen);
         }
-        let flat = self.snapkv.budget.slots_for(cache.tokens_seen());
-        if flat >= cache.tokens_seen() {
-            // Nothing to compress, so nothing to redistribute across layers.
-            return Ok(());
-        }
-        let k = self.layer_budget(cache.tokens_seen(), flat, ctx.layer, ctx.n_layers).min(cache.tokens_seen());
-        self.snapkv.compress(ctx, cache, obs, k)
+        Ok(self.layer_budget(seen, flat, layer, n_layers).min(seen))
     }
 }

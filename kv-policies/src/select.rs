@@ -1,16 +1,7 @@
-//! Shared selection machinery: group reduction, protected slots and per-head top-k retention.
+//! Shared scoring machinery: group reduction, protected slots and top-k indices.
 
-use crate::{Phase, Schedule};
 use burn::prelude::*;
-use kv_core::{Budget, LayerCache, Result};
-
-/// `Some((slots held, slots allowed))` when a policy on `schedule` acts in `phase` and the cache
-/// holds more than `budget` allows; `None` means there is nothing to evict now.
-pub fn over_budget<B: Backend>(schedule: Schedule, budget: Budget, phase: Phase, cache: &LayerCache<B>) -> Option<(usize, usize)> {
-    let n = cache.slots();
-    let k = budget.slots_for(cache.tokens_seen());
-    (schedule.is_due(phase) && n > k).then_some((n, k))
-}
+use kv_core::LayerCache;
 
 /// Reduces per-query-head scores `[b, heads, n]` to one score per KV head `[b, kv_heads, n]` by
 /// summing over each group of contiguous query heads (the kvpress rule, techniques.md §0).
@@ -46,16 +37,4 @@ pub fn sink_mask<B: Backend>(cache: &LayerCache<B>, sinks: usize) -> Tensor<B, 3
 pub fn protect<B: Backend>(scores: Tensor<B, 3>, mask: Tensor<B, 3, Bool>) -> Tensor<B, 3> {
     let dims = scores.dims();
     scores.mask_fill(mask.expand(dims), f32::INFINITY)
-}
-
-/// Keeps the `k` highest-scoring slots of every (batch row, KV head), in position order; does
-/// nothing when the cache already holds `k` slots or fewer.
-pub fn keep_top_k<B: Backend>(cache: &mut LayerCache<B>, scores: Tensor<B, 3>, k: usize) -> Result<()> {
-    let n = cache.slots();
-    if k >= n {
-        return Ok(());
-    }
-    // Slots are held in position order, so sorting the kept slot indices keeps positions sorted.
-    let idx = top_k_indices(scores, k.max(1)).sort(2);
-    cache.retain(idx)
 }

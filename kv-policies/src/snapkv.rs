@@ -1,14 +1,15 @@
 //! SnapKV (Li et al., NeurIPS 2024): select prompt tokens by the attention of an observation
 //! window of the last prompt queries.
 
-use crate::select::{group_sum, keep_top_k, protect, recent_mask};
-use crate::{CachePolicy, LayerContext, PolicySpec, Schedule, Scorer};
+use crate::select::{group_sum, protect, recent_mask};
+use crate::{LayerContext, Params, Scorer, SpecParams};
 use burn::prelude::*;
-use kv_attention::{ObserveRequest, Observation};
-use kv_core::{Budget, KvError, LayerCache, Result};
+use kv_core::{ObserveRequest, Observation, KvError, LayerCache, Result};
+use serde::{Deserialize, Serialize};
 
 /// How neighbouring scores are pooled ("clustering").
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Pool {
     /// Max over the kernel.
     Max,
@@ -16,43 +17,52 @@ pub enum Pool {
     Avg,
 }
 
-/// Keeps the observation window and the prompt slots the window attended to most.
+/// Scores prompt slots by the pooled attention of an observation window, the window protected.
 ///
 /// Needs only the window's `w x n` attention, which the attention computes as part of its last
 /// query block: the softmax is over all keys (then sliced), and causal inside the window.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SnapKvPolicy {
-    /// Slots kept per KV head, window included.
-    pub budget: Budget,
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SnapKvScorer {
     /// Observation window: the last `window` queries of the prompt.
     pub window: usize,
     /// Pooling kernel width (odd; 1 = no pooling).
     pub kernel: usize,
     /// Pooling kind.
     pub pool: Pool,
-    /// When to compress (SnapKV's own: once, at the end of prefill).
-    pub schedule: Schedule,
 }
 
-impl SnapKvPolicy {
-    /// Parses `snapkv:budget=..,window=32,kernel=7,pool=max,every=0`.
-    pub fn from_spec(spec: &PolicySpec) -> Result<Self> {
-        let p = spec.params(&["budget", "window", "kernel", "pool", "every"])?;
-        let kernel = p.usize("kernel", 7)?;
-        if kernel == 0 || kernel % 2 == 0 {
-            return Err(KvError::config("snapkv:kernel", kernel, "an odd width >= 1"));
+impl Default for SnapKvScorer {
+    fn default() -> Self {
+        Self { window: 32, kernel: 7, pool: Pool::Max }
+    }
+}
+
+impl SnapKvScorer {
+    /// Checks the window and the kernel.
+    pub fn validate(&self) -> Result<()> {
+        if self.kernel == 0 || self.kernel % 2 == 0 {
+            return Err(KvError::config("snapkv:kernel", self.kernel, "an odd width >= 1"));
         }
-        let window = p.usize("window", 32)?;
-        if window == 0 {
+        if self.window == 0 {
             return Err(KvError::config("snapkv:window", 0, "at least 1 query"));
         }
-        Ok(Self {
-            budget: p.budget("budget", Budget::Ratio(0.5))?,
-            window,
-            kernel,
+        Ok(())
+    }
+}
+
+impl SpecParams for SnapKvScorer {
+    const KEYS: &'static [&'static str] = &["window", "kernel", "pool"];
+
+    fn from_params(p: &Params<'_>) -> Result<Self> {
+        let d = Self::default();
+        let scorer = Self {
+            window: p.usize("window", d.window)?,
+            kernel: p.usize("kernel", d.kernel)?,
             pool: if p.choice("pool", "max", &["max", "avg"])? == "max" { Pool::Max } else { Pool::Avg },
-            schedule: p.schedule(Schedule::PrefillOnly)?,
-        })
+        };
+        scorer.validate()?;
+        Ok(scorer)
     }
 }
 
@@ -83,40 +93,18 @@ pub fn pool1d<B: Backend>(x: Tensor<B, 3>, k: usize, pool: Pool) -> Tensor<B, 3>
     }
 }
 
-impl<B: Backend> CachePolicy<B> for SnapKvPolicy {
+impl<B: Backend> Scorer<B> for SnapKvScorer {
     fn name(&self) -> String {
-        format!("snapkv(budget={},window={},kernel={})", self.budget, self.window, self.kernel)
+        format!("snapkv(window={},kernel={},pool={:?})", self.window, self.kernel, self.pool).to_lowercase()
     }
 
-    fn observe_request(&self, ctx: &LayerContext<'_, B>) -> ObserveRequest {
-        let window = if self.schedule.is_due(ctx.phase) { self.window } else { 0 };
-        ObserveRequest { window, ..Default::default() }
+    fn observe_request(&self, _: &LayerContext<'_, B>, selecting: bool) -> ObserveRequest {
+        ObserveRequest { window: if selecting { self.window } else { 0 }, ..Default::default() }
     }
 
-    fn after_attention(&mut self, ctx: &LayerContext<'_, B>, cache: &mut LayerCache<B>, obs: Option<&Observation<B>>) -> Result<()> {
-        if !self.schedule.is_due(ctx.phase) {
-            return Ok(());
-        }
-        let k = self.budget.slots_for(cache.tokens_seen());
-        self.compress(ctx, cache, obs, k)
-    }
-}
-
-impl SnapKvPolicy {
-    /// Keeps `k` slots per KV head: the observation window and the best-voted prefix slots.
-    pub fn compress<B: Backend>(&self, ctx: &LayerContext<'_, B>, cache: &mut LayerCache<B>, obs: Option<&Observation<B>>, k: usize) -> Result<()> {
-        if cache.slots() <= k {
-            return Ok(());
-        }
-        let scores = self.score(ctx, cache, obs, k)?;
-        keep_top_k(cache, scores, k)
-    }
-}
-
-impl<B: Backend> Scorer<B> for SnapKvPolicy {
     /// The window's pooled votes for the prefix slots, the window itself protected; when `k`
     /// cannot hold the window, the slot order (so the newest `k` slots win).
-    fn score(&self, _: &LayerContext<'_, B>, cache: &mut LayerCache<B>, obs: Option<&Observation<B>>, k: usize) -> Result<Tensor<B, 3>> {
+    fn score(&self, _: &LayerContext<'_, B>, cache: &LayerCache<B>, obs: Option<&Observation<B>>, k: usize) -> Result<Tensor<B, 3>> {
         let n = cache.slots();
         let probs = obs
             .and_then(|o| o.window.clone())

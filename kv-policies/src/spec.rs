@@ -1,18 +1,21 @@
 //! Policy specs: one string syntax for the CLI and config files, e.g.
 //! `snapkv:budget=0.5,window=32,kernel=7,pool=max`.
 
-use crate::{AdaKvPolicy, CachePolicy, FastGenPolicy, FullCache, TokenClasses, H2oPolicy, KnormPolicy, PyramidKvPolicy, Schedule, Scorer, SnapKvPolicy, StreamingPolicy, TovaPolicy, VatpPolicy};
+use crate::{CachePolicy, Registry, Schedule, TokenClasses};
 use burn::prelude::*;
 use kv_core::{Budget, KvError, Result};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-/// Names of the policies [`build_policy`] knows.
-pub const POLICY_NAMES: &[&str] = &["full", "streaming", "h2o", "vatp", "knorm", "snapkv", "tova", "pyramidkv", "adakv", "fastgen"];
+/// A method's own parameters, read from a spec with their defaults and validated (each scorer's
+/// config struct, which is also its serde form).
+pub trait SpecParams: Sized {
+    /// The spec keys it reads.
+    const KEYS: &'static [&'static str];
 
-/// Policies that set their own compression (FastGen's from a recovery threshold), so a budget
-/// neither applies to them nor comes from an evaluation grid's compression axis.
-pub const SELF_BUDGETED: &[&str] = &["full", "fastgen"];
+    /// Reads the keys from `p`, defaulting the ones not given.
+    fn from_params(p: &Params<'_>) -> Result<Self>;
+}
 
 /// What some policies need beyond their spec: the tokenizer's token classes (FastGen).
 #[derive(Debug, Clone, Default)]
@@ -37,14 +40,12 @@ pub struct PolicySpec {
 }
 
 impl PolicySpec {
-    /// Parses `name` or `name:key=value,key=value`.
+    /// Parses `name` or `name:key=value,key=value` (the syntax only: [`Registry::parse`] also
+    /// checks the name).
     pub fn parse(spec: &str) -> Result<Self> {
         let spec = spec.trim();
         let (name, rest) = spec.split_once(':').unwrap_or((spec, ""));
         let name = name.trim().to_ascii_lowercase();
-        if !POLICY_NAMES.contains(&name.as_str()) {
-            return Err(KvError::Unknown { kind: "policy".into(), name, valid: POLICY_NAMES.join(", ") });
-        }
         let mut params = BTreeMap::new();
         for pair in rest.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').ok_or_else(|| KvError::config(format!("{name} parameter"), pair, "key=value"))?;
@@ -162,47 +163,15 @@ pub fn split_specs(list: &[String]) -> Vec<String> {
     out
 }
 
-/// Builds the policy a spec names, with its parameters validated; policies that need the
-/// tokenizer (FastGen) are an error here: build them with [`build_policy_in`].
+/// Builds the policy a spec names from the standard [`Registry`], with its parameters validated;
+/// policies that need the tokenizer (FastGen) are an error here: build them with
+/// [`build_policy_in`].
 pub fn build_policy<B: Backend>(spec: &str) -> Result<Box<dyn CachePolicy<B>>> {
     build_policy_in(spec, &PolicyEnv::default())
 }
 
-/// Builds the policy a spec names in `env` (which hands FastGen the tokenizer's classes).
+/// Builds the policy a spec names from the standard [`Registry`] in `env` (which hands FastGen
+/// the tokenizer's classes).
 pub fn build_policy_in<B: Backend>(spec: &str, env: &PolicyEnv) -> Result<Box<dyn CachePolicy<B>>> {
-    let spec = PolicySpec::parse(spec)?;
-    Ok(match spec.name.as_str() {
-        "full" => {
-            spec.params(&[])?;
-            Box::new(FullCache)
-        }
-        "streaming" => Box::new(StreamingPolicy::from_spec(&spec)?),
-        "h2o" => Box::new(H2oPolicy::from_spec(&spec)?),
-        "vatp" => Box::new(VatpPolicy::from_spec(&spec)?),
-        "knorm" => Box::new(KnormPolicy::from_spec(&spec)?),
-        "snapkv" => Box::new(SnapKvPolicy::from_spec(&spec)?),
-        "tova" => Box::new(TovaPolicy::from_spec(&spec)?),
-        "pyramidkv" => Box::new(PyramidKvPolicy::from_spec(&spec)?),
-        "adakv" => Box::new(AdaKvPolicy::<B>::from_spec(&spec)?),
-        "fastgen" => {
-            let classes = env.token_classes.clone().ok_or_else(|| KvError::config("fastgen token classes", "none", "the tokenizer's special and punctuation tokens (build_policy_in with PolicyEnv::with_classes)"))?;
-            Box::new(FastGenPolicy::from_spec(&spec, classes)?)
-        }
-        _ => unreachable!("parse only accepts known names"),
-    })
-}
-
-/// Builds the scorer a spec names (a policy whose scores another selection rule can use).
-pub fn build_scorer<B: Backend>(spec: &str) -> Result<Box<dyn Scorer<B>>> {
-    let spec = PolicySpec::parse(spec)?;
-    Ok(match spec.name.as_str() {
-        "snapkv" => Box::new(SnapKvPolicy::from_spec(&spec)?),
-        "h2o" => Box::new(H2oPolicy::from_spec(&spec)?),
-        "vatp" => Box::new(VatpPolicy::from_spec(&spec)?),
-        "knorm" => Box::new(KnormPolicy::from_spec(&spec)?),
-        "tova" => Box::new(TovaPolicy::from_spec(&spec)?),
-        other => {
-            return Err(KvError::config("scorer", other, format!("one of {}", crate::ADAKV_SCORERS.join(", "))));
-        }
-    })
+    Registry::<B>::standard().build(spec, env)
 }

@@ -1,86 +1,57 @@
 //! StreamingLLM (Xiao et al., ICLR 2024): attention sinks plus a recent window.
 
-use crate::select::over_budget;
-use crate::{CachePolicy, LayerContext, PolicySpec, Schedule};
+use crate::{LayerContext, Params, Scorer, SpecParams};
 use burn::prelude::*;
-use kv_attention::{ObserveRequest, Observation};
-use kv_core::{Budget, KvError, LayerCache, Result};
+use kv_core::{ObserveRequest, Observation, LayerCache, Result};
+use serde::{Deserialize, Serialize};
 
-/// Keeps the first `sinks` tokens of the stream and the most recent ones, up to the budget.
+/// Scores slots by recency, the first `sinks` tokens of the stream above everything, so a top-k
+/// keeps the sinks and the most recent tokens (kvpress's `StreamingLLMPress` is a scorer too).
 ///
-/// Two position modes: by default cached keys keep the RoPE positions they were written at (the
-/// next token still rotates at `tokens_seen`); with `rerotate`, the paper's mode, the surviving
-/// window is re-rotated down to its in-cache positions after each eviction (a delta rotation,
-/// `R(a)R(b) = R(a+b)`) and later tokens rotate at the cache length, so relative distances never
+/// Two position modes, chosen by the top-k policy's `rerotate`: by default cached keys keep the
+/// RoPE positions they were written at (the next token still rotates at `tokens_seen`); with
+/// `rerotate`, the paper's mode, the surviving keys are re-rotated to their in-cache positions
+/// after each eviction and later tokens rotate at the cache length, so relative distances never
 /// exceed the budget and endless streams stay within the trained range.
-#[derive(Debug, Clone, PartialEq)]
-pub struct StreamingPolicy {
-    /// Slots kept per KV head, sinks included.
-    pub budget: Budget,
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StreamingScorer {
     /// Leading tokens never evicted.
     pub sinks: usize,
-    /// Re-rotate the window to in-cache positions (the paper's mode).
-    pub rerotate: bool,
-    /// When to evict.
-    pub schedule: Schedule,
 }
 
-impl StreamingPolicy {
-    /// Parses `streaming:budget=..,sinks=4,rerotate=false,every=1`.
-    pub fn from_spec(spec: &PolicySpec) -> Result<Self> {
-        let p = spec.params(&["budget", "sinks", "rerotate", "every"])?;
-        Ok(Self {
-            budget: p.budget("budget", Budget::Ratio(0.5))?,
-            sinks: p.usize("sinks", 4)?,
-            rerotate: p.bool("rerotate", false)?,
-            schedule: p.schedule(Schedule::EveryStep)?,
-        })
+impl Default for StreamingScorer {
+    fn default() -> Self {
+        Self { sinks: 4 }
     }
 }
 
-impl<B: Backend> CachePolicy<B> for StreamingPolicy {
+impl SpecParams for StreamingScorer {
+    const KEYS: &'static [&'static str] = &["sinks"];
+
+    fn from_params(p: &Params<'_>) -> Result<Self> {
+        Ok(Self { sinks: p.usize("sinks", Self::default().sinks)? })
+    }
+}
+
+impl<B: Backend> Scorer<B> for StreamingScorer {
     fn name(&self) -> String {
-        format!("streaming(budget={},sinks={}{})", self.budget, self.sinks, if self.rerotate { ",rerotate" } else { "" })
+        format!("streaming(sinks={})", self.sinks)
     }
 
-    fn observe_request(&self, _: &LayerContext<'_, B>) -> ObserveRequest {
+    fn observe_request(&self, _: &LayerContext<'_, B>, _: bool) -> ObserveRequest {
         ObserveRequest::default()
     }
 
-    fn after_attention(&mut self, ctx: &LayerContext<'_, B>, cache: &mut LayerCache<B>, _: Option<&Observation<B>>) -> Result<()> {
-        let Some((n, k)) = over_budget(self.schedule, self.budget, ctx.phase, cache) else { return Ok(()) };
-        let sinks = self.sinks.min(k);
-        let window = k - sinks;
-        let evicted = n - k;
-        let device = cache.device();
+    /// Slot `j` scores `j`; a sink (original position below `sinks`) scores `2n - j`, above every
+    /// other slot and earliest first, so a budget below the sinks keeps the first ones. All scores
+    /// are distinct, so the kept set never depends on how a top-k breaks ties.
+    fn score(&self, _: &LayerContext<'_, B>, cache: &LayerCache<B>, _: Option<&Observation<B>>, _: usize) -> Result<Tensor<B, 3>> {
+        let n = cache.slots();
         let shape = cache.shape();
-        let idx = Tensor::cat(
-            vec![
-                Tensor::<B, 1, Int>::arange(0..sinks as i64, &device),
-                Tensor::<B, 1, Int>::arange((n - window) as i64..n as i64, &device),
-            ]
-            .into_iter()
-            .filter(|t| t.dims()[0] > 0)
-            .collect(),
-            0,
-        )
-        .reshape([1, 1, k])
-        .expand([shape.batch, shape.kv_heads, k]);
-        cache.retain(idx)?;
-        if self.rerotate {
-            let rope = ctx.rope.ok_or_else(|| KvError::config("streaming:rerotate", true, "a layer with RoPE (this one has none)"))?;
-            // With a budget at or below the sinks there is no window to move, but the next token
-            // must still rotate at the cache length, so the shift applies either way.
-            if window > 0 {
-                let keys = cache.keys();
-                let recent = keys.clone().narrow(2, sinks, window);
-                let delta = Tensor::<B, 1, Int>::full([window], -(evicted as i64), &device).reshape([1, 1, window]);
-                let recent = rope.apply(recent, delta);
-                let keys = if sinks > 0 { Tensor::cat(vec![keys.narrow(2, 0, sinks), recent], 2) } else { recent };
-                cache.set_keys(keys)?;
-            }
-            cache.shift_rope(evicted)?;
-        }
-        Ok(())
+        let index = Tensor::<B, 1, Int>::arange(0..n as i64, &cache.device()).reshape([1, 1, n]).expand([shape.batch, shape.kv_heads, n]);
+        let sink = cache.positions().lower_elem(self.sinks as i64);
+        let sink_score = index.clone().neg().add_scalar(2 * n as i64);
+        Ok(index.mask_where(sink, sink_score).float())
     }
 }

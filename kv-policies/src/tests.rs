@@ -29,12 +29,15 @@ impl<B: Backend> Stack<B> {
         for (i, (layer, cache)) in self.layers.iter().zip(self.caches.iter_mut()).enumerate() {
             let ctx = LayerContext { layer: i, n_layers, n_heads: layer.n_heads(), phase, rope: Some(&layer.rope), tokens: None };
             let x = Tensor::<B, 3>::random([1, t, D_MODEL], Distribution::Normal(0.0, 1.0), dev);
-            let out = layer.forward_cached(x, cache, policy.observe_request(&ctx)).unwrap();
-            if !cache.is_ragged() {
-                cache.add_side("tag");
-                cache.set_side("tag", cache.positions().float()).unwrap();
-            }
-            policy.after_attention(&ctx, cache, out.observation.as_ref()).unwrap();
+            drive_layer(policy, &ctx, cache, |cache, request| {
+                let out = layer.forward_cached(x, cache, request)?;
+                if !cache.is_ragged() {
+                    cache.add_side("tag");
+                    cache.set_side("tag", cache.positions().float())?;
+                }
+                Ok((out.output, out.observation))
+            })
+            .unwrap();
         }
     }
 }
@@ -348,8 +351,11 @@ fn pyramid_budgets_shrink_with_depth_around_the_flat_mean<B: Backend>(dev: &B::D
     assert_eq!(bytes, want.iter().sum::<usize>() * 2 * 2 * (D_MODEL / 4) * 4);
 }
 
-fn policy_spec(s: &str) -> PyramidKvPolicy {
-    PyramidKvPolicy::from_spec(&PolicySpec::parse(s).unwrap()).unwrap()
+/// The per-layer budgets of a `pyramidkv` spec (its window and beta, defaults filled in).
+fn policy_spec(s: &str) -> PyramidBudgets {
+    let p = PolicySpec::parse(s).unwrap();
+    let params = p.params(&["budget", "window", "kernel", "pool", "beta"]).unwrap();
+    PyramidBudgets { beta: params.f32_in("beta", 20.0, 1.0, 1e6).unwrap(), window: SnapKvScorer::from_params(&params).unwrap().window }
 }
 
 fn tova_keeps_what_the_last_query_attends_to_averaged_over_heads<B: Backend>(dev: &B::Device) {
@@ -374,8 +380,7 @@ fn adakv_gives_heads_unequal_budgets_with_a_minimum_share<B: Backend>(dev: &B::D
     // guaranteed share.
     let scores = Tensor::<B, 1>::from_floats([(0..10).map(|i| 10.0 + i as f32).collect::<Vec<_>>(), (0..10).map(|i| i as f32 / 100.0).collect()].concat().as_slice(), dev).reshape([1, 2, 10]);
     for (min_share, want0, want1) in [(0.25, vec![3, 4, 5, 6, 7, 8, 9], vec![9]), (0.5, vec![4, 5, 6, 7, 8, 9], vec![8, 9]), (1.0, vec![6, 7, 8, 9], vec![6, 7, 8, 9])] {
-        let policy = AdaKvPolicy::<B>::new(Budget::Tokens(4), min_share, build_scorer::<B>("knorm").unwrap());
-        let keep = policy.select(scores.clone(), 4);
+        let keep = AcrossHeads { min_share }.select(scores.clone(), 4);
         assert_eq!(keep, vec![want0, want1], "min_share {min_share}");
     }
 }
@@ -483,8 +488,8 @@ fn h2o_evicts_the_hand_computed_slots_of_a_toy_sequence<B: Backend>(dev: &B::Dev
     }
     // normalize divides each slot's accumulated score by the queries that could see it
     // (tokens seen - position), checked by value on the final cache (6 tokens seen).
-    let normalized = H2oPolicy { normalize: true, ..H2oPolicy::from_spec(&PolicySpec::parse("h2o:budget=3").unwrap()).unwrap() };
-    let got = floats(normalized.scores(&c).unwrap());
+    let normalized = H2oScorer { normalize: true, ..Default::default() };
+    let got = floats(normalized.accumulated(&c).unwrap());
     let want = [1.9 / 6.0, 1.7 / 5.0, 0.1 / 1.0, 1.35 / 6.0, 1.65 / 4.0, 0.1 / 1.0];
     assert!(got.iter().zip(want).all(|(g, w)| (g - w).abs() < 1e-6), "{got:?} vs {want:?}");
 }
@@ -567,8 +572,7 @@ fn adakv_protects_exactly_the_minimum_share_when_scores_tie<B: Backend>(dev: &B:
     // Head 1's scores all tie: a threshold would protect all 10 of its slots; exactly
     // max(1, 0.5 x 4) = 2 may be protected, and head 0 wins the rest of the 8 slots.
     let scores = Tensor::<B, 1>::from_floats([(0..10).map(|i| 10.0 + i as f32).collect::<Vec<_>>(), vec![1.0; 10]].concat().as_slice(), dev).reshape([1, 2, 10]);
-    let policy = AdaKvPolicy::<B>::new(Budget::Tokens(4), 0.5, build_scorer::<B>("knorm").unwrap());
-    let keep = policy.select(scores, 4);
+    let keep = AcrossHeads { min_share: 0.5 }.select(scores, 4);
     assert_eq!(keep[0], vec![4, 5, 6, 7, 8, 9]);
     assert_eq!(keep[1].len(), 2, "{keep:?}");
 }

@@ -1,4 +1,4 @@
-//! What an attention call can hand back for a policy to observe.
+//! What an attention call can hand back for a policy to observe, and how a policy rotates keys.
 
 use burn::prelude::*;
 
@@ -84,7 +84,7 @@ impl<B: Backend> Observation<B> {
 
     /// `observation` (or an empty one) with the norms `request` asks for, computed from the keys
     /// and values `cache` holds as they are scored and read (any cache but MLA's latent).
-    pub fn with_plain_norms(observation: Option<Self>, request: ObserveRequest, cache: &kv_core::LayerCache<B>, heads: usize) -> Option<Self> {
+    pub fn with_plain_norms(observation: Option<Self>, request: ObserveRequest, cache: &crate::LayerCache<B>, heads: usize) -> Option<Self> {
         if !(request.key_norms || request.value_norms) || cache.is_ragged() || cache.slots() == 0 {
             return observation;
         }
@@ -100,4 +100,11 @@ impl<B: Backend> Observation<B> {
         }
         Some(o)
     }
+}
+
+/// Rotates cached keys by per-slot position deltas (RoPE's `R(a)R(b) = R(a+b)`), for policies
+/// that move kept keys to new positions (StreamingLLM's re-rotation).
+pub trait KeyRotation<B: Backend>: core::fmt::Debug {
+    /// `keys` `[b, kv_heads, n, d]` rotated by `delta` `[b|1, kv_heads|1, n]` positions.
+    fn rotate_by(&self, keys: Tensor<B, 4>, delta: Tensor<B, 3, Int>) -> Tensor<B, 4>;
 }

@@ -1,0 +1,133 @@
+//! The one selection policy: any [`Scorer`], a budget, a schedule, per-layer budgets and a
+//! selection rule, so no scoring method repeats the "over budget, score, keep the top k" tail.
+
+use crate::select::top_k_indices;
+use crate::{AcrossHeads, CachePolicy, LayerContext, Phase, PyramidBudgets, Schedule, Scorer, rerotate_kept};
+use burn::prelude::*;
+use kv_core::{ObserveRequest, Observation, Budget, LayerCache, Result};
+
+/// How many slots each layer keeps out of the flat budget.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LayerBudget {
+    /// Every layer keeps the flat budget.
+    Flat,
+    /// PyramidKV's budgets, shrinking with depth around the flat mean.
+    Pyramid(PyramidBudgets),
+}
+
+impl LayerBudget {
+    /// Slots layer `ctx.layer` may keep once `seen` tokens have been seen under `budget`.
+    pub fn slots<B: Backend>(&self, budget: Budget, seen: usize, ctx: &LayerContext<'_, B>) -> Result<usize> {
+        match self {
+            Self::Flat => Ok(budget.slots_for(seen)),
+            Self::Pyramid(p) => p.slots(budget, seen, ctx.layer, ctx.n_layers),
+        }
+    }
+}
+
+/// Which slots of a layer survive, given their scores.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Selection {
+    /// The `k` best slots of every KV head (kept in position order).
+    PerHead,
+    /// AdaKV: the layer's `kv_heads x k` best slots wherever they are, each head guaranteed a
+    /// minimum share; heads end with unequal counts in ragged storage.
+    AcrossHeads(AcrossHeads),
+}
+
+/// Keeps the highest-scoring slots of a layer's cache whenever its schedule is due and the cache
+/// holds more than its budget allows.
+pub struct TopKPolicy<B: Backend> {
+    /// The registry name of the method, for tables (`h2o`, `pyramidkv`, ...).
+    pub label: String,
+    /// Slots kept per KV head (the mean over layers and heads where those differ).
+    pub budget: Budget,
+    /// When to select.
+    pub schedule: Schedule,
+    /// Per-layer budgets.
+    pub layer_budget: LayerBudget,
+    /// Per-head or layer-wide selection.
+    pub selection: Selection,
+    /// Re-rotate the kept keys to their in-cache positions after each eviction, so later tokens
+    /// rotate at the cache length (StreamingLLM's mode; kvpress's `KeyRerotationPress`).
+    pub rerotate: bool,
+    /// What ranks the slots.
+    pub scorer: Box<dyn Scorer<B>>,
+}
+
+impl<B: Backend> TopKPolicy<B> {
+    /// A per-head top-k policy with a flat budget over `scorer`.
+    pub fn new(label: impl Into<String>, budget: Budget, schedule: Schedule, scorer: Box<dyn Scorer<B>>) -> Self {
+        Self { label: label.into(), budget, schedule, layer_budget: LayerBudget::Flat, selection: Selection::PerHead, rerotate: false, scorer }
+    }
+
+    /// No selection can happen from this phase on (a prefill-only policy while decoding), so
+    /// nothing needs observing.
+    fn finished(&self, phase: Phase) -> bool {
+        self.schedule == Schedule::PrefillOnly && phase != Phase::Prefill
+    }
+}
+
+impl<B: Backend> CachePolicy<B> for TopKPolicy<B> {
+    /// `h2o(budget=0.5,recent=0.5)` when the label is the scorer's own name, else the scorer
+    /// after the label's parameters: `adakv(budget=0.5,min_share=0.2; snapkv(window=32,..))`.
+    fn name(&self) -> String {
+        let mut own = format!("budget={}", self.budget);
+        if let Schedule::EveryN(n) = self.schedule {
+            own.push_str(&format!(",every={n}"));
+        }
+        if let LayerBudget::Pyramid(p) = self.layer_budget {
+            own.push_str(&format!(",beta={}", p.beta));
+        }
+        if let Selection::AcrossHeads(a) = self.selection {
+            own.push_str(&format!(",min_share={}", a.min_share));
+        }
+        if self.rerotate {
+            own.push_str(",rerotate");
+        }
+        let scorer = self.scorer.name();
+        match scorer.strip_prefix(self.label.as_str()).and_then(|rest| rest.strip_prefix('(')) {
+            Some(args) => format!("{}({own},{args}", self.label),
+            None if scorer == self.label => format!("{}({own})", self.label),
+            None => format!("{}({own}; {scorer})", self.label),
+        }
+    }
+
+    fn observe_request(&self, ctx: &LayerContext<'_, B>) -> ObserveRequest {
+        if self.finished(ctx.phase) || self.scorer.skips_layer(ctx) {
+            return ObserveRequest::default();
+        }
+        self.scorer.observe_request(ctx, self.schedule.is_due(ctx.phase))
+    }
+
+    fn after_attention(&mut self, ctx: &LayerContext<'_, B>, cache: &mut LayerCache<B>, obs: Option<&Observation<B>>) -> Result<()> {
+        if self.finished(ctx.phase) || self.scorer.skips_layer(ctx) {
+            return Ok(());
+        }
+        self.scorer.observe(ctx, cache, obs)?;
+        if !self.schedule.is_due(ctx.phase) {
+            return Ok(());
+        }
+        let n = cache.slots();
+        let k = self.layer_budget.slots(self.budget, cache.tokens_seen(), ctx)?;
+        if n <= k {
+            return Ok(());
+        }
+        let scores = self.scorer.score(ctx, cache, obs, k)?;
+        match self.selection {
+            Selection::PerHead => {
+                // Slots are held in position order, so sorting the kept indices keeps it.
+                let idx = top_k_indices(scores, k.max(1)).sort(2);
+                cache.retain(idx.clone())?;
+                if self.rerotate {
+                    rerotate_kept(ctx, cache, idx, n, &self.label)?;
+                }
+                Ok(())
+            }
+            Selection::AcrossHeads(rule) => {
+                let keep = rule.select(scores, k);
+                cache.retain_per_head(&keep)
+            }
+        }
+    }
+}
