@@ -57,6 +57,8 @@ mod golden_tests;
 #[cfg(test)]
 mod kept_tests;
 #[cfg(test)]
+mod registry_tests;
+#[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod yoco_tests;
