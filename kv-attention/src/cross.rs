@@ -47,6 +47,11 @@ impl CrossAttentionConfig {
 
     /// Validates and builds the shared K/V projection.
     pub fn init_global<B: Backend>(&self, device: &B::Device) -> Result<GlobalKv<B>> {
+        Ok(crate::materialize(self.init_global_lazy(device)?))
+    }
+
+    /// [`init_global`](Self::init_global) with the parameters still lazy, for loaders.
+    pub fn init_global_lazy<B: Backend>(&self, device: &B::Device) -> Result<GlobalKv<B>> {
         self.validate()?;
         let d = self.head_dim();
         let lin = |i, o| LinearConfig::new(i, o).with_bias(false).init(device);
@@ -62,6 +67,11 @@ impl CrossAttentionConfig {
 
     /// Validates and builds one cross-decoder attention layer.
     pub fn init<B: Backend>(&self, device: &B::Device) -> Result<CrossAttention<B>> {
+        Ok(crate::materialize(self.init_lazy(device)?))
+    }
+
+    /// [`init`](Self::init) with the parameters still lazy, for loaders that replace them all.
+    pub fn init_lazy<B: Backend>(&self, device: &B::Device) -> Result<CrossAttention<B>> {
         self.validate()?;
         let d = self.head_dim();
         let lin = |i, o| LinearConfig::new(i, o).with_bias(false).init(device);

@@ -74,6 +74,11 @@ impl GroupedAttentionConfig {
 
     /// Validates and builds the layer.
     pub fn init<B: Backend>(&self, device: &B::Device) -> Result<GroupedAttention<B>> {
+        Ok(crate::materialize(self.init_lazy(device)?))
+    }
+
+    /// [`init`](Self::init) with the parameters still lazy, for loaders that replace them all.
+    pub fn init_lazy<B: Backend>(&self, device: &B::Device) -> Result<GroupedAttention<B>> {
         self.validate()?;
         let d = self.head_dim();
         let lin = |i, o| LinearConfig::new(i, o).with_bias(false).init(device);

@@ -13,10 +13,31 @@
 //! - [`GatedRetention`]: YOCO's gated retention, parallel / chunkwise / recurrent;
 //! - [`GlobalKv`] / [`CrossAttention`]: YOCO's one global K/V and the cross-decoder layers that
 //!   share it.
+//!
+//! ```
+//! use burn::backend::Flex;
+//! use burn::prelude::*;
+//! use kv_attention::{GroupedAttentionConfig, ObserveRequest};
+//! use kv_core::LayerCache;
+//!
+//! let device = Default::default();
+//! // GQA: 8 query heads share 2 KV heads; the cache holds only the 2.
+//! let layer = GroupedAttentionConfig::new(64, 8, 2).init::<Flex>(&device).unwrap();
+//! let x = Tensor::<Flex, 3>::random([1, 10, 64], burn::tensor::Distribution::Normal(0.0, 1.0), &device);
+//! let mut cache = LayerCache::new(layer.cache_shape(1), &device);
+//! let prefill = layer.forward_cached(x.clone().narrow(1, 0, 9), &mut cache, ObserveRequest::default()).unwrap();
+//! let step = layer.forward_cached(x.clone().narrow(1, 9, 1), &mut cache, ObserveRequest::default()).unwrap();
+//! // The cached path equals the full causal forward pass.
+//! let cached = Tensor::cat(vec![prefill.output, step.output], 1);
+//! let diff = (cached - layer.forward(x)).abs().max().into_scalar();
+//! assert!(diff < 1e-5);
+//! assert_eq!((cache.slots(), cache.shape().kv_heads), (10, 2));
+//! ```
 
 mod attend;
 mod cross;
 mod grouped;
+mod materialize;
 mod mla;
 mod retention;
 mod rope;
@@ -24,6 +45,7 @@ mod window;
 
 pub use attend::{Causality, QUERY_BLOCK, SplitSegment, attend_appended, attend_cache, grouped_attention, grouped_attention_parts};
 pub use grouped::{AttentionOutput, GroupedAttention, GroupedAttentionConfig};
+pub use materialize::materialize;
 pub use mla::{MlaAttention, MlaAttentionConfig, MlaPath};
 pub use kv_core::{ObserveRequest, Observation};
 pub use cross::{CrossAttention, CrossAttentionConfig, GlobalKv};

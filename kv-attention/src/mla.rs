@@ -99,6 +99,11 @@ impl MlaAttentionConfig {
 
     /// Validates and builds the layer.
     pub fn init<B: Backend>(&self, device: &B::Device) -> Result<MlaAttention<B>> {
+        Ok(crate::materialize(self.init_lazy(device)?))
+    }
+
+    /// [`init`](Self::init) with the parameters still lazy, for loaders that replace them all.
+    pub fn init_lazy<B: Backend>(&self, device: &B::Device) -> Result<MlaAttention<B>> {
         self.validate()?;
         let lin = |i, o| LinearConfig::new(i, o).with_bias(false).init(device);
         let norm = |d| RmsNormConfig::new(d).with_epsilon(self.norm_eps).init(device);

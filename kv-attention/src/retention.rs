@@ -60,6 +60,11 @@ impl GatedRetentionConfig {
 
     /// Validates and builds the layer.
     pub fn init<B: Backend>(&self, device: &B::Device) -> Result<GatedRetention<B>> {
+        Ok(crate::materialize(self.init_lazy(device)?))
+    }
+
+    /// [`init`](Self::init) with the parameters still lazy, for loaders that replace them all.
+    pub fn init_lazy<B: Backend>(&self, device: &B::Device) -> Result<GatedRetention<B>> {
         self.validate()?;
         let d = self.head_dim();
         let lin = |i, o| LinearConfig::new(i, o).with_bias(false).init(device);

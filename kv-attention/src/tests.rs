@@ -400,7 +400,41 @@ fn mla_reports_the_norms_of_the_keys_and_values_its_heads_use<B: Backend>(dev: &
     assert_ne!(rank(&rope_only), rank(&full));
 }
 
+/// burn 0.21 parameters are lazy and a clone of a lazy one draws new weights: every `init` hands
+/// back materialised parameters, so a clone of a fresh layer, taken before either is used,
+/// computes what the layer does.
+fn a_clone_of_a_fresh_layer_of_every_kind_has_its_weights<B: Backend>(dev: &B::Device) {
+    let x = Tensor::<B, 3>::random([1, 6, 32], Distribution::Normal(0.0, 1.0), dev);
+    let same = |a: Tensor<B, 3>, b: Tensor<B, 3>, kind: &str| {
+        let diff = (a - b).abs().max().into_scalar().elem::<f32>();
+        assert_eq!(diff, 0.0, "{kind}: a clone computes differently");
+    };
+    let grouped = GroupedAttentionConfig::new(32, 4, 2).init::<B>(dev).unwrap();
+    let copy = grouped.clone();
+    same(grouped.forward(x.clone()), copy.forward(x.clone()), "grouped");
+    let mla = MlaAttentionConfig::new(32, 4, 8, 12, 4).init::<B>(dev).unwrap();
+    let copy = mla.clone();
+    same(mla.forward(x.clone()), copy.forward(x.clone()), "mla");
+    let window = SlidingWindowAttentionConfig::new(GroupedAttentionConfig::new(32, 4, 2), 3).init::<B>(dev).unwrap();
+    let copy = window.clone();
+    same(window.forward(x.clone()), copy.forward(x.clone()), "window");
+    let retention = GatedRetentionConfig::new(32, 4).init::<B>(dev).unwrap();
+    let copy = retention.clone();
+    same(retention.forward(x.clone()), copy.forward(x.clone()), "retention");
+    let cross = CrossAttentionConfig::new(32, 4, 2);
+    let global = cross.init_global::<B>(dev).unwrap();
+    let copy = global.clone();
+    let (k, v) = global.project(x.clone(), 0);
+    let (k2, v2) = copy.project(x.clone(), 0);
+    same(k.clone().flatten(2, 3), k2.flatten(2, 3), "global keys");
+    same(v.clone().flatten(2, 3), v2.flatten(2, 3), "global values");
+    let attn = cross.init::<B>(dev).unwrap();
+    let copy = attn.clone();
+    same(attn.forward(x.clone(), k.clone(), v.clone()), copy.forward(x, k, v), "cross");
+}
+
 kv_core::backend_tests!(
+    a_clone_of_a_fresh_layer_of_every_kind_has_its_weights,
     mla_reports_the_norms_of_the_keys_and_values_its_heads_use,
     mimetic_init_copies_each_groups_first_query_projection_into_its_keys,
     ragged_attention_equals_each_heads_rectangular_attention,

@@ -25,8 +25,13 @@ impl SlidingWindowAttentionConfig {
 
     /// Validates and builds the layer.
     pub fn init<B: Backend>(&self, device: &B::Device) -> Result<SlidingWindowAttention<B>> {
+        Ok(crate::materialize(self.init_lazy(device)?))
+    }
+
+    /// [`init`](Self::init) with the parameters still lazy, for loaders that replace them all.
+    pub fn init_lazy<B: Backend>(&self, device: &B::Device) -> Result<SlidingWindowAttention<B>> {
         self.validate()?;
-        Ok(SlidingWindowAttention { attn: self.attention.init(device)?, window: self.window })
+        Ok(SlidingWindowAttention { attn: self.attention.init_lazy(device)?, window: self.window })
     }
 }
 

@@ -83,6 +83,9 @@ pub fn policies<B: Backend>() -> kv_policies::Registry<B> {
 
 /// Runs `job` on the backend `kind`, or explains which cargo feature would compile it in.
 pub fn run_on<J: BackendJob>(kind: DeviceKind, job: J) -> Result<J::Output> {
+    // CubeCL backends have a native top-k; burn's CPU backends only sort.
+    let native_top_k = matches!(kind, DeviceKind::Wgpu | DeviceKind::Cuda);
+    kv_policies::select::set_top_k_method(if native_top_k { kv_policies::select::TopKMethod::ArgTopK } else { kv_policies::select::TopKMethod::Sort });
     match kind {
         #[cfg(feature = "flex")]
         DeviceKind::Flex => job.run::<burn::backend::Flex>(Default::default()),

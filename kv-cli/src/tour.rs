@@ -305,7 +305,7 @@ fn ensure_trained<B: Backend>(name: &str, preset: &Preset, dir: &Path, device: &
     match run_status(dir)? {
         Some(status) if status.model != preset.model || status.train != train => Err(KvError::io(
             dir,
-            format!("holds a different {name} run (its config differs from presets/{name}.json); delete the folder or pass --models DIR"),
+            format!("holds a different {name} run (its config differs from kv-models/presets/{name}.json); delete the folder or pass --models DIR"),
         )),
         Some(status) if status.is_done() => Ok(false),
         Some(_) => {

@@ -50,7 +50,7 @@ pub struct DecoderLm<B: Backend> {
 impl DecoderConfig {
     /// Validates the config and builds a randomly initialised model.
     pub fn init<B: Backend>(&self, device: &B::Device) -> Result<DecoderLm<B>> {
-        Ok(crate::materialize::ordinal_ids(crate::materialize(self.init_lazy(device)?)))
+        Ok(crate::ordinal::ordinal_ids(crate::materialize(self.init_lazy(device)?)))
     }
 
     /// [`init`](Self::init) with every parameter still lazy, for loaders that replace them all
@@ -68,26 +68,26 @@ impl DecoderConfig {
                     retention: None,
                     cross: None,
                     ffn_norm: norm(),
-                    ffn: FeedForward::new(self.d_model, self.ffn_hidden, device),
+                    ffn: FeedForward::new_lazy(self.d_model, self.ffn_hidden, device),
                 };
                 if let Some(cross) = self.yoco_cross() {
                     // YOCO: the first half self-decoder, the second half cross-decoder.
                     if i >= self.n_layers / 2 {
-                        block.cross = Some(cross.init(device)?);
+                        block.cross = Some(cross.init_lazy(device)?);
                     } else if let Some(window) = self.yoco_window() {
-                        block.swa = Some(window.init(device)?);
+                        block.swa = Some(window.init_lazy(device)?);
                     } else if let Some(retention) = self.yoco_retention() {
-                        block.retention = Some(retention.init(device)?);
+                        block.retention = Some(retention.init_lazy(device)?);
                     }
                 } else if let Some(mla) = self.mla_attention() {
-                    block.mla = Some(mla.init(device)?);
+                    block.mla = Some(mla.init_lazy(device)?);
                 } else {
-                    block.attn = Some(self.attention().init(device)?);
+                    block.attn = Some(self.attention().init_lazy(device)?);
                 }
                 Ok(block)
             })
             .collect::<Result<Vec<_>>>()?;
-        let global_kv = self.yoco_cross().map(|c| c.init_global(device)).transpose()?;
+        let global_kv = self.yoco_cross().map(|c| c.init_global_lazy(device)).transpose()?;
         Ok(DecoderLm {
             embed: EmbeddingConfig::new(self.vocab_size, self.d_model)
                 .with_initializer(Initializer::Normal { mean: 0.0, std: 0.02 })

@@ -18,6 +18,11 @@ pub struct FeedForward<B: Backend> {
 impl<B: Backend> FeedForward<B> {
     /// A randomly initialised feed-forward.
     pub fn new(d_model: usize, hidden: usize, device: &B::Device) -> Self {
+        crate::materialize(Self::new_lazy(d_model, hidden, device))
+    }
+
+    /// [`new`](Self::new) with the parameters still lazy, for loaders that replace them all.
+    pub fn new_lazy(d_model: usize, hidden: usize, device: &B::Device) -> Self {
         let lin = |i, o| LinearConfig::new(i, o).with_bias(false).init(device);
         Self { gate: lin(d_model, hidden), up: lin(d_model, hidden), down: lin(hidden, d_model) }
     }

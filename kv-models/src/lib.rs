@@ -11,6 +11,25 @@
 //! - [`train`]: training from scratch with exact resume;
 //! - [`load`]: pretrained Llama-family models from GGUF files or Hugging Face folders, with
 //!   their tokenizers and chat templates ([`Pretrained`]).
+//!
+//! ```
+//! use burn::backend::Flex;
+//! use kv_models::{DecoderConfig, GenerateConfig, SamplerConfig, generate};
+//! use kv_policies::{PolicyEnv, Registry};
+//!
+//! let device = Default::default();
+//! // vocab 64, d_model 32, 2 layers, 4 query heads over 2 KV heads, SwiGLU width 48.
+//! let model = DecoderConfig::new(64, 32, 2, 4, 2, 48).init::<Flex>(&device).unwrap();
+//! let mut policy = Registry::<Flex>::standard().build("streaming:budget=16,sinks=4", &PolicyEnv::default()).unwrap();
+//! let config = GenerateConfig { max_new_tokens: 40, sampler: SamplerConfig::default(), stop_tokens: vec![] };
+//! let out = generate(&model, &[1, 2, 3, 4, 5, 6, 7, 8], &config, policy.as_mut(), |_| {}).unwrap();
+//! assert_eq!(out.tokens.len(), 40);
+//! // The last token is never fed back: 47 tokens seen, 16 slots per head held.
+//! assert_eq!(out.cache.tokens_seen, 47);
+//! assert_eq!(out.cache.layers[0].slots_per_head, vec![16, 16]);
+//! ```
+//!
+//! `examples/generate_with_policy.rs` loads a checkpoint and generates under any policy spec.
 
 mod attention;
 mod chat;
@@ -25,7 +44,7 @@ mod ffn;
 mod generate;
 pub mod grid;
 pub mod load;
-mod materialize;
+mod ordinal;
 mod presets;
 mod sampling;
 mod tokenizer;
@@ -41,7 +60,8 @@ pub use eval::{PolicyLoss, TaskResult, answer, policy_loss, task_accuracy, task_
 pub use fanout::SharedPrefill;
 pub use ffn::FeedForward;
 pub use generate::{GenerateConfig, Generation, continue_generation, generate, last_row};
-pub use materialize::{materialize, ordinal_ids};
+pub use kv_attention::materialize;
+pub use ordinal::ordinal_ids;
 pub use presets::{Preset, preset, preset_names};
 pub use sampling::{Sampler, SamplerConfig, argmax};
 pub use load::{Pretrained, PretrainedFormat, PretrainedModel, assets_dir, resolve_model};

@@ -1,4 +1,4 @@
-//! Named presets, shipped as JSON files in the repository's `presets/` folder: a model config and,
+//! Named presets, shipped as JSON files in this crate's `presets/` folder: a model config and,
 //! for trainable presets, the training recipe.
 
 use crate::DecoderConfig;
@@ -7,18 +7,18 @@ use kv_core::{KvError, Result};
 use serde::{Deserialize, Serialize};
 
 const PRESETS: &[(&str, &str)] = &[
-    ("tiny-mha", include_str!("../../presets/tiny-mha.json")),
-    ("tiny-gqa", include_str!("../../presets/tiny-gqa.json")),
-    ("tiny-mqa", include_str!("../../presets/tiny-mqa.json")),
-    ("tiny-mla", include_str!("../../presets/tiny-mla.json")),
-    ("tiny-yoco", include_str!("../../presets/tiny-yoco.json")),
-    ("tiny-yoco-retention", include_str!("../../presets/tiny-yoco-retention.json")),
-    ("quick-mha", include_str!("../../presets/quick-mha.json")),
-    ("quick-gqa", include_str!("../../presets/quick-gqa.json")),
-    ("decode-bench", include_str!("../../presets/decode-bench.json")),
+    ("tiny-mha", include_str!("../presets/tiny-mha.json")),
+    ("tiny-gqa", include_str!("../presets/tiny-gqa.json")),
+    ("tiny-mqa", include_str!("../presets/tiny-mqa.json")),
+    ("tiny-mla", include_str!("../presets/tiny-mla.json")),
+    ("tiny-yoco", include_str!("../presets/tiny-yoco.json")),
+    ("tiny-yoco-retention", include_str!("../presets/tiny-yoco-retention.json")),
+    ("quick-mha", include_str!("../presets/quick-mha.json")),
+    ("quick-gqa", include_str!("../presets/quick-gqa.json")),
+    ("decode-bench", include_str!("../presets/decode-bench.json")),
     // The uptraining recipe for a converted SmolLM2 (`kv train --init DIR --preset uptrain-smollm2`:
     // the checkpoint's own config wins, this preset supplies the schedule).
-    ("uptrain-smollm2", include_str!("../../presets/uptrain-smollm2.json")),
+    ("uptrain-smollm2", include_str!("../presets/uptrain-smollm2.json")),
 ];
 
 /// A model config and, if the preset is trainable, how to train it.
@@ -65,5 +65,5 @@ pub fn preset(name: &str) -> Result<Preset> {
         name: name.into(),
         valid: preset_names().join(", "),
     })?;
-    Preset::from_json(json, &format!("presets/{name}.json"))
+    Preset::from_json(json, &format!("kv-models/presets/{name}.json"))
 }

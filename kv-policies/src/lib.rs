@@ -8,6 +8,21 @@
 //! [`Registry`] names them all: [`build_policy`] makes any of them from a spec string such as
 //! `snapkv:budget=0.5,window=32,kernel=7,pool=max`, and code outside this crate registers its own.
 //!
+//! ```
+//! use burn::backend::Flex;
+//! use kv_policies::{PolicyEnv, Registry};
+//!
+//! let registry = Registry::<Flex>::standard();
+//! let policy = registry.build("snapkv:budget=0.5,window=32", &PolicyEnv::default()).unwrap();
+//! assert_eq!(policy.name(), "snapkv(budget=0.5,window=32,kernel=7,pool=max)");
+//! // Bad parameters are errors that say what would be valid.
+//! let error = registry.build("snapkv:kernel=4", &PolicyEnv::default()).err().unwrap();
+//! assert!(error.to_string().contains("an odd width"));
+//! ```
+//!
+//! `examples/own_attention.rs` drives SnapKV and H2O from an attention layer written in plain
+//! burn, through [`drive_layer`].
+//!
 //! | policy | file | scores |
 //! |---|---|---|
 //! | `full` | `policy.rs` | keeps everything (the reference) |

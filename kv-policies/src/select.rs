@@ -2,6 +2,7 @@
 
 use burn::prelude::*;
 use kv_core::LayerCache;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Reduces per-query-head scores `[b, heads, n]` to one score per KV head `[b, kv_heads, n]` by
 /// summing over each group of contiguous query heads (the kvpress rule, techniques.md §0).
@@ -13,13 +14,35 @@ pub fn group_sum<B: Backend>(x: Tensor<B, 3>, kv_heads: usize) -> Tensor<B, 3> {
     x.reshape([b, kv_heads, h / kv_heads, n]).sum_dim(2).reshape([b, kv_heads, n])
 }
 
+/// How [`top_k_indices`] finds the largest scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopKMethod {
+    /// A sort (`topk_with_indices`): every backend has it.
+    Sort,
+    /// burn's `argtopk`: native on CubeCL backends (WGPU, CUDA), where it beats a sort, but
+    /// unimplemented (a panic) on the CPU backends of burn 0.21.
+    ArgTopK,
+}
+
+static USE_ARGTOPK: AtomicBool = AtomicBool::new(false);
+
+/// Chooses how every policy of this process finds its top-k (default [`TopKMethod::Sort`]); the
+/// binary that picks the backend sets [`TopKMethod::ArgTopK`] for backends that implement it,
+/// since burn offers no way to ask a backend which operations it has.
+pub fn set_top_k_method(method: TopKMethod) {
+    USE_ARGTOPK.store(method == TopKMethod::ArgTopK, Ordering::Relaxed);
+}
+
+/// The method [`top_k_indices`] uses now.
+pub fn top_k_method() -> TopKMethod {
+    if USE_ARGTOPK.load(Ordering::Relaxed) { TopKMethod::ArgTopK } else { TopKMethod::Sort }
+}
+
 /// Indices of the `k` largest entries along dim 2 (`k < n`), in no particular order.
 pub fn top_k_indices<B: Backend>(scores: Tensor<B, 3>, k: usize) -> Tensor<B, 3, Int> {
-    // argtopk is native on CubeCL but unimplemented on the CPU backends, where a sort is cheap.
-    if B::name(&scores.device()).contains("cubecl") || B::name(&scores.device()).contains("fusion") {
-        scores.argtopk(k, 2)
-    } else {
-        scores.topk_with_indices(k, 2).1
+    match top_k_method() {
+        TopKMethod::ArgTopK => scores.argtopk(k, 2),
+        TopKMethod::Sort => scores.topk_with_indices(k, 2).1,
     }
 }
 
