@@ -69,16 +69,4 @@ pub use tokenizer::{ByteTokenizer, ChatMessage, TOKENIZER_CONFIG_FILE, TOKENIZER
 pub use yoco::retention_state_name;
 
 #[cfg(test)]
-mod backend_tests;
-#[cfg(test)]
-mod fuzz_tests;
-#[cfg(test)]
-mod golden_tests;
-#[cfg(test)]
-mod kept_tests;
-#[cfg(test)]
-mod registry_tests;
-#[cfg(test)]
 mod tests;
-#[cfg(test)]
-mod yoco_tests;

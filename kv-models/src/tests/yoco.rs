@@ -1,6 +1,7 @@
 //! Backend-generic tests of YOCO decoders: cached paths against full recomputation, early exit,
 //! the one global cache under policies, configs, checkpoints and presets.
 
+use super::support::*;
 use crate::*;
 use burn::prelude::*;
 use kv_core::ModelCache;
@@ -15,18 +16,6 @@ fn tiny_yoco(kind: SelfAttentionKind, n_layers: usize, kv: usize) -> DecoderConf
 }
 
 const KINDS: [SelfAttentionKind; 2] = [SelfAttentionKind::Window, SelfAttentionKind::Retention];
-
-fn tokens<B: Backend>(ids: &[i32], dev: &B::Device) -> Tensor<B, 2, Int> {
-    Tensor::<B, 1, Int>::from_ints(ids, dev).reshape([1, ids.len()])
-}
-
-fn sequence(len: usize) -> Vec<i32> {
-    (0..len).map(|i| ((i * 29 + 7) % 64) as i32).collect()
-}
-
-fn max_abs_diff<B: Backend>(a: Tensor<B, 3>, b: Tensor<B, 3>) -> f32 {
-    (a - b).abs().max().into_scalar().elem::<f32>()
-}
 
 /// Logits of a prefill of `split` tokens, then one decode step per remaining token, under `spec`.
 fn decode_with<B: Backend>(model: &DecoderLm<B>, ids: &[i32], split: usize, spec: &str, dev: &B::Device) -> (Tensor<B, 3>, ModelCache<B>) {

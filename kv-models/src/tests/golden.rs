@@ -7,10 +7,10 @@
 //! Record again (only after a change that is meant to alter results) with
 //! `KV_RECORD_GOLDEN=1 cargo nextest run -p kv-models -E 'test(policy_golden)'`.
 
+use super::support::*;
 use crate::*;
 use burn::backend::Flex;
 use burn::prelude::*;
-use kv_core::LayerCache;
 use kv_policies::{PolicyEnv, TokenClasses, build_policy_in};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -75,17 +75,6 @@ fn golden_dir() -> PathBuf {
 
 fn sequence() -> Vec<i32> {
     (0..PROMPT + DECODE).map(|i| ((i * 29 + 7) % 64) as i32).collect()
-}
-
-fn kept(c: &LayerCache<B>) -> Vec<Vec<i64>> {
-    let one = |c: &LayerCache<B>| {
-        let n = c.slots();
-        c.positions().into_data().iter::<i64>().collect::<Vec<_>>().chunks(n.max(1)).map(<[i64]>::to_vec).collect::<Vec<_>>()
-    };
-    match c.head_caches() {
-        Some(heads) => heads.iter().flat_map(one).collect(),
-        None => one(c),
-    }
 }
 
 fn run(model: &DecoderLm<B>, spec: &str) -> Run {

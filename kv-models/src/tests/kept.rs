@@ -2,35 +2,12 @@
 //! storage, StreamingLLM's re-rotation), checked against selections recomputed here, on the host,
 //! from exactly what the policy observed.
 
+use super::support::*;
 use crate::*;
 use burn::prelude::*;
 use kv_attention::{ObserveRequest, Observation};
 use kv_core::LayerCache;
 use kv_policies::{CachePolicy, LayerContext, Phase, build_policy};
-
-fn tokens<B: Backend>(ids: &[i32], dev: &B::Device) -> Tensor<B, 2, Int> {
-    Tensor::<B, 1, Int>::from_ints(ids, dev).reshape([1, ids.len()])
-}
-
-fn sequence(len: usize) -> Vec<i32> {
-    (0..len).map(|i| ((i * 29 + 7) % 64) as i32).collect()
-}
-
-fn floats<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-    t.into_data().iter::<f32>().collect()
-}
-
-/// Original positions per (batch row 0) KV head, for rectangular and ragged caches alike.
-fn kept<B: Backend>(c: &LayerCache<B>) -> Vec<Vec<i64>> {
-    let one = |c: &LayerCache<B>| {
-        let n = c.slots();
-        c.positions().into_data().iter::<i64>().collect::<Vec<_>>().chunks(n.max(1)).map(<[i64]>::to_vec).collect::<Vec<_>>()
-    };
-    match c.head_caches() {
-        Some(heads) => heads.iter().flat_map(one).collect(),
-        None => one(c),
-    }
-}
 
 /// What a policy saw in one call on one layer, and what it kept.
 #[derive(Debug, Clone)]

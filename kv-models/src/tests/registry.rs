@@ -2,6 +2,7 @@
 //! named in specs, run by the models, wrapped by AdaKV and swept by the evaluation grid.
 
 use crate::grid::{GridModel, GridSpec, Probe, run_grid};
+use super::support::*;
 use crate::*;
 use burn::prelude::*;
 use kv_core::{LayerCache, ObserveRequest, Observation, Result};
@@ -47,17 +48,6 @@ fn registry<B: Backend>() -> Registry<B> {
     r
 }
 
-fn kept_per_head<B: Backend>(c: &LayerCache<B>) -> Vec<Vec<i64>> {
-    let one = |c: &LayerCache<B>| {
-        let n = c.slots();
-        c.positions().into_data().iter::<i64>().collect::<Vec<_>>().chunks(n).map(<[i64]>::to_vec).collect::<Vec<_>>()
-    };
-    match c.head_caches() {
-        Some(heads) => heads.iter().flat_map(one).collect(),
-        None => one(c),
-    }
-}
-
 fn a_scorer_registered_outside_the_crate_runs_through_specs_adakv_and_the_grid<B: Backend>(dev: &B::Device) {
     let r = registry::<B>();
     assert!(r.names().contains(&"parity") && r.per_head_scorers("snapkv").contains(&"parity"));
@@ -77,14 +67,14 @@ fn a_scorer_registered_outside_the_crate_runs_through_specs_adakv_and_the_grid<B
         let mut cache = model.new_cache(1);
         model.forward_with_policy(prompt.clone(), &mut cache, policy.as_mut(), kv_policies::Phase::Prefill).unwrap();
         for l in 0..2 {
-            assert_eq!(kept_per_head(cache.layer(l)), want, "{spec} layer {l}");
+            assert_eq!(kept(cache.layer(l)), want, "{spec} layer {l}");
         }
     }
     // AdaKV over it: the layer-wide top-k of 2 x 6 slots takes each head's 10 parity slots first.
     let mut policy = r.build("adakv:scorer=parity,budget=6,min_share=0.5", &PolicyEnv::default()).unwrap();
     let mut cache = model.new_cache(1);
     model.forward_with_policy(prompt, &mut cache, policy.as_mut(), kv_policies::Phase::Prefill).unwrap();
-    let kept = kept_per_head(cache.layer(0));
+    let kept = kept(cache.layer(0));
     assert_eq!(kept.iter().map(Vec::len).sum::<usize>(), 12, "{kept:?}");
     assert!(kept[0].iter().all(|p| p % 2 == 0) && kept[1].iter().all(|p| p % 2 == 1), "{kept:?}");
     // The grid: its compression axis sets the budget, and the cell holds half the full cache.
