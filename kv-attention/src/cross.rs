@@ -1,7 +1,7 @@
 //! YOCO's cross-decoder attention: one global K/V computed once from the self-decoder's output,
 //! shared by every cross-decoder layer, each of which only projects its own queries.
 
-use crate::{AttentionOutput, Causality, ObserveRequest, Rotary, RotaryConfig, attend_appended, grouped_attention, position_range};
+use crate::{AttentionOutput, CachedAttention, Causality, ObserveRequest, Rotary, RotaryConfig, attend_appended, grouped_attention, position_range};
 use burn::nn::{Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::prelude::*;
 use kv_core::{CacheShape, KvError, LayerCache, Result};
@@ -112,6 +112,11 @@ impl<B: Backend> GlobalKv<B> {
         CacheShape { batch, kv_heads: self.n_kv_heads, key_dim: self.head_dim, value_dim: self.head_dim }
     }
 
+    /// The empty global cache every cross layer of the model reads, for a batch of `batch`.
+    pub fn new_state(&self, batch: usize, device: &B::Device) -> LayerCache<B> {
+        LayerCache::new(self.cache_shape(batch), device)
+    }
+
     /// RoPE'd keys and values `[b, kv_heads, t, head_dim]` of `x` `[b, t, d_model]` at RoPE
     /// positions `start ..`.
     pub fn project(&self, x: Tensor<B, 3>, start: usize) -> (Tensor<B, 4>, Tensor<B, 4>) {
@@ -179,11 +184,21 @@ impl<B: Backend> CrossAttention<B> {
         let (o, _) = grouped_attention(q, &[(keys, values)], &causality, self.scale(), ObserveRequest::default());
         self.merge_heads(o)
     }
+}
 
-    /// Inference path: `x` `[b, m, d_model]` holds the *last* `m` of the tokens already appended
-    /// to the global `cache` (early exit passes only the positions whose logits are needed);
-    /// they attend causally over every slot the cache holds.
-    pub fn forward_cached(&self, x: Tensor<B, 3>, cache: &LayerCache<B>, observe: ObserveRequest) -> Result<AttentionOutput<B>> {
+impl<B: Backend> CachedAttention<B> for CrossAttention<B> {
+    /// The one global cache every cross layer shares ([`GlobalKv::new_state`]).
+    type State = LayerCache<B>;
+
+    fn n_heads(&self) -> usize {
+        self.n_heads
+    }
+
+    /// `x` `[b, m, d_model]` holds the *last* `m` of the tokens already appended to the global
+    /// cache (early exit passes only the positions whose logits are needed); they attend
+    /// causally over every slot the cache holds. The cache is only read: [`GlobalKv::append`]
+    /// writes it once per call, for every cross layer.
+    fn forward_cached(&self, x: Tensor<B, 3>, cache: &mut LayerCache<B>, observe: ObserveRequest) -> Result<AttentionOutput<B>> {
         let [b, m, _] = x.dims();
         let shape = cache.shape();
         if shape.batch != b || self.n_heads % shape.kv_heads.max(1) != 0 || shape.key_dim != self.head_dim || shape.value_dim != self.head_dim {

@@ -1,10 +1,10 @@
 //! Grouped-query attention: MHA (`kv_heads == heads`), GQA and MQA (`kv_heads == 1`) in one module.
 
-use crate::{Causality, ObserveRequest, Observation, Rotary, RotaryConfig, attend_appended, grouped_attention, position_range};
+use crate::{CachedAttention, Causality, ObserveRequest, Observation, Rotary, RotaryConfig, attend_appended, grouped_attention, position_range};
 use burn::module::Param;
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
-use kv_core::{CacheShape, KvError, LayerCache, Result};
+use kv_core::{CacheShape, KvError, KvState, Result};
 
 /// Settings of a [`GroupedAttention`] layer.
 #[derive(Config, Debug)]
@@ -163,7 +163,12 @@ impl<B: Backend> GroupedAttention<B> {
         CacheShape { batch, kv_heads: self.n_kv_heads, key_dim: self.head_dim, value_dim: self.head_dim }
     }
 
-    /// Whether keys are token-shifted (the cache then keeps the layer's last input).
+    /// An empty state for a batch of `batch`.
+    pub fn new_state(&self, batch: usize, device: &B::Device) -> KvState<B> {
+        KvState::new(self.cache_shape(batch), device)
+    }
+
+    /// Whether keys are token-shifted (the layer's [`KvState`] then carries its last input).
     pub fn has_key_shift(&self) -> bool {
         self.key_mix.is_some()
     }
@@ -191,15 +196,15 @@ impl<B: Backend> GroupedAttention<B> {
         (q, k, v)
     }
 
-    /// For key shift: the input before `x` (the cache's carried last input) and, as a side
+    /// For key shift: the input before `x` (the state's carried last input) and, as a side
     /// effect, `x`'s last row carried for the next call.
-    pub(crate) fn shift_carry(&self, x: &Tensor<B, 3>, cache: &mut LayerCache<B>) -> Option<Tensor<B, 3>> {
+    pub(crate) fn shift_carry(&self, x: &Tensor<B, 3>, state: &mut KvState<B>) -> Option<Tensor<B, 3>> {
         if !self.has_key_shift() {
             return None;
         }
         let t = x.dims()[1];
-        let before = if cache.tokens_seen() > 0 { cache.last_input() } else { None };
-        cache.set_last_input(x.clone().narrow(1, t - 1, 1));
+        let before = if state.cache.tokens_seen() > 0 { state.last_input.take() } else { None };
+        state.last_input = Some(x.clone().narrow(1, t - 1, 1));
         before
     }
 
@@ -224,17 +229,26 @@ impl<B: Backend> GroupedAttention<B> {
         let (o, _) = grouped_attention(q, &[(k, v)], &causality, self.scale(), ObserveRequest::default());
         self.merge_heads(o)
     }
+}
 
-    /// Inference path: the new tokens `x` `[b, t, d_model]` take positions `tokens_seen ..`,
-    /// their K/V are appended to `cache`, and they attend over every slot the cache holds.
-    pub fn forward_cached(&self, x: Tensor<B, 3>, cache: &mut LayerCache<B>, observe: ObserveRequest) -> Result<AttentionOutput<B>> {
+impl<B: Backend> CachedAttention<B> for GroupedAttention<B> {
+    type State = KvState<B>;
+
+    fn n_heads(&self) -> usize {
+        self.n_heads
+    }
+
+    /// The new tokens `x` `[b, t, d_model]` take positions `tokens_seen ..`, their K/V are
+    /// appended to the state's cache, and they attend over every slot it holds.
+    fn forward_cached(&self, x: Tensor<B, 3>, state: &mut KvState<B>, observe: ObserveRequest) -> Result<AttentionOutput<B>> {
         let b = x.dims()[0];
-        if cache.shape() != self.cache_shape(b) {
-            return Err(KvError::config("layer cache shape", format!("{:?}", cache.shape()), format!("{:?}", self.cache_shape(b))));
+        if state.cache.shape() != self.cache_shape(b) {
+            return Err(KvError::config("layer cache shape", format!("{:?}", state.cache.shape()), format!("{:?}", self.cache_shape(b))));
         }
+        let before = self.shift_carry(&x, state);
+        let cache = &mut state.cache;
         // Causality uses the absolute positions; RoPE uses the cache's rotary position, which
         // equals tokens seen unless a re-rotating policy shifted it.
-        let before = self.shift_carry(&x, cache);
         let (q, k, v) = self.project(x, cache.rope_position(), before);
         cache.append(k, v)?;
         let (o, observation) = attend_appended(q, cache, self.scale(), observe);

@@ -1,5 +1,6 @@
 //! Attention modules over kv-core caches.
 //!
+//! - [`CachedAttention`]: the inference interface of every kind, over its own typed state;
 //! - [`Rotary`]: RoPE at explicit positions, and re-rotation by a position delta;
 //! - [`grouped_attention`]: the shared attention kernel (MHA/GQA/MQA by `kv_heads`, f32 softmax,
 //!   causality from slot positions, optional observation for policies);
@@ -17,24 +18,24 @@
 //! ```
 //! use burn::backend::Flex;
 //! use burn::prelude::*;
-//! use kv_attention::{GroupedAttentionConfig, ObserveRequest};
-//! use kv_core::LayerCache;
+//! use kv_attention::{CachedAttention, GroupedAttentionConfig, ObserveRequest};
 //!
 //! let device = Default::default();
 //! // GQA: 8 query heads share 2 KV heads; the cache holds only the 2.
 //! let layer = GroupedAttentionConfig::new(64, 8, 2).init::<Flex>(&device).unwrap();
 //! let x = Tensor::<Flex, 3>::random([1, 10, 64], burn::tensor::Distribution::Normal(0.0, 1.0), &device);
-//! let mut cache = LayerCache::new(layer.cache_shape(1), &device);
-//! let prefill = layer.forward_cached(x.clone().narrow(1, 0, 9), &mut cache, ObserveRequest::default()).unwrap();
-//! let step = layer.forward_cached(x.clone().narrow(1, 9, 1), &mut cache, ObserveRequest::default()).unwrap();
+//! let mut state = layer.new_state(1, &device);
+//! let prefill = layer.forward_cached(x.clone().narrow(1, 0, 9), &mut state, ObserveRequest::default()).unwrap();
+//! let step = layer.forward_cached(x.clone().narrow(1, 9, 1), &mut state, ObserveRequest::default()).unwrap();
 //! // The cached path equals the full causal forward pass.
 //! let cached = Tensor::cat(vec![prefill.output, step.output], 1);
 //! let diff = (cached - layer.forward(x)).abs().max().into_scalar();
 //! assert!(diff < 1e-5);
-//! assert_eq!((cache.slots(), cache.shape().kv_heads), (10, 2));
+//! assert_eq!((state.cache.slots(), state.cache.shape().kv_heads), (10, 2));
 //! ```
 
 mod attend;
+mod cached;
 mod cross;
 mod grouped;
 mod materialize;
@@ -43,6 +44,7 @@ mod retention;
 mod rope;
 mod window;
 
+pub use cached::CachedAttention;
 pub use attend::{Causality, QUERY_BLOCK, SplitSegment, attend_appended, attend_cache, grouped_attention, grouped_attention_parts};
 pub use grouped::{AttentionOutput, GroupedAttention, GroupedAttentionConfig};
 pub use materialize::materialize;

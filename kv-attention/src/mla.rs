@@ -2,7 +2,7 @@
 //! token plus one shared RoPE key, so the cache holds `kv_latent + rope_dim` numbers per token and
 //! layer whatever the head count.
 
-use crate::{AttentionOutput, Causality, ObserveRequest, Rotary, RotaryConfig, SplitSegment, grouped_attention_parts, position_range};
+use crate::{AttentionOutput, CachedAttention, Causality, ObserveRequest, Rotary, RotaryConfig, SplitSegment, grouped_attention_parts, position_range};
 use burn::nn::{Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::prelude::*;
 use kv_core::{CacheShape, KvError, LayerCache, Result};
@@ -131,7 +131,7 @@ impl MlaAttentionConfig {
     }
 }
 
-/// How [`MlaAttention::forward_cached`] attends over its latent cache.
+/// How [`MlaAttention`]'s cached path attends over its latent cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum MlaPath {
     /// `W_UK` folded into the query and `W_UV` applied after attention: reads only the cache, as
@@ -210,12 +210,12 @@ impl<B: Backend> MlaAttention<B> {
         self.rope_dim
     }
 
-    /// The path [`forward_cached`](Self::forward_cached) takes.
+    /// The path [`CachedAttention::forward_cached`] takes.
     pub fn path(&self) -> MlaPath {
         self.path
     }
 
-    /// Chooses the path [`forward_cached`](Self::forward_cached) takes (absorbed by default).
+    /// Chooses the path [`CachedAttention::forward_cached`] takes (absorbed by default).
     pub fn set_path(&mut self, path: MlaPath) {
         self.path = path;
     }
@@ -325,14 +325,12 @@ impl<B: Backend> MlaAttention<B> {
         self.merge_heads(o)
     }
 
-    /// Inference path on this layer's [`path`](Self::path): the new tokens `x` `[b, t, d_model]`
-    /// take positions `tokens_seen ..`, their latent and `k_R` are appended to `cache`, and they
-    /// attend over every slot the cache holds.
-    pub fn forward_cached(&self, x: Tensor<B, 3>, cache: &mut LayerCache<B>, observe: ObserveRequest) -> Result<AttentionOutput<B>> {
-        self.forward_cached_with(x, cache, observe, self.path)
+    /// An empty latent cache for a batch of `batch`.
+    pub fn new_state(&self, batch: usize, device: &B::Device) -> LayerCache<B> {
+        LayerCache::new(self.cache_shape(batch), device)
     }
 
-    /// [`forward_cached`](Self::forward_cached) on an explicit path.
+    /// [`CachedAttention::forward_cached`] on an explicit path.
     pub fn forward_cached_with(&self, x: Tensor<B, 3>, cache: &mut LayerCache<B>, observe: ObserveRequest, path: MlaPath) -> Result<AttentionOutput<B>> {
         let [b, t, _] = x.dims();
         if cache.shape() != self.cache_shape(b) {
@@ -393,5 +391,20 @@ impl<B: Backend> MlaAttention<B> {
         let [b, _, n, _] = c.dims();
         let (_, v) = self.up_project(c);
         v.abs().sum_dim(3).reshape([b, self.n_heads, n])
+    }
+}
+
+impl<B: Backend> CachedAttention<B> for MlaAttention<B> {
+    type State = LayerCache<B>;
+
+    fn n_heads(&self) -> usize {
+        self.n_heads
+    }
+
+    /// On this layer's [`path`](MlaAttention::path): the new tokens `x` `[b, t, d_model]` take
+    /// positions `tokens_seen ..`, their latent and `k_R` are appended to the cache, and they
+    /// attend over every slot it holds.
+    fn forward_cached(&self, x: Tensor<B, 3>, cache: &mut LayerCache<B>, observe: ObserveRequest) -> Result<AttentionOutput<B>> {
+        self.forward_cached_with(x, cache, observe, self.path)
     }
 }

@@ -5,12 +5,12 @@
 //! `S_t = gamma_t S_{t-1} + k_t^T v_t` (`[d_k, d_v]`), `o_t = q_t S_t`, then
 //! `out = (swish(x W_G) * RMSNorm_head(o)) W_O`. The recurrent state is the whole cache.
 
-use crate::{Rotary, RotaryConfig, position_range};
+use crate::{AttentionOutput, CachedAttention, ObserveRequest, Rotary, RotaryConfig, position_range};
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::DType;
 use burn::tensor::activation::{log_sigmoid, silu};
-use kv_core::{KvError, Result};
+use kv_core::{KvError, RecurrentState, Result};
 
 /// Settings of a [`GatedRetention`] layer.
 #[derive(Config, Debug)]
@@ -118,6 +118,11 @@ impl<B: Backend> GatedRetention<B> {
         self.n_heads
     }
 
+    /// An empty state for a batch of `batch`.
+    pub fn new_state(&self, _batch: usize, _device: &B::Device) -> RecurrentState<B> {
+        RecurrentState::default()
+    }
+
     /// Width of one head.
     pub fn head_dim(&self) -> usize {
         self.head_dim
@@ -173,21 +178,31 @@ impl<B: Backend> GatedRetention<B> {
         let (o, _) = retention_chunkwise(q, k, v, lg, self.chunk, None);
         self.output(x, o)
     }
+}
 
-    /// Inference path: the new tokens `x` `[b, t, d_model]` at positions `start ..` continue from
-    /// `state` (None: zeros); returns the output and the new state. A single token takes the
-    /// recurrent form, a prompt the chunkwise one.
-    pub fn forward_cached(&self, x: Tensor<B, 3>, start: usize, state: Option<Tensor<B, 4>>) -> Result<(Tensor<B, 3>, Tensor<B, 4>)> {
-        let b = x.dims()[0];
-        if let Some(s) = &state {
+impl<B: Backend> CachedAttention<B> for GatedRetention<B> {
+    type State = RecurrentState<B>;
+
+    fn n_heads(&self) -> usize {
+        self.n_heads
+    }
+
+    /// The new tokens `x` `[b, t, d_model]` at positions `tokens_seen ..` continue the state
+    /// (zeros before the first token). A single token takes the recurrent form, a prompt the
+    /// chunkwise one. Observes nothing: retention keeps no slots for a policy.
+    fn forward_cached(&self, x: Tensor<B, 3>, state: &mut RecurrentState<B>, _observe: ObserveRequest) -> Result<AttentionOutput<B>> {
+        let [b, t, _] = x.dims();
+        if let Some(s) = &state.state {
             if s.dims() != self.state_shape(b) {
                 return Err(KvError::shape("retention state", &s.dims(), format!("{:?}", self.state_shape(b))));
             }
         }
-        let t = x.dims()[1];
-        let (q, k, v, lg) = self.project(x.clone(), start);
-        let (o, state) = if t == 1 { retention_recurrent(q, k, v, lg, state) } else { retention_chunkwise(q, k, v, lg, self.chunk, state) };
-        Ok((self.output(x, o), state))
+        let (q, k, v, lg) = self.project(x.clone(), state.tokens_seen);
+        let previous = state.state.take();
+        let (o, next) = if t == 1 { retention_recurrent(q, k, v, lg, previous) } else { retention_chunkwise(q, k, v, lg, self.chunk, previous) };
+        state.state = Some(next);
+        state.tokens_seen += t;
+        Ok(AttentionOutput { output: self.output(x, o), observation: None })
     }
 }
 

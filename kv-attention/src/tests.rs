@@ -137,14 +137,14 @@ fn cached_layer_matches_full_forward<B: Backend>(dev: &B::Device) {
         let x = randn::<B, 3>([2, 10, 32], dev);
         let full = attn.forward(x.clone());
         for split in [1, 4, 9] {
-            let mut cache = kv_core::LayerCache::new(attn.cache_shape(2), dev);
-            let mut parts = vec![attn.forward_cached(x.clone().narrow(1, 0, split), &mut cache, ObserveRequest::default()).unwrap().output];
+            let mut state = attn.new_state(2, dev);
+            let mut parts = vec![attn.forward_cached(x.clone().narrow(1, 0, split), &mut state, ObserveRequest::default()).unwrap().output];
             for i in split..10 {
-                parts.push(attn.forward_cached(x.clone().narrow(1, i, 1), &mut cache, ObserveRequest::default()).unwrap().output);
+                parts.push(attn.forward_cached(x.clone().narrow(1, i, 1), &mut state, ObserveRequest::default()).unwrap().output);
             }
             let diff = max_abs_diff(Tensor::cat(parts, 1), full.clone());
             assert!(diff <= 1e-5, "heads {h}/{kvh} key shift {key_shift:?} split {split}: {diff}");
-            assert_eq!(cache.slots(), 10);
+            assert_eq!(state.cache.slots(), 10);
         }
     }
 }

@@ -1,9 +1,9 @@
 //! Sliding-window attention (Mistral; YOCO's SWA self-decoder): causal attention over the last
 //! `window` positions, with a cache that never keeps more than `window` slots.
 
-use crate::{AttentionOutput, Causality, GroupedAttention, GroupedAttentionConfig, ObserveRequest, grouped_attention, position_range};
+use crate::{AttentionOutput, CachedAttention, Causality, GroupedAttention, GroupedAttentionConfig, ObserveRequest, grouped_attention, position_range};
 use burn::prelude::*;
-use kv_core::{CacheShape, KvError, LayerCache, Result};
+use kv_core::{CacheShape, KvError, KvState, Result};
 
 /// Settings of a [`SlidingWindowAttention`] layer.
 #[derive(Config, Debug)]
@@ -64,6 +64,11 @@ impl<B: Backend> SlidingWindowAttention<B> {
         self.attn.cache_shape(batch)
     }
 
+    /// An empty state for a batch of `batch`.
+    pub fn new_state(&self, batch: usize, device: &B::Device) -> KvState<B> {
+        KvState::new(self.cache_shape(batch), device)
+    }
+
     /// Training path: windowed causal self-attention over `x` `[b, t, d_model]` at positions `0..t`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let t = x.dims()[1];
@@ -73,19 +78,29 @@ impl<B: Backend> SlidingWindowAttention<B> {
         let (o, _) = grouped_attention(q, &[(k, v)], &causality, self.attn.scale(), ObserveRequest::default());
         self.attn.merge_heads(o)
     }
+}
 
-    /// Inference path: the new tokens `x` `[b, t, d_model]` take positions `tokens_seen ..`, and
-    /// attend over the window's slots; afterwards `cache` holds at most `window` slots.
-    pub fn forward_cached(&self, x: Tensor<B, 3>, cache: &mut LayerCache<B>) -> Result<AttentionOutput<B>> {
+impl<B: Backend> CachedAttention<B> for SlidingWindowAttention<B> {
+    type State = KvState<B>;
+
+    fn n_heads(&self) -> usize {
+        self.attn.n_heads()
+    }
+
+    /// The new tokens `x` `[b, t, d_model]` take positions `tokens_seen ..` and attend over the
+    /// window's slots; afterwards the cache holds at most `window` slots. Observes nothing: no
+    /// policy runs on a window.
+    fn forward_cached(&self, x: Tensor<B, 3>, state: &mut KvState<B>, _observe: ObserveRequest) -> Result<AttentionOutput<B>> {
         let [b, t, _] = x.dims();
-        if cache.shape() != self.cache_shape(b) {
-            return Err(KvError::config("window cache shape", format!("{:?}", cache.shape()), format!("{:?}", self.cache_shape(b))));
+        if state.cache.shape() != self.cache_shape(b) {
+            return Err(KvError::config("window cache shape", format!("{:?}", state.cache.shape()), format!("{:?}", self.cache_shape(b))));
         }
         // Evicting before the append keeps a decode step at `window` slots, not `window + 1`.
-        cache.keep_last(self.window - 1)?;
+        state.cache.keep_last(self.window - 1)?;
+        let before = self.attn.shift_carry(&x, state);
+        let cache = &mut state.cache;
         let start = cache.tokens_seen();
         let device = x.device();
-        let before = self.attn.shift_carry(&x, cache);
         let (q, k, v) = self.attn.project(x, start, before);
         cache.append(k, v)?;
         // A single new token sees every slot held (the last window - 1 and itself).

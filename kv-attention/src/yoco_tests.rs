@@ -5,7 +5,6 @@ use crate::*;
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use burn::tensor::activation::{log_sigmoid, softmax};
-use kv_core::LayerCache;
 
 fn max_abs_diff<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> f32 {
     (a - b).abs().max().into_scalar().elem::<f32>()
@@ -48,17 +47,18 @@ fn sliding_window_decode_matches_forward_and_never_holds_more_than_the_window<B:
         let x = randn::<B, 3>([2, t, 32], dev);
         let full = swa.forward(x.clone());
         for split in [1, 3, 9, 15] {
-            let mut cache = LayerCache::new(swa.cache_shape(2), dev);
-            let mut parts = vec![swa.forward_cached(x.clone().narrow(1, 0, split), &mut cache).unwrap().output];
-            assert!(cache.slots() <= window, "after a prompt of {split}: {} slots", cache.slots());
+            let mut state = swa.new_state(2, dev);
+            let none = ObserveRequest::default;
+            let mut parts = vec![swa.forward_cached(x.clone().narrow(1, 0, split), &mut state, none()).unwrap().output];
+            assert!(state.cache.slots() <= window, "after a prompt of {split}: {} slots", state.cache.slots());
             for i in split..t {
-                parts.push(swa.forward_cached(x.clone().narrow(1, i, 1), &mut cache).unwrap().output);
-                assert!(cache.slots() <= window, "step {i}: {} slots", cache.slots());
+                parts.push(swa.forward_cached(x.clone().narrow(1, i, 1), &mut state, none()).unwrap().output);
+                assert!(state.cache.slots() <= window, "step {i}: {} slots", state.cache.slots());
             }
             let diff = max_abs_diff(Tensor::cat(parts, 1), full.clone());
             assert!(diff <= 1e-5, "kv {kvh}, window {window}, split {split}: {diff}");
-            assert_eq!(cache.tokens_seen(), t);
-            assert_eq!(cache.stats().kv_bytes, 2 * 2 * kvh * 8 * window.min(t) * 4);
+            assert_eq!(state.cache.tokens_seen(), t);
+            assert_eq!(state.cache.stats().kv_bytes, 2 * 2 * kvh * 8 * window.min(t) * 4);
         }
     }
     // The window really limits what is seen: a wide window gives other outputs.
@@ -122,14 +122,13 @@ fn gated_retention_decode_matches_forward<B: Backend>(dev: &B::Device) {
         let x = randn::<B, 3>([2, t, 32], dev);
         let full = layer.forward(x.clone());
         for split in [1, 6, 11] {
-            let (out, mut state) = layer.forward_cached(x.clone().narrow(1, 0, split), 0, None).unwrap();
-            let mut parts = vec![out];
+            let mut state = layer.new_state(2, dev);
+            let mut parts = vec![layer.forward_cached(x.clone().narrow(1, 0, split), &mut state, ObserveRequest::default()).unwrap().output];
             for i in split..t {
-                let (out, s) = layer.forward_cached(x.clone().narrow(1, i, 1), i, Some(state)).unwrap();
-                parts.push(out);
-                state = s;
+                assert_eq!(state.tokens_seen, i);
+                parts.push(layer.forward_cached(x.clone().narrow(1, i, 1), &mut state, ObserveRequest::default()).unwrap().output);
             }
-            assert_eq!(state.dims(), [2, 4, 8, 8]);
+            assert_eq!(state.state.unwrap().dims(), [2, 4, 8, 8]);
             let diff = max_abs_diff(Tensor::cat(parts, 1), full.clone());
             assert!(diff <= 1e-4, "chunk {chunk}, split {split}: {diff}");
         }
@@ -139,7 +138,8 @@ fn gated_retention_decode_matches_forward<B: Backend>(dev: &B::Device) {
     let err = GatedRetentionConfig::new(32, 4).with_chunk(0).init::<B>(dev).unwrap_err().to_string();
     assert!(err.contains("chunk = 0"), "{err}");
     let layer = GatedRetentionConfig::new(32, 4).init::<B>(dev).unwrap();
-    let err = layer.forward_cached(randn::<B, 3>([1, 1, 32], dev), 0, Some(Tensor::zeros([1, 4, 8, 7], dev))).unwrap_err().to_string();
+    let mut wrong = kv_core::RecurrentState { state: Some(Tensor::zeros([1, 4, 8, 7], dev)), tokens_seen: 0 };
+    let err = layer.forward_cached(randn::<B, 3>([1, 1, 32], dev), &mut wrong, ObserveRequest::default()).unwrap_err().to_string();
     assert!(err.contains("retention state"), "{err}");
 }
 
@@ -152,16 +152,16 @@ fn cross_attention_over_the_global_cache_matches_forward_and_is_causal<B: Backen
         let (k, v) = global.project(src.clone(), 0);
         let full = cross.forward(x.clone(), k, v);
         // Prefill of 4 with every row, then one row per decode step; and the last row only.
-        let mut cache = LayerCache::new(global.cache_shape(2), dev);
+        let mut cache = global.new_state(2, dev);
         global.append(src.clone().narrow(1, 0, 4), &mut cache).unwrap();
-        let mut parts = vec![cross.forward_cached(x.clone().narrow(1, 0, 4), &cache, ObserveRequest::default()).unwrap().output];
+        let mut parts = vec![cross.forward_cached(x.clone().narrow(1, 0, 4), &mut cache, ObserveRequest::default()).unwrap().output];
         for i in 4..t {
             global.append(src.clone().narrow(1, i, 1), &mut cache).unwrap();
-            parts.push(cross.forward_cached(x.clone().narrow(1, i, 1), &cache, ObserveRequest::default()).unwrap().output);
+            parts.push(cross.forward_cached(x.clone().narrow(1, i, 1), &mut cache, ObserveRequest::default()).unwrap().output);
         }
         let diff = max_abs_diff(Tensor::cat(parts, 1), full.clone());
         assert!(diff <= 1e-5, "kv {kvh}: {diff}");
-        let last = cross.forward_cached(x.clone().narrow(1, t - 3, 3), &cache, ObserveRequest::default()).unwrap().output;
+        let last = cross.forward_cached(x.clone().narrow(1, t - 3, 3), &mut cache, ObserveRequest::default()).unwrap().output;
         assert!(max_abs_diff(last, full.clone().narrow(1, t - 3, 3)) <= 1e-5, "kv {kvh}: last rows");
         // Changing a later token's K/V source and query never changes an earlier output.
         let changed = Tensor::cat(vec![src.clone().narrow(1, 0, 5), randn::<B, 3>([2, t - 5, 32], dev)], 1);

@@ -10,7 +10,8 @@ use burn::tensor::Distribution;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use kv_attention::{ObserveRequest, Observation};
-use kv_core::{KvError, LayerCache, ModelCache, Result};
+use kv_core::{KvError, LayerCache, Result};
+use kv_models::ModelState;
 use kv_models::train::{TrainConfig, Trainer};
 use kv_models::{DecoderConfig, DecoderLm, preset};
 use kv_policies::{CachePolicy, LayerContext, Phase, PolicyEnv, TokenClasses};
@@ -154,7 +155,7 @@ fn one_token<B: Backend>(token: i32, device: &B::Device) -> Tensor<B, 2, Int> {
 }
 
 /// Fills every layer with `context` random K/V slots (positions 0..context).
-fn synthetic_fill<B: Backend>(cache: &mut ModelCache<B>, context: usize, device: &B::Device) -> Result<()> {
+fn synthetic_fill<B: Backend>(cache: &mut ModelState<B>, context: usize, device: &B::Device) -> Result<()> {
     let shape = cache.layer(0).shape();
     for layer in cache.layers_mut() {
         let kv_shape = [1, shape.kv_heads, context, shape.key_dim];
@@ -173,7 +174,7 @@ pub fn decode_cell<B: Backend>(model: &DecoderLm<B>, label: &str, context: usize
     let env = PolicyEnv::with_classes(TokenClasses::bytes());
     let mut timed = TimedPolicy { inner: crate::backend::policies::<B>().build(policy, &env)?, device, spent: Duration::ZERO };
     let real_prefill = plan.prefill || crate::backend::policies::<B>().parse(policy)?.name != "full";
-    let mut cache = model.new_cache(1);
+    let mut cache = model.new_state(1);
     let appends = plan.steps.max(2 * kv_core::TAIL_SLOTS);
     cache.reserve(context + plan.steps + appends + 2);
     let (mut prefill_ms, mut prefill_peak_mib) = (None, None);
@@ -194,7 +195,7 @@ pub fn decode_cell<B: Backend>(model: &DecoderLm<B>, label: &str, context: usize
         synthetic_fill(&mut cache, context, device)?;
     }
     let mut step_no = 0;
-    let mut step = |cache: &mut ModelCache<B>, timed: &mut TimedPolicy<B>, token: i32| -> Result<()> {
+    let mut step = |cache: &mut ModelState<B>, timed: &mut TimedPolicy<B>, token: i32| -> Result<()> {
         step_no += 1;
         let logits = model.forward_with_policy(one_token(token, device), cache, timed, Phase::Decode { step: step_no })?;
         // Read the logits back, as generation does: this is also the device sync.

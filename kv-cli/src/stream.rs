@@ -126,7 +126,7 @@ impl BackendJob for StreamJob {
         let model = &loaded.model;
         let vocab = loaded.config.vocab_size;
         let prompt: Vec<i32> = (0..args.prompt_tokens).map(|i| (32 + (i * 7 + i / 13) % 90) as i32 % vocab as i32).collect();
-        let mut cache = model.new_cache(1);
+        let mut cache = model.new_state(1);
         let x = Tensor::<B, 1, Int>::from_ints(prompt.as_slice(), &device).reshape([1, prompt.len()]);
         let logits = model.forward_with_policy(x, &mut cache, policy.as_mut(), Phase::Prefill)?;
         let mut next = argmax_last::<B>(logits);
@@ -135,7 +135,7 @@ impl BackendJob for StreamJob {
         );
         let start = Instant::now();
         let mut samples = Vec::new();
-        let reading = |cache: &kv_core::ModelCache<B>, tokens: usize| {
+        let reading = |cache: &kv_models::ModelState<B>, tokens: usize| {
             let stats = cache.stats();
             StreamSample {
                 tokens,

@@ -43,8 +43,6 @@ pub struct LayerCache<B: Backend> {
     device: B::Device,
     /// Per (batch row, KV head) caches, index `b * kv_heads + h`, when storage is ragged.
     ragged: Option<Vec<LayerCache<B>>>,
-    /// The layer's input at the last token seen, `[batch, 1, d_model]`, for token-shifted keys.
-    last_input: Option<Tensor<B, 3>>,
 }
 
 impl<B: Backend> LayerCache<B> {
@@ -61,18 +59,7 @@ impl<B: Backend> LayerCache<B> {
             rope_shift: 0,
             device: device.clone(),
             ragged: None,
-            last_input: None,
         }
-    }
-
-    /// The layer's input at the last token seen (`[batch, 1, d_model]`), if the layer keeps it.
-    pub fn last_input(&self) -> Option<Tensor<B, 3>> {
-        self.last_input.clone()
-    }
-
-    /// Keeps the layer's input at the last token seen, for a key shift at the next token.
-    pub fn set_last_input(&mut self, x: Tensor<B, 3>) {
-        self.last_input = Some(x);
     }
 
     /// Whether heads hold unequal numbers of slots, each in a cache of its own.
@@ -449,7 +436,7 @@ impl<B: Backend> LayerCache<B> {
                 slots_per_head: per.iter().map(|s| s.slots_per_head[0]).collect(),
                 tokens_seen: self.seen,
                 kv_bytes: per.iter().map(|s| s.kv_bytes).sum(),
-                metadata_bytes: per.iter().map(|s| s.metadata_bytes).sum::<usize>() + self.last_input.as_ref().map_or(0, |x| x.dims().iter().product::<usize>() * x.dtype().size()),
+                metadata_bytes: per.iter().map(|s| s.metadata_bytes).sum(),
                 allocated_bytes: per.iter().map(|s| s.allocated_bytes).sum(),
             };
         }
@@ -457,7 +444,7 @@ impl<B: Backend> LayerCache<B> {
             t.iter().map(|t| t.dims().iter().product::<usize>() * t.dtype().size()).sum()
         }
         let kv_bytes = bytes(&self.keys.segments()) + bytes(&self.values.segments());
-        let mut metadata_bytes = bytes(&self.positions.segments()) + self.last_input.as_ref().map_or(0, |x| bytes(std::slice::from_ref(x)));
+        let mut metadata_bytes = bytes(&self.positions.segments());
         let mut allocated_bytes = self.keys.allocated_bytes() + self.values.allocated_bytes() + self.positions.allocated_bytes();
         for (_, buf) in &self.side {
             metadata_bytes += bytes(&buf.segments());

@@ -1,7 +1,8 @@
 //! Backend-generic KV cache tensors on burn: what a cache *is*, with no model or policy code.
 //!
 //! - [`LayerCache`]: keys, values, original positions and per-slot side data that move together;
-//! - [`ModelCache`]: one layer cache per layer;
+//! - [`ModelCache`]: every layer's state, typed: [`KvState`] for attention layers,
+//!   [`LocalState`] (a sliding window or a [`RecurrentState`]) for layers a model manages itself;
 //! - [`Budget`]: how many slots a policy may keep;
 //! - [`CacheStats`]: bytes and slots measured from the tensors held;
 //! - [`ObserveRequest`] / [`Observation`]: what an attention call hands a policy, and
@@ -33,6 +34,7 @@ mod layer;
 mod model;
 mod observe;
 mod slots;
+mod state;
 mod stats;
 #[cfg(any(test, feature = "testing"))]
 mod testing;
@@ -43,6 +45,7 @@ pub use layer::{CacheShape, LayerCache};
 pub use model::ModelCache;
 pub use observe::{KeyRotation, ObserveRequest, Observation};
 pub use slots::TAIL_SLOTS;
+pub use state::{KvState, LocalState, RecurrentState};
 pub use stats::{CacheStats, LayerStats};
 
 #[cfg(test)]

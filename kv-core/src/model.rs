@@ -1,21 +1,19 @@
-//! A model's cache: one layer cache per attention layer, plus the constant-size state of layers
-//! that do not keep a growing cache (sliding windows, recurrent states).
+//! A model's cache: one KV state per policy-managed attention layer, plus the states of layers
+//! the model manages itself (sliding windows, recurrent states).
 
-use crate::{CacheShape, CacheStats, LayerCache};
+use crate::{CacheShape, CacheStats, KvState, LayerCache, LocalState};
 use burn::prelude::*;
 
-/// The caches of every layer of a model, indexed by layer.
+/// The per-layer states of a model, typed by what each layer keeps.
 ///
-/// `layers` are the caches policies manage (one per attention layer; a YOCO model has one, the
-/// global cache its cross-decoder shares). `local` caches are sliding windows a model trims itself
-/// and policies never see, and `states` are named fixed-size tensors (a retention layer's
-/// `[batch, heads, d_k, d_v]` state). All three count in [`stats`](Self::stats).
+/// `layers` are the KV states policies manage (one per attention layer; a YOCO model has one,
+/// the global cache its cross-decoder shares). `local` states belong to layers the model trims
+/// itself and policies never see: sliding windows and recurrent states. All of them count in
+/// [`stats`](Self::stats).
 #[derive(Debug, Clone)]
 pub struct ModelCache<B: Backend> {
-    layers: Vec<LayerCache<B>>,
-    local: Vec<LayerCache<B>>,
-    states: Vec<(String, Tensor<B, 4>)>,
-    previous_tokens: Option<Tensor<B, 2, Int>>,
+    layers: Vec<KvState<B>>,
+    local: Vec<LocalState<B>>,
 }
 
 impl<B: Backend> ModelCache<B> {
@@ -26,104 +24,91 @@ impl<B: Backend> ModelCache<B> {
 
     /// A model cache from layer caches built elsewhere (e.g. with different shapes per layer).
     pub fn from_layers(layers: Vec<LayerCache<B>>) -> Self {
-        Self { layers, local: Vec::new(), states: Vec::new(), previous_tokens: None }
+        Self { layers: layers.into_iter().map(KvState::from).collect(), local: Vec::new() }
     }
 
-    /// A model cache with policy-managed `layers` and model-managed `local` window caches.
-    pub fn with_local(layers: Vec<LayerCache<B>>, local: Vec<LayerCache<B>>) -> Self {
-        Self { local, ..Self::from_layers(layers) }
+    /// A model cache with policy-managed `layers` and model-managed `local` states.
+    pub fn with_local(layers: Vec<KvState<B>>, local: Vec<LocalState<B>>) -> Self {
+        Self { layers, local }
     }
 
-    /// The last tokens of every batch row seen so far (`[b, <= w]`, the latest last), for models
-    /// whose input at a position also reads the `w` tokens before it (token shift); `None` before
-    /// the first call.
-    pub fn previous_tokens(&self) -> Option<&Tensor<B, 2, Int>> {
-        self.previous_tokens.as_ref()
-    }
-
-    /// Records the last tokens of every batch row after a forward pass.
-    pub fn set_previous_tokens(&mut self, tokens: Tensor<B, 2, Int>) {
-        self.previous_tokens = Some(tokens);
-    }
-
-    /// Number of layer caches.
+    /// Number of policy-managed layers.
     pub fn num_layers(&self) -> usize {
         self.layers.len()
     }
 
     /// One layer's cache.
     pub fn layer(&self, i: usize) -> &LayerCache<B> {
-        &self.layers[i]
+        &self.layers[i].cache
     }
 
     /// One layer's cache, mutably.
     pub fn layer_mut(&mut self, i: usize) -> &mut LayerCache<B> {
+        &mut self.layers[i].cache
+    }
+
+    /// One layer's whole state (its cache and the input a key shift carries), mutably.
+    pub fn layer_state_mut(&mut self, i: usize) -> &mut KvState<B> {
         &mut self.layers[i]
     }
 
-    /// All layer caches, mutably, for loops that walk layers in order.
-    pub fn layers_mut(&mut self) -> &mut [LayerCache<B>] {
-        &mut self.layers
+    /// Every layer's cache, mutably, in layer order.
+    pub fn layers_mut(&mut self) -> impl Iterator<Item = &mut LayerCache<B>> {
+        self.layers.iter_mut().map(|s| &mut s.cache)
     }
 
-    /// Number of model-managed local (sliding-window) caches.
+    /// Number of model-managed local states.
     pub fn num_local(&self) -> usize {
         self.local.len()
     }
 
-    /// One local cache.
-    pub fn local(&self, i: usize) -> &LayerCache<B> {
+    /// One local state.
+    pub fn local(&self, i: usize) -> &LocalState<B> {
         &self.local[i]
     }
 
-    /// One local cache, mutably.
-    pub fn local_mut(&mut self, i: usize) -> &mut LayerCache<B> {
+    /// One local state, mutably.
+    pub fn local_mut(&mut self, i: usize) -> &mut LocalState<B> {
         &mut self.local[i]
     }
 
-    /// A named state tensor, if one was stored.
-    pub fn state(&self, name: &str) -> Option<&Tensor<B, 4>> {
-        self.states.iter().find(|(n, _)| n == name).map(|(_, t)| t)
-    }
-
-    /// Stores (or replaces) a named state tensor.
-    pub fn set_state(&mut self, name: &str, state: Tensor<B, 4>) {
-        match self.states.iter_mut().find(|(n, _)| n == name) {
-            Some((_, t)) => *t = state,
-            None => self.states.push((name.to_string(), state)),
-        }
-    }
-
-    /// Names of the stored states, in the order they were first stored.
-    pub fn state_names(&self) -> Vec<String> {
-        self.states.iter().map(|(n, _)| n.clone()).collect()
+    /// The policy-managed states and the local ones at once, for models that update both in
+    /// one pass.
+    pub fn parts_mut(&mut self) -> (&mut [KvState<B>], &mut [LocalState<B>]) {
+        (&mut self.layers, &mut self.local)
     }
 
     /// Tokens seen (the next token's position), taken from the first layer.
     pub fn tokens_seen(&self) -> usize {
-        self.layers.first().or(self.local.first()).map_or(0, |l| l.tokens_seen())
+        match (self.layers.first(), self.local.first()) {
+            (Some(l), _) => l.cache.tokens_seen(),
+            (None, Some(l)) => l.tokens_seen(),
+            (None, None) => 0,
+        }
     }
 
     /// Reserves room for `extra` more slots in every policy-managed layer (local windows never
     /// grow past their window, so reserving there would only waste memory).
     pub fn reserve(&mut self, extra: usize) {
-        self.layers.iter_mut().for_each(|l| l.reserve(extra));
+        self.layers.iter_mut().for_each(|l| l.cache.reserve(extra));
     }
 
-    /// Empties every layer and local cache and drops every state.
+    /// Forgets every token seen, in every layer and local state.
     pub fn clear(&mut self) {
-        self.layers.iter_mut().chain(self.local.iter_mut()).for_each(|l| l.clear());
-        self.states.clear();
-        self.previous_tokens = None;
+        self.layers.iter_mut().for_each(|l| l.clear());
+        self.local.iter_mut().for_each(|l| l.clear());
     }
 
-    /// Statistics measured from the tensors every layer, local cache and state holds.
+    /// Statistics measured from the tensors every layer and local state holds.
     pub fn stats(&self) -> CacheStats {
-        let state_bytes = self.states.iter().map(|(_, t)| t.dims().iter().product::<usize>() * t.dtype().size()).sum();
-        CacheStats::from_parts(
-            self.layers.iter().map(|l| l.stats()).collect(),
-            self.local.iter().map(|l| l.stats()).collect(),
-            state_bytes,
-        )
+        let mut windows = vec![];
+        let mut state_bytes = 0;
+        for local in &self.local {
+            match local {
+                LocalState::Window(s) => windows.push(s.stats()),
+                LocalState::Recurrent(s) => state_bytes += s.bytes(),
+            }
+        }
+        CacheStats::from_parts(self.layers.iter().map(|l| l.stats()).collect(), windows, state_bytes)
     }
 }

@@ -172,14 +172,17 @@ fn keep_last_trims_to_a_window_and_keeps_the_counter<B: Backend>(dev: &B::Device
 }
 
 fn model_stats_count_local_windows_and_states<B: Backend>(dev: &B::Device) {
-    let mut cache = ModelCache::<B>::with_local(vec![LayerCache::new(shape(1, 2, 4), dev)], vec![LayerCache::new(shape(1, 1, 4), dev)]);
+    let window = LocalState::Window(KvState::new(shape(1, 1, 4), dev));
+    let mut cache = ModelCache::<B>::with_local(vec![KvState::new(shape(1, 2, 4), dev)], vec![window, LocalState::Recurrent(RecurrentState::default())]);
     let (k, v) = tagged::<B>(1, 2, 0, 5, 4, dev);
     cache.layer_mut(0).append(k, v).unwrap();
     let (k, v) = tagged::<B>(1, 1, 0, 3, 4, dev);
-    cache.local_mut(0).append(k, v).unwrap();
-    cache.set_state("retention.0", Tensor::zeros([1, 2, 4, 4], dev));
-    cache.set_state("retention.0", Tensor::ones([1, 2, 4, 4], dev));
-    assert_eq!(cache.state_names(), vec!["retention.0".to_string()]);
+    let LocalState::Window(w) = cache.local_mut(0) else { unreachable!() };
+    w.cache.append(k, v).unwrap();
+    let LocalState::Recurrent(r) = cache.local_mut(1) else { unreachable!() };
+    r.state = Some(Tensor::zeros([1, 2, 4, 4], dev));
+    r.state = Some(Tensor::ones([1, 2, 4, 4], dev));
+    r.tokens_seen = 3;
     let stats = cache.stats();
     assert_eq!(stats.layer_kv_bytes(), 2 * 2 * 5 * 4 * 4);
     assert_eq!(stats.state_bytes, 2 * 4 * 4 * 4);
@@ -189,7 +192,7 @@ fn model_stats_count_local_windows_and_states<B: Backend>(dev: &B::Device) {
     assert_eq!(stats.total_slots(), 2 * 5);
     assert_eq!(cache.tokens_seen(), 5);
     cache.clear();
-    assert_eq!((cache.stats().kv_bytes, cache.state_names().len()), (0, 0));
+    assert_eq!((cache.stats().kv_bytes, cache.local(1).tokens_seen()), (0, 0));
 }
 
 fn ragged_storage_holds_each_heads_own_slots<B: Backend>(dev: &B::Device) {

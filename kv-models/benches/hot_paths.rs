@@ -5,7 +5,7 @@
 use burn::backend::Flex;
 use burn::prelude::*;
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
-use kv_core::ModelCache;
+use kv_models::ModelState;
 use kv_models::{DecoderLm, preset};
 use kv_policies::{Phase, build_policy};
 
@@ -29,12 +29,12 @@ fn decode_step_per_attention_kind(c: &mut Criterion) {
     let mut group = c.benchmark_group("decode_step_at_1024");
     for name in ["tiny-mha", "tiny-gqa", "tiny-mqa", "tiny-mla", "tiny-yoco", "tiny-yoco-retention"] {
         let model = model(name);
-        let mut cache = model.new_cache(1);
+        let mut cache = model.new_state(1);
         model.forward_cached(tokens(&prompt()), &mut cache).expect("prefill");
         group.bench_function(name, |b| {
             b.iter_batched(
                 || cache.clone(),
-                |mut cache: ModelCache<B>| model.forward_cached(tokens(&[65]), &mut cache).expect("decode").into_data(),
+                |mut cache: ModelState<B>| model.forward_cached(tokens(&[65]), &mut cache).expect("decode").into_data(),
                 BatchSize::SmallInput,
             )
         });
@@ -48,7 +48,7 @@ fn decode_step_per_policy(c: &mut Criterion) {
     for spec in ["full", "streaming", "h2o", "vatp", "knorm", "tova", "snapkv", "pyramidkv"] {
         let spec = if spec == "full" { spec.to_string() } else { format!("{spec}:budget=512,every=1") };
         let mut policy = build_policy::<B>(&spec).expect("valid spec");
-        let mut cache = model.new_cache(1);
+        let mut cache = model.new_state(1);
         model.forward_with_policy(tokens(&prompt()), &mut cache, policy.as_mut(), Phase::Prefill).expect("prefill");
         group.bench_function(&spec, |b| {
             b.iter_batched(

@@ -1,42 +1,53 @@
-//! A decoder block's attention, whichever kind it holds: grouped (MHA/GQA/MQA), latent (MLA), or
-//! one of YOCO's self-decoder (window, retention) and cross-decoder kinds.
+//! The attention of a Llama-style block: grouped (MHA/GQA/MQA) or latent (MLA).
 
 use burn::prelude::*;
-use kv_attention::{AttentionOutput, CrossAttention, GatedRetention, GroupedAttention, MlaAttention, ObserveRequest, Rotary, SlidingWindowAttention};
-use kv_core::{CacheShape, LayerCache, Result};
+use kv_attention::{AttentionOutput, CachedAttention, GroupedAttention, MlaAttention, ObserveRequest, Rotary};
+use kv_core::{CacheShape, KvState, Result};
 
-/// A borrowed attention module of either kind, so the decoder drives both through one interface.
-///
-/// Blocks hold the two kinds in two `Option` fields rather than one enum field because burn
-/// records an enum module under its variant name, which would stop every checkpoint saved before
-/// MLA existed from loading; with options, a grouped block's record is unchanged.
-#[derive(Debug)]
-pub enum BlockAttention<'a, B: Backend> {
+/// A Llama-style block's self-attention, recorded under its kind's name (`Grouped` or `Latent`).
+#[derive(Module, Debug)]
+pub enum SelfAttention<B: Backend> {
     /// Grouped-query attention (MHA, GQA or MQA).
-    Grouped(&'a GroupedAttention<B>),
+    Grouped(GroupedAttention<B>),
     /// Multi-head latent attention.
-    Latent(&'a MlaAttention<B>),
+    Latent(MlaAttention<B>),
 }
 
-impl<B: Backend> Clone for BlockAttention<'_, B> {
-    fn clone(&self) -> Self {
-        *self
-    }
-}
-
-impl<B: Backend> Copy for BlockAttention<'_, B> {}
-
-impl<'a, B: Backend> BlockAttention<'a, B> {
-    /// Query heads (observations are per query head).
-    pub fn n_heads(&self) -> usize {
+impl<B: Backend> SelfAttention<B> {
+    /// The grouped attention, if this is one.
+    pub fn grouped(&self) -> Option<&GroupedAttention<B>> {
         match self {
-            Self::Grouped(a) => a.n_heads(),
-            Self::Latent(a) => a.n_heads(),
+            Self::Grouped(a) => Some(a),
+            Self::Latent(_) => None,
+        }
+    }
+
+    /// The grouped attention, mutably, if this is one.
+    pub fn grouped_mut(&mut self) -> Option<&mut GroupedAttention<B>> {
+        match self {
+            Self::Grouped(a) => Some(a),
+            Self::Latent(_) => None,
+        }
+    }
+
+    /// The latent attention, if this is one.
+    pub fn latent(&self) -> Option<&MlaAttention<B>> {
+        match self {
+            Self::Latent(a) => Some(a),
+            Self::Grouped(_) => None,
+        }
+    }
+
+    /// The latent attention, mutably, if this is one.
+    pub fn latent_mut(&mut self) -> Option<&mut MlaAttention<B>> {
+        match self {
+            Self::Latent(a) => Some(a),
+            Self::Grouped(_) => None,
         }
     }
 
     /// The rotary embedding of the cached keys (MLA: of the shared `k_R`), for re-rotating policies.
-    pub fn rope(&self) -> &'a Rotary<B> {
+    pub fn rope(&self) -> &Rotary<B> {
         match self {
             Self::Grouped(a) => &a.rope,
             Self::Latent(a) => &a.rope,
@@ -51,6 +62,11 @@ impl<'a, B: Backend> BlockAttention<'a, B> {
         }
     }
 
+    /// An empty state for a batch of `batch`.
+    pub fn new_state(&self, batch: usize, device: &B::Device) -> KvState<B> {
+        KvState::new(self.cache_shape(batch), device)
+    }
+
     /// Training path: causal self-attention over `x` `[b, t, d_model]` at positions `0..t`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         match self {
@@ -58,47 +74,23 @@ impl<'a, B: Backend> BlockAttention<'a, B> {
             Self::Latent(a) => a.forward(x),
         }
     }
+}
 
-    /// Inference path: appends the new tokens to `cache` and attends over every slot it holds.
-    pub fn forward_cached(&self, x: Tensor<B, 3>, cache: &mut LayerCache<B>, observe: ObserveRequest) -> Result<AttentionOutput<B>> {
+impl<B: Backend> CachedAttention<B> for SelfAttention<B> {
+    /// Both kinds keep a [`KvState`]; MLA never carries a key-shift input.
+    type State = KvState<B>;
+
+    fn n_heads(&self) -> usize {
         match self {
-            Self::Grouped(a) => a.forward_cached(x, cache, observe),
-            Self::Latent(a) => a.forward_cached(x, cache, observe),
+            Self::Grouped(a) => a.n_heads(),
+            Self::Latent(a) => a.n_heads(),
         }
     }
-}
 
-/// What a decoder block mixes its tokens with: a cached self-attention of a Llama-style model, or
-/// one of YOCO's three layer kinds.
-#[derive(Debug)]
-pub enum BlockKind<'a, B: Backend> {
-    /// Grouped or latent self-attention with its own per-layer cache.
-    Attention(BlockAttention<'a, B>),
-    /// YOCO self-decoder: sliding-window attention.
-    Window(&'a SlidingWindowAttention<B>),
-    /// YOCO self-decoder: gated retention.
-    Retention(&'a GatedRetention<B>),
-    /// YOCO cross-decoder: attention over the shared global K/V.
-    Cross(&'a CrossAttention<B>),
-}
-
-impl<B: Backend> Clone for BlockKind<'_, B> {
-    fn clone(&self) -> Self {
-        *self
-    }
-}
-
-impl<B: Backend> Copy for BlockKind<'_, B> {}
-
-impl<B: Backend> BlockKind<'_, B> {
-    /// A short name for error messages.
-    pub fn name(&self) -> &'static str {
+    fn forward_cached(&self, x: Tensor<B, 3>, state: &mut KvState<B>, observe: ObserveRequest) -> Result<AttentionOutput<B>> {
         match self {
-            Self::Attention(BlockAttention::Grouped(_)) => "grouped attention",
-            Self::Attention(BlockAttention::Latent(_)) => "latent attention",
-            Self::Window(_) => "sliding-window attention",
-            Self::Retention(_) => "gated retention",
-            Self::Cross(_) => "cross-attention",
+            Self::Grouped(a) => a.forward_cached(x, state, observe),
+            Self::Latent(a) => a.forward_cached(x, &mut state.cache, observe),
         }
     }
 }

@@ -15,7 +15,14 @@ use std::path::{Path, PathBuf};
 pub const CHECKPOINT_FILE: &str = "checkpoint.kvc";
 /// File name of the human-readable model config inside a checkpoint directory.
 pub const CONFIG_FILE: &str = "config.json";
-const MAGIC: &[u8; 8] = b"KVCKPT01";
+/// The header's first six bytes; two ASCII digits of the format version follow.
+const MAGIC: &[u8; 6] = b"KVCKPT";
+/// The format written. Version 1 held each block's attention in five optional fields and the
+/// YOCO parts beside the blocks; version 2 records each block's attention as one enum and the
+/// decoder stack under its architecture's name. Version 1 files are read through
+/// [`upgrade_v1_model`].
+pub(crate) const VERSION: u8 = 2;
+const HEADER: usize = 8;
 
 /// Writes `bytes` to `path` through a temporary file and a rename, so a crash or a full disk
 /// leaves either the old file or the new one, never a torn one.
@@ -52,7 +59,13 @@ pub(crate) struct Sections {
 
 impl Sections {
     pub(crate) fn encode(&self) -> Vec<u8> {
+        self.encode_version(VERSION)
+    }
+
+    /// The file bytes under the header of format `version` (tests write older versions).
+    pub(crate) fn encode_version(&self, version: u8) -> Vec<u8> {
         let mut out = MAGIC.to_vec();
+        out.extend_from_slice(format!("{version:02}").as_bytes());
         for s in [&self.config, &self.train, &self.model, &self.optim] {
             out.extend_from_slice(&(s.len() as u64).to_le_bytes());
             out.extend_from_slice(s);
@@ -62,13 +75,33 @@ impl Sections {
         out
     }
 
+    /// The sections of a checkpoint file of any readable version, the model record upgraded to
+    /// the current format.
     pub(crate) fn decode(bytes: &[u8], path: &Path) -> Result<Self> {
-        let bad = |what: &str| KvError::io(path, format!("not a usable checkpoint: {what}"));
-        if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
-            return Err(bad("wrong file type (no KVCKPT01 header)"));
+        let (version, mut sections) = Self::decode_raw(bytes, path)?;
+        if version == 1 {
+            sections.model = upgrade_v1_model(&sections.model, path)?;
         }
+        Ok(sections)
+    }
+
+    /// The format version and the sections as stored, after the checksum is verified.
+    pub(crate) fn decode_raw(bytes: &[u8], path: &Path) -> Result<(u8, Self)> {
+        let bad = |what: &str| KvError::io(path, format!("not a usable checkpoint: {what}"));
+        if bytes.len() < HEADER || &bytes[..MAGIC.len()] != MAGIC {
+            let valid: Vec<String> = (1..=VERSION).map(|v| format!("KVCKPT{v:02}")).collect();
+            return Err(bad(&format!("wrong file type (no {} header)", valid.join(" or "))));
+        }
+        let version = std::str::from_utf8(&bytes[MAGIC.len()..HEADER]).ok().and_then(|v| v.parse::<u8>().ok());
+        let version = match version {
+            Some(v @ 1..=VERSION) => v,
+            _ => {
+                let shown = String::from_utf8_lossy(&bytes[MAGIC.len()..HEADER]).into_owned();
+                return Err(bad(&format!("format version {shown:?}; this build reads versions 01 to {VERSION:02}")));
+            }
+        };
         let truncated = || bad(&format!("truncated ({} bytes; the write that made it did not finish)", bytes.len()));
-        let mut at = MAGIC.len();
+        let mut at = HEADER;
         let mut sections = Vec::with_capacity(4);
         for _ in 0..4 {
             let len_bytes = bytes.get(at..at + 8).ok_or_else(truncated)?;
@@ -89,7 +122,7 @@ impl Sections {
         let model = sections.pop().unwrap();
         let train = sections.pop().unwrap();
         let config = sections.pop().unwrap();
-        Ok(Self { config, train, model, optim })
+        Ok((version, Self { config, train, model, optim }))
     }
 
     /// Writes the sections into `dir` atomically, plus the readable config copy.
@@ -159,6 +192,70 @@ pub(crate) fn canonical_record(bytes: Vec<u8>) -> Vec<u8> {
     }
 }
 
+/// A version-1 model record rewritten in the version-2 layout; the tensors and their parameter
+/// ids are moved, not re-encoded, so the optimiser state keyed by those ids still applies.
+///
+/// Version 1 gave every block five optional attention fields (`attn`, `mla`, `swa`,
+/// `retention`, `cross`; records from before MLA lack the later ones) and kept YOCO's
+/// `global_kv` beside the blocks. Version 2 has `stack: {Llama: {blocks}}` or
+/// `stack: {Yoco: {self_decoder, cross_decoder, global_kv}}`, each block's attention recorded
+/// as `{Kind: module}` (a cross-decoder block's as the module itself).
+pub(crate) fn upgrade_v1_model(bytes: &[u8], path: &Path) -> Result<Vec<u8>> {
+    use rmpv::Value;
+    let bad = |what: String| KvError::io(path, format!("version-1 record does not fit a decoder: {what}"));
+    let take = |map: &mut Vec<(Value, Value)>, key: &str| -> Value {
+        match map.iter().position(|(k, _)| k.as_str() == Some(key)) {
+            Some(i) => map.remove(i).1,
+            None => Value::Nil,
+        }
+    };
+    let mut root = rmpv::decode::read_value(&mut &bytes[..]).map_err(|e| bad(e.to_string()))?;
+    let Value::Map(top) = &mut root else { return Err(bad("not a map".into())) };
+    let item = top.iter_mut().find(|(k, _)| k.as_str() == Some("item")).map(|(_, v)| v).ok_or_else(|| bad("no item".into()))?;
+    let Value::Map(fields) = item else { return Err(bad("item is not a map".into())) };
+    let Value::Array(blocks) = take(fields, "blocks") else { return Err(bad("no block list".into())) };
+    let global_kv = take(fields, "global_kv");
+    let yoco = !global_kv.is_nil();
+    let half = blocks.len() / 2;
+    let mut converted = Vec::with_capacity(blocks.len());
+    for (i, block) in blocks.into_iter().enumerate() {
+        let Value::Map(mut block) = block else { return Err(bad(format!("block {i} is not a map"))) };
+        let kinds: Vec<(&str, Value)> = ["attn", "mla", "swa", "retention", "cross"].into_iter().map(|k| (k, take(&mut block, k))).filter(|(_, v)| !v.is_nil()).collect();
+        let [(kind, module)]: [(&str, Value); 1] = kinds.try_into().map_err(|k: Vec<(&str, Value)>| {
+            let names: Vec<&str> = k.iter().map(|(n, _)| *n).collect();
+            bad(format!("decoder block attention of block {i}: {} (exactly one of attn, mla, swa, retention, cross)", if names.is_empty() { "none".to_string() } else { names.join(" and ") }))
+        })?;
+        let variant = match (yoco, i < half, kind) {
+            (false, _, "attn") => Some("Grouped"),
+            (false, _, "mla") => Some("Latent"),
+            (true, true, "swa") => Some("Window"),
+            (true, true, "retention") => Some("Retention"),
+            (true, false, "cross") => None,
+            _ => {
+                let want = if !yoco { "attn or mla" } else if i < half { "swa or retention (self-decoder)" } else { "cross (cross-decoder)" };
+                return Err(bad(format!("yoco block {i} holds {kind}, the layout needs {want}")));
+            }
+        };
+        let attention = match variant {
+            Some(v) => Value::Map(vec![(Value::from(v), module)]),
+            None => module,
+        };
+        let field = |block: &mut Vec<(Value, Value)>, key: &str| (Value::from(key), take(block, key));
+        converted.push(Value::Map(vec![field(&mut block, "attn_norm"), (Value::from("attention"), attention), field(&mut block, "ffn_norm"), field(&mut block, "ffn")]));
+    }
+    let stack = if yoco {
+        let cross = converted.split_off(half);
+        let body = vec![(Value::from("self_decoder"), Value::Array(converted)), (Value::from("cross_decoder"), Value::Array(cross)), (Value::from("global_kv"), global_kv)];
+        Value::Map(vec![(Value::from("Yoco"), Value::Map(body))])
+    } else {
+        Value::Map(vec![(Value::from("Llama"), Value::Map(vec![(Value::from("blocks"), Value::Array(converted))]))])
+    };
+    fields.push((Value::from("stack"), stack));
+    let mut out = Vec::with_capacity(bytes.len() + 256);
+    rmpv::encode::write_value(&mut out, &root).map_err(|e| bad(e.to_string()))?;
+    Ok(out)
+}
+
 /// Runs `f`, turning a panic into its message: burn's record decoding asserts on malformed
 /// input (a bad parameter id, data that does not fill its shape) instead of returning an error,
 /// and a checkpoint is input from outside. The panic hook is silenced meanwhile, so the caller
@@ -202,7 +299,7 @@ pub(crate) fn model_from_record<B: Backend>(config: &DecoderConfig, bytes: Vec<u
     lazy.visit(&mut want);
     let record = record_from::<B, _>(bytes, device, what)?;
     let model = without_panics(|| lazy.load_record(record)).map_err(|e| KvError::io(what, format!("record does not fit this model: {e}")))?;
-    // A missing attention module is named by the block check; shapes are compared after it.
+    // YOCO's layout first (it names the block), then every shape.
     model.check_blocks()?;
     let mut got = Shapes(vec![], 0);
     model.visit(&mut got);

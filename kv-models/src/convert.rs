@@ -2,7 +2,7 @@
 //! (GQA/MQA, by mean-pooling) or a latent cache (MLA, by truncated SVD), as a starting point for
 //! uptraining instead of training from scratch. The reasoning is in docs/conversion.md.
 
-use crate::{DecoderConfig, DecoderLm, MlaSettings};
+use crate::{DecoderConfig, DecoderLm, MlaSettings, SelfAttention};
 use burn::module::Param;
 use burn::prelude::*;
 use kv_attention::GroupedAttention;
@@ -35,8 +35,8 @@ pub fn to_grouped<B: Backend>(model: &DecoderLm<B>, config: &DecoderConfig, kv_h
     new_config.validate()?;
     let device = model.embed.weight.device();
     let mut out = model.clone();
-    for (i, block) in out.blocks.iter_mut().enumerate() {
-        let src = grouped_block(block.attn.as_ref(), i, config)?;
+    for (i, block) in out.blocks_mut()?.iter_mut().enumerate() {
+        let src = grouped_block(block.attention.grouped(), i, config)?;
         let d = src.head_dim();
         let pool = |w: Tensor<B, 2>| {
             let d_model = w.dims()[0];
@@ -53,7 +53,7 @@ pub fn to_grouped<B: Backend>(model: &DecoderLm<B>, config: &DecoderConfig, kv_h
         attn.wv.weight = Param::from_tensor(pool(src.wv.weight.val()));
         attn.wk.bias = src.wk.bias.as_ref().map(pool_bias);
         attn.wv.bias = src.wv.bias.as_ref().map(pool_bias);
-        block.attn = Some(attn);
+        block.attention = SelfAttention::Grouped(attn);
     }
     Ok((out, new_config))
 }
@@ -117,8 +117,8 @@ pub fn to_latent<B: Backend>(model: &DecoderLm<B>, config: &DecoderConfig, kv_la
     let device = model.embed.weight.device();
     let mut report = LatentConversion { latent_error: vec![], rope_error: vec![], singular_values: vec![] };
     let mut out = model.clone();
-    for (i, block) in out.blocks.iter_mut().enumerate() {
-        let src = grouped_block(block.attn.as_ref(), i, config)?;
+    for (i, block) in out.blocks_mut()?.iter_mut().enumerate() {
+        let src = grouped_block(block.attention.grouped(), i, config)?;
         let d = src.wq.weight.dims()[0];
         let kv = src.n_kv_heads();
         // Every query head's own K/V columns (a GQA group's heads read the same ones).
@@ -143,8 +143,7 @@ pub fn to_latent<B: Backend>(model: &DecoderLm<B>, config: &DecoderConfig, kv_la
         mla.wk_up.weight = Param::from_tensor(up.clone().narrow(1, 0, h * nope));
         mla.wv_up.weight = Param::from_tensor(up.narrow(1, h * nope, h * d_h));
         mla.wo = src.wo.clone();
-        block.attn = None;
-        block.mla = Some(mla);
+        block.attention = SelfAttention::Latent(mla);
     }
     Ok((out, new_config, report))
 }
@@ -178,8 +177,8 @@ pub fn to_partial_rope<B: Backend>(model: &DecoderLm<B>, config: &DecoderConfig,
     new_config.validate()?;
     let device = model.embed.weight.device();
     let mut out = model.clone();
-    for (i, block) in out.blocks.iter_mut().enumerate() {
-        let src = grouped_block(block.attn.as_ref(), i, config)?;
+    for (i, block) in out.blocks_mut()?.iter_mut().enumerate() {
+        let src = grouped_block(block.attention.grouped(), i, config)?;
         let permute = |w: Tensor<B, 2>, heads: usize| {
             let rows = w.dims()[0];
             let index: Vec<i32> = (0..heads).flat_map(|h| order.iter().map(move |&o| (h * d + o) as i32)).collect();
@@ -194,7 +193,7 @@ pub fn to_partial_rope<B: Backend>(model: &DecoderLm<B>, config: &DecoderConfig,
         attn.wv = src.wv.clone();
         attn.wo = src.wo.clone();
         attn.key_mix = src.key_mix.clone();
-        block.attn = Some(attn);
+        block.attention = SelfAttention::Grouped(attn);
     }
     Ok((out, new_config))
 }

@@ -1,50 +1,36 @@
-//! The Llama-style decoder-only language model over grouped (MHA/GQA/MQA) or latent (MLA)
-//! attention, or YOCO's decoder-decoder (its paths are in `yoco.rs`).
+//! The language model around any decoder stack: token embedding (with an optional token shift),
+//! the stack (Llama-style in `llama.rs`, YOCO in `yoco.rs`), final norm and output head.
 
-use crate::{BlockAttention, BlockKind, DecoderConfig, FeedForward};
+use crate::{Block, DecoderBlock, DecoderConfig, FeedForward, Llama, ModelState, SelfAttention, SelfDecoderAttention, Yoco};
 use burn::nn::{Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::prelude::*;
-use kv_attention::{CrossAttention, GatedRetention, GlobalKv, GroupedAttention, MlaAttention, MlaPath, SlidingWindowAttention};
-use kv_core::{CacheShape, KvError, LayerCache, ModelCache, Result};
-use kv_policies::{CachePolicy, FullCache, LayerContext, Phase, drive_layer};
+use kv_attention::{MlaPath, Rotary};
+use kv_core::{KvError, Result};
+use kv_policies::{CachePolicy, FullCache, Phase};
 
-/// One pre-norm decoder block: `x + attn(norm(x))`, then `x + ffn(norm(x))`.
+/// The decoder stack of a [`DecoderLm`], recorded under its architecture's name.
 #[derive(Module, Debug)]
-pub struct DecoderBlock<B: Backend> {
-    /// Norm before attention.
-    pub attn_norm: RmsNorm<B>,
-    /// Grouped self-attention (MHA, GQA or MQA); `None` in an MLA block.
-    pub attn: Option<GroupedAttention<B>>,
-    /// Multi-head latent attention; `None` in a grouped block. Exactly one of the attention
-    /// fields is set (see [`BlockAttention`] for why they are separate fields).
-    pub mla: Option<MlaAttention<B>>,
-    /// YOCO self-decoder sliding-window attention; `None` elsewhere.
-    pub swa: Option<SlidingWindowAttention<B>>,
-    /// YOCO self-decoder gated retention; `None` elsewhere.
-    pub retention: Option<GatedRetention<B>>,
-    /// YOCO cross-decoder attention over the global K/V; `None` elsewhere.
-    pub cross: Option<CrossAttention<B>>,
-    /// Norm before the feed-forward.
-    pub ffn_norm: RmsNorm<B>,
-    /// SwiGLU feed-forward.
-    pub ffn: FeedForward<B>,
+pub enum Stack<B: Backend> {
+    /// Llama-style blocks, each with its own cache (MHA, GQA, MQA or MLA).
+    Llama(Llama<B>),
+    /// YOCO's self-decoder, one global K/V and cross-decoder.
+    Yoco(Yoco<B>),
 }
 
-/// A decoder-only LM: embedding, blocks, final norm, output head (tied to the embedding or not).
+/// A decoder-only LM: embedding, a decoder stack, final norm, output head (tied to the embedding
+/// or not).
 #[derive(Module, Debug)]
 pub struct DecoderLm<B: Backend> {
     /// Token embedding `[vocab, d_model]`.
     pub embed: Embedding<B>,
     /// The decoder blocks.
-    pub blocks: Vec<DecoderBlock<B>>,
+    pub stack: Stack<B>,
     /// Final norm.
     pub norm: RmsNorm<B>,
     /// Output head when embeddings are not tied.
     pub lm_head: Option<Linear<B>>,
     /// Projection of the previous tokens' embeddings (`[w * d, d]`) added to each input (`token_shift`).
     pub token_shift: Option<Linear<B>>,
-    /// YOCO's global K/V projection between the self- and the cross-decoder; `None` elsewhere.
-    pub global_kv: Option<GlobalKv<B>>,
 }
 
 impl DecoderConfig {
@@ -58,86 +44,47 @@ impl DecoderConfig {
     pub(crate) fn init_lazy<B: Backend>(&self, device: &B::Device) -> Result<DecoderLm<B>> {
         self.validate()?;
         let norm = || RmsNormConfig::new(self.d_model).with_epsilon(self.norm_eps).init(device);
-        let blocks = (0..self.n_layers)
-            .map(|i| {
-                let mut block = DecoderBlock {
-                    attn_norm: norm(),
-                    attn: None,
-                    mla: None,
-                    swa: None,
-                    retention: None,
-                    cross: None,
-                    ffn_norm: norm(),
-                    ffn: FeedForward::new_lazy(self.d_model, self.ffn_hidden, device),
-                };
-                if let Some(cross) = self.yoco_cross() {
-                    // YOCO: the first half self-decoder, the second half cross-decoder.
-                    if i >= self.n_layers / 2 {
-                        block.cross = Some(cross.init_lazy(device)?);
-                    } else if let Some(window) = self.yoco_window() {
-                        block.swa = Some(window.init_lazy(device)?);
-                    } else if let Some(retention) = self.yoco_retention() {
-                        block.retention = Some(retention.init_lazy(device)?);
-                    }
-                } else if let Some(mla) = self.mla_attention() {
-                    block.mla = Some(mla.init_lazy(device)?);
-                } else {
-                    block.attn = Some(self.attention().init_lazy(device)?);
+        let stack = if let Some(cross) = self.yoco_cross() {
+            // YOCO: the first half self-decoder, the second half cross-decoder.
+            let half = self.n_layers / 2;
+            let self_attention = || -> Result<SelfDecoderAttention<B>> {
+                match (self.yoco_window(), self.yoco_retention()) {
+                    (Some(window), _) => Ok(SelfDecoderAttention::Window(window.init_lazy(device)?)),
+                    (None, Some(retention)) => Ok(SelfDecoderAttention::Retention(retention.init_lazy(device)?)),
+                    (None, None) => Err(KvError::config("yoco self_attention", "none", "window or retention")),
                 }
-                Ok(block)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let global_kv = self.yoco_cross().map(|c| c.init_global_lazy(device)).transpose()?;
+            };
+            let self_decoder = (0..half).map(|_| Ok(block_of(&norm, self_attention()?, self, device))).collect::<Result<Vec<_>>>()?;
+            let cross_decoder = (0..self.n_layers - half).map(|_| Ok(block_of(&norm, cross.init_lazy(device)?, self, device))).collect::<Result<Vec<_>>>()?;
+            Stack::Yoco(Yoco { self_decoder, cross_decoder, global_kv: cross.init_global_lazy(device)? })
+        } else {
+            let attention = || -> Result<SelfAttention<B>> {
+                Ok(match self.mla_attention() {
+                    Some(mla) => SelfAttention::Latent(mla.init_lazy(device)?),
+                    None => SelfAttention::Grouped(self.attention().init_lazy(device)?),
+                })
+            };
+            Stack::Llama(Llama { blocks: (0..self.n_layers).map(|_| Ok(block_of(&norm, attention()?, self, device))).collect::<Result<Vec<_>>>()? })
+        };
         Ok(DecoderLm {
             embed: EmbeddingConfig::new(self.vocab_size, self.d_model)
                 .with_initializer(Initializer::Normal { mean: 0.0, std: 0.02 })
                 .init(device),
-            blocks,
+            stack,
             norm: norm(),
             lm_head: (!self.tie_embeddings).then(|| LinearConfig::new(self.d_model, self.vocab_size).with_bias(false).init(device)),
             token_shift: self.token_shift.then(|| LinearConfig::new(self.shift_width() * self.d_model, self.d_model).with_bias(false).init(device)),
-            global_kv,
         })
     }
 }
 
-impl<B: Backend> DecoderBlock<B> {
-    /// What the block mixes tokens with; an error unless exactly one attention field is set.
-    pub fn kind(&self) -> Result<BlockKind<'_, B>> {
-        let mut set = Vec::with_capacity(1);
-        if let Some(a) = &self.attn {
-            set.push(("grouped", BlockKind::Attention(BlockAttention::Grouped(a))));
-        }
-        if let Some(a) = &self.mla {
-            set.push(("mla", BlockKind::Attention(BlockAttention::Latent(a))));
-        }
-        if let Some(a) = &self.swa {
-            set.push(("swa", BlockKind::Window(a)));
-        }
-        if let Some(a) = &self.retention {
-            set.push(("retention", BlockKind::Retention(a)));
-        }
-        if let Some(a) = &self.cross {
-            set.push(("cross", BlockKind::Cross(a)));
-        }
-        match set.len() {
-            1 => Ok(set.pop().unwrap().1),
-            _ => Err(KvError::config(
-                "decoder block attention",
-                if set.is_empty() { "none set".to_string() } else { set.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(" and ") },
-                "exactly one of grouped, mla, swa, retention, cross set",
-            )),
-        }
-    }
+fn not_llama() -> KvError {
+    KvError::config("model stack", "yoco", "a Llama-style stack (grouped or latent attention blocks)")
+}
 
-    /// The block's cached self-attention (grouped or MLA); an error for YOCO blocks or unless
-    /// exactly one attention field is set.
-    pub fn attention(&self) -> Result<BlockAttention<'_, B>> {
-        match self.kind()? {
-            BlockKind::Attention(a) => Ok(a),
-            other => Err(KvError::config("decoder block attention", other.name(), "grouped or latent attention (a YOCO block has no per-layer cache)")),
-        }
-    }
+/// A block of any kind with this config's norms and feed-forward, parameters lazy.
+fn block_of<B: Backend, A: Module<B>>(norm: &impl Fn() -> RmsNorm<B>, attention: A, config: &DecoderConfig, device: &B::Device) -> Block<B, A> {
+    Block { attn_norm: norm(), attention, ffn_norm: norm(), ffn: FeedForward::new_lazy(config.d_model, config.ffn_hidden, device) }
 }
 
 impl<B: Backend> DecoderLm<B> {
@@ -146,45 +93,81 @@ impl<B: Backend> DecoderLm<B> {
         self.embed.weight.dims()[0]
     }
 
-    /// Number of decoder blocks.
+    /// Number of decoder blocks (YOCO: both halves).
     pub fn num_layers(&self) -> usize {
-        self.blocks.len()
-    }
-
-    /// An empty cache with one layer cache per block, for a batch of `batch`; for YOCO, the one
-    /// global cache plus one window cache per sliding-window block.
-    pub fn new_cache(&self, batch: usize) -> ModelCache<B> {
-        if let Some(global) = &self.global_kv {
-            return self.yoco_cache(global, batch);
+        match &self.stack {
+            Stack::Llama(s) => s.blocks.len(),
+            Stack::Yoco(s) => s.num_blocks(),
         }
-        let device = self.embed.weight.device();
-        // A malformed block (no attention) gets an empty shape; forward_with_policy reports it.
-        let empty = CacheShape { batch, kv_heads: 0, key_dim: 0, value_dim: 0 };
-        let layers = self.blocks.iter().map(|b| LayerCache::new(b.attention().map_or(empty, |a| a.cache_shape(batch)), &device)).collect();
-        ModelCache::from_layers(layers)
     }
 
-    /// Checks that every block holds exactly one attention module (a load_record whose record
-    /// lacks a block's attention would silently drop it), and YOCO's layout when it has one.
+    /// The Llama-style stack, if this model has one.
+    pub fn llama(&self) -> Option<&Llama<B>> {
+        match &self.stack {
+            Stack::Llama(s) => Some(s),
+            Stack::Yoco(_) => None,
+        }
+    }
+
+    /// The Llama-style stack, mutably, if this model has one.
+    pub fn llama_mut(&mut self) -> Option<&mut Llama<B>> {
+        match &mut self.stack {
+            Stack::Llama(s) => Some(s),
+            Stack::Yoco(_) => None,
+        }
+    }
+
+    /// The Llama-style blocks; an error for a YOCO model.
+    pub fn blocks(&self) -> Result<&[DecoderBlock<B>]> {
+        self.llama().map(|s| s.blocks.as_slice()).ok_or_else(not_llama)
+    }
+
+    /// The Llama-style blocks, mutably; an error for a YOCO model.
+    pub fn blocks_mut(&mut self) -> Result<&mut [DecoderBlock<B>]> {
+        self.llama_mut().map(|s| s.blocks.as_mut_slice()).ok_or_else(not_llama)
+    }
+
+    /// The YOCO stack, if this model has one.
+    pub fn yoco(&self) -> Option<&Yoco<B>> {
+        match &self.stack {
+            Stack::Yoco(s) => Some(s),
+            Stack::Llama(_) => None,
+        }
+    }
+
+    /// An empty inference state for a batch of `batch`: one KV state per block, or for YOCO the
+    /// one global cache plus one local state per self-decoder block.
+    pub fn new_state(&self, batch: usize) -> ModelState<B> {
+        let device = self.embed.weight.device();
+        ModelState::new(match &self.stack {
+            Stack::Llama(s) => s.new_cache(batch, &device),
+            Stack::Yoco(s) => s.new_cache(batch, &device),
+        })
+    }
+
+    /// Checks the stack's layout (YOCO: equal halves, one self-decoder kind); a Llama-style
+    /// stack is valid by construction.
     pub fn check_blocks(&self) -> Result<()> {
-        match &self.global_kv {
-            Some(_) => self.check_yoco_blocks(),
-            None => self.blocks.iter().try_for_each(|b| b.attention().map(|_| ())),
+        match &self.stack {
+            Stack::Llama(_) => Ok(()),
+            Stack::Yoco(s) => s.check(),
         }
     }
 
     /// Chooses how every MLA layer attends over its cache in the cached paths (absorbed by
-    /// default; naive is the reference); no effect on grouped layers or on `forward`.
+    /// default; naive is the reference); no effect on other layers or on `forward`.
     pub fn set_mla_path(&mut self, path: MlaPath) {
-        self.blocks.iter_mut().filter_map(|b| b.mla.as_mut()).for_each(|m| m.set_path(path));
+        if let Some(s) = self.llama_mut() {
+            s.set_mla_path(path);
+        }
     }
 
     /// The rotary embedding of the keys in policy-managed cache `layer` (a YOCO model has one,
-    /// its global cache), as the model hands it to policies in [`LayerContext`].
-    pub fn policy_rope(&self, layer: usize) -> Option<&kv_attention::Rotary<B>> {
-        match &self.global_kv {
-            Some(global) => Some(&global.rope),
-            None => self.blocks.get(layer).and_then(|b| b.attention().ok()).map(|a| a.rope()),
+    /// its global cache), as the model hands it to policies in `LayerContext`.
+    pub fn policy_rope(&self, layer: usize) -> Option<&Rotary<B>> {
+        match &self.stack {
+            Stack::Llama(s) => s.policy_rope(layer),
+            Stack::Yoco(s) => (layer == 0).then_some(&s.global_kv.rope),
         }
     }
 
@@ -240,26 +223,19 @@ impl<B: Backend> DecoderLm<B> {
 
     /// Training path: logits `[b, t, vocab]` for tokens `[b, t]` at positions `0..t`, no cache.
     pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        if let Some(global) = &self.global_kv {
-            return self.yoco_forward(global, tokens);
-        }
-        let mut h = self.embed_inputs(tokens, None);
-        for block in &self.blocks {
-            // init and load_model only make blocks with exactly one attention (check_blocks); a
-            // block assembled by hand without one adds no attention rather than panicking here.
-            if let Ok(attn) = block.attention() {
-                h = h.clone() + attn.forward(block.attn_norm.forward(h));
-            }
-            h = h.clone() + block.ffn.forward(block.ffn_norm.forward(h));
-        }
+        let h = self.embed_inputs(tokens, None);
+        let h = match &self.stack {
+            Stack::Llama(s) => s.forward(h),
+            Stack::Yoco(s) => s.forward(h),
+        };
         self.head(h)
     }
 
     /// Inference path with a full cache: logits `[b, t, vocab]` for the new `tokens` `[b, t]`,
-    /// which continue at position `cache.tokens_seen()`.
-    pub fn forward_cached(&self, tokens: Tensor<B, 2, Int>, cache: &mut ModelCache<B>) -> Result<Tensor<B, 3>> {
-        let phase = if cache.tokens_seen() == 0 { Phase::Prefill } else { Phase::Decode { step: cache.tokens_seen() } };
-        self.forward_with_policy(tokens, cache, &mut FullCache, phase)
+    /// which continue at position `state.tokens_seen()`.
+    pub fn forward_cached(&self, tokens: Tensor<B, 2, Int>, state: &mut ModelState<B>) -> Result<Tensor<B, 3>> {
+        let phase = if state.tokens_seen() == 0 { Phase::Prefill } else { Phase::Decode { step: state.tokens_seen() } };
+        self.forward_with_policy(tokens, state, &mut FullCache, phase)
     }
 
     /// Inference path under a cache policy: after each layer's attention the policy observes what
@@ -267,11 +243,11 @@ impl<B: Backend> DecoderLm<B> {
     pub fn forward_with_policy(
         &self,
         tokens: Tensor<B, 2, Int>,
-        cache: &mut ModelCache<B>,
+        state: &mut ModelState<B>,
         policy: &mut dyn CachePolicy<B>,
         phase: Phase,
     ) -> Result<Tensor<B, 3>> {
-        self.forward_policy_rows(tokens, cache, policy, phase, false)
+        self.forward_policy_rows(tokens, state, policy, phase, false)
     }
 
     /// [`forward_with_policy`](Self::forward_with_policy) returning only the last position's
@@ -280,49 +256,42 @@ impl<B: Backend> DecoderLm<B> {
     pub fn forward_last_with_policy(
         &self,
         tokens: Tensor<B, 2, Int>,
-        cache: &mut ModelCache<B>,
+        state: &mut ModelState<B>,
         policy: &mut dyn CachePolicy<B>,
         phase: Phase,
     ) -> Result<Tensor<B, 3>> {
-        self.forward_policy_rows(tokens, cache, policy, phase, true)
+        self.forward_policy_rows(tokens, state, policy, phase, true)
     }
 
     fn forward_policy_rows(
         &self,
         tokens: Tensor<B, 2, Int>,
-        cache: &mut ModelCache<B>,
+        state: &mut ModelState<B>,
         policy: &mut dyn CachePolicy<B>,
         phase: Phase,
         last_only: bool,
     ) -> Result<Tensor<B, 3>> {
-        if let Some(global) = &self.global_kv {
-            return self.yoco_forward_cached(global, tokens, cache, policy, phase, last_only);
-        }
-        if cache.num_layers() != self.blocks.len() {
-            return Err(KvError::config("cache layers", cache.num_layers(), format!("{} (one per block)", self.blocks.len())));
-        }
         let t = tokens.dims()[1];
-        let mut h = self.embed_continuing(tokens.clone(), cache);
-        let n_layers = self.blocks.len();
-        for (i, block) in self.blocks.iter().enumerate() {
-            let attn = block.attention()?;
-            let layer = cache.layer_mut(i);
-            let ctx = LayerContext { layer: i, n_layers, n_heads: attn.n_heads(), phase, rope: Some(attn.rope()), tokens: Some(&tokens) };
-            let x = block.attn_norm.forward(h.clone());
-            h = h + drive_layer(policy, &ctx, layer, |layer, request| attn.forward_cached(x, layer, request).map(|o| (o.output, o.observation)))?;
-            h = h.clone() + block.ffn.forward(block.ffn_norm.forward(h));
+        if t == 0 {
+            return Err(KvError::config("new tokens", 0, "at least 1"));
         }
-        if last_only && t > 1 {
-            h = h.narrow(1, t - 1, 1);
+        let h = self.embed_continuing(tokens.clone(), state);
+        let mut h = match &self.stack {
+            Stack::Llama(s) => s.forward_cached(h, &tokens, state.cache_mut(), policy, phase)?,
+            Stack::Yoco(s) => s.forward_cached(h, &tokens, state.cache_mut(), policy, phase, last_only)?,
+        };
+        let rows = h.dims()[1];
+        if last_only && rows > 1 {
+            h = h.narrow(1, rows - 1, 1);
         }
         Ok(self.head(h))
     }
 
     /// Input embeddings of new tokens that continue the cached ones: the token shift reads the
-    /// previous call's last tokens, and the cache keeps this call's for the next one.
-    pub(crate) fn embed_continuing(&self, tokens: Tensor<B, 2, Int>, cache: &mut ModelCache<B>) -> Tensor<B, 3> {
+    /// previous call's last tokens, and the state keeps this call's for the next one.
+    pub(crate) fn embed_continuing(&self, tokens: Tensor<B, 2, Int>, state: &mut ModelState<B>) -> Tensor<B, 3> {
         let [b, t] = tokens.dims();
-        let previous = if cache.tokens_seen() > 0 { cache.previous_tokens().cloned() } else { None };
+        let previous = if state.tokens_seen() > 0 { state.previous_tokens().cloned() } else { None };
         let w = self.shift_width();
         if w > 0 && t > 0 {
             // Keep the last w tokens seen, for the next call's shift.
@@ -331,7 +300,7 @@ impl<B: Backend> DecoderLm<B> {
                 None => tokens.clone(),
             };
             let n = all.dims()[1];
-            cache.set_previous_tokens(all.slice([0..b, n.saturating_sub(w)..n]));
+            state.set_previous_tokens(all.slice([0..b, n.saturating_sub(w)..n]));
         }
         self.embed_inputs(tokens, previous)
     }

@@ -97,7 +97,7 @@ pub fn policy_loss<B: Backend>(
     let (mut total, mut bytes) = (0.0, 0.0);
     for w in &all {
         let mut p = policy();
-        let mut cache = model.new_cache(1);
+        let mut cache = model.new_state(1);
         cache.reserve(len);
         let n = len - prompt + 1;
         let mut rows = Vec::with_capacity(n);

@@ -11,12 +11,13 @@
 use crate::DecoderLm;
 use burn::prelude::*;
 use kv_attention::{ObserveRequest, Observation};
-use kv_core::{LayerCache, ModelCache, Result};
+use crate::ModelState;
+use kv_core::{LayerCache, Result};
 use kv_policies::{CachePolicy, LayerContext, Phase};
 
 /// A prompt read with the full cache, with everything a set of policies observes at prefill.
 pub struct SharedPrefill<B: Backend> {
-    cache: ModelCache<B>,
+    cache: ModelState<B>,
     /// Per policy-managed layer: (layer, layers, query heads) and what its attention observed.
     layers: Vec<((usize, usize, usize), Option<Observation<B>>)>,
     /// Logits of the prompt's last position `[1, 1, vocab]`, the same under every policy.
@@ -52,7 +53,7 @@ impl<B: Backend> SharedPrefill<B> {
         let device = model.embed.weight.device();
         let ids: Vec<i32> = prompt.iter().map(|&t| t as i32).collect();
         let x = Tensor::<B, 1, Int>::from_ints(ids.as_slice(), &device).reshape([1, prompt.len()]);
-        let mut cache = model.new_cache(1);
+        let mut cache = model.new_state(1);
         cache.reserve(prompt.len() + reserve);
         let mut union = Union { policies, seen: vec![] };
         let last_logits = model.forward_last_with_policy(x.clone(), &mut cache, &mut union, Phase::Prefill)?;
@@ -60,7 +61,7 @@ impl<B: Backend> SharedPrefill<B> {
     }
 
     /// The full cache after the prompt, before any policy acted.
-    pub fn full_cache(&self) -> &ModelCache<B> {
+    pub fn full_cache(&self) -> &ModelState<B> {
         &self.cache
     }
 
@@ -79,7 +80,7 @@ impl<B: Backend> SharedPrefill<B> {
 
     /// `policy`'s cache after the prompt: the full cache compressed as `policy` would have at
     /// the end of this prefill (its per-slot state, such as H2O's scores, included).
-    pub fn cache_for(&self, model: &DecoderLm<B>, policy: &mut dyn CachePolicy<B>) -> Result<ModelCache<B>> {
+    pub fn cache_for(&self, model: &DecoderLm<B>, policy: &mut dyn CachePolicy<B>) -> Result<ModelState<B>> {
         let mut cache = self.cache.clone();
         for ((layer, n_layers, n_heads), observation) in &self.layers {
             let ctx = LayerContext { layer: *layer, n_layers: *n_layers, n_heads: *n_heads, phase: Phase::Prefill, rope: model.policy_rope(*layer).map(|r| r as &dyn kv_core::KeyRotation<B>), tokens: Some(&self.tokens) };

@@ -2,7 +2,8 @@
 
 use crate::{DecoderLm, Sampler, SamplerConfig};
 use burn::prelude::*;
-use kv_core::{CacheStats, KvError, ModelCache, Result};
+use crate::ModelState;
+use kv_core::{CacheStats, KvError, Result};
 use kv_policies::{CachePolicy, Phase};
 use std::time::{Duration, Instant};
 
@@ -55,7 +56,7 @@ pub fn generate<B: Backend>(
     }
     Sampler::new(config.sampler)?;
     let device = model.embed.weight.device();
-    let mut cache = model.new_cache(1);
+    let mut cache = model.new_state(1);
     cache.reserve(prompt.len() + config.max_new_tokens);
     let ids: Vec<i32> = prompt.iter().map(|&t| t as i32).collect();
     let start = Instant::now();
@@ -72,7 +73,7 @@ pub fn generate<B: Backend>(
 /// numbered from `first_step` (1 right after a prefill).
 pub fn continue_generation<B: Backend>(
     model: &DecoderLm<B>,
-    cache: &mut ModelCache<B>,
+    cache: &mut ModelState<B>,
     mut logits: Vec<f32>,
     config: &GenerateConfig,
     policy: &mut dyn CachePolicy<B>,

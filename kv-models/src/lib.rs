@@ -1,8 +1,10 @@
 //! Trainable transformers built from kv-attention, with cached generation and sampling.
 //!
-//! - [`DecoderConfig`] / [`DecoderLm`]: a Llama-style decoder (RMSNorm, RoPE, SwiGLU) whose
-//!   attention is MHA, GQA or MQA by `n_kv_heads`, or MLA (DeepSeek-V2) by `mla`, or YOCO's
-//!   decoder-decoder (a constant-state self-decoder, one global cache) by `yoco`;
+//! - [`DecoderConfig`] / [`DecoderLm`]: embedding, a decoder [`Stack`] and output head; the
+//!   stack is a [`Llama`] (RMSNorm, RoPE, SwiGLU blocks whose [`SelfAttention`] is MHA, GQA or
+//!   MQA by `n_kv_heads`, or MLA (DeepSeek-V2) by `mla`) or a [`Yoco`] decoder-decoder (a
+//!   constant-state self-decoder, one global cache) by `yoco`; [`ModelState`] is what a model
+//!   keeps between inference calls;
 //! - [`to_grouped`] / [`to_latent`]: MHA to GQA/MQA (mean-pooling) or MLA (truncated SVD);
 //! - [`generate`]: prefill + decode with any [`kv_policies::CachePolicy`];
 //! - [`Sampler`]: greedy, temperature, top-k, top-p, seeded;
@@ -32,6 +34,7 @@
 //! `examples/generate_with_policy.rs` loads a checkpoint and generates under any policy spec.
 
 mod attention;
+mod block;
 mod chat;
 mod checkpoint;
 mod config;
@@ -42,20 +45,23 @@ mod fanout;
 mod decoder;
 mod ffn;
 mod generate;
+mod llama;
 pub mod grid;
 pub mod load;
 mod ordinal;
 mod presets;
 mod sampling;
+mod state;
 mod tokenizer;
 pub mod train;
 mod yoco;
 
-pub use attention::{BlockAttention, BlockKind};
+pub use attention::SelfAttention;
+pub use block::Block;
 pub use checkpoint::{CHECKPOINT_FILE, CONFIG_FILE, load_model, load_model_expecting, save_model, write_atomic};
 pub use config::{DecoderConfig, MlaSettings, SelfAttentionKind, YocoSettings};
 pub use convert::{LatentConversion, to_grouped, to_latent, to_partial_rope};
-pub use decoder::{DecoderBlock, DecoderLm};
+pub use decoder::{DecoderLm, Stack};
 pub use eval::{PolicyLoss, TaskResult, answer, policy_loss, task_accuracy, task_accuracy_with, validation_loss, validation_loss_from};
 pub use fanout::SharedPrefill;
 pub use ffn::FeedForward;
@@ -66,7 +72,9 @@ pub use presets::{Preset, preset, preset_names};
 pub use sampling::{Sampler, SamplerConfig, argmax};
 pub use load::{Pretrained, PretrainedFormat, PretrainedModel, assets_dir, resolve_model};
 pub use tokenizer::{ByteTokenizer, ChatMessage, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, TextConfig, Tokenizer};
-pub use yoco::retention_state_name;
+pub use llama::{DecoderBlock, Llama};
+pub use state::ModelState;
+pub use yoco::{CrossDecoderBlock, SelfDecoderAttention, SelfDecoderBlock, Yoco};
 
 #[cfg(test)]
 mod tests;

@@ -5,7 +5,8 @@ use crate::*;
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use kv_attention::{GroupedAttention, GroupedAttentionConfig};
-use kv_core::LayerCache;
+use kv_attention::CachedAttention;
+use kv_core::{KvState, LayerCache};
 use std::sync::Arc;
 
 const S: u8 = 1;
@@ -143,7 +144,7 @@ fn token_classes_come_from_token_texts() {
 }
 
 /// Two grouped-attention layers driven with token ids, as the decoder drives them.
-fn run<B: Backend>(layers: &[GroupedAttention<B>], caches: &mut [LayerCache<B>], ids: &[i64], policy: &mut dyn CachePolicy<B>, phase: Phase, dev: &B::Device) {
+fn run<B: Backend>(layers: &[GroupedAttention<B>], caches: &mut [KvState<B>], ids: &[i64], policy: &mut dyn CachePolicy<B>, phase: Phase, dev: &B::Device) {
     let tokens = Tensor::<B, 1, Int>::from_ints(ids, dev).reshape([1, ids.len()]);
     for (i, (layer, cache)) in layers.iter().zip(caches.iter_mut()).enumerate() {
         let ctx = LayerContext { layer: i, n_layers: layers.len(), n_heads: layer.n_heads(), phase, rope: Some(&layer.rope), tokens: Some(&tokens) };
@@ -175,16 +176,16 @@ fn fastgen_heads_hold_their_own_slots_and_decode_by_their_policies<B: Backend>(d
     let flag = |p: usize| if classes.is_special(ids[p] as u32) { S } else if classes.is_punct(ids[p] as u32) { P } else { 0 };
     for recover in [0.3f32, 0.6, 0.9, 1.0] {
         let mut policy = FastGenPolicy::new(recover, 0.2, 0.2, classes.clone());
-        let mut caches: Vec<LayerCache<B>> = layers.iter().map(|l| LayerCache::new(l.cache_shape(1), dev)).collect();
+        let mut caches: Vec<KvState<B>> = layers.iter().map(|l| l.new_state(1, dev)).collect();
         run(&layers, &mut caches, &ids[..prompt], &mut policy, Phase::Prefill, dev);
         let profiles = policy.profiles();
         let (frequent, local) = ((0.2f32 * prompt as f32).round() as usize, (0.2f32 * prompt as f32).round() as usize);
         for step in 1..=steps {
             let seen = prompt + step;
             // What each head held before this token, to predict what it keeps after it.
-            let before: Vec<Vec<Vec<usize>>> = caches.iter().map(held_positions).collect();
+            let before: Vec<Vec<Vec<usize>>> = caches.iter().map(|s| held_positions(&s.cache)).collect();
             run(&layers, &mut caches, &ids[seen - 1..seen], &mut policy, Phase::Decode { step }, dev);
-            for (l, cache) in caches.iter().enumerate() {
+            for (l, cache) in caches.iter().map(|s| &s.cache).enumerate() {
                 let plan = profiles[l].as_ref().unwrap();
                 let held = held_positions(cache);
                 let bytes_per_slot = 2 * cache.shape().key_dim * 4;
@@ -208,10 +209,10 @@ fn fastgen_heads_hold_their_own_slots_and_decode_by_their_policies<B: Backend>(d
             }
         }
         if recover == 0.9 {
-            assert!(caches.iter().any(|c| c.is_ragged()), "heads kept unequal numbers of slots: {:?}", caches.iter().map(|c| c.slots_per_head()).collect::<Vec<_>>());
+            assert!(caches.iter().any(|c| c.cache.is_ragged()), "heads kept unequal numbers of slots: {:?}", caches.iter().map(|c| c.cache.slots_per_head()).collect::<Vec<_>>());
         }
         if recover == 1.0 {
-            for cache in &caches {
+            for cache in caches.iter().map(|s| &s.cache) {
                 assert!(!cache.is_ragged() && cache.slots() == prompt + steps, "T = 1: every head keeps everything");
             }
         }

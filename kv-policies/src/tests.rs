@@ -5,32 +5,39 @@ use burn::prelude::*;
 use burn::tensor::Distribution;
 use burn::tensor::activation::softmax;
 use kv_attention::{GroupedAttention, GroupedAttentionConfig, ObserveRequest, Observation, position_range};
-use kv_core::{Budget, LayerCache};
+use kv_attention::CachedAttention;
+use kv_core::{Budget, KvState, LayerCache};
 
 const D_MODEL: usize = 32;
 
 /// Attention layers with their caches, driven the way the decoder drives them.
 struct Stack<B: Backend> {
     layers: Vec<GroupedAttention<B>>,
-    caches: Vec<LayerCache<B>>,
+    states: Vec<KvState<B>>,
 }
 
 impl<B: Backend> Stack<B> {
     fn new(n_layers: usize, heads: usize, kv: usize, dev: &B::Device) -> Self {
         let layers: Vec<_> = (0..n_layers).map(|_| GroupedAttentionConfig::new(D_MODEL, heads, kv).init::<B>(dev).unwrap()).collect();
-        let caches = layers.iter().map(|l| LayerCache::new(l.cache_shape(1), dev)).collect();
-        Self { layers, caches }
+        let states = layers.iter().map(|l| l.new_state(1, dev)).collect();
+        Self { layers, states }
+    }
+
+    /// Every layer's cache.
+    fn caches(&self) -> Vec<&LayerCache<B>> {
+        self.states.iter().map(|s| &s.cache).collect()
     }
 
     /// Runs `t` random tokens through every layer under `policy`; before the policy acts, a "tag"
     /// side channel is set to each slot's position, so alignment can be checked afterwards.
     fn run(&mut self, t: usize, policy: &mut dyn CachePolicy<B>, phase: Phase, dev: &B::Device) {
         let n_layers = self.layers.len();
-        for (i, (layer, cache)) in self.layers.iter().zip(self.caches.iter_mut()).enumerate() {
+        for (i, (layer, cache)) in self.layers.iter().zip(self.states.iter_mut()).enumerate() {
             let ctx = LayerContext { layer: i, n_layers, n_heads: layer.n_heads(), phase, rope: Some(&layer.rope), tokens: None };
             let x = Tensor::<B, 3>::random([1, t, D_MODEL], Distribution::Normal(0.0, 1.0), dev);
-            drive_layer(policy, &ctx, cache, |cache, request| {
-                let out = layer.forward_cached(x, cache, request)?;
+            drive_layer(policy, &ctx, cache, |state, request| {
+                let out = layer.forward_cached(x, state, request)?;
+                let cache = &mut state.cache;
                 if !cache.is_ragged() {
                     cache.add_side("tag");
                     cache.set_side("tag", cache.positions().float())?;
@@ -115,7 +122,7 @@ fn invariant_matrix<B: Backend>(dev: &B::Device) {
                             expected = if every == 1 { budget.slots_for(prompt + step) } else { expected + 1 };
                         }
                         let seen = prompt + step;
-                        for c in &stack.caches {
+                        for c in stack.caches() {
                             let ctx = format!("{spec} heads {heads}/{kv} step {step}");
                             assert_eq!(c.slots(), expected, "{ctx}: slots");
                             assert_eq!(c.tokens_seen(), seen, "{ctx}");
@@ -146,13 +153,13 @@ fn invariant_matrix<B: Backend>(dev: &B::Device) {
 /// layer, its cache after the policy acted, and the inputs.
 fn one_prefill<B: Backend>(heads: usize, kv: usize, t: usize, spec: &str, dev: &B::Device) -> (GroupedAttention<B>, LayerCache<B>, Tensor<B, 3>) {
     let layer = GroupedAttentionConfig::new(D_MODEL, heads, kv).init::<B>(dev).unwrap();
-    let mut cache = LayerCache::new(layer.cache_shape(1), dev);
+    let mut state = layer.new_state(1, dev);
     let mut policy = build_policy::<B>(spec).unwrap();
     let x = Tensor::<B, 3>::random([1, t, D_MODEL], Distribution::Normal(0.0, 1.0), dev);
     let ctx = LayerContext { layer: 0, n_layers: 1, n_heads: heads, phase: Phase::Prefill, rope: Some(&layer.rope), tokens: None };
-    let out = layer.forward_cached(x.clone(), &mut cache, policy.observe_request(&ctx)).unwrap();
-    policy.after_attention(&ctx, &mut cache, out.observation.as_ref()).unwrap();
-    (layer, cache, x)
+    let out = layer.forward_cached(x.clone(), &mut state, policy.observe_request(&ctx)).unwrap();
+    policy.after_attention(&ctx, &mut state.cache, out.observation.as_ref()).unwrap();
+    (layer, state.cache, x)
 }
 
 /// Queries and keys (each KV head repeated over its group) of `layer` for `x` `[1, t, d_model]`
@@ -235,7 +242,7 @@ fn h2o_with_no_heavy_hitters_is_a_sliding_window<B: Backend>(dev: &B::Device) {
         stack.run(1, policy.as_mut(), Phase::Decode { step }, dev);
     }
     let want: Vec<i64> = (18..24).collect();
-    assert!(head_positions(&stack.caches[0]).iter().all(|h| *h == want));
+    assert!(head_positions(stack.caches()[0]).iter().all(|h| *h == want));
 }
 
 fn knorm_keeps_exactly_the_smallest_norms<B: Backend>(dev: &B::Device) {
@@ -293,27 +300,27 @@ fn pooling_matches_hand_computed_values<B: Backend>(dev: &B::Device) {
 fn streaming_keeps_sinks_and_recent_and_rerotation_matches_recomputed_rope<B: Backend>(dev: &B::Device) {
     let layer = GroupedAttentionConfig::new(D_MODEL, 4, 2).init::<B>(dev).unwrap();
     for rerotate in [false, true] {
-        let mut cache = LayerCache::new(layer.cache_shape(1), dev);
+        let mut state = layer.new_state(1, dev);
         let mut policy = build_policy::<B>(&format!("streaming:budget=8,sinks=2,rerotate={rerotate}")).unwrap();
         let t = 20;
         let xs = Tensor::<B, 3>::random([1, t, D_MODEL], Distribution::Normal(0.0, 1.0), dev);
         for i in 0..t {
             let phase = if i == 0 { Phase::Prefill } else { Phase::Decode { step: i } };
             let ctx = LayerContext { layer: 0, n_layers: 1, n_heads: 4, phase, rope: Some(&layer.rope), tokens: None };
-            layer.forward_cached(xs.clone().narrow(1, i, 1), &mut cache, ObserveRequest::default()).unwrap();
-            policy.after_attention(&ctx, &mut cache, None).unwrap();
+            layer.forward_cached(xs.clone().narrow(1, i, 1), &mut state, ObserveRequest::default()).unwrap();
+            policy.after_attention(&ctx, &mut state.cache, None).unwrap();
         }
         let want: Vec<i64> = [0, 1].into_iter().chain(14..20).collect();
-        assert!(head_positions(&cache).iter().all(|h| *h == want), "{:?}", head_positions(&cache));
+        assert!(head_positions(&state.cache).iter().all(|h| *h == want), "{:?}", head_positions(&state.cache));
         // The held keys equal raw keys rotated at their in-cache (rerotate) or original positions.
         let raw = layer.wk.forward(xs).reshape([1, t, 2, D_MODEL / 4]).swap_dims(1, 2);
         let idx = Tensor::<B, 1, Int>::from_ints(want.iter().map(|&p| p as i32).collect::<Vec<_>>().as_slice(), dev);
         let kept = raw.select(2, idx.clone());
         let rope_pos = if rerotate { position_range::<B>(0, 8, dev) } else { idx.reshape([1, 1, 8]) };
         let expected = layer.rope.apply(kept, rope_pos);
-        let diff = (cache.keys() - expected).abs().max().into_scalar().elem::<f32>();
+        let diff = (state.cache.keys() - expected).abs().max().into_scalar().elem::<f32>();
         assert!(diff <= 1e-4, "rerotate={rerotate}: {diff}");
-        assert_eq!(cache.rope_position(), if rerotate { 8 } else { 20 });
+        assert_eq!(state.cache.rope_position(), if rerotate { 8 } else { 20 });
     }
 }
 
@@ -345,9 +352,9 @@ fn pyramid_budgets_shrink_with_depth_around_the_flat_mean<B: Backend>(dev: &B::D
     let spec = policy_spec("pyramidkv:budget=0.5,window=4,kernel=3,beta=2");
     let want: Vec<usize> = (0..3).map(|l| spec.layer_budget(60, 30, l, 3)).collect();
     assert_eq!(want, vec![45, 30, 15]);
-    let got: Vec<usize> = stack.caches.iter().map(|c| c.slots()).collect();
+    let got: Vec<usize> = stack.caches().into_iter().map(|c| c.slots()).collect();
     assert_eq!(got, want);
-    let bytes: usize = stack.caches.iter().map(|c| c.stats().kv_bytes).sum();
+    let bytes: usize = stack.caches().into_iter().map(|c| c.stats().kv_bytes).sum();
     assert_eq!(bytes, want.iter().sum::<usize>() * 2 * 2 * (D_MODEL / 4) * 4);
 }
 
@@ -403,7 +410,7 @@ fn adakv_invariants<B: Backend>(dev: &B::Device) {
                         stack.run(1, policy.as_mut(), Phase::Decode { step }, dev);
                     }
                     let seen = prompt + step;
-                    for c in &stack.caches {
+                    for c in stack.caches() {
                         let ctx = format!("{spec} heads {heads}/{kv} step {step}");
                         let slots = c.slots_per_head();
                         // The layer keeps kv_heads x k prompt slots, every head at least its share.
@@ -497,19 +504,19 @@ fn h2o_evicts_the_hand_computed_slots_of_a_toy_sequence<B: Backend>(dev: &B::Dev
 fn streaming_rerotation_at_or_below_the_sinks_keeps_the_rope_position_at_the_slot_count<B: Backend>(dev: &B::Device) {
     let layer = GroupedAttentionConfig::new(D_MODEL, 4, 2).init::<B>(dev).unwrap();
     for (budget, sinks) in [(2, 4), (4, 4), (3, 3)] {
-        let mut cache = LayerCache::new(layer.cache_shape(1), dev);
+        let mut state = layer.new_state(1, dev);
         let mut policy = build_policy::<B>(&format!("streaming:budget={budget},sinks={sinks},rerotate=true")).unwrap();
         for i in 0..12 {
             let phase = if i == 0 { Phase::Prefill } else { Phase::Decode { step: i } };
             let ctx = LayerContext { layer: 0, n_layers: 1, n_heads: 4, phase, rope: Some(&layer.rope), tokens: None };
             let x = Tensor::<B, 3>::random([1, if i == 0 { 6 } else { 1 }, D_MODEL], Distribution::Normal(0.0, 1.0), dev);
-            layer.forward_cached(x, &mut cache, ObserveRequest::default()).unwrap();
-            policy.after_attention(&ctx, &mut cache, None).unwrap();
-            assert_eq!((cache.slots(), cache.rope_position()), (budget, budget), "budget {budget}, sinks {sinks}, step {i}");
+            layer.forward_cached(x, &mut state, ObserveRequest::default()).unwrap();
+            policy.after_attention(&ctx, &mut state.cache, None).unwrap();
+            assert_eq!((state.cache.slots(), state.cache.rope_position()), (budget, budget), "budget {budget}, sinks {sinks}, step {i}");
         }
         // Only sinks are left: the first `budget` positions of the stream.
         let want: Vec<i64> = (0..budget as i64).collect();
-        assert!(head_positions(&cache).iter().all(|h| *h == want), "{:?}", head_positions(&cache));
+        assert!(head_positions(&state.cache).iter().all(|h| *h == want), "{:?}", head_positions(&state.cache));
     }
 }
 
@@ -547,10 +554,10 @@ fn knorm_selection_is_unchanged_by_rope<B: Backend>(dev: &B::Device) {
     let (heads, kv, t) = (4, 2, 20);
     let layer = GroupedAttentionConfig::new(D_MODEL, heads, kv).init::<B>(dev).unwrap();
     let x = Tensor::<B, 3>::random([1, t, D_MODEL], Distribution::Normal(0.0, 1.0), dev);
-    let mut cache = LayerCache::new(layer.cache_shape(1), dev);
+    let mut state = layer.new_state(1, dev);
     let mut policy = build_policy::<B>("knorm:budget=7,skip=0").unwrap();
     let ctx = LayerContext { layer: 0, n_layers: 1, n_heads: heads, phase: Phase::Prefill, rope: Some(&layer.rope), tokens: None };
-    let out = layer.forward_cached(x.clone(), &mut cache, policy.observe_request(&ctx)).unwrap();
+    let out = layer.forward_cached(x.clone(), &mut state, policy.observe_request(&ctx)).unwrap();
     // The attention reports the norms of the rotated keys it holds: equal to the raw keys' norms.
     let d = D_MODEL / heads;
     let raw = layer.wk.forward(x).reshape([1, t, kv, d]).swap_dims(1, 2);
@@ -558,13 +565,13 @@ fn knorm_selection_is_unchanged_by_rope<B: Backend>(dev: &B::Device) {
     let reported = floats(out.observation.as_ref().unwrap().key_norms.clone().unwrap().reshape([kv, t]));
     let group = (heads / kv) as f32;
     assert!(raw_norms.iter().zip(&reported).all(|(r, o)| (group * r - o).abs() <= 1e-4 * o.abs().max(1.0)), "{raw_norms:?} vs {reported:?}");
-    policy.after_attention(&ctx, &mut cache, out.observation.as_ref()).unwrap();
+    policy.after_attention(&ctx, &mut state.cache, out.observation.as_ref()).unwrap();
     for g in 0..kv {
         let mut order: Vec<usize> = (0..t).collect();
         order.sort_by(|&a, &b| raw_norms[g * t + a].total_cmp(&raw_norms[g * t + b]));
         let mut want: Vec<i64> = order[..7].iter().map(|&j| j as i64).collect();
         want.sort();
-        assert_eq!(head_positions(&cache)[g], want, "KV head {g}: smallest raw (unrotated) norms");
+        assert_eq!(head_positions(&state.cache)[g], want, "KV head {g}: smallest raw (unrotated) norms");
     }
 }
 

@@ -62,7 +62,7 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
 
 /// The four sections of a checkpoint file (config, training state, model, optimiser).
 pub fn checkpoint_sections(bytes: &[u8]) -> Vec<Vec<u8>> {
-    assert_eq!(&bytes[..8], b"KVCKPT01");
+    assert_eq!(&bytes[..8], b"KVCKPT02");
     let mut at = 8;
     let mut out = vec![];
     for _ in 0..4 {
@@ -75,7 +75,7 @@ pub fn checkpoint_sections(bytes: &[u8]) -> Vec<Vec<u8>> {
 
 /// A checkpoint file from its sections, with a valid checksum.
 pub fn encode_checkpoint(sections: &[Vec<u8>]) -> Vec<u8> {
-    let mut out = b"KVCKPT01".to_vec();
+    let mut out = b"KVCKPT02".to_vec();
     for s in sections {
         out.extend_from_slice(&(s.len() as u64).to_le_bytes());
         out.extend_from_slice(s);

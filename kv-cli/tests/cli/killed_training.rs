@@ -26,7 +26,7 @@ fn losses(dir: &Path) -> Vec<String> {
 /// Panics unless `dir` holds either no checkpoint or a complete, self-consistent one.
 fn assert_no_torn_checkpoint(dir: &Path, when: &str) {
     let Ok(bytes) = std::fs::read(dir.join("checkpoint.kvc")) else { return };
-    assert!(bytes.len() > 16 && &bytes[..8] == b"KVCKPT01", "{when}: checkpoint.kvc has no header ({} bytes)", bytes.len());
+    assert!(bytes.len() > 16 && &bytes[..8] == b"KVCKPT02", "{when}: checkpoint.kvc has no header ({} bytes)", bytes.len());
     let body = &bytes[..bytes.len() - 8];
     let sum = u64::from_le_bytes(bytes[bytes.len() - 8..].try_into().unwrap());
     assert_eq!(sum, fnv1a(body), "{when}: a torn checkpoint.kvc is visible ({} bytes)", bytes.len());

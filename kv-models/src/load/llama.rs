@@ -97,11 +97,11 @@ pub(crate) fn build_llama<B: Backend>(config: &DecoderConfig, src: &mut dyn Weig
     let mut b = Builder::<B> { src, device };
     let embed = b.read("model.embed_tokens.weight", &[v, d])?;
     model.embed.weight = Param::from_tensor(Tensor::from_data(TensorData::new(embed, [v, d]), device));
-    for (i, block) in model.blocks.iter_mut().enumerate() {
+    for (i, block) in model.blocks_mut()?.iter_mut().enumerate() {
         let p = format!("model.layers.{i}");
         block.attn_norm.gamma = b.vector(&format!("{p}.input_layernorm.weight"), d)?;
         block.ffn_norm.gamma = b.vector(&format!("{p}.post_attention_layernorm.weight"), d)?;
-        let attn = block.attn.as_mut().expect("a grouped config builds grouped blocks");
+        let attn = block.attention.grouped_mut().ok_or_else(|| KvError::config(format!("block {i} attention"), "latent", "grouped (a Llama checkpoint)"))?;
         b.linear(&mut attn.wq, &format!("{p}.self_attn.q_proj"), q_out, d)?;
         b.linear(&mut attn.wk, &format!("{p}.self_attn.k_proj"), kv_out, d)?;
         b.linear(&mut attn.wv, &format!("{p}.self_attn.v_proj"), kv_out, d)?;

@@ -93,7 +93,7 @@ fn tiny_llama_from_its_hugging_face_folder_reproduces_transformers_logits<B: Bac
     eprintln!("tiny-llama (safetensors): max abs logit diff vs transformers {diff:.2e}");
     assert!(diff <= 1e-4, "max abs diff {diff}");
     // The cached path (prefill 40, then one token at a time) reads the same model.
-    let mut cache = model.new_cache(1);
+    let mut cache = model.new_state(1);
     let as_t = |s: &[i64]| Tensor::<B, 1, Int>::from_ints(s.iter().map(|&i| i as i32).collect::<Vec<_>>().as_slice(), dev).reshape([1, s.len()]);
     let mut rows = vec![model.forward_cached(as_t(&ids[..40]), &mut cache).unwrap()];
     for i in 40..ids.len() {

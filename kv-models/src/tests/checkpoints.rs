@@ -72,19 +72,57 @@ fn mla_checkpoints_round_trip_and_grouped_records_keep_their_layout<B: Backend>(
     let cfg = tiny(4, 2).with_token_shift(true);
     let model = cfg.init::<B>(dev).unwrap();
     let m = model.clone();
+    let llama = m.llama().unwrap().clone();
     let legacy = LegacyLm {
         embed: m.embed,
-        blocks: m.blocks.into_iter().map(|b| LegacyBlock { attn_norm: b.attn_norm, attn: b.attn.unwrap(), ffn_norm: b.ffn_norm, ffn: b.ffn }).collect(),
+        blocks: llama.blocks.into_iter().map(|b| LegacyBlock { attn_norm: b.attn_norm, attn: b.attention.grouped().unwrap().clone(), ffn_norm: b.ffn_norm, ffn: b.ffn }).collect(),
         norm: m.norm,
         lm_head: m.lm_head,
         token_shift: m.token_shift,
     };
-    let what = std::path::Path::new("legacy");
-    let bytes = crate::checkpoint::record_bytes::<B, _>(legacy.into_record(), what).unwrap();
-    let record = crate::checkpoint::record_from::<B, _>(bytes, dev, what).unwrap();
-    let reloaded = cfg.init::<B>(dev).unwrap().load_record(record);
-    reloaded.check_blocks().unwrap();
+    // Written as a version-1 checkpoint, it loads through the one converter.
+    let dir = temp_dir("legacy-ckpt");
+    let what = dir.join(crate::CHECKPOINT_FILE);
+    let sections = crate::checkpoint::Sections {
+        config: serde_json::to_vec(&cfg).unwrap(),
+        model: crate::checkpoint::record_bytes::<B, _>(legacy.into_record(), &what).unwrap(),
+        ..Default::default()
+    };
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(&what, sections.encode_version(1)).unwrap();
+    let (reloaded, _) = load_model::<B>(&dir, dev).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
     assert_eq!(max_abs_diff(model.forward(x.clone()), reloaded.forward(x)), 0.0);
+}
+
+/// The golden checkpoints are format 1 (the layout with five optional attention fields per
+/// block): each loads through the converter, and its format-2 re-save loads to the same model.
+#[test]
+fn version_1_checkpoints_of_every_architecture_load_and_resave_as_version_2() {
+    let dev = Default::default();
+    let golden = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/golden");
+    let mut archs: Vec<_> = std::fs::read_dir(&golden).unwrap().map(|e| e.unwrap().path()).filter(|p| p.join(CHECKPOINT_FILE).is_file()).collect();
+    archs.sort();
+    assert_eq!(archs.len(), 6, "{archs:?}");
+    for dir in archs {
+        let bytes = std::fs::read(dir.join(CHECKPOINT_FILE)).unwrap();
+        assert_eq!(&bytes[..8], b"KVCKPT01", "{}", dir.display());
+        let (model, config) = load_model::<burn::backend::Flex>(&dir, &dev).unwrap();
+        let out = temp_dir(&format!("v2-{}", dir.file_name().unwrap().to_string_lossy()));
+        save_model(&model, &config, &out).unwrap();
+        assert_eq!(&std::fs::read(out.join(CHECKPOINT_FILE)).unwrap()[..8], b"KVCKPT02");
+        let (again, _) = load_model::<burn::backend::Flex>(&out, &dev).unwrap();
+        let x = tokens(&sequence(12), &dev);
+        assert_eq!(max_abs_diff(model.forward(x.clone()), again.forward(x)), 0.0, "{}", dir.display());
+        assert_eq!(model.yoco().is_some(), config.yoco.is_some());
+        // A version this build does not know is refused, naming the ones it reads.
+        let mut future = bytes.clone();
+        future[6..8].copy_from_slice(b"09");
+        std::fs::write(out.join(CHECKPOINT_FILE), &future).unwrap();
+        let err = load_model::<burn::backend::Flex>(&out, &dev).unwrap_err().to_string();
+        assert!(err.contains("format version \"09\"") && err.contains("01 to 02"), "{err}");
+        std::fs::remove_dir_all(&out).unwrap();
+    }
 }
 
 kv_core::backend_tests!(

@@ -16,14 +16,14 @@ fn mean_pooled_grouping_of_identical_heads_keeps_the_logits<B: Backend>(dev: &B:
     for (heads, kv, target) in [(8, 8, 2), (8, 8, 1), (8, 2, 1), (8, 4, 4)] {
         let config = tiny(heads, kv);
         let mut model = config.init::<B>(dev).unwrap();
-        for block in model.blocks.iter_mut() {
-            let attn = block.attn.as_mut().unwrap();
+        for block in model.blocks_mut().unwrap().iter_mut() {
+            let attn = block.attention.grouped_mut().unwrap();
             attn.wk.weight = Param::from_tensor(same_within_groups(attn.wk.weight.val(), target, kv / target, 4));
             attn.wv.weight = Param::from_tensor(same_within_groups(attn.wv.weight.val(), target, kv / target, 4));
         }
         let (grouped, grouped_config) = to_grouped(&model, &config, target).unwrap();
         assert_eq!(grouped_config.n_kv_heads, target);
-        assert_eq!(grouped.blocks[0].attn.as_ref().unwrap().n_kv_heads(), target);
+        assert_eq!(grouped.blocks().unwrap()[0].attention.grouped().unwrap().n_kv_heads(), target);
         let diff = max_abs_diff(model.forward(x.clone()), grouped.forward(x.clone()));
         assert!(diff <= 1e-5, "{heads}/{kv} -> {target}: {diff}");
         assert_eq!(grouped_config.kv_bytes_per_token() * kv, config.kv_bytes_per_token() * target);
@@ -32,9 +32,9 @@ fn mean_pooled_grouping_of_identical_heads_keeps_the_logits<B: Backend>(dev: &B:
     let config = tiny(8, 8);
     let model = config.init::<B>(dev).unwrap();
     let (grouped, _) = to_grouped(&model, &config, 2).unwrap();
-    let old = model.blocks[1].attn.as_ref().unwrap().wv.weight.val();
+    let old = model.blocks().unwrap()[1].attention.grouped().unwrap().wv.weight.val();
     let want = (old.clone().narrow(1, 16, 4) + old.clone().narrow(1, 20, 4) + old.clone().narrow(1, 24, 4) + old.narrow(1, 28, 4)).div_scalar(4.0);
-    let got = grouped.blocks[1].attn.as_ref().unwrap().wv.weight.val().narrow(1, 4, 4);
+    let got = grouped.blocks().unwrap()[1].attention.grouped().unwrap().wv.weight.val().narrow(1, 4, 4);
     assert!((got - want).abs().max().into_scalar().elem::<f32>() <= 1e-6);
     for (kv, want) in [(3, "kv_heads = 3"), (0, "kv_heads = 0"), (16, "kv_heads = 16")] {
         let err = to_grouped(&model, &config, kv).unwrap_err().to_string();
@@ -49,8 +49,8 @@ fn mean_pooled_grouping_of_identical_heads_keeps_the_logits<B: Backend>(dev: &B:
 fn shared_rope_model<B: Backend>(kv: usize, dev: &B::Device) -> (DecoderLm<B>, DecoderConfig) {
     let config = tiny(4, kv).with_rope_dims(Some(4));
     let mut model = config.init::<B>(dev).unwrap();
-    for block in model.blocks.iter_mut() {
-        let attn = block.attn.as_mut().unwrap();
+    for block in model.blocks_mut().unwrap().iter_mut() {
+        let attn = block.attention.grouped_mut().unwrap();
         let w = attn.wk.weight.val().reshape([32, kv, 8]);
         let rot = w.clone().narrow(1, 0, 1).narrow(2, 0, 4).expand([32, kv, 4]);
         attn.wk.weight = Param::from_tensor(Tensor::cat(vec![rot, w.narrow(2, 4, 4)], 2).reshape([32, kv * 8]));
@@ -79,13 +79,13 @@ fn latent_conversion_is_exact_at_full_rank_and_reports_what_truncation_loses<B: 
     // Truncation: the reported error is the relative error of the factors actually stored, and it
     // shrinks as the latent widens.
     let (model, config) = shared_rope_model::<B>(4, dev);
-    let attn = model.blocks[0].attn.as_ref().unwrap();
+    let attn = model.blocks().unwrap()[0].attention.grouped().unwrap();
     let wk = attn.wk.weight.val().reshape([32, 4, 8]).narrow(2, 4, 4).reshape([32, 16]);
     let m = Tensor::cat(vec![wk, attn.wv.weight.val()], 1);
     let mut last = f64::INFINITY;
     for k in [4, 8, 16, 24] {
         let (mla, _, report) = to_latent(&model, &config, k).unwrap();
-        let layer = mla.blocks[0].mla.as_ref().unwrap();
+        let layer = mla.blocks().unwrap()[0].attention.latent().unwrap();
         let up = Tensor::cat(vec![layer.wk_up.weight.val(), layer.wv_up.weight.val()], 1);
         let rebuilt = layer.wkv_down.weight.val().matmul(up);
         let norm = |t: Tensor<B, 2>| t.powi_scalar(2).sum().into_scalar().elem::<f64>().sqrt();
@@ -117,8 +117,8 @@ fn partial_rope_conversion_keeps_the_fast_frequencies_exactly<B: Backend>(dev: &
     // dropped rotation irrelevant, so the converted model must reproduce the logits.
     let mask: Vec<f32> = (0..4).flat_map(|_| [1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0]).collect();
     let mask = Tensor::<B, 1>::from_floats(mask.as_slice(), dev).reshape([1, 32]);
-    for block in model.blocks.iter_mut() {
-        let attn = block.attn.as_mut().unwrap();
+    for block in model.blocks_mut().unwrap().iter_mut() {
+        let attn = block.attention.grouped_mut().unwrap();
         attn.wq.weight = Param::from_tensor(attn.wq.weight.val() * mask.clone());
     }
     let want = model.forward(tokens(&ids, dev));
@@ -146,8 +146,8 @@ fn grouped_conversion_pools_query_key_value_biases<B: Backend>(dev: &B::Device) 
     let x = tokens(&sequence(20), dev);
     let config = tiny(8, 8).with_qkv_bias(Some(true));
     let mut model = config.init::<B>(dev).unwrap();
-    for block in model.blocks.iter_mut() {
-        let attn = block.attn.as_mut().unwrap();
+    for block in model.blocks_mut().unwrap().iter_mut() {
+        let attn = block.attention.grouped_mut().unwrap();
         for lin in [&mut attn.wk, &mut attn.wv] {
             lin.weight = Param::from_tensor(same_within_groups(lin.weight.val(), 2, 4, 4));
             let b = lin.bias.as_ref().unwrap().val().reshape([1, 32]);
@@ -155,7 +155,7 @@ fn grouped_conversion_pools_query_key_value_biases<B: Backend>(dev: &B::Device) 
         }
     }
     let (grouped, grouped_config) = to_grouped(&model, &config, 2).unwrap();
-    assert_eq!(grouped.blocks[0].attn.as_ref().unwrap().wk.bias.as_ref().unwrap().dims(), [8]);
+    assert_eq!(grouped.blocks().unwrap()[0].attention.grouped().unwrap().wk.bias.as_ref().unwrap().dims(), [8]);
     let diff = max_abs_diff(model.forward(x.clone()), grouped.forward(x));
     assert!(diff <= 1e-5, "pooled biases changed the logits by {diff}");
     let err = to_latent(&grouped, &grouped_config.clone().with_rope_dims(Some(2)), 8).unwrap_err().to_string();

@@ -14,7 +14,7 @@ fn cached_decode_matches_full_forward<B: Backend>(dev: &B::Device) {
         let model = tiny(heads, kv).with_token_shift(shift).with_token_shift_width(width).with_key_shift(key_shift).init::<B>(dev).unwrap();
         let full = model.forward(tokens(&ids, dev));
         for split in [1, 5, 17, 70, 90] {
-            let mut cache = model.new_cache(1);
+            let mut cache = model.new_state(1);
             let mut parts = vec![model.forward_cached(tokens(&ids[..split], dev), &mut cache).unwrap()];
             for &id in &ids[split..] {
                 parts.push(model.forward_cached(tokens(&[id], dev), &mut cache).unwrap());
@@ -40,7 +40,7 @@ fn batched_forward_matches_each_row_decoded_alone<B: Backend>(dev: &B::Device) {
     let both: Vec<i32> = a.iter().chain(&b).copied().collect();
     let batch = model.forward(Tensor::<B, 1, Int>::from_ints(both.as_slice(), dev).reshape([2, 20]));
     for (row, ids) in [a, b].iter().enumerate() {
-        let mut cache = model.new_cache(1);
+        let mut cache = model.new_state(1);
         let parts: Vec<_> = ids.iter().map(|&id| model.forward_cached(tokens(&[id], dev), &mut cache).unwrap()).collect();
         let diff = max_abs_diff(Tensor::cat(parts, 1), batch.clone().narrow(0, row, 1));
         assert!(diff <= 1e-4, "row {row}: {diff}");
@@ -51,16 +51,16 @@ fn gqa_equals_mha_with_duplicated_kv_heads<B: Backend>(dev: &B::Device) {
     let (heads, kv) = (8, 2);
     let gqa = tiny(heads, kv).init::<B>(dev).unwrap();
     let mut mha = gqa.clone();
-    for block in mha.blocks.iter_mut() {
-        let src = block.attn.clone().unwrap();
+    for block in mha.blocks_mut().unwrap().iter_mut() {
+        let src = block.attention.grouped().unwrap().clone();
         let mut attn = GroupedAttentionConfig::new(32, heads, heads).init::<B>(dev).unwrap();
         attn.wq = src.wq;
         attn.wo = src.wo;
         attn.wk.weight = Param::from_tensor(repeat_heads(src.wk.weight.val(), kv, heads / kv, 4));
         attn.wv.weight = Param::from_tensor(repeat_heads(src.wv.weight.val(), kv, heads / kv, 4));
-        block.attn = Some(attn);
+        block.attention = crate::SelfAttention::Grouped(attn);
     }
-    assert_eq!(mha.blocks[0].attn.as_ref().unwrap().n_kv_heads(), heads);
+    assert_eq!(mha.blocks().unwrap()[0].attention.grouped().unwrap().n_kv_heads(), heads);
     let x = tokens(&sequence(20), dev);
     let diff = max_abs_diff(gqa.forward(x.clone()), mha.forward(x));
     assert!(diff <= 1e-5, "{diff}");

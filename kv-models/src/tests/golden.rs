@@ -1,8 +1,10 @@
 //! Regression golden: the slots every policy keeps and the logits it decodes with, on every
 //! architecture, recorded once and compared on every run, so a refactor of the policies or the
 //! models cannot change a decision or a number unnoticed. The models are checkpoints committed
-//! with the golden (`testdata/golden/<arch>/`), so the comparison also proves that checkpoints
-//! written before a change still load after it.
+//! with the golden (`testdata/golden/<arch>/`), written in checkpoint format 1 before the
+//! decoder took one type per architecture, so the comparison also proves that checkpoints
+//! written before a change still load after it. Recording keeps them: it writes a checkpoint
+//! only where none exists.
 //!
 //! Record again (only after a change that is meant to alter results) with
 //! `KV_RECORD_GOLDEN=1 cargo nextest run -p kv-models -E 'test(policy_golden)'`.
@@ -83,8 +85,8 @@ fn run(model: &DecoderLm<B>, spec: &str) -> Run {
     let mut policy = build_policy_in::<B>(spec, &env).unwrap();
     let ids = sequence();
     let tokens = |ids: &[i32]| Tensor::<B, 1, Int>::from_ints(ids, &dev).reshape([1, ids.len()]);
-    let mut cache = model.new_cache(1);
-    let kept_all = |cache: &kv_core::ModelCache<B>| (0..cache.num_layers()).map(|l| kept(cache.layer(l))).collect::<Vec<_>>();
+    let mut cache = model.new_state(1);
+    let kept_all = |cache: &crate::ModelState<B>| (0..cache.num_layers()).map(|l| kept(cache.layer(l))).collect::<Vec<_>>();
     let row = |l: Tensor<B, 3>| { let t = l.dims()[1]; l.narrow(1, t - 1, 1).into_data().iter::<f32>().collect::<Vec<f32>>() };
     let mut logits = vec![row(model.forward_with_policy(tokens(&ids[..PROMPT]), &mut cache, policy.as_mut(), kv_policies::Phase::Prefill).unwrap())];
     let kept_prefill = kept_all(&cache);
@@ -100,7 +102,7 @@ fn policy_golden_kept_sets_and_logits_are_unchanged() {
     let record = std::env::var_os("KV_RECORD_GOLDEN").is_some();
     for (arch, config) in architectures() {
         let dir = golden_dir().join(arch);
-        if record {
+        if record && !dir.join(CHECKPOINT_FILE).is_file() {
             <B as burn::tensor::backend::Backend>::seed(&dev, 17);
             let model = config.init::<B>(&dev).unwrap();
             save_model(&model, &config, &dir).unwrap();

@@ -94,7 +94,7 @@ fn mla_snapkv_and_h2o_keep_what_their_observations_select<B: Backend>(dev: &B::D
     let ids = sequence(30);
     // SnapKV at prefill: one latent "head", every query head's pooled votes summed.
     let mut policy = Recorder::<B>::new("snapkv:budget=10,window=4,kernel=3,pool=max");
-    let mut cache = model.new_cache(1);
+    let mut cache = model.new_state(1);
     model.forward_with_policy(tokens(&ids[..24], dev), &mut cache, &mut policy, Phase::Prefill).unwrap();
     for seen in &policy.log {
         let scores = snapkv_scores(seen, 1, 3);
@@ -103,7 +103,7 @@ fn mla_snapkv_and_h2o_keep_what_their_observations_select<B: Backend>(dev: &B::D
     // H2O through prefill and decode: a host replay of the accumulated column sums decides.
     let (budget, recent) = (9, 3);
     let mut policy = Recorder::<B>::new(&format!("h2o:budget={budget},recent={}", recent as f32 / budget as f32));
-    let mut cache = model.new_cache(1);
+    let mut cache = model.new_state(1);
     model.forward_with_policy(tokens(&ids[..16], dev), &mut cache, &mut policy, Phase::Prefill).unwrap();
     for (step, &id) in ids[16..].iter().enumerate() {
         model.forward_with_policy(tokens(&[id], dev), &mut cache, &mut policy, Phase::Decode { step: step + 1 }).unwrap();
@@ -135,7 +135,7 @@ fn yoco_global_cache_keeps_what_snapkv_selects_with_and_without_early_exit<B: Ba
     let mut runs = vec![];
     for early_exit in [false, true] {
         let mut policy = Recorder::<B>::new("snapkv:budget=10,window=4,kernel=3,pool=max");
-        let mut cache = model.new_cache(1);
+        let mut cache = model.new_state(1);
         let mut last = vec![];
         for (i, chunk) in std::iter::once(&ids[..22]).chain(ids[22..].chunks(1)).enumerate() {
             let phase = if i == 0 { Phase::Prefill } else { Phase::Decode { step: i } };
@@ -167,7 +167,7 @@ fn adakv_ragged_decode_keeps_the_layer_wide_selection_then_grows_every_head<B: B
     let ids = sequence(32);
     let (budget, min_share) = (8usize, 0.25f32);
     let mut policy = Recorder::<B>::new(&format!("adakv:budget={budget},min_share={min_share},window=4,kernel=3,pool=max"));
-    let mut cache = model.new_cache(1);
+    let mut cache = model.new_state(1);
     model.forward_with_policy(tokens(&ids[..28], dev), &mut cache, &mut policy, Phase::Prefill).unwrap();
     let mut want_per_layer = vec![];
     for seen in &policy.log {
@@ -202,7 +202,7 @@ fn rerotated_streaming_decodes_like_a_fresh_run_over_the_kept_tokens<B: Backend>
     let ids = sequence(26);
     let (budget, sinks) = (8, 2);
     let mut policy = build_policy::<B>(&format!("streaming:budget={budget},sinks={sinks},rerotate=true")).unwrap();
-    let mut cache = model.new_cache(1);
+    let mut cache = model.new_state(1);
     model.forward_with_policy(tokens(&ids[..12], dev), &mut cache, policy.as_mut(), Phase::Prefill).unwrap();
     for (step, &id) in ids[12..25].iter().enumerate() {
         model.forward_with_policy(tokens(&[id], dev), &mut cache, policy.as_mut(), Phase::Decode { step: step + 1 }).unwrap();
@@ -213,7 +213,7 @@ fn rerotated_streaming_decodes_like_a_fresh_run_over_the_kept_tokens<B: Backend>
     assert_eq!(cache.layer(0).rope_position(), budget);
     let next = model.forward_with_policy(tokens(&ids[25..], dev), &mut cache, policy.as_mut(), Phase::Decode { step: 14 }).unwrap();
     let fresh_ids: Vec<i32> = want.iter().map(|&p| ids[p as usize]).chain([ids[25]]).collect();
-    let mut fresh = model.new_cache(1);
+    let mut fresh = model.new_state(1);
     let fresh_logits = model.forward_cached(tokens(&fresh_ids, dev), &mut fresh).unwrap().narrow(1, budget, 1);
     let diff = (next - fresh_logits).abs().max().into_scalar().elem::<f32>();
     assert!(diff <= 1e-4, "re-rotated streaming differs from a fresh run over the kept tokens by {diff}");
@@ -251,7 +251,7 @@ fn one_shared_prefill_compresses_exactly_as_each_policy_would_alone<B: Backend>(
         for spec in specs {
             // Alone: the policy's own prefill, then decode.
             let mut alone = build_policy::<B>(spec).unwrap();
-            let mut cache = model.new_cache(1);
+            let mut cache = model.new_state(1);
             let x = tokens(&prompt.iter().map(|&t| t as i32).collect::<Vec<_>>(), dev);
             let mut logits_alone = vec![floats(model.forward_last_with_policy(x, &mut cache, alone.as_mut(), Phase::Prefill).unwrap())];
             // Shared: the one prefill, compressed for this policy, then the same decode.

@@ -65,7 +65,7 @@ fn mla_policies_with_a_budget_above_the_length_match_the_full_cache<B: Backend>(
     ];
     for spec in specs {
         let mut policy = kv_policies::build_policy::<B>(spec).unwrap();
-        let mut cache = model.new_cache(1);
+        let mut cache = model.new_state(1);
         let mut parts = vec![model.forward_with_policy(tokens(&ids[..20], dev), &mut cache, policy.as_mut(), kv_policies::Phase::Prefill).unwrap()];
         for (step, &id) in ids[20..].iter().enumerate() {
             let phase = kv_policies::Phase::Decode { step: step + 1 };
@@ -99,9 +99,9 @@ fn mla_policies_with_a_small_budget_keep_exactly_the_budget<B: Backend>(dev: &B:
     ];
     for (spec, after_prefill, at_end) in specs {
         let mut policy = kv_policies::build_policy::<B>(&spec).unwrap();
-        let mut cache = model.new_cache(1);
+        let mut cache = model.new_state(1);
         let mut parts = vec![model.forward_with_policy(tokens(&ids[..20], dev), &mut cache, policy.as_mut(), kv_policies::Phase::Prefill).unwrap()];
-        let slots = |c: &kv_core::ModelCache<B>| c.stats().layers.iter().map(|l| l.slots_per_head.clone()).collect::<Vec<_>>();
+        let slots = |c: &crate::ModelState<B>| c.stats().layers.iter().map(|l| l.slots_per_head.clone()).collect::<Vec<_>>();
         assert_eq!(slots(&cache), vec![vec![after_prefill]; 2], "{spec} after prefill");
         for (step, &id) in ids[20..].iter().enumerate() {
             let phase = kv_policies::Phase::Decode { step: step + 1 };

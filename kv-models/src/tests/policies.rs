@@ -7,11 +7,11 @@ use burn::prelude::*;
 fn every_policy_with_a_budget_above_the_length_matches_the_full_cache<B: Backend>(dev: &B::Device) {
     let model = tiny(8, 2).init::<B>(dev).unwrap();
     let ids = sequence(30);
-    let mut full_cache = model.new_cache(1);
+    let mut full_cache = model.new_state(1);
     let want = model.forward_cached(tokens(&ids, dev), &mut full_cache).unwrap();
     for spec in ["full", "streaming:budget=64", "streaming:budget=1.0,rerotate=true", "h2o:budget=1.0", "h2o:budget=64,normalize=true", "vatp:budget=1.0", "knorm:budget=1.0", "snapkv:budget=1.0,window=8", "tova:budget=1.0", "pyramidkv:budget=1.0,window=8", "adakv:budget=1.0,window=8", "adakv:budget=1.0,scorer=h2o"] {
         let mut policy = kv_policies::build_policy::<B>(spec).unwrap();
-        let mut cache = model.new_cache(1);
+        let mut cache = model.new_state(1);
         let mut parts = vec![model.forward_with_policy(tokens(&ids[..20], dev), &mut cache, policy.as_mut(), kv_policies::Phase::Prefill).unwrap()];
         for (step, &id) in ids[20..].iter().enumerate() {
             let phase = kv_policies::Phase::Decode { step: step + 1 };
@@ -69,7 +69,7 @@ fn endless_streaming_keeps_the_cache_constant<B: Backend>(dev: &B::Device) {
     }
     // Finite logits at the end of a long stream.
     let mut policy = kv_policies::build_policy::<B>("streaming:budget=24,rerotate=true").unwrap();
-    let mut cache = model.new_cache(1);
+    let mut cache = model.new_state(1);
     let ids = sequence(400).iter().map(|&t| t % 64).collect::<Vec<_>>();
     let mut last = None;
     for (i, &id) in ids.iter().enumerate() {
@@ -86,7 +86,7 @@ fn adakv_decodes_from_ragged_storage_and_holds_fewer_bytes<B: Backend>(dev: &B::
     let (head_dim, kv) = (32 / 8, 2);
     for spec in ["adakv:budget=8,window=4,min_share=0.25", "adakv:budget=8,min_share=0.25,scorer=h2o"] {
         let mut policy = kv_policies::build_policy::<B>(spec).unwrap();
-        let mut cache = model.new_cache(1);
+        let mut cache = model.new_state(1);
         let mut parts = vec![model.forward_with_policy(tokens(&ids[..20], dev), &mut cache, policy.as_mut(), kv_policies::Phase::Prefill).unwrap()];
         let prefill = cache.stats();
         for l in &prefill.layers {
@@ -114,7 +114,7 @@ fn fastgen_runs_on_gqa_and_mla_and_at_full_recovery_decodes_as_the_full_cache<B:
     let env = kv_policies::PolicyEnv::with_classes(kv_policies::TokenClasses::new(64, [7], [1, 2, 3, 4]));
     let run = |model: &DecoderLm<B>, spec: &str| {
         let mut policy = kv_policies::build_policy_in::<B>(spec, &env).unwrap();
-        let mut cache = model.new_cache(1);
+        let mut cache = model.new_state(1);
         let mut parts = vec![model.forward_with_policy(tokens(&ids[..24], dev), &mut cache, policy.as_mut(), kv_policies::Phase::Prefill).unwrap()];
         for (step, &id) in ids[24..].iter().enumerate() {
             parts.push(model.forward_with_policy(tokens(&[id], dev), &mut cache, policy.as_mut(), kv_policies::Phase::Decode { step: step + 1 }).unwrap());

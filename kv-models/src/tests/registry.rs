@@ -64,7 +64,7 @@ fn a_scorer_registered_outside_the_crate_runs_through_specs_adakv_and_the_grid<B
     // Per-head top-k, through a spec: head 0 keeps the evens, head 1 the odds (offset 1 swaps them).
     for (spec, want) in [("parity:budget=10", vec![evens.clone(), odds.clone()]), ("parity:budget=10,offset=1", vec![odds.clone(), evens.clone()])] {
         let mut policy = r.build(spec, &PolicyEnv::default()).unwrap();
-        let mut cache = model.new_cache(1);
+        let mut cache = model.new_state(1);
         model.forward_with_policy(prompt.clone(), &mut cache, policy.as_mut(), kv_policies::Phase::Prefill).unwrap();
         for l in 0..2 {
             assert_eq!(kept(cache.layer(l)), want, "{spec} layer {l}");
@@ -72,7 +72,7 @@ fn a_scorer_registered_outside_the_crate_runs_through_specs_adakv_and_the_grid<B
     }
     // AdaKV over it: the layer-wide top-k of 2 x 6 slots takes each head's 10 parity slots first.
     let mut policy = r.build("adakv:scorer=parity,budget=6,min_share=0.5", &PolicyEnv::default()).unwrap();
-    let mut cache = model.new_cache(1);
+    let mut cache = model.new_state(1);
     model.forward_with_policy(prompt, &mut cache, policy.as_mut(), kv_policies::Phase::Prefill).unwrap();
     let kept = kept(cache.layer(0));
     assert_eq!(kept.iter().map(Vec::len).sum::<usize>(), 12, "{kept:?}");

@@ -61,8 +61,8 @@ pub(crate) fn tiny_mla(heads: usize, query_latent: usize) -> DecoderConfig {
 }
 
 /// Logits of a prefill of `split` tokens, then one decode step per remaining token.
-pub(crate) fn decode_logits<B: Backend>(model: &DecoderLm<B>, ids: &[i32], split: usize, dev: &B::Device) -> (Tensor<B, 3>, kv_core::ModelCache<B>) {
-    let mut cache = model.new_cache(1);
+pub(crate) fn decode_logits<B: Backend>(model: &DecoderLm<B>, ids: &[i32], split: usize, dev: &B::Device) -> (Tensor<B, 3>, crate::ModelState<B>) {
+    let mut cache = model.new_state(1);
     let mut parts = vec![model.forward_cached(tokens(&ids[..split], dev), &mut cache).unwrap()];
     for &id in &ids[split..] {
         parts.push(model.forward_cached(tokens(&[id], dev), &mut cache).unwrap());

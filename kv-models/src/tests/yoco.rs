@@ -4,7 +4,7 @@
 use super::support::*;
 use crate::*;
 use burn::prelude::*;
-use kv_core::ModelCache;
+use crate::ModelState;
 use kv_policies::{FullCache, Phase};
 
 const WINDOW: usize = 6;
@@ -18,9 +18,9 @@ fn tiny_yoco(kind: SelfAttentionKind, n_layers: usize, kv: usize) -> DecoderConf
 const KINDS: [SelfAttentionKind; 2] = [SelfAttentionKind::Window, SelfAttentionKind::Retention];
 
 /// Logits of a prefill of `split` tokens, then one decode step per remaining token, under `spec`.
-fn decode_with<B: Backend>(model: &DecoderLm<B>, ids: &[i32], split: usize, spec: &str, dev: &B::Device) -> (Tensor<B, 3>, ModelCache<B>) {
+fn decode_with<B: Backend>(model: &DecoderLm<B>, ids: &[i32], split: usize, spec: &str, dev: &B::Device) -> (Tensor<B, 3>, ModelState<B>) {
     let mut policy = kv_policies::build_policy::<B>(spec).unwrap();
-    let mut cache = model.new_cache(1);
+    let mut cache = model.new_state(1);
     let mut parts = vec![model.forward_with_policy(tokens(&ids[..split], dev), &mut cache, policy.as_mut(), Phase::Prefill).unwrap()];
     for (step, &id) in ids[split..].iter().enumerate() {
         parts.push(model.forward_with_policy(tokens(&[id], dev), &mut cache, policy.as_mut(), Phase::Decode { step: step + 1 }).unwrap());
@@ -56,7 +56,7 @@ fn yoco_early_exit_prefill_gives_the_same_next_token_logits<B: Backend>(dev: &B:
         let (prompt, next) = (&ids[..20], ids[20]);
         // Both halves over every position.
         let full = model.forward(tokens(&ids, dev));
-        let mut cache = model.new_cache(1);
+        let mut cache = model.new_state(1);
         let first = model.forward_last_with_policy(tokens(prompt, dev), &mut cache, &mut FullCache, Phase::Prefill).unwrap();
         assert_eq!(first.dims(), [1, 1, 64]);
         let diff = max_abs_diff(first, full.clone().narrow(1, 19, 1));
@@ -116,12 +116,13 @@ fn yoco_cache_bytes_do_not_depend_on_cross_decoder_layers<B: Backend>(dev: &B::D
 fn yoco_window_caches_never_exceed_the_window_over_a_long_decode<B: Backend>(dev: &B::Device) {
     let model = tiny_yoco(SelfAttentionKind::Window, 4, 1).init::<B>(dev).unwrap();
     let ids = sequence(150);
-    let mut cache = model.new_cache(1);
+    let mut cache = model.new_state(1);
     model.forward_last_with_policy(tokens(&ids[..9], dev), &mut cache, &mut FullCache, Phase::Prefill).unwrap();
     for (step, &id) in ids[9..].iter().enumerate() {
         let logits = model.forward_last_with_policy(tokens(&[id], dev), &mut cache, &mut FullCache, Phase::Decode { step: step + 1 }).unwrap();
         for j in 0..cache.num_local() {
-            assert!(cache.local(j).slots() <= WINDOW, "step {step}, window cache {j}: {} slots", cache.local(j).slots());
+            let slots = cache.local(j).window().unwrap().slots();
+            assert!(slots <= WINDOW, "step {step}, window cache {j}: {slots} slots");
         }
         if step == ids.len() - 10 {
             let row: Vec<f32> = logits.into_data().iter::<f32>().collect();
@@ -184,8 +185,8 @@ fn yoco_policies_with_a_small_budget_keep_exactly_the_budget_in_the_global_cache
         for (spec, after_prefill, at_end) in specs {
             for early_exit in [false, true] {
                 let mut policy = kv_policies::build_policy::<B>(&spec).unwrap();
-                let mut cache = model.new_cache(1);
-                let forward = |cache: &mut ModelCache<B>, policy: &mut dyn kv_policies::CachePolicy<B>, ids: &[i32], phase| {
+                let mut cache = model.new_state(1);
+                let forward = |cache: &mut ModelState<B>, policy: &mut dyn kv_policies::CachePolicy<B>, ids: &[i32], phase| {
                     if early_exit {
                         model.forward_last_with_policy(tokens(ids, dev), cache, policy, phase).unwrap()
                     } else {
@@ -267,9 +268,9 @@ fn yoco_bad_configs_name_the_value<B: Backend>(dev: &B::Device) {
     // A YOCO model's cache is refused by a model of another layout, and vice versa, by name.
     let grouped = DecoderConfig::new(64, 32, 2, 4, 2, 48).init::<B>(dev).unwrap();
     let model = base().init::<B>(dev).unwrap();
-    let err = model.forward_cached(tokens(&[1, 2], dev), &mut grouped.new_cache(1)).unwrap_err().to_string();
+    let err = model.forward_cached(tokens(&[1, 2], dev), &mut grouped.new_state(1)).unwrap_err().to_string();
     assert!(err.contains("cache layout"), "{err}");
-    let err = grouped.forward_cached(tokens(&[1, 2], dev), &mut model.new_cache(1)).unwrap_err().to_string();
+    let err = grouped.forward_cached(tokens(&[1, 2], dev), &mut model.new_state(1)).unwrap_err().to_string();
     assert!(err.contains("cache layers = 1"), "{err}");
     // Conversions are for grouped models only.
     let err = to_grouped(&model, &base(), 1).unwrap_err().to_string();
@@ -290,12 +291,13 @@ fn yoco_checkpoints_round_trip<B: Backend>(dev: &B::Device) {
         let (a, _) = decode_with(&model, &sequence(12), 7, "full", dev);
         let (b, _) = decode_with(&loaded, &sequence(12), 7, "full", dev);
         assert_eq!(max_abs_diff(a, b), 0.0, "{kind:?}");
-        // A record that lost a cross-decoder layer's attention is refused, naming the block.
-        let mut broken = model.clone();
-        broken.blocks[3].cross = None;
-        save_model(&broken, &cfg, &dir).unwrap();
+        // A record that lost a cross-decoder layer's attention is refused, naming what is missing.
+        let path = dir.join(crate::CHECKPOINT_FILE);
+        let (_, mut sections) = crate::checkpoint::Sections::decode_raw(&std::fs::read(&path).unwrap(), &path).unwrap();
+        sections.model = without_attention(&sections.model, "cross_decoder", 1);
+        std::fs::write(&path, sections.encode()).unwrap();
         let err = load_model::<B>(&dir, dev).unwrap_err().to_string();
-        assert!(err.contains("decoder block attention") || err.contains("yoco block"), "{err}");
+        assert!(err.contains("does not fit") && err.contains("attention"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
     // Grouped checkpoints (no YOCO fields in their records) still load.
@@ -306,7 +308,7 @@ fn yoco_checkpoints_round_trip<B: Backend>(dev: &B::Device) {
     let (loaded, _) = load_model::<B>(&dir, dev).unwrap();
     let x = tokens(&sequence(9), dev);
     assert_eq!(max_abs_diff(model.forward(x.clone()), loaded.forward(x)), 0.0);
-    assert!(loaded.global_kv.is_none() && loaded.blocks.iter().all(|b| b.swa.is_none() && b.retention.is_none() && b.cross.is_none()));
+    assert!(loaded.yoco().is_none() && loaded.blocks().unwrap().iter().all(|b| b.attention.grouped().is_some()));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -370,4 +372,21 @@ fn tiny_yoco_presets_match_tiny_mha_in_size_with_one_layer_of_cache() {
         assert_eq!(p.model.kv_bytes_per_token() * 4, mha.model.kv_bytes_per_token(), "{name}");
     }
     assert_eq!(preset("tiny-yoco").unwrap().model.yoco.unwrap().window, 64);
+}
+
+/// A version-2 model record with the `attention` of block `block` of YOCO's `half` removed.
+fn without_attention(record: &[u8], half: &str, block: usize) -> Vec<u8> {
+    use rmpv::Value;
+    fn get<'a>(v: &'a mut Value, key: &str) -> &'a mut Value {
+        let Value::Map(m) = v else { panic!("{key}: not a map") };
+        &mut m.iter_mut().find(|(k, _)| k.as_str() == Some(key)).unwrap().1
+    }
+    let mut root = rmpv::decode::read_value(&mut &record[..]).unwrap();
+    let blocks = get(get(get(get(&mut root, "item"), "stack"), "Yoco"), half);
+    let Value::Array(blocks) = blocks else { panic!("{half}: not a list") };
+    let Value::Map(fields) = &mut blocks[block] else { panic!("block: not a map") };
+    fields.retain(|(k, _)| k.as_str() != Some("attention"));
+    let mut out = vec![];
+    rmpv::encode::write_value(&mut out, &root).unwrap();
+    out
 }
