@@ -25,12 +25,8 @@ impl<B: Backend> Llama<B> {
     }
 
     /// Training path over hidden states `h` `[b, t, d_model]` at positions `0..t`.
-    pub fn forward(&self, mut h: Tensor<B, 3>) -> Tensor<B, 3> {
-        for block in &self.blocks {
-            h = h.clone() + block.attention.forward(block.attn_norm.forward(h));
-            h = block.feed_forward(h);
-        }
-        h
+    pub fn forward(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.blocks.iter().fold(h, |h, block| block.forward_with(h, |a, x| a.forward(x)))
     }
 
     /// Inference path over the hidden states of new tokens: every block's attention runs under
@@ -48,11 +44,11 @@ impl<B: Backend> Llama<B> {
         }
         let n_layers = self.blocks.len();
         for (i, block) in self.blocks.iter().enumerate() {
-            let attn = &block.attention;
-            let ctx = LayerContext { layer: i, n_layers, n_heads: attn.n_heads(), phase, rope: Some(attn.rope()), tokens: Some(tokens) };
-            let x = block.attn_norm.forward(h.clone());
-            h = h + drive_layer(policy, &ctx, cache.layer_state_mut(i), |state, request| attn.forward_cached(x, state, request).map(|o| (o.output, o.observation)))?;
-            h = block.feed_forward(h);
+            let state = cache.layer_state_mut(i);
+            h = block.try_forward_with(h, |attn, x| {
+                let ctx = LayerContext { layer: i, n_layers, n_heads: attn.n_heads(), phase, rope: Some(attn.rope()), tokens: Some(tokens) };
+                drive_layer(&mut *policy, &ctx, state, |state, request| attn.forward_cached(x, state, request).map(|o| (o.output, o.observation)))
+            })?;
         }
         Ok(h)
     }

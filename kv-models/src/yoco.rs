@@ -115,17 +115,10 @@ impl<B: Backend> Yoco<B> {
 
     /// Training path: the self-decoder in its parallel form over hidden states `h`, the global
     /// K/V of every position, then the cross-decoder with causal attention over it.
-    pub fn forward(&self, mut h: Tensor<B, 3>) -> Tensor<B, 3> {
-        for block in &self.self_decoder {
-            h = h.clone() + block.attention.forward(block.attn_norm.forward(h));
-            h = block.feed_forward(h);
-        }
+    pub fn forward(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
+        let h = self.self_decoder.iter().fold(h, |h, block| block.forward_with(h, |a, x| a.forward(x)));
         let (keys, values) = self.global_kv.project(h.clone(), 0);
-        for block in &self.cross_decoder {
-            h = h.clone() + block.attention.forward(block.attn_norm.forward(h), keys.clone(), values.clone());
-            h = block.feed_forward(h);
-        }
-        h
+        self.cross_decoder.iter().fold(h, |h, block| block.forward_with(h, |a, x| a.forward(x, keys.clone(), values.clone())))
     }
 
     /// Inference path: the new tokens' hidden states `h` pass the self-decoder (updating its
@@ -156,9 +149,7 @@ impl<B: Backend> Yoco<B> {
         let t = h.dims()[1];
         let (globals, locals) = cache.parts_mut();
         for (block, state) in self.self_decoder.iter().zip(locals.iter_mut()) {
-            let x = block.attn_norm.forward(h.clone());
-            h = h + block.attention.forward_cached(x, state, ObserveRequest::default())?.output;
-            h = block.feed_forward(h);
+            h = block.try_forward_with(h, |a, x| a.forward_cached(x, state, ObserveRequest::default()).map(|o| o.output))?;
         }
         let global = &mut globals[0].cache;
         self.global_kv.append(h.clone(), global)?;
@@ -177,11 +168,13 @@ impl<B: Backend> Yoco<B> {
             let mut observation = None;
             for (j, block) in self.cross_decoder.iter().enumerate() {
                 let observe = if j == 0 { request } else { ObserveRequest::default() };
-                let out = block.attention.forward_cached(block.attn_norm.forward(h.clone()), global, observe)?;
-                if j == 0 {
-                    observation = out.observation;
-                }
-                h = block.feed_forward(h + out.output);
+                h = block.try_forward_with(h, |a, x| {
+                    let out = a.forward_cached(x, global, observe)?;
+                    if j == 0 {
+                        observation = out.observation;
+                    }
+                    Ok::<_, KvError>(out.output)
+                })?;
                 let m = h.dims()[1];
                 if last_only && m > 1 {
                     h = h.narrow(1, m - 1, 1);

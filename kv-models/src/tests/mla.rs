@@ -63,18 +63,7 @@ fn mla_policies_with_a_budget_above_the_length_match_the_full_cache<B: Backend>(
         "pyramidkv:budget=1.0,window=8",
         "adakv:budget=1.0,window=8",
     ];
-    for spec in specs {
-        let mut policy = kv_policies::build_policy::<B>(spec).unwrap();
-        let mut cache = model.new_state(1);
-        let mut parts = vec![model.forward_with_policy(tokens(&ids[..20], dev), &mut cache, policy.as_mut(), kv_policies::Phase::Prefill).unwrap()];
-        for (step, &id) in ids[20..].iter().enumerate() {
-            let phase = kv_policies::Phase::Decode { step: step + 1 };
-            parts.push(model.forward_with_policy(tokens(&[id], dev), &mut cache, policy.as_mut(), phase).unwrap());
-        }
-        let diff = max_abs_diff(Tensor::cat(parts, 1), want.clone());
-        assert!(diff <= 1e-5, "{spec}: {diff}");
-        assert_eq!(cache.stats().total_slots(), 2 * 30, "{spec}");
-    }
+    assert_specs_match_full_cache(&model, &ids, &specs, want, 2 * 30, dev);
 }
 
 fn mla_policies_with_a_small_budget_keep_exactly_the_budget<B: Backend>(dev: &B::Device) {

@@ -9,18 +9,8 @@ fn every_policy_with_a_budget_above_the_length_matches_the_full_cache<B: Backend
     let ids = sequence(30);
     let mut full_cache = model.new_state(1);
     let want = model.forward_cached(tokens(&ids, dev), &mut full_cache).unwrap();
-    for spec in ["full", "streaming:budget=64", "streaming:budget=1.0,rerotate=true", "h2o:budget=1.0", "h2o:budget=64,normalize=true", "vatp:budget=1.0", "knorm:budget=1.0", "snapkv:budget=1.0,window=8", "tova:budget=1.0", "pyramidkv:budget=1.0,window=8", "adakv:budget=1.0,window=8", "adakv:budget=1.0,scorer=h2o"] {
-        let mut policy = kv_policies::build_policy::<B>(spec).unwrap();
-        let mut cache = model.new_state(1);
-        let mut parts = vec![model.forward_with_policy(tokens(&ids[..20], dev), &mut cache, policy.as_mut(), kv_policies::Phase::Prefill).unwrap()];
-        for (step, &id) in ids[20..].iter().enumerate() {
-            let phase = kv_policies::Phase::Decode { step: step + 1 };
-            parts.push(model.forward_with_policy(tokens(&[id], dev), &mut cache, policy.as_mut(), phase).unwrap());
-        }
-        let diff = max_abs_diff(Tensor::cat(parts, 1), want.clone());
-        assert!(diff <= 1e-5, "{spec}: {diff}");
-        assert_eq!(cache.stats().total_slots(), 2 * 2 * 30, "{spec}");
-    }
+    let specs = ["full", "streaming:budget=64", "streaming:budget=1.0,rerotate=true", "h2o:budget=1.0", "h2o:budget=64,normalize=true", "vatp:budget=1.0", "knorm:budget=1.0", "snapkv:budget=1.0,window=8", "tova:budget=1.0", "pyramidkv:budget=1.0,window=8", "adakv:budget=1.0,window=8", "adakv:budget=1.0,scorer=h2o"];
+    assert_specs_match_full_cache(&model, &ids, &specs, want, 2 * 2 * 30, dev);
 }
 
 fn policy_perplexity_with_a_full_cache_matches_the_forward_pass<B: Backend>(dev: &B::Device) {

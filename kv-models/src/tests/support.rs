@@ -86,3 +86,31 @@ pub(crate) fn kept<B: Backend>(c: &LayerCache<B>) -> Vec<Vec<i64>> {
         None => one(c),
     }
 }
+
+/// Asserts each config's `init` succeeds where its expectation starts with `"fine"` and otherwise fails
+/// with an error that contains the expectation.
+pub(crate) fn assert_init_outcomes<B: Backend>(cases: &[(DecoderConfig, &str)], dev: &B::Device) {
+    for (cfg, want) in cases {
+        match cfg.init::<B>(dev) {
+            Ok(_) => assert!(want.starts_with("fine"), "{cfg:?} should fail with {want}"),
+            Err(e) => assert!(e.to_string().contains(want), "{e} should mention {want}"),
+        }
+    }
+}
+
+/// Decodes `ids` (a prompt of 20, then one token per step) under each policy spec and asserts
+/// the logits equal `want` (1e-5) and the caches hold `slots` slots in all.
+pub(crate) fn assert_specs_match_full_cache<B: Backend>(model: &DecoderLm<B>, ids: &[i32], specs: &[&str], want: Tensor<B, 3>, slots: usize, dev: &B::Device) {
+    for spec in specs {
+        let mut policy = kv_policies::build_policy::<B>(spec).unwrap();
+        let mut cache = model.new_state(1);
+        let mut parts = vec![model.forward_with_policy(tokens(&ids[..20], dev), &mut cache, policy.as_mut(), kv_policies::Phase::Prefill).unwrap()];
+        for (step, &id) in ids[20..].iter().enumerate() {
+            let phase = kv_policies::Phase::Decode { step: step + 1 };
+            parts.push(model.forward_with_policy(tokens(&[id], dev), &mut cache, policy.as_mut(), phase).unwrap());
+        }
+        let diff = max_abs_diff(Tensor::cat(parts, 1), want.clone());
+        assert!(diff <= 1e-5, "{spec}: {diff}");
+        assert_eq!(cache.stats().total_slots(), slots, "{spec}");
+    }
+}

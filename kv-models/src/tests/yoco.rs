@@ -244,12 +244,7 @@ fn yoco_bad_configs_name_the_value<B: Backend>(dev: &B::Device) {
         (base().with_mla(Some(MlaSettings::new(8, 12, 4))), "mla = set"),
         (DecoderConfig { n_layers: 2, ..tiny_yoco(SelfAttentionKind::Retention, 4, 1) }, "fine"),
     ];
-    for (cfg, want) in cases {
-        match cfg.init::<B>(dev) {
-            Ok(_) => assert!(want == "fine", "{cfg:?} should fail with {want}"),
-            Err(e) => assert!(e.to_string().contains(want), "{e} should mention {want}"),
-        }
-    }
+    assert_init_outcomes::<B>(&cases, dev);
     // JSON: the kind is named, unknown kinds and fields are refused, omitted settings take the
     // paper's defaults, and configs without `yoco` (every older one) still parse.
     let json = r#"{"vocab_size": 64, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_hidden": 48,
