@@ -5,6 +5,9 @@ use kv_attention::{AttentionOutput, CachedAttention, GroupedAttention, MlaAttent
 use kv_core::{CacheShape, KvState, Result};
 
 /// A Llama-style block's self-attention, recorded under its kind's name (`Grouped` or `Latent`).
+// One value per block (or per model): the size gap between variants costs nothing worth a Box,
+// which burn's Module derive does not support.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum SelfAttention<B: Backend> {
     /// Grouped-query attention (MHA, GQA or MQA).
