@@ -85,6 +85,21 @@ pub struct DecodeCell {
     pub kv_bytes: usize,
     /// Slots per KV head in layer 0 after the run.
     pub slots: usize,
+    /// Bytes a decode step must read at least: every weight once, plus the K/V (and recurrent
+    /// states) held after the run, measured from the tensors.
+    #[serde(default)]
+    pub bytes_read_per_token: usize,
+    /// Tokens/s of a decoder limited only by reading `bytes_read_per_token` at the measured
+    /// read bandwidth (the roofline for batch-1 decode, which is memory-bound).
+    #[serde(default)]
+    pub roofline_tokens_per_s: f64,
+}
+
+impl DecodeCell {
+    /// Measured decode speed as a share of the roofline figure.
+    pub fn roofline_share(&self) -> f64 {
+        if self.roofline_tokens_per_s > 0.0 { self.tokens_per_s / self.roofline_tokens_per_s } else { 0.0 }
+    }
 }
 
 /// Training throughput of one model.
@@ -105,6 +120,10 @@ pub struct TrainCell {
 /// The contents of `bench.json`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct BenchFile {
+    /// Read bandwidth measured on the device before the first cell ([`read_bandwidth`]), which
+    /// the roofline figures use.
+    #[serde(default)]
+    pub read_bytes_per_s: f64,
     /// Decode cells.
     pub decode: Vec<DecodeCell>,
     /// Training throughput cells.
@@ -148,6 +167,8 @@ pub struct DecodePlan {
     pub policies: Vec<String>,
     /// Real prefill for the full cache too.
     pub prefill: bool,
+    /// The device's measured read bandwidth (bytes/s, [`read_bandwidth`]), for the roofline.
+    pub read_bytes_per_s: f64,
 }
 
 fn one_token<B: Backend>(token: i32, device: &B::Device) -> Tensor<B, 2, Int> {
@@ -165,6 +186,40 @@ fn synthetic_fill<B: Backend>(cache: &mut ModelState<B>, context: usize, device:
         )?;
     }
     Ok(())
+}
+
+/// Bytes of every float parameter of a module, measured from the tensors.
+struct WeightBytes(usize);
+
+impl<B: Backend> burn::module::ModuleVisitor<B> for WeightBytes {
+    fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<B, D>>) {
+        let t = param.val();
+        self.0 += t.dims().iter().product::<usize>() * t.dtype().size();
+    }
+}
+
+/// Bytes of the model's weights, each of which a decode step reads once.
+pub fn weight_bytes<B: Backend>(model: &DecoderLm<B>) -> usize {
+    let mut bytes = WeightBytes(0);
+    model.visit(&mut bytes);
+    bytes.0
+}
+
+/// Read bandwidth of `device` (bytes per second): the best of five sums over a 256 MiB float
+/// tensor, each synced. A sum reads every byte and writes almost nothing, as a decode step
+/// reads weights and cache, and it allocates no output that would add page faults to the time.
+pub fn read_bandwidth<B: Backend>(device: &B::Device) -> f64 {
+    let n = 64 << 20;
+    let src = Tensor::<B, 1>::ones([n], device);
+    let bytes = (n * src.dtype().size()) as f64;
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        let _ = B::sync(device);
+        let start = Instant::now();
+        let _ = src.clone().sum().into_data();
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    bytes / best
 }
 
 /// Measures one decode cell of `model`.
@@ -226,6 +281,8 @@ pub fn decode_cell<B: Backend>(model: &DecoderLm<B>, label: &str, context: usize
     }
     let _ = B::sync(device);
     let append_us = start.elapsed().as_secs_f64() * 1e6 / appends as f64;
+    // Measured before the appends above, so the bytes are those the timed steps read.
+    let bytes_read_per_token = weight_bytes(model) + stats.kv_bytes;
     Ok(DecodeCell {
         device: backend.name().into(),
         model: label.into(),
@@ -241,6 +298,8 @@ pub fn decode_cell<B: Backend>(model: &DecoderLm<B>, label: &str, context: usize
         kv_bytes_per_token: stats.kv_bytes_per_token(),
         kv_bytes: stats.kv_bytes,
         slots,
+        bytes_read_per_token,
+        roofline_tokens_per_s: plan.read_bytes_per_s / bytes_read_per_token as f64,
     })
 }
 
@@ -301,7 +360,7 @@ impl BackendJob for BenchJob {
         } else {
             args.kv_heads.iter().map(|&kv| (format!("kv={kv}"), Some(kv))).collect()
         };
-        let plan = DecodePlan { contexts: args.contexts.clone(), steps: args.steps, policies, prefill: args.prefill };
+        let mut plan = DecodePlan { contexts: args.contexts.clone(), steps: args.steps, policies, prefill: args.prefill, read_bytes_per_s: 0.0 };
         let cells = variants.len() * plan.contexts.len() * plan.policies.len() + usize::from(args.train_steps > 0) * variants.len();
         let bar = ProgressBar::new(cells as u64).with_style(
             ProgressStyle::with_template("bench {msg:>36} [{bar:30}] {pos}/{len} {elapsed}").unwrap().progress_chars("=> "),
@@ -321,6 +380,11 @@ impl BackendJob for BenchJob {
                     (loaded.model, loaded.config)
                 }
             };
+            if out.read_bytes_per_s == 0.0 {
+                // Once, after every argument and the first model have been checked.
+                out.read_bytes_per_s = read_bandwidth::<B>(&device);
+                plan.read_bytes_per_s = out.read_bytes_per_s;
+            }
             for &context in &plan.contexts {
                 for policy in &plan.policies {
                     bar.set_message(format!("{label} {policy} ctx={context}"));
@@ -342,12 +406,14 @@ impl BackendJob for BenchJob {
 
 /// The Markdown tables of a benchmark.
 pub fn markdown(file: &BenchFile) -> String {
-    let mut s = String::from(
-        "| device | model | kv_heads | policy | context | prefill ms | prefill peak MiB | decode tokens/s | ms/step | policy ms/step | policy share | append µs/layer | KV bytes/token (measured) | slots/head |\n|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    let mut s = format!(
+        "Roofline: a batch-1 decode step reads every weight and the K/V it holds at least once, so at the measured read bandwidth ({:.1} GB/s) it can run at most `roofline` tokens/s.\n\n",
+        file.read_bytes_per_s / 1e9
     );
+    s += "| device | model | kv_heads | policy | context | prefill ms | prefill peak MiB | decode tokens/s | ms/step | policy ms/step | policy share | append µs/layer | KV bytes/token (measured) | slots/head | MiB read/token | roofline tokens/s | share of roofline |\n|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
     for c in &file.decode {
         s += &format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.2} | {:.3} | {:.0}% | {:.1} | {:.0} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.2} | {:.3} | {:.0}% | {:.1} | {:.0} | {} | {:.2} | {:.0} | {:.0}% |\n",
             c.device,
             c.model,
             c.kv_heads,
@@ -361,7 +427,10 @@ pub fn markdown(file: &BenchFile) -> String {
             100.0 * c.policy_ms_per_step / c.ms_per_step,
             c.append_us,
             c.kv_bytes_per_token,
-            c.slots
+            c.slots,
+            c.bytes_read_per_token as f64 / (1 << 20) as f64,
+            c.roofline_tokens_per_s,
+            100.0 * c.roofline_share()
         );
     }
     if !file.train.is_empty() {

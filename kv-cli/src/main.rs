@@ -133,13 +133,27 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench(args) => {
             let out = args.out.clone();
-            let file = run_on(device, bench::BenchJob { args, device })?;
+            // An output folder that cannot be made fails before any work; one made here is
+            // removed again if the run fails, so a failed command leaves nothing behind.
+            let made = make_out_dir(&out)?;
+            let file = run_on(device, bench::BenchJob { args, device }).inspect_err(|_| {
+                if let Some(top) = &made {
+                    let _ = std::fs::remove_dir_all(top);
+                }
+            })?;
             let written = bench::write_results(&out, &file)?;
             println!("{}", bench::markdown(&file));
             eprintln!("wrote {}", written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
             Ok(())
         }
     }
+}
+
+/// Creates `dir` (and any missing parents); returns the topmost folder it created, if any.
+fn make_out_dir(dir: &std::path::Path) -> Result<Option<std::path::PathBuf>> {
+    let top = dir.ancestors().take_while(|a| !a.as_os_str().is_empty() && !a.exists()).last().map(|a| a.to_path_buf());
+    std::fs::create_dir_all(dir).map_err(|e| kv_core::KvError::io(dir, e))?;
+    Ok(top)
 }
 
 /// Folds a message onto one line, so every failure reads as a single `error: ...` line.

@@ -93,6 +93,14 @@ fn a_tiny_tour_runs_end_to_end_and_reuses_its_models() {
     let h2o = report.eval.results.iter().find(|r| r.cell.policy == "h2o" && r.cell.probe == "ppl" && r.cell.model == full.cell.model).unwrap();
     let kept = h2o.kv_bytes / full.kv_bytes;
     assert!((0.45..=0.55).contains(&kept), "h2o at 50% kept {kept} of the full cache's bytes");
+    // Roofline: every decode step reads each f32 weight once plus the K/V held, measured.
+    assert!(report.bench.read_bytes_per_s > 0.0);
+    for c in &report.bench.decode {
+        let m = report.models.iter().find(|m| m.name == c.model).unwrap_or_else(|| panic!("no model {}", c.model));
+        assert_eq!(c.bytes_read_per_token, m.params * 4 + c.kv_bytes, "{} ctx {}", c.model, c.context);
+        assert!((c.roofline_tokens_per_s - report.bench.read_bytes_per_s / c.bytes_read_per_token as f64).abs() < 1e-6 * c.roofline_tokens_per_s);
+    }
+    assert!(std::fs::read_to_string(root.join("tour/bench.md")).unwrap().contains("share of roofline"));
     // A second tour reuses the trained models.
     let again = run_tour(&root, &["full"]).unwrap();
     assert!(again.models.iter().all(|m| !m.trained_now));

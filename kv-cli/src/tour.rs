@@ -3,7 +3,7 @@
 //! report folder (`report.md` with tables and charts, `report.json` with every number).
 
 use crate::backend::{BackendJob, DeviceKind};
-use crate::bench::{BenchFile, DecodePlan, decode_cell};
+use crate::bench::{BenchFile, DecodePlan, read_bandwidth, decode_cell};
 use crate::eval::{EvalModel, run_checkpoints, run_models};
 use crate::report::GridFile;
 use crate::train::train_with_progress;
@@ -383,7 +383,7 @@ impl BackendJob for TourJob {
             fastgen.push(fastgen_choices::<B>(label, &model, &tokenizer, &prompt)?);
         }
         time("evaluate the tiny models", &mut parts);
-        let mut bench = BenchFile::default();
+        let mut bench = BenchFile { read_bytes_per_s: read_bandwidth::<B>(&device), ..Default::default() };
         let budget = |c: f64| ((plan.policy_context as f64) * (1.0 - c)).round() as usize;
         let policies: Vec<String> = ["h2o", "snapkv", "streaming"].iter().map(|p| format!("{p}:budget={}", budget(0.875))).collect();
         let cells = dirs.len() * (plan.bench_contexts.len() + 1 + policies.len());
@@ -392,7 +392,7 @@ impl BackendJob for TourJob {
         );
         for (dir, label) in dirs.iter().zip(&labels) {
             let (model, _) = load_model::<B>(dir, &device)?;
-            let decode = DecodePlan { contexts: plan.bench_contexts.clone(), steps: plan.bench_steps, policies: vec![], prefill: false };
+            let decode = DecodePlan { contexts: plan.bench_contexts.clone(), steps: plan.bench_steps, policies: vec![], prefill: false, read_bytes_per_s: bench.read_bytes_per_s };
             for &context in &plan.bench_contexts {
                 bar.set_message(format!("{label} full ctx={context}"));
                 bench.decode.push(decode_cell(&model, label, context, "full", &decode, &device, self.device)?);
@@ -441,10 +441,10 @@ fn run_real<B: Backend>(plan: &RealPlan, steps: usize, device: &B::Device, backe
     let tokenizer = pretrained.tokenizer()?;
     let essay = kv_models::data::Haystack::essays()?.tokens(&tokenizer, plan.policy_context)?;
     fastgen.push(fastgen_choices::<B>(&label, &model, &tokenizer, &essay)?);
-    let mut bench = BenchFile::default();
+    let mut bench = BenchFile { read_bytes_per_s: read_bandwidth::<B>(device), ..Default::default() };
     let budget = |c: f64| ((plan.policy_context as f64) * (1.0 - c)).round() as usize;
     let policies: Vec<String> = ["h2o", "snapkv", "streaming"].iter().map(|p| format!("{p}:budget={}", budget(0.875))).collect();
-    let decode = DecodePlan { contexts: plan.bench_contexts.clone(), steps, policies: vec![], prefill: false };
+    let decode = DecodePlan { contexts: plan.bench_contexts.clone(), steps, policies: vec![], prefill: false, read_bytes_per_s: bench.read_bytes_per_s };
     let bar = ProgressBar::new((plan.bench_contexts.len() + 1 + policies.len()) as u64)
         .with_style(ProgressStyle::with_template("bench {msg:>36} [{bar:30}] {pos}/{len} {elapsed}").unwrap().progress_chars("=> "));
     for &context in &plan.bench_contexts {
