@@ -116,8 +116,14 @@ impl<B: Backend> CachePolicy<B> for TopKPolicy<B> {
         let scores = self.scorer.score(ctx, cache, obs, k)?;
         match self.selection {
             Selection::PerHead => {
-                // Slots are held in position order, so sorting the kept indices keeps it.
-                let idx = top_k_indices(scores, k.max(1)).sort(2);
+                let idx = if n == k + 1 && k > 0 {
+                    // One slot over budget (every decode step of a per-step policy): the top k
+                    // are all but the lowest score, found without a sort, and already in order.
+                    all_but(scores.argmin(2), n)
+                } else {
+                    // Slots are held in position order, so sorting the kept indices keeps it.
+                    top_k_indices(scores, k.max(1)).sort(2)
+                };
                 cache.retain(idx.clone())?;
                 if self.rerotate {
                     rerotate_kept(ctx, cache, idx, n, &self.label)?;
@@ -130,4 +136,29 @@ impl<B: Backend> CachePolicy<B> for TopKPolicy<B> {
             }
         }
     }
+}
+
+/// The slot indices `0..n` of every head except its `victim` (`[b, kv_heads, 1]`), in order:
+/// `[b, kv_heads, n - 1]`.
+fn all_but<B: Backend>(victim: Tensor<B, 3, Int>, n: usize) -> Tensor<B, 3, Int> {
+    let [b, h, _] = victim.dims();
+    let j = Tensor::<B, 1, Int>::arange(0..(n - 1) as i64, &victim.device()).reshape([1, 1, n - 1]).expand([b, h, n - 1]);
+    j.clone() + j.greater_equal(victim.expand([b, h, n - 1])).int()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Distribution;
+
+    fn one_over_budget_drops_exactly_what_the_sorted_top_k_drops<B: Backend>(dev: &B::Device) {
+        for n in [2, 3, 17, 300] {
+            let scores = Tensor::<B, 3>::random([2, 3, n], Distribution::Normal(0.0, 1.0), dev);
+            let sorted: Vec<i64> = top_k_indices(scores.clone(), n - 1).sort(2).into_data().iter::<i64>().collect();
+            let fast: Vec<i64> = all_but(scores.argmin(2), n).into_data().iter::<i64>().collect();
+            assert_eq!(fast, sorted, "n = {n}");
+        }
+    }
+
+    kv_core::backend_tests!(one_over_budget_drops_exactly_what_the_sorted_top_k_drops);
 }
