@@ -154,6 +154,9 @@ fn run<B: Backend>(layers: &[GroupedAttention<B>], caches: &mut [KvState<B>], id
 }
 
 fn fastgen_heads_hold_their_own_slots_and_decode_by_their_policies<B: Backend>(dev: &B::Device) {
+    // Seeded: with random weights a head's recovered mass can land within rounding of `recover`,
+    // where the choice of class flips from run to run.
+    B::seed(dev, 5);
     let (heads, kv, prompt, steps) = (4, 2, 30, 25);
     // KV head 0 sees zero keys (uniform attention: only the full cache recovers 90% of it); KV
     // head 1's group scores sharply (its queries scaled up), so a cheaper policy covers it.
