@@ -441,7 +441,7 @@ impl<B: Backend> LayerCache<B> {
             };
         }
         fn bytes<B: Backend, const D: usize, K: burn::tensor::BasicOps<B>>(t: &[Tensor<B, D, K>]) -> usize {
-            t.iter().map(|t| t.dims().iter().product::<usize>() * t.dtype().size()).sum()
+            t.iter().map(crate::stats::tensor_bytes).sum()
         }
         let kv_bytes = bytes(&self.keys.segments()) + bytes(&self.values.segments());
         let mut metadata_bytes = bytes(&self.positions.segments());

@@ -42,8 +42,7 @@ impl<B: Backend, const D: usize, K: BasicOps<B>> SlotBuffer<B, D, K> {
 
     /// Bytes allocated by the body and the tail.
     pub fn allocated_bytes(&self) -> usize {
-        let bytes = |t: &Tensor<B, D, K>| t.dims().iter().product::<usize>() * t.dtype().size();
-        bytes(&self.body) + self.tail.as_ref().map_or(0, bytes)
+        crate::stats::tensor_bytes(&self.body) + self.tail.as_ref().map_or(0, crate::stats::tensor_bytes)
     }
 
     /// Grows the body so it can hold `slots` slots.

@@ -2,7 +2,8 @@
 //! shift reads, or a recurrent state. A model's layers hold these typed values, never tensors
 //! looked up by name.
 
-use crate::{CacheShape, LayerCache, stats::LayerStats};
+use crate::stats::{LayerStats, tensor_bytes};
+use crate::{CacheShape, LayerCache};
 use burn::prelude::*;
 
 /// An attention layer's state: its KV cache, and for token-shifted keys the layer's input at the
@@ -101,11 +102,7 @@ impl<B: Backend> LocalState<B> {
     pub fn clear(&mut self) {
         match self {
             Self::Window(s) => s.clear(),
-            Self::Recurrent(s) => *s = RecurrentState { state: None, tokens_seen: 0 },
+            Self::Recurrent(s) => *s = RecurrentState::default(),
         }
     }
-}
-
-fn tensor_bytes<B: Backend, const D: usize>(t: &Tensor<B, D>) -> usize {
-    t.dims().iter().product::<usize>() * t.dtype().size()
 }

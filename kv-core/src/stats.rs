@@ -1,6 +1,13 @@
 //! Cache statistics, measured from the tensors a cache holds rather than computed from a formula.
 
+use burn::prelude::*;
+use burn::tensor::BasicOps;
 use serde::{Deserialize, Serialize};
+
+/// Bytes a tensor holds: its shape times its element size, the one measure every figure uses.
+pub(crate) fn tensor_bytes<B: Backend, const D: usize, K: BasicOps<B>>(t: &Tensor<B, D, K>) -> usize {
+    t.dims().iter().product::<usize>() * t.dtype().size()
+}
 
 /// What one layer's cache holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
