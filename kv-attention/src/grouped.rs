@@ -177,11 +177,18 @@ impl<B: Backend> GroupedAttention<B> {
     /// `before` `[b, 1, d_model]` is the input of the token before `x`'s first (zeros if None),
     /// read by the key shift.
     pub(crate) fn project(&self, x: Tensor<B, 3>, start: usize, before: Option<Tensor<B, 3>>) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+        let pos = position_range::<B>(start, x.dims()[1], &x.device());
+        let (q, k, v) = self.project_unrotated(x, before);
+        (self.rope.apply(q, pos.clone()), self.rope.apply(k, pos), v)
+    }
+
+    /// [`project`](Self::project) before RoPE: q `[b, H, t, d]`, k and v `[b, KV, t, d]` as the
+    /// projections give them (DMC reads and merges keys in this space).
+    pub(crate) fn project_unrotated(&self, x: Tensor<B, 3>, before: Option<Tensor<B, 3>>) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
         let [b, t, dm] = x.dims();
         let d = self.head_dim;
         let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, d]).swap_dims(1, 2);
-        let pos = position_range::<B>(start, t, &x.device());
-        let q = self.rope.apply(heads(self.wq.forward(x.clone()), self.n_heads), pos.clone());
+        let q = heads(self.wq.forward(x.clone()), self.n_heads);
         let key_input = match &self.key_mix {
             None => x.clone(),
             Some(mix) => {
@@ -191,7 +198,7 @@ impl<B: Backend> GroupedAttention<B> {
                 prev.clone() + (x.clone() - prev) * mix
             }
         };
-        let k = self.rope.apply(heads(self.wk.forward(key_input), self.n_kv_heads), pos);
+        let k = heads(self.wk.forward(key_input), self.n_kv_heads);
         let v = heads(self.wv.forward(x), self.n_kv_heads);
         (q, k, v)
     }

@@ -7,6 +7,8 @@
 //! - [`grouped_attention_parts`]: the same kernel with queries and keys split along the feature
 //!   axis, so keys held as separate tensors are attended without concatenating the cache;
 //! - [`GroupedAttention`]: the projection + RoPE + cache layer used by decoder models;
+//! - [`DmcAttention`]: Dynamic Memory Compression, grouped attention whose KV heads merge tokens
+//!   into their slots (ragged cache), with the training relaxation ([`merge_runs`]);
 //! - [`MlaAttention`]: multi-head latent attention (DeepSeek-V2), naive or absorbed, over a
 //!   one-head latent cache;
 //! - [`SlidingWindowAttention`]: grouped attention over the last `window` positions, with a
@@ -37,6 +39,7 @@
 mod attend;
 mod cached;
 mod cross;
+mod dmc;
 mod grouped;
 mod materialize;
 mod mla;
@@ -51,10 +54,13 @@ pub use materialize::materialize;
 pub use mla::{MlaAttention, MlaAttentionConfig, MlaPath};
 pub use kv_core::{ObserveRequest, Observation};
 pub use cross::{CrossAttention, CrossAttentionConfig, GlobalKv};
+pub use dmc::{DmcAttention, DmcAttentionConfig, DmcDecisions, merge_runs};
 pub use retention::{GatedRetention, GatedRetentionConfig, Projected, retention_chunkwise, retention_parallel, retention_recurrent};
 pub use window::{SlidingWindowAttention, SlidingWindowAttentionConfig};
 pub use rope::{Rotary, RotaryConfig, position_range};
 
+#[cfg(test)]
+mod dmc_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]

@@ -17,6 +17,20 @@ pub struct CacheShape {
     pub value_dim: usize,
 }
 
+/// What one (batch row, KV head) of ragged storage receives from a call of a merging attention
+/// (DMC): see [`LayerCache::write_heads`].
+#[derive(Debug, Clone)]
+pub struct HeadWrite<B: Backend> {
+    /// Whether the first slot replaces the head's last one (a merge into its open slot).
+    pub overwrite_last: bool,
+    /// Keys of the slots written, `[1, 1, m, key_dim]`.
+    pub keys: Tensor<B, 4>,
+    /// Values of the slots written, `[1, 1, m, value_dim]`.
+    pub values: Tensor<B, 4>,
+    /// The recorded (absolute) position of each slot written: the newest token it covers.
+    pub positions: Vec<usize>,
+}
+
 /// A layer's cache: keys, values, positions and side channels of the slots each KV head holds.
 ///
 /// **Rectangular storage** (the usual one): every KV head holds the same number of slots. Keys are `[batch, kv_heads, slots, key_dim]`, values `[batch, kv_heads, slots, value_dim]`,
@@ -420,6 +434,66 @@ impl<B: Backend> LayerCache<B> {
             *buf = SlotBuffer::zeros([batch, kv_heads, 0], &self.device);
         }
         self.ragged = Some(heads);
+        Ok(())
+    }
+
+    /// An empty cache in ragged storage from the start, for an attention whose heads fill at
+    /// different rates (DMC's merges): every (batch row, KV head) owns a cache of its own.
+    pub fn new_ragged(shape: CacheShape, device: &B::Device) -> Self {
+        let one = CacheShape { batch: 1, kv_heads: 1, ..shape };
+        let mut cache = Self::new(shape, device);
+        cache.ragged = Some((0..shape.batch * shape.kv_heads).map(|_| Self::new(one, device)).collect());
+        cache
+    }
+
+    /// Writes the slots `t` new tokens leave, head by head, into ragged storage (DMC): each
+    /// (batch row, KV head) may first overwrite its last slot (a merge into the slot it is still
+    /// extending, whose side data it keeps) and then appends the rest, each slot at its own
+    /// recorded position. `tokens_seen` advances by `t` whatever number of slots was written.
+    pub fn write_heads(&mut self, writes: Vec<HeadWrite<B>>, t: usize) -> Result<()> {
+        let CacheShape { batch, kv_heads, key_dim, value_dim } = self.shape;
+        let seen = self.seen;
+        let Some(heads) = &mut self.ragged else {
+            return Err(KvError::config("per-head writes", "a rectangular cache", "ragged storage (LayerCache::new_ragged)"));
+        };
+        if writes.len() != batch * kv_heads {
+            return Err(KvError::config("per-head writes", writes.len(), format!("one per batch row and KV head ({batch} x {kv_heads})")));
+        }
+        for (i, (head, w)) in heads.iter_mut().zip(writes).enumerate() {
+            let m = w.positions.len();
+            if w.keys.dims() != [1, 1, m, key_dim] || w.values.dims() != [1, 1, m, value_dim] {
+                return Err(KvError::shape(format!("slots written to head {i}"), &w.keys.dims(), format!("[1, 1, {m}, {key_dim}] keys and [1, 1, {m}, {value_dim}] values")));
+            }
+            let held = head.positions.len();
+            let in_order = w.positions.windows(2).all(|p| p[0] < p[1]) && w.positions.iter().all(|&p| p >= seen && p < seen + t);
+            if !in_order || (w.overwrite_last && (held == 0 || m == 0)) {
+                return Err(KvError::config(
+                    format!("slot positions written to head {i}"),
+                    format!("{:?} (overwrite last: {})", w.positions, w.overwrite_last),
+                    format!("increasing positions among the new tokens {seen}..{}, and a held slot to overwrite", seen + t),
+                ));
+            }
+            if m > 0 {
+                let pos: Vec<i64> = w.positions.iter().map(|&p| p as i64).collect();
+                let pos = Tensor::<B, 1, Int>::from_ints(pos.as_slice(), &head.device).reshape([1, 1, m]);
+                let from = usize::from(w.overwrite_last);
+                if w.overwrite_last {
+                    head.keys.set_last(w.keys.clone().narrow(2, 0, 1));
+                    head.values.set_last(w.values.clone().narrow(2, 0, 1));
+                    head.positions.set_last(pos.clone().narrow(2, 0, 1));
+                }
+                if m > from {
+                    head.keys.append(w.keys.narrow(2, from, m - from));
+                    head.values.append(w.values.narrow(2, from, m - from));
+                    head.positions.append(pos.narrow(2, from, m - from));
+                    for (_, buf) in head.side.iter_mut() {
+                        buf.append(Tensor::zeros([1, 1, m - from], &head.device));
+                    }
+                }
+            }
+            head.seen = seen + t;
+        }
+        self.seen = seen + t;
         Ok(())
     }
 

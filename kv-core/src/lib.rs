@@ -41,11 +41,11 @@ mod testing;
 
 pub use budget::Budget;
 pub use error::{KvError, Result};
-pub use layer::{CacheShape, LayerCache};
+pub use layer::{CacheShape, HeadWrite, LayerCache};
 pub use model::ModelCache;
 pub use observe::{KeyRotation, ObserveRequest, Observation};
 pub use slots::TAIL_SLOTS;
-pub use state::{KvState, LocalState, RecurrentState};
+pub use state::{KvState, LocalState, OpenSlots, RecurrentState};
 pub use stats::{CacheStats, LayerStats};
 
 #[cfg(test)]

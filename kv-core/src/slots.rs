@@ -122,6 +122,25 @@ impl<B: Backend, const D: usize, K: BasicOps<B>> SlotBuffer<B, D, K> {
         self.body = x;
     }
 
+    /// Overwrites the last held slot with `x` (one slot along dim 2): a merging attention (DMC)
+    /// rewrites the slot it is still extending. Copies at most the tail, as an append does.
+    pub fn set_last(&mut self, x: Tensor<B, D, K>) {
+        debug_assert_eq!(x.dims()[2], 1, "one slot");
+        debug_assert!(self.len() > 0, "a slot to overwrite");
+        match self.tail.take() {
+            Some(tail) if tail.dims()[2] > 1 => {
+                let n = tail.dims()[2];
+                self.tail = Some(Tensor::cat(vec![tail.narrow(2, 0, n - 1), x], 2));
+            }
+            // The last slot is the tail's only one, or lies in the body: drop it, then append.
+            Some(_) => self.tail = Some(x),
+            None => {
+                self.body_len -= 1;
+                self.append(x);
+            }
+        }
+    }
+
     /// Keeps the slots `indices` `[batch, heads, k]` (per batch row and head), in that order.
     ///
     /// Each kept slot is one row of `prod(dims[3..])` values, so the held slots are viewed as

@@ -14,31 +14,62 @@ pub struct KvState<B: Backend> {
     pub cache: LayerCache<B>,
     /// The input row of the last token seen, for a key shift; `None` without one.
     pub last_input: Option<Tensor<B, 3>>,
+    /// The slots a merging attention (DMC) may still extend; `None` for every other kind.
+    pub open: Option<OpenSlots<B>>,
+}
+
+/// The slot each (batch row, KV head) of a merging attention (DMC) is still extending: the
+/// weighted means of the pre-RoPE keys and of the values merged into it, their total weight, and
+/// how many tokens it covers. The cache holds the slot itself (its key rotated at the newest
+/// token it covers); this is what the next merge needs to recompute it.
+#[derive(Debug, Clone)]
+pub struct OpenSlots<B: Backend> {
+    /// Weighted mean of the pre-RoPE keys merged, `[batch, kv_heads, 1, key_dim]`.
+    pub keys: Tensor<B, 4>,
+    /// Weighted mean of the values merged, `[batch, kv_heads, 1, value_dim]`.
+    pub values: Tensor<B, 4>,
+    /// Total merge weight `z`, `[batch, kv_heads, 1]`.
+    pub weights: Tensor<B, 3>,
+    /// Tokens each head's open slot covers (index `b * kv_heads + h`); 0: closed, the next
+    /// token appends.
+    pub tokens: Vec<usize>,
+    /// Slots each head held after the last write: a different count means a policy evicted
+    /// since, which closes the slot (its last slot may no longer be the open one).
+    pub slots: Vec<usize>,
+}
+
+impl<B: Backend> OpenSlots<B> {
+    /// Bytes of the tensors held.
+    pub fn bytes(&self) -> usize {
+        tensor_bytes(&self.keys) + tensor_bytes(&self.values) + tensor_bytes(&self.weights)
+    }
 }
 
 impl<B: Backend> KvState<B> {
     /// An empty state with a cache of `shape`.
     pub fn new(shape: CacheShape, device: &B::Device) -> Self {
-        Self { cache: LayerCache::new(shape, device), last_input: None }
+        Self { cache: LayerCache::new(shape, device), last_input: None, open: None }
     }
 
     /// Drops every slot and the carried input.
     pub fn clear(&mut self) {
         self.cache.clear();
         self.last_input = None;
+        self.open = None;
     }
 
-    /// The cache's statistics, the carried input counted with the metadata.
+    /// The cache's statistics, the carried input and a merging attention's open-slot sums
+    /// counted with the metadata.
     pub fn stats(&self) -> LayerStats {
         let mut stats = self.cache.stats();
-        stats.metadata_bytes += self.last_input.as_ref().map_or(0, tensor_bytes);
+        stats.metadata_bytes += self.last_input.as_ref().map_or(0, tensor_bytes) + self.open.as_ref().map_or(0, OpenSlots::bytes);
         stats
     }
 }
 
 impl<B: Backend> From<LayerCache<B>> for KvState<B> {
     fn from(cache: LayerCache<B>) -> Self {
-        Self { cache, last_input: None }
+        Self { cache, last_input: None, open: None }
     }
 }
 

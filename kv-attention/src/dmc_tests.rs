@@ -1,0 +1,189 @@
+//! DMC's invariants (techniques.md §5): no merges is the base layer with its decision channel
+//! zeroed, a merged run is the omega-weighted mean of its pre-RoPE keys rotated at its last
+//! position, the training path with hard decisions equals the merged cache, and the slots held
+//! are what the decisions imply.
+
+use crate::*;
+use burn::module::Param;
+use burn::prelude::*;
+use burn::tensor::Distribution;
+
+fn max_abs_diff<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> f32 {
+    (a - b).abs().max().into_scalar().elem::<f32>()
+}
+
+fn randn<B: Backend, const D: usize>(shape: [usize; D], dev: &B::Device) -> Tensor<B, D> {
+    Tensor::random(shape, Distribution::Normal(0.0, 1.0), dev)
+}
+
+/// A DMC layer over 8 query heads and `kv` KV heads of width 8 (full RoPE, so the decision
+/// channel sits in a RoPE pair), decisions offset by `init_bias`.
+fn layer<B: Backend>(kv: usize, init_bias: f64, window: usize, bias: bool, dev: &B::Device) -> DmcAttention<B> {
+    B::seed(dev, 7);
+    let attention = GroupedAttentionConfig::new(64, 8, kv).with_qkv_bias(Some(bias));
+    DmcAttentionConfig::new(attention).with_init_bias(init_bias).with_window(window).init(dev).unwrap()
+}
+
+/// Runs `x` through the cached path in chunks of the given lengths; returns every output row.
+fn cached<B: Backend>(dmc: &DmcAttention<B>, x: &Tensor<B, 3>, chunks: &[usize], state: &mut kv_core::KvState<B>) -> Tensor<B, 3> {
+    let mut at = 0;
+    let mut outs = vec![];
+    for &n in chunks {
+        outs.push(dmc.forward_cached(x.clone().narrow(1, at, n), state, ObserveRequest::default()).unwrap().output);
+        at += n;
+    }
+    Tensor::cat(outs, 1)
+}
+
+fn never_merging_equals_the_base_layer_with_the_decision_channel_zeroed<B: Backend>(dev: &B::Device) {
+    for kv in [8, 2] {
+        let dmc = layer::<B>(kv, 1e4, 12, false, dev);
+        let x = randn::<B, 3>([2, 9, 64], dev);
+        // The base layer: the same weights, the decision channel's query and key columns zeroed.
+        let mut base = dmc.attention.clone();
+        let d = base.head_dim();
+        for (linear, heads) in [(&mut base.wq, 8), (&mut base.wk, kv)] {
+            let keep: Vec<f32> = (0..heads * d).map(|i| if i % d == d - 1 { 0.0 } else { 1.0 }).collect();
+            let keep = Tensor::<B, 1>::from_floats(keep.as_slice(), dev).unsqueeze_dim(0);
+            linear.weight = Param::from_tensor(linear.weight.val() * keep);
+        }
+        let want = base.forward(x.clone());
+        let diff = max_abs_diff(dmc.forward(x.clone()), want.clone());
+        assert!(diff < 1e-5, "kv {kv}: training path differs from the base layer by {diff}");
+        let mut state = dmc.new_state(2, dev);
+        let diff = max_abs_diff(cached(&dmc, &x, &[5, 1, 1, 2], &mut state), want);
+        assert!(diff < 1e-5, "kv {kv}: cached path differs from the base layer by {diff}");
+        assert_eq!(state.cache.slots_per_head(), vec![9; 2 * kv], "no merge: one slot per token");
+        // And the base layer without zeroing differs (the channel mattered: the test can fail).
+        assert!(max_abs_diff(dmc.forward(x.clone()), dmc.attention.forward(x)) > 1e-4);
+    }
+}
+
+fn a_merged_run_is_the_omega_weighted_mean_of_its_pre_rope_keys_rotated_at_its_last_position<B: Backend>(dev: &B::Device) {
+    // Every key asks to merge (its decision channel's bias is huge); the query channel stays
+    // random, so the importances differ token by token.
+    let mut dmc = layer::<B>(2, 5.0, 12, true, dev);
+    let d = dmc.attention.head_dim();
+    let bias: Vec<f32> = (0..2 * d).map(|i| if i % d == d - 1 { 1e4 } else { 0.0 }).collect();
+    dmc.attention.wk.bias = Some(Param::from_tensor(Tensor::from_floats(bias.as_slice(), dev)));
+    let x = randn::<B, 3>([1, 5, 64], dev);
+    let mut state = dmc.new_state(1, dev);
+    dmc.forward_cached(x.clone(), &mut state, ObserveRequest::default()).unwrap();
+    assert_eq!(state.cache.slots_per_head(), vec![1, 1], "five merges into one slot per head");
+    let (q, k, v) = dmc.attention.project_unrotated(x, None);
+    let (_, omega) = dmc.decisions(&q, &k);
+    let spread = (omega.clone().max() - omega.clone().min()).into_scalar().elem::<f32>();
+    assert!(spread > 1e-3, "importances should differ ({spread})");
+    let k = Tensor::cat(vec![k.clone().narrow(3, 0, d - 1), Tensor::zeros([1, 2, 5, 1], dev)], 3);
+    let w = omega.reshape([1, 2, 5, 1]);
+    let mean = |x: Tensor<B, 4>| (x * w.clone()).sum_dim(2) / w.clone().sum_dim(2);
+    let key = dmc.attention.rope.apply(mean(k.clone()), position_range(4, 1, dev));
+    let at_first = dmc.attention.rope.apply(mean(k), position_range(0, 1, dev));
+    for (head, cache) in state.cache.head_caches().unwrap().iter().enumerate() {
+        let diff = max_abs_diff(cache.keys(), key.clone().narrow(1, head, 1));
+        assert!(diff < 1e-5, "head {head}: key differs from the rotated weighted mean by {diff}");
+        let diff = max_abs_diff(cache.values(), mean(v.clone()).narrow(1, head, 1));
+        assert!(diff < 1e-5, "head {head}: value differs from the weighted mean by {diff}");
+        assert_eq!(cache.positions().into_data().iter::<i64>().collect::<Vec<_>>(), vec![4], "a slot sits at the newest token it covers");
+    }
+    // Rotated at the first position instead, the key would differ (the test can fail).
+    assert!(max_abs_diff(state.cache.head_caches().unwrap()[0].keys(), at_first.narrow(1, 0, 1)) > 1e-3);
+}
+
+fn hard_training_path_equals_the_merged_cache_however_the_tokens_arrive<B: Backend>(dev: &B::Device) {
+    // init_bias 0: about half the tokens merge; a window of 4 makes the slot cap bite.
+    for (kv, window) in [(8, 4), (2, 12), (1, 3)] {
+        let dmc = layer::<B>(kv, 0.0, window, false, dev);
+        let x = randn::<B, 3>([2, 40, 64], dev);
+        let want = dmc.forward(x.clone());
+        for chunks in [vec![40], vec![1; 40], vec![13, 1, 1, 20, 5]] {
+            let mut state = dmc.new_state(2, dev);
+            let diff = max_abs_diff(cached(&dmc, &x, &chunks, &mut state), want.clone());
+            assert!(diff < 1e-4, "kv {kv}, window {window}, chunks {chunks:?}: cached path differs from the training path by {diff}");
+            let slots = state.cache.slots_per_head();
+            assert!(slots.iter().all(|&n| n < 40) && slots.iter().any(|&n| n > 40 / window), "some merges, within the cap: {slots:?}");
+        }
+    }
+}
+
+fn slots_held_are_what_the_decisions_imply_and_bytes_follow_them<B: Backend>(dev: &B::Device) {
+    let dmc = layer::<B>(2, 0.0, 5, false, dev);
+    let (b, t) = (2, 30);
+    let x = randn::<B, 3>([b, t, 64], dev);
+    let mut state = dmc.new_state(b, dev);
+    cached(&dmc, &x, &[10, 1, 1, 18], &mut state);
+    // Independent count: a token merges iff its logit is positive, it is not the first, and
+    // its slot covers fewer than `window` tokens.
+    let (q, k, _) = dmc.attention.project_unrotated(x, None);
+    let (logit, _) = dmc.decisions(&q, &k);
+    let logit: Vec<f32> = logit.into_data().iter::<f32>().collect();
+    let expected: Vec<usize> = (0..b * 2)
+        .map(|head| {
+            let (mut slots, mut run) = (0, 0);
+            for i in 0..t {
+                if i > 0 && logit[head * t + i] > 0.0 && run < 5 {
+                    run += 1;
+                } else {
+                    slots += 1;
+                    run = 1;
+                }
+            }
+            slots
+        })
+        .collect();
+    assert_eq!(state.cache.slots_per_head(), expected);
+    let stats = state.cache.stats();
+    assert_eq!(stats.tokens_seen, t, "tokens seen counts every token, merged or not");
+    assert_eq!(stats.kv_bytes, expected.iter().sum::<usize>() * (8 + 8) * 4, "bytes held are the sum of the heads' slots");
+    // Compression ratio per head: tokens seen over slots held.
+    let ratios: Vec<f64> = stats.slots_per_head.iter().map(|&n| t as f64 / n as f64).collect();
+    assert!(ratios.iter().all(|&r| r > 1.0), "{ratios:?}");
+}
+
+fn the_next_token_rotates_at_tokens_seen_not_at_slots_held<B: Backend>(dev: &B::Device) {
+    let dmc = layer::<B>(2, 0.0, 12, false, dev);
+    let x = randn::<B, 3>([1, 21, 64], dev);
+    let mut state = dmc.new_state(1, dev);
+    cached(&dmc, &x, &[20], &mut state);
+    assert!(state.cache.slots() < 20, "merges happened");
+    assert_eq!(state.cache.rope_position(), 20);
+    let step = dmc.forward_cached(x.clone().narrow(1, 20, 1), &mut state, ObserveRequest::default()).unwrap().output;
+    let want = dmc.forward(x).narrow(1, 20, 1);
+    assert!(max_abs_diff(step, want) < 1e-4);
+    for cache in state.cache.head_caches().unwrap() {
+        let last = cache.positions().into_data().iter::<i64>().last().unwrap();
+        assert_eq!(last, 20, "the newest slot covers the newest token, at position tokens seen - 1 = 20");
+    }
+}
+
+fn merge_runs_with_relaxed_decisions_is_the_recurrence_within_its_window<B: Backend>(dev: &B::Device) {
+    // acc_i = alpha_i acc_{i-1} + omega_i x_i, c_i = alpha_i c_{i-1} + omega_i, over a window
+    // longer than the sequence: the windowed sums equal the plain recurrence.
+    let (t, d) = (9, 3);
+    let x = randn::<B, 4>([1, 1, t, d], dev);
+    let omega = Tensor::<B, 3>::random([1, 1, t], Distribution::Uniform(0.1, 1.0), dev);
+    let alpha = Tensor::<B, 3>::random([1, 1, t], Distribution::Uniform(0.0, 1.0), dev);
+    let (got, z) = merge_runs(x.clone(), omega.clone(), alpha.clone(), 16);
+    let (xs, om, al): (Vec<f32>, Vec<f32>, Vec<f32>) = (x.into_data().iter().collect(), omega.into_data().iter().collect(), alpha.into_data().iter().collect());
+    let (mut acc, mut c) = (vec![0.0f32; d], 0.0f32);
+    let got: Vec<f32> = got.into_data().iter().collect();
+    let z: Vec<f32> = z.into_data().iter().collect();
+    for i in 0..t {
+        let a = if i == 0 { 0.0 } else { al[i] };
+        c = a * c + om[i];
+        for j in 0..d {
+            acc[j] = a * acc[j] + om[i] * xs[i * d + j];
+            assert!((got[i * d + j] - acc[j] / c).abs() < 1e-5, "token {i} channel {j}");
+        }
+        assert!((z[i] - c).abs() < 1e-5, "token {i} weight");
+    }
+}
+
+kv_core::backend_tests!(
+    never_merging_equals_the_base_layer_with_the_decision_channel_zeroed,
+    a_merged_run_is_the_omega_weighted_mean_of_its_pre_rope_keys_rotated_at_its_last_position,
+    hard_training_path_equals_the_merged_cache_however_the_tokens_arrive,
+    slots_held_are_what_the_decisions_imply_and_bytes_follow_them,
+    the_next_token_rotates_at_tokens_seen_not_at_slots_held,
+    merge_runs_with_relaxed_decisions_is_the_recurrence_within_its_window,
+);
