@@ -96,8 +96,10 @@ impl DmcAttentionConfig {
             let keep: Vec<f32> = (0..heads * d).map(|i| if i % d == d - 1 { 0.0 } else { 1.0 }).collect();
             let keep = Tensor::<B, 1>::from_floats(keep.as_slice(), &device);
             let column = keep.clone();
-            linear.weight = linear.weight.clone().map(|w| w * column.unsqueeze_dim(0));
-            linear.bias = linear.bias.take().map(|b| b.map(|b| b * keep));
+            // Each product becomes a leaf again (detach, require_grad) under its old id, so the
+            // optimiser still trains it and a checkpoint keeps its parameter order.
+            linear.weight = linear.weight.clone().map(|w| (w * column.unsqueeze_dim(0)).detach().require_grad());
+            linear.bias = linear.bias.take().map(|b| b.map(|b| (b * keep).detach().require_grad()));
         }
         Ok(self.wrap(attention))
     }

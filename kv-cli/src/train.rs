@@ -15,9 +15,10 @@ use std::path::{Path, PathBuf};
 /// Flags of `kv train`.
 #[derive(Debug, Clone, Args)]
 pub struct TrainArgs {
-    /// A built-in preset (tiny-mha, tiny-gqa, tiny-mqa).
-    #[arg(long, default_value = "tiny-mha", conflicts_with = "config")]
-    pub preset: String,
+    /// A built-in preset (tiny-mha, tiny-gqa, tiny-mqa, ...; default tiny-mha, or dmc-retrofit
+    /// for `--init DIR --dmc ..`).
+    #[arg(long, conflicts_with = "config")]
+    pub preset: Option<String>,
     /// A preset-shaped JSON file: {"model": {...}, "train": {...}}.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -36,6 +37,13 @@ pub struct TrainArgs {
     /// Train on these text files (a file or a folder of .txt / .jsonl) instead of the stories.
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// DMC: make every grouped attention layer merge tokens and train towards this compression,
+    /// `cr=2` (plus optional `ramp`, the share of steps the target ramps over, and the model's
+    /// `window`, `init_bias`, `temperature`; unset ones come from the recipe, else 0.75, 12, 5,
+    /// 0.1). With --init it retrofits the checkpoint's weights (the decision channels start
+    /// zeroed: no merges) under the dmc-retrofit recipe unless --preset or --config names another.
+    #[arg(long, value_name = "SPEC")]
+    pub dmc: Option<String>,
     /// Read text with this Hugging Face tokenizer.json instead of bytes (builds with the
     /// `hf-tokenizer` feature); a fresh model's vocabulary is resized to the tokenizer's.
     #[arg(long)]
@@ -49,7 +57,11 @@ impl TrainArgs {
                 let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "custom".into());
                 Ok((Preset::from_file(path)?, name))
             }
-            None => Ok((preset(&self.preset)?, self.preset.clone())),
+            None => {
+                let default = if self.init.is_some() && self.dmc.is_some() { "dmc-retrofit" } else { "tiny-mha" };
+                let name = self.preset.clone().unwrap_or_else(|| default.into());
+                Ok((preset(&name)?, name))
+            }
         }
     }
 
@@ -83,6 +95,11 @@ impl BackendJob for TrainArgs {
                 // Fine-tuning keeps the tokenizer the weights were trained with.
                 train.tokenizer = Some(dir.join(kv_models::TOKENIZER_FILE));
             }
+            if let Some(spec) = self.dmc.as_deref() {
+                let (settings, target) = parse_dmc(spec, model_config.dmc.clone().unwrap_or_default(), train.dmc.clone())?;
+                model_config.dmc = Some(settings);
+                train.dmc = Some(target);
+            }
             train.validate()?;
             if out.join(kv_models::CHECKPOINT_FILE).exists() {
                 return Err(KvError::io(&out, "already holds a run; pass --resume to continue it or --out to start another"));
@@ -90,6 +107,11 @@ impl BackendJob for TrainArgs {
             match &self.init {
                 Some(dir) => {
                     let (model, config) = load_model::<Autodiff<B>>(dir, &device)?;
+                    // A compression target on a model without DMC retrofits it, with the recipe's settings.
+                    let (model, config) = match (&train.dmc, &model_config.dmc) {
+                        (Some(_), settings) if config.dmc.is_none() => kv_models::to_dmc(&model, &config, settings.clone().unwrap_or_default())?,
+                        _ => (model, config),
+                    };
                     Trainer::from_model(model, config, train, &device)?
                 }
                 None => Trainer::new(model_config, train, &device)?,
@@ -133,7 +155,8 @@ pub fn train_with_progress<B: AutodiffBackend>(trainer: &mut Trainer<B>, out: &P
     let last = run(trainer, out, |e| match e {
         TrainEvent::Step(m) => {
             bar.set_position(m.step as u64);
-            bar.set_message(format!("loss {:.3} | lr {:.1e} | {:.0} tok/s{eval_msg}", m.loss, m.lr, m.tokens_per_s));
+            let dmc = m.dmc.map(|d| format!(" | cr {:.2}/{:.2}", d.cr, d.target)).unwrap_or_default();
+            bar.set_message(format!("loss {:.3} | lr {:.1e} | {:.0} tok/s{dmc}{eval_msg}", m.loss, m.lr, m.tokens_per_s));
         }
         TrainEvent::Eval(ev) => {
             let tasks: Vec<String> = ev.task_accuracy.iter().map(|(t, a)| format!("{} {:.0}%", t.name(), a * 100.0)).collect();
@@ -144,4 +167,31 @@ pub fn train_with_progress<B: AutodiffBackend>(trainer: &mut Trainer<B>, out: &P
     })?;
     bar.finish_and_clear();
     Ok(last)
+}
+
+/// Parses `--dmc cr=2[,ramp=..][,window=..][,init_bias=..][,temperature=..]` over the recipe's
+/// DMC `settings` and `target` into the model's settings and the run's compression target.
+pub fn parse_dmc(spec: &str, settings: kv_models::DmcSettings, target: Option<kv_models::train::DmcTraining>) -> Result<(kv_models::DmcSettings, kv_models::train::DmcTraining)> {
+    let mut settings = settings;
+    let mut cr = None;
+    let mut ramp = None;
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (key, value) = part.split_once('=').ok_or_else(|| KvError::config("--dmc", part, "key=value pairs such as cr=2,ramp=0.75"))?;
+        let number = |what: &str| value.trim().parse::<f64>().map_err(|_| KvError::config(format!("--dmc {what}"), value, "a number"));
+        match key.trim() {
+            "cr" => cr = Some(number("cr")?),
+            "ramp" => ramp = Some(number("ramp")?),
+            "init_bias" => settings.init_bias = number("init_bias")?,
+            "temperature" => settings.temperature = number("temperature")?,
+            "window" => settings.window = value.trim().parse().map_err(|_| KvError::config("--dmc window", value, "a whole number of tokens such as 12"))?,
+            other => return Err(KvError::Unknown { kind: "--dmc key".into(), name: other.into(), valid: "cr, ramp, window, init_bias, temperature".into() }),
+        }
+    }
+    let cr = cr.or(target.as_ref().map(|t| t.cr)).ok_or_else(|| KvError::config("--dmc", spec, "a target compression such as cr=2"))?;
+    let mut target = kv_models::train::DmcTraining { cr, ..target.unwrap_or(kv_models::train::DmcTraining::new(cr)) };
+    if let Some(r) = ramp {
+        target.ramp = r;
+    }
+    target.validate()?;
+    Ok((settings, target))
 }

@@ -1,10 +1,11 @@
-//! The attention of a Llama-style block: grouped (MHA/GQA/MQA) or latent (MLA).
+//! The attention of a Llama-style block: grouped (MHA/GQA/MQA), latent (MLA) or merging (DMC).
 
 use burn::prelude::*;
-use kv_attention::{AttentionOutput, CachedAttention, GroupedAttention, MlaAttention, ObserveRequest, Rotary};
+use kv_attention::{AttentionOutput, CachedAttention, DmcAttention, GroupedAttention, MlaAttention, ObserveRequest, Rotary};
 use kv_core::{CacheShape, KvState, Result};
 
-/// A Llama-style block's self-attention, recorded under its kind's name (`Grouped` or `Latent`).
+/// A Llama-style block's self-attention, recorded under its kind's name (`Grouped`, `Latent` or
+/// `Dmc`).
 // One value per block (or per model): the size gap between variants costs nothing worth a Box,
 // which burn's Module derive does not support.
 #[allow(clippy::large_enum_variant)]
@@ -14,6 +15,8 @@ pub enum SelfAttention<B: Backend> {
     Grouped(GroupedAttention<B>),
     /// Multi-head latent attention.
     Latent(MlaAttention<B>),
+    /// Grouped attention whose KV heads merge tokens into their slots (DMC).
+    Dmc(DmcAttention<B>),
 }
 
 impl<B: Backend> SelfAttention<B> {
@@ -21,7 +24,7 @@ impl<B: Backend> SelfAttention<B> {
     pub fn grouped(&self) -> Option<&GroupedAttention<B>> {
         match self {
             Self::Grouped(a) => Some(a),
-            Self::Latent(_) => None,
+            Self::Latent(_) | Self::Dmc(_) => None,
         }
     }
 
@@ -29,7 +32,7 @@ impl<B: Backend> SelfAttention<B> {
     pub fn grouped_mut(&mut self) -> Option<&mut GroupedAttention<B>> {
         match self {
             Self::Grouped(a) => Some(a),
-            Self::Latent(_) => None,
+            Self::Latent(_) | Self::Dmc(_) => None,
         }
     }
 
@@ -37,7 +40,7 @@ impl<B: Backend> SelfAttention<B> {
     pub fn latent(&self) -> Option<&MlaAttention<B>> {
         match self {
             Self::Latent(a) => Some(a),
-            Self::Grouped(_) => None,
+            Self::Grouped(_) | Self::Dmc(_) => None,
         }
     }
 
@@ -45,7 +48,15 @@ impl<B: Backend> SelfAttention<B> {
     pub fn latent_mut(&mut self) -> Option<&mut MlaAttention<B>> {
         match self {
             Self::Latent(a) => Some(a),
-            Self::Grouped(_) => None,
+            Self::Grouped(_) | Self::Dmc(_) => None,
+        }
+    }
+
+    /// The merging attention, if this is one.
+    pub fn dmc(&self) -> Option<&DmcAttention<B>> {
+        match self {
+            Self::Dmc(a) => Some(a),
+            Self::Grouped(_) | Self::Latent(_) => None,
         }
     }
 
@@ -54,6 +65,7 @@ impl<B: Backend> SelfAttention<B> {
         match self {
             Self::Grouped(a) => &a.rope,
             Self::Latent(a) => &a.rope,
+            Self::Dmc(a) => &a.attention.rope,
         }
     }
 
@@ -62,31 +74,46 @@ impl<B: Backend> SelfAttention<B> {
         match self {
             Self::Grouped(a) => a.cache_shape(batch),
             Self::Latent(a) => a.cache_shape(batch),
+            Self::Dmc(a) => a.cache_shape(batch),
         }
     }
 
-    /// An empty state for a batch of `batch`.
+    /// An empty state for a batch of `batch` (DMC: its cache in ragged storage).
     pub fn new_state(&self, batch: usize, device: &B::Device) -> KvState<B> {
-        KvState::new(self.cache_shape(batch), device)
+        match self {
+            Self::Dmc(a) => a.new_state(batch, device),
+            _ => KvState::new(self.cache_shape(batch), device),
+        }
     }
 
     /// Training path: causal self-attention over `x` `[b, t, d_model]` at positions `0..t`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.forward_train(x).0
+    }
+
+    /// [`forward`](Self::forward), plus a DMC layer's share of merged tokens per sequence
+    /// `[batch]` (straight-through), which the compression loss reads; `None` for other kinds.
+    pub fn forward_train(&self, x: Tensor<B, 3>) -> (Tensor<B, 3>, Option<Tensor<B, 1>>) {
         match self {
-            Self::Grouped(a) => a.forward(x),
-            Self::Latent(a) => a.forward(x),
+            Self::Grouped(a) => (a.forward(x), None),
+            Self::Latent(a) => (a.forward(x), None),
+            Self::Dmc(a) => {
+                let (o, decisions) = a.forward_train(x);
+                (o, Some(decisions.merged_share))
+            }
         }
     }
 }
 
 impl<B: Backend> CachedAttention<B> for SelfAttention<B> {
-    /// Both kinds keep a [`KvState`]; MLA never carries a key-shift input.
+    /// Every kind keeps a [`KvState`]; MLA never carries a key-shift input, and only DMC open slots.
     type State = KvState<B>;
 
     fn n_heads(&self) -> usize {
         match self {
             Self::Grouped(a) => a.n_heads(),
             Self::Latent(a) => a.n_heads(),
+            Self::Dmc(a) => a.n_heads(),
         }
     }
 
@@ -94,6 +121,7 @@ impl<B: Backend> CachedAttention<B> for SelfAttention<B> {
         match self {
             Self::Grouped(a) => a.forward_cached(x, state, observe),
             Self::Latent(a) => a.forward_cached(x, &mut state.cache, observe),
+            Self::Dmc(a) => a.forward_cached(x, state, observe),
         }
     }
 }

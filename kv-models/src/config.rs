@@ -1,7 +1,7 @@
 //! The decoder's configuration, validated before anything is built.
 
 use burn::prelude::*;
-use kv_attention::{CrossAttentionConfig, GatedRetentionConfig, GroupedAttentionConfig, MlaAttentionConfig, SlidingWindowAttentionConfig};
+use kv_attention::{CrossAttentionConfig, DmcAttentionConfig, GatedRetentionConfig, GroupedAttentionConfig, MlaAttentionConfig, SlidingWindowAttentionConfig};
 use kv_core::{KvError, Result};
 use serde::{Deserialize, Serialize};
 
@@ -36,6 +36,41 @@ impl MlaSettings {
     /// normalised latent.
     pub fn new(head_dim: usize, kv_latent: usize, rope_dim: usize) -> Self {
         Self { head_dim, kv_latent, rope_dim, query_latent: 0, value_dim: None, latent_norm: true }
+    }
+}
+
+/// Dynamic Memory Compression settings of a decoder (Nawrot et al. 2024): every grouped
+/// attention layer merges tokens into its KV heads' slots; absent for other models. The target
+/// compression ratio is a training setting (`TrainConfig::dmc`), not the model's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DmcSettings {
+    /// Offset of the decision logit and importance (the official `dmc-init-val`, default 5).
+    #[serde(default = "default_dmc_init")]
+    pub init_bias: f64,
+    /// Most tokens one slot covers, and the training relaxation's window (default 12).
+    #[serde(default = "default_dmc_window")]
+    pub window: usize,
+    /// Gumbel-sigmoid temperature while training (default 0.1).
+    #[serde(default = "default_dmc_temperature")]
+    pub temperature: f64,
+}
+
+fn default_dmc_init() -> f64 {
+    5.0
+}
+
+fn default_dmc_window() -> usize {
+    12
+}
+
+fn default_dmc_temperature() -> f64 {
+    0.1
+}
+
+impl Default for DmcSettings {
+    fn default() -> Self {
+        Self { init_bias: default_dmc_init(), window: default_dmc_window(), temperature: default_dmc_temperature() }
     }
 }
 
@@ -183,6 +218,9 @@ pub struct DecoderConfig {
     /// YOCO decoder-decoder layout instead of identical blocks; absent (or `null`) in the JSON of
     /// every other model, so older configs still load.
     pub yoco: Option<YocoSettings>,
+    /// DMC token merging in every grouped attention layer; absent (or `null`) in the JSON of
+    /// every other model, so older configs still load.
+    pub dmc: Option<DmcSettings>,
 }
 
 impl DecoderConfig {
@@ -208,6 +246,11 @@ impl DecoderConfig {
                 .with_rope_theta(self.rope_theta)
                 .with_norm_eps(self.norm_eps)
         })
+    }
+
+    /// The DMC settings of every layer, for a DMC model (grouped attention underneath).
+    pub fn dmc_attention(&self) -> Option<DmcAttentionConfig> {
+        self.dmc.as_ref().map(|d| DmcAttentionConfig::new(self.attention()).with_init_bias(d.init_bias).with_window(d.window).with_temperature(d.temperature))
     }
 
     /// Previous tokens the token shift reads (0 without token shift).
@@ -312,6 +355,13 @@ impl DecoderConfig {
             if self.qkv_bias == Some(true) {
                 return Err(KvError::config("qkv_bias", true, format!("absent with {kind}: only grouped attention has q/k/v biases")));
             }
+        }
+        if self.dmc.is_some() && (self.mla.is_some() || self.yoco.is_some()) {
+            let other = if self.mla.is_some() { "mla" } else { "yoco" };
+            return Err(KvError::config("dmc", "set", format!("absent (null) with {other}: DMC merges the slots of grouped attention layers")));
+        }
+        if let Some(dmc) = self.dmc_attention() {
+            dmc.validate()?;
         }
         if let Some(yoco) = &self.yoco {
             if self.mla.is_some() {

@@ -1,8 +1,8 @@
 //! Converting a trained grouped-attention model into one with a smaller cache: fewer KV heads
-//! (GQA/MQA, by mean-pooling) or a latent cache (MLA, by truncated SVD), as a starting point for
-//! uptraining instead of training from scratch. The reasoning is in docs/conversion.md.
+//! (GQA/MQA, by mean-pooling), a latent cache (MLA, by truncated SVD) or merged slots (DMC, by
+//! repurposing a channel), as a starting point for uptraining instead of training from scratch. The reasoning is in docs/conversion.md.
 
-use crate::{DecoderConfig, DecoderLm, MlaSettings, SelfAttention};
+use crate::{DecoderConfig, DecoderLm, DmcSettings, MlaSettings, SelfAttention};
 use burn::module::Param;
 use burn::prelude::*;
 use kv_attention::GroupedAttention;
@@ -194,6 +194,27 @@ pub fn to_partial_rope<B: Backend>(model: &DecoderLm<B>, config: &DecoderConfig,
         attn.wo = src.wo.clone();
         attn.key_mix = src.key_mix.clone();
         block.attention = SelfAttention::Grouped(attn);
+    }
+    Ok((out, new_config))
+}
+/// A copy of `model` whose grouped layers merge tokens into their slots (DMC), retrofitted from
+/// its weights: each head's last query and key channel becomes the decision channel, with its
+/// weights zeroed, so the copy starts as the model without that channel, appending every token
+/// ([`kv_attention::DmcAttentionConfig::retrofit`]); fine-tuning with a compression target
+/// (`TrainConfig::dmc`) then teaches it to merge. The returned config records `settings`.
+pub fn to_dmc<B: Backend>(model: &DecoderLm<B>, config: &DecoderConfig, settings: DmcSettings) -> Result<(DecoderLm<B>, DecoderConfig)> {
+    for (kind, set) in [("mla", config.mla.is_some()), ("yoco", config.yoco.is_some()), ("dmc", config.dmc.is_some())] {
+        if set {
+            return Err(KvError::config("model attention", kind, "a grouped (MHA/GQA/MQA) model without DMC to retrofit"));
+        }
+    }
+    let new_config = DecoderConfig { dmc: Some(settings), ..config.clone() };
+    new_config.validate()?;
+    let dmc = new_config.dmc_attention().expect("dmc settings were just set");
+    let mut out = model.clone();
+    for (i, block) in out.blocks_mut()?.iter_mut().enumerate() {
+        let src = grouped_block(block.attention.grouped(), i, config)?.clone();
+        block.attention = SelfAttention::Dmc(dmc.retrofit(src)?);
     }
     Ok((out, new_config))
 }

@@ -62,9 +62,10 @@ impl DecoderConfig {
             Stack::Yoco(Yoco { self_decoder, cross_decoder, global_kv: cross.init_global_lazy(device)? })
         } else {
             let attention = || -> Result<SelfAttention<B>> {
-                Ok(match self.mla_attention() {
-                    Some(mla) => SelfAttention::Latent(mla.init_lazy(device)?),
-                    None => SelfAttention::Grouped(self.attention().init_lazy(device)?),
+                Ok(match (self.mla_attention(), self.dmc_attention()) {
+                    (Some(mla), _) => SelfAttention::Latent(mla.init_lazy(device)?),
+                    (None, Some(dmc)) => SelfAttention::Dmc(dmc.init_lazy(device)?),
+                    (None, None) => SelfAttention::Grouped(self.attention().init_lazy(device)?),
                 })
             };
             Stack::Llama(Llama { blocks: (0..self.n_layers).map(|_| Ok(block_of(&norm, attention()?, self, device))).collect::<Result<Vec<_>>>()? })
@@ -232,6 +233,22 @@ impl<B: Backend> DecoderLm<B> {
             Stack::Yoco(s) => s.forward(h),
         };
         self.head(h)
+    }
+
+    /// [`forward`](Self::forward), plus the share of tokens a DMC model merged per sequence
+    /// `[b]` (mean over layers and KV heads, straight-through gradient), which the training loss
+    /// pushes towards its target compression; `None` for a model without DMC layers.
+    pub fn forward_train(&self, tokens: Tensor<B, 2, Int>) -> (Tensor<B, 3>, Option<Tensor<B, 1>>) {
+        let h = self.embed_inputs(tokens, None);
+        let (h, shares) = match &self.stack {
+            Stack::Llama(s) => s.forward_train(h),
+            Stack::Yoco(s) => (s.forward(h), vec![]),
+        };
+        let merged = (!shares.is_empty()).then(|| {
+            let b = shares[0].dims()[0];
+            Tensor::stack::<2>(shares, 0).mean_dim(0).reshape([b])
+        });
+        (self.head(h), merged)
     }
 
     /// Inference path with a full cache: logits `[b, t, vocab]` for the new `tokens` `[b, t]`,

@@ -29,6 +29,20 @@ impl<B: Backend> Llama<B> {
         self.blocks.iter().fold(h, |h, block| block.forward_with(h, |a, x| a.forward(x)))
     }
 
+    /// [`forward`](Self::forward), plus every DMC layer's share of merged tokens per sequence
+    /// (`[b]` each; none without DMC layers), for the compression loss.
+    pub fn forward_train(&self, h: Tensor<B, 3>) -> (Tensor<B, 3>, Vec<Tensor<B, 1>>) {
+        let mut shares = vec![];
+        let h = self.blocks.iter().fold(h, |h, block| {
+            block.forward_with(h, |a, x| {
+                let (o, share) = a.forward_train(x);
+                shares.extend(share);
+                o
+            })
+        });
+        (h, shares)
+    }
+
     /// Inference path over the hidden states of new tokens: every block's attention runs under
     /// `policy` over its own cache, through [`drive_layer`].
     pub fn forward_cached(

@@ -88,6 +88,10 @@ pub struct TrainConfig {
     /// Training text.
     #[serde(default = "stories")]
     pub data: TextSource,
+    /// DMC retrofit: the compression the one-sided loss pushes the model's merges towards (the
+    /// model config must have `dmc`); None: no compression loss.
+    #[serde(default)]
+    pub dmc: Option<DmcTraining>,
     /// A Hugging Face `tokenizer.json` to read text with (None: bytes). It is copied into the
     /// run folder, so checkpoints stay usable without it; task contexts then count bytes of text.
     #[serde(default)]
@@ -111,6 +115,49 @@ fn one_f32() -> f32 {
 }
 fn stories() -> TextSource {
     TextSource::Stories
+}
+
+/// The compression target of a DMC retrofit (Nawrot et al. 2024, the official `get_dmc_loss`):
+/// the loss adds `max(0, (1 - 1/CR_t) - merged share)` per sequence, the share being the hard
+/// decisions' mean over layers, heads and tokens with a straight-through gradient, and `CR_t`
+/// ramping linearly from 1 to `cr` over the first `ramp` of the steps, then holding.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DmcTraining {
+    /// Target compression ratio, tokens seen / slots held (the paper: 2 to 4).
+    pub cr: f64,
+    /// Fraction of the steps over which the target ramps up (default 0.75; the official recipe
+    /// ramps over 6k steps, then fine-tunes 2k at the final ratio).
+    #[serde(default = "three_quarters")]
+    pub ramp: f64,
+}
+
+fn three_quarters() -> f64 {
+    0.75
+}
+
+impl DmcTraining {
+    /// The target ratio `cr`, ramped over the first three quarters of the steps.
+    pub fn new(cr: f64) -> Self {
+        Self { cr, ramp: three_quarters() }
+    }
+
+    /// The target compression ratio at `step` (0-based) of `steps`.
+    pub fn cr_at(&self, step: usize, steps: usize) -> f64 {
+        let span = (self.ramp * steps as f64).max(1.0);
+        1.0 + (self.cr - 1.0) * ((step + 1) as f64 / span).min(1.0)
+    }
+
+    /// Checks the target, naming the bad value.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.cr >= 1.0 && self.cr <= 64.0) {
+            return Err(KvError::config("dmc cr", self.cr, "a compression ratio in [1, 64] (the paper trains 2 to 4; at most the model's dmc.window is reachable)"));
+        }
+        if !(0.0..=1.0).contains(&self.ramp) {
+            return Err(KvError::config("dmc ramp", self.ramp, "a fraction of the steps in [0, 1]"));
+        }
+        Ok(())
+    }
 }
 
 impl TrainConfig {
@@ -142,6 +189,9 @@ impl TrainConfig {
         }
         if self.short_steps > 0 && !(2..self.seq_len).contains(&self.short_seq_len) {
             return Err(KvError::config("short_seq_len", self.short_seq_len, format!("a length in [2, seq_len = {}) for the curriculum's short stage", self.seq_len)));
+        }
+        if let Some(dmc) = &self.dmc {
+            dmc.validate()?;
         }
         for t in &self.tasks {
             if self.seq_len + 1 < t.min_context() {
@@ -191,6 +241,19 @@ pub struct StepMetrics {
     /// Wall seconds of this step.
     #[serde(default)]
     pub seconds: f64,
+    /// DMC: the compression its hard decisions reached on this step's batch (tokens over slots)
+    /// and the target it was pushed towards; absent for other models.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dmc: Option<DmcStep>,
+}
+
+/// A DMC training step's compression, reached and targeted.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DmcStep {
+    /// Tokens seen per slot held under the step's hard decisions (mean merged share `m`: `1 / (1 - m)`).
+    pub cr: f64,
+    /// The ramped target ratio of the step.
+    pub target: f64,
 }
 
 /// An evaluation during or after training.
@@ -306,6 +369,9 @@ impl<B: AutodiffBackend> Trainer<B> {
     fn with_tokenizer(model: DecoderLm<B>, model_config: DecoderConfig, config: TrainConfig, tokenizer: Tokenizer, device: &B::Device) -> Result<Self> {
         config.validate()?;
         model_config.validate()?;
+        if config.dmc.is_some() && model_config.dmc.is_none() {
+            return Err(KvError::config("train dmc", "a compression target", "a model with dmc settings (retrofit one with `kv train --init <run> --dmc cr=2`)"));
+        }
         crate::eval::check_vocab(&model, tokenizer.vocab_size(), &format!("the {} tokenizer", tokenizer.name()))?;
         let (train, valid) = config.data.load_with(config.seed, &tokenizer)?;
         for (name, c) in [("training", &train), ("validation", &valid)] {
@@ -422,11 +488,19 @@ impl<B: AutodiffBackend> Trainer<B> {
         let c = self.config.clone();
         let mut accumulator = GradientsAccumulator::new();
         let mut loss_sum = 0.0;
+        let mut merged_sum = 0.0;
+        let dmc_target = c.dmc.as_ref().map(|d| d.cr_at(self.step, c.steps));
         for micro in 0..c.grad_accum {
             let (inputs, targets, weights) = self.batch(self.step, micro)?;
-            let logits = self.model.forward(inputs);
+            let (logits, merged) = self.model.forward_train(inputs);
             let [b, t, v] = logits.dims();
-            let loss = weighted_cross_entropy(logits.reshape([b * t, v]), targets, &weights);
+            let mut loss = weighted_cross_entropy(logits.reshape([b * t, v]), targets, &weights);
+            if let (Some(target), Some(merged)) = (dmc_target, merged) {
+                // One-sided: merging more than the target costs nothing. Weight 1 per token, as
+                // the official code's `dmc_loss * num_tokens` over a token-summed LM loss.
+                merged_sum += merged.clone().mean().into_scalar().elem::<f64>();
+                loss = loss + merged.neg().add_scalar(1.0 - 1.0 / target).clamp_min(0.0).mean();
+            }
             loss_sum += loss.clone().into_scalar().elem::<f64>();
             let grads = loss.div_scalar(c.grad_accum as f64).backward();
             accumulator.accumulate(&self.model, GradientsParams::from_grads(grads, &self.model));
@@ -440,6 +514,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             lr,
             tokens_per_s: { let (l, b) = c.shape_at(self.step - 1); (l * b * c.grad_accum) as f64 / start.elapsed().as_secs_f64() },
             seconds: start.elapsed().as_secs_f64(),
+            dmc: dmc_target.map(|target| DmcStep { cr: 1.0 / (1.0 - merged_sum / c.grad_accum as f64).max(1e-9), target }),
         })
     }
 

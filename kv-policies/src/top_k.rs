@@ -104,6 +104,9 @@ impl<B: Backend> CachePolicy<B> for TopKPolicy<B> {
         if self.finished(ctx.phase) || self.scorer.skips_layer(ctx) {
             return Ok(());
         }
+        if cache.is_ragged() {
+            return self.per_head_storage(ctx, cache, obs);
+        }
         self.scorer.observe(ctx, cache, obs)?;
         if !self.schedule.is_due(ctx.phase) {
             return Ok(());
@@ -135,6 +138,41 @@ impl<B: Backend> CachePolicy<B> for TopKPolicy<B> {
                 cache.retain_per_head(&keep)
             }
         }
+    }
+}
+
+impl<B: Backend> TopKPolicy<B> {
+    /// Scoring and selection over ragged storage (a DMC cache, or heads an earlier selection left
+    /// unequal): every (batch row, KV head) is a cache of its own, so each is scored as a layer of
+    /// one KV head with its query group (`ctx.n_heads / kv_heads` heads) and the head's own
+    /// observation ([`Observation::heads`]), and keeps its own top `k`.
+    fn per_head_storage(&mut self, ctx: &LayerContext<'_, B>, cache: &mut LayerCache<B>, obs: Option<&Observation<B>>) -> Result<()> {
+        if self.rerotate || self.selection != Selection::PerHead {
+            return Err(kv_core::KvError::config(
+                format!("{} on ragged storage", self.label),
+                if self.rerotate { "rerotate" } else { "selection across heads" },
+                "per-head top-k without re-rotation: each head of ragged storage (DMC, AdaKV) holds its own positions",
+            ));
+        }
+        let group = ctx.n_heads / cache.shape().kv_heads.max(1);
+        let head_ctx = LayerContext { n_heads: group, ..*ctx };
+        let due = self.schedule.is_due(ctx.phase);
+        let observed = obs.and_then(|o| o.heads.as_deref());
+        let heads = cache.head_caches_mut().expect("ragged storage has head caches");
+        for (i, head) in heads.iter_mut().enumerate() {
+            let obs = observed.and_then(|o| o.get(i));
+            self.scorer.observe(&head_ctx, head, obs)?;
+            if !due {
+                continue;
+            }
+            let (n, k) = (head.slots(), self.layer_budget.slots(self.budget, head.tokens_seen(), ctx)?);
+            if n > k {
+                let scores = self.scorer.score(&head_ctx, head, obs, k)?;
+                let idx = if n == k + 1 && k > 0 { all_but(scores.argmin(2), n) } else { top_k_indices(scores, k.max(1)).sort(2) };
+                head.retain(idx)?;
+            }
+        }
+        Ok(())
     }
 }
 

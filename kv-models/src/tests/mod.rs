@@ -5,6 +5,7 @@ mod checkpoints;
 mod configs;
 mod conversion;
 mod decoder;
+mod dmc;
 mod fuzz;
 mod golden;
 mod kept;
