@@ -228,7 +228,9 @@ pub fn decode_cell<B: Backend>(model: &DecoderLm<B>, label: &str, context: usize
     // what is measured is the policy's cost, not its choices on real text.
     let env = PolicyEnv::with_classes(TokenClasses::bytes());
     let mut timed = TimedPolicy { inner: crate::backend::policies::<B>().build(policy, &env)?, device, spent: Duration::ZERO };
-    let real_prefill = plan.prefill || crate::backend::policies::<B>().parse(policy)?.name != "full";
+    // A DMC model's cache is what its merges left: random slots would hold one per token.
+    let merges = model.blocks().is_ok_and(|blocks| blocks.iter().any(|b| b.attention.dmc().is_some()));
+    let real_prefill = plan.prefill || merges || crate::backend::policies::<B>().parse(policy)?.name != "full";
     let mut cache = model.new_state(1);
     let appends = plan.steps.max(2 * kv_core::TAIL_SLOTS);
     cache.reserve(context + plan.steps + appends + 2);

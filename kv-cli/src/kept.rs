@@ -10,7 +10,7 @@ use kv_models::SharedPrefill;
 use kv_policies::CachePolicy;
 use serde::Serialize;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Flags of `kv kept`.
 #[derive(Debug, Clone, Args)]
@@ -89,4 +89,45 @@ impl BackendJob for KeptArgs {
         }
         Ok(KeptFile { model: self.model.label("tiny-mha"), prompt_tokens: ids.len(), policies: out, choices })
     }
+}
+
+/// Writes what each (layer, KV head) holds after the prompt beside the JSON at `json`: a
+/// Markdown table of slots and compression ratios (prompt tokens / slots) and a heat map (a panel
+/// per policy, heads across, layers down, each square the share of the prompt's tokens the head
+/// holds), which is how DMC's learned per-head rates and a ragged policy's budgets are read.
+pub fn write_heads(json: &Path, file: &KeptFile) -> Result<Vec<PathBuf>> {
+    let stem = json.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "kept".into());
+    let (md_path, png_path) = (json.with_file_name(format!("{stem}-heads.md")), json.with_file_name(format!("{stem}-heads.png")));
+    let tokens = file.prompt_tokens.max(1) as f64;
+    let heads_max = file.policies.values().flat_map(|layers| layers.iter().map(Vec::len)).max().unwrap_or(0);
+    let layers_max = file.policies.values().map(Vec::len).max().unwrap_or(0);
+    let mut md = format!(
+        "# Slots per KV head after the prompt\n\n{}, {} prompt tokens; each cell: slots held (compression ratio = tokens / slots).\n\n| policy | layer | {} |\n|---|---:|{}\n",
+        file.model,
+        file.prompt_tokens,
+        (0..heads_max).map(|h| format!("head {h}")).collect::<Vec<_>>().join(" | "),
+        "---:|".repeat(heads_max)
+    );
+    let mut panels = Vec::new();
+    for (spec, layers) in &file.policies {
+        let mut cells = Vec::new();
+        for (l, heads) in layers.iter().enumerate() {
+            let row: Vec<String> = heads.iter().map(|kept| format!("{} ({:.2}x)", kept.len(), tokens / kept.len().max(1) as f64)).collect();
+            md += &format!("| {spec} | {l} | {} |\n", row.join(" | "));
+            cells.extend(heads.iter().enumerate().map(|(h, kept)| (h, l, kept.len() as f64 / tokens)));
+        }
+        panels.push(crate::plot::Panel { title: spec.clone(), cells });
+    }
+    kv_models::write_atomic(&md_path, md.as_bytes())?;
+    let title = format!("{}: share of the prompt each KV head holds", file.model);
+    let maps = crate::plot::HeatMaps {
+        title: &title,
+        columns: (0..heads_max).map(|h| h.to_string()).collect(),
+        rows: (0..layers_max).map(|l| l.to_string()).collect(),
+        x_label: "KV head",
+        y_label: "layer",
+        panels,
+    };
+    crate::plot::heat_maps(&png_path, &maps)?;
+    Ok(vec![md_path, png_path])
 }

@@ -108,7 +108,9 @@ fn run(cli: Cli) -> Result<()> {
             let file = run_on(device, args)?;
             let json = serde_json::to_string(&file).map_err(|e| kv_core::KvError::io(&out, e))?;
             kv_models::write_atomic(&out, json.as_bytes())?;
-            eprintln!("wrote {}: {} policies over {} prompt tokens", out.display(), file.policies.len(), file.prompt_tokens);
+            let heads = kept::write_heads(&out, &file)?;
+            let also: Vec<String> = heads.iter().map(|p| p.display().to_string()).collect();
+            eprintln!("wrote {} ({}): {} policies over {} prompt tokens", out.display(), also.join(", "), file.policies.len(), file.prompt_tokens);
             Ok(())
         }
         Command::Report(args) => {

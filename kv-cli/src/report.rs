@@ -83,10 +83,12 @@ fn sets_own_compression(policy: &str) -> bool {
     name != "full" && crate::backend::policies::<crate::backend::NamingBackend>().is_self_budgeted(name)
 }
 
-/// A cell's bytes over the full cache's bytes in the same (model, probe, context, depth).
+/// A cell's bytes over an uncompressed cache's in the same (model, probe, context, depth): the
+/// `full` cell's bytes, scaled up by the slots it still lacked (a DMC model merges under `full`).
 fn kept_share(results: &[CellResult], r: &CellResult) -> Option<f64> {
     let full = results.iter().find(|f| f.cell.policy == "full" && f.cell.model == r.cell.model && f.cell.probe == r.cell.probe && f.cell.context == r.cell.context && f.cell.depth == r.cell.depth)?;
-    (full.kv_bytes > 0.0).then(|| r.kv_bytes / full.kv_bytes)
+    let uncompressed = full.kv_bytes / (1.0 - full.removed).max(1e-9);
+    (uncompressed > 0.0).then(|| r.kv_bytes / uncompressed)
 }
 
 /// One chart per probe: its metric against compression, a line per (model, policy), each line

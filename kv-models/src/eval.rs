@@ -63,6 +63,10 @@ pub struct PolicyLoss {
     pub loss: f64,
     /// Key/value bytes held at the end of each window, measured from the cache, averaged.
     pub kv_bytes: f64,
+    /// Fraction of slots the cache held fewer than one per token and head, averaged (a policy's
+    /// evictions, or DMC's merges).
+    #[serde(default)]
+    pub removed: f64,
 }
 
 /// Mean next-token loss of text read through the cache under a policy, over `windows` windows of
@@ -94,7 +98,7 @@ pub fn policy_loss<B: Backend>(
         return Err(KvError::config("validation text", format!("{} bytes", corpus.len()), format!("at least {} bytes", len + 1)));
     }
     let device = model.embed.weight.device();
-    let (mut total, mut bytes) = (0.0, 0.0);
+    let (mut total, mut bytes, mut removed) = (0.0, 0.0, 0.0);
     for w in &all {
         let mut p = policy();
         let mut cache = model.new_state(1);
@@ -115,10 +119,12 @@ pub fn policy_loss<B: Backend>(
         let targets = Tensor::<B, 1, Int>::from_ints(targets.as_slice(), &device).reshape([n, 1]);
         let nll = log_softmax(logits, 1).gather(1, targets).mean().neg();
         total += nll.into_scalar().elem::<f64>();
-        bytes += cache.stats().kv_bytes as f64;
+        let stats = cache.stats();
+        bytes += stats.kv_bytes as f64;
+        removed += stats.compression_ratio();
     }
     let n = all.len() as f64;
-    Ok(PolicyLoss { loss: total / n, kv_bytes: bytes / n })
+    Ok(PolicyLoss { loss: total / n, kv_bytes: bytes / n, removed: removed / n })
 }
 
 /// Exact-match results of one task.
@@ -136,6 +142,8 @@ pub struct TaskResult {
     pub total: usize,
     /// Key/value bytes held when each answer was complete, measured from the cache, averaged.
     pub kv_bytes: f64,
+    /// Fraction of slots the cache held fewer than one per token and head, averaged.
+    pub removed: f64,
 }
 
 /// Greedy continuation of one task prompt under a cache policy, with the generation's
@@ -176,13 +184,14 @@ pub fn task_accuracy_with<B: Backend>(
     policy: &mut dyn FnMut() -> Box<dyn CachePolicy<B>>,
 ) -> Result<TaskResult> {
     let mut rng = StdRng::seed_from_u64(seed);
-    let (mut correct, mut bytes) = (0, 0.0);
+    let (mut correct, mut bytes, mut removed) = (0, 0.0, 0.0);
     for _ in 0..samples {
         let s = task.sample(&mut rng, context, depth)?;
         let (got, generation) = answer(model, tokenizer, &s.prompt, s.answer.len(), policy().as_mut())?;
         correct += exact_match(&s.answer, &got) as usize;
         bytes += generation.cache.kv_bytes as f64;
+        removed += generation.cache.compression_ratio();
     }
     let n = samples.max(1) as f64;
-    Ok(TaskResult { task, context, accuracy: correct as f64 / n, correct, total: samples, kv_bytes: bytes / n })
+    Ok(TaskResult { task, context, accuracy: correct as f64 / n, correct, total: samples, kv_bytes: bytes / n, removed: removed / n })
 }

@@ -141,6 +141,10 @@ pub struct CellResult {
     pub perplexity: Option<f64>,
     /// Key/value bytes held at the end of each sample, measured from the cache, averaged.
     pub kv_bytes: f64,
+    /// Fraction of slots held fewer than one per token and KV head, measured, averaged: what the
+    /// policy evicted, plus what the model merged (DMC), so a DMC model's `full` is below 1.
+    #[serde(default)]
+    pub removed: f64,
     /// Samples or windows evaluated.
     pub samples: usize,
     /// Wall time of the cell.
@@ -283,12 +287,13 @@ pub fn run_cell<B: Backend>(model: &DecoderLm<B>, tokenizer: &Tokenizer, cell: &
     let start = Instant::now();
     let env = tokenizer.policy_env();
     let mut make = || registry.build(&cell.spec, &env).expect("validated when the grid was built");
-    let mut result = CellResult { cell: cell.clone(), accuracy: None, loss: None, perplexity: None, kv_bytes: 0.0, samples: 0, seconds: 0.0, answer: None };
+    let mut result = CellResult { cell: cell.clone(), accuracy: None, loss: None, perplexity: None, kv_bytes: 0.0, removed: 0.0, samples: 0, seconds: 0.0, answer: None };
     match Probe::parse(&cell.probe)? {
         Probe::Task(task) => {
             let r = task_accuracy_with(model, tokenizer, task, cell.context, spec.samples, spec.seed, cell.depth, &mut make)?;
             result.accuracy = Some(r.accuracy);
             result.kv_bytes = r.kv_bytes;
+            result.removed = r.removed;
             result.samples = r.total;
         }
         probe @ (Probe::Ppl | Probe::PplEssays) => {
@@ -304,6 +309,7 @@ pub fn run_cell<B: Backend>(model: &DecoderLm<B>, tokenizer: &Tokenizer, cell: &
             result.loss = Some(r.loss);
             result.perplexity = Some(r.loss.exp());
             result.kv_bytes = r.kv_bytes;
+            result.removed = r.removed;
             result.samples = spec.windows;
         }
         Probe::Niah(_) => unreachable!("handled above"),
@@ -356,6 +362,7 @@ fn niah_cells<B: Backend>(model: &DecoderLm<B>, tokenizer: &Tokenizer, cells: &[
             loss: None,
             perplexity: None,
             kv_bytes: cache.stats().kv_bytes as f64,
+            removed: cache.stats().compression_ratio(),
             samples: 1,
             seconds: t.elapsed().as_secs_f64() + prefill_share,
             answer: Some(answer),
