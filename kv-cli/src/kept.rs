@@ -32,7 +32,7 @@ pub struct KeptArgs {
 }
 
 /// The contents of the JSON `kv kept` writes.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct KeptFile {
     /// The model's label.
     pub model: String,
@@ -45,7 +45,8 @@ pub struct KeptFile {
     pub choices: BTreeMap<String, Vec<Vec<String>>>,
 }
 
-fn positions<B: Backend>(cache: &LayerCache<B>) -> Vec<Vec<i64>> {
+/// The original positions each (batch row 0) KV head of `cache` holds, rectangular or ragged.
+pub(crate) fn positions<B: Backend>(cache: &LayerCache<B>) -> Vec<Vec<i64>> {
     let one = |c: &LayerCache<B>| {
         let n = c.slots().max(1);
         c.positions().into_data().iter::<i64>().collect::<Vec<_>>().chunks(n).map(<[i64]>::to_vec).collect::<Vec<_>>()

@@ -53,6 +53,13 @@ fn tiny_plan(policies: &[&str]) -> TourPlan {
         policy_context: 64,
         bench_steps: 2,
         real: None,
+        // A two-step retrofit of the first model, decisions offset to 0 so some tokens merge.
+        dmc: Some(crate::tour::DmcPlan {
+            cr: 2.0,
+            recipe: kv_models::train::TrainConfig { dmc: Some(kv_models::train::DmcTraining::new(2.0)), ..tiny_preset(4).train.unwrap() },
+            settings: kv_models::DmcSettings { init_bias: 0.0, ..Default::default() },
+            grid: tiny_grid(&["full", "h2o"]),
+        }),
     }
 }
 
@@ -79,8 +86,9 @@ fn a_tiny_tour_runs_end_to_end_and_reuses_its_models() {
         assert!(std::fs::metadata(&path).is_ok_and(|m| m.len() > 0), "{name} missing or empty");
     }
     let pngs: Vec<&PathBuf> = written.iter().filter(|p| p.extension().is_some_and(|e| e == "png")).collect();
-    // Perplexity, passkey accuracy, decode speed, cache bytes and FastGen's choice per head.
-    assert_eq!(pngs.len(), 5, "{pngs:?}");
+    // Perplexity, passkey accuracy, decode speed, cache bytes, FastGen's choice per head, and
+    // the DMC section's perplexity, passkey and per-head slots.
+    assert_eq!(pngs.len(), 8, "{pngs:?}");
     assert!(pngs.iter().all(|p| is_png(p)), "{pngs:?}");
     let md = std::fs::read_to_string(root.join("tour/report.md")).unwrap();
     assert_eq!(report.fastgen.len(), 2, "one FastGen profile per model");
@@ -96,14 +104,24 @@ fn a_tiny_tour_runs_end_to_end_and_reuses_its_models() {
     // Roofline: every decode step reads each f32 weight once plus the K/V held, measured.
     assert!(report.bench.read_bytes_per_s > 0.0);
     for c in &report.bench.decode {
-        let m = report.models.iter().find(|m| m.name == c.model).unwrap_or_else(|| panic!("no model {}", c.model));
+        let m = report.models.iter().chain(report.dmc.as_ref().map(|d| &d.model)).find(|m| m.name == c.model).unwrap_or_else(|| panic!("no model {}", c.model));
         assert_eq!(c.bytes_read_per_token, m.params * 4 + c.kv_bytes, "{} ctx {}", c.model, c.context);
         assert!((c.roofline_tokens_per_s - report.bench.read_bytes_per_s / c.bytes_read_per_token as f64).abs() < 1e-6 * c.roofline_tokens_per_s);
     }
     assert!(std::fs::read_to_string(root.join("tour/bench.md")).unwrap().contains("share of roofline"));
+    // The DMC section: a retrofit of the first model that merges, evaluated beside its base,
+    // with its per-head slots drawn and benchmarked like the other models.
+    let dmc = report.dmc.as_ref().unwrap();
+    assert!(dmc.model.trained_now && dmc.model.name == "t-mha-dmc2");
+    assert_eq!(dmc.eval.results.len(), 2 * 2 * 2, "2 models x 2 probes x (full + h2o)");
+    let slots: usize = dmc.heads.policies["full"].iter().flatten().map(Vec::len).sum();
+    assert!(slots > 0 && slots < 2 * 4 * dmc.heads.prompt_tokens, "merged slots: {slots}");
+    assert!(report.bench.decode.iter().any(|c| c.model == "t-mha-dmc2"));
+    assert!(md.contains("## DMC: t-mha retrofitted") && is_png(&root.join("tour/dmc/kept-heads.png")));
     // A second tour reuses the trained models.
     let again = run_tour(&root, &["full"]).unwrap();
     assert!(again.models.iter().all(|m| !m.trained_now));
+    assert!(!again.dmc.unwrap().model.trained_now, "and the retrofit");
     let _ = std::fs::remove_dir_all(&root);
 }
 

@@ -54,6 +54,42 @@ pub struct TourPlan {
     pub bench_steps: usize,
     /// The real-model section, run when the fetched assets are there (None: never).
     pub real: Option<RealPlan>,
+    /// The DMC section: a retrofit of the first preset's model (None: none).
+    pub dmc: Option<DmcPlan>,
+}
+
+/// The tour's DMC section: the first preset's trained model retrofitted with Dynamic Memory
+/// Compression (`kv train --init <it> --dmc cr=..`, the dmc-retrofit recipe), then evaluated
+/// beside its base, both also under eviction policies at the bytes DMC holds.
+#[derive(Debug, Clone)]
+pub struct DmcPlan {
+    /// The target compression ratio.
+    pub cr: f64,
+    /// The fine-tuning recipe (the tour's: the dmc-retrofit preset's), its target set to `cr`.
+    pub recipe: kv_models::train::TrainConfig,
+    /// The decision settings of the retrofit.
+    pub settings: kv_models::DmcSettings,
+    /// The grid over the base and the retrofit.
+    pub grid: GridSpec,
+}
+
+impl DmcPlan {
+    /// The dmc-retrofit recipe to `cr` (for `steps`, if given), evaluated on `grid`'s probes
+    /// under full, H2O and TOVA at `1 - 1/cr`.
+    pub fn new(cr: f64, steps: Option<usize>, grid: &GridSpec) -> Result<Self> {
+        let preset = preset("dmc-retrofit")?;
+        let mut recipe = preset.train.ok_or_else(|| KvError::config("preset", "dmc-retrofit", "a preset with a training recipe"))?;
+        recipe.steps = steps.unwrap_or(recipe.steps);
+        recipe.dmc = Some(kv_models::train::DmcTraining { cr, ..recipe.dmc.unwrap_or(kv_models::train::DmcTraining::new(cr)) });
+        let policies = ["full", "h2o", "tova"].iter().map(|p| p.to_string()).collect();
+        let grid = GridSpec { policies, compressions: vec![1.0 - 1.0 / cr], ..grid.clone() };
+        Ok(Self { cr, recipe, settings: preset.model.dmc.unwrap_or_default(), grid })
+    }
+
+    /// The retrofit's folder name beside its base's: `tiny-mha-dmc2`.
+    fn name(&self, base: &str) -> String {
+        format!("{base}-dmc{}", self.cr)
+    }
 }
 
 /// What a tour measures on the real model (SmolLM2-135M-Instruct from the fetched GGUF).
@@ -109,6 +145,8 @@ impl TourPlan {
         // Three of the test's five standard depths keep the section near ten minutes on two cores
         // (`kv eval --task niah` runs all five: about 15 minutes for this grid).
         plan.real = Some(RealPlan::new(&plan.grid.policies, vec![1024, 2048], vec![0.0, 0.5, 1.0], 512, 1, vec![1024, 2048]));
+        // About 6 minutes on two cores: 400 fine-tuning steps, then its grid.
+        plan.dmc = Some(DmcPlan::new(2.0, None, &plan.grid)?);
         Ok(plan)
     }
 
@@ -120,6 +158,7 @@ impl TourPlan {
         real.niah.compressions = vec![0.5];
         real.ppl.compressions = vec![0.5];
         plan.real = Some(real);
+        plan.dmc = Some(DmcPlan::new(2.0, Some(80), &plan.grid)?);
         Ok(plan)
     }
 
@@ -150,6 +189,7 @@ impl TourPlan {
             policy_context,
             bench_steps: 16,
             real: None,
+            dmc: None,
         })
     }
 }
@@ -198,6 +238,9 @@ pub struct TourReport {
     /// Wall time of each part of the tour, in order.
     #[serde(default)]
     pub parts: Vec<(String, f64)>,
+    /// The DMC retrofit and its evaluation (absent when the plan has none).
+    #[serde(default)]
+    pub dmc: Option<DmcSection>,
     /// What FastGen chose per head after one prompt, per model.
     #[serde(default)]
     pub fastgen: Vec<HeadChoices>,
@@ -289,6 +332,44 @@ pub struct RealSection {
     pub bench: BenchFile,
 }
 
+/// What the tour measured on its DMC retrofit.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DmcSection {
+    /// The base model's name.
+    pub base: String,
+    /// The target compression ratio of the fine-tuning.
+    pub cr: f64,
+    /// The retrofit's training summary.
+    pub model: ModelSummary,
+    /// The slots each (layer, KV head) holds after one story prompt, full cache.
+    pub heads: crate::kept::KeptFile,
+    /// The base and the retrofit under full, H2O and TOVA.
+    pub eval: GridFile,
+}
+
+/// Retrofits the model in `base` with DMC into `dir` (the dmc-retrofit recipe at `plan`'s
+/// target), resumes an unfinished retrofit there, or reuses a finished one.
+fn ensure_retrofit<B: Backend>(base: &Path, dir: &Path, plan: &DmcPlan, device: &B::Device) -> Result<bool> {
+    let train = plan.recipe.clone();
+    let label = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    match run_status(dir)? {
+        Some(status) if status.train != train => Err(KvError::io(dir, format!("holds a different {label} run (its recipe differs from the tour's retrofit); delete the folder or pass --models DIR"))),
+        Some(status) if status.is_done() => Ok(false),
+        Some(_) => {
+            let mut trainer = Trainer::<Autodiff<B>>::resume(dir, None, device)?;
+            train_with_progress(&mut trainer, dir, &format!("{label}: "))?;
+            Ok(true)
+        }
+        None => {
+            let (model, config) = load_model::<Autodiff<B>>(base, device)?;
+            let (model, config) = kv_models::to_dmc(&model, &config, plan.settings.clone())?;
+            let mut trainer = Trainer::from_model(model, config, train, device)?;
+            train_with_progress(&mut trainer, dir, &format!("{label}: "))?;
+            Ok(true)
+        }
+    }
+}
+
 /// Runs the tour on one backend.
 pub struct TourJob {
     /// The flags.
@@ -374,6 +455,30 @@ impl BackendJob for TourJob {
             models.push(summary::<B>(name, dir, trained_now, &device)?);
         }
         time("train (or reuse) the tiny models", &mut parts);
+        let mut bench_models: Vec<(PathBuf, String)> = dirs.iter().cloned().zip(labels.iter().cloned()).collect();
+        let dmc = match &plan.dmc {
+            None => None,
+            Some(d) => {
+                let (base, base_dir) = (&labels[0], &dirs[0]);
+                let name = d.name(base);
+                let dir = self.args.models.join(&name);
+                let trained_now = ensure_retrofit::<B>(base_dir, &dir, d, &device)?;
+                let model = summary::<B>(&name, &dir, trained_now, &device)?;
+                time("retrofit DMC", &mut parts);
+                let eval = run_checkpoints::<B>(&[base_dir.clone(), dir.clone()], &d.grid, &device, self.device)?;
+                let (retrofit, _) = load_model::<B>(&dir, &device)?;
+                let tokenizer = kv_models::Tokenizer::for_run(&dir)?;
+                let prompt = kv_models::data::Corpus::stories(99, 8 * plan.policy_context).windows(plan.policy_context.min(512), 1).remove(0);
+                let mut full = crate::backend::policies::<B>().build("full", &tokenizer.policy_env())?;
+                let shared = kv_models::SharedPrefill::new(&retrofit, &prompt, &[full.as_ref()], 0)?;
+                let cache = shared.cache_for(&retrofit, full.as_mut())?;
+                let layers = (0..cache.num_layers()).map(|l| crate::kept::positions(cache.layer(l))).collect();
+                let heads = crate::kept::KeptFile { model: name.clone(), prompt_tokens: prompt.len(), policies: [("full".to_string(), layers)].into(), choices: Default::default() };
+                time("evaluate the DMC retrofit", &mut parts);
+                bench_models.push((dir, name));
+                Some(DmcSection { base: base.clone(), cr: d.cr, model, heads, eval })
+            }
+        };
         let eval = run_checkpoints::<B>(&dirs, &plan.grid, &device, self.device)?;
         let mut fastgen = Vec::new();
         for (dir, label) in dirs.iter().zip(&labels) {
@@ -386,11 +491,11 @@ impl BackendJob for TourJob {
         let mut bench = BenchFile { read_bytes_per_s: read_bandwidth::<B>(&device), ..Default::default() };
         let budget = |c: f64| ((plan.policy_context as f64) * (1.0 - c)).round() as usize;
         let policies: Vec<String> = ["h2o", "snapkv", "streaming"].iter().map(|p| format!("{p}:budget={}", budget(0.875))).collect();
-        let cells = dirs.len() * (plan.bench_contexts.len() + 1 + policies.len());
+        let cells = bench_models.len() * (plan.bench_contexts.len() + 1 + policies.len());
         let bar = ProgressBar::new(cells as u64).with_style(
             ProgressStyle::with_template("bench {msg:>36} [{bar:30}] {pos}/{len} {elapsed}").unwrap().progress_chars("=> "),
         );
-        for (dir, label) in dirs.iter().zip(&labels) {
+        for (dir, label) in &bench_models {
             let (model, _) = load_model::<B>(dir, &device)?;
             let decode = DecodePlan { contexts: plan.bench_contexts.clone(), steps: plan.bench_steps, policies: vec![], prefill: false, read_bytes_per_s: bench.read_bytes_per_s };
             for &context in &plan.bench_contexts {
@@ -412,7 +517,7 @@ impl BackendJob for TourJob {
             None => None,
             Some(real) => Some(run_real::<B>(real, plan.bench_steps, &device, self.device, &mut fastgen, &mut |name| time(name, &mut parts))?),
         };
-        Ok(TourReport { device: self.device.name().into(), quick: self.args.quick, seconds: start.elapsed().as_secs_f64(), models, eval, bench, real, parts, fastgen })
+        Ok(TourReport { device: self.device.name().into(), quick: self.args.quick, seconds: start.elapsed().as_secs_f64(), models, eval, bench, real, parts, fastgen, dmc })
     }
 }
 
@@ -520,6 +625,41 @@ fn real_section(dir: &Path, real: &RealSection, written: &mut Vec<PathBuf>) -> R
     Ok(md)
 }
 
+/// The report's DMC section, its files written into `dir/dmc`.
+fn dmc_section(dir: &Path, dmc: &DmcSection, written: &mut Vec<PathBuf>) -> Result<String> {
+    let sub = dir.join("dmc");
+    let mut files = crate::report::write(&sub, &dmc.eval)?;
+    files.extend(crate::kept::write_heads(&sub.join("kept.json"), &dmc.heads)?);
+    let tokens = dmc.heads.prompt_tokens as f64;
+    let (mut slots, mut heads) = (0usize, 0usize);
+    for layer in dmc.heads.policies.values().flatten() {
+        slots += layer.iter().map(Vec::len).sum::<usize>();
+        heads += layer.len();
+    }
+    let m = &dmc.model;
+    let mut md = format!(
+        "\n## DMC: {} retrofitted to merge tokens\n\n`kv train --init {} --dmc cr={}` (the dmc-retrofit recipe): {:.0} s of fine-tuning; validation loss {}. Each KV head decides per token whether to append it or merge it into its last slot (a weighted mean of pre-RoPE keys and of values); the heads learned their own rates. After a {}-token story the cache holds {:.2}x fewer slots than tokens, layer by layer and head by head:\n\n",
+        dmc.base,
+        dmc.base,
+        dmc.cr,
+        m.train_seconds,
+        m.valid_loss.map_or("-".into(), |l| format!("{l:.4} (perplexity {:.3})", l.exp())),
+        dmc.heads.prompt_tokens,
+        tokens * heads as f64 / slots.max(1) as f64,
+    );
+    let table = std::fs::read_to_string(sub.join("kept-heads.md")).unwrap_or_default();
+    md += table.lines().skip(4).collect::<Vec<_>>().join("\n").as_str();
+    md += "\n\nThe base and the retrofit, each also under H2O and TOVA at the compression DMC targets (kept bytes: measured, against an uncompressed cache):\n\n";
+    md += &crate::report::markdown(&dmc.eval.results);
+    md += "\n";
+    for f in files.iter().filter(|p| p.extension().is_some_and(|e| e == "png")) {
+        let rel = f.strip_prefix(dir).unwrap_or(f).display().to_string();
+        md += &format!("![{rel}]({rel})\n\n");
+    }
+    written.extend(files);
+    Ok(md)
+}
+
 /// Writes `report.md`, `report.json`, the eval and bench files and every chart into `dir`.
 pub fn write_report(dir: &Path, report: &TourReport) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir).map_err(|e| KvError::io(dir, e))?;
@@ -547,6 +687,9 @@ pub fn write_report(dir: &Path, report: &TourReport) -> Result<Vec<PathBuf>> {
         md += &real_section(dir, real, &mut written)?;
     }
     md += &fastgen_section(dir, &report.fastgen, &mut written)?;
+    if let Some(dmc) = &report.dmc {
+        md += &dmc_section(dir, dmc, &mut written)?;
+    }
     if !report.parts.is_empty() {
         md += "\n## Where the time went\n\n| part | seconds |\n|---|---:|\n";
         for (part, secs) in &report.parts {
