@@ -142,7 +142,7 @@ fn eval_json_has_its_documented_shape_and_full_cells_match_plain_eval() {
         assert!(json.get(key).is_some(), "eval.json lacks {key}");
     }
     for r in json["results"].as_array().unwrap() {
-        for key in ["model", "policy", "spec", "compression", "probe", "context", "depth", "accuracy", "loss", "perplexity", "kv_bytes", "samples", "seconds"] {
+        for key in ["model", "policy", "spec", "compression", "probe", "context", "depth", "accuracy", "loss", "perplexity", "kv_bytes", "removed", "samples", "seconds"] {
             assert!(r.get(key).is_some(), "a result lacks {key}: {r}");
         }
         assert!(r["accuracy"].is_number() != r["loss"].is_number(), "exactly one metric per probe: {r}");

@@ -146,6 +146,10 @@ fn cases(fx: &Fixtures, work: &Path) -> Vec<Case> {
     add("eval depth above 1", &["eval", "--checkpoint", &ckpt, "--task", "needle", "--depth", "1.5", "--out", &w("e")], &["depth", "1.5"], small);
     add("eval of an unknown policy", &["eval", "--checkpoint", &ckpt, "--policy", "full,nosuch", "--out", &w("e")], &["nosuch", "h2o"], small);
     add("eval of a missing checkpoint", &["eval", "--checkpoint", &fx.path("missing"), "--out", &w("e")], &["missing", "checkpoint"], small);
+    add("dmc spec with an unknown key", &["train", "--init", &ckpt, "--dmc", "cr=2,speed=9", "--out", &w("d")], &["speed", "cr, ramp"], small);
+    add("dmc spec without a target", &["train", "--config", &fx.path("tiny.json"), "--dmc", "window=8", "--out", &w("d")], &["cr=2"], small);
+    add("dmc target below 1", &["train", "--init", &ckpt, "--dmc", "cr=0.5", "--out", &w("d")], &["0.5", "[1, 64]"], small);
+    add("dmc window of 0", &["train", "--config", &fx.path("tiny.json"), "--dmc", "cr=2,window=0", "--out", &w("d")], &["dmc.window", "0"], small);
     add("resume with nothing to resume", &["train", "--resume", "--out", &w("nothing")], &["nothing"], small);
     add("train into a folder that holds a run", &["train", "--config", &fx.path("tiny.json"), "--out", &ckpt], &["already holds a run", "--resume"], small);
     add("report from a missing file", &["report", "--from", &fx.path("missing.json"), "--out", &w("r")], &["missing.json"], small);
