@@ -350,24 +350,33 @@ pub struct DmcSection {
 /// Retrofits the model in `base` with DMC into `dir` (the dmc-retrofit recipe at `plan`'s
 /// target), resumes an unfinished retrofit there, or reuses a finished one.
 fn ensure_retrofit<B: Backend>(base: &Path, dir: &Path, plan: &DmcPlan, device: &B::Device) -> Result<bool> {
-    let train = plan.recipe.clone();
     let label = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    match run_status(dir)? {
-        Some(status) if status.train != train => Err(KvError::io(dir, format!("holds a different {label} run (its recipe differs from the tour's retrofit); delete the folder or pass --models DIR"))),
-        Some(status) if status.is_done() => Ok(false),
-        Some(_) => {
-            let mut trainer = Trainer::<Autodiff<B>>::resume(dir, None, device)?;
-            train_with_progress(&mut trainer, dir, &format!("{label}: "))?;
-            Ok(true)
-        }
-        None => {
-            let (model, config) = load_model::<Autodiff<B>>(base, device)?;
-            let (model, config) = kv_models::to_dmc(&model, &config, plan.settings.clone())?;
-            let mut trainer = Trainer::from_model(model, config, train, device)?;
-            train_with_progress(&mut trainer, dir, &format!("{label}: "))?;
-            Ok(true)
-        }
-    }
+    let start = || {
+        let (model, config) = load_model::<Autodiff<B>>(base, device)?;
+        let (model, config) = kv_models::to_dmc(&model, &config, plan.settings.clone())?;
+        Trainer::from_model(model, config, plan.recipe.clone(), device)
+    };
+    ensure_run::<B>(dir, &label, |s| s.train == plan.recipe, "its recipe differs from the tour's retrofit", start, device)
+}
+
+/// Reuses the finished run in `dir`, resumes an unfinished one, or trains the one `start` makes;
+/// a run `fits` rejects is an error that says why (`mismatch`), never overwritten.
+fn ensure_run<B: Backend>(
+    dir: &Path,
+    label: &str,
+    fits: impl Fn(&kv_models::train::RunStatus) -> bool,
+    mismatch: &str,
+    start: impl FnOnce() -> Result<Trainer<Autodiff<B>>>,
+    device: &B::Device,
+) -> Result<bool> {
+    let mut trainer = match run_status(dir)? {
+        Some(status) if !fits(&status) => return Err(KvError::io(dir, format!("holds a different {label} run ({mismatch}); delete the folder or pass --models DIR"))),
+        Some(status) if status.is_done() => return Ok(false),
+        Some(_) => Trainer::<Autodiff<B>>::resume(dir, None, device)?,
+        None => start()?,
+    };
+    train_with_progress(&mut trainer, dir, &format!("{label}: "))?;
+    Ok(true)
 }
 
 /// Runs the tour on one backend.
@@ -383,23 +392,9 @@ pub struct TourJob {
 /// Trains `preset` into `dir`, resumes an unfinished run there, or reuses a finished one.
 fn ensure_trained<B: Backend>(name: &str, preset: &Preset, dir: &Path, device: &B::Device) -> Result<bool> {
     let train = preset.train.clone().ok_or_else(|| KvError::config("tour preset", name, "a preset with a training recipe"))?;
-    match run_status(dir)? {
-        Some(status) if status.model != preset.model || status.train != train => Err(KvError::io(
-            dir,
-            format!("holds a different {name} run (its config differs from kv-models/presets/{name}.json); delete the folder or pass --models DIR"),
-        )),
-        Some(status) if status.is_done() => Ok(false),
-        Some(_) => {
-            let mut trainer = Trainer::<Autodiff<B>>::resume(dir, None, device)?;
-            train_with_progress(&mut trainer, dir, &format!("{name}: "))?;
-            Ok(true)
-        }
-        None => {
-            let mut trainer = Trainer::<Autodiff<B>>::new(preset.model.clone(), train, device)?;
-            train_with_progress(&mut trainer, dir, &format!("{name}: "))?;
-            Ok(true)
-        }
-    }
+    let fits = |s: &kv_models::train::RunStatus| s.model == preset.model && s.train == train;
+    let mismatch = format!("its config differs from kv-models/presets/{name}.json");
+    ensure_run::<B>(dir, name, fits, &mismatch, || Trainer::<Autodiff<B>>::new(preset.model.clone(), train.clone(), device), device)
 }
 
 fn summary<B: Backend>(name: &str, dir: &Path, trained_now: bool, device: &B::Device) -> Result<ModelSummary> {
