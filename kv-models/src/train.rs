@@ -492,6 +492,9 @@ impl<B: AutodiffBackend> Trainer<B> {
         let dmc_target = c.dmc.as_ref().map(|d| d.cr_at(self.step, c.steps));
         for micro in 0..c.grad_accum {
             let (inputs, targets, weights) = self.batch(self.step, micro)?;
+            // Randomness inside the forward (DMC's Gumbel noise) is drawn from the step and
+            // micro-batch, as the data is, so a resumed run repeats the uninterrupted one.
+            B::seed(&self.device, batch_rng(c.seed ^ 0x6d63, self.step, micro).random::<u64>());
             let (logits, merged) = self.model.forward_train(inputs);
             let [b, t, v] = logits.dims();
             let mut loss = weighted_cross_entropy(logits.reshape([b * t, v]), targets, &weights);

@@ -170,7 +170,35 @@ fn policies_evict_from_the_merged_cache_head_by_head<B: Backend>(dev: &B::Device
     assert!(err.contains("ragged") && err.contains("rerotate"), "{err}");
 }
 
+fn a_dmc_retrofit_resumes_exactly<B: Backend>(dev: &B::Device) {
+    type AD<B> = burn::backend::Autodiff<B>;
+    let config = DecoderConfig::new(256, 32, 2, 4, 2, 64);
+    let start = || {
+        B::seed(dev, 13);
+        let model = config.init::<AD<B>>(dev).unwrap();
+        let (model, dmc) = to_dmc(&model, &config, DmcSettings { init_bias: 1.0, ..DmcSettings::default() }).unwrap();
+        let mut recipe = train_config(6);
+        recipe.dmc = Some(train::DmcTraining::new(2.0));
+        train::Trainer::<AD<B>>::from_model(model, dmc, recipe, dev).unwrap()
+    };
+    let (straight, paused) = (temp_dir("dmc-straight"), temp_dir("dmc-paused"));
+    train::run(&mut start(), &straight, |_| {}).unwrap();
+    train::run_until(&mut start(), &paused, 3, |_| {}).unwrap();
+    // A resumed run is a new process: the backend's generator is wherever it happens to be.
+    B::seed(dev, 999);
+    let mut resumed = train::Trainer::<AD<B>>::resume(&paused, None, dev).unwrap();
+    train::run(&mut resumed, &paused, |_| {}).unwrap();
+    // The Gumbel noise is drawn per step, so the losses and the weights are the same.
+    assert_eq!(step_losses(&straight), step_losses(&paused));
+    let (a, _) = load_model::<B>(&straight, dev).unwrap();
+    let (b, _) = load_model::<B>(&paused, dev).unwrap();
+    assert_eq!(params::<B, _>(&a), params::<B, _>(&b));
+    std::fs::remove_dir_all(&straight).unwrap();
+    std::fs::remove_dir_all(&paused).unwrap();
+}
+
 kv_core::backend_tests!(
+    a_dmc_retrofit_resumes_exactly,
     policies_evict_from_the_merged_cache_head_by_head,
     a_retrofit_starts_as_the_model_without_its_decision_channels,
     a_dmc_model_decodes_what_its_training_path_computes,
