@@ -203,7 +203,29 @@ fn gated_retention_of_three_scalar_tokens_matches_a_hand_computation<B: Backend>
     }
 }
 
+fn banded_window_prefill_equals_the_window_mask_over_every_key<B: Backend>(dev: &B::Device) {
+    // Past one query block (256 rows), in one call and in chunks after a held window.
+    for (kvh, window) in [(2, 40), (4, 300)] {
+        let swa = SlidingWindowAttentionConfig::new(GroupedAttentionConfig::new(32, 4, kvh), window).init::<B>(dev).unwrap();
+        let t = 600;
+        let x = randn::<B, 3>([1, t, 32], dev);
+        let (q, k, v) = swa.attn.project(x.clone(), 0, None);
+        let all = Causality::Window { query: Tensor::arange(0..t as i64, dev), key: position_range(0, t, dev), window };
+        let want = swa.attn.merge_heads(grouped_attention(q, &[(k, v)], &all, swa.attn.scale(), ObserveRequest::default()).0);
+        let diff = max_abs_diff(swa.forward(x.clone()), want.clone());
+        assert!(diff <= 1e-5, "window {window}: training path differs from the full mask by {diff}");
+        let mut state = swa.new_state(1, dev);
+        let parts: Vec<Tensor<B, 3>> = [(0, 290), (290, 1), (291, 309)]
+            .iter()
+            .map(|&(at, n)| swa.forward_cached(x.clone().narrow(1, at, n), &mut state, ObserveRequest::default()).unwrap().output)
+            .collect();
+        let diff = max_abs_diff(Tensor::cat(parts, 1), want);
+        assert!(diff <= 1e-5, "window {window}: chunked prefill differs from the full mask by {diff}");
+    }
+}
+
 kv_core::backend_tests!(
+    banded_window_prefill_equals_the_window_mask_over_every_key,
     gated_retention_of_three_scalar_tokens_matches_a_hand_computation,
     windowed_causality_matches_an_explicit_mask,
     sliding_window_decode_matches_forward_and_never_holds_more_than_the_window,

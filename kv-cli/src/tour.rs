@@ -158,7 +158,8 @@ impl TourPlan {
         real.niah.compressions = vec![0.5];
         real.ppl.compressions = vec![0.5];
         plan.real = Some(real);
-        plan.dmc = Some(DmcPlan::new(2.0, Some(80), &plan.grid)?);
+        // 80 steps merged nothing at inference yet; 250 (about a minute) hold layer 1 at the cap.
+        plan.dmc = Some(DmcPlan::new(2.0, Some(250), &plan.grid)?);
         Ok(plan)
     }
 
@@ -633,7 +634,7 @@ fn dmc_section(dir: &Path, dmc: &DmcSection, written: &mut Vec<PathBuf>) -> Resu
     }
     let m = &dmc.model;
     let mut md = format!(
-        "\n## DMC: {} retrofitted to merge tokens\n\n`kv train --init {} --dmc cr={}` (the dmc-retrofit recipe): {:.0} s of fine-tuning; validation loss {}. Each KV head decides per token whether to append it or merge it into its last slot (a weighted mean of pre-RoPE keys and of values); the heads learned their own rates. After a {}-token story the cache holds {:.2}x fewer slots than tokens, layer by layer and head by head:\n\n",
+        "\n## DMC: {} retrofitted to merge tokens\n\n`kv train --init {} --dmc cr={}` (the dmc-retrofit recipe): {:.0} s of fine-tuning; validation loss {}. Each KV head decides per token whether to append it or merge it into its last slot (a weighted mean of pre-RoPE keys and of values); the heads learned their own rates. After a {}-token story its cache holds one slot per {:.2} tokens (the compression ratio), layer by layer and head by head:\n\n",
         dmc.base,
         dmc.base,
         dmc.cr,
