@@ -126,7 +126,7 @@ impl MlaAttentionConfig {
             value_dim: self.value_width(),
             kv_latent: self.kv_latent,
             rope_dim: self.rope_dim,
-            path: MlaPath::Absorbed,
+            path: MlaPath::Auto,
         })
     }
 }
@@ -134,9 +134,14 @@ impl MlaAttentionConfig {
 /// How [`MlaAttention`]'s cached path attends over its latent cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum MlaPath {
-    /// `W_UK` folded into the query and `W_UV` applied after attention: reads only the cache, as
-    /// MQA over `[latent ; k_R]` keys and latent values (decode).
+    /// Naive for a chunk of several tokens (prefill), absorbed for one (decode), as DeepSeek
+    /// runs it: a prompt's queries share one up-projection of the latents and score
+    /// `head_dim`-wide keys, where absorbed scoring is `kv_latent` wide per query; one decode
+    /// token would up-project the whole cache for a single query.
     #[default]
+    Auto,
+    /// `W_UK` folded into the query and `W_UV` applied after attention: reads only the cache, as
+    /// MQA over `[latent ; k_R]` keys and latent values.
     Absorbed,
     /// Up-projects every cached latent to per-head keys and values first (the reference).
     Naive,
@@ -215,7 +220,7 @@ impl<B: Backend> MlaAttention<B> {
         self.path
     }
 
-    /// Chooses the path [`CachedAttention::forward_cached`] takes (absorbed by default).
+    /// Chooses the path [`CachedAttention::forward_cached`] takes (`Auto` by default).
     pub fn set_path(&mut self, path: MlaPath) {
         self.path = path;
     }
@@ -357,7 +362,8 @@ impl<B: Backend> MlaAttention<B> {
         let segments = cache.kv_segments();
         let (o, mut observation) = match path {
             MlaPath::Absorbed => self.attend_absorbed(queries, segments, &causality, observe),
-            MlaPath::Naive => self.attend_naive(queries, segments, &causality, observe),
+            MlaPath::Auto if t == 1 => self.attend_absorbed(queries, segments, &causality, observe),
+            MlaPath::Naive | MlaPath::Auto => self.attend_naive(queries, segments, &causality, observe),
         };
         if observe.key_norms || observe.value_norms {
             let o = observation.get_or_insert_with(Default::default);

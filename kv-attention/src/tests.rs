@@ -209,8 +209,16 @@ fn mla_absorbed_decode_matches_naive_and_full_forward<B: Backend>(dev: &B::Devic
             let ctx = format!("query_latent {query_latent}, t {t}, split {split}");
             let diff = max_abs_diff(absorbed.clone(), naive.clone());
             assert!(diff <= 1e-4, "{ctx}: absorbed vs naive {diff}");
-            let diff = max_abs_diff(absorbed, full);
+            let diff = max_abs_diff(absorbed.clone(), full);
             assert!(diff <= 1e-4, "{ctx}: absorbed vs full forward {diff}");
+            // The default (naive prefill, absorbed decode) equals both, observations included.
+            let (auto, auto_obs, _) = mla_decode(&mla, &x, split, MlaPath::Auto, dev);
+            let diff = max_abs_diff(auto, absorbed);
+            assert!(diff <= 1e-4, "{ctx}: auto vs absorbed {diff}");
+            for (a, n) in auto_obs.iter().zip(&naive_obs) {
+                assert!(max_abs_diff(a.column_sums.clone().unwrap(), n.column_sums.clone().unwrap()) <= 1e-5, "{ctx}: auto column sums");
+                assert!(max_abs_diff(a.window.clone().unwrap(), n.window.clone().unwrap()) <= 1e-5, "{ctx}: auto window");
+            }
             // Both paths observe the same attention, per query head, over the one latent head.
             for (a, n) in abs_obs.into_iter().zip(naive_obs) {
                 assert_eq!(a.column_sums.as_ref().unwrap().dims()[1], 4);
