@@ -65,6 +65,12 @@ pub fn attend_appended<B: Backend>(q: Tensor<B, 4>, cache: &kv_core::LayerCache<
         let (o, observation) = fused_prefill(q, cache, scale, observe);
         return (o, Observation::with_plain_norms(observation, observe, cache, h));
     }
+    if t > 1 && !cache.is_ragged() && cache.slots() == seen {
+        // Nothing was evicted: slot j is at position j, so each query block reads only its prefix.
+        let causality = Causality::Consecutive { first_query: seen - t, first_key: 0 };
+        let (o, observation) = grouped_attention(q, &cache.kv_segments(), &causality, scale, observe);
+        return (o, Observation::with_plain_norms(observation, observe, cache, h));
+    }
     // A single newest token comes after every slot, so it needs no mask.
     let query_positions = (t > 1).then(|| Tensor::arange((seen - t) as i64..seen as i64, &q.device()));
     attend_cache(q, cache, query_positions, scale, observe)
@@ -108,8 +114,13 @@ fn fused_prefill<B: Backend>(q: Tensor<B, 4>, cache: &kv_core::LayerCache<B>, sc
     let mut observation = None;
     if w > 0 {
         let qw = q.narrow(2, head, w);
-        let query = Tensor::<B, 1, Int>::arange((cache.tokens_seen() - w) as i64..cache.tokens_seen() as i64, &qw.device());
-        let (o, obs) = grouped_attention(qw, &cache.kv_segments(), &Causality::ByPosition { query, key: positions }, scale, observe);
+        let seen = cache.tokens_seen();
+        let causality = if cache.slots() == seen {
+            Causality::Consecutive { first_query: seen - w, first_key: 0 }
+        } else {
+            Causality::ByPosition { query: Tensor::<B, 1, Int>::arange((seen - w) as i64..seen as i64, &qw.device()), key: positions }
+        };
+        let (o, obs) = grouped_attention(qw, &cache.kv_segments(), &causality, scale, observe);
         outs.push(o);
         observation = obs;
     }
@@ -134,6 +145,16 @@ pub enum Causality<B: Backend> {
         query: Tensor<B, 1, Int>,
         /// Absolute positions of the slots, `[batch | 1, kv_heads | 1, n]`.
         key: Tensor<B, 3, Int>,
+    },
+    /// Ordinary causality over a cache nothing was evicted from: query `i` is at position
+    /// `first_query + i` and slot `j` at `first_key + j`. The kernel then scores each query block
+    /// only against the keys at or before its last query (about half the work of a masked
+    /// prefill) and builds its mask from two ranges instead of from the slots' positions.
+    Consecutive {
+        /// Position of the first query.
+        first_query: usize,
+        /// Position of the first slot.
+        first_key: usize,
     },
     /// Sliding-window causality: query `i` sees slot `j` iff
     /// `query_positions[i] - window < key_positions[j] <= query_positions[i]`, so every query sees
@@ -209,6 +230,12 @@ pub fn grouped_attention_parts<B: Backend>(
     let mut lo = 0;
     while lo < t {
         let tb = QUERY_BLOCK.min(t - lo);
+        // Keys this block can see at all: with consecutive positions, those up to its last query.
+        let visible = match causality {
+            Causality::Consecutive { first_query, first_key } => (first_query + lo + tb).saturating_sub(*first_key).clamp(1, n),
+            _ => n,
+        };
+        let (kts_b, lens_b) = visible_segments(&kts, &lens, visible);
         let qbs: Vec<Tensor<B, 4>> = q_parts
             .iter()
             .map(|q| {
@@ -216,7 +243,7 @@ pub fn grouped_attention_parts<B: Backend>(
                 q.clone().narrow(2, lo, tb).reshape([b, kvh, r * tb, dk])
             })
             .collect();
-        let mut parts: Vec<Tensor<B, 4>> = kts
+        let mut parts: Vec<Tensor<B, 4>> = kts_b
             .iter()
             .map(|seg| {
                 let mut s = qbs.iter().zip(seg).map(|(qb, kt)| qb.clone().matmul(kt.clone()));
@@ -229,13 +256,26 @@ pub fn grouped_attention_parts<B: Backend>(
         if scores.dtype() != DType::F32 {
             scores = scores.cast(DType::F32);
         }
+        let n_all = n;
+        let n = visible;
         let mut scores = scores.reshape([b, kvh, r, tb, n]);
         let (query, key, window) = match causality {
-            Causality::None => (None, None, None),
+            Causality::None | Causality::Consecutive { .. } => (None, None, None),
             Causality::ByPosition { query, key } => (Some(query), Some(key), None),
             Causality::Window { query, key, window } => (Some(query), Some(key), Some(*window)),
         };
         let mut near: Option<Tensor<B, 5, Bool>> = None;
+        if let Causality::Consecutive { first_query, first_key } = causality {
+            let device = scores.device();
+            let kp = Tensor::<B, 1, Int>::arange(*first_key as i64..(first_key + n) as i64, &device).reshape([1, n]).expand([tb, n]);
+            let qp = Tensor::<B, 1, Int>::arange((first_query + lo) as i64..(first_query + lo + tb) as i64, &device).reshape([tb, 1]).expand([tb, n]);
+            if observe.band > 0 {
+                let far = kp.clone().add_scalar(observe.band as i64).lower_equal(qp.clone());
+                near = Some(far.reshape([1, 1, 1, tb, n]).expand([b, kvh, r, tb, n]));
+            }
+            let mask = kp.greater(qp).reshape([1, 1, 1, tb, n]).expand([b, kvh, r, tb, n]);
+            scores = scores.mask_fill(mask, -1.0e9);
+        }
         if let (Some(query), Some(key)) = (query, key) {
             // Compared at the positions' own shape ([1, 1, n] while no head has evicted), then
             // broadcast, so the mask costs t x n, not batch x heads x t x n.
@@ -254,15 +294,17 @@ pub fn grouped_attention_parts<B: Backend>(
             scores = scores.mask_fill(mask, -1.0e9);
         }
         let probs = softmax(scores, 4);
+        // Observations cover every slot: those past this block's last query got nothing.
+        let pad3 = |x: Tensor<B, 3>| if n == n_all { x } else { Tensor::cat(vec![x, Tensor::zeros([b, h, n_all - n], &probs.device())], 2) };
         if observe.column_sums {
-            let s = probs.clone().sum_dim(3).reshape([b, h, n]);
+            let s = pad3(probs.clone().sum_dim(3).reshape([b, h, n]));
             col_sums = Some(match col_sums {
                 Some(acc) => acc + s,
                 None => s,
             });
         }
         if let Some(far) = near {
-            let s = probs.clone().mask_fill(far, 0.0).sum_dim(3).reshape([b, h, n]);
+            let s = pad3(probs.clone().mask_fill(far, 0.0).sum_dim(3).reshape([b, h, n]));
             band_sums = Some(match band_sums {
                 Some(acc) => acc + s,
                 None => s,
@@ -271,7 +313,8 @@ pub fn grouped_attention_parts<B: Backend>(
         let hi = lo + tb;
         if observe.window > 0 && hi > win_start {
             let from = win_start.max(lo);
-            windows.push(probs.clone().narrow(3, from - lo, hi - from).reshape([b, h, hi - from, n]));
+            let rows = probs.clone().narrow(3, from - lo, hi - from).reshape([b, h, hi - from, n]);
+            windows.push(if n == n_all { rows } else { Tensor::cat(vec![rows, Tensor::zeros([b, h, hi - from, n_all - n], &probs.device())], 3) });
         }
         let mut probs = probs.reshape([b, kvh, r * tb, n]);
         if probs.dtype() != kv[0].values.dtype() {
@@ -279,9 +322,13 @@ pub fn grouped_attention_parts<B: Backend>(
         }
         let mut out: Option<Tensor<B, 4>> = None;
         let mut offset = 0;
-        for (seg, &len) in kv.iter().zip(&lens) {
+        for (seg, &len) in kv.iter().zip(&lens_b) {
+            if len == 0 {
+                continue;
+            }
             let p = if len == n { probs.clone() } else { probs.clone().narrow(3, offset, len) };
-            let o = p.matmul(seg.values.clone());
+            let values = if len == seg.values.dims()[2] { seg.values.clone() } else { seg.values.clone().narrow(2, 0, len) };
+            let o = p.matmul(values);
             out = Some(match out {
                 Some(acc) => acc + o,
                 None => o,
@@ -300,4 +347,21 @@ pub fn grouped_attention_parts<B: Backend>(
         ..Default::default()
     });
     (out, observation)
+}
+
+/// The transposed key parts of each segment (`[b, kv, d_p, n_i]`) and the segment lengths, cut to
+/// the first `visible` slots overall (a segment wholly past them gets length 0 and no keys).
+fn visible_segments<B: Backend>(kts: &[Vec<Tensor<B, 4>>], lens: &[usize], visible: usize) -> (Vec<Vec<Tensor<B, 4>>>, Vec<usize>) {
+    let mut left = visible;
+    let mut out = Vec::with_capacity(kts.len());
+    let mut out_lens = Vec::with_capacity(lens.len());
+    for (parts, &len) in kts.iter().zip(lens) {
+        let take = len.min(left);
+        left -= take;
+        out_lens.push(take);
+        if take > 0 {
+            out.push(parts.iter().map(|k| if take == len { k.clone() } else { k.clone().narrow(3, 0, take) }).collect());
+        }
+    }
+    (out, out_lens)
 }

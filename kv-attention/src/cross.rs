@@ -177,10 +177,8 @@ impl<B: Backend> CrossAttention<B> {
     /// Training path: `x` `[b, t, d_model]` at positions `0..t` attends causally over the global
     /// `keys`, `values` `[b, kv_heads, t, head_dim]` of the same positions.
     pub fn forward(&self, x: Tensor<B, 3>, keys: Tensor<B, 4>, values: Tensor<B, 4>) -> Tensor<B, 3> {
-        let t = x.dims()[1];
-        let device = x.device();
         let q = self.queries(x, 0);
-        let causality = Causality::ByPosition { query: Tensor::arange(0..t as i64, &device), key: position_range(0, t, &device) };
+        let causality = Causality::Consecutive { first_query: 0, first_key: 0 };
         let (o, _) = grouped_attention(q, &[(keys, values)], &causality, self.scale(), ObserveRequest::default());
         self.merge_heads(o)
     }

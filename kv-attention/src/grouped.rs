@@ -226,13 +226,8 @@ impl<B: Backend> GroupedAttention<B> {
 
     /// Training path: causal self-attention over `x` `[b, t, d_model]` at positions `0..t`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let t = x.dims()[1];
-        let device = x.device();
         let (q, k, v) = self.project(x, 0, None);
-        let causality = Causality::ByPosition {
-            query: Tensor::arange(0..t as i64, &device),
-            key: position_range(0, t, &device),
-        };
+        let causality = Causality::Consecutive { first_query: 0, first_key: 0 };
         let (o, _) = grouped_attention(q, &[(k, v)], &causality, self.scale(), ObserveRequest::default());
         self.merge_heads(o)
     }

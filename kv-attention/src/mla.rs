@@ -325,7 +325,7 @@ impl<B: Backend> MlaAttention<B> {
         let pos = position_range::<B>(0, t, &device);
         let queries = self.queries(x.clone(), pos.clone());
         let (c, k_r) = self.latent(x, pos.clone());
-        let causality = Causality::ByPosition { query: Tensor::arange(0..t as i64, &device), key: pos };
+        let causality = Causality::Consecutive { first_query: 0, first_key: 0 };
         let (o, _) = self.attend_naive(queries, vec![(k_r, c)], &causality, ObserveRequest::default());
         self.merge_heads(o)
     }
@@ -356,6 +356,9 @@ impl<B: Backend> MlaAttention<B> {
         // A single new token comes after every slot, so it needs no mask.
         let causality = if t == 1 {
             Causality::None
+        } else if cache.slots() == cache.tokens_seen() {
+            // Nothing evicted: slot j is at position j, so each query block reads only its prefix.
+            Causality::Consecutive { first_query: start, first_key: 0 }
         } else {
             Causality::ByPosition { query: Tensor::arange(start as i64..(start + t) as i64, &device), key: cache.positions() }
         };

@@ -441,7 +441,29 @@ fn a_clone_of_a_fresh_layer_of_every_kind_has_its_weights<B: Backend>(dev: &B::D
     same(attn.forward(x.clone(), k.clone(), v.clone()), copy.forward(x, k, v), "cross");
 }
 
+fn consecutive_causality_equals_the_positional_mask_with_every_observation<B: Backend>(dev: &B::Device) {
+    // Past one query block, after older slots (a chunk), keys split in two segments as a cache's
+    // body and tail: outputs and every observation as the mask built from positions gives.
+    let (t, old) = (600, 37);
+    let n = old + t;
+    let q = randn::<B, 4>([1, 4, t, 8], dev);
+    let (k, v) = (randn::<B, 4>([1, 2, n, 8], dev), randn::<B, 4>([1, 2, n, 8], dev));
+    let split = 500;
+    let segments = [(k.clone().narrow(2, 0, split), v.clone().narrow(2, 0, split)), (k.narrow(2, split, n - split), v.narrow(2, split, n - split))];
+    let observe = ObserveRequest { column_sums: true, window: 300, band: 5, ..Default::default() };
+    let by_position = Causality::ByPosition { query: Tensor::arange(old as i64..n as i64, dev), key: position_range(0, n, dev) };
+    let consecutive = Causality::Consecutive { first_query: old, first_key: 0 };
+    let (want, want_obs) = grouped_attention(q.clone(), &segments, &by_position, 0.3, observe);
+    let (got, got_obs) = grouped_attention(q, &segments, &consecutive, 0.3, observe);
+    assert!(max_abs_diff(got, want) <= 1e-5);
+    let (a, b) = (got_obs.unwrap(), want_obs.unwrap());
+    assert!(max_abs_diff(a.column_sums.unwrap(), b.column_sums.unwrap()) <= 1e-5, "column sums");
+    assert!(max_abs_diff(a.band_sums.unwrap(), b.band_sums.unwrap()) <= 1e-5, "band sums");
+    assert!(max_abs_diff(a.window.unwrap(), b.window.unwrap()) <= 1e-5, "window");
+}
+
 kv_core::backend_tests!(
+    consecutive_causality_equals_the_positional_mask_with_every_observation,
     a_clone_of_a_fresh_layer_of_every_kind_has_its_weights,
     mla_reports_the_norms_of_the_keys_and_values_its_heads_use,
     mimetic_init_copies_each_groups_first_query_projection_into_its_keys,
