@@ -613,12 +613,19 @@ fn real_section(dir: &Path, real: &RealSection, written: &mut Vec<PathBuf>) -> R
         md += &crate::bench::markdown(&real.bench);
     }
     md += "\n";
-    for f in files.iter().filter(|p| p.extension().is_some_and(|e| e == "png")) {
-        let rel = f.strip_prefix(dir).unwrap_or(f).display().to_string();
-        md += &format!("![{rel}]({rel})\n\n");
-    }
+    md += &image_links(dir, &files);
     written.extend(files);
     Ok(md)
+}
+
+/// Markdown image links to the PNGs among `files`, relative to the report folder `dir`.
+fn image_links(dir: &Path, files: &[PathBuf]) -> String {
+    let pngs = files.iter().filter(|p| p.extension().is_some_and(|e| e == "png"));
+    pngs.map(|f| {
+        let rel = f.strip_prefix(dir).unwrap_or(f).display().to_string();
+        format!("![{rel}]({rel})\n\n")
+    })
+    .collect()
 }
 
 /// The report's DMC section, its files written into `dir/dmc`.
@@ -648,10 +655,7 @@ fn dmc_section(dir: &Path, dmc: &DmcSection, written: &mut Vec<PathBuf>) -> Resu
     md += "\n\nThe base and the retrofit, each also under H2O and TOVA at the compression DMC targets (kept bytes: measured, against an uncompressed cache):\n\n";
     md += &crate::report::markdown(&dmc.eval.results);
     md += "\n";
-    for f in files.iter().filter(|p| p.extension().is_some_and(|e| e == "png")) {
-        let rel = f.strip_prefix(dir).unwrap_or(f).display().to_string();
-        md += &format!("![{rel}]({rel})\n\n");
-    }
+    md += &image_links(dir, &files);
     written.extend(files);
     Ok(md)
 }
