@@ -40,9 +40,10 @@ enum Command {
     /// Measure cache bytes, prefill, decode tokens/s, policy cost and training speed; JSON, Markdown, PNGs.
     Bench(bench::BenchArgs),
     /// The first command to run: train (or reuse) the tiny presets, evaluate every policy at 50%
-    /// and 87.5% compression, benchmark, and write a report folder.
+    /// and 87.5% compression, retrofit DMC, benchmark, and write a report folder.
     Tour(tour::TourArgs),
-    /// Train a preset or config from scratch, resume a run, or fine-tune from a checkpoint.
+    /// Train a preset or config from scratch, resume a run, or fine-tune from a checkpoint (with
+    /// `--dmc`, a DMC retrofit).
     Train(train::TrainArgs),
     /// Convert a trained checkpoint to fewer KV heads (GQA/MQA) or a latent cache (MLA).
     Convert(convert::ConvertArgs),

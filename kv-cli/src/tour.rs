@@ -1,6 +1,7 @@
 //! `kv tour`: the newcomer's first command. Trains the presets it needs (or reuses them),
-//! evaluates every policy at 50% and 87.5% compression, benchmarks memory and speed, and writes a
-//! report folder (`report.md` with tables and charts, `report.json` with every number).
+//! evaluates every policy at 50% and 87.5% compression, retrofits the first model with DMC and
+//! compares it with eviction at the same bytes, benchmarks memory and speed, and writes a report
+//! folder (`report.md` with tables and charts, `report.json` with every number).
 
 use crate::backend::{BackendJob, DeviceKind};
 use crate::bench::{BenchFile, DecodePlan, read_bandwidth, decode_cell};
@@ -652,7 +653,7 @@ fn dmc_section(dir: &Path, dmc: &DmcSection, written: &mut Vec<PathBuf>) -> Resu
     );
     let table = std::fs::read_to_string(sub.join("kept-heads.md")).unwrap_or_default();
     md += table.lines().skip(4).collect::<Vec<_>>().join("\n").as_str();
-    md += "\n\nThe base and the retrofit, each also under H2O and TOVA at the compression DMC targets (kept bytes: measured, against an uncompressed cache):\n\n";
+    md += "\n\nThe base and the retrofit, each also under H2O and TOVA at the compression DMC targets (kept bytes: measured, against an uncompressed cache). The retrofit's fine-tuning also trains the model further, so part of any gain over the base is those steps, not the merges: docs/dmc.md compares with the same fine-tune without DMC.\n\n";
     md += &crate::report::markdown(&dmc.eval.results);
     md += "\n";
     md += &image_links(dir, &files);
