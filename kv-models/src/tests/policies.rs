@@ -14,6 +14,9 @@ fn every_policy_with_a_budget_above_the_length_matches_the_full_cache<B: Backend
 }
 
 fn policy_perplexity_with_a_full_cache_matches_the_forward_pass<B: Backend>(dev: &B::Device) {
+    // Seeded: with some random draws a streaming budget of 4 moved the loss by under 1e-4
+    // (5.52523 vs 5.52513 in one fresh-clone run), too little for the check below to see.
+    B::seed(dev, 21);
     let model = DecoderConfig::new(256, 32, 2, 8, 2, 48).init::<B>(dev).unwrap();
     let corpus = data::Corpus::stories(5, 4000);
     // Byte-level text needs all 256 ids: a smaller vocabulary is an error, not an out-of-range panic.
@@ -28,7 +31,7 @@ fn policy_perplexity_with_a_full_cache_matches_the_forward_pass<B: Backend>(dev:
     assert_eq!(full.kv_bytes, (2 * 2 * 2 * 4 * 40 * 4) as f64);
     // A small streaming budget really changes what the model sees.
     let pruned = policy_loss(&model, &corpus, 40, 3, 1, 1, &mut || kv_policies::build_policy::<B>("streaming:budget=4,sinks=1").unwrap()).unwrap();
-    assert!((pruned.loss - want).abs() > 1e-4, "{} vs {want}", pruned.loss);
+    assert!((pruned.loss - want).abs() > 1e-3, "{} vs {want}", pruned.loss);
     assert_eq!(pruned.kv_bytes, (2 * 2 * 2 * 4 * 4 * 4) as f64);
     // With a 24-token prompt, the continuation's loss matches the forward pass from position 23,
     // and a prefill-only policy compresses the prompt: SnapKV keeps half of it, then grows by 16.
