@@ -186,61 +186,67 @@ impl<B: Backend> DmcAttention<B> {
         let hard = noisy.clone().greater_elem(0.0).float() * allowed.clone();
         let alpha = if B::ad_enabled(&device) { sigmoid(noisy.div_scalar(self.temperature)) * allowed } else { hard.clone() };
         let merged_share = (hard - alpha.clone().detach() + alpha.clone()).mean_dim(2).mean_dim(1).reshape([b]);
-        let d = k.dims()[3];
-        let (merged, _) = merge_runs(Tensor::cat(vec![k, v], 3), omega, alpha.clone(), self.window);
-        let (k, v) = (merged.clone().narrow(3, 0, d), merged.narrow(3, d, d));
-        let pos = position_range::<B>(0, t, &device);
-        let (q, k) = (self.attention.rope.apply(q, pos.clone()), self.attention.rope.apply(k, pos));
-        // Key j is seen by a later query only while token j + 1 has not merged it forward.
-        let next = if t > 1 { Tensor::cat(vec![alpha.narrow(2, 1, t - 1), Tensor::zeros([b, kv, 1], &device)], 2) } else { Tensor::zeros([b, kv, 1], &device) };
-        let fade = next.neg().add_scalar(1.0).clamp_min(1e-30).log().reshape([b, kv, 1, t]).expand([b, kv, t, t]);
-        let (rows, cols) = grid::<B>(0..t, 0..t, &device);
-        let bias = fade.mask_fill(cols.clone().equal(rows.clone()).reshape([1, 1, t, t]).expand([b, kv, t, t]), 0.0);
-        let bias = bias.mask_fill(cols.greater(rows).reshape([1, 1, t, t]).expand([b, kv, t, t]), HIDDEN);
-        let o = self.biased_attention(q, k, v, bias);
+        // The same chunk kernel as a cached prefill, over an empty cache: no older slots and no
+        // open one (extension index 0 is then a placeholder every query is blind to).
+        let [_, _, _, d] = k.dims();
+        let closed = || Tensor::zeros([b, kv, 1, d], &device);
+        let (keys, values, _) = self.extend(closed(), closed(), Tensor::zeros([b, kv, 1], &device), k, v, omega, alpha.clone(), 0);
+        let alpha = Tensor::cat(vec![Tensor::zeros([b, kv, 1], &device), alpha], 2);
+        let q = self.attention.rope.apply(q, position_range(0, t, &device));
+        let o = self.chunk_attention(q, &[], keys.0, values, alpha, &vec![false; b * kv]);
         (self.attention.merge_heads(o), DmcDecisions { merged_share })
     }
 
-    /// Softmax attention of `q` `[b, H, t, d]` over `k`, `v` `[b, KV, n, d]` with an additive
-    /// score bias `[b, KV, t, n]` shared by each KV head's query group; f32 scores.
-    fn biased_attention(&self, q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, bias: Tensor<B, 4>) -> Tensor<B, 4> {
-        let [b, h, t, d] = q.dims();
-        let [_, kv, n, _] = k.dims();
-        let r = h / kv;
-        let mut scores = q.mul_scalar(self.attention.scale()).reshape([b, kv, r * t, d]).matmul(k.swap_dims(2, 3));
-        if scores.dtype() != DType::F32 {
-            scores = scores.cast(DType::F32);
-        }
-        let scores = scores.reshape([b, kv, r, t, n]) + bias.reshape([b, kv, 1, t, n]);
-        let mut probs = softmax(scores, 4).reshape([b, kv, r * t, n]);
-        if probs.dtype() != v.dtype() {
-            probs = probs.cast(v.dtype());
-        }
-        probs.matmul(v).reshape([b, h, t, d])
+    /// The running merges of the extended run `[open slot; new tokens]` (`[b, KV, 1 + t, d]`):
+    /// keys rotated at each token's position (the open slot at `seen - 1`) and as they are (the
+    /// next open slot's mean), values, and the weights `z`; `alpha` `[b, KV, t]` are the new
+    /// tokens' merges (relaxed or hard).
+    #[allow(clippy::too_many_arguments)]
+    fn extend(
+        &self,
+        open_k: Tensor<B, 4>,
+        open_v: Tensor<B, 4>,
+        open_z: Tensor<B, 3>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        omega: Tensor<B, 3>,
+        alpha: Tensor<B, 3>,
+        seen: usize,
+    ) -> ((Tensor<B, 4>, Tensor<B, 4>), Tensor<B, 4>, Tensor<B, 3>) {
+        let [b, kv, t, d] = k.dims();
+        let device = k.device();
+        let x = Tensor::cat(vec![Tensor::cat(vec![open_k, k], 2), Tensor::cat(vec![open_v, v], 2)], 3);
+        let alpha = Tensor::cat(vec![Tensor::zeros([b, kv, 1], &device), alpha], 2);
+        let (merged, z) = merge_runs(x, Tensor::cat(vec![open_z, omega], 2), alpha, self.window);
+        let (mk, mv) = (merged.clone().narrow(3, 0, d), merged.narrow(3, d, d));
+        let positions = Tensor::<B, 1, Int>::arange(seen as i64 - 1..(seen + t) as i64, &device).reshape([1, 1, 1 + t]);
+        ((self.attention.rope.apply(mk.clone(), positions), mk), mv, z)
     }
 
-    /// Attention of a chunk of `t > 1` queries `q` `[b, H, t, d]` (rotated) over, per KV head, the
-    /// slots held before the chunk except the open one (`held`), then the extended partial merges
-    /// `keys` / `values` `[b, KV, 1 + t, d]` (index 0 the open slot, keys rotated) under hard
-    /// decisions `alpha` `[b, KV, 1 + t]`; `open[i]` says whether head `i` had an open slot.
+    /// Attention of a chunk of queries `q` `[b, H, t, d]` (rotated) over, per KV head, the slots
+    /// held before the chunk except the open one (`held`; empty: none anywhere), then the
+    /// extended run's partial merges `keys` / `values` `[b, KV, 1 + t, d]` (index 0 the open slot,
+    /// keys rotated) under merges `alpha` `[b, KV, 1 + t]`; `open[i]` says whether head `i` had
+    /// an open slot. The training path and a cached prefill both run it.
+    ///
+    /// Query `i` (extension index `i + 1`) sees itself and every earlier partial merge `j`
+    /// weighted by `1 - alpha_{j+1}` (the paper's `log(1 - alpha)` offset: with hard merges, the
+    /// slots complete at that point), and all of `held`.
     fn chunk_attention(&self, q: Tensor<B, 4>, held: &[(Tensor<B, 4>, Tensor<B, 4>)], keys: Tensor<B, 4>, values: Tensor<B, 4>, alpha: Tensor<B, 3>, open: &[bool]) -> Tensor<B, 4> {
         let [b, h, t, d] = q.dims();
         let kv = keys.dims()[1];
         let r = h / kv;
         let device = q.device();
-        // Ext key j is hidden from later queries once ext j + 1 merged it; ext 0 is hidden when
-        // the head had no open slot.
         let next = Tensor::cat(vec![alpha.narrow(2, 1, t), Tensor::zeros([b, kv, 1], &device)], 2);
-        let closed: Vec<f32> = open.iter().map(|&o| if o { 0.0 } else { 1.0 }).collect();
+        let closed: Vec<f32> = open.iter().map(|&o| if o { 0.0 } else { HIDDEN as f32 }).collect();
         let closed = Tensor::<B, 1>::from_floats(closed.as_slice(), &device).reshape([b, kv, 1]);
-        let first = Tensor::cat(vec![closed, Tensor::zeros([b, kv, t], &device)], 2);
-        let col_bias = (next + first).clamp_max(1.0).mul_scalar(HIDDEN);
+        let col_bias = next.neg().add_scalar(1.0).clamp_min(1e-30).log() + Tensor::cat(vec![closed, Tensor::zeros([b, kv, t], &device)], 2);
         let mut outs = Vec::with_capacity(t.div_ceil(crate::QUERY_BLOCK));
         let mut lo = 0;
         while lo < t {
             let tb = crate::QUERY_BLOCK.min(t - lo);
             let c = lo + tb + 1;
-            // Query i (ext i + 1) sees ext j <= i + 1: itself, and what was not merged forward.
+            // The block sees extension indices up to its last query's.
             let (rows, cols) = grid::<B>(lo + 1..lo + tb + 1, 0..c, &device);
             let bias = col_bias.clone().narrow(2, 0, c).reshape([b, kv, 1, c]).expand([b, kv, tb, c]);
             let bias = bias.mask_fill(cols.clone().equal(rows.clone()).reshape([1, 1, tb, c]).expand([b, kv, tb, c]), 0.0);
@@ -248,24 +254,25 @@ impl<B: Backend> DmcAttention<B> {
             let qb = q.clone().narrow(2, lo, tb).mul_scalar(self.attention.scale()).reshape([b, kv, r * tb, d]);
             let ext = qb.clone().matmul(keys.clone().narrow(2, 0, c).swap_dims(2, 3)).cast(DType::F32).reshape([b, kv, r, tb, c]) + bias.reshape([b, kv, 1, tb, c]);
             let ext = ext.reshape([b, kv, r * tb, c]);
-            let per_head = (0..b * kv)
-                .map(|i| {
-                    let (bi, hi) = (i / kv, i % kv);
-                    let pick = |x: &Tensor<B, 4>| x.clone().narrow(0, bi, 1).narrow(1, hi, 1);
-                    let (hk, hv) = &held[i];
-                    let n = hk.dims()[2];
-                    let qh = pick(&qb);
-                    let scores = if n > 0 { Tensor::cat(vec![qh.matmul(hk.clone().swap_dims(2, 3)).cast(DType::F32), pick(&ext)], 3) } else { pick(&ext) };
-                    let probs = softmax(scores, 3).cast(values.dtype());
-                    let mut o = probs.clone().narrow(3, n, c).matmul(pick(&values).narrow(2, 0, c));
-                    if n > 0 {
-                        o = o + probs.narrow(3, 0, n).matmul(hv.clone());
-                    }
-                    o
-                })
-                .collect::<Vec<_>>();
-            let per_row: Vec<Tensor<B, 4>> = (0..b).map(|bi| Tensor::cat(per_head[bi * kv..(bi + 1) * kv].to_vec(), 1)).collect();
-            outs.push(Tensor::cat(per_row, 0).reshape([b, h, tb, d]));
+            let o = if held.iter().all(|(k, _)| k.dims()[2] == 0) {
+                // Nothing older anywhere (training, a first prefill): every head at once.
+                softmax(ext, 3).cast(values.dtype()).matmul(values.clone().narrow(2, 0, c))
+            } else {
+                let per_head = (0..b * kv)
+                    .map(|i| {
+                        let pick = |x: &Tensor<B, 4>| x.clone().narrow(0, i / kv, 1).narrow(1, i % kv, 1);
+                        let (hk, hv) = &held[i];
+                        let n = hk.dims()[2];
+                        let scores = if n > 0 { Tensor::cat(vec![pick(&qb).matmul(hk.clone().swap_dims(2, 3)).cast(DType::F32), pick(&ext)], 3) } else { pick(&ext) };
+                        let probs = softmax(scores, 3).cast(values.dtype());
+                        let o = probs.clone().narrow(3, n, c).matmul(pick(&values).narrow(2, 0, c));
+                        if n > 0 { o + probs.narrow(3, 0, n).matmul(hv.clone()) } else { o }
+                    })
+                    .collect::<Vec<_>>();
+                let per_row: Vec<Tensor<B, 4>> = (0..b).map(|bi| Tensor::cat(per_head[bi * kv..(bi + 1) * kv].to_vec(), 1)).collect();
+                Tensor::cat(per_row, 0)
+            };
+            outs.push(o.reshape([b, h, tb, d]));
             lo += tb;
         }
         Tensor::cat(outs, 2)
@@ -317,14 +324,11 @@ impl<B: Backend> CachedAttention<B> for DmcAttention<B> {
             None => (Tensor::zeros([b, kv, 1, d], &device), Tensor::zeros([b, kv, 1, d], &device), Tensor::zeros([b, kv, 1], &device), vec![0; heads]),
         };
         let (merges, runs) = capped(&asks, t, &open_tokens, self.window);
-        let merges_ext: Vec<f32> = (0..heads).flat_map(|i| std::iter::once(0.0).chain(merges[i * t..(i + 1) * t].iter().map(|&m| if m { 1.0 } else { 0.0 }))).collect();
-        let alpha = Tensor::<B, 1>::from_floats(merges_ext.as_slice(), &device).reshape([b, kv, 1 + t]);
+        let as_floats: Vec<f32> = merges.iter().map(|&m| if m { 1.0 } else { 0.0 }).collect();
+        let alpha = Tensor::<B, 1>::from_floats(as_floats.as_slice(), &device).reshape([b, kv, t]);
         // The extended run: index 0 is each head's open slot (its mean and weight), then the chunk.
-        let x_ext = Tensor::cat(vec![Tensor::cat(vec![open_k, k], 2), Tensor::cat(vec![open_v, v], 2)], 3);
-        let (merged, z) = merge_runs(x_ext, Tensor::cat(vec![open_z, omega], 2), alpha.clone(), self.window);
-        let (mk, mv) = (merged.clone().narrow(3, 0, d), merged.narrow(3, d, d));
-        let ext_pos = Tensor::<B, 1, Int>::arange(seen as i64 - 1..(seen + t) as i64, &device).reshape([1, 1, 1 + t]);
-        let rk = self.attention.rope.apply(mk.clone(), ext_pos);
+        let ((rk, mk), mv, z) = self.extend(open_k, open_v, open_z, k, v, omega, alpha.clone(), seen);
+        let alpha = Tensor::cat(vec![Tensor::zeros([b, kv, 1], &device), alpha], 2);
         let q = self.attention.rope.apply(q, position_range(seen, t, &device));
         let open: Vec<bool> = open_tokens.iter().map(|&n| n > 0).collect();
         let chunk_output = (t > 1).then(|| {
@@ -345,9 +349,16 @@ impl<B: Backend> CachedAttention<B> for DmcAttention<B> {
                 let m = &merges[i * t..(i + 1) * t];
                 let ends: Vec<usize> = (1..=t).filter(|&e| e == t || !m[e]).collect();
                 let (bi, hi) = (i / kv, i % kv);
+                // One slot (every decode step) is a narrow; several, one select.
                 let idx: Vec<i64> = ends.iter().map(|&e| e as i64).collect();
-                let idx = Tensor::<B, 1, Int>::from_ints(idx.as_slice(), &device);
-                let pick = |x: &Tensor<B, 4>| x.clone().narrow(0, bi, 1).narrow(1, hi, 1).select(2, idx.clone());
+                let idx = (ends.len() > 1).then(|| Tensor::<B, 1, Int>::from_ints(idx.as_slice(), &device));
+                let pick = |x: &Tensor<B, 4>| {
+                    let head = x.clone().narrow(0, bi, 1).narrow(1, hi, 1);
+                    match &idx {
+                        Some(idx) => head.select(2, idx.clone()),
+                        None => head.narrow(2, ends[0], 1),
+                    }
+                };
                 HeadWrite { overwrite_last: open[i] && m[0], keys: pick(&rk), values: pick(&mv), positions: ends.iter().map(|&e| seen + e - 1).collect() }
             })
             .collect();

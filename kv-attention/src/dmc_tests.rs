@@ -8,13 +8,7 @@ use burn::module::Param;
 use burn::prelude::*;
 use burn::tensor::Distribution;
 
-fn max_abs_diff<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> f32 {
-    (a - b).abs().max().into_scalar().elem::<f32>()
-}
-
-fn randn<B: Backend, const D: usize>(shape: [usize; D], dev: &B::Device) -> Tensor<B, D> {
-    Tensor::random(shape, Distribution::Normal(0.0, 1.0), dev)
-}
+use crate::tests::{max_abs_diff, randn};
 
 /// A DMC layer over 8 query heads and `kv` KV heads of width 8 (full RoPE, so the decision
 /// channel sits in a RoPE pair), decisions offset by `init_bias`.
@@ -92,16 +86,17 @@ fn a_merged_run_is_the_omega_weighted_mean_of_its_pre_rope_keys_rotated_at_its_l
 
 fn hard_training_path_equals_the_merged_cache_however_the_tokens_arrive<B: Backend>(dev: &B::Device) {
     // init_bias 0: about half the tokens merge; a window of 4 makes the slot cap bite.
-    for (kv, window) in [(8, 4), (2, 12), (1, 3)] {
+    // 300 tokens: past one query block of the chunk kernel.
+    for (kv, window, t) in [(8, 4, 40), (2, 12, 40), (1, 3, 40), (2, 12, 300)] {
         let dmc = layer::<B>(kv, 0.0, window, false, dev);
-        let x = randn::<B, 3>([2, 40, 64], dev);
+        let x = randn::<B, 3>([2, t, 64], dev);
         let want = dmc.forward(x.clone());
-        for chunks in [vec![40], vec![1; 40], vec![13, 1, 1, 20, 5]] {
+        for chunks in [vec![t], vec![1; t], vec![t / 3, 1, 1, t / 2, t - t / 3 - t / 2 - 2]] {
             let mut state = dmc.new_state(2, dev);
             let diff = max_abs_diff(cached(&dmc, &x, &chunks, &mut state), want.clone());
             assert!(diff < 1e-4, "kv {kv}, window {window}, chunks {chunks:?}: cached path differs from the training path by {diff}");
             let slots = state.cache.slots_per_head();
-            assert!(slots.iter().all(|&n| n < 40) && slots.iter().any(|&n| n > 40 / window), "some merges, within the cap: {slots:?}");
+            assert!(slots.iter().all(|&n| n < t) && slots.iter().any(|&n| n > t / window), "some merges, within the cap: {slots:?}");
         }
     }
 }

@@ -3,16 +3,9 @@
 
 use crate::*;
 use burn::prelude::*;
-use burn::tensor::Distribution;
 use burn::tensor::activation::{log_sigmoid, softmax};
 
-fn max_abs_diff<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> f32 {
-    (a - b).abs().max().into_scalar().elem::<f32>()
-}
-
-fn randn<B: Backend, const D: usize>(shape: [usize; D], dev: &B::Device) -> Tensor<B, D> {
-    Tensor::random(shape, Distribution::Normal(0.0, 1.0), dev)
-}
+use crate::tests::{max_abs_diff, randn};
 
 fn windowed_causality_matches_an_explicit_mask<B: Backend>(dev: &B::Device) {
     // GQA (4 query heads on 2 KV heads), queries at the end of a longer key run, two segments.
