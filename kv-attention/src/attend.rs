@@ -20,7 +20,7 @@ pub fn attend_cache<B: Backend>(
     observe: ObserveRequest,
 ) -> (Tensor<B, 4>, Option<Observation<B>>) {
     let causality = |key: Tensor<B, 3, Int>| match &query_positions {
-        None => Causality::None,
+        None => Causality::live(cache),
         Some(query) => Causality::ByPosition { query: query.clone(), key },
     };
     let Some(heads) = cache.head_caches() else {
@@ -65,15 +65,12 @@ pub fn attend_appended<B: Backend>(q: Tensor<B, 4>, cache: &kv_core::LayerCache<
         let (o, observation) = fused_prefill(q, cache, scale, observe);
         return (o, Observation::with_plain_norms(observation, observe, cache, h));
     }
-    if t > 1 && !cache.is_ragged() && cache.slots() == seen {
-        // Nothing was evicted: slot j is at position j, so each query block reads only its prefix.
-        let causality = Causality::Consecutive { first_query: seen - t, first_key: 0 };
-        let (o, observation) = grouped_attention(q, &cache.kv_segments(), &causality, scale, observe);
-        return (o, Observation::with_plain_norms(observation, observe, cache, h));
+    if cache.is_ragged() {
+        let query_positions = (t > 1).then(|| Tensor::arange((seen - t) as i64..seen as i64, &q.device()));
+        return attend_cache(q, cache, query_positions, scale, observe);
     }
-    // A single newest token comes after every slot, so it needs no mask.
-    let query_positions = (t > 1).then(|| Tensor::arange((seen - t) as i64..seen as i64, &q.device()));
-    attend_cache(q, cache, query_positions, scale, observe)
+    let (o, observation) = grouped_attention(q, &cache.kv_segments(), &Causality::appended(cache, t), scale, observe);
+    (o, Observation::with_plain_norms(observation, observe, cache, h))
 }
 
 /// Causal attention of a chunk of `t` new queries (the cache's last `t` slots) through burn's
@@ -89,7 +86,7 @@ fn fused_prefill<B: Backend>(q: Tensor<B, 4>, cache: &kv_core::LayerCache<B>, sc
     use burn::tensor::module::attention;
     use burn::tensor::ops::AttentionModuleOptions;
     let [b, h, t, dk] = q.dims();
-    let (keys, values, positions) = (cache.keys(), cache.values(), cache.positions());
+    let (keys, values) = (cache.keys(), cache.values());
     let [_, kv, n, _] = keys.dims();
     let dv = values.dims()[3];
     let w = observe.window.min(t);
@@ -114,12 +111,7 @@ fn fused_prefill<B: Backend>(q: Tensor<B, 4>, cache: &kv_core::LayerCache<B>, sc
     let mut observation = None;
     if w > 0 {
         let qw = q.narrow(2, head, w);
-        let seen = cache.tokens_seen();
-        let causality = if cache.slots() == seen {
-            Causality::Consecutive { first_query: seen - w, first_key: 0 }
-        } else {
-            Causality::ByPosition { query: Tensor::<B, 1, Int>::arange((seen - w) as i64..seen as i64, &qw.device()), key: positions }
-        };
+        let causality = Causality::newest(cache, w);
         let (o, obs) = grouped_attention(qw, &cache.kv_segments(), &causality, scale, observe);
         outs.push(o);
         observation = obs;
@@ -138,6 +130,12 @@ pub const QUERY_BLOCK: usize = 256;
 pub enum Causality<B: Backend> {
     /// Every query sees every key (single-token decode, or bidirectional use).
     None,
+    /// Every query sees every live slot: single-token decode over a cache holding lazily evicted
+    /// slots, whose [`dead_bias`](kv_core::LayerCache::dead_bias) is added to the scores.
+    Live {
+        /// `0` for a live slot, [`kv_core::DEAD`] for a dead one, `[batch, kv_heads, n]`.
+        bias: Tensor<B, 3>,
+    },
     /// Query `i` sees slot `j` iff `key_positions[j] <= query_positions[i]`: a causal mask that
     /// stays right after eviction, because it reads the positions each slot remembers.
     ByPosition {
@@ -167,6 +165,36 @@ pub enum Causality<B: Backend> {
         /// Keys each query sees, itself included (at least 1).
         window: usize,
     },
+}
+
+impl<B: Backend> Causality<B> {
+    /// What one new token (the newest, after every slot) sees of `cache`: every live slot.
+    pub fn live(cache: &kv_core::LayerCache<B>) -> Self {
+        match cache.dead_bias() {
+            Some(bias) => Self::Live { bias },
+            None => Self::None,
+        }
+    }
+
+    /// What the cache's newest `t` tokens (appended, at positions `tokens_seen - t ..`) see of it:
+    /// every live slot for one token, the prefix of a cache nothing was evicted from, or the
+    /// slots at or before each query's position.
+    pub fn appended(cache: &kv_core::LayerCache<B>, t: usize) -> Self {
+        if t == 1 { Self::live(cache) } else { Self::newest(cache, t) }
+    }
+
+    /// Causality of the cache's newest `t` tokens over its slots (at least two queries, or one
+    /// that must not see every slot), which hold no dead one: a multi-token append compacts them.
+    pub fn newest(cache: &kv_core::LayerCache<B>, t: usize) -> Self {
+        let seen = cache.tokens_seen();
+        debug_assert_eq!(cache.dead_slots(), 0, "a chunk attends over a compacted cache");
+        if cache.slots() == seen {
+            // Nothing was evicted: slot j is at position j, so each query block reads only its prefix.
+            Self::Consecutive { first_query: seen - t, first_key: 0 }
+        } else {
+            Self::ByPosition { query: Tensor::arange((seen - t) as i64..seen as i64, &cache.device()), key: cache.positions() }
+        }
+    }
 }
 
 /// Attention of `q` `[batch, heads, t, dk]` over keys `[batch, kv_heads, n_i, dk]` and values
@@ -260,7 +288,7 @@ pub fn grouped_attention_parts<B: Backend>(
         let n = visible;
         let mut scores = scores.reshape([b, kvh, r, tb, n]);
         let (query, key, window) = match causality {
-            Causality::None | Causality::Consecutive { .. } => (None, None, None),
+            Causality::None | Causality::Live { .. } | Causality::Consecutive { .. } => (None, None, None),
             Causality::ByPosition { query, key } => (Some(query), Some(key), None),
             Causality::Window { query, key, window } => (Some(query), Some(key), Some(*window)),
         };
@@ -275,6 +303,10 @@ pub fn grouped_attention_parts<B: Backend>(
             }
             let mask = kp.greater(qp).reshape([1, 1, 1, tb, n]).expand([b, kvh, r, tb, n]);
             scores = scores.mask_fill(mask, -1.0e9);
+        }
+        if let Causality::Live { bias } = causality {
+            let [pb, ph, _] = bias.dims();
+            scores = scores + bias.clone().reshape([pb, ph, 1, 1, n]).expand([b, kvh, r, tb, n]);
         }
         if let (Some(query), Some(key)) = (query, key) {
             // Compared at the positions' own shape ([1, 1, n] while no head has evicted), then

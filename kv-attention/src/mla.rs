@@ -347,21 +347,12 @@ impl<B: Backend> MlaAttention<B> {
             // One latent "head" per row: a per-head budget can never make it ragged by itself.
             return Err(KvError::config("MLA cache storage", "ragged", "rectangular: the latent is one head shared by every query head"));
         }
-        let start = cache.tokens_seen();
         let device = x.device();
         let pos = position_range::<B>(cache.rope_position(), t, &device);
         let queries = self.queries(x.clone(), pos.clone());
         let (c, k_r) = self.latent(x, pos);
         cache.append(k_r, c)?;
-        // A single new token comes after every slot, so it needs no mask.
-        let causality = if t == 1 {
-            Causality::None
-        } else if cache.slots() == cache.tokens_seen() {
-            // Nothing evicted: slot j is at position j, so each query block reads only its prefix.
-            Causality::Consecutive { first_query: start, first_key: 0 }
-        } else {
-            Causality::ByPosition { query: Tensor::arange(start as i64..(start + t) as i64, &device), key: cache.positions() }
-        };
+        let causality = Causality::appended(cache, t);
         let segments = cache.kv_segments();
         let (o, mut observation) = match path {
             MlaPath::Absorbed => self.attend_absorbed(queries, segments, &causality, observe),

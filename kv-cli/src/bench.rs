@@ -46,6 +46,10 @@ pub struct BenchArgs {
     /// Training steps to time for training tokens/s (0: skip).
     #[arg(long, default_value_t = 0)]
     pub train_steps: usize,
+    /// Skip measuring the read bandwidth (and so the roofline columns): its 256 MiB buffer would
+    /// otherwise set the process's peak RSS, which a peer benchmark compares.
+    #[arg(long)]
+    pub no_roofline: bool,
     /// Folder for bench.json, bench.md and the charts.
     #[arg(long, default_value = "runs/bench")]
     pub out: PathBuf,
@@ -70,6 +74,10 @@ pub struct DecodeCell {
     /// allocator; CPU backends only (a GPU's tensors are not on this heap).
     #[serde(default)]
     pub prefill_peak_mib: Option<f64>,
+    /// Decode steps timed: `--steps`, rounded up to whole compaction cycles
+    /// ([`kv_core::TAIL_SLOTS`]) for a policy.
+    #[serde(default)]
+    pub steps: usize,
     /// Decode steps per second (one token each, batch 1).
     pub tokens_per_s: f64,
     /// Mean milliseconds per decode step.
@@ -230,10 +238,14 @@ pub fn decode_cell<B: Backend>(model: &DecoderLm<B>, label: &str, context: usize
     let mut timed = TimedPolicy { inner: crate::backend::policies::<B>().build(policy, &env)?, device, spent: Duration::ZERO };
     // A DMC model's cache is what its merges left: random slots would hold one per token.
     let merges = model.blocks().is_ok_and(|blocks| blocks.iter().any(|b| b.attention.dmc().is_some()));
-    let real_prefill = plan.prefill || merges || crate::backend::policies::<B>().parse(policy)?.name != "full";
+    let evicts = crate::backend::policies::<B>().parse(policy)?.name != "full";
+    let real_prefill = plan.prefill || merges || evicts;
+    // A per-step policy compacts its lazily evicted slots every TAIL_SLOTS steps: time whole
+    // cycles, so that cost is amortised in.
+    let steps = if evicts { plan.steps.next_multiple_of(kv_core::TAIL_SLOTS) } else { plan.steps };
     let mut cache = model.new_state(1);
     let appends = plan.steps.max(2 * kv_core::TAIL_SLOTS);
-    cache.reserve(context + plan.steps + appends + 2);
+    cache.reserve(context + steps + appends + 2);
     let (mut prefill_ms, mut prefill_peak_mib) = (None, None);
     if real_prefill {
         // A deterministic byte stream: the policy's choices depend on content, its cost hardly.
@@ -264,14 +276,14 @@ pub fn decode_cell<B: Backend>(model: &DecoderLm<B>, label: &str, context: usize
     }
     timed.spent = Duration::ZERO;
     let start = Instant::now();
-    for i in 0..plan.steps {
+    for i in 0..steps {
         step(&mut cache, &mut timed, 97 + (i % 26) as i32)?;
     }
     let secs = start.elapsed().as_secs_f64();
-    let policy_ms = timed.spent.as_secs_f64() * 1e3 / plan.steps as f64;
+    let policy_ms = timed.spent.as_secs_f64() * 1e3 / steps as f64;
     let stats = cache.stats();
     let shape = cache.layer(0).shape();
-    let slots = cache.layer(0).slots();
+    let slots = cache.layer(0).live_slots();
     let layer = cache.layer_mut(0);
     let row = [1, shape.kv_heads, 1, shape.key_dim];
     let (k, v) = (Tensor::<B, 4>::zeros(row, device), Tensor::<B, 4>::zeros([1, shape.kv_heads, 1, shape.value_dim], device));
@@ -293,7 +305,8 @@ pub fn decode_cell<B: Backend>(model: &DecoderLm<B>, label: &str, context: usize
         policy: policy.into(),
         prefill_ms,
         prefill_peak_mib,
-        tokens_per_s: plan.steps as f64 / secs,
+        steps,
+        tokens_per_s: steps as f64 / secs,
         ms_per_step: secs * 1e3 / plan.steps as f64,
         policy_ms_per_step: policy_ms,
         append_us,
@@ -382,7 +395,7 @@ impl BackendJob for BenchJob {
                     (loaded.model, loaded.config)
                 }
             };
-            if out.read_bytes_per_s == 0.0 {
+            if out.read_bytes_per_s == 0.0 && !args.no_roofline {
                 // Once, after every argument and the first model have been checked.
                 out.read_bytes_per_s = read_bandwidth::<B>(&device);
                 plan.read_bytes_per_s = out.read_bytes_per_s;

@@ -48,6 +48,9 @@ pub struct KeptFile {
 /// The original positions each (batch row 0) KV head of `cache` holds, rectangular or ragged.
 pub(crate) fn positions<B: Backend>(cache: &LayerCache<B>) -> Vec<Vec<i64>> {
     let one = |c: &LayerCache<B>| {
+        // Lazily evicted slots are gone from what the cache keeps, though still stored.
+        let mut c = c.clone();
+        c.compact();
         let n = c.slots().max(1);
         c.positions().into_data().iter::<i64>().collect::<Vec<_>>().chunks(n).map(<[i64]>::to_vec).collect::<Vec<_>>()
     };

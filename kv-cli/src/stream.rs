@@ -142,7 +142,7 @@ impl BackendJob for StreamJob {
                 rss_mib: rss_mib(),
                 heap_mib: crate::peak::current() as f64 / (1 << 20) as f64,
                 kv_mib: stats.kv_bytes as f64 / (1 << 20) as f64,
-                slots: cache.layer(0).slots(),
+                slots: cache.layer(0).live_slots(),
                 seconds: start.elapsed().as_secs_f64(),
             }
         };

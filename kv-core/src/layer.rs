@@ -1,8 +1,12 @@
 //! One layer's KV cache: keys, values, the original position of every slot and per-slot side data.
 
 use crate::slots::SlotBuffer;
-use crate::{KvError, Result, stats::LayerStats};
+use crate::{KvError, Result, TAIL_SLOTS, stats::LayerStats};
 use burn::prelude::*;
+
+/// The attention bias of a dead slot ([`LayerCache::dead_bias`]): the same large negative the
+/// causal masks use, so its softmax weight is exactly zero.
+pub const DEAD: f32 = -1.0e9;
 
 /// The fixed dimensions of a layer cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +43,14 @@ pub struct HeadWrite<B: Backend> {
 /// tail, never the whole cache (see `slots.rs` for why a plain in-place write is not enough on
 /// burn-flex), and attention reads the held slots as at most two contiguous segments.
 ///
+/// **Lazy eviction**: [`evict_one`](Self::evict_one) drops one slot per head in O(1) by marking it
+/// dead instead of copying the cache without it; attention skips dead slots
+/// ([`dead_bias`](Self::dead_bias)), and they are compacted away together once [`TAIL_SLOTS`] have
+/// accumulated, before any multi-token append, and by [`compact`](Self::compact). Until then every
+/// per-slot view (keys, values, positions, side channels, [`slots`](Self::slots)) still includes
+/// them, so all of a step's tensors share one slot index; [`live_slots`](Self::live_slots) and
+/// [`stats`](Self::stats) count only the living.
+///
 /// **Ragged storage**: after [`retain_per_head`](Self::retain_per_head) gives heads unequal
 /// budgets (AdaKV; later FastGen, DMC), every (batch row, KV head) owns a `[1, 1, n_i, ..]` cache
 /// of its own, so a head that keeps fewer slots really holds fewer bytes. Attention then runs per
@@ -52,6 +64,11 @@ pub struct LayerCache<B: Backend> {
     values: SlotBuffer<B, 4, Float>,
     positions: SlotBuffer<B, 3, Int>,
     side: Vec<(String, SlotBuffer<B, 3, Float>)>,
+    /// Tombstones of lazy evictions: `0` for a live slot, [`DEAD`] for one evicted but not yet
+    /// compacted away (`None` while no slot is dead).
+    dead: Option<SlotBuffer<B, 3, Float>>,
+    /// Dead slots per (batch row, KV head): every lazy eviction marks one slot in each head.
+    dead_count: usize,
     seen: usize,
     rope_shift: usize,
     device: B::Device,
@@ -69,6 +86,8 @@ impl<B: Backend> LayerCache<B> {
             values: SlotBuffer::zeros([batch, kv_heads, 0, value_dim], device),
             positions: SlotBuffer::zeros([batch, kv_heads, 0], device),
             side: Vec::new(),
+            dead: None,
+            dead_count: 0,
             seen: 0,
             rope_shift: 0,
             device: device.clone(),
@@ -93,7 +112,7 @@ impl<B: Backend> LayerCache<B> {
         self.ragged.as_deref_mut()
     }
 
-    /// Slots held by every (batch row, KV head), index `b * kv_heads + h`.
+    /// Slots stored by every (batch row, KV head), index `b * kv_heads + h`, dead ones included.
     pub fn slots_per_head(&self) -> Vec<usize> {
         match &self.ragged {
             Some(heads) => heads.iter().map(|h| h.slots()).collect(),
@@ -119,11 +138,77 @@ impl<B: Backend> LayerCache<B> {
         self.shape
     }
 
-    /// Slots held per KV head (with ragged storage: the most any head holds).
+    /// Slots stored per KV head, dead ones included: the length of every per-slot view (with
+    /// ragged storage: the most any head stores).
     pub fn slots(&self) -> usize {
         match &self.ragged {
             Some(heads) => heads.iter().map(|h| h.slots()).max().unwrap_or(0),
             None => self.positions.len(),
+        }
+    }
+
+    /// Slots per KV head that are not dead: what the cache keeps (with ragged storage: the most
+    /// any head keeps).
+    pub fn live_slots(&self) -> usize {
+        self.slots() - self.dead_count
+    }
+
+    /// Dead slots per KV head, awaiting compaction.
+    pub fn dead_slots(&self) -> usize {
+        self.dead_count
+    }
+
+    /// The additive attention bias of the slots stored, `[batch, kv_heads, slots]`: `0` for a live
+    /// slot and [`DEAD`] for a dead one, or `None` when no slot is dead.
+    pub fn dead_bias(&self) -> Option<Tensor<B, 3>> {
+        self.dead.as_ref().map(|d| d.view())
+    }
+
+    /// Evicts slot `victims[b, h]` (`[batch, kv_heads, 1]`, a live slot) of every (batch row, KV
+    /// head) by marking it dead: a few ops on `[batch, kv_heads, slots]`, never a copy of the keys
+    /// or values. Compacts once [`TAIL_SLOTS`] slots per head are dead.
+    pub fn evict_one(&mut self, victims: Tensor<B, 3, Int>) -> Result<()> {
+        self.check_rectangular("evict_one")?;
+        let CacheShape { batch, kv_heads, .. } = self.shape;
+        let n = self.slots();
+        if victims.dims() != [batch, kv_heads, 1] || self.live_slots() < 2 {
+            return Err(KvError::shape("evicted slots", &victims.dims(), format!("[{batch}, {kv_heads}, 1], from a cache of at least 2 live slots ({} now)", self.live_slots())));
+        }
+        let hit = Tensor::<B, 1, Int>::arange(0..n as i64, &self.device).reshape([1, 1, n]).expand([batch, kv_heads, n]).equal(victims.expand([batch, kv_heads, n]));
+        let bias = self.dead_bias().unwrap_or_else(|| Tensor::zeros([batch, kv_heads, n], &self.device)).mask_fill(hit, DEAD);
+        let mut buf = SlotBuffer::zeros([batch, kv_heads, 0], &self.device);
+        buf.replace(bias);
+        self.dead = Some(buf);
+        self.dead_count += 1;
+        if self.dead_count >= TAIL_SLOTS {
+            self.compact();
+        }
+        Ok(())
+    }
+
+    /// Removes every dead slot, keeping the living in order; a no-op when none is dead.
+    pub fn compact(&mut self) {
+        let Some(bias) = self.dead_bias() else { return };
+        let CacheShape { batch, kv_heads, .. } = self.shape;
+        let n = self.slots();
+        let live = n - self.dead_count;
+        // Dead slots sort after every live one, and each group keeps its slot order.
+        let order = bias.lower_elem(DEAD / 2.0).int().mul_scalar(n as i64) + Tensor::<B, 1, Int>::arange(0..n as i64, &self.device).reshape([1, 1, n]).expand([batch, kv_heads, n]);
+        let keep = order.sort(2).narrow(2, 0, live);
+        self.gather_all(keep);
+    }
+
+    /// Gathers every per-slot buffer at `indices` (live slots), which leaves no slot dead.
+    fn gather_all(&mut self, indices: Tensor<B, 3, Int>) {
+        self.dead = None;
+        self.dead_count = 0;
+        self.keys.gather(indices.clone());
+        if self.shape.value_dim > 0 {
+            self.values.gather(indices.clone());
+        }
+        self.positions.gather(indices.clone());
+        for (_, buf) in self.side.iter_mut() {
+            buf.gather(indices.clone());
         }
     }
 
@@ -183,6 +268,10 @@ impl<B: Backend> LayerCache<B> {
         if t == 0 {
             return Ok(());
         }
+        if t > 1 {
+            // A chunk's causal mask reads the slots' positions; dead ones would need their own.
+            self.compact();
+        }
         if let Some(heads) = &mut self.ragged {
             for (i, head) in heads.iter_mut().enumerate() {
                 let (b, h) = (i / kv_heads, i % kv_heads);
@@ -199,6 +288,9 @@ impl<B: Backend> LayerCache<B> {
         self.positions.append(pos);
         for (_, buf) in self.side.iter_mut() {
             buf.append(Tensor::zeros([batch, kv_heads, t], &self.device));
+        }
+        if let Some(dead) = &mut self.dead {
+            dead.append(Tensor::zeros([batch, kv_heads, t], &self.device));
         }
         self.seen += t;
         Ok(())
@@ -309,11 +401,12 @@ impl<B: Backend> LayerCache<B> {
     /// Keeps, for every (batch row, KV head), the slots named by `indices` `[batch, kv_heads, k]`,
     /// in that order; keys, values, positions and every side channel move together.
     ///
-    /// Indices must be below [`slots`](Self::slots); checking that would cost a host sync, so it is
-    /// the caller's contract (policies build them with top-k over the slots held).
+    /// Indices must be below [`slots`](Self::slots) and name live slots; checking that would cost
+    /// a host sync, so it is the caller's contract (policies build them with top-k over the slots
+    /// held, dead ones scored lowest). No slot is dead afterwards.
     pub fn retain(&mut self, indices: Tensor<B, 3, Int>) -> Result<()> {
         self.check_rectangular("retain")?;
-        let CacheShape { batch, kv_heads, value_dim, .. } = self.shape;
+        let CacheShape { batch, kv_heads, .. } = self.shape;
         let [ib, ih, k] = indices.dims();
         if [ib, ih] != [batch, kv_heads] || k > self.slots() || k == 0 {
             return Err(KvError::shape(
@@ -322,19 +415,13 @@ impl<B: Backend> LayerCache<B> {
                 format!("[{batch}, {kv_heads}, k] with 1 <= k <= {} slots held", self.slots()),
             ));
         }
-        self.keys.gather(indices.clone());
-        if value_dim > 0 {
-            self.values.gather(indices.clone());
-        }
-        self.positions.gather(indices.clone());
-        for (_, buf) in self.side.iter_mut() {
-            buf.gather(indices.clone());
-        }
+        self.gather_all(indices);
         Ok(())
     }
 
-    /// Keeps the slots `start .. start + len` (the same for every head), e.g. a recent window.
+    /// Keeps the live slots `start .. start + len` (the same for every head), e.g. a recent window.
     pub fn retain_range(&mut self, start: usize, len: usize) -> Result<()> {
+        self.compact();
         let CacheShape { batch, kv_heads, .. } = self.shape;
         if start + len > self.slots() || len == 0 {
             return Err(KvError::config("retained range", format!("{start}..{}", start + len), format!("non-empty, within 0..{}", self.slots())));
@@ -349,6 +436,7 @@ impl<B: Backend> LayerCache<B> {
     /// Unlike [`clear`](Self::clear), the token counter and the side channels' names stay.
     pub fn keep_last(&mut self, n: usize) -> Result<()> {
         self.check_rectangular("keep_last")?;
+        self.compact();
         let held = self.slots();
         if held <= n {
             return Ok(());
@@ -372,7 +460,8 @@ impl<B: Backend> LayerCache<B> {
     /// Equal counts keep rectangular storage (one gather, as [`retain`](Self::retain)); unequal
     /// ones move every head into a cache of its own, sized to what it keeps, so the bytes held
     /// shrink with each head's budget. Indices are checked here: they come from the host anyway,
-    /// because unequal budgets need their sizes on the host to allocate.
+    /// because unequal budgets need their sizes on the host to allocate. They must name live
+    /// slots; no slot is dead afterwards.
     pub fn retain_per_head(&mut self, keep: &[Vec<usize>]) -> Result<()> {
         let CacheShape { batch, kv_heads, .. } = self.shape;
         if keep.len() != batch * kv_heads {
@@ -434,6 +523,7 @@ impl<B: Backend> LayerCache<B> {
             *buf = SlotBuffer::zeros([batch, kv_heads, 0], &self.device);
         }
         self.ragged = Some(heads);
+        (self.dead, self.dead_count) = (None, 0);
         Ok(())
     }
 
@@ -517,15 +607,19 @@ impl<B: Backend> LayerCache<B> {
         fn bytes<B: Backend, const D: usize, K: burn::tensor::BasicOps<B>>(t: &[Tensor<B, D, K>]) -> usize {
             t.iter().map(crate::stats::tensor_bytes).sum()
         }
-        let kv_bytes = bytes(&self.keys.segments()) + bytes(&self.values.segments());
-        let mut metadata_bytes = bytes(&self.positions.segments());
+        // Dead slots are still stored until compaction, but no longer kept: they count as
+        // allocated, not as held.
+        let (n, live) = (self.slots(), self.live_slots());
+        let held = |stored: usize| if n == 0 { 0 } else { stored / n * live };
+        let kv_bytes = held(bytes(&self.keys.segments()) + bytes(&self.values.segments()));
+        let mut metadata_bytes = held(bytes(&self.positions.segments()));
         let mut allocated_bytes = self.keys.allocated_bytes() + self.values.allocated_bytes() + self.positions.allocated_bytes();
-        for (_, buf) in &self.side {
-            metadata_bytes += bytes(&buf.segments());
+        for buf in self.side.iter().map(|(_, b)| b).chain(&self.dead) {
+            metadata_bytes += held(bytes(&buf.segments()));
             allocated_bytes += buf.allocated_bytes();
         }
         LayerStats {
-            slots_per_head: self.slots_per_head(),
+            slots_per_head: vec![live; self.shape.batch * self.shape.kv_heads],
             tokens_seen: self.seen,
             kv_bytes,
             metadata_bytes,

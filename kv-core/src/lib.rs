@@ -41,7 +41,7 @@ mod testing;
 
 pub use budget::Budget;
 pub use error::{KvError, Result};
-pub use layer::{CacheShape, HeadWrite, LayerCache};
+pub use layer::{CacheShape, DEAD, HeadWrite, LayerCache};
 pub use model::ModelCache;
 pub use observe::{KeyRotation, ObserveRequest, Observation};
 pub use slots::TAIL_SLOTS;

@@ -254,7 +254,55 @@ fn ragged_storage_holds_each_heads_own_slots<B: Backend>(dev: &B::Device) {
     assert!(!c.is_ragged());
 }
 
+fn lazy_eviction_marks_then_compacts_in_slot_order<B: Backend>(dev: &B::Device) {
+    let mut c = LayerCache::<B>::new(shape(1, 2, 2), dev);
+    let (k, v) = tagged::<B>(1, 2, 0, 6, 2, dev);
+    c.append(k, v).unwrap();
+    c.add_side("tag");
+    c.set_side("tag", c.positions().float()).unwrap();
+    // Head 0 drops slot 1, head 1 slot 4; then head 0 slot 3, head 1 slot 0.
+    let victims = |a: i32, b: i32| Tensor::<B, 1, Int>::from_ints([a, b], dev).reshape([1, 2, 1]);
+    c.evict_one(victims(1, 4)).unwrap();
+    let (k, v) = tagged::<B>(1, 2, 6, 1, 2, dev);
+    c.append(k, v).unwrap();
+    c.evict_one(victims(3, 0)).unwrap();
+    assert_eq!((c.slots(), c.live_slots(), c.dead_slots()), (7, 5, 2));
+    let bias = floats(c.dead_bias().unwrap());
+    let dead: Vec<usize> = bias.iter().enumerate().filter(|(_, b)| **b == DEAD).map(|(i, _)| i).collect();
+    assert_eq!(dead, vec![1, 3, 7, 11], "slot 1 and 3 of head 0, 0 and 4 of head 1");
+    assert!(bias.iter().all(|&b| b == 0.0 || b == DEAD));
+    // Stats count what is kept: 5 slots x 2 heads x (key + value) x 2 floats.
+    assert_eq!(c.stats().kv_bytes, 5 * 2 * 2 * 2 * 4);
+    assert_eq!(c.stats().slots_per_head, vec![5, 5]);
+    let mut kept = c.clone();
+    kept.compact();
+    assert_eq!((kept.slots(), kept.dead_slots()), (5, 0));
+    assert!(kept.dead_bias().is_none());
+    assert_eq!(ints(kept.positions()), vec![0, 2, 4, 5, 6, 1, 2, 3, 5, 6]);
+    assert_eq!(floats(kept.side("tag").unwrap()), vec![0.0, 2.0, 4.0, 5.0, 0.0, 1.0, 2.0, 3.0, 5.0, 0.0], "side data moves with its slots; token 6 came after the tags");
+    let keys: Vec<f32> = floats(kept.keys()).chunks(2).map(|k| k[0]).collect();
+    assert_eq!(keys, vec![0.0, 2.0, 4.0, 5.0, 6.0, 1001.0, 1002.0, 1003.0, 1005.0, 1006.0]);
+    assert_eq!(kept.stats().kv_bytes, c.stats().kv_bytes);
+    // A chunk compacts first, so its causal mask never meets a dead slot.
+    let (k, v) = tagged::<B>(1, 2, 7, 3, 2, dev);
+    c.append(k, v).unwrap();
+    assert_eq!((c.slots(), c.dead_slots(), c.tokens_seen()), (8, 0, 10));
+    assert_eq!(ints(c.positions()), vec![0, 2, 4, 5, 6, 7, 8, 9, 1, 2, 3, 5, 6, 7, 8, 9]);
+    // TAIL_SLOTS evictions in a row compact by themselves.
+    let mut c = LayerCache::<B>::new(shape(1, 1, 2), dev);
+    let (k, v) = tagged::<B>(1, 1, 0, TAIL_SLOTS + 2, 2, dev);
+    c.append(k, v).unwrap();
+    for i in 0..TAIL_SLOTS {
+        assert_eq!(c.dead_slots(), i);
+        c.evict_one(Tensor::<B, 1, Int>::from_ints([i as i32], dev).reshape([1, 1, 1])).unwrap();
+    }
+    assert_eq!((c.slots(), c.dead_slots()), (2, 0));
+    assert_eq!(ints(c.positions()), vec![TAIL_SLOTS as i64, TAIL_SLOTS as i64 + 1]);
+    assert!(c.evict_one(Tensor::<B, 1, Int>::from_ints([0, 0], dev).reshape([1, 2, 1])).is_err(), "one victim per head");
+}
+
 crate::backend_tests!(
+    lazy_eviction_marks_then_compacts_in_slot_order,
     ragged_storage_holds_each_heads_own_slots,
     keep_last_trims_to_a_window_and_keeps_the_counter,
     model_stats_count_local_windows_and_states,

@@ -17,7 +17,7 @@ pub type ScorerBuilder<B> = Arc<dyn Fn(&Params<'_>) -> Result<Box<dyn Scorer<B>>
 pub type PolicyBuilder<B> = Arc<dyn Fn(&PolicySpec, &Registry<B>, &PolicyEnv) -> Result<Box<dyn CachePolicy<B>>> + Send + Sync>;
 
 /// Parameters every scorer entry takes, read by the top-k policy around it.
-pub const TOP_K_KEYS: &[&str] = &["budget", "every", "rerotate"];
+pub const TOP_K_KEYS: &[&str] = &["budget", "every", "rerotate", "lazy"];
 
 /// How an entry makes its policy.
 #[derive(Clone)]
@@ -90,7 +90,7 @@ impl<B: Backend> Registry<B> {
         r.register_scorer::<KnormScorer>("knorm", "lowest key L2 norm, first layers skipped", Schedule::EveryStep, true);
         r.register_scorer::<SnapKvScorer>("snapkv", "pooled attention of the last prompt queries, once at prefill", Schedule::PrefillOnly, true);
         r.register_scorer::<TovaScorer>("tova", "the latest query's attention, averaged over the layer's heads", Schedule::EveryStep, true);
-        let pyramid_keys: Vec<&str> = ["every", "rerotate"].into_iter().chain(SnapKvScorer::KEYS.iter().copied()).chain(["beta"]).collect();
+        let pyramid_keys: Vec<&str> = ["every", "rerotate", "lazy"].into_iter().chain(SnapKvScorer::KEYS.iter().copied()).chain(["beta"]).collect();
         r.register_policy("pyramidkv", "SnapKV with per-layer budgets shrinking with depth", &pyramid_keys, false, |spec, r, _| {
             let p = r.top_k_params(spec, &[SnapKvScorer::KEYS, &["beta"]].concat())?;
             let snapkv = SnapKvScorer::from_params(&p)?;
@@ -215,10 +215,11 @@ impl<B: Backend> Registry<B> {
     }
 
     /// A per-head top-k policy over `scorer` with `p`'s budget (default half), schedule
-    /// (default `schedule`) and re-rotation (default off).
+    /// (default `schedule`), re-rotation (default off) and lazy eviction (default on).
     pub fn top_k(&self, spec: &PolicySpec, p: &Params<'_>, schedule: Schedule, scorer: Box<dyn Scorer<B>>) -> Result<TopKPolicy<B>> {
         let mut policy = TopKPolicy::new(spec.name.clone(), p.budget("budget", Budget::Ratio(0.5))?, p.schedule(schedule)?, scorer);
         policy.rerotate = p.bool("rerotate", false)?;
+        policy.lazy = p.bool("lazy", true)?;
         Ok(policy)
     }
 

@@ -31,10 +31,16 @@ impl<B: Backend> Stack<B> {
     /// Runs `t` random tokens through every layer under `policy`; before the policy acts, a "tag"
     /// side channel is set to each slot's position, so alignment can be checked afterwards.
     fn run(&mut self, t: usize, policy: &mut dyn CachePolicy<B>, phase: Phase, dev: &B::Device) {
+        let xs: Vec<_> = self.layers.iter().map(|_| Tensor::<B, 3>::random([1, t, D_MODEL], Distribution::Normal(0.0, 1.0), dev)).collect();
+        self.run_inputs(&xs, policy, phase);
+    }
+
+    /// [`run`](Self::run) with each layer's input given, `[1, t, d_model]`.
+    fn run_inputs(&mut self, xs: &[Tensor<B, 3>], policy: &mut dyn CachePolicy<B>, phase: Phase) {
         let n_layers = self.layers.len();
         for (i, (layer, cache)) in self.layers.iter().zip(self.states.iter_mut()).enumerate() {
             let ctx = LayerContext { layer: i, n_layers, n_heads: layer.n_heads(), phase, rope: Some(&layer.rope), tokens: None };
-            let x = Tensor::<B, 3>::random([1, t, D_MODEL], Distribution::Normal(0.0, 1.0), dev);
+            let x = xs[i].clone();
             drive_layer(policy, &ctx, cache, |state, request| {
                 let out = layer.forward_cached(x, state, request)?;
                 let cache = &mut state.cache;
@@ -57,8 +63,16 @@ fn floats<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     t.into_data().iter::<f32>().collect()
 }
 
-/// Positions per KV head of a batch-1 cache.
+/// What a cache keeps: a copy with its lazily evicted slots compacted away.
+fn kept<B: Backend>(c: &LayerCache<B>) -> LayerCache<B> {
+    let mut c = c.clone();
+    c.compact();
+    c
+}
+
+/// Positions per KV head of a batch-1 cache, of the slots it keeps.
 fn head_positions<B: Backend>(c: &LayerCache<B>) -> Vec<Vec<i64>> {
+    let c = kept(c);
     let n = c.slots();
     ints(c.positions()).chunks(n.max(1)).map(|h| h.to_vec()).collect()
 }
@@ -124,10 +138,10 @@ fn invariant_matrix<B: Backend>(dev: &B::Device) {
                         let seen = prompt + step;
                         for c in stack.caches() {
                             let ctx = format!("{spec} heads {heads}/{kv} step {step}");
-                            assert_eq!(c.slots(), expected, "{ctx}: slots");
+                            assert_eq!(c.live_slots(), expected, "{ctx}: slots");
                             assert_eq!(c.tokens_seen(), seen, "{ctx}");
                             if kind.contains("rerotate") {
-                                assert_eq!(c.rope_position(), c.slots(), "{ctx}: rerotated rope position");
+                                assert_eq!(c.rope_position(), c.live_slots(), "{ctx}: rerotated rope position");
                             } else {
                                 assert_eq!(c.rope_position(), seen, "{ctx}: rope position");
                             }
@@ -138,6 +152,7 @@ fn invariant_matrix<B: Backend>(dev: &B::Device) {
                                     assert_eq!(*h.last().unwrap(), seen as i64 - 1, "{ctx}: newest token kept");
                                 }
                             }
+                            let c = kept(c);
                             let tags = floats(c.side("tag").unwrap());
                             let pos: Vec<f32> = ints(c.positions()).iter().map(|&p| p as f32).collect();
                             assert_eq!(tags, pos, "{ctx}: side data out of line");
@@ -315,10 +330,10 @@ fn streaming_keeps_sinks_and_recent_and_rerotation_matches_recomputed_rope<B: Ba
         // The held keys equal raw keys rotated at their in-cache (rerotate) or original positions.
         let raw = layer.wk.forward(xs).reshape([1, t, 2, D_MODEL / 4]).swap_dims(1, 2);
         let idx = Tensor::<B, 1, Int>::from_ints(want.iter().map(|&p| p as i32).collect::<Vec<_>>().as_slice(), dev);
-        let kept = raw.select(2, idx.clone());
+        let kept_keys = raw.select(2, idx.clone());
         let rope_pos = if rerotate { position_range::<B>(0, 8, dev) } else { idx.reshape([1, 1, 8]) };
-        let expected = layer.rope.apply(kept, rope_pos);
-        let diff = (state.cache.keys() - expected).abs().max().into_scalar().elem::<f32>();
+        let expected = layer.rope.apply(kept_keys, rope_pos);
+        let diff = (kept(&state.cache).keys() - expected).abs().max().into_scalar().elem::<f32>();
         assert!(diff <= 1e-4, "rerotate={rerotate}: {diff}");
         assert_eq!(state.cache.rope_position(), if rerotate { 8 } else { 20 });
     }
@@ -461,6 +476,8 @@ fn colsums<B: Backend>(head0: &[f32], head1: &[f32], dev: &B::Device) -> Observa
 
 fn h2o_evicts_the_hand_computed_slots_of_a_toy_sequence<B: Backend>(dev: &B::Device) {
     // techniques.md section 1, test 6: 2 heads, 6 tokens, budget 3 (1 recent + 2 heavy hitters).
+    // Eager eviction, so the crafted column sums cover exactly the slots kept; lazy eviction keeps
+    // the same slots (`lazy_eviction_keeps_what_eager_eviction_keeps`).
     // Prefill of 3 tokens (column sums of 3 causal queries), then one query per step. By hand:
     //   step 1  head 0 acc [1.6 1.5 0.7 0.2] -> keep 0 1 + recent 3, evict 2
     //           head 1 acc [1.3 1.2 1.3 0.2] -> keep 0 2 + 3, evict 1
@@ -469,7 +486,7 @@ fn h2o_evicts_the_hand_computed_slots_of_a_toy_sequence<B: Backend>(dev: &B::Dev
     //   step 3  head 0 acc over [0 1 4 5] = [1.9 1.7 0.9 0.1] -> evict 4
     //           head 1 acc over [0 2 4 5] = [1.35 1.65 0.9 0.1] -> evict 4
     let mut c = LayerCache::<B>::new(kv_core::CacheShape { batch: 1, kv_heads: 2, key_dim: 2, value_dim: 2 }, dev);
-    let mut policy = build_policy::<B>("h2o:budget=3,recent=0.34").unwrap();
+    let mut policy = build_policy::<B>("h2o:budget=3,recent=0.34,lazy=false").unwrap();
     let ctx = |phase| LayerContext { layer: 0, n_layers: 1, n_heads: 2, phase, rope: None, tokens: None };
     for x in 0..3 {
         push_slot(&mut c, x as f32, dev);
@@ -584,7 +601,52 @@ fn adakv_protects_exactly_the_minimum_share_when_scores_tie<B: Backend>(dev: &B:
     assert_eq!(keep[1].len(), 2, "{keep:?}");
 }
 
+/// A per-step policy's lazy eviction (a tombstone per step, compacted every `TAIL_SLOTS`) keeps
+/// exactly the slots eager eviction (a copy of the cache without the victim) keeps, step by step
+/// over 300 decode steps, with the same attention outputs, and its stats count only live slots.
+fn lazy_eviction_keeps_what_eager_eviction_keeps<B: Backend>(dev: &B::Device) {
+    let (prompt, steps, budget) = (24, 300, 20);
+    for kind in ["h2o", "tova", "streaming", "streaming:rerotate=true", "vatp"] {
+        for (heads, kv) in [(4, 4), (4, 2), (4, 1)] {
+            let sep = if kind.contains(':') { "," } else { ":" };
+            let spec = format!("{kind}{sep}budget={budget},every=1");
+            let mut lazy = build_policy::<B>(&spec).unwrap();
+            let mut eager = build_policy::<B>(&format!("{spec},lazy=false")).unwrap();
+            B::seed(dev, 11);
+            let mut a = Stack::<B>::new(2, heads, kv, dev);
+            let mut b = Stack { layers: a.layers.clone(), states: a.states.clone() };
+            let mut dead_seen = 0;
+            for step in 0..=steps {
+                let t = if step == 0 { prompt } else { 1 };
+                let xs: Vec<_> = (0..2).map(|_| Tensor::<B, 3>::random([1, t, D_MODEL], Distribution::Normal(0.0, 1.0), dev)).collect();
+                let phase = if step == 0 { Phase::Prefill } else { Phase::Decode { step } };
+                a.run_inputs(&xs, lazy.as_mut(), phase);
+                b.run_inputs(&xs, eager.as_mut(), phase);
+                for (l, (ca, cb)) in a.caches().into_iter().zip(b.caches()).enumerate() {
+                    let ctx = format!("{spec} heads {heads}/{kv} step {step} layer {l}");
+                    assert_eq!(cb.dead_slots(), 0, "{ctx}: eager eviction leaves no tombstone");
+                    assert!(ca.dead_slots() < kv_core::TAIL_SLOTS, "{ctx}: compacted in time");
+                    dead_seen = dead_seen.max(ca.dead_slots());
+                    assert_eq!(head_positions(ca), head_positions(cb), "{ctx}: kept positions");
+                    assert_eq!(ca.live_slots(), cb.slots(), "{ctx}");
+                    assert_eq!(ca.stats().kv_bytes, cb.stats().kv_bytes, "{ctx}: live bytes");
+                    assert_eq!(ca.rope_position(), cb.rope_position(), "{ctx}");
+                }
+            }
+            if !kind.contains("rerotate") {
+                assert!(dead_seen > 0, "{spec}: lazy eviction never left a dead slot");
+            }
+            // Same kept slots, so the next token attends to the same thing.
+            let x = Tensor::<B, 3>::random([1, 1, D_MODEL], Distribution::Normal(0.0, 1.0), dev);
+            let (oa, ob) = (a.layers[0].forward_cached(x.clone(), &mut a.states[0], ObserveRequest::default()).unwrap(), b.layers[0].forward_cached(x, &mut b.states[0], ObserveRequest::default()).unwrap());
+            let diff = (oa.output - ob.output).abs().max().into_scalar().elem::<f32>();
+            assert!(diff < 1e-5, "{spec} heads {heads}/{kv}: outputs differ by {diff}");
+        }
+    }
+}
+
 kv_core::backend_tests!(
+    lazy_eviction_keeps_what_eager_eviction_keeps,
     adakv_gives_heads_unequal_budgets_with_a_minimum_share,
     adakv_invariants,
     pyramid_budgets_shrink_with_depth_around_the_flat_mean,

@@ -53,12 +53,16 @@ pub struct TopKPolicy<B: Backend> {
     pub rerotate: bool,
     /// What ranks the slots.
     pub scorer: Box<dyn Scorer<B>>,
+    /// Drop the one slot a step puts over budget by marking it dead ([`LayerCache::evict_one`]),
+    /// which costs a few ops on `[batch, kv_heads, slots]`, instead of copying the cache without
+    /// it. Both keep the same slots; off only to compare the two (re-rotation is always eager).
+    pub lazy: bool,
 }
 
 impl<B: Backend> TopKPolicy<B> {
     /// A per-head top-k policy with a flat budget over `scorer`.
     pub fn new(label: impl Into<String>, budget: Budget, schedule: Schedule, scorer: Box<dyn Scorer<B>>) -> Self {
-        Self { label: label.into(), budget, schedule, layer_budget: LayerBudget::Flat, selection: Selection::PerHead, rerotate: false, scorer }
+        Self { label: label.into(), budget, schedule, layer_budget: LayerBudget::Flat, selection: Selection::PerHead, rerotate: false, scorer, lazy: true }
     }
 
     /// No selection can happen from this phase on (a prefill-only policy while decoding), so
@@ -84,6 +88,9 @@ impl<B: Backend> CachePolicy<B> for TopKPolicy<B> {
         }
         if self.rerotate {
             own.push_str(",rerotate");
+        }
+        if !self.lazy {
+            own.push_str(",lazy=false");
         }
         let scorer = self.scorer.name();
         match scorer.strip_prefix(self.label.as_str()).and_then(|rest| rest.strip_prefix('(')) {
@@ -111,17 +118,33 @@ impl<B: Backend> CachePolicy<B> for TopKPolicy<B> {
         if !self.schedule.is_due(ctx.phase) {
             return Ok(());
         }
-        let n = cache.slots();
+        let live = cache.live_slots();
         let k = self.layer_budget.slots(self.budget, cache.tokens_seen(), ctx)?;
-        if n <= k {
+        if live <= k {
             return Ok(());
         }
+        // Scores cover every slot stored; dead ones must never be kept (nor evicted again).
         let scores = self.scorer.score(ctx, cache, obs, k)?;
+        let dead = cache.dead_bias();
         match self.selection {
             Selection::PerHead => {
+                if live == k + 1 && k > 0 && self.lazy && !self.rerotate {
+                    // One slot over budget (every decode step of a per-step policy): drop the
+                    // lowest-scoring live slot by marking it dead.
+                    let victim = match dead {
+                        Some(bias) => (scores - bias).argmin(2),
+                        None => scores.argmin(2),
+                    };
+                    return cache.evict_one(victim);
+                }
+                let n = cache.slots();
+                let scores = match dead {
+                    Some(bias) => scores + bias,
+                    None => scores,
+                };
                 let idx = if n == k + 1 && k > 0 {
-                    // One slot over budget (every decode step of a per-step policy): the top k
-                    // are all but the lowest score, found without a sort, and already in order.
+                    // One slot over budget: the top k are all but the lowest score, found
+                    // without a sort, and already in order.
                     all_but(scores.argmin(2), n)
                 } else {
                     // Slots are held in position order, so sorting the kept indices keeps it.
@@ -134,7 +157,7 @@ impl<B: Backend> CachePolicy<B> for TopKPolicy<B> {
                 Ok(())
             }
             Selection::AcrossHeads(rule) => {
-                let keep = rule.select(scores, k);
+                let keep = rule.select(dead.map_or(scores.clone(), |bias| scores + bias), k);
                 cache.retain_per_head(&keep)
             }
         }

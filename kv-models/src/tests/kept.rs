@@ -44,12 +44,23 @@ impl<B: Backend> CachePolicy<B> for Recorder<B> {
 
     fn after_attention(&mut self, ctx: &LayerContext<'_, B>, cache: &mut LayerCache<B>, obs: Option<&Observation<B>>) -> kv_core::Result<()> {
         let before = kept(cache);
-        let column_sums = obs.and_then(|o| o.column_sums.clone()).map(floats);
+        let column_sums = obs.and_then(|o| o.column_sums.clone()).map(|sums| live_columns(sums, cache));
         let window = obs.and_then(|o| o.window.clone()).map(|w| (w.dims()[2], floats(w)));
         self.inner.after_attention(ctx, cache, obs)?;
         self.log.push(Seen { layer: ctx.layer, phase: ctx.phase, heads: ctx.n_heads, before, column_sums, window, after: kept(cache) });
         Ok(())
     }
+}
+
+/// Column sums `[1, heads, slots]` of the slots `cache` keeps, leaving out those a lazy
+/// eviction marked dead (stored, attended with weight 0), so they line up with [`kept`].
+fn live_columns<B: Backend>(sums: Tensor<B, 3>, cache: &LayerCache<B>) -> Vec<f32> {
+    let [_, heads, n] = sums.dims();
+    let sums = floats(sums);
+    let Some(bias) = cache.dead_bias() else { return sums };
+    let dead = floats(bias);
+    let group = heads / cache.shape().kv_heads;
+    (0..heads).flat_map(|h| (0..n).filter(|&j| dead[(h / group) * n + j] == 0.0).map(move |j| (h, j)).collect::<Vec<_>>()).map(|(h, j)| sums[h * n + j]).collect()
 }
 
 /// Indices of the `k` largest `scores` (every score finite or +inf), ascending.
