@@ -66,7 +66,7 @@ pub struct LayerCache<B: Backend> {
     side: Vec<(String, SlotBuffer<B, 3, Float>)>,
     /// Tombstones of lazy evictions: `0` for a live slot, [`DEAD`] for one evicted but not yet
     /// compacted away (`None` while no slot is dead).
-    dead: Option<SlotBuffer<B, 3, Float>>,
+    dead: Option<Tensor<B, 3>>,
     /// Dead slots per (batch row, KV head): every lazy eviction marks one slot in each head.
     dead_count: usize,
     seen: usize,
@@ -161,7 +161,7 @@ impl<B: Backend> LayerCache<B> {
     /// The additive attention bias of the slots stored, `[batch, kv_heads, slots]`: `0` for a live
     /// slot and [`DEAD`] for a dead one, or `None` when no slot is dead.
     pub fn dead_bias(&self) -> Option<Tensor<B, 3>> {
-        self.dead.as_ref().map(|d| d.view())
+        self.dead.clone()
     }
 
     /// Evicts slot `victims[b, h]` (`[batch, kv_heads, 1]`, a live slot) of every (batch row, KV
@@ -175,10 +175,8 @@ impl<B: Backend> LayerCache<B> {
             return Err(KvError::shape("evicted slots", &victims.dims(), format!("[{batch}, {kv_heads}, 1], from a cache of at least 2 live slots ({} now)", self.live_slots())));
         }
         let hit = Tensor::<B, 1, Int>::arange(0..n as i64, &self.device).reshape([1, 1, n]).expand([batch, kv_heads, n]).equal(victims.expand([batch, kv_heads, n]));
-        let bias = self.dead_bias().unwrap_or_else(|| Tensor::zeros([batch, kv_heads, n], &self.device)).mask_fill(hit, DEAD);
-        let mut buf = SlotBuffer::zeros([batch, kv_heads, 0], &self.device);
-        buf.replace(bias);
-        self.dead = Some(buf);
+        let bias = self.dead.take().unwrap_or_else(|| Tensor::zeros([batch, kv_heads, n], &self.device));
+        self.dead = Some(bias.mask_fill(hit, DEAD));
         self.dead_count += 1;
         if self.dead_count >= TAIL_SLOTS {
             self.compact();
@@ -289,9 +287,8 @@ impl<B: Backend> LayerCache<B> {
         for (_, buf) in self.side.iter_mut() {
             buf.append(Tensor::zeros([batch, kv_heads, t], &self.device));
         }
-        if let Some(dead) = &mut self.dead {
-            dead.append(Tensor::zeros([batch, kv_heads, t], &self.device));
-        }
+        // One small copy per appended token, so every read of the bias in a step is free.
+        self.dead = self.dead.take().map(|d| Tensor::cat(vec![d, Tensor::zeros([batch, kv_heads, t], &self.device)], 2));
         self.seen += t;
         Ok(())
     }
@@ -614,7 +611,11 @@ impl<B: Backend> LayerCache<B> {
         let kv_bytes = held(bytes(&self.keys.segments()) + bytes(&self.values.segments()));
         let mut metadata_bytes = held(bytes(&self.positions.segments()));
         let mut allocated_bytes = self.keys.allocated_bytes() + self.values.allocated_bytes() + self.positions.allocated_bytes();
-        for buf in self.side.iter().map(|(_, b)| b).chain(&self.dead) {
+        if let Some(dead) = &self.dead {
+            metadata_bytes += held(crate::stats::tensor_bytes(dead));
+            allocated_bytes += crate::stats::tensor_bytes(dead);
+        }
+        for (_, buf) in &self.side {
             metadata_bytes += held(bytes(&buf.segments()));
             allocated_bytes += buf.allocated_bytes();
         }
