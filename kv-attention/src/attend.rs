@@ -4,6 +4,7 @@ use crate::{ObserveRequest, Observation};
 use burn::prelude::*;
 use burn::tensor::DType;
 use burn::tensor::activation::softmax;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Attention of `q` `[batch, heads, t, d]` over every slot a layer cache holds, whether its
 /// storage is rectangular or ragged; `query_positions` (absolute, `[t]`) masks causally by the
@@ -73,15 +74,30 @@ pub fn attend_appended<B: Backend>(q: Tensor<B, 4>, cache: &kv_core::LayerCache<
     (o, Observation::with_plain_norms(observation, observe, cache, h))
 }
 
+/// Query rows per call of the fused kernel at prefill: each block attends only over the keys up
+/// to its last query, so a causal prefill does about half the work of one call over the square.
+pub const FUSED_BLOCK: usize = 512;
+
+static PREFILL_THREADS: AtomicUsize = AtomicUsize::new(1);
+
+/// Sets how many threads a prefill spreads its fused-attention query blocks over (default 1, and
+/// at least 1). For CPU backends whose fused kernel runs on one thread (burn-flex 0.21 attends one
+/// (batch, head) after another on the calling thread); a GPU backend gains nothing from it.
+pub fn set_prefill_threads(threads: usize) {
+    PREFILL_THREADS.store(threads.max(1), Ordering::Relaxed);
+}
+
 /// Causal attention of a chunk of `t` new queries (the cache's last `t` slots) through burn's
 /// fused `attention` (flash on Flex and CubeCL), except for the last `observe.window` rows, which
 /// the explicit kernel computes so their probabilities can be observed.
 ///
 /// Exact, not an approximation: appended slots are the newest, so query `i` of the chunk sees
 /// the `n - t` older slots and new slots `0..=i`, which is the bottom-right causal mask; the rows
-/// before the window see no window key, so they attend over the first `n - w` slots alone, where
-/// the mask is square-aligned. Query and key heads must match for the fused kernel, so each KV
-/// head is broadcast to its group for this call (a temporary the size of the keys, never held).
+/// before the window see no window key, so they attend over the first `n - w` slots alone. They
+/// go in blocks of [`FUSED_BLOCK`] rows, each over the keys up to its last query (the same
+/// bottom-right mask, cut), on up to [`set_prefill_threads`] threads. Query and key heads must
+/// match for the fused kernel, so each KV head is broadcast to its group for this call (a
+/// temporary the size of the keys, never held).
 fn fused_prefill<B: Backend>(q: Tensor<B, 4>, cache: &kv_core::LayerCache<B>, scale: f64, observe: ObserveRequest) -> (Tensor<B, 4>, Option<Observation<B>>) {
     use burn::tensor::module::attention;
     use burn::tensor::ops::AttentionModuleOptions;
@@ -91,22 +107,47 @@ fn fused_prefill<B: Backend>(q: Tensor<B, 4>, cache: &kv_core::LayerCache<B>, sc
     let dv = values.dims()[3];
     let w = observe.window.min(t);
     let head = t - w;
-    let mut outs = Vec::with_capacity(2);
+    let mut outs = Vec::new();
     if head > 0 {
         let visible = n - w;
+        let older = visible - head;
         let spread = |x: Tensor<B, 4>, d: usize| x.narrow(2, 0, visible).reshape([b, kv, 1, visible, d]).expand([b, kv, h / kv, visible, d]).reshape([b, h, visible, d]);
-        let qh = q.clone().narrow(2, 0, head);
-        // Flex aligns a non-square causal mask bottom-right, CubeCL's flash kernel top-left:
-        // only a square one is portable, so a chunk after older slots gets an explicit mask.
-        let (mask, is_causal) = if head == visible {
-            (None, true)
-        } else {
-            (Some(Tensor::<B, 2, Bool>::tril_mask([head, visible], (visible - head) as i64, &q.device()).reshape([1, 1, head, visible])), false)
-        };
+        let (ks, vs) = (spread(keys.clone(), dk), spread(values.clone(), dv));
         // An explicit scale drops CubeCL to its unfused fallback; the usual one is the default.
         let default_scale = ((scale * scale * dk as f64) - 1.0).abs() < 1e-9;
-        let options = AttentionModuleOptions { scale: (!default_scale).then_some(scale), softcap: None, is_causal };
-        outs.push(attention(qh, spread(keys.clone(), dk), spread(values.clone(), dv), mask, None, options));
+        let device = q.device();
+        let block = |lo: usize| {
+            let rows = FUSED_BLOCK.min(head - lo);
+            let len = older + lo + rows;
+            let cut = |x: &Tensor<B, 4>| if len == visible { x.clone() } else { x.clone().narrow(2, 0, len) };
+            // Flex aligns a non-square causal mask bottom-right, CubeCL's flash kernel top-left:
+            // only a square one is portable, so any other block gets an explicit mask.
+            let (mask, is_causal) = if rows == len {
+                (None, true)
+            } else {
+                (Some(Tensor::<B, 2, Bool>::tril_mask([rows, len], (len - rows) as i64, &device).reshape([1, 1, rows, len])), false)
+            };
+            let options = AttentionModuleOptions { scale: (!default_scale).then_some(scale), softcap: None, is_causal };
+            attention(q.clone().narrow(2, lo, rows), cut(&ks), cut(&vs), mask, None, options)
+        };
+        let starts: Vec<usize> = (0..head).step_by(FUSED_BLOCK).collect();
+        let threads = PREFILL_THREADS.load(Ordering::Relaxed).min(starts.len());
+        if threads <= 1 {
+            outs.extend(starts.iter().map(|&lo| block(lo)));
+        } else {
+            // Later blocks see more keys: dealt out latest first, the threads finish together.
+            let mut done: Vec<(usize, Tensor<B, 4>)> = std::thread::scope(|s| {
+                let workers: Vec<_> = (0..threads)
+                    .map(|i| {
+                        let (block, starts) = (&block, &starts);
+                        s.spawn(move || starts.iter().rev().skip(i).step_by(threads).map(|&lo| (lo, block(lo))).collect::<Vec<_>>())
+                    })
+                    .collect();
+                workers.into_iter().flat_map(|w| w.join().expect("a prefill block's thread")).collect()
+            });
+            done.sort_by_key(|(lo, _)| *lo);
+            outs.extend(done.into_iter().map(|(_, o)| o));
+        }
     }
     let mut observation = None;
     if w > 0 {

@@ -48,7 +48,7 @@ mod rope;
 mod window;
 
 pub use cached::CachedAttention;
-pub use attend::{Causality, QUERY_BLOCK, SplitSegment, attend_appended, attend_cache, grouped_attention, grouped_attention_parts};
+pub use attend::{Causality, FUSED_BLOCK, QUERY_BLOCK, SplitSegment, attend_appended, attend_cache, grouped_attention, grouped_attention_parts, set_prefill_threads};
 pub use grouped::{AttentionOutput, GroupedAttention, GroupedAttentionConfig};
 pub use materialize::materialize;
 pub use mla::{MlaAttention, MlaAttentionConfig, MlaPath};

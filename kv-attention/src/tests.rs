@@ -464,7 +464,38 @@ fn consecutive_causality_equals_the_positional_mask_with_every_observation<B: Ba
     assert!(max_abs_diff(a.window.unwrap(), b.window.unwrap()) <= 1e-5, "window");
 }
 
+/// The fused prefill, in query blocks over each block's visible keys and spread over threads,
+/// equals the explicit positional kernel: a chunk after older (partly evicted) slots, with an
+/// observed window straddling a block boundary, for MHA, GQA and MQA.
+fn fused_prefill_in_blocks_on_threads_equals_the_explicit_kernel<B: Backend>(dev: &B::Device) {
+    let (older, t, w, d) = (70, 2 * FUSED_BLOCK + 37, 45, 8);
+    for (h, kvh) in [(4, 4), (4, 2), (4, 1)] {
+        let mut cache = kv_core::LayerCache::<B>::new(kv_core::CacheShape { batch: 1, kv_heads: kvh, key_dim: d, value_dim: d }, dev);
+        cache.append(randn::<B, 4>([1, kvh, older, d], dev), randn::<B, 4>([1, kvh, older, d], dev)).unwrap();
+        // Evict every third older slot, so positions are not consecutive.
+        let kept: Vec<i32> = (0..older as i32).filter(|i| i % 3 != 1).collect();
+        let idx = Tensor::<B, 1, Int>::from_ints(kept.as_slice(), dev).reshape([1, 1, kept.len()]).expand([1, kvh, kept.len()]);
+        cache.retain(idx).unwrap();
+        cache.append(randn::<B, 4>([1, kvh, t, d], dev), randn::<B, 4>([1, kvh, t, d], dev)).unwrap();
+        let q = randn::<B, 4>([1, h, t, d], dev);
+        let seen = cache.tokens_seen();
+        let causality = Causality::ByPosition { query: Tensor::arange((seen - t) as i64..seen as i64, dev), key: cache.positions() };
+        let observe = ObserveRequest { window: w, ..Default::default() };
+        let (want, want_obs) = grouped_attention(q.clone(), &cache.kv_segments(), &causality, 0.3, observe);
+        let want_window = want_obs.unwrap().window.unwrap();
+        for threads in [1, 3] {
+            set_prefill_threads(threads);
+            let (got, obs) = attend_appended(q.clone(), &cache, 0.3, observe);
+            let diff = max_abs_diff(got, want.clone());
+            assert!(diff <= 1e-4, "heads {h}/{kvh}, {threads} threads: {diff}");
+            assert!(max_abs_diff(obs.unwrap().window.unwrap(), want_window.clone()) <= 1e-5, "heads {h}/{kvh}: window");
+        }
+        set_prefill_threads(1);
+    }
+}
+
 kv_core::backend_tests!(
+    fused_prefill_in_blocks_on_threads_equals_the_explicit_kernel,
     consecutive_causality_equals_the_positional_mask_with_every_observation,
     a_clone_of_a_fresh_layer_of_every_kind_has_its_weights,
     mla_reports_the_norms_of_the_keys_and_values_its_heads_use,

@@ -86,6 +86,9 @@ pub fn run_on<J: BackendJob>(kind: DeviceKind, job: J) -> Result<J::Output> {
     // CubeCL backends have a native top-k; burn's CPU backends only sort.
     let native_top_k = matches!(kind, DeviceKind::Wgpu | DeviceKind::Cuda);
     kv_policies::select::set_top_k_method(if native_top_k { kv_policies::select::TopKMethod::ArgTopK } else { kv_policies::select::TopKMethod::Sort });
+    // burn-flex's fused attention runs on one thread: a CPU prefill spreads its blocks instead.
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    kv_attention::set_prefill_threads(if kind.is_cpu() { cores } else { 1 });
     match kind {
         #[cfg(feature = "flex")]
         DeviceKind::Flex => job.run::<burn::backend::Flex>(Default::default()),
