@@ -139,7 +139,7 @@ def main():
     p.add_argument("--contexts", default="512,2048,8192")
     p.add_argument("--methods", default="full,snapkv@0.5,snapkv@0.875,streaming@0.5,streaming@0.875",
                    help="full, or snapkv@R / streaming@R with R the compression ratio (share removed)")
-    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--steps", type=int, default=64, help="timed decode steps; kv bench rounds a policy cell up to whole compaction cycles of 64")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--out", default="runs/peer")
     p.add_argument("--hf-cell", nargs=2, metavar=("CONTEXT", "METHOD"), help=argparse.SUPPRESS)
