@@ -80,11 +80,33 @@ pub const FUSED_BLOCK: usize = 512;
 
 static PREFILL_THREADS: AtomicUsize = AtomicUsize::new(1);
 
-/// Sets how many threads a prefill spreads its fused-attention query blocks over (default 1, and
-/// at least 1). For CPU backends whose fused kernel runs on one thread (burn-flex 0.21 attends one
-/// (batch, head) after another on the calling thread); a GPU backend gains nothing from it.
+/// Sets how many threads a prefill spreads its query blocks over (default 1, and at least 1), in
+/// the fused and the explicit kernel alike. For CPU backends, whose fused kernel runs on one
+/// thread (burn-flex 0.21 attends one (batch, head) after another) and whose elementwise ops on
+/// the explicit kernel's scores leave a core idle; a GPU backend gains nothing from it.
 pub fn set_prefill_threads(threads: usize) {
     PREFILL_THREADS.store(threads.max(1), Ordering::Relaxed);
+}
+
+/// `block(start)` for each query block's first row, in order, on up to [`set_prefill_threads`]
+/// threads, latest (largest) blocks dealt out first so the threads finish together; on one
+/// thread when the backend records an autodiff graph, which is built op by op.
+fn in_blocks<B: Backend, T: Send>(starts: &[usize], device: &B::Device, block: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    let threads = if B::ad_enabled(device) { 1 } else { PREFILL_THREADS.load(Ordering::Relaxed).min(starts.len()) };
+    if threads <= 1 {
+        return starts.iter().map(|&lo| block(lo)).collect();
+    }
+    let mut done: Vec<(usize, T)> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|i| {
+                let block = &block;
+                s.spawn(move || starts.iter().enumerate().rev().skip(i).step_by(threads).map(|(j, &lo)| (j, block(lo))).collect::<Vec<_>>())
+            })
+            .collect();
+        workers.into_iter().flat_map(|w| w.join().expect("a query block's thread")).collect()
+    });
+    done.sort_by_key(|(j, _)| *j);
+    done.into_iter().map(|(_, r)| r).collect()
 }
 
 /// Causal attention of a chunk of `t` new queries (the cache's last `t` slots) through burn's
@@ -131,23 +153,7 @@ fn fused_prefill<B: Backend>(q: Tensor<B, 4>, cache: &kv_core::LayerCache<B>, sc
             attention(q.clone().narrow(2, lo, rows), cut(&ks), cut(&vs), mask, None, options)
         };
         let starts: Vec<usize> = (0..head).step_by(FUSED_BLOCK).collect();
-        let threads = PREFILL_THREADS.load(Ordering::Relaxed).min(starts.len());
-        if threads <= 1 {
-            outs.extend(starts.iter().map(|&lo| block(lo)));
-        } else {
-            // Later blocks see more keys: dealt out latest first, the threads finish together.
-            let mut done: Vec<(usize, Tensor<B, 4>)> = std::thread::scope(|s| {
-                let workers: Vec<_> = (0..threads)
-                    .map(|i| {
-                        let (block, starts) = (&block, &starts);
-                        s.spawn(move || starts.iter().rev().skip(i).step_by(threads).map(|&lo| (lo, block(lo))).collect::<Vec<_>>())
-                    })
-                    .collect();
-                workers.into_iter().flat_map(|w| w.join().expect("a prefill block's thread")).collect()
-            });
-            done.sort_by_key(|(lo, _)| *lo);
-            outs.extend(done.into_iter().map(|(_, o)| o));
-        }
+        outs.extend(in_blocks::<B, _>(&starts, &device, block));
     }
     let mut observation = None;
     if w > 0 {
@@ -291,13 +297,9 @@ pub fn grouped_attention_parts<B: Backend>(
     // Scaling the queries (t x d) instead of the scores (t x n) keeps a full pass over the scores
     // off every decode step.
     let q_parts: Vec<Tensor<B, 4>> = q_parts.iter().map(|q| q.clone().mul_scalar(scale)).collect();
-    let mut outs = Vec::with_capacity(t.div_ceil(QUERY_BLOCK));
-    let mut col_sums: Option<Tensor<B, 3>> = None;
-    let mut band_sums: Option<Tensor<B, 3>> = None;
-    let mut windows = Vec::new();
     let win_start = t.saturating_sub(observe.window);
-    let mut lo = 0;
-    while lo < t {
+    // One block of queries: its output rows and what it observed of every slot.
+    let block = |lo: usize| {
         let tb = QUERY_BLOCK.min(t - lo);
         // Keys this block can see at all: with consecutive positions, those up to its last query.
         let visible = match causality {
@@ -369,26 +371,14 @@ pub fn grouped_attention_parts<B: Backend>(
         let probs = softmax(scores, 4);
         // Observations cover every slot: those past this block's last query got nothing.
         let pad3 = |x: Tensor<B, 3>| if n == n_all { x } else { Tensor::cat(vec![x, Tensor::zeros([b, h, n_all - n], &probs.device())], 2) };
-        if observe.column_sums {
-            let s = pad3(probs.clone().sum_dim(3).reshape([b, h, n]));
-            col_sums = Some(match col_sums {
-                Some(acc) => acc + s,
-                None => s,
-            });
-        }
-        if let Some(far) = near {
-            let s = pad3(probs.clone().mask_fill(far, 0.0).sum_dim(3).reshape([b, h, n]));
-            band_sums = Some(match band_sums {
-                Some(acc) => acc + s,
-                None => s,
-            });
-        }
+        let col_sum = observe.column_sums.then(|| pad3(probs.clone().sum_dim(3).reshape([b, h, n])));
+        let band_sum = near.map(|far| pad3(probs.clone().mask_fill(far, 0.0).sum_dim(3).reshape([b, h, n])));
         let hi = lo + tb;
-        if observe.window > 0 && hi > win_start {
+        let window = (observe.window > 0 && hi > win_start).then(|| {
             let from = win_start.max(lo);
             let rows = probs.clone().narrow(3, from - lo, hi - from).reshape([b, h, hi - from, n]);
-            windows.push(if n == n_all { rows } else { Tensor::cat(vec![rows, Tensor::zeros([b, h, hi - from, n_all - n], &probs.device())], 3) });
-        }
+            if n == n_all { rows } else { Tensor::cat(vec![rows, Tensor::zeros([b, h, hi - from, n_all - n], &probs.device())], 3) }
+        });
         let mut probs = probs.reshape([b, kvh, r * tb, n]);
         if probs.dtype() != kv[0].values.dtype() {
             probs = probs.cast(kv[0].values.dtype());
@@ -408,8 +398,20 @@ pub fn grouped_attention_parts<B: Backend>(
             });
             offset += len;
         }
-        outs.push(out.expect("at least one key segment").reshape([b, h, tb, dv]));
-        lo = hi;
+        (out.expect("at least one key segment").reshape([b, h, tb, dv]), col_sum, band_sum, window)
+    };
+    let starts: Vec<usize> = (0..t).step_by(QUERY_BLOCK).collect();
+    let mut outs = Vec::with_capacity(starts.len());
+    let (mut col_sums, mut band_sums, mut windows): (Option<Tensor<B, 3>>, Option<Tensor<B, 3>>, Vec<Tensor<B, 4>>) = (None, None, Vec::new());
+    let add = |acc: Option<Tensor<B, 3>>, x: Option<Tensor<B, 3>>| match (acc, x) {
+        (Some(a), Some(x)) => Some(a + x),
+        (a, x) => a.or(x),
+    };
+    for (out, col_sum, band_sum, window) in in_blocks::<B, _>(&starts, &q_parts[0].device(), block) {
+        outs.push(out);
+        col_sums = add(col_sums, col_sum);
+        band_sums = add(band_sums, band_sum);
+        windows.extend(window);
     }
     let out = if outs.len() == 1 { outs.pop().unwrap() } else { Tensor::cat(outs, 2) };
     let observation = (!observe.is_empty()).then(|| Observation {

@@ -465,9 +465,10 @@ fn consecutive_causality_equals_the_positional_mask_with_every_observation<B: Ba
 }
 
 /// The fused prefill, in query blocks over each block's visible keys and spread over threads,
-/// equals the explicit positional kernel: a chunk after older (partly evicted) slots, with an
-/// observed window straddling a block boundary, for MHA, GQA and MQA.
-fn fused_prefill_in_blocks_on_threads_equals_the_explicit_kernel<B: Backend>(dev: &B::Device) {
+/// and the explicit kernel spread over threads, equal the explicit kernel on one thread: a chunk
+/// after older (partly evicted) slots, with an observed window straddling a block boundary and
+/// column sums, for MHA, GQA and MQA.
+fn prefill_in_blocks_on_threads_equals_the_explicit_kernel_on_one<B: Backend>(dev: &B::Device) {
     let (older, t, w, d) = (70, 2 * FUSED_BLOCK + 37, 45, 8);
     for (h, kvh) in [(4, 4), (4, 2), (4, 1)] {
         let mut cache = kv_core::LayerCache::<B>::new(kv_core::CacheShape { batch: 1, kv_heads: kvh, key_dim: d, value_dim: d }, dev);
@@ -480,22 +481,32 @@ fn fused_prefill_in_blocks_on_threads_equals_the_explicit_kernel<B: Backend>(dev
         let q = randn::<B, 4>([1, h, t, d], dev);
         let seen = cache.tokens_seen();
         let causality = Causality::ByPosition { query: Tensor::arange((seen - t) as i64..seen as i64, dev), key: cache.positions() };
+        // The explicit kernel, on one thread, is the reference: the fused path serves the window
+        // request, and column sums (H2O) take the explicit kernel itself, in blocks on threads.
+        set_prefill_threads(1);
         let observe = ObserveRequest { window: w, ..Default::default() };
-        let (want, want_obs) = grouped_attention(q.clone(), &cache.kv_segments(), &causality, 0.3, observe);
-        let want_window = want_obs.unwrap().window.unwrap();
+        let sums = ObserveRequest { column_sums: true, ..observe };
+        let (want, want_obs) = grouped_attention(q.clone(), &cache.kv_segments(), &causality, 0.3, sums);
+        let want_obs = want_obs.unwrap();
+        let (want_window, want_sums) = (want_obs.window.unwrap(), want_obs.column_sums.unwrap());
         for threads in [1, 3] {
             set_prefill_threads(threads);
             let (got, obs) = attend_appended(q.clone(), &cache, 0.3, observe);
             let diff = max_abs_diff(got, want.clone());
             assert!(diff <= 1e-4, "heads {h}/{kvh}, {threads} threads: {diff}");
             assert!(max_abs_diff(obs.unwrap().window.unwrap(), want_window.clone()) <= 1e-5, "heads {h}/{kvh}: window");
+            let (got, obs) = attend_appended(q.clone(), &cache, 0.3, sums);
+            assert!(max_abs_diff(got, want.clone()) <= 1e-5, "heads {h}/{kvh}, {threads} threads: explicit kernel");
+            let obs = obs.unwrap();
+            assert!(max_abs_diff(obs.column_sums.unwrap(), want_sums.clone()) <= 1e-4, "heads {h}/{kvh}, {threads} threads: column sums");
+            assert!(max_abs_diff(obs.window.unwrap(), want_window.clone()) <= 1e-6, "heads {h}/{kvh}, {threads} threads: window");
         }
         set_prefill_threads(1);
     }
 }
 
 kv_core::backend_tests!(
-    fused_prefill_in_blocks_on_threads_equals_the_explicit_kernel,
+    prefill_in_blocks_on_threads_equals_the_explicit_kernel_on_one,
     consecutive_causality_equals_the_positional_mask_with_every_observation,
     a_clone_of_a_fresh_layer_of_every_kind_has_its_weights,
     mla_reports_the_norms_of_the_keys_and_values_its_heads_use,
