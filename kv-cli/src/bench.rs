@@ -307,7 +307,7 @@ pub fn decode_cell<B: Backend>(model: &DecoderLm<B>, label: &str, context: usize
         prefill_peak_mib,
         steps,
         tokens_per_s: steps as f64 / secs,
-        ms_per_step: secs * 1e3 / plan.steps as f64,
+        ms_per_step: secs * 1e3 / steps as f64,
         policy_ms_per_step: policy_ms,
         append_us,
         kv_bytes_per_token: stats.kv_bytes_per_token(),

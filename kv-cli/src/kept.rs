@@ -45,19 +45,9 @@ pub struct KeptFile {
     pub choices: BTreeMap<String, Vec<Vec<String>>>,
 }
 
-/// The original positions each (batch row 0) KV head of `cache` holds, rectangular or ragged.
+/// The original positions each KV head of batch row 0 of `cache` keeps.
 pub(crate) fn positions<B: Backend>(cache: &LayerCache<B>) -> Vec<Vec<i64>> {
-    let one = |c: &LayerCache<B>| {
-        // Lazily evicted slots are gone from what the cache keeps, though still stored.
-        let mut c = c.clone();
-        c.compact();
-        let n = c.slots().max(1);
-        c.positions().into_data().iter::<i64>().collect::<Vec<_>>().chunks(n).map(<[i64]>::to_vec).collect::<Vec<_>>()
-    };
-    match cache.head_caches() {
-        Some(heads) => heads.iter().flat_map(one).collect(),
-        None => one(cache).into_iter().take(cache.shape().kv_heads).collect(),
-    }
+    cache.kept_positions().into_iter().take(cache.shape().kv_heads).collect()
 }
 
 impl BackendJob for KeptArgs {

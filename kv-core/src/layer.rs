@@ -196,6 +196,19 @@ impl<B: Backend> LayerCache<B> {
         self.gather_all(keep);
     }
 
+    /// The original positions of the slots each (batch row, KV head) keeps, index
+    /// `b * kv_heads + h`, rectangular or ragged, dead slots left out: read back to the host, for
+    /// reporting and tests, never in a decode step.
+    pub fn kept_positions(&self) -> Vec<Vec<i64>> {
+        if let Some(heads) = &self.ragged {
+            return heads.iter().flat_map(|h| h.kept_positions()).collect();
+        }
+        let mut kept = self.clone();
+        kept.compact();
+        let n = kept.slots().max(1);
+        kept.positions().into_data().iter::<i64>().collect::<Vec<_>>().chunks(n).map(<[i64]>::to_vec).collect()
+    }
+
     /// Gathers every per-slot buffer at `indices` (live slots), which leaves no slot dead.
     fn gather_all(&mut self, indices: Tensor<B, 3, Int>) {
         self.dead = None;

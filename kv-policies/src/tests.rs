@@ -72,9 +72,7 @@ fn kept<B: Backend>(c: &LayerCache<B>) -> LayerCache<B> {
 
 /// Positions per KV head of a batch-1 cache, of the slots it keeps.
 fn head_positions<B: Backend>(c: &LayerCache<B>) -> Vec<Vec<i64>> {
-    let c = kept(c);
-    let n = c.slots();
-    ints(c.positions()).chunks(n.max(1)).map(|h| h.to_vec()).collect()
+    c.kept_positions()
 }
 
 #[test]

@@ -126,22 +126,22 @@ impl<B: Backend> CachePolicy<B> for TopKPolicy<B> {
         // Scores cover every slot stored; dead ones must never be kept (nor evicted again).
         let scores = self.scorer.score(ctx, cache, obs, k)?;
         let dead = cache.dead_bias();
+        if self.selection == Selection::PerHead && live == k + 1 && k > 0 && self.lazy && !self.rerotate {
+            // One slot over budget (every decode step of a per-step policy): drop the
+            // lowest-scoring live slot by marking it dead.
+            let victim = match dead {
+                Some(bias) => (scores - bias).argmin(2),
+                None => scores.argmin(2),
+            };
+            return cache.evict_one(victim);
+        }
+        let scores = match dead {
+            Some(bias) => scores + bias,
+            None => scores,
+        };
         match self.selection {
             Selection::PerHead => {
-                if live == k + 1 && k > 0 && self.lazy && !self.rerotate {
-                    // One slot over budget (every decode step of a per-step policy): drop the
-                    // lowest-scoring live slot by marking it dead.
-                    let victim = match dead {
-                        Some(bias) => (scores - bias).argmin(2),
-                        None => scores.argmin(2),
-                    };
-                    return cache.evict_one(victim);
-                }
                 let n = cache.slots();
-                let scores = match dead {
-                    Some(bias) => scores + bias,
-                    None => scores,
-                };
                 let idx = if n == k + 1 && k > 0 {
                     // One slot over budget: the top k are all but the lowest score, found
                     // without a sort, and already in order.
@@ -157,7 +157,7 @@ impl<B: Backend> CachePolicy<B> for TopKPolicy<B> {
                 Ok(())
             }
             Selection::AcrossHeads(rule) => {
-                let keep = rule.select(dead.map_or(scores.clone(), |bias| scores + bias), k);
+                let keep = rule.select(scores, k);
                 cache.retain_per_head(&keep)
             }
         }

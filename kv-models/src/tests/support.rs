@@ -75,19 +75,10 @@ pub(crate) fn floats<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     t.into_data().iter::<f32>().collect()
 }
 
-/// Original positions per (batch row 0) KV head of the slots kept (lazily evicted ones left
-/// out), for rectangular and ragged caches alike.
+/// Original positions per (batch row, KV head) of the slots kept (lazily evicted ones left out),
+/// for rectangular and ragged caches alike.
 pub(crate) fn kept<B: Backend>(c: &LayerCache<B>) -> Vec<Vec<i64>> {
-    let one = |c: &LayerCache<B>| {
-        let mut c = c.clone();
-        c.compact();
-        let n = c.slots();
-        c.positions().into_data().iter::<i64>().collect::<Vec<_>>().chunks(n.max(1)).map(<[i64]>::to_vec).collect::<Vec<_>>()
-    };
-    match c.head_caches() {
-        Some(heads) => heads.iter().flat_map(one).collect(),
-        None => one(c),
-    }
+    c.kept_positions()
 }
 
 /// Asserts each config's `init` succeeds where its expectation starts with `"fine"` and otherwise fails
