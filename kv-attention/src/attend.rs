@@ -4,7 +4,7 @@ use crate::{ObserveRequest, Observation};
 use burn::prelude::*;
 use burn::tensor::DType;
 use burn::tensor::activation::softmax;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// Attention of `q` `[batch, heads, t, d]` over every slot a layer cache holds, whether its
 /// storage is rectangular or ragged; `query_positions` (absolute, `[t]`) masks causally by the
@@ -88,6 +88,45 @@ pub fn set_prefill_threads(threads: usize) {
     PREFILL_THREADS.store(threads.max(1), Ordering::Relaxed);
 }
 
+static HOST_ATTENTION: AtomicBool = AtomicBool::new(false);
+
+/// Sets whether a prefill that observes no row (all but SnapKV's window) runs on the host kernel
+/// ([`crate::host::causal_attention`]) instead of the backend's fused one (default off). For CPU
+/// backends, whose tensors already live in host memory: reading them out costs a copy of the
+/// keys at most, and the kernel is vectorised where burn-flex 0.21's is scalar. f32 only, head
+/// sizes in [`crate::host::HEAD_DIMS`], and never while an autodiff graph is recorded; anything
+/// else stays on the backend's kernel.
+pub fn set_host_attention(enabled: bool) {
+    HOST_ATTENTION.store(enabled, Ordering::Relaxed);
+}
+
+/// Calls the host kernel served, so a test can tell it ran.
+#[cfg(test)]
+pub(crate) static HOST_CALLS: AtomicUsize = AtomicUsize::new(0);
+
+/// The first `rows` queries of `q` over the first `visible` keys through the host kernel, when
+/// [`set_host_attention`] is on and the tensors suit it.
+fn host_prefill<B: Backend>(q: &Tensor<B, 4>, keys: &Tensor<B, 4>, values: &Tensor<B, 4>, rows: usize, visible: usize, scale: f64) -> Option<Tensor<B, 4>> {
+    let device = q.device();
+    let f32s = [q.dtype(), keys.dtype(), values.dtype()].iter().all(|&d| d == DType::F32);
+    if !HOST_ATTENTION.load(Ordering::Relaxed) || B::ad_enabled(&device) || !f32s {
+        return None;
+    }
+    let [batch, heads, t, head_dim] = q.dims();
+    let [_, kv_heads, keys_len, dv] = values.dims();
+    if dv != head_dim || !crate::host::HEAD_DIMS.contains(&head_dim) {
+        return None;
+    }
+    let q = if rows == t { q.clone() } else { q.clone().narrow(2, 0, rows) }.into_data();
+    let (k, v) = (keys.clone().into_data(), values.clone().into_data());
+    let shape = crate::host::HostShape { batch, heads, kv_heads, queries: rows, keys: keys_len, visible, head_dim };
+    let threads = PREFILL_THREADS.load(Ordering::Relaxed);
+    let out = crate::host::causal_attention(q.as_slice().ok()?, k.as_slice().ok()?, v.as_slice().ok()?, shape, scale as f32, threads)?;
+    #[cfg(test)]
+    HOST_CALLS.fetch_add(1, Ordering::Relaxed);
+    Some(Tensor::from_data(burn::tensor::TensorData::new(out, [batch, heads, rows, head_dim]), &device))
+}
+
 /// `block(start)` for each query block's first row, in order, on up to [`set_prefill_threads`]
 /// threads, latest (largest) blocks dealt out first so the threads finish together; on one
 /// thread when the backend records an autodiff graph, which is built op by op.
@@ -110,7 +149,7 @@ fn in_blocks<B: Backend, T: Send>(starts: &[usize], device: &B::Device, block: i
 }
 
 /// Causal attention of a chunk of `t` new queries (the cache's last `t` slots) through burn's
-/// fused `attention` (flash on Flex and CubeCL), except for the last `observe.window` rows, which
+/// fused `attention` (flash on Flex and CubeCL) or the host kernel ([`set_host_attention`]), except for the last `observe.window` rows, which
 /// the explicit kernel computes so their probabilities can be observed.
 ///
 /// Exact, not an approximation: appended slots are the newest, so query `i` of the chunk sees
@@ -130,8 +169,10 @@ fn fused_prefill<B: Backend>(q: Tensor<B, 4>, cache: &kv_core::LayerCache<B>, sc
     let w = observe.window.min(t);
     let head = t - w;
     let mut outs = Vec::new();
-    if head > 0 {
-        let visible = n - w;
+    let visible = n - w;
+    if let Some(o) = (head > 0).then(|| host_prefill(&q, &keys, &values, head, visible, scale)).flatten() {
+        outs.push(o);
+    } else if head > 0 {
         let older = visible - head;
         let spread = |x: Tensor<B, 4>, d: usize| x.narrow(2, 0, visible).reshape([b, kv, 1, visible, d]).expand([b, kv, h / kv, visible, d]).reshape([b, h, visible, d]);
         let (ks, vs) = (spread(keys.clone(), dk), spread(values.clone(), dv));

@@ -76,6 +76,9 @@ impl<B: Backend> Rotary<B> {
         let [b, h, t, d] = x.dims();
         let [pb, ph, pt] = positions.dims();
         let half = d / 2;
+        if pb == 1 && ph == 1 {
+            return self.rotate_shared(x, positions.reshape([t]));
+        }
         let angles = positions.float().reshape([pb, ph, pt, 1]) * self.inv_freq.clone().reshape([1, 1, 1, half]);
         let (cos, sin) = (angles.clone().cos(), angles.sin());
         let x1 = x.clone().narrow(3, 0, half);
@@ -85,6 +88,35 @@ impl<B: Backend> Rotary<B> {
         let out = Tensor::cat(vec![r1, r2], 3);
         debug_assert_eq!(out.dims(), [b, h, t, d]);
         out
+    }
+}
+
+impl<B: Backend> Rotary<B> {
+    /// [`rotate`](Self::rotate) with one position per row, shared by every batch row and head
+    /// (`positions` `[t]`): `x cos + rotate_half(x) sin`, with `rotate_half` a signed permutation
+    /// applied as a `[d, d]` matmul and the angles one row `[t * d]` broadcast over the
+    /// `batch x heads` rows. Every op then reads contiguous data, where the narrowed halves of
+    /// the general form send CPU backends through strided element loops.
+    fn rotate_shared(&self, x: Tensor<B, 4>, positions: Tensor<B, 1, Int>) -> Tensor<B, 4> {
+        let [b, h, t, d] = x.dims();
+        let half = d / 2;
+        let (device, dtype) = (x.device(), x.dtype());
+        let angles = positions.float().reshape([t, 1]) * self.inv_freq.clone().reshape([1, half]);
+        let (cos, sin) = (angles.clone().cos(), angles.sin());
+        let cos = Tensor::cat(vec![cos.clone(), cos], 1).reshape([1, t * d]).cast(dtype);
+        let sin = Tensor::cat(vec![sin.clone().neg(), sin], 1).reshape([1, t * d]).cast(dtype);
+        // rotate_half(x)[i] = -x[i + half] for i < half, x[i - half] after: row i of the matrix
+        // says where input feature i goes.
+        let mut swap = vec![0f32; d * d];
+        for i in 0..half {
+            swap[(i + half) * d + i] = 1.0;
+            swap[i * d + i + half] = 1.0;
+        }
+        let swap = Tensor::<B, 2>::from_data(burn::tensor::TensorData::new(swap, [d, d]), &device).cast(dtype);
+        let rows = x.reshape([b * h * t, d]);
+        let swapped = rows.clone().matmul(swap).reshape([b * h, t * d]);
+        let rows = rows.reshape([b * h, t * d]);
+        (rows * cos + swapped * sin).reshape([b, h, t, d])
     }
 }
 

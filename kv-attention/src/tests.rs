@@ -37,6 +37,24 @@ fn rope_dot_products_depend_only_on_relative_position<B: Backend>(dev: &B::Devic
     assert!(max_abs_diff(base, dot(8, 3)) > 1e-3);
 }
 
+/// Positions shared by every row and head (the matmul form) rotate exactly as the same positions
+/// given per head (the general form), on a transposed view as projections hand it over, and
+/// rotate-half pairs feature `i` with `i + d/2` as HF Llama does.
+fn rope_shared_positions_rotate_as_per_head_positions<B: Backend>(dev: &B::Device) {
+    let rope = RotaryConfig::new(8).init::<B>(dev).unwrap();
+    let x = randn::<B, 4>([2, 7, 3, 8], dev).swap_dims(1, 2);
+    let p = [3i64, 0, 11, 40, 41, 1000, 7];
+    let shared = rope.apply(x.clone(), pos(&p, dev));
+    let per_head = rope.apply(x.clone(), pos(&p, dev).expand([2, 3, 7]));
+    assert!(max_abs_diff(shared.clone(), per_head) <= 1e-6);
+    // Feature 1 of the row at position 11: x1 cos(11 w) - x5 sin(11 w), w = 10000^(-2/8).
+    let row = x.narrow(2, 2, 1).narrow(0, 1, 1).narrow(1, 2, 1).reshape([8]).into_data().to_vec::<f32>().unwrap();
+    let got = shared.narrow(2, 2, 1).narrow(0, 1, 1).narrow(1, 2, 1).reshape([8]).into_data().to_vec::<f32>().unwrap();
+    let angle = 11.0 * 10000f64.powf(-2.0 / 8.0);
+    let want = row[1] as f64 * angle.cos() - row[5] as f64 * angle.sin();
+    assert!((got[1] as f64 - want).abs() <= 1e-5, "{} vs {want}", got[1]);
+}
+
 fn rope_rerotation_by_delta_equals_rotation_at_target<B: Backend>(dev: &B::Device) {
     // Full and partial rotary (4 of 8 dims rotated, the rest position-free).
     for rotated in [None, Some(4)] {
@@ -464,12 +482,13 @@ fn consecutive_causality_equals_the_positional_mask_with_every_observation<B: Ba
     assert!(max_abs_diff(a.window.unwrap(), b.window.unwrap()) <= 1e-5, "window");
 }
 
-/// The fused prefill, in query blocks over each block's visible keys and spread over threads,
-/// and the explicit kernel spread over threads, equal the explicit kernel on one thread: a chunk
+/// The fused prefill, in query blocks over each block's visible keys and spread over threads, on
+/// the backend's kernel and on the host kernel, and the explicit kernel spread over threads, equal
+/// the explicit kernel on one thread: a chunk
 /// after older (partly evicted) slots, with an observed window straddling a block boundary and
 /// column sums, for MHA, GQA and MQA.
 fn prefill_in_blocks_on_threads_equals_the_explicit_kernel_on_one<B: Backend>(dev: &B::Device) {
-    let (older, t, w, d) = (70, 2 * FUSED_BLOCK + 37, 45, 8);
+    let (older, t, w, d) = (70, 2 * FUSED_BLOCK + 37, 45, 16);
     for (h, kvh) in [(4, 4), (4, 2), (4, 1)] {
         let mut cache = kv_core::LayerCache::<B>::new(kv_core::CacheShape { batch: 1, kv_heads: kvh, key_dim: d, value_dim: d }, dev);
         cache.append(randn::<B, 4>([1, kvh, older, d], dev), randn::<B, 4>([1, kvh, older, d], dev)).unwrap();
@@ -489,11 +508,17 @@ fn prefill_in_blocks_on_threads_equals_the_explicit_kernel_on_one<B: Backend>(de
         let (want, want_obs) = grouped_attention(q.clone(), &cache.kv_segments(), &causality, 0.3, sums);
         let want_obs = want_obs.unwrap();
         let (want_window, want_sums) = (want_obs.window.unwrap(), want_obs.column_sums.unwrap());
-        for threads in [1, 3] {
+        for (threads, host) in [(1, false), (3, false), (1, true), (3, true)] {
             set_prefill_threads(threads);
+            set_host_attention(host);
+            let calls = crate::attend::HOST_CALLS.load(std::sync::atomic::Ordering::Relaxed);
             let (got, obs) = attend_appended(q.clone(), &cache, 0.3, observe);
+            set_host_attention(false);
+            if host && !B::ad_enabled(dev) {
+                assert!(crate::attend::HOST_CALLS.load(std::sync::atomic::Ordering::Relaxed) > calls, "the host kernel served the chunk");
+            }
             let diff = max_abs_diff(got, want.clone());
-            assert!(diff <= 1e-4, "heads {h}/{kvh}, {threads} threads: {diff}");
+            assert!(diff <= 1e-4, "heads {h}/{kvh}, {threads} threads, host kernel {host}: {diff}");
             assert!(max_abs_diff(obs.unwrap().window.unwrap(), want_window.clone()) <= 1e-5, "heads {h}/{kvh}: window");
             let (got, obs) = attend_appended(q.clone(), &cache, 0.3, sums);
             assert!(max_abs_diff(got, want.clone()) <= 1e-5, "heads {h}/{kvh}, {threads} threads: explicit kernel");
@@ -515,6 +540,7 @@ kv_core::backend_tests!(
     band_sums_are_the_attention_of_the_queries_within_the_band_after_each_key,
     rope_dot_products_depend_only_on_relative_position,
     rope_rerotation_by_delta_equals_rotation_at_target,
+    rope_shared_positions_rotate_as_per_head_positions,
     rope_rejects_odd_dim,
     grouped_broadcast_equals_repeated_heads,
     blocked_prefill_observes_what_one_block_would,

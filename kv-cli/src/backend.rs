@@ -89,6 +89,8 @@ pub fn run_on<J: BackendJob>(kind: DeviceKind, job: J) -> Result<J::Output> {
     // burn-flex's fused attention runs on one thread: a CPU prefill spreads its blocks instead.
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     kv_attention::set_prefill_threads(if kind.is_cpu() { cores } else { 1 });
+    // A CPU backend's tensors are in host memory already, and the host kernel is vectorised.
+    kv_attention::set_host_attention(kind.is_cpu());
     match kind {
         #[cfg(feature = "flex")]
         DeviceKind::Flex => job.run::<burn::backend::Flex>(Default::default()),

@@ -1,6 +1,8 @@
 //! Criterion benches of the hot paths: one decode step per attention kind, and one decode step
 //! under each eviction policy, at 1024 tokens of context (random weights: cost does not depend on
-//! what a model learned). Run with `cargo bench -p kv-models --bench hot_paths`.
+//! what a model learned); and a causal prefill's attention at 4096 tokens on the host kernel
+//! against burn's fused one, on the same tensors. Run with
+//! `cargo bench -p kv-models --bench hot_paths`.
 
 use burn::backend::Flex;
 use burn::prelude::*;
@@ -63,5 +65,32 @@ fn decode_step_per_policy(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, decode_step_per_attention_kind, decode_step_per_policy);
+/// decode-bench's attention shape (8 heads of 32) and SmolLM2's (9 query heads on 3 KV heads of
+/// 64): the host kernel and burn's fused kernel (burn-flex's flash loop), both on one thread, so
+/// the ratio of the two is the kernel's own.
+fn prefill_attention_host_vs_fused(c: &mut Criterion) {
+    use burn::tensor::module::attention;
+    use burn::tensor::ops::AttentionModuleOptions;
+    use kv_attention::host::{HostShape, causal_attention};
+    let mut group = c.benchmark_group("causal_prefill_attention_at_4096");
+    group.sample_size(10);
+    let device = Default::default();
+    let n = 4096;
+    for (name, heads, kv_heads, head_dim) in [("8x32", 8, 8, 32), ("9on3x64", 9, 3, 64)] {
+        let random = |h: usize| Tensor::<B, 4>::random([1, h, n, head_dim], burn::tensor::Distribution::Normal(0.0, 1.0), &device);
+        let (q, k, v) = (random(heads), random(kv_heads), random(kv_heads));
+        let host = |x: &Tensor<B, 4>| x.clone().into_data().to_vec::<f32>().expect("f32");
+        let (qh, kh, vh) = (host(&q), host(&k), host(&v));
+        let shape = HostShape { batch: 1, heads, kv_heads, queries: n, keys: n, visible: n, head_dim };
+        let scale = (head_dim as f32).powf(-0.5);
+        group.bench_function(format!("host_{name}"), |b| b.iter(|| causal_attention(&qh, &kh, &vh, shape, scale, 1).expect("a supported shape")));
+        let spread = |x: Tensor<B, 4>| x.reshape([1, kv_heads, 1, n, head_dim]).expand([1, kv_heads, heads / kv_heads, n, head_dim]).reshape([1, heads, n, head_dim]);
+        let (ks, vs) = (spread(k), spread(v));
+        let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: true };
+        group.bench_function(format!("burn_fused_{name}"), |b| b.iter(|| attention(q.clone(), ks.clone(), vs.clone(), None, None, options).into_data()));
+    }
+    group.finish();
+}
+
+criterion_group!(benches, decode_step_per_attention_kind, decode_step_per_policy, prefill_attention_host_vs_fused);
 criterion_main!(benches);
