@@ -57,14 +57,17 @@ pub fn attend_cache<B: Backend>(
 /// after appending a prompt, a chunk or one decoded token.
 ///
 /// A chunk that no policy needs every row of (nothing, or only SnapKV's window) goes through
-/// burn's fused kernel ([`fused_prefill`]); one token, a ragged cache or column sums take
-/// [`attend_cache`].
+/// burn's fused kernel or the host one ([`fused_prefill`]), and so does one whose policy sums
+/// each slot's attention when the host kernel is on; one token, a ragged cache, band sums or
+/// column sums without the host kernel take the explicit kernel.
 pub fn attend_appended<B: Backend>(q: Tensor<B, 4>, cache: &kv_core::LayerCache<B>, scale: f64, observe: ObserveRequest) -> (Tensor<B, 4>, Option<Observation<B>>) {
     let [_, h, t, _] = q.dims();
     let seen = cache.tokens_seen();
-    if t > 1 && !cache.is_ragged() && !observe.column_sums && observe.band == 0 {
-        let (o, observation) = fused_prefill(q, cache, scale, observe);
-        return (o, Observation::with_plain_norms(observation, observe, cache, h));
+    if t > 1 && !cache.is_ragged() && observe.band == 0 {
+        let prefilled = if observe.column_sums { host_observed_prefill(q.clone(), cache, scale, observe) } else { Some(fused_prefill(q.clone(), cache, scale, observe)) };
+        if let Some((o, observation)) = prefilled {
+            return (o, Observation::with_plain_norms(observation, observe, cache, h));
+        }
     }
     if cache.is_ragged() {
         let query_positions = (t > 1).then(|| Tensor::arange((seen - t) as i64..seen as i64, &q.device()));
@@ -104,9 +107,18 @@ pub fn set_host_attention(enabled: bool) {
 #[cfg(test)]
 pub(crate) static HOST_CALLS: AtomicUsize = AtomicUsize::new(0);
 
-/// The first `rows` queries of `q` over the first `visible` keys through the host kernel, when
-/// [`set_host_attention`] is on and the tensors suit it.
-fn host_prefill<B: Backend>(q: &Tensor<B, 4>, keys: &Tensor<B, 4>, values: &Tensor<B, 4>, rows: usize, visible: usize, scale: f64) -> Option<Tensor<B, 4>> {
+/// The first `rows` queries of `q` over the first `visible` keys through the host kernel, with
+/// each query head's column sums when asked, if [`set_host_attention`] is on and the tensors
+/// suit it.
+fn host_prefill<B: Backend>(
+    q: &Tensor<B, 4>,
+    keys: &Tensor<B, 4>,
+    values: &Tensor<B, 4>,
+    rows: usize,
+    visible: usize,
+    scale: f64,
+    column_sums: bool,
+) -> Option<(Tensor<B, 4>, Option<Tensor<B, 3>>)> {
     let device = q.device();
     let f32s = [q.dtype(), keys.dtype(), values.dtype()].iter().all(|&d| d == DType::F32);
     if !HOST_ATTENTION.load(Ordering::Relaxed) || B::ad_enabled(&device) || !f32s {
@@ -121,10 +133,28 @@ fn host_prefill<B: Backend>(q: &Tensor<B, 4>, keys: &Tensor<B, 4>, values: &Tens
     let (k, v) = (keys.clone().into_data(), values.clone().into_data());
     let shape = crate::host::HostShape { batch, heads, kv_heads, queries: rows, keys: keys_len, visible, head_dim };
     let threads = PREFILL_THREADS.load(Ordering::Relaxed);
-    let out = crate::host::causal_attention(q.as_slice().ok()?, k.as_slice().ok()?, v.as_slice().ok()?, shape, scale as f32, threads)?;
+    let out = crate::host::causal_attention(q.as_slice().ok()?, k.as_slice().ok()?, v.as_slice().ok()?, shape, scale as f32, column_sums, threads)?;
     #[cfg(test)]
     HOST_CALLS.fetch_add(1, Ordering::Relaxed);
-    Some(Tensor::from_data(burn::tensor::TensorData::new(out, [batch, heads, rows, head_dim]), &device))
+    let output = Tensor::from_data(burn::tensor::TensorData::new(out.output, [batch, heads, rows, head_dim]), &device);
+    let sums = out.column_sums.map(|c| Tensor::from_data(burn::tensor::TensorData::new(c, [batch, heads, visible]), &device));
+    Some((output, sums))
+}
+
+/// A chunk whose policy sums each slot's attention (H2O, VATP) through the host kernel, its
+/// window rows (if also observed) through the explicit kernel for their probabilities; `None`
+/// where the host kernel cannot take it.
+fn host_observed_prefill<B: Backend>(q: Tensor<B, 4>, cache: &kv_core::LayerCache<B>, scale: f64, observe: ObserveRequest) -> Option<(Tensor<B, 4>, Option<Observation<B>>)> {
+    let t = q.dims()[2];
+    let n = cache.slots();
+    let (out, column_sums) = host_prefill(&q, &cache.keys(), &cache.values(), t, n, scale, true)?;
+    let w = observe.window.min(t);
+    let window = (w > 0).then(|| {
+        let rows = ObserveRequest { window: w, ..Default::default() };
+        let (_, obs) = grouped_attention(q.narrow(2, t - w, w), &cache.kv_segments(), &Causality::newest(cache, w), scale, rows);
+        obs.and_then(|o| o.window).expect("the window was asked for")
+    });
+    Some((out, Some(Observation { column_sums, window, ..Default::default() })))
 }
 
 /// `block(start)` for each query block's first row, in order, on up to [`set_prefill_threads`]
@@ -170,7 +200,7 @@ fn fused_prefill<B: Backend>(q: Tensor<B, 4>, cache: &kv_core::LayerCache<B>, sc
     let head = t - w;
     let mut outs = Vec::new();
     let visible = n - w;
-    if let Some(o) = (head > 0).then(|| host_prefill(&q, &keys, &values, head, visible, scale)).flatten() {
+    if let Some((o, _)) = (head > 0).then(|| host_prefill(&q, &keys, &values, head, visible, scale, false)).flatten() {
         outs.push(o);
     } else if head > 0 {
         let older = visible - head;

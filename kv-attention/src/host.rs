@@ -37,13 +37,24 @@ pub struct HostShape {
 /// Head sizes the kernel is compiled for; any other goes to the backend's own kernel.
 pub const HEAD_DIMS: [usize; 4] = [16, 32, 64, 128];
 
+/// What [`causal_attention`] computed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostOutput {
+    /// Attention output, `[batch, heads, queries, head_dim]`.
+    pub output: Vec<f32>,
+    /// When asked: each query head's attention probabilities summed over its queries,
+    /// `[batch, heads, visible]` (what H2O accumulates).
+    pub column_sums: Option<Vec<f32>>,
+}
+
 /// Causal attention with the chunk's queries last among the keys (bottom-right aligned): query `i`
 /// sees keys `0 ..= visible - queries + i`.
 ///
 /// `q` is `[batch, heads, queries, head_dim]`, `k` and `v` `[batch, kv_heads, keys, head_dim]`,
-/// all row-major; returns `[batch, heads, queries, head_dim]`, on up to `threads` threads. `None`
-/// for a head size outside [`HEAD_DIMS`] or inconsistent lengths.
-pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], shape: HostShape, scale: f32, threads: usize) -> Option<Vec<f32>> {
+/// all row-major, on up to `threads` threads. Column sums, when asked, take a second pass over
+/// the scores once each row's maximum and sum are known (about 1.5x the work). `None` for a head
+/// size outside [`HEAD_DIMS`] or inconsistent lengths.
+pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], shape: HostShape, scale: f32, column_sums: bool, threads: usize) -> Option<HostOutput> {
     let HostShape { batch, heads, kv_heads, queries, keys, visible, head_dim: d } = shape;
     let consistent = kv_heads > 0
         && heads % kv_heads == 0
@@ -89,23 +100,27 @@ pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], shape: HostShape, scale
     for (j, item) in items.into_iter().enumerate() {
         dealt[j % threads].push(item);
     }
-    let ctx = Ctx { q, kt: &kt, v, queries, keys, visible, tiles, scale: scale * std::f32::consts::LOG2_E };
+    let ctx = Ctx { q, kt: &kt, v, queries, keys, visible, tiles, scale: scale * std::f32::consts::LOG2_E, column_sums: column_sums.then_some(batch * heads * visible) };
     let run = |work: Vec<(Item, &mut [f32])>| match d {
         16 => run_items::<1>(&ctx, work),
         32 => run_items::<2>(&ctx, work),
         64 => run_items::<4>(&ctx, work),
         _ => run_items::<8>(&ctx, work),
     };
-    if threads == 1 {
-        dealt.into_iter().for_each(run);
+    let sums: Vec<Option<Vec<f32>>> = if threads == 1 {
+        dealt.into_iter().map(run).collect()
     } else {
         std::thread::scope(|s| {
-            for work in dealt {
-                s.spawn(|| run(work));
-            }
-        });
-    }
-    Some(out)
+            let workers: Vec<_> = dealt.into_iter().map(|work| s.spawn(|| run(work))).collect();
+            workers.into_iter().map(|w| w.join().expect("an attention thread")).collect()
+        })
+    };
+    // Each thread summed the blocks it ran; the blocks of one head ran on several.
+    let column_sums = sums.into_iter().flatten().reduce(|mut total, part| {
+        total.iter_mut().zip(&part).for_each(|(t, p)| *t += p);
+        total
+    });
+    Some(HostOutput { output: out, column_sums })
 }
 
 /// One work item: a block of up to [`ROWS`] queries of one head.
@@ -132,10 +147,13 @@ struct Ctx<'a> {
     tiles: usize,
     /// Softmax scale times `log2(e)`, so the exponentials are powers of two.
     scale: f32,
+    /// Length of the column sums to accumulate (`batch x heads x visible`), when asked.
+    column_sums: Option<usize>,
 }
 
 /// Runs `work` with the widest instruction set this CPU has; `N` is the head size in [`V`]s.
-fn run_items<const N: usize>(ctx: &Ctx, work: Vec<(Item, &mut [f32])>) {
+/// Returns the column sums of the blocks it ran, when asked.
+fn run_items<const N: usize>(ctx: &Ctx, work: Vec<(Item, &mut [f32])>) -> Option<Vec<f32>> {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
@@ -152,27 +170,30 @@ fn run_items<const N: usize>(ctx: &Ctx, work: Vec<(Item, &mut [f32])>) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-fn run_avx512<const N: usize>(ctx: &Ctx, work: Vec<(Item, &mut [f32])>) {
-    let mut scratch = Scratch::<N>::new();
-    for (item, out) in work {
-        attend_block::<N, true>(ctx, item, out, &mut scratch);
-    }
+fn run_avx512<const N: usize>(ctx: &Ctx, work: Vec<(Item, &mut [f32])>) -> Option<Vec<f32>> {
+    run_blocks::<N, true>(ctx, work)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn run_avx2<const N: usize>(ctx: &Ctx, work: Vec<(Item, &mut [f32])>) {
-    let mut scratch = Scratch::<N>::new();
-    for (item, out) in work {
-        attend_block::<N, true>(ctx, item, out, &mut scratch);
-    }
+fn run_avx2<const N: usize>(ctx: &Ctx, work: Vec<(Item, &mut [f32])>) -> Option<Vec<f32>> {
+    run_blocks::<N, true>(ctx, work)
 }
 
-fn run_portable<const N: usize>(ctx: &Ctx, work: Vec<(Item, &mut [f32])>) {
+fn run_portable<const N: usize>(ctx: &Ctx, work: Vec<(Item, &mut [f32])>) -> Option<Vec<f32>> {
+    run_blocks::<N, false>(ctx, work)
+}
+
+/// The blocks of one thread, inlined into each instruction set's entry point.
+#[inline(always)]
+fn run_blocks<const N: usize, const FMA: bool>(ctx: &Ctx, work: Vec<(Item, &mut [f32])>) -> Option<Vec<f32>> {
     let mut scratch = Scratch::<N>::new();
+    let mut sums = ctx.column_sums.map(|len| vec![0f32; len]);
     for (item, out) in work {
-        attend_block::<N, false>(ctx, item, out, &mut scratch);
+        let cols = sums.as_mut().map(|s| &mut s[item.q_head * ctx.visible..][..ctx.visible]);
+        attend_block::<N, FMA>(ctx, item, out, cols, &mut scratch);
     }
+    sums
 }
 
 /// Sixteen lanes: every kernel loop is written over these, so each lane-wise helper compiles to one
@@ -238,17 +259,49 @@ struct Scratch<const N: usize> {
     max: Vec<f32>,
     /// Running sum of each row's exponentials, lane by lane.
     sum: Vec<V>,
+    /// One over each row's final sum.
+    inv: Vec<f32>,
 }
 
 impl<const N: usize> Scratch<N> {
     fn new() -> Self {
-        Self { q: vec![[splat(0.0); N]; ROWS], s: vec![[splat(0.0); TILE_V]; ROWS], o: vec![[splat(0.0); N]; ROWS], max: vec![0.0; ROWS], sum: vec![splat(0.0); ROWS] }
+        Self { q: vec![[splat(0.0); N]; ROWS], s: vec![[splat(0.0); TILE_V]; ROWS], o: vec![[splat(0.0); N]; ROWS], max: vec![0.0; ROWS], sum: vec![splat(0.0); ROWS], inv: vec![0.0; ROWS] }
     }
 }
 
-/// One block of queries of one head against every key it can see: online softmax over tiles.
+/// Scores of the block's (padded) rows against the tile at key `c0`, masked where the diagonal
+/// crosses it: GROUP rows at a time, each row's 64 accumulators in registers.
 #[inline(always)]
-fn attend_block<const N: usize, const FMA: bool>(ctx: &Ctx, item: Item, out: &mut [f32], sc: &mut Scratch<N>) {
+fn tile_scores<const N: usize, const FMA: bool>(ctx: &Ctx, item: Item, c0: usize, first_limit: usize, padded_rows: usize, sc: &mut Scratch<N>) {
+    let d = N * LANES;
+    let tile = &ctx.kt[(item.kv_head * ctx.tiles + c0 / TILE) * d..][..d];
+    for (queries, scores) in sc.q[..padded_rows].chunks_exact(GROUP).zip(sc.s.chunks_exact_mut(GROUP)) {
+        let mut acc = [[splat(0.0); TILE_V]; GROUP];
+        for (f, keys) in tile.iter().enumerate() {
+            for (acc, query) in acc.iter_mut().zip(queries) {
+                let a = splat(query[f / LANES][f % LANES]);
+                for j in 0..TILE_V {
+                    acc[j] = madd::<FMA>(a, keys[j], acc[j]);
+                }
+            }
+        }
+        scores.copy_from_slice(&acc);
+    }
+    // Row r sees keys up to first_limit + r; later ones (the padding among them) are masked.
+    if c0 + TILE - 1 > first_limit {
+        for (r, s) in sc.s[..padded_rows].iter_mut().enumerate() {
+            let limit = first_limit + r;
+            for (j, x) in s.iter_mut().enumerate() {
+                *x = lanes(|i| if c0 + j * LANES + i > limit { f32::NEG_INFINITY } else { x[i] });
+            }
+        }
+    }
+}
+
+/// One block of queries of one head against every key it can see: online softmax over tiles,
+/// then, when `cols` is given, a second pass adding each key's probabilities into it.
+#[inline(always)]
+fn attend_block<const N: usize, const FMA: bool>(ctx: &Ctx, item: Item, out: &mut [f32], cols: Option<&mut [f32]>, sc: &mut Scratch<N>) {
     let d = N * LANES;
     let rows = out.len() / d;
     let offset = ctx.visible - ctx.queries;
@@ -269,29 +322,7 @@ fn attend_block<const N: usize, const FMA: bool>(ctx: &Ctx, item: Item, out: &mu
     }
     let v = &ctx.v[item.kv_head * ctx.keys * d..][..ctx.visible * d];
     for c0 in (0..=last_limit).step_by(TILE) {
-        // Scores, GROUP rows at a time, each row's 64 accumulators in registers.
-        let tile = &ctx.kt[(item.kv_head * ctx.tiles + c0 / TILE) * d..][..d];
-        for (queries, scores) in sc.q[..padded_rows].chunks_exact(GROUP).zip(sc.s.chunks_exact_mut(GROUP)) {
-            let mut acc = [[splat(0.0); TILE_V]; GROUP];
-            for (f, keys) in tile.iter().enumerate() {
-                for (acc, query) in acc.iter_mut().zip(queries) {
-                    let a = splat(query[f / LANES][f % LANES]);
-                    for j in 0..TILE_V {
-                        acc[j] = madd::<FMA>(a, keys[j], acc[j]);
-                    }
-                }
-            }
-            scores.copy_from_slice(&acc);
-        }
-        // The diagonal crosses this tile: mask what each row cannot see (padding included).
-        if c0 + TILE - 1 > first_limit {
-            for (r, s) in sc.s[..padded_rows].iter_mut().enumerate() {
-                let limit = first_limit + r;
-                for (j, x) in s.iter_mut().enumerate() {
-                    *x = lanes(|i| if c0 + j * LANES + i > limit { f32::NEG_INFINITY } else { x[i] });
-                }
-            }
-        }
+        tile_scores::<N, FMA>(ctx, item, c0, first_limit, padded_rows, sc);
         // Online softmax: new running max, rescale what was accumulated, exponentiate the tile.
         for r in 0..padded_rows {
             let s = &mut sc.s[r];
@@ -316,7 +347,7 @@ fn attend_block<const N: usize, const FMA: bool>(ctx: &Ctx, item: Item, out: &mu
             }
             sc.max[r] = new;
         }
-        // Output += probabilities x the tile's values, GROUP rows per pass over the values.
+        // Output += probabilities x the tile's values, value_rows rows per pass over the values.
         let width = TILE.min(last_limit + 1 - c0);
         let values = &v[c0 * d..(c0 + width) * d];
         for (outs, probs) in sc.o[..padded_rows].chunks_exact_mut(value_rows).zip(sc.s.chunks_exact(value_rows)) {
@@ -334,12 +365,31 @@ fn attend_block<const N: usize, const FMA: bool>(ctx: &Ctx, item: Item, out: &mu
             outs.copy_from_slice(&acc[..value_rows]);
         }
     }
+    for r in 0..rows {
+        sc.inv[r] = 1.0 / sc.sum[r].iter().sum::<f32>();
+    }
     for (r, dst) in out.chunks_exact_mut(d).enumerate() {
-        let inv = 1.0 / sc.sum[r].iter().sum::<f32>();
         for (j, chunk) in dst.chunks_exact_mut(LANES).enumerate() {
             for (x, &y) in chunk.iter_mut().zip(&sc.o[r][j]) {
-                *x = y * inv;
+                *x = y * sc.inv[r];
             }
+        }
+    }
+    let Some(cols) = cols else { return };
+    // Column sums: the scores again, now normalised by each row's final max and sum; only the
+    // block's real rows count.
+    for c0 in (0..=last_limit).step_by(TILE) {
+        tile_scores::<N, FMA>(ctx, item, c0, first_limit, padded_rows, sc);
+        let mut acc = [splat(0.0); TILE_V];
+        for r in 0..rows {
+            let (max, inv) = (splat(sc.max[r]), splat(sc.inv[r]));
+            for (acc, x) in acc.iter_mut().zip(&sc.s[r]) {
+                *acc = madd::<FMA>(exp2::<FMA>(lanes(|i| x[i] - max[i])), inv, *acc);
+            }
+        }
+        let width = TILE.min(last_limit + 1 - c0);
+        for (col, p) in cols[c0..c0 + width].iter_mut().zip(acc.as_flattened()) {
+            *col += p;
         }
     }
 }
@@ -348,10 +398,11 @@ fn attend_block<const N: usize, const FMA: bool>(ctx: &Ctx, item: Item, out: &mu
 mod tests {
     use super::*;
 
-    /// Plain causal softmax attention in f64, the reference.
-    fn reference(q: &[f32], k: &[f32], v: &[f32], s: HostShape, scale: f32) -> Vec<f32> {
+    /// Plain causal softmax attention in f64, the reference: output and column sums.
+    fn reference(q: &[f32], k: &[f32], v: &[f32], s: HostShape, scale: f32) -> (Vec<f32>, Vec<f32>) {
         let d = s.head_dim;
         let mut out = vec![0f32; q.len()];
+        let mut cols = vec![0f64; s.batch * s.heads * s.visible];
         for b in 0..s.batch {
             for h in 0..s.heads {
                 let g = b * s.kv_heads + h / (s.heads / s.kv_heads);
@@ -366,6 +417,7 @@ mod tests {
                     let total: f64 = weights.iter().sum();
                     let o = &mut out[((b * s.heads + h) * s.queries + i) * d..][..d];
                     for (j, w) in weights.iter().enumerate() {
+                        cols[(b * s.heads + h) * s.visible + j] += w / total;
                         for (x, &y) in o.iter_mut().zip(&v[(g * s.keys + j) * d..][..d]) {
                             *x += (w / total * y as f64) as f32;
                         }
@@ -373,7 +425,7 @@ mod tests {
                 }
             }
         }
-        out
+        (out, cols.into_iter().map(|c| c as f32).collect())
     }
 
     fn filled(len: usize, seed: u32) -> Vec<f32> {
@@ -420,11 +472,18 @@ mod tests {
             let k = filled(batch * kv_heads * keys * head_dim, seed as u32 * 3 + 1);
             let v = filled(k.len(), seed as u32 * 3 + 2);
             let scale = 1.0 / (head_dim as f32).sqrt();
-            let want = reference(&q, &k, &v, shape, scale);
+            let (want, want_cols) = reference(&q, &k, &v, shape, scale);
             for threads in [1, 3] {
-                let got = causal_attention(&q, &k, &v, shape, scale, threads).expect("a supported shape");
-                let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+                let plain = causal_attention(&q, &k, &v, shape, scale, false, threads).expect("a supported shape");
+                let observed = causal_attention(&q, &k, &v, shape, scale, true, threads).expect("a supported shape");
+                assert!(plain.column_sums.is_none());
+                assert_eq!(plain.output, observed.output, "asking for column sums changes no output");
+                let worst = plain.output.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
                 assert!(worst < 2e-5, "{shape:?} on {threads} threads: off by {worst}");
+                let cols = observed.column_sums.expect("asked for");
+                assert_eq!(cols.len(), batch * heads * visible);
+                let worst = cols.iter().zip(&want_cols).map(|(a, b)| (a - b).abs() / b.max(1.0)).fold(0.0, f32::max);
+                assert!(worst < 2e-5, "{shape:?} on {threads} threads: column sums off by {worst}");
             }
         }
     }
@@ -433,9 +492,9 @@ mod tests {
     fn unsupported_shapes_are_declined() {
         let shape = HostShape { batch: 1, heads: 2, kv_heads: 1, queries: 3, keys: 3, visible: 3, head_dim: 24 };
         let x = vec![0.0; 2 * 3 * 24];
-        assert!(causal_attention(&x, &x[..72], &x[..72], shape, 1.0, 1).is_none());
+        assert!(causal_attention(&x, &x[..72], &x[..72], shape, 1.0, false, 1).is_none());
         let shape = HostShape { head_dim: 32, visible: 2, ..shape };
         let (q, kv) = (vec![0.0; 2 * 3 * 32], vec![0.0; 3 * 32]);
-        assert!(causal_attention(&q, &kv, &kv, shape, 1.0, 1).is_none(), "more queries than visible keys");
+        assert!(causal_attention(&q, &kv, &kv, shape, 1.0, false, 1).is_none(), "more queries than visible keys");
     }
 }

@@ -185,10 +185,15 @@ fn explicit_qk<B: Backend>(layer: &GroupedAttention<B>, x: Tensor<B, 3>, heads: 
     (q, k.reshape([1, kv, 1, t, d]).expand([1, kv, heads / kv, t, d]).reshape([1, heads, t, d]))
 }
 
+/// On the explicit kernel and on the host kernel's second pass alike.
 fn h2o_accumulates_column_sums_of_causal_attention<B: Backend>(dev: &B::Device) {
-    for (heads, kv) in [(4, 4), (4, 2)] {
+    for (heads, kv, host) in [(4, 4, false), (4, 2, false), (2, 2, true), (2, 1, true)] {
         let t = 12;
+        // Heads of 16, a size the host kernel takes, so it really runs.
+        assert!(!host || kv_attention::host::HEAD_DIMS.contains(&(D_MODEL / heads)));
+        kv_attention::set_host_attention(host);
         let (layer, cache, x) = one_prefill::<B>(heads, kv, t, "h2o:budget=1.0", dev);
+        kv_attention::set_host_attention(false);
         // Reference: explicit causal softmax from the layer's own weights, summed over queries
         // and over each GQA group.
         let d = D_MODEL / heads;
@@ -199,7 +204,7 @@ fn h2o_accumulates_column_sums_of_causal_attention<B: Backend>(dev: &B::Device) 
         let want = p.sum_dim(2).reshape([1, kv, heads / kv, t]).sum_dim(2).reshape([1, kv, t]);
         let got = cache.side(ACC_CHANNEL).unwrap();
         let diff = (got - want).abs().max().into_scalar().elem::<f32>();
-        assert!(diff <= 1e-5, "heads {heads}/{kv}: {diff}");
+        assert!(diff <= 1e-5, "heads {heads}/{kv}, host kernel {host}: {diff}");
     }
 }
 
