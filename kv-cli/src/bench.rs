@@ -254,8 +254,9 @@ pub fn decode_cell<B: Backend>(model: &DecoderLm<B>, label: &str, context: usize
         let _ = B::sync(device);
         let base = crate::peak::reset_peak();
         let start = Instant::now();
-        let logits = model.forward_with_policy(x, &mut cache, &mut timed, Phase::Prefill)?;
-        let _ = logits.narrow(1, context - 1, 1).into_data();
+        // Only the last position's logits, as generation asks for them (and HF's `logits_to_keep=1`).
+        let logits = model.forward_last_with_policy(x, &mut cache, &mut timed, Phase::Prefill)?;
+        let _ = logits.into_data();
         prefill_ms = Some(start.elapsed().as_secs_f64() * 1e3);
         if backend.is_cpu() {
             prefill_peak_mib = Some((crate::peak::peak() - base) as f64 / (1 << 20) as f64);

@@ -128,7 +128,7 @@ impl BackendJob for StreamJob {
         let prompt: Vec<i32> = (0..args.prompt_tokens).map(|i| (32 + (i * 7 + i / 13) % 90) as i32 % vocab as i32).collect();
         let mut cache = model.new_state(1);
         let x = Tensor::<B, 1, Int>::from_ints(prompt.as_slice(), &device).reshape([1, prompt.len()]);
-        let logits = model.forward_with_policy(x, &mut cache, policy.as_mut(), Phase::Prefill)?;
+        let logits = model.forward_last_with_policy(x, &mut cache, policy.as_mut(), Phase::Prefill)?;
         let mut next = argmax_last::<B>(logits);
         let bar = ProgressBar::new(args.tokens as u64).with_style(
             ProgressStyle::with_template("stream {bar:30} {pos}/{len} [{elapsed} < {eta}] {msg}").unwrap().progress_chars("=> "),

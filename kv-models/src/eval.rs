@@ -107,7 +107,7 @@ pub fn policy_loss<B: Backend>(
         let mut rows = Vec::with_capacity(n);
         let head: Vec<i32> = w[..prompt].iter().map(|&t| t as i32).collect();
         let x = Tensor::<B, 1, Int>::from_ints(head.as_slice(), &device).reshape([1, prompt]);
-        rows.push(model.forward_with_policy(x, &mut cache, p.as_mut(), Phase::Prefill)?.narrow(1, prompt - 1, 1));
+        rows.push(model.forward_last_with_policy(x, &mut cache, p.as_mut(), Phase::Prefill)?);
         for (i, part) in w[prompt..len].chunks(chunk).enumerate() {
             let ids: Vec<i32> = part.iter().map(|&t| t as i32).collect();
             let x = Tensor::<B, 1, Int>::from_ints(ids.as_slice(), &device).reshape([1, part.len()]);
