@@ -364,7 +364,7 @@ pub fn grouped_attention_parts<B: Backend>(
     let lens: Vec<usize> = kv.iter().map(|s| s.values.dims()[2]).collect();
     let n: usize = lens.iter().sum();
     let r = h / kvh;
-    let kts: Vec<Vec<Tensor<B, 4>>> = kv.iter().map(|s| s.keys.iter().map(|k| k.clone().swap_dims(2, 3)).collect()).collect();
+    let keys: Vec<Vec<Tensor<B, 4>>> = kv.iter().map(|s| s.keys.clone()).collect();
     // Scaling the queries (t x d) instead of the scores (t x n) keeps a full pass over the scores
     // off every decode step.
     let q_parts: Vec<Tensor<B, 4>> = q_parts.iter().map(|q| q.clone().mul_scalar(scale)).collect();
@@ -377,7 +377,7 @@ pub fn grouped_attention_parts<B: Backend>(
             Causality::Consecutive { first_query, first_key } => (first_query + lo + tb).saturating_sub(*first_key).clamp(1, n),
             _ => n,
         };
-        let (kts_b, lens_b) = visible_segments(&kts, &lens, visible);
+        let (keys_b, lens_b) = visible_segments(&keys, &lens, visible);
         let qbs: Vec<Tensor<B, 4>> = q_parts
             .iter()
             .map(|q| {
@@ -385,10 +385,17 @@ pub fn grouped_attention_parts<B: Backend>(
                 q.clone().narrow(2, lo, tb).reshape([b, kvh, r * tb, dk])
             })
             .collect();
-        let mut parts: Vec<Tensor<B, 4>> = kts_b
+        // One query row per KV head (an MHA decode step): keys x query^T reads the keys row by row
+        // as they are stored, 1.4-1.7x faster on burn-flex than the query x a transposed view of
+        // them; with more rows the two are even, and a block takes the usual queries x keys^T.
+        let one_row = r * tb == 1;
+        let score = |qb: &Tensor<B, 4>, k: &Tensor<B, 4>| {
+            if one_row { k.clone().matmul(qb.clone().swap_dims(2, 3)).swap_dims(2, 3) } else { qb.clone().matmul(k.clone().swap_dims(2, 3)) }
+        };
+        let mut parts: Vec<Tensor<B, 4>> = keys_b
             .iter()
             .map(|seg| {
-                let mut s = qbs.iter().zip(seg).map(|(qb, kt)| qb.clone().matmul(kt.clone()));
+                let mut s = qbs.iter().zip(seg).map(|(qb, k)| score(qb, k));
                 let first = s.next().expect("at least one key part");
                 s.fold(first, |acc, x| acc + x)
             })
@@ -495,18 +502,18 @@ pub fn grouped_attention_parts<B: Backend>(
     (out, observation)
 }
 
-/// The transposed key parts of each segment (`[b, kv, d_p, n_i]`) and the segment lengths, cut to
-/// the first `visible` slots overall (a segment wholly past them gets length 0 and no keys).
-fn visible_segments<B: Backend>(kts: &[Vec<Tensor<B, 4>>], lens: &[usize], visible: usize) -> (Vec<Vec<Tensor<B, 4>>>, Vec<usize>) {
+/// The key parts of each segment (`[b, kv, n_i, d_p]`) and the segment lengths, cut to the first
+/// `visible` slots overall (a segment wholly past them gets length 0 and no keys).
+fn visible_segments<B: Backend>(keys: &[Vec<Tensor<B, 4>>], lens: &[usize], visible: usize) -> (Vec<Vec<Tensor<B, 4>>>, Vec<usize>) {
     let mut left = visible;
-    let mut out = Vec::with_capacity(kts.len());
+    let mut out = Vec::with_capacity(keys.len());
     let mut out_lens = Vec::with_capacity(lens.len());
-    for (parts, &len) in kts.iter().zip(lens) {
+    for (parts, &len) in keys.iter().zip(lens) {
         let take = len.min(left);
         left -= take;
         out_lens.push(take);
         if take > 0 {
-            out.push(parts.iter().map(|k| if take == len { k.clone() } else { k.clone().narrow(3, 0, take) }).collect());
+            out.push(parts.iter().map(|k| if take == len { k.clone() } else { k.clone().narrow(2, 0, take) }).collect());
         }
     }
     (out, out_lens)

@@ -51,9 +51,10 @@ pub struct HostOutput {
 /// sees keys `0 ..= visible - queries + i`.
 ///
 /// `q` is `[batch, heads, queries, head_dim]`, `k` and `v` `[batch, kv_heads, keys, head_dim]`,
-/// all row-major, on up to `threads` threads. Column sums, when asked, take a second pass over
-/// the scores once each row's maximum and sum are known (about 1.5x the work). `None` for a head
-/// size outside [`HEAD_DIMS`] or inconsistent lengths.
+/// all row-major, on up to `threads` threads. For column sums, when asked, each block keeps its
+/// exponentials (64 rows by the keys it sees) and rescales them once its rows' final maxima and
+/// sums are known: exact, and a pass over memory instead of a second pass over the scores.
+/// `None` for a head size outside [`HEAD_DIMS`] or inconsistent lengths.
 pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], shape: HostShape, scale: f32, column_sums: bool, threads: usize) -> Option<HostOutput> {
     let HostShape { batch, heads, kv_heads, queries, keys, visible, head_dim: d } = shape;
     let consistent = kv_heads > 0
@@ -261,11 +262,15 @@ struct Scratch<const N: usize> {
     sum: Vec<V>,
     /// One over each row's final sum.
     inv: Vec<f32>,
+    /// For column sums: each row's exponentials of every tile (`[row][tile]`, at most
+    /// `ROWS x visible` floats a thread), and the running max each tile's are relative to.
+    kept: Vec<[V; TILE_V]>,
+    kept_max: Vec<f32>,
 }
 
 impl<const N: usize> Scratch<N> {
     fn new() -> Self {
-        Self { q: vec![[splat(0.0); N]; ROWS], s: vec![[splat(0.0); TILE_V]; ROWS], o: vec![[splat(0.0); N]; ROWS], max: vec![0.0; ROWS], sum: vec![splat(0.0); ROWS], inv: vec![0.0; ROWS] }
+        Self { q: vec![[splat(0.0); N]; ROWS], s: vec![[splat(0.0); TILE_V]; ROWS], o: vec![[splat(0.0); N]; ROWS], max: vec![0.0; ROWS], sum: vec![splat(0.0); ROWS], inv: vec![0.0; ROWS], kept: Vec::new(), kept_max: Vec::new() }
     }
 }
 
@@ -299,7 +304,7 @@ fn tile_scores<const N: usize, const FMA: bool>(ctx: &Ctx, item: Item, c0: usize
 }
 
 /// One block of queries of one head against every key it can see: online softmax over tiles,
-/// then, when `cols` is given, a second pass adding each key's probabilities into it.
+/// then, when `cols` is given, each key's probabilities added into it.
 #[inline(always)]
 fn attend_block<const N: usize, const FMA: bool>(ctx: &Ctx, item: Item, out: &mut [f32], cols: Option<&mut [f32]>, sc: &mut Scratch<N>) {
     let d = N * LANES;
@@ -321,6 +326,11 @@ fn attend_block<const N: usize, const FMA: bool>(ctx: &Ctx, item: Item, out: &mu
         sc.sum[r] = splat(0.0);
     }
     let v = &ctx.v[item.kv_head * ctx.keys * d..][..ctx.visible * d];
+    let tiles = last_limit / TILE + 1;
+    if cols.is_some() && sc.kept.len() < rows * tiles {
+        sc.kept.resize(rows * tiles, [splat(0.0); TILE_V]);
+        sc.kept_max.resize(rows * tiles, 0.0);
+    }
     for c0 in (0..=last_limit).step_by(TILE) {
         tile_scores::<N, FMA>(ctx, item, c0, first_limit, padded_rows, sc);
         // Online softmax: new running max, rescale what was accumulated, exponentiate the tile.
@@ -346,6 +356,14 @@ fn attend_block<const N: usize, const FMA: bool>(ctx: &Ctx, item: Item, out: &mu
                 sc.sum[r] = lanes(|i| sc.sum[r][i] + sum[i]);
             }
             sc.max[r] = new;
+        }
+        if cols.is_some() {
+            // Kept for the column sums: this tile's exponentials and the max they are relative to.
+            let tile = c0 / TILE;
+            for r in 0..rows {
+                sc.kept[r * tiles + tile] = sc.s[r];
+                sc.kept_max[r * tiles + tile] = sc.max[r];
+            }
         }
         // Output += probabilities x the tile's values, value_rows rows per pass over the values.
         let width = TILE.min(last_limit + 1 - c0);
@@ -376,17 +394,18 @@ fn attend_block<const N: usize, const FMA: bool>(ctx: &Ctx, item: Item, out: &mu
         }
     }
     let Some(cols) = cols else { return };
-    // Column sums: the scores again, now normalised by each row's final max and sum; only the
-    // block's real rows count.
-    for c0 in (0..=last_limit).step_by(TILE) {
-        tile_scores::<N, FMA>(ctx, item, c0, first_limit, padded_rows, sc);
+    // Column sums: each kept exponential rescaled from its tile's max to the row's final max and
+    // divided by the row's sum, summed over the block's real rows (not its padding).
+    for tile in 0..tiles {
         let mut acc = [splat(0.0); TILE_V];
         for r in 0..rows {
-            let (max, inv) = (splat(sc.max[r]), splat(sc.inv[r]));
-            for (acc, x) in acc.iter_mut().zip(&sc.s[r]) {
-                *acc = madd::<FMA>(exp2::<FMA>(lanes(|i| x[i] - max[i])), inv, *acc);
+            let factor = exp2::<FMA>(splat(sc.kept_max[r * tiles + tile] - sc.max[r]))[0] * sc.inv[r];
+            let factor = splat(factor);
+            for (acc, p) in acc.iter_mut().zip(&sc.kept[r * tiles + tile]) {
+                *acc = madd::<FMA>(*p, factor, *acc);
             }
         }
+        let c0 = tile * TILE;
         let width = TILE.min(last_limit + 1 - c0);
         for (col, p) in cols[c0..c0 + width].iter_mut().zip(acc.as_flattened()) {
             *col += p;
