@@ -92,16 +92,21 @@ fn tiny_llama_from_its_hugging_face_folder_reproduces_transformers_logits<B: Bac
     let diff = max_abs_diff(&logits_of(&model, &ids), &want);
     eprintln!("tiny-llama (safetensors): max abs logit diff vs transformers {diff:.2e}");
     assert!(diff <= 1e-4, "max abs diff {diff}");
-    // The cached path (prefill 40, then one token at a time) reads the same model.
-    let mut cache = model.new_state(1);
+    // The cached path (prefill 40, then one token at a time) reads the same model, on the
+    // backend's kernels and on the host kernel the CLI's CPU prefill takes (heads of 16).
     let as_t = |s: &[i64]| Tensor::<B, 1, Int>::from_ints(s.iter().map(|&i| i as i32).collect::<Vec<_>>().as_slice(), dev).reshape([1, s.len()]);
-    let mut rows = vec![model.forward_cached(as_t(&ids[..40]), &mut cache).unwrap()];
-    for i in 40..ids.len() {
-        rows.push(model.forward_cached(as_t(&ids[i..i + 1]), &mut cache).unwrap());
+    for host in [false, true] {
+        kv_attention::set_host_attention(host);
+        let mut cache = model.new_state(1);
+        let mut rows = vec![model.forward_cached(as_t(&ids[..40]), &mut cache).unwrap()];
+        for i in 40..ids.len() {
+            rows.push(model.forward_cached(as_t(&ids[i..i + 1]), &mut cache).unwrap());
+        }
+        kv_attention::set_host_attention(false);
+        let cached: Vec<f32> = Tensor::cat(rows, 1).into_data().iter::<f32>().collect();
+        let diff = max_abs_diff(&cached, &want);
+        assert!(diff <= 1e-4, "cached decode, host kernel {host}: max abs diff {diff}");
     }
-    let cached: Vec<f32> = Tensor::cat(rows, 1).into_data().iter::<f32>().collect();
-    let diff = max_abs_diff(&cached, &want);
-    assert!(diff <= 1e-4, "cached decode: max abs diff {diff}");
 }
 
 // ---- A GGUF writer, for files the tests control ------------------------------------------------
@@ -441,6 +446,17 @@ fn smollm2_logits_match_transformers_on_the_golden_cases<B: Backend>(dev: &B::De
             let p = p as usize;
             worst = worst.max(max_abs_diff(&logits[p * v..(p + 1) * v], &rows[k * v..(k + 1) * v]));
         }
+        // The CLI's CPU prefill: a cached prefill whose attention runs on the host kernel.
+        kv_attention::set_host_attention(true);
+        let x = Tensor::<B, 1, Int>::from_ints(ids.iter().map(|&i| i as i32).collect::<Vec<_>>().as_slice(), dev).reshape([1, ids.len()]);
+        let prefilled: Vec<f32> = model.forward_cached(x, &mut model.new_state(1)).unwrap().into_data().iter::<f32>().collect();
+        kv_attention::set_host_attention(false);
+        let mut worst_host = 0.0f32;
+        for (k, &p) in positions.iter().enumerate() {
+            let p = p as usize;
+            worst_host = worst_host.max(max_abs_diff(&prefilled[p * v..(p + 1) * v], &rows[k * v..(k + 1) * v]));
+        }
+        assert!(worst_host <= 5e-3, "{case}, host kernel prefill: max abs diff {worst_host}");
         let mut mismatches = vec![];
         for p in 0..ids.len() {
             let row = &logits[p * v..(p + 1) * v];
@@ -449,7 +465,7 @@ fn smollm2_logits_match_transformers_on_the_golden_cases<B: Backend>(dev: &B::De
                 mismatches.push((p, ours, top[p * 32]));
             }
         }
-        eprintln!("smollm2 {case} ({} tokens): max abs logit diff {worst:.2e} over the recorded rows; top-1 mismatches {mismatches:?}", ids.len());
+        eprintln!("smollm2 {case} ({} tokens): max abs logit diff {worst:.2e} over the recorded rows ({worst_host:.2e} with a host-kernel prefill); top-1 mismatches {mismatches:?}", ids.len());
         assert!(worst <= 5e-3, "{case}: max abs diff {worst}");
         assert!(mismatches.is_empty(), "{case}: top-1 differs from transformers at {mismatches:?}");
     }
