@@ -72,51 +72,34 @@ impl<B: Backend> Rotary<B> {
         self.rotate(x, positions)
     }
 
+    /// `x cos + rotate_half(x) sin`, with `rotate_half` a signed permutation applied as a `[d, d]`
+    /// matmul and the angles as rows of `t * d`: one row broadcast over every batch row and head
+    /// when they share positions, else one per (batch, head), the same shape as `x`. Every op then
+    /// reads contiguous data, where the narrowed halves of the textbook form send CPU backends
+    /// through per-element strided loops.
     fn rotate(&self, x: Tensor<B, 4>, positions: Tensor<B, 3, Int>) -> Tensor<B, 4> {
         let [b, h, t, d] = x.dims();
-        let [pb, ph, pt] = positions.dims();
-        let half = d / 2;
-        if pb == 1 && ph == 1 {
-            return self.rotate_shared(x, positions.reshape([t]));
-        }
-        let angles = positions.float().reshape([pb, ph, pt, 1]) * self.inv_freq.clone().reshape([1, 1, 1, half]);
-        let (cos, sin) = (angles.clone().cos(), angles.sin());
-        let x1 = x.clone().narrow(3, 0, half);
-        let x2 = x.narrow(3, half, half);
-        let r1 = x1.clone() * cos.clone() - x2.clone() * sin.clone();
-        let r2 = x2 * cos + x1 * sin;
-        let out = Tensor::cat(vec![r1, r2], 3);
-        debug_assert_eq!(out.dims(), [b, h, t, d]);
-        out
-    }
-}
-
-impl<B: Backend> Rotary<B> {
-    /// [`rotate`](Self::rotate) with one position per row, shared by every batch row and head
-    /// (`positions` `[t]`): `x cos + rotate_half(x) sin`, with `rotate_half` a signed permutation
-    /// applied as a `[d, d]` matmul and the angles one row `[t * d]` broadcast over the
-    /// `batch x heads` rows. Every op then reads contiguous data, where the narrowed halves of
-    /// the general form send CPU backends through strided element loops.
-    fn rotate_shared(&self, x: Tensor<B, 4>, positions: Tensor<B, 1, Int>) -> Tensor<B, 4> {
-        let [b, h, t, d] = x.dims();
+        let [pb, ph, _] = positions.dims();
         let half = d / 2;
         let (device, dtype) = (x.device(), x.dtype());
-        let angles = positions.float().reshape([t, 1]) * self.inv_freq.clone().reshape([1, half]);
+        let rows = if pb == 1 && ph == 1 { 1 } else { b * h };
+        let positions = if rows == 1 { positions } else { positions.expand([b, h, t]) };
+        // Angles as an outer product, a matmul, so no broadcast op walks them element by element.
+        let angles = positions.float().reshape([rows * t, 1]).matmul(self.inv_freq.clone().reshape([1, half]));
         let (cos, sin) = (angles.clone().cos(), angles.sin());
-        let cos = Tensor::cat(vec![cos.clone(), cos], 1).reshape([1, t * d]).cast(dtype);
-        let sin = Tensor::cat(vec![sin.clone().neg(), sin], 1).reshape([1, t * d]).cast(dtype);
-        // rotate_half(x)[i] = -x[i + half] for i < half, x[i - half] after: row i of the matrix
-        // says where input feature i goes.
+        let cos = Tensor::cat(vec![cos.clone(), cos], 1).reshape([rows, t * d]).cast(dtype);
+        let sin = Tensor::cat(vec![sin.clone().neg(), sin], 1).reshape([rows, t * d]).cast(dtype);
+        // rotate_half(x)[i] = -x[i + half] for i < half, x[i - half] after (the sign is in `sin`):
+        // row i of the matrix says where input feature i goes.
         let mut swap = vec![0f32; d * d];
         for i in 0..half {
             swap[(i + half) * d + i] = 1.0;
             swap[i * d + i + half] = 1.0;
         }
         let swap = Tensor::<B, 2>::from_data(burn::tensor::TensorData::new(swap, [d, d]), &device).cast(dtype);
-        let rows = x.reshape([b * h * t, d]);
-        let swapped = rows.clone().matmul(swap).reshape([b * h, t * d]);
-        let rows = rows.reshape([b * h, t * d]);
-        (rows * cos + swapped * sin).reshape([b, h, t, d])
+        let x = x.reshape([b * h * t, d]);
+        let swapped = x.clone().matmul(swap).reshape([b * h, t * d]);
+        (x.reshape([b * h, t * d]) * cos + swapped * sin).reshape([b, h, t, d])
     }
 }
 

@@ -37,9 +37,9 @@ fn rope_dot_products_depend_only_on_relative_position<B: Backend>(dev: &B::Devic
     assert!(max_abs_diff(base, dot(8, 3)) > 1e-3);
 }
 
-/// Positions shared by every row and head (the matmul form) rotate exactly as the same positions
-/// given per head (the general form), on a transposed view as projections hand it over, and
-/// rotate-half pairs feature `i` with `i + d/2` as HF Llama does.
+/// Positions shared by every row and head (one broadcast row of angles) rotate exactly as the same
+/// positions given per head (a row of angles per head), on a transposed view as projections hand
+/// it over, and rotate-half pairs feature `i` with `i + d/2` as HF Llama does.
 fn rope_shared_positions_rotate_as_per_head_positions<B: Backend>(dev: &B::Device) {
     let rope = RotaryConfig::new(8).init::<B>(dev).unwrap();
     let x = randn::<B, 4>([2, 7, 3, 8], dev).swap_dims(1, 2);
