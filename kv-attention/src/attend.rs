@@ -93,8 +93,9 @@ pub fn set_prefill_threads(threads: usize) {
 
 static HOST_ATTENTION: AtomicBool = AtomicBool::new(false);
 
-/// Sets whether a prefill that observes no row (all but SnapKV's window) runs on the host kernel
-/// ([`crate::host::causal_attention`]) instead of the backend's fused one (default off). For CPU
+/// Sets whether a prefill's attention runs on the host kernel ([`crate::host::causal_attention`])
+/// instead of the backend's (default off): the rows no policy observes (all but SnapKV's
+/// window), and whole chunks whose policy sums each slot's attention (H2O, VATP). For CPU
 /// backends, whose tensors already live in host memory: reading them out costs a copy of the
 /// keys at most, and the kernel is vectorised where burn-flex 0.21's is scalar. f32 only, head
 /// sizes in [`crate::host::HEAD_DIMS`], and never while an autodiff graph is recorded; anything
@@ -179,8 +180,9 @@ fn in_blocks<B: Backend, T: Send>(starts: &[usize], device: &B::Device, block: i
 }
 
 /// Causal attention of a chunk of `t` new queries (the cache's last `t` slots) through burn's
-/// fused `attention` (flash on Flex and CubeCL) or the host kernel ([`set_host_attention`]), except for the last `observe.window` rows, which
-/// the explicit kernel computes so their probabilities can be observed.
+/// fused `attention` (flash on Flex and CubeCL) or the host kernel ([`set_host_attention`]),
+/// except for the last `observe.window` rows, which the explicit kernel computes so their
+/// probabilities can be observed.
 ///
 /// Exact, not an approximation: appended slots are the newest, so query `i` of the chunk sees
 /// the `n - t` older slots and new slots `0..=i`, which is the bottom-right causal mask; the rows

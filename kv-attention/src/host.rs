@@ -57,7 +57,9 @@ pub struct HostOutput {
 /// `None` for a head size outside [`HEAD_DIMS`] or inconsistent lengths.
 pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], shape: HostShape, scale: f32, column_sums: bool, threads: usize) -> Option<HostOutput> {
     let HostShape { batch, heads, kv_heads, queries, keys, visible, head_dim: d } = shape;
-    let consistent = kv_heads > 0
+    let consistent = batch > 0
+        && kv_heads > 0
+        && heads > 0
         && heads % kv_heads == 0
         && queries > 0
         && queries <= visible
@@ -270,7 +272,16 @@ struct Scratch<const N: usize> {
 
 impl<const N: usize> Scratch<N> {
     fn new() -> Self {
-        Self { q: vec![[splat(0.0); N]; ROWS], s: vec![[splat(0.0); TILE_V]; ROWS], o: vec![[splat(0.0); N]; ROWS], max: vec![0.0; ROWS], sum: vec![splat(0.0); ROWS], inv: vec![0.0; ROWS], kept: Vec::new(), kept_max: Vec::new() }
+        Self {
+            q: vec![[splat(0.0); N]; ROWS],
+            s: vec![[splat(0.0); TILE_V]; ROWS],
+            o: vec![[splat(0.0); N]; ROWS],
+            max: vec![0.0; ROWS],
+            sum: vec![splat(0.0); ROWS],
+            inv: vec![0.0; ROWS],
+            kept: Vec::new(),
+            kept_max: Vec::new(),
+        }
     }
 }
 
@@ -515,5 +526,7 @@ mod tests {
         let shape = HostShape { head_dim: 32, visible: 2, ..shape };
         let (q, kv) = (vec![0.0; 2 * 3 * 32], vec![0.0; 3 * 32]);
         assert!(causal_attention(&q, &kv, &kv, shape, 1.0, false, 1).is_none(), "more queries than visible keys");
+        let empty = HostShape { batch: 0, ..shape };
+        assert!(causal_attention(&[], &[], &[], empty, 1.0, true, 2).is_none(), "an empty batch");
     }
 }
