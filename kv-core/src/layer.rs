@@ -174,9 +174,11 @@ impl<B: Backend> LayerCache<B> {
         if victims.dims() != [batch, kv_heads, 1] || self.live_slots() < 2 {
             return Err(KvError::shape("evicted slots", &victims.dims(), format!("[{batch}, {kv_heads}, 1], from a cache of at least 2 live slots ({} now)", self.live_slots())));
         }
-        let hit = Tensor::<B, 1, Int>::arange(0..n as i64, &self.device).reshape([1, 1, n]).expand([batch, kv_heads, n]).equal(victims.expand([batch, kv_heads, n]));
+        // A victim is live (bias 0), so adding DEAD at its index marks it: one write per head,
+        // where a one-hot mask compared every slot.
         let bias = self.dead.take().unwrap_or_else(|| Tensor::zeros([batch, kv_heads, n], &self.device));
-        self.dead = Some(bias.mask_fill(hit, DEAD));
+        let tombstones = Tensor::full([batch, kv_heads, 1], DEAD, &self.device);
+        self.dead = Some(bias.scatter(2, victims, tombstones, burn::tensor::IndexingUpdateOp::Add));
         self.dead_count += 1;
         if self.dead_count >= TAIL_SLOTS {
             self.compact();
