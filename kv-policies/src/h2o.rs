@@ -1,7 +1,7 @@
 //! H2O, the heavy-hitter oracle (Zhang et al., NeurIPS 2023): accumulated attention plus a
 //! recent window.
 
-use crate::select::{group_sum, protect, recent_mask, sink_mask};
+use crate::select::{group_sum, protect, protect_recent_slots, sink_mask};
 use crate::{LayerContext, Params, Scorer, SpecParams};
 use burn::prelude::*;
 use kv_core::{ObserveRequest, Observation, KvError, LayerCache, Result};
@@ -96,6 +96,6 @@ pub(crate) fn accumulate<B: Backend>(cache: &mut LayerCache<B>, sums: Tensor<B, 
 /// `scores` with the `recent` share of a `k`-slot budget and the first `sinks` positions protected.
 pub(crate) fn protect_recent<B: Backend>(cache: &LayerCache<B>, scores: Tensor<B, 3>, k: usize, recent: f32, sinks: usize) -> Tensor<B, 3> {
     let window = ((k as f32 * recent).round() as usize).min(k);
-    let scores = protect(scores, recent_mask(cache.slots(), window, &cache.device()));
+    let scores = protect_recent_slots(scores, window);
     if sinks > 0 { protect(scores, sink_mask(cache, sinks)) } else { scores }
 }

@@ -46,9 +46,13 @@ pub fn top_k_indices<B: Backend>(scores: Tensor<B, 3>, k: usize) -> Tensor<B, 3,
     }
 }
 
-/// A `[1, 1, n]` mask of the last `window` slots (slot order is position order).
-pub fn recent_mask<B: Backend>(n: usize, window: usize, device: &B::Device) -> Tensor<B, 3, Bool> {
-    Tensor::<B, 1, Int>::arange(0..n as i64, device).greater_equal_elem(n.saturating_sub(window) as i64).reshape([1, 1, n])
+/// `scores` `[b, kv_heads, n]` with the last `window` slots (slot order is position order) never
+/// evictable: one contiguous fill, where a mask over every slot, broadcast over the heads, takes
+/// burn-flex's per-element path at every decode step.
+pub fn protect_recent_slots<B: Backend>(scores: Tensor<B, 3>, window: usize) -> Tensor<B, 3> {
+    let [b, h, n] = scores.dims();
+    let window = window.min(n);
+    if window == 0 { scores } else { scores.slice_fill([0..b, 0..h, n - window..n], f32::INFINITY) }
 }
 
 /// A `[b, kv_heads, n]` mask of the slots whose original position is below `sinks`.

@@ -1,7 +1,7 @@
 //! SnapKV (Li et al., NeurIPS 2024): select prompt tokens by the attention of an observation
 //! window of the last prompt queries.
 
-use crate::select::{group_sum, protect, recent_mask};
+use crate::select::{group_sum, protect_recent_slots};
 use crate::{LayerContext, Params, Scorer, SpecParams};
 use burn::prelude::*;
 use kv_core::{ObserveRequest, Observation, KvError, LayerCache, Result};
@@ -119,6 +119,6 @@ impl<B: Backend> Scorer<B> for SnapKvScorer {
         let votes = probs.narrow(3, 0, n - w).sum_dim(2).reshape([b, h, n - w]);
         let votes = group_sum(pool1d(votes, self.kernel, self.pool), kv);
         let scores = Tensor::cat(vec![votes, Tensor::zeros([b, kv, w], &cache.device())], 2);
-        Ok(protect(scores, recent_mask(n, w, &cache.device())))
+        Ok(protect_recent_slots(scores, w))
     }
 }

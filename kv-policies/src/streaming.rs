@@ -49,9 +49,11 @@ impl<B: Backend> Scorer<B> for StreamingScorer {
     fn score(&self, _: &LayerContext<'_, B>, cache: &LayerCache<B>, _: Option<&Observation<B>>, _: usize) -> Result<Tensor<B, 3>> {
         let n = cache.slots();
         let shape = cache.shape();
-        let index = Tensor::<B, 1, Int>::arange(0..n as i64, &cache.device()).reshape([1, 1, n]).expand([shape.batch, shape.kv_heads, n]);
-        let sink = cache.positions().lower_elem(self.sinks as i64);
-        let sink_score = index.clone().neg().add_scalar(2 * n as i64);
-        Ok(index.mask_where(sink, sink_score).float())
+        // j + sink * (2n - 2j): the slot row is the broadcast operand and the sink mask (per head
+        // or shared) the contiguous one, so no op walks a broadcast tensor element by element.
+        let index = Tensor::<B, 1, Int>::arange(0..n as i64, &cache.device()).float().reshape([1, 1, n]);
+        let sink = cache.positions().lower_elem(self.sinks as i64).float();
+        let scores = sink * index.clone().mul_scalar(-2.0).add_scalar(2.0 * n as f64) + index;
+        Ok(scores.expand([shape.batch, shape.kv_heads, n]))
     }
 }
