@@ -128,9 +128,9 @@ impl<B: Backend> CachePolicy<B> for TopKPolicy<B> {
         let dead = cache.dead_bias();
         if self.selection == Selection::PerHead && live == k + 1 && k > 0 && self.lazy && !self.rerotate {
             // One slot over budget (every decode step of a per-step policy): drop the
-            // lowest-scoring live slot by marking it dead.
-            // The bias on the left: a score row shared by the heads (TOVA's) is then the
-            // broadcast right-hand side, which burn-flex adds without a per-element walk.
+            // lowest-scoring live slot by marking it dead. The bias goes on the left, so a score
+            // row shared by the heads (TOVA's) is the broadcast right-hand side, which burn-flex
+            // adds without a per-element walk.
             let victim = match dead {
                 Some(bias) => (bias.neg() + scores).argmin(2),
                 None => scores.argmin(2),
