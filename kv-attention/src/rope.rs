@@ -64,11 +64,6 @@ impl<B: Backend> Rotary<B> {
 
     /// Rotates `x` `[batch, heads, t, dim]` by `positions` `[batch | 1, heads | 1, t]`.
     pub fn apply(&self, x: Tensor<B, 4>, positions: Tensor<B, 3, Int>) -> Tensor<B, 4> {
-        let d = x.dims()[3];
-        if self.rotated < d {
-            let rest = x.clone().narrow(3, self.rotated, d - self.rotated);
-            return Tensor::cat(vec![self.rotate(x.narrow(3, 0, self.rotated), positions), rest], 3);
-        }
         self.rotate(x, positions)
     }
 
@@ -76,19 +71,25 @@ impl<B: Backend> Rotary<B> {
     /// matmul and the angles as rows of `t * d`: one row broadcast over every batch row and head
     /// when they share positions, else one per (batch, head), the same shape as `x`. Every op then
     /// reads contiguous data, where the narrowed halves of the textbook form send CPU backends
-    /// through per-element strided loops.
+    /// through per-element strided loops. Dims past `rotated` get `cos = 1`, `sin = 0` and no
+    /// swap, so a partial rotary passes them through exactly, without a split and a concatenation.
     fn rotate(&self, x: Tensor<B, 4>, positions: Tensor<B, 3, Int>) -> Tensor<B, 4> {
         let [b, h, t, d] = x.dims();
         let [pb, ph, _] = positions.dims();
-        let half = d / 2;
+        let (half, rest) = (self.rotated / 2, d - self.rotated);
         let (device, dtype) = (x.device(), x.dtype());
         let rows = if pb == 1 && ph == 1 { 1 } else { b * h };
         let positions = if rows == 1 { positions } else { positions.expand([b, h, t]) };
         // Angles as an outer product, a matmul, so no broadcast op walks them element by element.
         let angles = positions.float().reshape([rows * t, 1]).matmul(self.inv_freq.clone().reshape([1, half]));
         let (cos, sin) = (angles.clone().cos(), angles.sin());
-        let cos = Tensor::cat(vec![cos.clone(), cos], 1).reshape([rows, t * d]).cast(dtype);
-        let sin = Tensor::cat(vec![sin.clone().neg(), sin], 1).reshape([rows, t * d]).cast(dtype);
+        let (mut cos_parts, mut sin_parts) = (vec![cos.clone(), cos], vec![sin.clone().neg(), sin]);
+        if rest > 0 {
+            cos_parts.push(Tensor::ones([rows * t, rest], &device));
+            sin_parts.push(Tensor::zeros([rows * t, rest], &device));
+        }
+        let cos = Tensor::cat(cos_parts, 1).reshape([rows, t * d]).cast(dtype);
+        let sin = Tensor::cat(sin_parts, 1).reshape([rows, t * d]).cast(dtype);
         // rotate_half(x)[i] = -x[i + half] for i < half, x[i - half] after (the sign is in `sin`):
         // row i of the matrix says where input feature i goes.
         let mut swap = vec![0f32; d * d];
