@@ -51,6 +51,11 @@ pub struct HeadWrite<B: Backend> {
 /// them, so all of a step's tensors share one slot index; [`live_slots`](Self::live_slots) and
 /// [`stats`](Self::stats) count only the living.
 ///
+/// **Key overlay**: [`set_key_overlay`](Self::set_key_overlay) makes attention read other keys for
+/// the first few slots while their stored keys stay as written. StreamingLLM's re-rotation keeps
+/// its attention sinks there, rotated afresh from their stored keys every step, so it rotates a
+/// handful of sinks instead of every window key, and the sinks never accumulate rounding.
+///
 /// **Ragged storage**: after [`retain_per_head`](Self::retain_per_head) gives heads unequal
 /// budgets (AdaKV; later FastGen, DMC), every (batch row, KV head) owns a `[1, 1, n_i, ..]` cache
 /// of its own, so a head that keeps fewer slots really holds fewer bytes. Attention then runs per
@@ -69,6 +74,9 @@ pub struct LayerCache<B: Backend> {
     dead: Option<Tensor<B, 3>>,
     /// Dead slots per (batch row, KV head): every lazy eviction marks one slot in each head.
     dead_count: usize,
+    /// Keys attention reads for the first slots in place of the stored ones
+    /// ([`set_key_overlay`](Self::set_key_overlay)).
+    key_overlay: Option<Tensor<B, 4>>,
     seen: usize,
     rope_shift: usize,
     device: B::Device,
@@ -88,6 +96,7 @@ impl<B: Backend> LayerCache<B> {
             side: Vec::new(),
             dead: None,
             dead_count: 0,
+            key_overlay: None,
             seen: 0,
             rope_shift: 0,
             device: device.clone(),
@@ -215,7 +224,15 @@ impl<B: Backend> LayerCache<B> {
     fn gather_all(&mut self, indices: Tensor<B, 3, Int>) {
         self.dead = None;
         self.dead_count = 0;
-        self.keys.gather(indices.clone());
+        match self.key_overlay.is_some() {
+            // The overlay's keys are the ones attention reads, so they are the ones kept.
+            true => {
+                let keys = self.keys();
+                self.key_overlay = None;
+                self.keys.gather_from(keys, indices.clone());
+            }
+            false => self.keys.gather(indices.clone()),
+        }
         if self.shape.value_dim > 0 {
             self.values.gather(indices.clone());
         }
@@ -308,10 +325,69 @@ impl<B: Backend> LayerCache<B> {
         Ok(())
     }
 
-    /// The keys held, `[batch, kv_heads, slots, key_dim]` (rectangular storage; empty when ragged).
+    /// The keys attention reads, `[batch, kv_heads, slots, key_dim]`: the stored ones under any
+    /// [key overlay](Self::set_key_overlay) (rectangular storage; empty when ragged).
     pub fn keys(&self) -> Tensor<B, 4> {
         debug_assert!(!self.is_ragged(), "rectangular view of a ragged cache: read head_caches()");
+        let stored = self.keys.view();
+        match &self.key_overlay {
+            None => stored,
+            Some(overlay) => {
+                let (m, n) = (overlay.dims()[2], stored.dims()[2]);
+                if m == n { overlay.clone() } else { Tensor::cat(vec![overlay.clone(), stored.narrow(2, m, n - m)], 2) }
+            }
+        }
+    }
+
+    /// The keys as stored, under any [key overlay](Self::set_key_overlay).
+    pub fn stored_keys(&self) -> Tensor<B, 4> {
         self.keys.view()
+    }
+
+    /// The stored keys of the first `m` slots (`m` at most [`slots`](Self::slots)), without
+    /// copying the rest.
+    pub fn stored_keys_prefix(&self, m: usize) -> Tensor<B, 4> {
+        match self.keys.segments().into_iter().next() {
+            Some(first) if first.dims()[2] >= m => first.narrow(2, 0, m),
+            _ => self.keys.view().narrow(2, 0, m),
+        }
+    }
+
+    /// Makes attention read `keys` `[batch, kv_heads, m, key_dim]` for the first `m` slots, while
+    /// their stored keys stay as written: a policy that re-rotates a few pinned slots every step
+    /// (StreamingLLM's sinks) derives them from the stored keys, so no error accumulates, and no
+    /// write touches the rest of the cache.
+    ///
+    /// The first `m` slots must stay live while the overlay is set. Replacing the keys
+    /// ([`set_keys`](Self::set_keys)) drops it; every other rewrite of the storage (compaction,
+    /// retain) folds it into the keys kept.
+    pub fn set_key_overlay(&mut self, keys: Tensor<B, 4>) -> Result<()> {
+        self.check_rectangular("set_key_overlay")?;
+        let CacheShape { batch, kv_heads, key_dim, .. } = self.shape;
+        let [kb, kh, m, kd] = keys.dims();
+        if [kb, kh, kd] != [batch, kv_heads, key_dim] || m == 0 || m > self.slots() {
+            return Err(KvError::shape("overlay keys", &keys.dims(), format!("[{batch}, {kv_heads}, m, {key_dim}] with 1 <= m <= {} slots held", self.slots())));
+        }
+        if self.keys.leading_len() < m {
+            // Attention reads the overlay as a segment of its own, so the first stored segment
+            // (of every buffer, which all move in step) must cover it.
+            self.flush_tails();
+        }
+        self.key_overlay = Some(keys);
+        Ok(())
+    }
+
+    /// Whether a [key overlay](Self::set_key_overlay) is set.
+    pub fn has_key_overlay(&self) -> bool {
+        self.key_overlay.is_some()
+    }
+
+    /// Moves every buffer's tail into its body.
+    fn flush_tails(&mut self) {
+        self.keys.flush();
+        self.values.flush();
+        self.positions.flush();
+        self.side.iter_mut().for_each(|(_, b)| b.flush());
     }
 
     /// The values held, `[batch, kv_heads, slots, value_dim]` (rectangular storage; empty when ragged).
@@ -324,7 +400,14 @@ impl<B: Backend> LayerCache<B> {
     /// read the cache without concatenating it (rectangular storage; none when ragged).
     pub fn kv_segments(&self) -> Vec<(Tensor<B, 4>, Tensor<B, 4>)> {
         debug_assert!(!self.is_ragged(), "rectangular view of a ragged cache: read head_caches()");
-        let (k, v) = (self.keys.segments(), self.values.segments());
+        let (mut k, mut v) = (self.keys.segments(), self.values.segments());
+        if let Some(overlay) = &self.key_overlay {
+            // The overlay replaces the head of the first segment (set_key_overlay keeps it there).
+            let m = overlay.dims()[2];
+            k = split_first(k, m);
+            v = split_first(v, m);
+            k[0] = overlay.clone();
+        }
         debug_assert_eq!(k.len(), v.len());
         k.into_iter().zip(v).collect()
     }
@@ -336,7 +419,8 @@ impl<B: Backend> LayerCache<B> {
         self.positions.view()
     }
 
-    /// Overwrites the keys held, for example after re-rotating them to new positions.
+    /// Overwrites the keys held, for example after re-rotating them to new positions; drops any
+    /// [key overlay](Self::set_key_overlay).
     pub fn set_keys(&mut self, keys: Tensor<B, 4>) -> Result<()> {
         self.check_rectangular("set_keys")?;
         let CacheShape { batch, kv_heads, key_dim, .. } = self.shape;
@@ -344,7 +428,11 @@ impl<B: Backend> LayerCache<B> {
         if keys.dims() != [batch, kv_heads, n, key_dim] {
             return Err(KvError::shape("replacement keys", &keys.dims(), format!("[{batch}, {kv_heads}, {n}, {key_dim}]")));
         }
+        // The new keys are one segment, so every other buffer becomes one too (attention reads
+        // keys and values as segments that line up).
+        self.flush_tails();
         self.keys.replace(keys);
+        self.key_overlay = None;
         Ok(())
     }
 
@@ -463,6 +551,7 @@ impl<B: Backend> LayerCache<B> {
         for (_, buf) in self.side.iter_mut() {
             *buf = SlotBuffer::zeros([batch, kv_heads, 0], &self.device);
         }
+        self.key_overlay = None;
         Ok(())
     }
 
@@ -507,7 +596,7 @@ impl<B: Backend> LayerCache<B> {
             let flat: Vec<usize> = keep.concat();
             return self.retain(to_tensor(&flat, [batch, kv_heads, k]));
         }
-        let (keys, values, positions) = (self.keys.view(), self.values.view(), self.positions.view());
+        let (keys, values, positions) = (self.keys(), self.values.view(), self.positions.view());
         let sides: Vec<(String, Tensor<B, 3>)> = self.side.iter().map(|(n, b)| (n.clone(), b.view())).collect();
         let one = CacheShape { batch: 1, kv_heads: 1, ..self.shape };
         let mut heads = Vec::with_capacity(keep.len());
@@ -535,7 +624,7 @@ impl<B: Backend> LayerCache<B> {
             *buf = SlotBuffer::zeros([batch, kv_heads, 0], &self.device);
         }
         self.ragged = Some(heads);
-        (self.dead, self.dead_count) = (None, 0);
+        (self.dead, self.dead_count, self.key_overlay) = (None, 0, None);
         Ok(())
     }
 
@@ -626,6 +715,7 @@ impl<B: Backend> LayerCache<B> {
         let kv_bytes = held(bytes(&self.keys.segments()) + bytes(&self.values.segments()));
         let mut metadata_bytes = held(bytes(&self.positions.segments()));
         let mut allocated_bytes = self.keys.allocated_bytes() + self.values.allocated_bytes() + self.positions.allocated_bytes();
+        allocated_bytes += self.key_overlay.as_ref().map_or(0, crate::stats::tensor_bytes);
         if let Some(dead) = &self.dead {
             metadata_bytes += held(crate::stats::tensor_bytes(dead));
             allocated_bytes += crate::stats::tensor_bytes(dead);
@@ -642,4 +732,15 @@ impl<B: Backend> LayerCache<B> {
             allocated_bytes,
         }
     }
+}
+
+/// `segments` with the first one split after its first `m` slots (`m` at most its length).
+fn split_first<B: Backend>(mut segments: Vec<Tensor<B, 4>>, m: usize) -> Vec<Tensor<B, 4>> {
+    let first = segments.remove(0);
+    let n = first.dims()[2];
+    if n > m {
+        segments.insert(0, first.clone().narrow(2, m, n - m));
+    }
+    segments.insert(0, first.narrow(2, 0, m));
+    segments
 }

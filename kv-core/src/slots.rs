@@ -35,6 +35,12 @@ impl<B: Backend, const D: usize, K: BasicOps<B>> SlotBuffer<B, D, K> {
         self.body_len + self.tail_len()
     }
 
+    /// Slots in the first segment [`segments`](Self::segments) returns (the body, or the tail
+    /// while the body is empty).
+    pub fn leading_len(&self) -> usize {
+        if self.body_len > 0 { self.body_len } else { self.tail_len() }
+    }
+
     /// Slots the body can hold before it has to grow.
     pub fn capacity(&self) -> usize {
         self.body.dims()[2]
@@ -148,8 +154,14 @@ impl<B: Backend, const D: usize, K: BasicOps<B>> SlotBuffer<B, D, K> {
     /// rather than an element-wise `gather` (an index computation per value, several times slower
     /// on the CPU backends).
     pub fn gather(&mut self, indices: Tensor<B, 3, Int>) {
-        let [b, h, k] = indices.dims();
         let view = self.view();
+        self.gather_from(view, indices);
+    }
+
+    /// [`gather`](Self::gather) from `view`, the held slots as the caller reads them (a layer
+    /// cache's keys under a key overlay).
+    pub fn gather_from(&mut self, view: Tensor<B, D, K>, indices: Tensor<B, 3, Int>) {
+        let [b, h, k] = indices.dims();
         let mut dims = view.dims();
         let n = dims[2];
         let row: usize = dims[3..].iter().product();

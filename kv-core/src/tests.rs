@@ -301,7 +301,53 @@ fn lazy_eviction_marks_then_compacts_in_slot_order<B: Backend>(dev: &B::Device) 
     assert!(c.evict_one(Tensor::<B, 1, Int>::from_ints([0, 0], dev).reshape([1, 2, 1])).is_err(), "one victim per head");
 }
 
+/// The first key of every slot attention reads, per (batch, head), in slot order.
+fn read_keys<B: Backend>(c: &LayerCache<B>) -> Vec<f32> {
+    let segments: Vec<Tensor<B, 4>> = c.kv_segments().into_iter().map(|(k, v)| {
+        assert_eq!(k.dims()[2], v.dims()[2], "key and value segments line up");
+        k
+    }).collect();
+    floats(Tensor::cat(segments, 2)).chunks(c.shape().key_dim).map(|k| k[0]).collect()
+}
+
+fn key_overlay_is_read_in_place_of_the_stored_keys<B: Backend>(dev: &B::Device) {
+    // 5 slots per head, all still in the tail, so setting the overlay moves them to the body.
+    let mut c = LayerCache::<B>::new(shape(1, 2, 2), dev);
+    let (k, v) = tagged::<B>(1, 2, 0, 5, 2, dev);
+    c.append(k, v).unwrap();
+    let overlay = Tensor::<B, 1>::from_floats([-1.0, -1.0, -2.0, -2.0, -3.0, -3.0, -4.0, -4.0], dev).reshape([1, 2, 2, 2]);
+    c.set_key_overlay(overlay.clone()).unwrap();
+    assert!(c.has_key_overlay());
+    let want = vec![-1.0, -2.0, 2.0, 3.0, 4.0, -3.0, -4.0, 1002.0, 1003.0, 1004.0];
+    assert_eq!(read_keys(&c), want, "attention reads the overlay for the first 2 slots");
+    assert_eq!(floats(c.keys()).chunks(2).map(|k| k[0]).collect::<Vec<_>>(), want);
+    assert_eq!(floats(c.stored_keys()).chunks(2).map(|k| k[0]).collect::<Vec<_>>(), vec![0.0, 1.0, 2.0, 3.0, 4.0, 1000.0, 1001.0, 1002.0, 1003.0, 1004.0], "stored keys stay as written");
+    assert_eq!(floats(c.stored_keys_prefix(2)).chunks(2).map(|k| k[0]).collect::<Vec<_>>(), vec![0.0, 1.0, 1000.0, 1001.0]);
+    assert_eq!(c.stats().kv_bytes, 5 * 2 * 2 * 2 * 4, "held bytes are the stored slots'");
+    // Appends and a tail flush keep it (the overlay's slots do not move).
+    for p in 5..5 + TAIL_SLOTS {
+        let (k, v) = tagged::<B>(1, 2, p, 1, 2, dev);
+        c.append(k, v).unwrap();
+    }
+    assert!(c.has_key_overlay());
+    assert_eq!(read_keys(&c)[..3], [-1.0, -2.0, 2.0]);
+    // Compaction folds it into the keys kept; replacing the keys drops it.
+    c.evict_one(Tensor::<B, 1, Int>::from_ints([2, 3], dev).reshape([1, 2, 1])).unwrap();
+    let mut folded = c.clone();
+    folded.compact();
+    assert!(!folded.has_key_overlay());
+    assert_eq!(floats(folded.stored_keys()).chunks(2).map(|k| k[0]).take(4).collect::<Vec<_>>(), vec![-1.0, -2.0, 3.0, 4.0]);
+    c.set_keys(c.stored_keys()).unwrap();
+    assert!(!c.has_key_overlay());
+    assert_eq!(read_keys(&c)[..2], [0.0, 1.0]);
+    // Shapes it cannot take.
+    for dims in [[1, 2, 0, 2], [1, 2, 70, 2], [1, 1, 2, 2], [1, 2, 2, 3]] {
+        assert!(c.set_key_overlay(Tensor::zeros(dims, dev)).is_err(), "{dims:?}");
+    }
+}
+
 crate::backend_tests!(
+    key_overlay_is_read_in_place_of_the_stored_keys,
     lazy_eviction_marks_then_compacts_in_slot_order,
     ragged_storage_holds_each_heads_own_slots,
     keep_last_trims_to_a_window_and_keeps_the_counter,

@@ -62,7 +62,7 @@ pub use knorm::KnormScorer;
 pub use policy::{CachePolicy, FullCache, LayerContext, Phase, Schedule};
 pub use pyramid::PyramidBudgets;
 pub use registry::{EntryKind, PolicyBuilder, PolicyEntry, Registry, ScorerBuilder, TOP_K_KEYS};
-pub use rerotate::rerotate_kept;
+pub use rerotate::{evict_after_sinks, frame_offset, rerotate_kept, restore_in_cache_positions};
 pub use scorer::Scorer;
 pub use snapkv::{Pool, SnapKvScorer, pool1d};
 pub use spec::{Params, PolicyEnv, PolicySpec, SpecParams, build_policy, build_policy_in, split_specs};

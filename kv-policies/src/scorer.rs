@@ -28,6 +28,13 @@ pub trait Scorer<B: Backend> {
     /// recent windows, sinks).
     fn score(&self, ctx: &LayerContext<'_, B>, cache: &LayerCache<B>, obs: Option<&Observation<B>>, k: usize) -> Result<Tensor<B, 3>>;
 
+    /// `Some(s)` when the scorer ranks by stream order: the stream's first `s` tokens above every
+    /// other slot, the rest newest first (StreamingLLM), so one slot over budget always evicts the
+    /// oldest live slot after the sinks and re-rotation has only the sinks to move.
+    fn stream_order_sinks(&self) -> Option<usize> {
+        None
+    }
+
     /// Whether this layer is never compressed (key-norm's first layers).
     fn skips_layer(&self, _ctx: &LayerContext<'_, B>) -> bool {
         false

@@ -43,6 +43,10 @@ impl<B: Backend> Scorer<B> for StreamingScorer {
         ObserveRequest::default()
     }
 
+    fn stream_order_sinks(&self) -> Option<usize> {
+        Some(self.sinks)
+    }
+
     /// Slot `j` scores `j`; a sink (original position below `sinks`) scores `2n - j`, above every
     /// other slot and earliest first, so a budget below the sinks keeps the first ones. All scores
     /// are distinct, so the kept set never depends on how a top-k breaks ties.

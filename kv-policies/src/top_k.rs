@@ -2,7 +2,7 @@
 //! selection rule, so no scoring method repeats the "over budget, score, keep the top k" tail.
 
 use crate::select::top_k_indices;
-use crate::{AcrossHeads, CachePolicy, LayerContext, Phase, PyramidBudgets, Schedule, Scorer, rerotate_kept};
+use crate::{AcrossHeads, CachePolicy, LayerContext, Phase, PyramidBudgets, Schedule, Scorer, evict_after_sinks, rerotate_kept, restore_in_cache_positions};
 use burn::prelude::*;
 use kv_core::{ObserveRequest, Observation, Budget, LayerCache, Result};
 
@@ -55,7 +55,8 @@ pub struct TopKPolicy<B: Backend> {
     pub scorer: Box<dyn Scorer<B>>,
     /// Drop the one slot a step puts over budget by marking it dead ([`LayerCache::evict_one`]),
     /// which costs a few ops on `[batch, kv_heads, slots]`, instead of copying the cache without
-    /// it. Both keep the same slots; off only to compare the two (re-rotation is always eager).
+    /// it. Both keep the same slots; off only to compare the two. Under re-rotation only a
+    /// stream-order scorer (StreamingLLM) evicts lazily; others re-rotate eagerly.
     pub lazy: bool,
 }
 
@@ -123,19 +124,29 @@ impl<B: Backend> CachePolicy<B> for TopKPolicy<B> {
         if live <= k {
             return Ok(());
         }
+        // One slot over budget (every decode step of a per-step policy): drop the lowest-scoring
+        // live slot by marking it dead. Under re-rotation only a stream-order scorer can: its
+        // victim has only the sinks before it, so they are all that moves.
+        let one_over = self.selection == Selection::PerHead && live == k + 1 && k > 0 && self.lazy;
+        let after_sinks = self.scorer.stream_order_sinks().filter(|&s| k > s);
+        let lazy = one_over && (!self.rerotate || after_sinks.is_some());
+        if self.rerotate && !lazy {
+            restore_in_cache_positions(ctx, cache, &self.label)?;
+        }
         // Scores cover every slot stored; dead ones must never be kept (nor evicted again).
         let scores = self.scorer.score(ctx, cache, obs, k)?;
         let dead = cache.dead_bias();
-        if self.selection == Selection::PerHead && live == k + 1 && k > 0 && self.lazy && !self.rerotate {
-            // One slot over budget (every decode step of a per-step policy): drop the
-            // lowest-scoring live slot by marking it dead. The bias goes on the left, so a score
-            // row shared by the heads (TOVA's) is the broadcast right-hand side, which burn-flex
-            // adds without a per-element walk.
+        if lazy {
+            // The bias goes on the left, so a score row shared by the heads (TOVA's) is the
+            // broadcast right-hand side, which burn-flex adds without a per-element walk.
             let victim = match dead {
                 Some(bias) => (bias.neg() + scores).argmin(2),
                 None => scores.argmin(2),
             };
-            return cache.evict_one(victim);
+            return match (self.rerotate, after_sinks) {
+                (true, Some(sinks)) => evict_after_sinks(ctx, cache, victim, sinks, &self.label),
+                _ => cache.evict_one(victim),
+            };
         }
         let scores = match dead {
             Some(bias) => scores + bias,

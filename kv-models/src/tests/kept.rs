@@ -219,20 +219,31 @@ fn rerotated_streaming_decodes_like_a_fresh_run_over_the_kept_tokens<B: Backend>
     // One layer, so a token's K/V depend on the token alone: the cache after eviction must be what
     // a fresh run over just the kept tokens, at positions 0..k-1, would hold.
     let model = DecoderConfig::new(64, 32, 1, 4, 2, 48).init::<B>(dev).unwrap();
-    let ids = sequence(26);
-    let (budget, sinks) = (8, 2);
-    let mut policy = build_policy::<B>(&format!("streaming:budget={budget},sinks={sinks},rerotate=true")).unwrap();
+    // 100 decode steps: per-step evictions rotate only the sinks, and the window returns to
+    // in-cache positions with every compaction (after 64 of them).
+    let (n, budget, sinks) = (113, 8, 2);
+    let ids = sequence(n + 1);
+    let spec = format!("streaming:budget={budget},sinks={sinks},rerotate=true");
+    let mut policy = build_policy::<B>(&spec).unwrap();
+    // The paper's way, every kept key re-rotated and copied at every step, reads the same logits.
+    let mut eager_policy = build_policy::<B>(&format!("{spec},lazy=false")).unwrap();
     let mut cache = model.new_state(1);
+    let mut eager = model.new_state(1);
     model.forward_with_policy(tokens(&ids[..12], dev), &mut cache, policy.as_mut(), Phase::Prefill).unwrap();
-    for (step, &id) in ids[12..25].iter().enumerate() {
-        model.forward_with_policy(tokens(&[id], dev), &mut cache, policy.as_mut(), Phase::Decode { step: step + 1 }).unwrap();
+    model.forward_with_policy(tokens(&ids[..12], dev), &mut eager, eager_policy.as_mut(), Phase::Prefill).unwrap();
+    for (step, &id) in ids[12..n].iter().enumerate() {
+        let phase = Phase::Decode { step: step + 1 };
+        let got = model.forward_with_policy(tokens(&[id], dev), &mut cache, policy.as_mut(), phase).unwrap();
+        let want = model.forward_with_policy(tokens(&[id], dev), &mut eager, eager_policy.as_mut(), phase).unwrap();
+        let diff = (got - want).abs().max().into_scalar().elem::<f32>();
+        assert!(diff <= 1e-4, "step {}: lazy and eager re-rotation differ by {diff}", step + 1);
     }
     let held = kept(cache.layer(0));
-    let want: Vec<i64> = (0..sinks as i64).chain((25 - (budget - sinks) as i64)..25).collect();
+    let want: Vec<i64> = (0..sinks as i64).chain((n - (budget - sinks)) as i64..n as i64).collect();
     assert!(held.iter().all(|h| *h == want), "{held:?}");
-    assert_eq!(cache.layer(0).rope_position(), budget);
-    let next = model.forward_with_policy(tokens(&ids[25..], dev), &mut cache, policy.as_mut(), Phase::Decode { step: 14 }).unwrap();
-    let fresh_ids: Vec<i32> = want.iter().map(|&p| ids[p as usize]).chain([ids[25]]).collect();
+    assert!(kv_policies::frame_offset(cache.layer(0)) > 0, "the frame is ahead of in-cache positions after lazy steps");
+    let next = model.forward_with_policy(tokens(&ids[n..], dev), &mut cache, policy.as_mut(), Phase::Decode { step: n - 11 }).unwrap();
+    let fresh_ids: Vec<i32> = want.iter().map(|&p| ids[p as usize]).chain([ids[n]]).collect();
     let mut fresh = model.new_state(1);
     let fresh_logits = model.forward_cached(tokens(&fresh_ids, dev), &mut fresh).unwrap().narrow(1, budget, 1);
     let diff = (next - fresh_logits).abs().max().into_scalar().elem::<f32>();
