@@ -179,7 +179,8 @@ impl<B: Backend> GroupedAttention<B> {
     pub(crate) fn project(&self, x: Tensor<B, 3>, start: usize, before: Option<Tensor<B, 3>>) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
         let pos = position_range::<B>(start, x.dims()[1], &x.device());
         let (q, k, v) = self.project_unrotated(x, before);
-        (self.rope.apply(q, pos.clone()), self.rope.apply(k, pos), v)
+        let (q, k) = self.rope.apply_pair(q, k, pos);
+        (q, k, v)
     }
 
     /// [`project`](Self::project) before RoPE: q `[b, H, t, d]`, k and v `[b, KV, t, d]` as the

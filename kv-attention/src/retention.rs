@@ -144,8 +144,8 @@ impl<B: Backend> GatedRetention<B> {
         let (h, d) = (self.n_heads, self.head_dim);
         let heads = |y: Tensor<B, 3>| y.reshape([b, t, h, d]).swap_dims(1, 2);
         let pos = position_range::<B>(start, t, &x.device());
-        let q = self.rope.apply(heads(self.wq.forward(x.clone())), pos.clone());
-        let k = self.rope.apply(heads(self.wk.forward(x.clone())), pos).mul_scalar((d as f64).powf(-0.5));
+        let (q, k) = self.rope.apply_pair(heads(self.wq.forward(x.clone())), heads(self.wk.forward(x.clone())), pos);
+        let k = k.mul_scalar((d as f64).powf(-0.5));
         let v = heads(self.wv.forward(x.clone()));
         let mut gate = self.w_gamma.forward(x);
         if gate.dtype() != DType::F32 {

@@ -64,20 +64,30 @@ impl<B: Backend> Rotary<B> {
 
     /// Rotates `x` `[batch, heads, t, dim]` by `positions` `[batch | 1, heads | 1, t]`.
     pub fn apply(&self, x: Tensor<B, 4>, positions: Tensor<B, 3, Int>) -> Tensor<B, 4> {
-        self.rotate(x, positions)
+        let [b, h, t, d] = x.dims();
+        let turn = self.turn(positions, [b, h, t], d, x.dtype(), &x.device());
+        turn.rotate(x)
     }
 
-    /// `x cos + rotate_half(x) sin`, with `rotate_half` a signed permutation applied as a `[d, d]`
-    /// matmul and the angles as rows of `t * d`: one row broadcast over every batch row and head
-    /// when they share positions, else one per (batch, head), the same shape as `x`. Every op then
-    /// reads contiguous data, where the narrowed halves of the textbook form send CPU backends
-    /// through per-element strided loops. Dims past `rotated` get `cos = 1`, `sin = 0` and no
-    /// swap, so a partial rotary passes them through exactly, without a split and a concatenation.
-    fn rotate(&self, x: Tensor<B, 4>, positions: Tensor<B, 3, Int>) -> Tensor<B, 4> {
-        let [b, h, t, d] = x.dims();
+    /// Rotates queries `[batch, heads, t, dim]` and keys `[batch, kv_heads, t, dim]` by the same
+    /// `positions` `[1, 1, t]`, computing the angles once (a decode step's two rotations).
+    pub fn apply_pair(&self, q: Tensor<B, 4>, k: Tensor<B, 4>, positions: Tensor<B, 3, Int>) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let [pb, ph, _] = positions.dims();
+        if pb != 1 || ph != 1 {
+            return (self.apply(q, positions.clone()), self.apply(k, positions));
+        }
+        let [b, h, t, d] = q.dims();
+        let turn = self.turn(positions, [b, h, t], d, q.dtype(), &q.device());
+        (turn.rotate(q), turn.rotate(k))
+    }
+
+    /// The angles of `positions` as `cos` and signed `sin` rows of `t * d` (one row when the
+    /// positions are shared, `[1, 1, t]`, else one per (batch, head) of `[b, h, t]`), and the
+    /// `rotate_half` matrix. Dims past `rotated` get `cos = 1`, `sin = 0` and no swap, so a
+    /// partial rotary passes them through exactly, without a split and a concatenation.
+    fn turn(&self, positions: Tensor<B, 3, Int>, [b, h, t]: [usize; 3], d: usize, dtype: burn::tensor::DType, device: &B::Device) -> Turn<B> {
         let [pb, ph, _] = positions.dims();
         let (half, rest) = (self.rotated / 2, d - self.rotated);
-        let (device, dtype) = (x.device(), x.dtype());
         let rows = if pb == 1 && ph == 1 { 1 } else { b * h };
         let positions = if rows == 1 { positions } else { positions.expand([b, h, t]) };
         // Angles as an outer product, a matmul, so no broadcast op walks them element by element.
@@ -85,8 +95,8 @@ impl<B: Backend> Rotary<B> {
         let (cos, sin) = (angles.clone().cos(), angles.sin());
         let (mut cos_parts, mut sin_parts) = (vec![cos.clone(), cos], vec![sin.clone().neg(), sin]);
         if rest > 0 {
-            cos_parts.push(Tensor::ones([rows * t, rest], &device));
-            sin_parts.push(Tensor::zeros([rows * t, rest], &device));
+            cos_parts.push(Tensor::ones([rows * t, rest], device));
+            sin_parts.push(Tensor::zeros([rows * t, rest], device));
         }
         let cos = Tensor::cat(cos_parts, 1).reshape([rows, t * d]).cast(dtype);
         let sin = Tensor::cat(sin_parts, 1).reshape([rows, t * d]).cast(dtype);
@@ -97,10 +107,28 @@ impl<B: Backend> Rotary<B> {
             swap[(i + half) * d + i] = 1.0;
             swap[i * d + i + half] = 1.0;
         }
-        let swap = Tensor::<B, 2>::from_data(burn::tensor::TensorData::new(swap, [d, d]), &device).cast(dtype);
+        let swap = Tensor::<B, 2>::from_data(burn::tensor::TensorData::new(swap, [d, d]), device).cast(dtype);
+        Turn { cos, sin, swap }
+    }
+}
+
+/// The rotation of one set of positions ([`Rotary::turn`]), for every tensor rotated at them.
+struct Turn<B: Backend> {
+    cos: Tensor<B, 2>,
+    sin: Tensor<B, 2>,
+    swap: Tensor<B, 2>,
+}
+
+impl<B: Backend> Turn<B> {
+    /// `x cos + rotate_half(x) sin`, with `rotate_half` a signed permutation applied as a `[d, d]`
+    /// matmul and the angles as rows of `t * d`, one broadcast over every batch row and head or
+    /// one per (batch, head). Every op then reads contiguous data, where the narrowed halves of
+    /// the textbook form send CPU backends through per-element strided loops.
+    fn rotate(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [b, h, t, d] = x.dims();
         let x = x.reshape([b * h * t, d]);
-        let swapped = x.clone().matmul(swap).reshape([b * h, t * d]);
-        (x.reshape([b * h, t * d]) * cos + swapped * sin).reshape([b, h, t, d])
+        let swapped = x.clone().matmul(self.swap.clone()).reshape([b * h, t * d]);
+        (x.reshape([b * h, t * d]) * self.cos.clone() + swapped * self.sin.clone()).reshape([b, h, t, d])
     }
 }
 
