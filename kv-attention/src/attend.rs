@@ -91,25 +91,60 @@ pub fn set_prefill_threads(threads: usize) {
     PREFILL_THREADS.store(threads.max(1), Ordering::Relaxed);
 }
 
-static HOST_ATTENTION: AtomicBool = AtomicBool::new(false);
+static HOST_KERNELS: AtomicBool = AtomicBool::new(false);
 
-/// Sets whether a prefill's attention runs on the host kernel ([`crate::host::causal_attention`])
-/// instead of the backend's (default off): the rows no policy observes (all but SnapKV's
-/// window), and whole chunks whose policy sums each slot's attention (H2O, VATP). For CPU
-/// backends, whose tensors already live in host memory: reading them out costs a copy of the
-/// keys at most, and the kernel is vectorised where burn-flex 0.21's is scalar. f32 only, head
-/// sizes in [`crate::host::HEAD_DIMS`], and never while an autodiff graph is recorded; anything
-/// else stays on the backend's kernel.
-pub fn set_host_attention(enabled: bool) {
-    HOST_ATTENTION.store(enabled, Ordering::Relaxed);
+/// Sets whether a prefill's attention and gated FFN activation run on the host kernels
+/// ([`crate::host::causal_attention`], [`swiglu`]) instead of the backend's ops (default off):
+/// the attention rows no policy observes (all but SnapKV's window), and whole chunks whose policy
+/// sums each slot's attention (H2O, VATP). For CPU backends, whose tensors already live in host
+/// memory: reading them out costs a copy at most, and the kernels are vectorised where burn-flex
+/// 0.21's ops are scalar. f32 only, head sizes in [`crate::host::HEAD_DIMS`], and never while an
+/// autodiff graph is recorded; anything else stays on the backend's ops.
+pub fn set_host_kernels(enabled: bool) {
+    HOST_KERNELS.store(enabled, Ordering::Relaxed);
 }
+
+/// `silu(gate) * up`, the gated FFN's activation: through the vectorised host kernel
+/// ([`crate::host::swiglu`]) when [`set_host_kernels`] is on, the tensors are f32, no autodiff
+/// graph is recorded and there are enough elements to pay for moving them (a prefill's, not a
+/// decode step's); through the backend's ops otherwise.
+pub fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) -> Tensor<B, D> {
+    let device = gate.device();
+    let eligible = HOST_KERNELS.load(Ordering::Relaxed)
+        && !B::ad_enabled(&device)
+        && gate.dtype() == DType::F32
+        && up.dtype() == DType::F32
+        && gate.dims() == up.dims()
+        && gate.shape().num_elements() >= HOST_SWIGLU_MIN;
+    if !eligible {
+        return burn::tensor::activation::silu(gate) * up;
+    }
+    // Moved, not cloned, so a uniquely held buffer leaves the backend without a copy.
+    let dims = gate.dims();
+    let (g, u) = (gate.into_data(), up.into_data());
+    let out = match (g.as_slice::<f32>(), u.as_slice::<f32>()) {
+        (Ok(gs), Ok(us)) => crate::host::swiglu(gs, us, PREFILL_THREADS.load(Ordering::Relaxed)),
+        _ => None,
+    };
+    match out {
+        Some(out) => {
+            #[cfg(test)]
+            HOST_CALLS.fetch_add(1, Ordering::Relaxed);
+            Tensor::from_data(burn::tensor::TensorData::new(out, dims), &device)
+        }
+        None => burn::tensor::activation::silu(Tensor::from_data(g, &device)) * Tensor::from_data(u, &device),
+    }
+}
+
+/// The fewest elements [`swiglu`] moves to the host for: a few prefill rows of a small FFN.
+const HOST_SWIGLU_MIN: usize = 1 << 15;
 
 /// Calls the host kernel served, so a test can tell it ran.
 #[cfg(test)]
 pub(crate) static HOST_CALLS: AtomicUsize = AtomicUsize::new(0);
 
 /// The first `rows` queries of `q` over the first `visible` keys through the host kernel, with
-/// each query head's column sums when asked, if [`set_host_attention`] is on and the tensors
+/// each query head's column sums when asked, if [`set_host_kernels`] is on and the tensors
 /// suit it.
 fn host_prefill<B: Backend>(
     q: &Tensor<B, 4>,
@@ -122,7 +157,7 @@ fn host_prefill<B: Backend>(
 ) -> Option<(Tensor<B, 4>, Option<Tensor<B, 3>>)> {
     let device = q.device();
     let f32s = [q.dtype(), keys.dtype(), values.dtype()].iter().all(|&d| d == DType::F32);
-    if !HOST_ATTENTION.load(Ordering::Relaxed) || B::ad_enabled(&device) || !f32s {
+    if !HOST_KERNELS.load(Ordering::Relaxed) || B::ad_enabled(&device) || !f32s {
         return None;
     }
     let [batch, heads, t, head_dim] = q.dims();
@@ -180,7 +215,7 @@ fn in_blocks<B: Backend, T: Send>(starts: &[usize], device: &B::Device, block: i
 }
 
 /// Causal attention of a chunk of `t` new queries (the cache's last `t` slots) through burn's
-/// fused `attention` (flash on Flex and CubeCL) or the host kernel ([`set_host_attention`]),
+/// fused `attention` (flash on Flex and CubeCL) or the host kernel ([`set_host_kernels`]),
 /// except for the last `observe.window` rows, which the explicit kernel computes so their
 /// probabilities can be observed.
 ///

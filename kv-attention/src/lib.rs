@@ -6,8 +6,8 @@
 //!   causality from slot positions, optional observation for policies);
 //! - [`grouped_attention_parts`]: the same kernel with queries and keys split along the feature
 //!   axis, so keys held as separate tensors are attended without concatenating the cache;
-//! - [`host`]: causal flash attention over host memory, vectorised, for CPU backends'
-//!   prefill ([`set_host_attention`]);
+//! - [`host`]: causal flash attention and the SwiGLU activation ([`swiglu`]) over host memory,
+//!   vectorised, for CPU backends' prefill ([`set_host_kernels`]);
 //! - [`GroupedAttention`]: the projection + RoPE + cache layer used by decoder models;
 //! - [`DmcAttention`]: Dynamic Memory Compression, grouped attention whose KV heads merge tokens
 //!   into their slots (ragged cache), with the training relaxation ([`merge_runs`]);
@@ -51,7 +51,7 @@ mod rope;
 mod window;
 
 pub use cached::CachedAttention;
-pub use attend::{Causality, FUSED_BLOCK, QUERY_BLOCK, SplitSegment, attend_appended, attend_cache, grouped_attention, grouped_attention_parts, set_host_attention, set_prefill_threads};
+pub use attend::{Causality, FUSED_BLOCK, QUERY_BLOCK, SplitSegment, attend_appended, attend_cache, grouped_attention, grouped_attention_parts, set_host_kernels, set_prefill_threads, swiglu};
 pub use grouped::{AttentionOutput, GroupedAttention, GroupedAttentionConfig};
 pub use materialize::materialize;
 pub use mla::{MlaAttention, MlaAttentionConfig, MlaPath};

@@ -48,11 +48,37 @@ fn rope_shared_positions_rotate_as_per_head_positions<B: Backend>(dev: &B::Devic
     let per_head = rope.apply(x.clone(), pos(&p, dev).expand([2, 3, 7]));
     assert!(max_abs_diff(shared.clone(), per_head) <= 1e-6);
     // Feature 1 of the row at position 11: x1 cos(11 w) - x5 sin(11 w), w = 10000^(-2/8).
-    let row = x.narrow(2, 2, 1).narrow(0, 1, 1).narrow(1, 2, 1).reshape([8]).into_data().to_vec::<f32>().unwrap();
+    let row = x.clone().narrow(2, 2, 1).narrow(0, 1, 1).narrow(1, 2, 1).reshape([8]).into_data().to_vec::<f32>().unwrap();
     let got = shared.narrow(2, 2, 1).narrow(0, 1, 1).narrow(1, 2, 1).reshape([8]).into_data().to_vec::<f32>().unwrap();
     let angle = 11.0 * 10000f64.powf(-2.0 / 8.0);
     let want = row[1] as f64 * angle.cos() - row[5] as f64 * angle.sin();
     assert!((got[1] as f64 - want).abs() <= 1e-5, "{} vs {want}", got[1]);
+    // Queries and keys rotated as a pair (one set of angles) equal each rotated alone, bit for
+    // bit, with shared and with per-head positions.
+    let k = randn::<B, 4>([2, 1, 7, 8], dev);
+    for positions in [pos(&p, dev), pos(&p, dev).expand([2, 1, 7])] {
+        let (pq, pk) = rope.apply_pair(x.clone().narrow(1, 0, 1), k.clone(), positions.clone());
+        assert_eq!(max_abs_diff(pq, rope.apply(x.clone().narrow(1, 0, 1), positions.clone())), 0.0);
+        assert_eq!(max_abs_diff(pk, rope.apply(k.clone(), positions)), 0.0);
+    }
+}
+
+fn swiglu_on_the_host_equals_silu_times_up<B: Backend>(dev: &B::Device) {
+    use std::sync::atomic::Ordering::Relaxed;
+    // A prefill's gate and up projections (76 800 values) go to the host kernel; a decode
+    // step's (128) stay on the backend.
+    for (dims, host_serves) in [([2, 300, 128], true), ([1, 1, 128], false)] {
+        let (g, u) = (randn::<B, 3>(dims, dev).mul_scalar(4.0), randn::<B, 3>(dims, dev));
+        let want = burn::tensor::activation::silu(g.clone()) * u.clone();
+        set_host_kernels(true);
+        let calls = crate::attend::HOST_CALLS.load(Relaxed);
+        let got = swiglu(g, u);
+        set_host_kernels(false);
+        let served = crate::attend::HOST_CALLS.load(Relaxed) - calls;
+        assert_eq!(served == 1, host_serves && !B::ad_enabled(dev), "{dims:?}: served {served}");
+        let diff = max_abs_diff(got, want);
+        assert!(diff <= 1e-5, "{dims:?}: {diff}");
+    }
 }
 
 fn rope_rerotation_by_delta_equals_rotation_at_target<B: Backend>(dev: &B::Device) {
@@ -510,11 +536,11 @@ fn prefill_in_blocks_on_threads_equals_the_explicit_kernel_on_one<B: Backend>(de
         let (want_window, want_sums) = (want_obs.window.unwrap(), want_obs.column_sums.unwrap());
         for (threads, host) in [(1, false), (3, false), (1, true), (3, true)] {
             set_prefill_threads(threads);
-            set_host_attention(host);
+            set_host_kernels(host);
             let calls = crate::attend::HOST_CALLS.load(std::sync::atomic::Ordering::Relaxed);
             let (got, obs) = attend_appended(q.clone(), &cache, 0.3, observe);
             let (got_sums, obs_sums) = attend_appended(q.clone(), &cache, 0.3, sums);
-            set_host_attention(false);
+            set_host_kernels(false);
             let served = crate::attend::HOST_CALLS.load(std::sync::atomic::Ordering::Relaxed) - calls;
             if host && !B::ad_enabled(dev) {
                 assert_eq!(served, 2, "the host kernel served both chunks");
@@ -543,6 +569,7 @@ kv_core::backend_tests!(
     band_sums_are_the_attention_of_the_queries_within_the_band_after_each_key,
     rope_dot_products_depend_only_on_relative_position,
     rope_rerotation_by_delta_equals_rotation_at_target,
+    swiglu_on_the_host_equals_silu_times_up,
     rope_shared_positions_rotate_as_per_head_positions,
     rope_rejects_odd_dim,
     grouped_broadcast_equals_repeated_heads,

@@ -2,7 +2,6 @@
 
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
-use burn::tensor::activation::silu;
 
 /// `down(silu(gate(x)) * up(x))`, without biases (Llama's MLP; names match HF's).
 #[derive(Module, Debug)]
@@ -29,6 +28,6 @@ impl<B: Backend> FeedForward<B> {
 
     /// Applies the feed-forward to `[b, t, d_model]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.down.forward(silu(self.gate.forward(x.clone())) * self.up.forward(x))
+        self.down.forward(kv_attention::swiglu(self.gate.forward(x.clone()), self.up.forward(x)))
     }
 }

@@ -193,9 +193,9 @@ fn h2o_accumulates_column_sums_of_causal_attention<B: Backend>(dev: &B::Device) 
         let t = 12;
         // Heads of 16, a size the host kernel takes, so it really runs.
         assert!(!host || kv_attention::host::HEAD_DIMS.contains(&(D_MODEL / heads)));
-        kv_attention::set_host_attention(host);
+        kv_attention::set_host_kernels(host);
         let (layer, cache, x) = one_prefill::<B>(heads, kv, t, "h2o:budget=1.0", dev);
-        kv_attention::set_host_attention(false);
+        kv_attention::set_host_kernels(false);
         // Reference: explicit causal softmax from the layer's own weights, summed over queries
         // and over each GQA group.
         let d = D_MODEL / heads;

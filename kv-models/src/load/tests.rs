@@ -96,13 +96,13 @@ fn tiny_llama_from_its_hugging_face_folder_reproduces_transformers_logits<B: Bac
     // backend's kernels and on the host kernel the CLI's CPU prefill takes (heads of 16).
     let as_t = |s: &[i64]| Tensor::<B, 1, Int>::from_ints(s.iter().map(|&i| i as i32).collect::<Vec<_>>().as_slice(), dev).reshape([1, s.len()]);
     for host in [false, true] {
-        kv_attention::set_host_attention(host);
+        kv_attention::set_host_kernels(host);
         let mut cache = model.new_state(1);
         let mut rows = vec![model.forward_cached(as_t(&ids[..40]), &mut cache).unwrap()];
         for i in 40..ids.len() {
             rows.push(model.forward_cached(as_t(&ids[i..i + 1]), &mut cache).unwrap());
         }
-        kv_attention::set_host_attention(false);
+        kv_attention::set_host_kernels(false);
         let cached: Vec<f32> = Tensor::cat(rows, 1).into_data().iter::<f32>().collect();
         let diff = max_abs_diff(&cached, &want);
         assert!(diff <= 1e-4, "cached decode, host kernel {host}: max abs diff {diff}");
@@ -447,10 +447,10 @@ fn smollm2_logits_match_transformers_on_the_golden_cases<B: Backend>(dev: &B::De
             worst = worst.max(max_abs_diff(&logits[p * v..(p + 1) * v], &rows[k * v..(k + 1) * v]));
         }
         // The CLI's CPU prefill: a cached prefill whose attention runs on the host kernel.
-        kv_attention::set_host_attention(true);
+        kv_attention::set_host_kernels(true);
         let x = Tensor::<B, 1, Int>::from_ints(ids.iter().map(|&i| i as i32).collect::<Vec<_>>().as_slice(), dev).reshape([1, ids.len()]);
         let prefilled: Vec<f32> = model.forward_cached(x, &mut model.new_state(1)).unwrap().into_data().iter::<f32>().collect();
-        kv_attention::set_host_attention(false);
+        kv_attention::set_host_kernels(false);
         let mut worst_host = 0.0f32;
         for (k, &p) in positions.iter().enumerate() {
             let p = p as usize;
