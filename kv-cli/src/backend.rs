@@ -90,16 +90,24 @@ pub fn run_on<J: BackendJob>(kind: DeviceKind, job: J) -> Result<J::Output> {
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     kv_attention::set_prefill_threads(if kind.is_cpu() { cores } else { 1 });
     // A CPU backend's tensors are in host memory already, and the host kernel is vectorised.
-    kv_attention::set_host_attention(kind.is_cpu());
+    kv_attention::set_host_kernels(kind.is_cpu());
     match kind {
         #[cfg(feature = "flex")]
         DeviceKind::Flex => job.run::<burn::backend::Flex>(Default::default()),
         #[cfg(feature = "ndarray")]
         DeviceKind::Ndarray => job.run::<burn::backend::NdArray>(Default::default()),
         #[cfg(feature = "wgpu")]
-        DeviceKind::Wgpu => job.run::<burn::backend::Wgpu>(Default::default()),
+        DeviceKind::Wgpu => {
+            let device = Default::default();
+            probe_device::<burn::backend::Wgpu>(&device, kind)?;
+            job.run::<burn::backend::Wgpu>(device)
+        }
         #[cfg(feature = "cuda")]
-        DeviceKind::Cuda => job.run::<burn::backend::Cuda>(Default::default()),
+        DeviceKind::Cuda => {
+            let device = Default::default();
+            probe_device::<burn::backend::Cuda>(&device, kind)?;
+            job.run::<burn::backend::Cuda>(device)
+        }
         #[allow(unreachable_patterns)]
         other => {
             let _ = job;
@@ -110,4 +118,24 @@ pub fn run_on<J: BackendJob>(kind: DeviceKind, job: J) -> Result<J::Output> {
             ))
         }
     }
+}
+
+/// Touches a GPU backend's device once, so a machine without its driver (no libcuda, no Vulkan
+/// adapter) gets one error line naming the device instead of a panic inside the first kernel
+/// launch; the panic's own report is silenced and its message kept.
+#[allow(dead_code)]
+fn probe_device<B: burn::prelude::Backend>(device: &B::Device, kind: DeviceKind) -> Result<()> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let touched = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| burn::prelude::Tensor::<B, 1>::zeros([1], device).into_data()));
+    std::panic::set_hook(hook);
+    touched.map(|_| ()).map_err(|panic| {
+        let why = panic.downcast_ref::<String>().map(String::as_str).or_else(|| panic.downcast_ref::<&str>().copied()).unwrap_or("its runtime panicked");
+        let why: String = why.split_whitespace().collect::<Vec<_>>().join(" ");
+        let needs = match kind {
+            DeviceKind::Cuda => "an NVIDIA GPU with its driver (libcuda)",
+            _ => "a GPU adapter wgpu can open (Vulkan, Metal or DX12)",
+        };
+        KvError::config("--device", kind.name(), format!("a device this machine has: {} needs {needs}, and it did not start ({why}); `--device flex` runs on any CPU", kind.name()))
+    })
 }
