@@ -120,9 +120,9 @@ impl<B: Backend> GlobalKv<B> {
     /// RoPE'd keys and values `[b, kv_heads, t, head_dim]` of `x` `[b, t, d_model]` at RoPE
     /// positions `start ..`.
     pub fn project(&self, x: Tensor<B, 3>, start: usize) -> (Tensor<B, 4>, Tensor<B, 4>) {
-        let [b, t, _] = x.dims();
+        let [_, t, _] = x.dims();
         let x = self.norm.forward(x);
-        let heads = |y: Tensor<B, 3>| y.reshape([b, t, self.n_kv_heads, self.head_dim]).swap_dims(1, 2);
+        let heads = |y: Tensor<B, 3>| crate::heads::split_heads(y, self.n_kv_heads, self.head_dim);
         let k = self.rope.apply(heads(self.wk.forward(x.clone())), position_range(start, t, &x.device()));
         (k, heads(self.wv.forward(x)))
     }
@@ -160,14 +160,13 @@ impl<B: Backend> CrossAttention<B> {
     }
 
     fn queries(&self, x: Tensor<B, 3>, rope_start: usize) -> Tensor<B, 4> {
-        let [b, t, _] = x.dims();
-        let q = self.wq.forward(x.clone()).reshape([b, t, self.n_heads, self.head_dim]).swap_dims(1, 2);
+        let [_, t, _] = x.dims();
+        let q = crate::heads::split_heads(self.wq.forward(x.clone()), self.n_heads, self.head_dim);
         self.rope.apply(q, position_range(rope_start, t, &x.device()))
     }
 
     fn merge_heads(&self, o: Tensor<B, 4>) -> Tensor<B, 3> {
-        let [b, h, t, d] = o.dims();
-        self.wo.forward(o.swap_dims(1, 2).reshape([b, t, h * d]))
+        self.wo.forward(crate::heads::merge_heads(o))
     }
 
     fn scale(&self) -> f64 {

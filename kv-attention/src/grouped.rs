@@ -188,7 +188,7 @@ impl<B: Backend> GroupedAttention<B> {
     pub(crate) fn project_unrotated(&self, x: Tensor<B, 3>, before: Option<Tensor<B, 3>>) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
         let [b, t, dm] = x.dims();
         let d = self.head_dim;
-        let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, d]).swap_dims(1, 2);
+        let heads = |y: Tensor<B, 3>, n: usize| crate::heads::split_heads(y, n, d);
         let q = heads(self.wq.forward(x.clone()), self.n_heads);
         let key_input = match &self.key_mix {
             None => x.clone(),
@@ -217,8 +217,7 @@ impl<B: Backend> GroupedAttention<B> {
     }
 
     pub(crate) fn merge_heads(&self, o: Tensor<B, 4>) -> Tensor<B, 3> {
-        let [b, h, t, d] = o.dims();
-        self.wo.forward(o.swap_dims(1, 2).reshape([b, t, h * d]))
+        self.wo.forward(crate::heads::merge_heads(o))
     }
 
     pub(crate) fn scale(&self) -> f64 {

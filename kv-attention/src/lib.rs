@@ -46,6 +46,7 @@ mod grouped;
 pub mod host;
 mod materialize;
 mod mla;
+mod heads;
 mod retention;
 mod rope;
 mod window;

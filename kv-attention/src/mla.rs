@@ -238,13 +238,12 @@ impl<B: Backend> MlaAttention<B> {
     /// Content queries `[b, H, t, head_dim]` and RoPE'd queries `[b, H, t, rope_dim]` at
     /// `positions` `[1, 1, t]`.
     pub(crate) fn queries(&self, x: Tensor<B, 3>, positions: Tensor<B, 3, Int>) -> (Tensor<B, 4>, Tensor<B, 4>) {
-        let [b, t, _] = x.dims();
         let c_q = match (&self.wq_down, &self.q_norm) {
             (Some(down), Some(norm)) => norm.forward(down.forward(x)),
             (Some(down), None) => down.forward(x),
             _ => x,
         };
-        let q = self.wq.forward(c_q).reshape([b, t, self.n_heads, self.head_dim + self.rope_dim]).swap_dims(1, 2);
+        let q = crate::heads::split_heads(self.wq.forward(c_q), self.n_heads, self.head_dim + self.rope_dim);
         let q_c = q.clone().narrow(3, 0, self.head_dim);
         let q_r = self.rope.apply(q.narrow(3, self.head_dim, self.rope_dim), positions);
         (q_c, q_r)
@@ -268,7 +267,7 @@ impl<B: Backend> MlaAttention<B> {
     pub(crate) fn up_project(&self, c: Tensor<B, 4>) -> (Tensor<B, 4>, Tensor<B, 4>) {
         let [b, _, n, d_c] = c.dims();
         let c = c.reshape([b, n, d_c]);
-        let heads = |y: Tensor<B, 3>, d: usize| y.reshape([b, n, self.n_heads, d]).swap_dims(1, 2);
+        let heads = |y: Tensor<B, 3>, d: usize| crate::heads::split_heads(y, self.n_heads, d);
         (heads(self.wk_up.forward(c.clone()), self.head_dim), heads(self.wv_up.forward(c), self.value_dim))
     }
 
@@ -314,8 +313,7 @@ impl<B: Backend> MlaAttention<B> {
     }
 
     fn merge_heads(&self, o: Tensor<B, 4>) -> Tensor<B, 3> {
-        let [b, h, t, d] = o.dims();
-        self.wo.forward(o.swap_dims(1, 2).reshape([b, t, h * d]))
+        self.wo.forward(crate::heads::merge_heads(o))
     }
 
     /// Training path (naive): causal self-attention over `x` `[b, t, d_model]` at positions `0..t`.

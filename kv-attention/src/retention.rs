@@ -140,9 +140,9 @@ impl<B: Backend> GatedRetention<B> {
 
     /// Projects `x` `[b, t, d_model]` at positions `start ..` (see [`Projected`]).
     pub fn project(&self, x: Tensor<B, 3>, start: usize) -> Projected<B> {
-        let [b, t, _] = x.dims();
+        let [_, t, _] = x.dims();
         let (h, d) = (self.n_heads, self.head_dim);
-        let heads = |y: Tensor<B, 3>| y.reshape([b, t, h, d]).swap_dims(1, 2);
+        let heads = |y: Tensor<B, 3>| crate::heads::split_heads(y, h, d);
         let pos = position_range::<B>(start, t, &x.device());
         let (q, k) = self.rope.apply_pair(heads(self.wq.forward(x.clone())), heads(self.wk.forward(x.clone())), pos);
         let k = k.mul_scalar((d as f64).powf(-0.5));
@@ -158,7 +158,6 @@ impl<B: Backend> GatedRetention<B> {
 
     /// `W_O(swish(x W_G) * RMSNorm_head(o))` for retention outputs `o` `[b, h, t, d]`.
     pub fn output(&self, x: Tensor<B, 3>, o: Tensor<B, 4>) -> Tensor<B, 3> {
-        let [b, h, t, d] = o.dims();
         let dtype = o.dtype();
         let o = if dtype != DType::F32 { o.cast(DType::F32) } else { o };
         // Per-head RMS normalisation without a learned scale (YOCO's `subln`), in f32.
@@ -167,7 +166,7 @@ impl<B: Backend> GatedRetention<B> {
         if o.dtype() != dtype {
             o = o.cast(dtype);
         }
-        let o = o.swap_dims(1, 2).reshape([b, t, h * d]);
+        let o = crate::heads::merge_heads(o);
         self.wo.forward(silu(self.wg.forward(x)) * o)
     }
 

@@ -63,6 +63,15 @@ fn rope_shared_positions_rotate_as_per_head_positions<B: Backend>(dev: &B::Devic
     }
 }
 
+fn heads_split_and_merge_as_the_transposed_views_do<B: Backend>(dev: &B::Device) {
+    for (b, t, n, d) in [(2, 5, 3, 4), (2, 1, 3, 4), (1, 7, 1, 8)] {
+        let y = randn::<B, 3>([b, t, n * d], dev);
+        let split = crate::heads::split_heads(y.clone(), n, d);
+        assert_eq!(max_abs_diff(split.clone(), y.clone().reshape([b, t, n, d]).swap_dims(1, 2)), 0.0, "split {b}x{t}x{n}x{d}");
+        assert_eq!(max_abs_diff(crate::heads::merge_heads(split), y), 0.0, "merge {b}x{t}x{n}x{d}");
+    }
+}
+
 fn swiglu_on_the_host_equals_silu_times_up<B: Backend>(dev: &B::Device) {
     use std::sync::atomic::Ordering::Relaxed;
     // A prefill's gate and up projections (76 800 values) go to the host kernel; a decode
@@ -570,6 +579,7 @@ kv_core::backend_tests!(
     rope_dot_products_depend_only_on_relative_position,
     rope_rerotation_by_delta_equals_rotation_at_target,
     swiglu_on_the_host_equals_silu_times_up,
+    heads_split_and_merge_as_the_transposed_views_do,
     rope_shared_positions_rotate_as_per_head_positions,
     rope_rejects_odd_dim,
     grouped_broadcast_equals_repeated_heads,
