@@ -67,3 +67,24 @@ pub fn peak() -> usize {
 pub fn current() -> usize {
     CURRENT.load(Relaxed)
 }
+
+/// Tells glibc's allocator to serve every block from its heap and to keep freed memory there, so
+/// the large tensors a forward pass allocates and frees layer after layer reuse pages already
+/// mapped instead of faulting in fresh zeroed ones (by default a block over 128 KiB-32 MiB is its
+/// own `mmap`, unmapped on free: 5% of a 2k prefill in page faults). Peak RSS is unchanged, as the
+/// blocks in use at any time are the same. A no-op off glibc.
+pub fn reuse_freed_pages() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        unsafe extern "C" {
+            fn mallopt(param: i32, value: i32) -> i32;
+        }
+        const M_TRIM_THRESHOLD: i32 = -1;
+        const M_MMAP_MAX: i32 = -4;
+        // SAFETY: mallopt only changes allocator settings; it is called before any thread starts.
+        unsafe {
+            mallopt(M_MMAP_MAX, 0);
+            mallopt(M_TRIM_THRESHOLD, i32::MAX);
+        }
+    }
+}
