@@ -224,14 +224,13 @@ impl<B: Backend> LayerCache<B> {
     fn gather_all(&mut self, indices: Tensor<B, 3, Int>) {
         self.dead = None;
         self.dead_count = 0;
-        match self.key_overlay.is_some() {
+        if self.key_overlay.is_some() {
             // The overlay's keys are the ones attention reads, so they are the ones kept.
-            true => {
-                let keys = self.keys();
-                self.key_overlay = None;
-                self.keys.gather_from(keys, indices.clone());
-            }
-            false => self.keys.gather(indices.clone()),
+            let keys = self.keys();
+            self.key_overlay = None;
+            self.keys.gather_from(keys, indices.clone());
+        } else {
+            self.keys.gather(indices.clone());
         }
         if self.shape.value_dim > 0 {
             self.values.gather(indices.clone());
@@ -347,10 +346,13 @@ impl<B: Backend> LayerCache<B> {
     /// The stored keys of the first `m` slots (`m` at most [`slots`](Self::slots)), without
     /// copying the rest.
     pub fn stored_keys_prefix(&self, m: usize) -> Tensor<B, 4> {
-        match self.keys.segments().into_iter().next() {
-            Some(first) if first.dims()[2] >= m => first.narrow(2, 0, m),
-            _ => self.keys.view().narrow(2, 0, m),
-        }
+        self.keys.prefix(m)
+    }
+
+    /// The original positions of the first `m` slots (`m` at most [`slots`](Self::slots)),
+    /// without copying the rest.
+    pub fn positions_prefix(&self, m: usize) -> Tensor<B, 3, Int> {
+        self.positions.prefix(m)
     }
 
     /// Makes attention read `keys` `[batch, kv_heads, m, key_dim]` for the first `m` slots, while

@@ -109,6 +109,15 @@ impl<B: Backend, const D: usize, K: BasicOps<B>> SlotBuffer<B, D, K> {
         out
     }
 
+    /// The first `m` held slots (`m` at most [`len`](Self::len)), a view when the first segment
+    /// covers them.
+    pub fn prefix(&self, m: usize) -> Tensor<B, D, K> {
+        match self.segments().into_iter().next() {
+            Some(first) if first.dims()[2] >= m => first.narrow(2, 0, m),
+            _ => self.view().narrow(2, 0, m),
+        }
+    }
+
     /// Every held slot as one tensor (copies when there is a tail).
     pub fn view(&self) -> Tensor<B, D, K> {
         let mut segs = self.segments();

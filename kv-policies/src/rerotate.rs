@@ -24,10 +24,10 @@ fn layer_rope<'a, B: Backend>(ctx: &LayerContext<'a, B>, policy: &str) -> Result
     ctx.rope.ok_or_else(|| KvError::config(format!("{policy}:rerotate"), true, "a layer with RoPE (this one has none)"))
 }
 
-/// Rotates every key by `delta` (`[b | 1, kv_heads | 1, slots]`, of the stored keys) and lowers
-/// the next token's RoPE position by `offset`.
-fn rotate_back<B: Backend>(rope: &dyn KeyRotation<B>, cache: &mut LayerCache<B>, keys: Tensor<B, 4>, delta: Tensor<B, 3, Int>, offset: usize) -> Result<()> {
-    cache.set_keys(rope.rotate_by(keys, delta))?;
+/// Replaces the keys with `keys`, rotated `offset` positions back, and lowers the next token's
+/// RoPE position to match: the frame offset drops by `offset`.
+fn rotated_back<B: Backend>(cache: &mut LayerCache<B>, keys: Tensor<B, 4>, offset: usize) -> Result<()> {
+    cache.set_keys(keys)?;
     cache.shift_rope(offset)
 }
 
@@ -42,7 +42,7 @@ pub fn restore_in_cache_positions<B: Backend>(ctx: &LayerContext<'_, B>, cache: 
     let rope = layer_rope(ctx, policy)?;
     let delta = Tensor::<B, 3, Int>::full([1, 1, cache.slots()], -(offset as i64), &cache.device());
     // The keys attention reads, overlay included: all of them sit `offset` ahead.
-    rotate_back(rope, cache, cache.keys(), delta, offset)
+    rotated_back(cache, rope.rotate_by(cache.keys(), delta), offset)
 }
 
 /// Re-rotates the keys `cache` kept, `kept` `[b, kv_heads, k]` being their slot indices among
@@ -81,20 +81,18 @@ pub fn evict_after_sinks<B: Backend>(ctx: &LayerContext<'_, B>, cache: &mut Laye
     if offset > 0 && (cache.dead_slots() + 1 >= TAIL_SLOTS || folded) {
         let (n, device) = (cache.slots(), cache.device());
         let back = |len: usize| Tensor::<B, 3, Int>::full([1, 1, len], -(offset as i64), &device);
-        let keys = match cache.has_key_overlay() {
+        let keys = if cache.has_key_overlay() {
             // Stored sinks are at their in-cache positions already: of the slots the overlay
             // covers, only the others move back, and everything after it moves back as one.
-            true => {
-                let m = sinks.min(n);
-                let stored = cache.stored_keys();
-                let not_sink = cache.positions().narrow(2, 0, m).greater_equal_elem(sinks as i64).int().mul_scalar(-(offset as i64));
-                let head = rope.rotate_by(stored.clone().narrow(2, 0, m), not_sink);
-                if m == n { head } else { Tensor::cat(vec![head, rope.rotate_by(stored.narrow(2, m, n - m), back(n - m))], 2) }
-            }
-            false => rope.rotate_by(cache.stored_keys(), back(n)),
+            let m = sinks.min(n);
+            let stored = cache.stored_keys();
+            let not_sink = cache.positions_prefix(m).greater_equal_elem(sinks as i64).int().mul_scalar(-(offset as i64));
+            let head = rope.rotate_by(stored.clone().narrow(2, 0, m), not_sink);
+            if m == n { head } else { Tensor::cat(vec![head, rope.rotate_by(stored.narrow(2, m, n - m), back(n - m))], 2) }
+        } else {
+            rope.rotate_by(cache.stored_keys(), back(n))
         };
-        cache.set_keys(keys)?;
-        cache.shift_rope(offset)?;
+        rotated_back(cache, keys, offset)?;
         offset = 0;
     }
     cache.evict_one(victim)?;
@@ -103,7 +101,7 @@ pub fn evict_after_sinks<B: Backend>(ctx: &LayerContext<'_, B>, cache: &mut Laye
         // is rotated `o + 1` ahead of its stored key, while the other slots the overlay covers
         // (dead, or the window's oldest) keep theirs.
         let m = sinks.min(cache.slots());
-        let ahead = cache.positions().narrow(2, 0, m).lower_elem(sinks as i64).int().mul_scalar((offset + 1) as i64);
+        let ahead = cache.positions_prefix(m).lower_elem(sinks as i64).int().mul_scalar((offset + 1) as i64);
         let overlay = rope.rotate_by(cache.stored_keys_prefix(m), ahead);
         cache.set_key_overlay(overlay)?;
     }
