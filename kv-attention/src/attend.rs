@@ -104,14 +104,19 @@ pub fn set_host_kernels(enabled: bool) {
     HOST_KERNELS.store(enabled, Ordering::Relaxed);
 }
 
+/// Whether the host kernels may take this call's tensors: switched on, and no autodiff graph
+/// being recorded on `device` (the kernels' outputs would cut it).
+fn host_kernels_on<B: Backend>(device: &B::Device) -> bool {
+    HOST_KERNELS.load(Ordering::Relaxed) && !B::ad_enabled(device)
+}
+
 /// `silu(gate) * up`, the gated FFN's activation: through the vectorised host kernel
 /// ([`crate::host::swiglu`]) when [`set_host_kernels`] is on, the tensors are f32, no autodiff
 /// graph is recorded and there are enough elements to pay for moving them (a prefill's, not a
 /// decode step's); through the backend's ops otherwise.
 pub fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) -> Tensor<B, D> {
     let device = gate.device();
-    let eligible = HOST_KERNELS.load(Ordering::Relaxed)
-        && !B::ad_enabled(&device)
+    let eligible = host_kernels_on::<B>(&device)
         && gate.dtype() == DType::F32
         && up.dtype() == DType::F32
         && gate.dims() == up.dims()
@@ -157,7 +162,7 @@ fn host_prefill<B: Backend>(
 ) -> Option<(Tensor<B, 4>, Option<Tensor<B, 3>>)> {
     let device = q.device();
     let f32s = [q.dtype(), keys.dtype(), values.dtype()].iter().all(|&d| d == DType::F32);
-    if !HOST_KERNELS.load(Ordering::Relaxed) || B::ad_enabled(&device) || !f32s {
+    if !host_kernels_on::<B>(&device) || !f32s {
         return None;
     }
     let [batch, heads, t, head_dim] = q.dims();
@@ -181,6 +186,10 @@ fn host_prefill<B: Backend>(
 /// window rows (if also observed) through the explicit kernel for their probabilities; `None`
 /// where the host kernel cannot take it.
 fn host_observed_prefill<B: Backend>(q: Tensor<B, 4>, cache: &kv_core::LayerCache<B>, scale: f64, observe: ObserveRequest) -> Option<(Tensor<B, 4>, Option<Observation<B>>)> {
+    // Checked before reading the keys out, which copies a cache that has a tail.
+    if !host_kernels_on::<B>(&q.device()) {
+        return None;
+    }
     let t = q.dims()[2];
     let n = cache.slots();
     let (out, column_sums) = host_prefill(&q, &cache.keys(), &cache.values(), t, n, scale, true)?;
