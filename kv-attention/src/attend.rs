@@ -106,7 +106,7 @@ pub fn set_host_kernels(enabled: bool) {
 
 /// Whether the host kernels may take this call's tensors: switched on, and no autodiff graph
 /// being recorded on `device` (the kernels' outputs would cut it).
-fn host_kernels_on<B: Backend>(device: &B::Device) -> bool {
+pub fn host_kernels_on<B: Backend>(device: &B::Device) -> bool {
     HOST_KERNELS.load(Ordering::Relaxed) && !B::ad_enabled(device)
 }
 

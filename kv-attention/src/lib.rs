@@ -47,12 +47,13 @@ pub mod host;
 mod materialize;
 mod mla;
 mod heads;
+mod packed;
 mod retention;
 mod rope;
 mod window;
 
 pub use cached::CachedAttention;
-pub use attend::{Causality, FUSED_BLOCK, QUERY_BLOCK, SplitSegment, attend_appended, attend_cache, grouped_attention, grouped_attention_parts, set_host_kernels, set_prefill_threads, swiglu};
+pub use attend::{Causality, FUSED_BLOCK, QUERY_BLOCK, SplitSegment, attend_appended, attend_cache, grouped_attention, grouped_attention_parts, host_kernels_on, set_host_kernels, set_prefill_threads, swiglu};
 pub use grouped::{AttentionOutput, GroupedAttention, GroupedAttentionConfig};
 pub use materialize::materialize;
 pub use mla::{MlaAttention, MlaAttentionConfig, MlaPath};
@@ -61,6 +62,7 @@ pub use cross::{CrossAttention, CrossAttentionConfig, GlobalKv};
 pub use dmc::{DmcAttention, DmcAttentionConfig, DmcDecisions, merge_runs};
 pub use retention::{GatedRetention, GatedRetentionConfig, Projected, retention_chunkwise, retention_parallel, retention_recurrent};
 pub use window::{SlidingWindowAttention, SlidingWindowAttentionConfig};
+pub use packed::{CodeWidth, PACKED_BLOCK, PACKED_MAX_ROWS, PackedMatrix, PackedSet, project, project_packed};
 pub use rope::{Rotary, RotaryConfig, position_range};
 
 #[cfg(test)]
