@@ -91,6 +91,8 @@ impl DmcAttentionConfig {
         }
         let d = attention.head_dim();
         let mut attention = attention;
+        // The packed copies would keep the decision channel's old weights.
+        attention.packed = crate::PackedSet::default();
         for (linear, heads) in [(&mut attention.wq, want.0), (&mut attention.wk, want.1)] {
             let device = linear.weight.device();
             let keep: Vec<f32> = (0..heads * d).map(|i| if i % d == d - 1 { 0.0 } else { 1.0 }).collect();

@@ -1,6 +1,6 @@
 //! Grouped-query attention: MHA (`kv_heads == heads`), GQA and MQA (`kv_heads == 1`) in one module.
 
-use crate::{CachedAttention, Causality, ObserveRequest, Observation, Rotary, RotaryConfig, attend_appended, grouped_attention, position_range};
+use crate::{CachedAttention, Causality, ObserveRequest, Observation, PackedSet, Rotary, RotaryConfig, attend_appended, grouped_attention, position_range, project};
 use burn::module::Param;
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
@@ -105,6 +105,7 @@ impl GroupedAttentionConfig {
             wo: lin(self.n_heads * d, self.d_model),
             rope: RotaryConfig::new(d).with_theta(self.rope_theta).with_rotated(self.rope_dims).init(device)?,
             key_mix: self.key_shift.unwrap_or(false).then(|| Param::from_tensor(Tensor::full([self.d_model], 0.5, device))),
+            packed: PackedSet::default(),
             n_heads: self.n_heads,
             n_kv_heads: self.n_kv_heads,
             head_dim: d,
@@ -128,6 +129,11 @@ pub struct GroupedAttention<B: Backend> {
     /// Key token shift's per-channel weight of the token's own input (`1 - mix` goes to the
     /// previous token's); absent without key shift.
     pub key_mix: Option<Param<Tensor<B, 1>>>,
+    /// `wq`, `wk`, `wv` and `wo` as a quantised checkpoint's codes, for decode steps on host
+    /// backends ([`crate::project`]); a loader fills it, and whatever changes the weights must
+    /// clear it.
+    #[module(skip)]
+    pub packed: PackedSet<4>,
     n_heads: usize,
     n_kv_heads: usize,
     head_dim: usize,
@@ -189,7 +195,7 @@ impl<B: Backend> GroupedAttention<B> {
         let [b, t, dm] = x.dims();
         let d = self.head_dim;
         let heads = |y: Tensor<B, 3>, n: usize| crate::heads::split_heads(y, n, d);
-        let q = heads(self.wq.forward(x.clone()), self.n_heads);
+        let q = heads(project(&self.wq, self.packed.get(0), x.clone()), self.n_heads);
         let key_input = match &self.key_mix {
             None => x.clone(),
             Some(mix) => {
@@ -199,8 +205,8 @@ impl<B: Backend> GroupedAttention<B> {
                 prev.clone() + (x.clone() - prev) * mix
             }
         };
-        let k = heads(self.wk.forward(key_input), self.n_kv_heads);
-        let v = heads(self.wv.forward(x), self.n_kv_heads);
+        let k = heads(project(&self.wk, self.packed.get(1), key_input), self.n_kv_heads);
+        let v = heads(project(&self.wv, self.packed.get(2), x), self.n_kv_heads);
         (q, k, v)
     }
 
@@ -217,7 +223,7 @@ impl<B: Backend> GroupedAttention<B> {
     }
 
     pub(crate) fn merge_heads(&self, o: Tensor<B, 4>) -> Tensor<B, 3> {
-        self.wo.forward(crate::heads::merge_heads(o))
+        project(&self.wo, self.packed.get(3), crate::heads::merge_heads(o))
     }
 
     pub(crate) fn scale(&self) -> f64 {

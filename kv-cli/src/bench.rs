@@ -206,11 +206,14 @@ impl<B: Backend> burn::module::ModuleVisitor<B> for WeightBytes {
     }
 }
 
-/// Bytes of the model's weights, each of which a decode step reads once.
+/// Bytes of the model's weights, each of which a decode step reads once (packed ones as their
+/// codes).
 pub fn weight_bytes<B: Backend>(model: &DecoderLm<B>) -> usize {
     let mut bytes = WeightBytes(0);
     model.visit(&mut bytes);
-    bytes.0
+    // Packed weights are read as their codes, not their f32 copies.
+    let (packed_bytes, packed_values) = model.packed_weights();
+    bytes.0.saturating_sub(4 * packed_values) + packed_bytes
 }
 
 /// Read bandwidth of `device` (bytes per second): the best of five sums over a 256 MiB float

@@ -4,7 +4,7 @@
 use crate::{Block, DecoderBlock, DecoderConfig, FeedForward, Llama, ModelState, SelfAttention, SelfDecoderAttention, Yoco};
 use burn::nn::{Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::prelude::*;
-use kv_attention::{MlaPath, Rotary};
+use kv_attention::{MlaPath, PackedSet, Rotary, project, project_packed};
 use kv_core::{KvError, Result};
 use kv_policies::{CachePolicy, FullCache, Phase};
 
@@ -34,6 +34,11 @@ pub struct DecoderLm<B: Backend> {
     pub lm_head: Option<Linear<B>>,
     /// Projection of the previous tokens' embeddings (`[w * d, d]`) added to each input (`token_shift`).
     pub token_shift: Option<Linear<B>>,
+    /// The output head (`lm_head`, or the tied embedding) as a quantised checkpoint's codes, for
+    /// decode steps on host backends; a loader fills it, and whatever changes the weights must
+    /// clear it.
+    #[module(skip)]
+    pub packed_head: PackedSet<1>,
 }
 
 impl DecoderConfig {
@@ -78,6 +83,7 @@ impl DecoderConfig {
             norm: norm(),
             lm_head: (!self.tie_embeddings).then(|| LinearConfig::new(self.d_model, self.vocab_size).with_bias(false).init(device)),
             token_shift: self.token_shift.then(|| LinearConfig::new(self.shift_width() * self.d_model, self.d_model).with_bias(false).init(device)),
+            packed_head: PackedSet::default(),
         })
     }
 }
@@ -131,6 +137,32 @@ impl<B: Backend> DecoderLm<B> {
         self.llama_mut().map(|s| s.blocks.as_mut_slice()).ok_or_else(not_llama)
     }
 
+    /// The packed copies of the weights ([`kv_attention::PackedMatrix`]): the bytes they hold and
+    /// the weights they stand for, `(0, 0)` when the loader made none. A decode step reads these
+    /// bytes instead of 4 a weight.
+    pub fn packed_weights(&self) -> (usize, usize) {
+        let mut total = (self.packed_head.bytes(), self.packed_head.values());
+        for b in self.blocks().unwrap_or_default() {
+            let attention = b.attention.grouped().map_or((0, 0), |a| (a.packed.bytes(), a.packed.values()));
+            total = (total.0 + b.ffn.packed.bytes() + attention.0, total.1 + b.ffn.packed.values() + attention.1);
+        }
+        total
+    }
+
+    /// Drops the packed copies of the weights, so every projection runs on the f32 weights:
+    /// what code that changes the weights must do.
+    pub fn clear_packed(&mut self) {
+        self.packed_head = PackedSet::default();
+        if let Ok(blocks) = self.blocks_mut() {
+            for b in blocks {
+                b.ffn.packed = PackedSet::default();
+                if let Some(a) = b.attention.grouped_mut() {
+                    a.packed = PackedSet::default();
+                }
+            }
+        }
+    }
+
     /// The YOCO stack, if this model has one.
     pub fn yoco(&self) -> Option<&Yoco<B>> {
         match &self.stack {
@@ -178,8 +210,11 @@ impl<B: Backend> DecoderLm<B> {
     pub(crate) fn head(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
         let h = self.norm.forward(h);
         match &self.lm_head {
-            Some(head) => head.forward(h),
+            Some(head) => project(head, self.packed_head.get(0), h),
             None => {
+                if let Some(logits) = self.packed_head.get(0).and_then(|p| project_packed(p, &h)) {
+                    return logits;
+                }
                 // Tied head: logits = h E^T. A transposed view of E is copied whole by the CPU
                 // backends before the matmul (vocab x d_model per call: 113 MB for SmolLM2, most
                 // of a decode step), so for a few rows compute (E h^T)^T, whose transposes

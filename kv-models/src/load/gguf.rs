@@ -483,85 +483,187 @@ impl GgufFile {
 
     /// Reads and de-quantises a tensor to f32, in row-major order of [`GgufTensorInfo::shape`].
     pub fn read_f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+        let (info, raw) = self.read_raw(name)?;
+        let values = dequantize(info.kind, &raw, info.elements()).map_err(|m| KvError::io(&self.path, m))?;
+        Ok((info.shape(), values))
+    }
+
+    /// Reads a quantised tensor as its integer codes and block scales, in row-major order of
+    /// [`GgufTensorInfo::shape`]; None for a float tensor (F32, F16, BF16).
+    pub fn read_codes(&self, name: &str) -> Result<Option<(Vec<usize>, BlockCodes)>> {
+        let (info, raw) = self.read_raw(name)?;
+        let codes = block_codes(info.kind, &raw, info.elements()).map_err(|m| KvError::io(&self.path, m))?;
+        Ok(codes.map(|c| (info.shape(), c)))
+    }
+
+    fn read_raw(&self, name: &str) -> Result<(&GgufTensorInfo, Vec<u8>)> {
         let info = self.tensor_info(name).ok_or_else(|| KvError::io(&self.path, format!("GGUF file has no tensor {name}")))?;
-        let bad = |m: String| KvError::io(&self.path, m);
-        let (start, bytes) = self.extent(info).map_err(bad)?;
+        let (start, bytes) = self.extent(info).map_err(|m| KvError::io(&self.path, m))?;
         let mut file = File::open(&self.path).map_err(|e| KvError::io(&self.path, e))?;
         // The file may have shrunk since it was opened; read_exact then fails rather than
         // returning a short tensor.
         file.seek(SeekFrom::Start(start)).map_err(|e| KvError::io(&self.path, e))?;
         let mut raw = vec![0u8; bytes as usize];
         file.read_exact(&mut raw).map_err(|e| KvError::io(&self.path, format!("tensor {name}: {e}")))?;
-        let values = dequantize(info.kind, &raw, info.elements()).map_err(bad)?;
-        Ok((info.shape(), values))
+        Ok((info, raw))
     }
+}
+
+/// A quantised tensor as integer codes with a scale and an optional offset per block: value `i`
+/// is `codes[i] as f32 * scales[i / block]`, plus `offsets[i / block]` when there are offsets,
+/// which is the whole of ggml's de-quantisation arithmetic for every type read here.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockCodes {
+    /// Values per scale: 32, or 16 for Q6_K.
+    pub block: usize,
+    /// One code per value.
+    pub codes: Vec<i8>,
+    /// One scale per block.
+    pub scales: Vec<f32>,
+    /// One offset per block, for the types with a minimum (Q4_1, Q5_1, Q4_K, Q5_K).
+    pub offsets: Option<Vec<f32>>,
+}
+
+impl BlockCodes {
+    /// The de-quantised values.
+    pub fn values(&self) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.codes.len());
+        for (b, codes) in self.codes.chunks_exact(self.block).enumerate() {
+            let scale = self.scales[b];
+            match &self.offsets {
+                Some(offsets) => out.extend(codes.iter().map(|&c| c as f32 * scale + offsets[b])),
+                None => out.extend(codes.iter().map(|&c| c as f32 * scale)),
+            }
+        }
+        out
+    }
+
+    /// The codes of rows `rows` of a `[_, cols]` tensor reordered by `order` (new row `i` is old
+    /// row `order[i]`), scales and offsets with them; None if `cols` is not a whole number of
+    /// blocks.
+    pub fn permute_rows(&self, cols: usize, order: &[usize]) -> Option<Self> {
+        if cols == 0 || cols % self.block != 0 || order.len() * cols != self.codes.len() {
+            return None;
+        }
+        let per_row = cols / self.block;
+        Some(Self {
+            block: self.block,
+            codes: rows_in_order(&self.codes, cols, order),
+            scales: rows_in_order(&self.scales, per_row, order),
+            offsets: self.offsets.as_deref().map(|o| rows_in_order(o, per_row, order)),
+        })
+    }
+}
+
+/// The rows of `[_, cols]` row-major `v` in `order` (new row `i` is old row `order[i]`).
+pub(crate) fn rows_in_order<T: Copy>(v: &[T], cols: usize, order: &[usize]) -> Vec<T> {
+    order.iter().flat_map(|&r| v[r * cols..(r + 1) * cols].iter().copied()).collect()
 }
 
 /// De-quantises `n` values of type `kind` from `raw` (which must hold exactly their blocks).
 pub fn dequantize(kind: GgmlType, raw: &[u8], n: usize) -> std::result::Result<Vec<f32>, String> {
+    let (_, block_bytes) = check_extent(kind, raw, n)?;
+    let blocks = raw.chunks_exact(block_bytes);
+    Ok(match kind {
+        GgmlType::F32 => blocks.map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        GgmlType::F16 => blocks.map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        GgmlType::BF16 => blocks.map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        _ => block_codes(kind, raw, n)?.expect("every supported type but the float ones has codes").values(),
+    })
+}
+
+/// The codes of `n` values of quantised type `kind` from `raw` (exactly their blocks); None for
+/// the float types.
+pub fn block_codes(kind: GgmlType, raw: &[u8], n: usize) -> std::result::Result<Option<BlockCodes>, String> {
+    let (_, block_bytes) = check_extent(kind, raw, n)?;
+    let (block, offsets) = match kind {
+        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => return Ok(None),
+        GgmlType::Q6_K => (16, false),
+        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => (32, false),
+        _ => (32, true),
+    };
+    let mut sink = Sink { codes: Vec::with_capacity(n), scales: Vec::with_capacity(n / block), offsets: Vec::with_capacity(if offsets { n / block } else { 0 }) };
+    let blocks = raw.chunks_exact(block_bytes);
+    match kind {
+        GgmlType::Q4_0 => blocks.for_each(|b| q4_0(b, &mut sink)),
+        GgmlType::Q4_1 => blocks.for_each(|b| q4_1(b, &mut sink)),
+        GgmlType::Q5_0 => blocks.for_each(|b| q5_0(b, &mut sink)),
+        GgmlType::Q5_1 => blocks.for_each(|b| q5_1(b, &mut sink)),
+        GgmlType::Q8_0 => blocks.for_each(|b| q8_0(b, &mut sink)),
+        GgmlType::Q4_K => blocks.for_each(|b| q4_k(b, &mut sink)),
+        GgmlType::Q5_K => blocks.for_each(|b| q5_k(b, &mut sink)),
+        GgmlType::Q6_K => blocks.for_each(|b| q6_k(b, &mut sink)),
+        _ => unreachable!("check_extent admits exactly the types matched here"),
+    }
+    Ok(Some(BlockCodes { block, codes: sink.codes, scales: sink.scales, offsets: offsets.then_some(sink.offsets) }))
+}
+
+/// The type's (values, bytes) per block, once `raw` is checked to hold exactly `n` values.
+fn check_extent(kind: GgmlType, raw: &[u8], n: usize) -> std::result::Result<(usize, usize), String> {
     let (per_block, block_bytes) =
         kind.block().ok_or_else(|| format!("type {} is not de-quantised here (supported: {})", kind.name(), GgmlType::supported_names()))?;
     if n % per_block != 0 || raw.len() != n / per_block * block_bytes {
         return Err(format!("{} bytes do not hold {n} values of {}", raw.len(), kind.name()));
     }
-    let mut out = Vec::with_capacity(n);
-    let blocks = raw.chunks_exact(block_bytes);
-    match kind {
-        GgmlType::F32 => out.extend(blocks.map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
-        GgmlType::F16 => out.extend(blocks.map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())),
-        GgmlType::BF16 => out.extend(blocks.map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())),
-        GgmlType::Q4_0 => blocks.for_each(|b| q4_0(b, &mut out)),
-        GgmlType::Q4_1 => blocks.for_each(|b| q4_1(b, &mut out)),
-        GgmlType::Q5_0 => blocks.for_each(|b| q5_0(b, &mut out)),
-        GgmlType::Q5_1 => blocks.for_each(|b| q5_1(b, &mut out)),
-        GgmlType::Q8_0 => blocks.for_each(|b| q8_0(b, &mut out)),
-        GgmlType::Q4_K => blocks.for_each(|b| q4_k(b, &mut out)),
-        GgmlType::Q5_K => blocks.for_each(|b| q5_k(b, &mut out)),
-        GgmlType::Q6_K => blocks.for_each(|b| q6_k(b, &mut out)),
-        _ => unreachable!("block() covers exactly the types matched here"),
+    Ok((per_block, block_bytes))
+}
+
+/// Where the decoders below write: codes, and per block a scale and (for types with a minimum)
+/// an offset.
+struct Sink {
+    codes: Vec<i8>,
+    scales: Vec<f32>,
+    offsets: Vec<f32>,
+}
+
+impl Sink {
+    fn block(&mut self, scale: f32, offset: Option<f32>, codes: impl IntoIterator<Item = i32>) {
+        self.scales.push(scale);
+        self.offsets.extend(offset);
+        // Every code of these types is within -32..=63 (6 bits, or 5 plus 16), so `as i8` is exact.
+        self.codes.extend(codes.into_iter().map(|c| c as i8));
     }
-    Ok(out)
 }
 
 fn half_at(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
-// The block layouts and arithmetic below follow ggml-quants.c's dequantize_row_* functions.
+// The block layouts and arithmetic below follow ggml-quants.c's dequantize_row_* functions; each
+// value is `code * scale (+ offset)`, with ggml's `d * q - m` as `q * d + (-m)`, the same in IEEE
+// arithmetic.
 
-fn q4_0(b: &[u8], out: &mut Vec<f32>) {
-    let d = half_at(b, 0);
-    let qs = &b[2..18];
-    out.extend(qs.iter().map(|&q| ((q & 0x0f) as i32 - 8) as f32 * d));
-    out.extend(qs.iter().map(|&q| ((q >> 4) as i32 - 8) as f32 * d));
+fn low_high(qs: &[u8]) -> impl Iterator<Item = i32> + '_ {
+    qs.iter().map(|&q| (q & 0x0f) as i32).chain(qs.iter().map(|&q| (q >> 4) as i32))
 }
 
-fn q4_1(b: &[u8], out: &mut Vec<f32>) {
-    let (d, m) = (half_at(b, 0), half_at(b, 2));
-    let qs = &b[4..20];
-    out.extend(qs.iter().map(|&q| (q & 0x0f) as f32 * d + m));
-    out.extend(qs.iter().map(|&q| (q >> 4) as f32 * d + m));
+fn q4_0(b: &[u8], s: &mut Sink) {
+    s.block(half_at(b, 0), None, low_high(&b[2..18]).map(|q| q - 8));
 }
 
-fn q5_0(b: &[u8], out: &mut Vec<f32>) {
-    let d = half_at(b, 0);
+fn q4_1(b: &[u8], s: &mut Sink) {
+    s.block(half_at(b, 0), Some(half_at(b, 2)), low_high(&b[4..20]));
+}
+
+/// The 32 five-bit values of a Q5_0/Q5_1 block: low nibbles and `qh`'s bits for the first 16,
+/// high nibbles and `qh`'s upper bits for the rest.
+fn five_bit(qh: u32, qs: &[u8]) -> impl Iterator<Item = i32> + '_ {
+    let lo = (0..16).map(move |j| ((qs[j] & 0x0f) as u32 | (((qh >> j) << 4) & 0x10)) as i32);
+    lo.chain((0..16).map(move |j| ((qs[j] >> 4) as u32 | ((qh >> (j + 12)) & 0x10)) as i32))
+}
+
+fn q5_0(b: &[u8], s: &mut Sink) {
     let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
-    let qs = &b[6..22];
-    out.extend((0..16).map(|j| (((qs[j] & 0x0f) as u32 | (((qh >> j) << 4) & 0x10)) as i32 - 16) as f32 * d));
-    out.extend((0..16).map(|j| (((qs[j] >> 4) as u32 | ((qh >> (j + 12)) & 0x10)) as i32 - 16) as f32 * d));
+    s.block(half_at(b, 0), None, five_bit(qh, &b[6..22]).map(|q| q - 16));
 }
 
-fn q5_1(b: &[u8], out: &mut Vec<f32>) {
-    let (d, m) = (half_at(b, 0), half_at(b, 2));
+fn q5_1(b: &[u8], s: &mut Sink) {
     let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
-    let qs = &b[8..24];
-    out.extend((0..16).map(|j| ((qs[j] & 0x0f) as u32 | (((qh >> j) << 4) & 0x10)) as f32 * d + m));
-    out.extend((0..16).map(|j| ((qs[j] >> 4) as u32 | ((qh >> (j + 12)) & 0x10)) as f32 * d + m));
+    s.block(half_at(b, 0), Some(half_at(b, 2)), five_bit(qh, &b[8..24]));
 }
 
-fn q8_0(b: &[u8], out: &mut Vec<f32>) {
-    let d = half_at(b, 0);
-    out.extend(b[2..34].iter().map(|&q| (q as i8) as f32 * d));
+fn q8_0(b: &[u8], s: &mut Sink) {
+    s.block(half_at(b, 0), None, b[2..34].iter().map(|&q| (q as i8) as i32));
 }
 
 /// The 6-bit scale and minimum of sub-block `j` of a Q4_K/Q5_K super-block.
@@ -574,20 +676,19 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (f32, f32) {
     (d as f32, m as f32)
 }
 
-fn q4_k(b: &[u8], out: &mut Vec<f32>) {
+fn q4_k(b: &[u8], s: &mut Sink) {
     let (d, dmin) = (half_at(b, 0), half_at(b, 2));
     let scales = &b[4..16];
     let qs = &b[16..144];
     for (i, q) in qs.chunks_exact(32).enumerate() {
         let (sc1, m1) = scale_min_k4(2 * i, scales);
         let (sc2, m2) = scale_min_k4(2 * i + 1, scales);
-        let (d1, m1, d2, m2) = (d * sc1, dmin * m1, d * sc2, dmin * m2);
-        out.extend(q.iter().map(|&v| d1 * (v & 0x0f) as f32 - m1));
-        out.extend(q.iter().map(|&v| d2 * (v >> 4) as f32 - m2));
+        s.block(d * sc1, Some(-(dmin * m1)), q.iter().map(|&v| (v & 0x0f) as i32));
+        s.block(d * sc2, Some(-(dmin * m2)), q.iter().map(|&v| (v >> 4) as i32));
     }
 }
 
-fn q5_k(b: &[u8], out: &mut Vec<f32>) {
+fn q5_k(b: &[u8], s: &mut Sink) {
     let (d, dmin) = (half_at(b, 0), half_at(b, 2));
     let scales = &b[4..16];
     let qh = &b[16..48];
@@ -596,33 +697,31 @@ fn q5_k(b: &[u8], out: &mut Vec<f32>) {
         let (u1, u2) = (1u8 << (2 * i), 2u8 << (2 * i));
         let (sc1, m1) = scale_min_k4(2 * i, scales);
         let (sc2, m2) = scale_min_k4(2 * i + 1, scales);
-        let (d1, m1, d2, m2) = (d * sc1, dmin * m1, d * sc2, dmin * m2);
-        out.extend((0..32).map(|l| d1 * ((q[l] & 0x0f) as f32 + if qh[l] & u1 != 0 { 16.0 } else { 0.0 }) - m1));
-        out.extend((0..32).map(|l| d2 * ((q[l] >> 4) as f32 + if qh[l] & u2 != 0 { 16.0 } else { 0.0 }) - m2));
+        s.block(d * sc1, Some(-(dmin * m1)), (0..32).map(|l| (q[l] & 0x0f) as i32 + if qh[l] & u1 != 0 { 16 } else { 0 }));
+        s.block(d * sc2, Some(-(dmin * m2)), (0..32).map(|l| (q[l] >> 4) as i32 + if qh[l] & u2 != 0 { 16 } else { 0 }));
     }
 }
 
-fn q6_k(b: &[u8], out: &mut Vec<f32>) {
+/// Q6_K: two halves of 128 values, each eight sub-blocks of 16 with their own 8-bit scale.
+fn q6_k(b: &[u8], s: &mut Sink) {
     let d = half_at(b, 208);
-    let start = out.len();
-    out.resize(start + 256, 0.0);
-    let y = &mut out[start..];
     for n in 0..2 {
         let ql = &b[64 * n..64 * n + 64];
         let qh = &b[128 + 32 * n..128 + 32 * n + 32];
         let sc = &b[192 + 8 * n..192 + 8 * n + 8];
-        let y = &mut y[128 * n..128 * n + 128];
-        for l in 0..32 {
-            let is = l / 16;
-            let q1 = ((ql[l] & 0x0f) | ((qh[l] & 3) << 4)) as i32 - 32;
-            let q2 = ((ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
-            let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
-            let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
-            let s = |k: usize| d * (sc[is + k] as i8) as f32;
-            y[l] = s(0) * q1 as f32;
-            y[l + 32] = s(2) * q2 as f32;
-            y[l + 64] = s(4) * q3 as f32;
-            y[l + 96] = s(6) * q4 as f32;
+        // Value 32 g + l of the half (g = 0..4) is code `g` of position l.
+        let code = |g: usize, l: usize| -> i32 {
+            let (low, shift) = match g {
+                0 => (ql[l] & 0x0f, 0),
+                1 => (ql[l + 32] & 0x0f, 2),
+                2 => (ql[l] >> 4, 4),
+                _ => (ql[l + 32] >> 4, 6),
+            };
+            (low | (((qh[l] >> shift) & 3) << 4)) as i32 - 32
+        };
+        for k in 0..8 {
+            let (g, l0) = (k / 2, 16 * (k % 2));
+            s.block(d * (sc[k] as i8) as f32, None, (l0..l0 + 16).map(|l| code(g, l)));
         }
     }
 }

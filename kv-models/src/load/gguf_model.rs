@@ -1,7 +1,7 @@
 //! A Llama-family model from a GGUF file: its config from the `{arch}.*` metadata, its weights by
 //! llama.cpp's tensor names mapped to Hugging Face's.
 
-use super::gguf::GgufFile;
+use super::gguf::{BlockCodes, GgufFile, rows_in_order};
 use super::llama::{HostTensor, WeightSource};
 use crate::DecoderConfig;
 use kv_core::{KvError, Result};
@@ -93,31 +93,59 @@ impl GgufSource<'_> {
     }
 }
 
-impl WeightSource for GgufSource<'_> {
-    fn read(&mut self, hf_name: &str) -> Result<Option<HostTensor>> {
-        let Some(name) = Self::gguf_name(hf_name) else { return Ok(None) };
-        if self.file.tensor_info(&name).is_none() {
-            return Ok(None);
-        }
-        let (shape, mut values) = self.file.read_f32(&name)?;
-        // llama.cpp's converter interleaves the two halves of each query/key head for the `llama`
-        // architecture (its RoPE rotates adjacent pairs); the decoder's RoPE rotates halves, as
-        // Hugging Face's does, so the rows go back (qwen2 files are written unpermuted).
+impl GgufSource<'_> {
+    /// The file's name for `hf_name`, if it has that tensor.
+    fn present(&self, hf_name: &str) -> Option<String> {
+        Self::gguf_name(hf_name).filter(|name| self.file.tensor_info(name).is_some())
+    }
+
+    /// llama.cpp's converter interleaves the two halves of each query/key head for the `llama`
+    /// architecture (its RoPE rotates adjacent pairs); the decoder's RoPE rotates halves, as
+    /// Hugging Face's does, so the rows go back (qwen2 files are written unpermuted). The row
+    /// order to read tensor `name` of `rows` rows in, when it is one of those.
+    fn row_order(&self, name: &str, rows: usize) -> Result<Option<Vec<usize>>> {
         let is_llama = self.file.get("general.architecture").and_then(|v| v.as_str()) == Some("llama");
         let heads = if name.contains(".attn_q.") {
-            Some(self.config.n_heads)
+            self.config.n_heads
         } else if name.contains(".attn_k.") {
-            Some(self.config.n_kv_heads)
+            self.config.n_kv_heads
         } else {
-            None
+            return Ok(None);
         };
-        if let (true, Some(heads)) = (is_llama, heads) {
-            let rows = shape[0];
-            let cols = if shape.len() > 1 { shape[1] } else { 1 };
-            values = unpermute_rows(&values, heads, rows, cols)
-                .ok_or_else(|| KvError::io(self.file.path(), format!("tensor {name}: {rows} rows do not split into {heads} heads of even width")))?;
+        if !is_llama {
+            return Ok(None);
         }
+        unpermuted_order(heads, rows)
+            .map(Some)
+            .ok_or_else(|| KvError::io(self.file.path(), format!("tensor {name}: {rows} rows do not split into {heads} heads of even width")))
+    }
+}
+
+impl WeightSource for GgufSource<'_> {
+    fn read(&mut self, hf_name: &str) -> Result<Option<HostTensor>> {
+        let Some(name) = self.present(hf_name) else { return Ok(None) };
+        let (shape, values) = self.file.read_f32(&name)?;
+        let cols = shape.get(1).copied().unwrap_or(1);
+        let values = match self.row_order(&name, shape[0])? {
+            Some(order) => rows_in_order(&values, cols, &order),
+            None => values,
+        };
         Ok(Some((shape, values)))
+    }
+
+    fn read_codes(&mut self, hf_name: &str) -> Result<Option<(Vec<usize>, BlockCodes)>> {
+        let Some(name) = self.present(hf_name) else { return Ok(None) };
+        let Some((shape, codes)) = self.file.read_codes(&name)? else { return Ok(None) };
+        let cols = shape.get(1).copied().unwrap_or(1);
+        let codes = match self.row_order(&name, shape[0])? {
+            // A row that does not hold whole blocks cannot be moved as codes: leave it unpacked.
+            Some(order) => match codes.permute_rows(cols, &order) {
+                Some(c) => c,
+                None => return Ok(None),
+            },
+            None => codes,
+        };
+        Ok(Some((shape, codes)))
     }
 
     fn origin(&self) -> String {
@@ -128,20 +156,24 @@ impl WeightSource for GgufSource<'_> {
 /// Undoes llama.cpp's `permute` of a `[rows, cols]` query or key weight (or bias, `cols = 1`):
 /// within each head of `rows / heads` rows, GGUF row `2 j + c` holds Hugging Face row
 /// `c * half + j`.
+#[cfg(test)]
 pub(crate) fn unpermute_rows(values: &[f32], heads: usize, rows: usize, cols: usize) -> Option<Vec<f32>> {
+    Some(rows_in_order(values, cols, &unpermuted_order(heads, rows)?))
+}
+
+/// The GGUF row each Hugging Face row of a permuted query or key weight is read from.
+fn unpermuted_order(heads: usize, rows: usize) -> Option<Vec<usize>> {
     if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 {
         return None;
     }
     let (dim, half) = (rows / heads, rows / heads / 2);
-    let mut out = vec![0.0f32; values.len()];
+    let mut order = vec![0; rows];
     for h in 0..heads {
         for j in 0..half {
             for c in 0..2 {
-                let src = (h * dim + 2 * j + c) * cols;
-                let dst = (h * dim + c * half + j) * cols;
-                out[dst..dst + cols].copy_from_slice(&values[src..src + cols]);
+                order[h * dim + c * half + j] = h * dim + 2 * j + c;
             }
         }
     }
-    Some(out)
+    Some(order)
 }

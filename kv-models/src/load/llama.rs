@@ -1,7 +1,10 @@
 //! Building a [`DecoderLm`] from the named tensors of a Llama-family checkpoint, whatever file
-//! they came from: every format maps its names to Hugging Face's and hands over plain f32 rows.
+//! they came from: every format maps its names to Hugging Face's and hands over plain f32 rows (and a
+//! quantised file, on request, its codes).
 
+use super::gguf::BlockCodes;
 use crate::{DecoderConfig, DecoderLm};
+use kv_attention::{PACKED_BLOCK, PackedMatrix, PackedSet};
 use burn::module::{ModuleVisitor, Param};
 use burn::nn::Linear;
 use burn::prelude::*;
@@ -16,6 +19,10 @@ pub(crate) type HostTensor = (Vec<usize>, Vec<f32>);
 pub(crate) trait WeightSource {
     /// The tensor of that name, or None if the checkpoint has none.
     fn read(&mut self, hf_name: &str) -> Result<Option<HostTensor>>;
+    /// The same tensor as quantised codes, or None if it is not quantised (or not here).
+    fn read_codes(&mut self, _hf_name: &str) -> Result<Option<(Vec<usize>, BlockCodes)>> {
+        Ok(None)
+    }
     /// The checkpoint, for error messages.
     fn origin(&self) -> String;
 }
@@ -23,6 +30,8 @@ pub(crate) trait WeightSource {
 struct Builder<'a, B: Backend> {
     src: &'a mut dyn WeightSource,
     device: &'a B::Device,
+    /// Whether to keep packed copies of quantised weights (host kernels on, no autodiff).
+    pack: bool,
 }
 
 impl<B: Backend> Builder<'_, B> {
@@ -48,12 +57,27 @@ impl<B: Backend> Builder<'_, B> {
         Ok(Param::from_tensor(Tensor::from_data(TensorData::new(transpose(&v, out, inp), [inp, out]), self.device)))
     }
 
-    fn linear(&mut self, layer: &mut Linear<B>, prefix: &str, out: usize, inp: usize) -> Result<()> {
-        layer.weight = self.matrix_t(&format!("{prefix}.weight"), out, inp)?;
+    /// Reads a linear layer; returns its packed copy when packing is on and its weight is stored
+    /// in 32-value blocks.
+    fn linear(&mut self, layer: &mut Linear<B>, prefix: &str, out: usize, inp: usize) -> Result<Option<PackedMatrix>> {
+        let name = format!("{prefix}.weight");
+        layer.weight = self.matrix_t(&name, out, inp)?;
         if layer.bias.is_some() {
             layer.bias = Some(self.vector(&format!("{prefix}.bias"), out)?);
         }
-        Ok(())
+        self.packed(&name, out, inp)
+    }
+
+    /// Tensor `name` `[out, inp]` as a packed matrix, when packing is on and it is quantised in
+    /// 32-value blocks (Q6_K's 16-value blocks stay unpacked).
+    fn packed(&mut self, name: &str, out: usize, inp: usize) -> Result<Option<PackedMatrix>> {
+        if !self.pack {
+            return Ok(None);
+        }
+        match self.src.read_codes(name)? {
+            Some((shape, c)) if c.block == PACKED_BLOCK && shape == [out, inp] => PackedMatrix::new(out, inp, &c.codes, c.scales, c.offsets).map(Some),
+            _ => Ok(None),
+        }
     }
 }
 
@@ -71,6 +95,12 @@ pub(crate) fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
         }
     }
     out
+}
+
+/// A module's packed set, when every one of its matrices could be packed (else none: the module
+/// then runs on its f32 weights alone).
+fn packed_set<const N: usize>(matrices: [Option<PackedMatrix>; N]) -> PackedSet<N> {
+    if matrices.iter().all(Option::is_some) { PackedSet::new(matrices.map(|m| m.expect("all present"))) } else { PackedSet::default() }
 }
 
 struct Unset(usize);
@@ -94,7 +124,7 @@ pub(crate) fn build_llama<B: Backend>(config: &DecoderConfig, src: &mut dyn Weig
     let (d, v, f) = (config.d_model, config.vocab_size, config.ffn_hidden);
     let hd = config.head_dim();
     let (q_out, kv_out) = (config.n_heads * hd, config.n_kv_heads * hd);
-    let mut b = Builder::<B> { src, device };
+    let mut b = Builder::<B> { src, device, pack: kv_attention::host_kernels_on::<B>(device) };
     let embed = b.read("model.embed_tokens.weight", &[v, d])?;
     model.embed.weight = Param::from_tensor(Tensor::from_data(TensorData::new(embed, [v, d]), device));
     for (i, block) in model.blocks_mut()?.iter_mut().enumerate() {
@@ -102,18 +132,29 @@ pub(crate) fn build_llama<B: Backend>(config: &DecoderConfig, src: &mut dyn Weig
         block.attn_norm.gamma = b.vector(&format!("{p}.input_layernorm.weight"), d)?;
         block.ffn_norm.gamma = b.vector(&format!("{p}.post_attention_layernorm.weight"), d)?;
         let attn = block.attention.grouped_mut().ok_or_else(|| KvError::config(format!("block {i} attention"), "latent", "grouped (a Llama checkpoint)"))?;
-        b.linear(&mut attn.wq, &format!("{p}.self_attn.q_proj"), q_out, d)?;
-        b.linear(&mut attn.wk, &format!("{p}.self_attn.k_proj"), kv_out, d)?;
-        b.linear(&mut attn.wv, &format!("{p}.self_attn.v_proj"), kv_out, d)?;
-        b.linear(&mut attn.wo, &format!("{p}.self_attn.o_proj"), d, q_out)?;
-        b.linear(&mut block.ffn.gate, &format!("{p}.mlp.gate_proj"), f, d)?;
-        b.linear(&mut block.ffn.up, &format!("{p}.mlp.up_proj"), f, d)?;
-        b.linear(&mut block.ffn.down, &format!("{p}.mlp.down_proj"), d, f)?;
+        let attention = [
+            b.linear(&mut attn.wq, &format!("{p}.self_attn.q_proj"), q_out, d)?,
+            b.linear(&mut attn.wk, &format!("{p}.self_attn.k_proj"), kv_out, d)?,
+            b.linear(&mut attn.wv, &format!("{p}.self_attn.v_proj"), kv_out, d)?,
+            b.linear(&mut attn.wo, &format!("{p}.self_attn.o_proj"), d, q_out)?,
+        ];
+        attn.packed = packed_set(attention);
+        let ffn = [
+            b.linear(&mut block.ffn.gate, &format!("{p}.mlp.gate_proj"), f, d)?,
+            b.linear(&mut block.ffn.up, &format!("{p}.mlp.up_proj"), f, d)?,
+            b.linear(&mut block.ffn.down, &format!("{p}.mlp.down_proj"), d, f)?,
+        ];
+        block.ffn.packed = packed_set(ffn);
     }
     model.norm.gamma = b.vector("model.norm.weight", d)?;
-    if let Some(head) = model.lm_head.as_mut() {
-        head.weight = b.matrix_t("lm_head.weight", v, d)?;
-    }
+    let head = match model.lm_head.as_mut() {
+        Some(head) => {
+            head.weight = b.matrix_t("lm_head.weight", v, d)?;
+            b.packed("lm_head.weight", v, d)?
+        }
+        None => b.packed("model.embed_tokens.weight", v, d)?,
+    };
+    model.packed_head = packed_set([head]);
     let mut unset = Unset(0);
     model.visit(&mut unset);
     if unset.0 > 0 {

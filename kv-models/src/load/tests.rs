@@ -471,6 +471,57 @@ fn smollm2_logits_match_transformers_on_the_golden_cases<B: Backend>(dev: &B::De
     }
 }
 
+/// With the host kernels on, the loader keeps SmolLM2's Q4_1 (projections) and Q8_0 (tied head)
+/// codes beside the f32 weights: they de-quantise to exactly those weights, bit for bit, and
+/// decode steps through them give the f32 path's logits.
+fn smollm2_packed_codes_are_the_f32_weights_and_decode_alike<B: Backend>(dev: &B::Device) {
+    kv_attention::set_host_kernels(true);
+    let (packed, config) = Pretrained::open(smollm2()).unwrap().load_model::<B>(dev).unwrap();
+    let (d, f, kv, v) = (config.d_model, config.ffn_hidden, config.n_kv_heads * config.head_dim(), config.vocab_size);
+    let per_block = d * d * 2 + d * kv * 2 + d * f * 3;
+    // Q4_1: 16 bytes of nibbles and two f32 per 32 values; Q8_0: 32 bytes and one f32.
+    assert_eq!(packed.packed_weights(), (30 * per_block / 32 * 24 + v * d / 32 * 36, 30 * per_block + v * d));
+    let bits = |t: Tensor<B, 2>| t.into_data().iter::<f32>().map(f32::to_bits).collect::<Vec<_>>();
+    let same = |p: &kv_attention::PackedMatrix, w: Tensor<B, 2>, what: &str| {
+        assert!(p.dequantize().iter().map(|x| x.to_bits()).eq(bits(w)), "{what}: packed codes differ from the f32 weights");
+    };
+    let blocks = packed.blocks().unwrap();
+    for i in [0, 29] {
+        let a = blocks[i].attention.grouped().unwrap();
+        for (j, (lin, name)) in [(&a.wq, "q"), (&a.wk, "k"), (&a.wv, "v"), (&a.wo, "o")].into_iter().enumerate() {
+            same(a.packed.get(j).unwrap(), lin.weight.val().transpose(), &format!("block {i} {name}"));
+        }
+        let ffn = &blocks[i].ffn;
+        for (j, lin) in [&ffn.gate, &ffn.up, &ffn.down].into_iter().enumerate() {
+            same(ffn.packed.get(j).unwrap(), lin.weight.val().transpose(), &format!("block {i} ffn {j}"));
+        }
+    }
+    same(packed.packed_head.get(0).unwrap(), packed.embed.weight.val(), "tied head");
+
+    let mut plain = packed.clone();
+    plain.clear_packed();
+    assert_eq!(plain.packed_weights(), (0, 0));
+    let prompt: Vec<i32> = (0..40).map(|i| (i * 977 + 13) % 49152).collect();
+    let (mut sp, mut sf) = (packed.new_state(1), plain.new_state(1));
+    let x = Tensor::<B, 1, Int>::from_ints(prompt.as_slice(), dev).reshape([1, prompt.len()]);
+    let _ = packed.forward_cached(x.clone(), &mut sp).unwrap();
+    let mut next = crate::argmax(&plain.forward_cached(x, &mut sf).unwrap().narrow(1, prompt.len() - 1, 1).into_data().iter::<f32>().collect::<Vec<_>>()) as i32;
+    let mut worst = 0f32;
+    for step in 0..6 {
+        let x = Tensor::<B, 1, Int>::from_ints([next], dev).reshape([1, 1]);
+        let a: Vec<f32> = packed.forward_cached(x.clone(), &mut sp).unwrap().into_data().iter::<f32>().collect();
+        let b: Vec<f32> = plain.forward_cached(x, &mut sf).unwrap().into_data().iter::<f32>().collect();
+        let diff = max_abs_diff(&a, &b);
+        assert!(diff <= 2e-3, "step {step}: max abs logit diff {diff}");
+        assert_eq!(crate::argmax(&a), crate::argmax(&b), "step {step}");
+        worst = worst.max(diff);
+        next = crate::argmax(&b) as i32;
+    }
+    kv_attention::set_host_kernels(false);
+    // The sums run in another order, so a zero difference would mean the packed path never ran.
+    assert!(worst > 0.0, "decode through the packed codes was bit-identical to the f32 path");
+}
+
 #[cfg(feature = "hf-tokenizer")]
 mod text {
     use super::*;
@@ -608,4 +659,5 @@ kv_core::backend_tests!(
     hostile_or_broken_gguf_files_are_one_line_errors_naming_the_problem,
     broken_hugging_face_folders_are_errors_naming_the_problem,
     smollm2_logits_match_transformers_on_the_golden_cases,
+    smollm2_packed_codes_are_the_f32_weights_and_decode_alike,
 );
