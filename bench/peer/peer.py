@@ -4,8 +4,10 @@ Two models:
   decode-bench  the preset of that name (d 256, 8 heads, 4 layers, ffn 1024, vocab 256, random
                 weights): HF builds the same LlamaConfig with its own random weights, since speed
                 does not depend on the values;
-  smollm2       SmolLM2-135M-Instruct from the GGUF scripts/fetch-assets.sh fetches (de-quantised
-                to f32 on both sides).
+  smollm2       SmolLM2-135M-Instruct from the GGUF scripts/fetch-assets.sh fetches, de-quantised
+                to f32 on both sides; kv's decode steps multiply by the file's own Q4_1/Q8_0 codes
+                (the same weights, a fifth of the bytes), and each cell also runs with
+                `--f32-weights`, decoding on the f32 weights as HF does.
 
 Every cell (one context, one method) runs in a fresh process on each side, so the peak RSS printed
 is that cell's own (the whole process: for HF that includes Python and torch). A cell prefills
@@ -122,10 +124,10 @@ def run_measured(cmd, env=None):
         return out.read().decode(), usage.ru_maxrss / 1024
 
 
-def kv_cell(kv, model_name, context, method, steps, threads, scratch):
-    folder = os.path.join(scratch, f"{method.replace('@', '-')}-{context}")
+def kv_cell(kv, model_name, context, method, steps, threads, scratch, extra=()):
+    folder = os.path.join(scratch, f"{method.replace('@', '-')}-{context}{'-'.join(('',) + tuple(extra))}")
     source = ["--preset", "decode-bench"] if model_name == "decode-bench" else ["--model", gguf_path()]
-    cmd = [kv, "bench", *source, "--contexts", str(context), "--policy", kv_spec(method), "--prefill", "--no-roofline", "--steps", str(steps), "--out", folder]
+    cmd = [kv, "bench", *source, *extra, "--contexts", str(context), "--policy", kv_spec(method), "--prefill", "--no-roofline", "--steps", str(steps), "--out", folder]
     _, rss = run_measured(cmd, env={**os.environ, "RAYON_NUM_THREADS": str(threads)})
     cell = json.load(open(os.path.join(folder, "bench.json")))["decode"][0]
     return {"prefill_s": cell["prefill_ms"] / 1e3, "decode_tokens_per_s": cell["tokens_per_s"], "slots": cell["slots"],
@@ -161,9 +163,12 @@ def main():
                 theirs = json.loads(out.strip().splitlines()[-1])
                 theirs["peak_rss_mib"] = rss
                 versions = theirs.pop("versions")
-                rows.append({"context": context, "method": method, "kv": ours, "hf": theirs})
+                row = {"context": context, "method": method, "kv": ours, "hf": theirs}
+                if a.model == "smollm2":
+                    row["kv_f32_weights"] = kv_cell(a.kv, a.model, context, method, a.steps, a.threads, scratch, ["--f32-weights"])
+                rows.append(row)
     title = {"decode-bench": "decode-bench (d 256, 8 heads, 4 layers, random weights)",
-             "smollm2": "SmolLM2-135M-Instruct (Q4_1 GGUF, de-quantised to f32)"}[a.model]
+             "smollm2": "SmolLM2-135M-Instruct (Q4_1 GGUF, de-quantised to f32; kv decodes on its codes, and on f32 in the last columns)"}[a.model]
     md = [
         f"{title}, batch 1, {a.threads} threads; kv: flex backend; HF: {versions}, SDPA; compressed cells: kvpress presses at prefill.",
         "Ratios are kv / HF: below 1 is faster for prefill time and memory, above 1 is faster for decode.",
@@ -171,13 +176,21 @@ def main():
         "| context | method | kv prefill s | HF prefill s | prefill kv/HF | kv decode tok/s | HF decode tok/s | decode kv/HF | kv peak RSS MiB | HF peak RSS MiB | RSS kv/HF | slots kv / HF |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
+    f32 = any("kv_f32_weights" in r for r in rows)
+    if f32:
+        md[-2] += " kv f32-weights decode tok/s | decode kv f32/HF | kv f32-weights peak RSS MiB |"
+        md[-1] += "---:|---:|---:|"
     for r in rows:
         o, t = r["kv"], r["hf"]
-        md.append(
+        line = (
             f"| {r['context']} | {r['method']} | {o['prefill_s']:.3f} | {t['prefill_s']:.3f} | {o['prefill_s'] / t['prefill_s']:.2f}x "
             f"| {o['decode_tokens_per_s']:.1f} | {t['decode_tokens_per_s']:.1f} | {o['decode_tokens_per_s'] / t['decode_tokens_per_s']:.2f}x "
             f"| {o['peak_rss_mib']:.0f} | {t['peak_rss_mib']:.0f} | {o['peak_rss_mib'] / t['peak_rss_mib']:.2f}x | {o['slots']} / {t['slots']} |"
         )
+        if f32:
+            w = r["kv_f32_weights"]
+            line += f" {w['decode_tokens_per_s']:.1f} | {w['decode_tokens_per_s'] / t['decode_tokens_per_s']:.2f}x | {w['peak_rss_mib']:.0f} |"
+        md.append(line)
     text = "\n".join(md)
     print(text)
     with open(os.path.join(a.out, f"{a.model}.md"), "w") as f:
