@@ -69,6 +69,18 @@ pub fn attend_appended<B: Backend>(q: Tensor<B, 4>, cache: &kv_core::LayerCache<
             return (o, Observation::with_plain_norms(observation, observe, cache, h));
         }
     }
+    #[cfg(feature = "flex")]
+    if t == 1 && !cache.is_ragged() && host_kernels_on::<B>(&q.device()) {
+        let bias = cache.dead_bias();
+        if let Some((o, probs)) = crate::decode::decode_attention(&q, &cache.kv_segments(), bias.as_ref(), scale, observe) {
+            let observation = (!observe.is_empty()).then(|| Observation {
+                column_sums: probs.clone().filter(|_| observe.column_sums),
+                window: probs.filter(|_| observe.window > 0).map(|p| p.unsqueeze_dim(2)),
+                ..Default::default()
+            });
+            return (o, Observation::with_plain_norms(observation, observe, cache, h));
+        }
+    }
     if cache.is_ragged() {
         let query_positions = (t > 1).then(|| Tensor::arange((seen - t) as i64..seen as i64, &q.device()));
         return attend_cache(q, cache, query_positions, scale, observe);

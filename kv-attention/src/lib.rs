@@ -41,6 +41,8 @@
 mod attend;
 mod cached;
 mod cross;
+#[cfg(feature = "flex")]
+mod decode;
 mod dmc;
 mod grouped;
 pub mod host;
