@@ -597,7 +597,7 @@ fn real_section(dir: &Path, real: &RealSection, written: &mut Vec<PathBuf>) -> R
     if let Some(niah) = &real.niah {
         files.extend(crate::report::write(&sub, niah)?);
         md += &format!(
-            "`{}` (the Q4_1 GGUF, de-quantised to f32) on the Needle-in-a-Haystack test as its authors define it (Paul Graham's essays, the San Francisco needle, the model's chat template, greedy answers of at most 32 tokens; score 1 with both \"sandwich\" and \"dolores park\", 0.5 with one). Question-agnostic: the chat prefix and haystack are compressed before the question is seen, as kvpress's pipeline does. The kept-bytes column includes the question and answer tokens added after compression.\n\n",
+            "`{}` (the Q4_1 GGUF, de-quantised to f32 for prefill, its own codes for decode steps) on the Needle-in-a-Haystack test as its authors define it (Paul Graham's essays, the San Francisco needle, the model's chat template, greedy answers of at most 32 tokens; score 1 with both \"sandwich\" and \"dolores park\", 0.5 with one). Question-agnostic: the chat prefix and haystack are compressed before the question is seen, as kvpress's pipeline does. The kept-bytes column includes the question and answer tokens added after compression.\n\n",
             real.model
         );
         md += &crate::report::markdown(&niah.results);

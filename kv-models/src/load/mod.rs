@@ -94,7 +94,8 @@ impl Pretrained {
         }
     }
 
-    /// The model, every weight read from the checkpoint (de-quantised to f32).
+    /// The model, every weight read from the checkpoint (de-quantised to f32; with the host kernels
+    /// on, a quantised projection also keeps its codes for decode steps, `kv_attention::PackedMatrix`).
     pub fn load_model<B: Backend>(&self, device: &B::Device) -> Result<(DecoderLm<B>, DecoderConfig)> {
         let config = self.config()?;
         let model = match self.format {
