@@ -185,36 +185,49 @@ struct Item {
     r: usize,
 }
 
-/// [`score_item`] with the widest instruction set this CPU has.
-fn scores_of(segments: &[Segment], bias: Option<&HostView<3>>, queries: &[f32], scale: f32, it: Item) -> Vec<f32> {
+/// The widest instruction set this CPU has for the kernels below.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Isa {
+    Avx512,
+    Avx2Fma,
+    Portable,
+}
+
+fn isa() -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU was just found to support AVX-512F.
-            return unsafe { x86::scores_avx512(segments, bias, queries, scale, it) };
+            return Isa::Avx512;
         }
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU was just found to support AVX2 and FMA.
-            return unsafe { x86::scores_avx2(segments, bias, queries, scale, it) };
+            return Isa::Avx2Fma;
         }
     }
-    score_item::<false>(segments, bias, queries, scale, it)
+    Isa::Portable
+}
+
+/// [`score_item`] with the widest instruction set this CPU has.
+fn scores_of(segments: &[Segment], bias: Option<&HostView<3>>, queries: &[f32], scale: f32, it: Item) -> Vec<f32> {
+    match isa() {
+        // SAFETY: `isa` found the CPU to support the instruction set of each call.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { x86::scores_avx512(segments, bias, queries, scale, it) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma => unsafe { x86::scores_avx2(segments, bias, queries, scale, it) },
+        _ => score_item::<false>(segments, bias, queries, scale, it),
+    }
 }
 
 /// [`value_item`] with the widest instruction set this CPU has.
 fn outputs_of(segments: &[Segment], probs: &[f32], n: usize, d: usize, it: Item) -> Vec<f32> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU was just found to support AVX-512F.
-            return unsafe { x86::outputs_avx512(segments, probs, n, d, it) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU was just found to support AVX2 and FMA.
-            return unsafe { x86::outputs_avx2(segments, probs, n, d, it) };
-        }
+    match isa() {
+        // SAFETY: `isa` found the CPU to support the instruction set of each call.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { x86::outputs_avx512(segments, probs, n, d, it) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma => unsafe { x86::outputs_avx2(segments, probs, n, d, it) },
+        _ => value_item::<false>(segments, probs, n, d, it),
     }
-    value_item::<false>(segments, probs, n, d, it)
 }
 
 #[cfg(target_arch = "x86_64")]
