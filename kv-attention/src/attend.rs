@@ -70,7 +70,8 @@ pub fn attend_appended<B: Backend>(q: Tensor<B, 4>, cache: &kv_core::LayerCache<
         }
     }
     #[cfg(feature = "flex")]
-    if t == 1 && !cache.is_ragged() && host_kernels_on::<B>(&q.device()) {
+    // The shape test first: an MHA step does not gather the segments twice.
+    if t == 1 && crate::decode::takes(h, cache.shape().kv_heads, q.dims()[3]) && !cache.is_ragged() && host_kernels_on::<B>(&q.device()) {
         let bias = cache.dead_bias();
         if let Some((o, probs)) = crate::decode::decode_attention(&q, &cache.kv_segments(), bias.as_ref(), scale, observe) {
             let observation = (!observe.is_empty()).then(|| Observation {

@@ -57,6 +57,16 @@ struct Segment {
     start: usize,
 }
 
+/// Whether the kernel takes `heads` query heads of `head_dim` on `kv_heads`: only where it was
+/// measured to win. A group of query heads shares each key read here, and a head of 64 or more
+/// pays for each dot product's reduction across lanes (SmolLM2, 3 query heads of 64 per KV head:
+/// 1.3-1.6x burn's ops, which broadcast the group over a transposed view). With one query head per
+/// KV head, or heads of 32, burn's matmul over the keys as stored is faster (decode-bench, MHA of
+/// 32: 395 against 264 tokens/s at 2k; tiny-gqa, 2 of 32 per KV head: 1030-1070 against 840).
+pub(crate) fn takes(heads: usize, kv_heads: usize, head_dim: usize) -> bool {
+    kv_heads > 0 && heads % kv_heads == 0 && heads / kv_heads >= 2 && head_dim >= 64
+}
+
 /// Keys per work item: enough to pay for the dispatch, few enough to spread 3 KV heads over cores.
 const CHUNK: usize = 256;
 
@@ -91,13 +101,7 @@ pub(crate) fn decode_attention<B: Backend>(
         n += len;
     }
     let kvh = segments[0].keys.shape[1];
-    // Only where it was measured to win: a group of query heads shares each key read here, and a
-    // head of 64 or more pays for each dot product's reduction across lanes (SmolLM2, 3 query
-    // heads of 64 per KV head: 1.3-1.5x burn's ops, which broadcast the group over a transposed
-    // view). With one query head per KV head, or heads of 32, burn's matmul over the keys as
-    // stored is faster (decode-bench, MHA of 32: 395 against 264 tokens/s at 2k; tiny-gqa, 2 of
-    // 32 per KV head: 1030-1070 against 840).
-    if segments.iter().any(|s| s.keys.shape[1] != kvh) || n == 0 || h / kvh < 2 || d < 64 {
+    if segments.iter().any(|s| s.keys.shape[1] != kvh) || n == 0 || !takes(h, kvh, d) {
         return None;
     }
     let bias = match bias {
@@ -138,12 +142,7 @@ pub(crate) fn decode_attention<B: Backend>(
     // An exact softmax per query head, in f32.
     let softmax = |row: &mut [f32]| {
         let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-        let mut sum = 0f32;
-        for x in row.iter_mut() {
-            *x = (*x - max).exp();
-            sum += *x;
-        }
-        let inv = 1.0 / sum;
+        let inv = 1.0 / crate::host::exp_shifted(row, max);
         row.iter_mut().for_each(|x| *x *= inv);
     };
     if parallel {

@@ -177,6 +177,53 @@ fn swiglu_avx2(g: &[f32], u: &[f32], o: &mut [f32]) {
     swiglu_lanes::<true>(g, u, o)
 }
 
+/// Replaces each `x` of `row` by `exp(x - max)` (`max` at least every `x`) with the polynomial
+/// `exp2` of the attention kernel, and returns their sum: a softmax row's exponentials, for the
+/// decode kernel. Below `exp(-88)` it gives 0, as a dead slot's bias wants.
+pub(crate) fn exp_shifted(row: &mut [f32], max: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU was just found to support AVX-512F.
+            return unsafe { exp_shifted_avx512(row, max) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU was just found to support AVX2 and FMA.
+            return unsafe { exp_shifted_avx2(row, max) };
+        }
+    }
+    exp_shifted_lanes::<false>(row, max)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn exp_shifted_avx512(row: &mut [f32], max: f32) -> f32 {
+    exp_shifted_lanes::<true>(row, max)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn exp_shifted_avx2(row: &mut [f32], max: f32) -> f32 {
+    exp_shifted_lanes::<true>(row, max)
+}
+
+#[inline(always)]
+fn exp_shifted_lanes<const FMA: bool>(row: &mut [f32], max: f32) -> f32 {
+    let mut chunks = row.chunks_exact_mut(LANES);
+    let mut acc = splat(0.0);
+    for c in &mut chunks {
+        let e = exp2::<FMA>(lanes(|i| (c[i] - max) * std::f32::consts::LOG2_E));
+        c.copy_from_slice(&e);
+        acc = lanes(|i| acc[i] + e[i]);
+    }
+    let mut tail = 0.0;
+    for x in chunks.into_remainder() {
+        *x = exp2::<FMA>(splat((*x - max) * std::f32::consts::LOG2_E))[0];
+        tail += *x;
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 /// `g u sigmoid(g)` with `e = exp(-|g|)`: `g u / (1 + e)` for `g >= 0`, `g u e / (1 + e)` below,
 /// so the exponential never overflows.
 #[inline(always)]
