@@ -4,7 +4,7 @@
 //! softmax and a second matmul, each its own pass with its own buffers (at 4k slots on SmolLM2,
 //! most of a step). Here the keys and values are read where the cache stores them, through the
 //! tensors' own strides, without a copy: the scores of a group's query heads in one pass over its
-//! keys, an exact f32 softmax, then one pass over its values, with (batch, KV head, key chunk) items
+//! keys, an f32 softmax (the prefill kernel's polynomial `exp2`), then one pass over its values, with (batch, KV head, key chunk) items
 //! dealt over rayon's pool. The probabilities are the observation H2O and TOVA read (column sums
 //! and the last row of one query are the same thing).
 
