@@ -58,8 +58,10 @@ pub fn attend_cache<B: Backend>(
 ///
 /// A chunk that no policy needs every row of (nothing, or only SnapKV's window) goes through
 /// burn's fused kernel or the host one ([`fused_prefill`]), and so does one whose policy sums
-/// each slot's attention when the host kernel is on; one token, a ragged cache, band sums or
-/// column sums without the host kernel take the explicit kernel.
+/// each slot's attention when the host kernel is on. One token over a rectangular burn-flex f32
+/// cache takes the host decode kernel (`decode.rs`) when the host kernels are on, unless band
+/// sums or a window of more than one row are asked; what is left (a ragged cache, band sums,
+/// column sums without the host kernels, other backends) takes the explicit kernel.
 pub fn attend_appended<B: Backend>(q: Tensor<B, 4>, cache: &kv_core::LayerCache<B>, scale: f64, observe: ObserveRequest) -> (Tensor<B, 4>, Option<Observation<B>>) {
     let [_, h, t, _] = q.dims();
     let seen = cache.tokens_seen();
@@ -70,8 +72,7 @@ pub fn attend_appended<B: Backend>(q: Tensor<B, 4>, cache: &kv_core::LayerCache<
         }
     }
     #[cfg(feature = "flex")]
-    // The shape test first: an MHA step does not gather the segments twice.
-    if t == 1 && crate::decode::takes(h, cache.shape().kv_heads, q.dims()[3]) && !cache.is_ragged() && host_kernels_on::<B>(&q.device()) {
+    if t == 1 && !cache.is_ragged() && host_kernels_on::<B>(&q.device()) {
         let bias = cache.dead_bias();
         if let Some((o, probs)) = crate::decode::decode_attention(&q, &cache.kv_segments(), bias.as_ref(), scale, observe) {
             let observation = (!observe.is_empty()).then(|| Observation {

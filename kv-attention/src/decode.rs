@@ -1,12 +1,14 @@
 //! One decode token's attention over a cache held in host memory (burn-flex), read in place.
 //!
 //! burn's ops take a decode step's attention through a batched matmul over a transposed view, a
-//! softmax and a second matmul, each its own pass with its own buffers (at 4k slots on SmolLM2,
-//! most of a step). Here the keys and values are read where the cache stores them, through the
-//! tensors' own strides, without a copy: the scores of a group's query heads in one pass over its
-//! keys, an f32 softmax (the prefill kernel's polynomial `exp2`), then one pass over its values, with (batch, KV head, key chunk) items
-//! dealt over rayon's pool. The probabilities are the observation H2O and TOVA read (column sums
-//! and the last row of one query are the same thing).
+//! softmax and a second matmul, each its own pass with its own buffers (at 8k slots on
+//! decode-bench, most of a step). Here the keys and values are read where the cache stores them,
+//! through the tensors' own strides, without a copy, in (batch, KV head, key chunk) items dealt
+//! over rayon's pool: each scores its chunk's keys for the group's query heads (each key read once
+//! for the group), exponentiates against the chunk's maximum (the prefill kernel's polynomial
+//! `exp2`, in f32) and sums the chunk's values under those weights; the chunks are then merged
+//! exactly, as flash-decoding does. The probabilities are the observation H2O and TOVA read
+//! (column sums and the last row of one query are the same thing).
 
 use crate::ObserveRequest;
 use burn::backend::flex::FlexTensor;
@@ -57,16 +59,6 @@ struct Segment {
     start: usize,
 }
 
-/// Whether the kernel takes `heads` query heads of `head_dim` on `kv_heads`: only where it was
-/// measured to win. A group of query heads shares each key read here, and a head of 64 or more
-/// pays for each dot product's reduction across lanes (SmolLM2, 3 query heads of 64 per KV head:
-/// 1.3-1.6x burn's ops, which broadcast the group over a transposed view). With one query head per
-/// KV head, or heads of 32, burn's matmul over the keys as stored is faster (decode-bench, MHA of
-/// 32: 395 against 264 tokens/s at 2k; tiny-gqa, 2 of 32 per KV head: 1030-1070 against 840).
-pub(crate) fn takes(heads: usize, kv_heads: usize, head_dim: usize) -> bool {
-    kv_heads > 0 && heads % kv_heads == 0 && heads / kv_heads >= 2 && head_dim >= 64
-}
-
 /// Keys per work item: enough to pay for the dispatch, few enough to spread 3 KV heads over cores.
 const CHUNK: usize = 256;
 
@@ -78,6 +70,12 @@ const PARALLEL_MIN: usize = 1 << 18;
 /// every tensor is burn-flex f32 and the request asks for nothing but column sums and a window
 /// of at most one row. Returns the output `[b, h, 1, d]` and, when asked, the probabilities
 /// `[b, h, n]`.
+///
+/// Each (batch, KV head, key chunk) item scores its keys for the group's queries, exponentiates
+/// them against the chunk's own maximum and sums its values under those weights, in one pass
+/// over its keys and values; the chunks are then merged exactly (each rescaled by `exp` of its
+/// maximum less the row's), as flash-decoding does. The probabilities, when asked, are each
+/// chunk's exponentials under the same rescaling.
 pub(crate) fn decode_attention<B: Backend>(
     q: &Tensor<B, 4>,
     kv: &[(Tensor<B, 4>, Tensor<B, 4>)],
@@ -94,14 +92,14 @@ pub(crate) fn decode_attention<B: Backend>(
     for (k, v) in kv {
         let (keys, values) = (HostView::of(k)?, HostView::of(v)?);
         let [kb, kvh, len, kd] = keys.shape;
-        if kb != b || h % kvh != 0 || kd != d || values.shape != [b, kvh, len, d] {
+        if kb != b || kvh == 0 || h % kvh != 0 || kd != d || values.shape != [b, kvh, len, d] {
             return None;
         }
         segments.push(Segment { keys, values, start: n });
         n += len;
     }
     let kvh = segments[0].keys.shape[1];
-    if segments.iter().any(|s| s.keys.shape[1] != kvh) || n == 0 || !takes(h, kvh, d) {
+    if segments.iter().any(|s| s.keys.shape[1] != kvh) || n == 0 {
         return None;
     }
     let bias = match bias {
@@ -118,52 +116,45 @@ pub(crate) fn decode_attention<B: Backend>(
     let qd = q.clone().into_data();
     let qs = qd.as_slice::<f32>().ok()?;
     let r = h / kvh;
-    let scale = scale as f32;
+    let want_probs = observe.column_sums || observe.window > 0;
+    let ctx = Ctx { segments: &segments, bias: bias.as_ref(), scale: scale as f32, d, r, keep_exps: want_probs };
     // Below a megabyte of keys the pool's dispatch costs more than the second core saves.
     let parallel = b * kvh * n * d >= PARALLEL_MIN;
-    let items: Vec<(usize, usize, usize)> =
-        (0..b).flat_map(|bi| (0..kvh).flat_map(move |g| (0..n.div_ceil(CHUNK)).map(move |c| (bi, g, c * CHUNK)))).collect();
-    // Pass 1: each item's scores, [b, h, n] (query head g * r + i of batch bi at row bi * h + ..).
-    let mut scores = vec![0f32; b * h * n];
-    {
-        let score = |&(bi, g, j0): &(usize, usize, usize)| {
-            let queries = &qs[(bi * h + g * r) * d..(bi * h + g * r + r) * d];
-            let item = Item { bi, g, j0, len: CHUNK.min(n - j0), r };
-            ((bi * h + g * r) * n + j0, scores_of(&segments, bias.as_ref(), queries, scale, item))
-        };
-        let parts: Vec<(usize, Vec<f32>)> = if parallel { items.par_iter().map(score).collect() } else { items.iter().map(score).collect() };
-        for (&(_, _, j0), (at, out)) in items.iter().zip(parts) {
-            let len = CHUNK.min(n - j0);
-            for i in 0..r {
-                scores[at + i * n..at + i * n + len].copy_from_slice(&out[i * len..(i + 1) * len]);
+    let items: Vec<Item> = (0..b)
+        .flat_map(|bi| (0..kvh).flat_map(move |g| (0..n.div_ceil(CHUNK)).map(move |c| Item { bi, g, j0: c * CHUNK, len: CHUNK.min(n - c * CHUNK) })))
+        .collect();
+    let attend = |it: &Item| {
+        let queries = &qs[(it.bi * h + it.g * r) * d..(it.bi * h + it.g * r + r) * d];
+        attend_chunk(&ctx, queries, *it)
+    };
+    let parts: Vec<Part> = if parallel { items.par_iter().map(attend).collect() } else { items.iter().map(attend).collect() };
+    // Merge the chunks of each (batch, KV head): items are in (batch, KV head, chunk) order.
+    let chunks = n.div_ceil(CHUNK);
+    let mut output = vec![0f32; b * h * d];
+    let mut probs = if want_probs { vec![0f32; b * h * n] } else { Vec::new() };
+    for (row, (its, ps)) in items.chunks(chunks).zip(parts.chunks(chunks)).enumerate() {
+        let head0 = row * r; // (bi * kvh + g) * r == bi * h + g * r
+        for i in 0..r {
+            let max = ps.iter().fold(f32::NEG_INFINITY, |m, p| m.max(p.max[i]));
+            let weights: Vec<f32> = ps.iter().map(|p| (p.max[i] - max).exp()).collect();
+            let total: f32 = ps.iter().zip(&weights).map(|(p, w)| p.sum[i] * w).sum();
+            let out = &mut output[(head0 + i) * d..(head0 + i + 1) * d];
+            for (p, &w) in ps.iter().zip(&weights) {
+                let w = w / total;
+                out.iter_mut().zip(&p.out[i * d..(i + 1) * d]).for_each(|(o, &x)| *o += w * x);
+            }
+            if want_probs {
+                for ((it, p), &w) in its.iter().zip(ps).zip(&weights) {
+                    let w = w / total;
+                    let dst = &mut probs[(head0 + i) * n + it.j0..(head0 + i) * n + it.j0 + it.len];
+                    dst.iter_mut().zip(&p.exps[i * it.len..(i + 1) * it.len]).for_each(|(o, &e)| *o = e * w);
+                }
             }
         }
     }
-    // An exact softmax per query head, in f32.
-    let softmax = |row: &mut [f32]| {
-        let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-        let inv = 1.0 / crate::host::exp_shifted(row, max);
-        row.iter_mut().for_each(|x| *x *= inv);
-    };
-    if parallel {
-        scores.par_chunks_mut(n).for_each(softmax);
-    } else {
-        scores.chunks_mut(n).for_each(softmax);
-    }
-    // Pass 2: each item's share of the output, then the shares summed per head.
-    let output_share = |&(bi, g, j0): &(usize, usize, usize)| {
-        let probs = &scores[(bi * h + g * r) * n..];
-        outputs_of(&segments, probs, n, d, Item { bi, g, j0, len: CHUNK.min(n - j0), r })
-    };
-    let parts: Vec<Vec<f32>> = if parallel { items.par_iter().map(output_share).collect() } else { items.iter().map(output_share).collect() };
-    let mut output = vec![0f32; b * h * d];
-    for (&(bi, g, _), part) in items.iter().zip(&parts) {
-        let at = (bi * h + g * r) * d;
-        output[at..at + r * d].iter_mut().zip(part).for_each(|(o, p)| *o += p);
-    }
     let device = q.device();
     let out = Tensor::from_data(TensorData::new(output, [b, h, 1, d]), &device);
-    let probs = (observe.column_sums || observe.window > 0).then(|| Tensor::from_data(TensorData::new(scores, [b, h, n]), &device));
+    let probs = want_probs.then(|| Tensor::from_data(TensorData::new(probs, [b, h, n]), &device));
     #[cfg(test)]
     DECODE_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     Some((out, probs))
@@ -173,130 +164,219 @@ pub(crate) fn decode_attention<B: Backend>(
 #[cfg(test)]
 pub(crate) static DECODE_CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// One work item: slots `j0 .. j0 + len` of (batch `bi`, KV head `g`), whose group has `r` query
-/// heads.
+/// What every item of one call reads.
+struct Ctx<'a> {
+    segments: &'a [Segment],
+    bias: Option<&'a HostView<3>>,
+    scale: f32,
+    d: usize,
+    /// Query heads per KV head.
+    r: usize,
+    /// Whether each item returns its exponentials (the caller wants the probabilities).
+    keep_exps: bool,
+}
+
+/// One work item: slots `j0 .. j0 + len` of (batch `bi`, KV head `g`).
 #[derive(Clone, Copy)]
 struct Item {
     bi: usize,
     g: usize,
     j0: usize,
     len: usize,
-    r: usize,
 }
 
-/// The widest instruction set this CPU has for the kernels below.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Isa {
-    Avx512,
-    Avx2Fma,
+/// One item's attention for each of its group's `r` queries, against the chunk's own maximum.
+struct Part {
+    /// Each query's largest score in the chunk.
+    max: Vec<f32>,
+    /// Each query's sum of `exp(score - max)`.
+    sum: Vec<f32>,
+    /// Each query's `sum_j exp(score_j - max) v_j`, `[r, d]`.
+    out: Vec<f32>,
+    /// Each query's `exp(score_j - max)`, `[r, len]`, when kept.
+    exps: Vec<f32>,
+}
+
+/// The item's scores for the group's queries (each key read once for the group), the bias, the
+/// exponentials against each query's maximum, then the values summed under them.
+fn attend_chunk(ctx: &Ctx, queries: &[f32], it: Item) -> Part {
+    let Item { bi, g, j0, len } = it;
+    let (r, d) = (ctx.r, ctx.d);
+    let key_spans = spans(ctx.segments, false, it);
+    let mut exps = vec![0f32; r * len];
+    kernels().scores(&key_spans, queries, d, ctx.scale, len, &mut exps);
+    if let Some(bias) = ctx.bias {
+        let (sb, sg) = (if bias.shape[0] == 1 { 0 } else { bi }, if bias.shape[1] == 1 { 0 } else { g });
+        let base = bias.offset + sb * bias.strides[0] + sg * bias.strides[1] + j0 * bias.strides[2];
+        let data = bias.data();
+        for row in exps.chunks_exact_mut(len) {
+            row.iter_mut().enumerate().for_each(|(j, s)| *s += data[base + j * bias.strides[2]]);
+        }
+    }
+    let mut max = Vec::with_capacity(r);
+    let mut sum = Vec::with_capacity(r);
+    for row in exps.chunks_exact_mut(len) {
+        let m = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        sum.push(crate::host::exp_shifted(row, m));
+        max.push(m);
+    }
+    let mut out = vec![0f32; r * d];
+    kernels().values(&spans(ctx.segments, true, it), &exps, d, len, &mut out);
+    Part { max, sum, out, exps: if ctx.keep_exps { exps } else { Vec::new() } }
+}
+
+/// The score and value loops, with the widest instruction set this CPU has.
+#[derive(Clone, Copy)]
+enum Kernels {
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
     Portable,
 }
 
-fn isa() -> Isa {
+fn kernels() -> Kernels {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            return Isa::Avx512;
-        }
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            return Isa::Avx2Fma;
+            return Kernels::Avx2;
         }
     }
-    Isa::Portable
+    Kernels::Portable
 }
 
-/// [`score_item`] with the widest instruction set this CPU has.
-fn scores_of(segments: &[Segment], bias: Option<&HostView<3>>, queries: &[f32], scale: f32, it: Item) -> Vec<f32> {
-    match isa() {
-        // SAFETY: `isa` found the CPU to support the instruction set of each call.
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { x86::scores_avx512(segments, bias, queries, scale, it) },
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2Fma => unsafe { x86::scores_avx2(segments, bias, queries, scale, it) },
-        _ => score_item::<false>(segments, bias, queries, scale, it),
+impl Kernels {
+    /// `out[i * len + j] = scale * q_i . k_j` for the `r = queries.len() / d` queries.
+    fn scores(self, keys: &[Span], queries: &[f32], d: usize, scale: f32, len: usize, out: &mut [f32]) {
+        match self {
+            // SAFETY: `kernels` found the CPU to support AVX2 and FMA.
+            #[cfg(target_arch = "x86_64")]
+            Kernels::Avx2 if d % 8 == 0 => unsafe { x86::scores(keys, queries, d, scale, len, out) },
+            _ => scores_portable(keys, queries, d, scale, len, out),
+        }
     }
-}
 
-/// [`value_item`] with the widest instruction set this CPU has.
-fn outputs_of(segments: &[Segment], probs: &[f32], n: usize, d: usize, it: Item) -> Vec<f32> {
-    match isa() {
-        // SAFETY: `isa` found the CPU to support the instruction set of each call.
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { x86::outputs_avx512(segments, probs, n, d, it) },
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2Fma => unsafe { x86::outputs_avx2(segments, probs, n, d, it) },
-        _ => value_item::<false>(segments, probs, n, d, it),
+    /// `out[i] += sum_j w[i * len + j] v_j` for the `r = out.len() / d` queries.
+    fn values(self, values: &[Span], w: &[f32], d: usize, len: usize, out: &mut [f32]) {
+        match self {
+            // SAFETY: `kernels` found the CPU to support AVX2 and FMA.
+            #[cfg(target_arch = "x86_64")]
+            Kernels::Avx2 if d % 32 == 0 => unsafe { x86::values(values, w, d, len, out) },
+            _ => values_portable(values, w, d, len, out),
+        }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{HostView, Item, Segment, score_item, value_item};
+    use super::Span;
+    use std::arch::x86_64::*;
 
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    pub(super) fn scores_avx512(segments: &[Segment], bias: Option<&HostView<3>>, queries: &[f32], scale: f32, it: Item) -> Vec<f32> {
-        score_item::<true>(segments, bias, queries, scale, it)
-    }
-
+    /// The eight lanes of each of `a[0..8]` summed: `[sum a0, .., sum a7]`.
+    #[inline]
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn scores_avx2(segments: &[Segment], bias: Option<&HostView<3>>, queries: &[f32], scale: f32, it: Item) -> Vec<f32> {
-        score_item::<true>(segments, bias, queries, scale, it)
+    fn sums8(a: [__m256; 8]) -> __m256 {
+        let t0 = _mm256_hadd_ps(a[0], a[1]);
+        let t1 = _mm256_hadd_ps(a[2], a[3]);
+        let t2 = _mm256_hadd_ps(a[4], a[5]);
+        let t3 = _mm256_hadd_ps(a[6], a[7]);
+        let u0 = _mm256_hadd_ps(t0, t1);
+        let u1 = _mm256_hadd_ps(t2, t3);
+        _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31))
     }
 
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    pub(super) fn outputs_avx512(segments: &[Segment], probs: &[f32], n: usize, d: usize, it: Item) -> Vec<f32> {
-        value_item::<true>(segments, probs, n, d, it)
-    }
-
+    /// Scores of eight keys at a time, each query's eight dot products reduced together, so a
+    /// head of 32 pays a few shuffles per eight keys rather than a reduction per key. `d % 8 == 0`.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn outputs_avx2(segments: &[Segment], probs: &[f32], n: usize, d: usize, it: Item) -> Vec<f32> {
-        value_item::<true>(segments, probs, n, d, it)
+    pub(super) unsafe fn scores(keys: &[Span], queries: &[f32], d: usize, scale: f32, len: usize, out: &mut [f32]) {
+        // SAFETY: every pointer is into a span's rows, `d` floats each (the caller's shapes), or
+        // into `queries` / `w` / `out`, whose lengths the loops keep to.
+        unsafe {
+            let r = queries.len() / d;
+            let scale_v = _mm256_set1_ps(scale);
+            for span in keys {
+                let data = span.data.as_ptr();
+                let mut j = 0;
+                while j + 8 <= span.rows {
+                    let key: [*const f32; 8] = std::array::from_fn(|k| data.add(span.base + (j + k) * span.stride));
+                    for i in 0..r {
+                        let q = queries.as_ptr().add(i * d);
+                        let mut acc = [_mm256_setzero_ps(); 8];
+                        for e in (0..d).step_by(8) {
+                            let qv = _mm256_loadu_ps(q.add(e));
+                            for k in 0..8 {
+                                acc[k] = _mm256_fmadd_ps(_mm256_loadu_ps(key[k].add(e)), qv, acc[k]);
+                            }
+                        }
+                        _mm256_storeu_ps(out.as_mut_ptr().add(i * len + span.first + j), _mm256_mul_ps(sums8(acc), scale_v));
+                    }
+                    j += 8;
+                }
+                for j in j..span.rows {
+                    let key = &span.data[span.base + j * span.stride..][..d];
+                    for i in 0..r {
+                        out[i * len + span.first + j] = super::dot(&queries[i * d..(i + 1) * d], key) * scale;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Each query's weighted sum of values, 32 output floats at a time in four registers, the
+    /// values of the chunk read once per query and block (from cache after the first). `d % 32 == 0`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn values(values: &[Span], w: &[f32], d: usize, len: usize, out: &mut [f32]) {
+        // SAFETY: every pointer is into a span's rows, `d` floats each (the caller's shapes), or
+        // into `queries` / `w` / `out`, whose lengths the loops keep to.
+        unsafe {
+            let r = out.len() / d;
+            for i in 0..r {
+                for c in (0..d).step_by(32) {
+                    let mut acc = [_mm256_setzero_ps(); 4];
+                    for span in values {
+                        let data = span.data.as_ptr();
+                        let weights = w.as_ptr().add(i * len + span.first);
+                        for j in 0..span.rows {
+                            let p = _mm256_set1_ps(*weights.add(j));
+                            let v = data.add(span.base + j * span.stride + c);
+                            for t in 0..4 {
+                                acc[t] = _mm256_fmadd_ps(_mm256_loadu_ps(v.add(8 * t)), p, acc[t]);
+                            }
+                        }
+                    }
+                    let o = out.as_mut_ptr().add(i * d + c);
+                    for t in 0..4 {
+                        _mm256_storeu_ps(o.add(8 * t), _mm256_add_ps(_mm256_loadu_ps(o.add(8 * t)), acc[t]));
+                    }
+                }
+            }
+        }
     }
 }
 
-/// The item's scores `[r, len]`: each key read once for the group's `r` queries, plus the bias.
-#[inline(always)]
-fn score_item<const FMA: bool>(segments: &[Segment], bias: Option<&HostView<3>>, queries: &[f32], scale: f32, it: Item) -> Vec<f32> {
-    let Item { bi, g, j0, len, r } = it;
-    let d = queries.len() / r;
-    let mut out = vec![0f32; r * len];
-    for span in spans(segments, false, it) {
+/// [`Kernels::scores`] in plain code, for any head size.
+fn scores_portable(keys: &[Span], queries: &[f32], d: usize, scale: f32, len: usize, out: &mut [f32]) {
+    let r = queries.len() / d;
+    for span in keys {
         for j in 0..span.rows {
-            let at = span.base + j * span.stride;
-            let key = &span.data[at..at + d];
+            let key = &span.data[span.base + j * span.stride..][..d];
             for i in 0..r {
-                out[i * len + span.first + j] = dot::<FMA>(&queries[i * d..(i + 1) * d], key) * scale;
+                out[i * len + span.first + j] = dot(&queries[i * d..(i + 1) * d], key) * scale;
             }
         }
     }
-    if let Some(bias) = bias {
-        let (sb, sg) = (if bias.shape[0] == 1 { 0 } else { bi }, if bias.shape[1] == 1 { 0 } else { g });
-        let base = bias.offset + sb * bias.strides[0] + sg * bias.strides[1] + j0 * bias.strides[2];
-        let data = bias.data();
-        for i in 0..r {
-            for j in 0..len {
-                out[i * len + j] += data[base + j * bias.strides[2]];
-            }
-        }
-    }
-    out
 }
 
-/// The item's share of the output `[r, d]`: each value read once for the group's `r` heads.
-#[inline(always)]
-fn value_item<const FMA: bool>(segments: &[Segment], probs: &[f32], n: usize, d: usize, it: Item) -> Vec<f32> {
-    let Item { j0, r, .. } = it;
-    let mut out = vec![0f32; r * d];
-    for span in spans(segments, true, it) {
+/// [`Kernels::values`] in plain code, for any head size.
+fn values_portable(values: &[Span], w: &[f32], d: usize, len: usize, out: &mut [f32]) {
+    let r = out.len() / d;
+    for span in values {
         for j in 0..span.rows {
-            let at = span.base + j * span.stride;
-            let value = &span.data[at..at + d];
+            let value = &span.data[span.base + j * span.stride..][..d];
             for i in 0..r {
-                axpy::<FMA>(probs[i * n + j0 + span.first + j], value, &mut out[i * d..(i + 1) * d]);
+                let p = w[i * len + span.first + j];
+                out[i * d..(i + 1) * d].iter_mut().zip(value).for_each(|(o, &x)| *o += p * x);
             }
         }
     }
-    out
 }
 
 /// Rows of one segment an item reads: `rows` rows from `base` by `stride` in `data`, the first
@@ -329,31 +409,18 @@ fn spans(segments: &[Segment], values: bool, it: Item) -> Vec<Span<'_>> {
         .collect()
 }
 
-/// `a . b` in 16 lanes (the compiler vectorises the fixed-width inner loop).
+/// `a . b`, in 16 lanes the compiler can vectorise (a running sum would be `d` dependent adds).
 #[inline(always)]
-fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
     let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
     let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
     for (x, y) in ca.zip(cb) {
         for l in 0..16 {
-            acc[l] = if FMA { x[l].mul_add(y[l], acc[l]) } else { x[l] * y[l] + acc[l] };
+            acc[l] += x[l] * y[l];
         }
     }
-    // A tree over the lanes (halves added), which vectorises; a running sum would be 16
-    // dependent scalar adds.
-    for w in [8, 4, 2, 1] {
-        for l in 0..w {
-            acc[l] += acc[l + w];
-        }
-    }
-    acc[0] + tail
-}
-
-/// `out += p * v`.
-#[inline(always)]
-fn axpy<const FMA: bool>(p: f32, v: &[f32], out: &mut [f32]) {
-    out.iter_mut().zip(v).for_each(|(o, &x)| *o = if FMA { p.mul_add(x, *o) } else { p * x + *o });
+    acc.iter().sum::<f32>() + tail
 }
 
 #[cfg(test)]
@@ -389,7 +456,8 @@ mod tests {
     fn host_decode_attends_and_observes_what_the_explicit_kernel_does() {
         let dev = Default::default();
         let observe = ObserveRequest { column_sums: true, window: 1, ..Default::default() };
-        for (heads, kv_heads, d, runs) in [(6, 2, 64, true), (4, 1, 128, true), (4, 4, 64, false), (4, 2, 32, false)] {
+        // Grouped, MQA, MHA; head sizes the vector loops take whole (64, 128, 32), in part (40) or not (20).
+        for (heads, kv_heads, d) in [(6, 2, 64), (4, 1, 128), (4, 4, 64), (4, 2, 32), (3, 3, 40), (2, 1, 20)] {
             let c = cache(kv_heads, d, &dev);
             let q = randn([2, heads, 1, d], &dev);
             let scale = (d as f64).powf(-0.5);
@@ -399,7 +467,7 @@ mod tests {
             let before = DECODE_CALLS.load(Ordering::Relaxed);
             let (got, got_obs) = attend_appended(q, &c, scale, observe);
             set_host_kernels(false);
-            assert_eq!(DECODE_CALLS.load(Ordering::Relaxed) - before, usize::from(runs), "{heads} heads on {kv_heads} of {d}");
+            assert_eq!(DECODE_CALLS.load(Ordering::Relaxed) - before, 1, "{heads} heads on {kv_heads} of {d}");
             let diff = |a: Tensor<B, 4>, b: Tensor<B, 4>| -> f32 { (a - b).abs().max().into_scalar() };
             assert!(diff(got, want) <= 1e-5, "{heads}/{kv_heads}/{d}: output");
             let (g, w) = (got_obs.unwrap(), want_obs.unwrap());
