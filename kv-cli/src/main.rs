@@ -178,7 +178,7 @@ fn policy_help() -> String {
 }
 
 fn main() {
-    peak::reuse_freed_pages();
+    peak::tune_heap();
     let parsed = Cli::command().after_help(policy_help()).try_get_matches().and_then(|m| Cli::from_arg_matches(&m));
     let cli = match parsed {
         Ok(cli) => cli,
