@@ -32,7 +32,9 @@ fn grew(by: usize) {
 /// `madvise`, as Debian does), each time it has grown, as glibc's `hugetlb` tunable does: a
 /// decode step streams every weight and the whole cache, and on 4 KiB pages that is a TLB miss
 /// every 4 KiB (decode-bench: 1.03-1.3x the tokens/s at 2k, 1.08-1.5x at 8k, four alternating
-/// pairs). Every block comes from the heap ([`tune_heap`]), so flagging the heap covers them all.
+/// pairs). The main thread's blocks all come from the heap ([`tune_heap`]), and burn-flex allocates
+/// tensors there; the arenas glibc gives other threads (the pool's small per-item buffers) keep
+/// small pages.
 fn advise_huge_pages() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
