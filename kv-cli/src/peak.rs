@@ -23,6 +23,16 @@ const HUGE: usize = 2 << 20;
 /// memory nothing has touched yet when [`advise_huge_pages`] flags it.
 const TOP_PAD: i32 = 32 << 20;
 
+/// The C library calls the heap settings use.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+mod glibc {
+    unsafe extern "C" {
+        pub fn mallopt(param: i32, value: i32) -> i32;
+        pub fn sbrk(increment: isize) -> *mut std::ffi::c_void;
+        pub fn madvise(addr: *mut std::ffi::c_void, len: usize, advice: i32) -> i32;
+    }
+}
+
 fn grew(by: usize) {
     let now = CURRENT.fetch_add(by, Relaxed) + by;
     PEAK.fetch_max(now, Relaxed);
@@ -42,19 +52,15 @@ fn advise_huge_pages() {
         if done == 0 {
             return;
         }
-        unsafe extern "C" {
-            fn sbrk(increment: isize) -> *mut std::ffi::c_void;
-            fn madvise(addr: *mut std::ffi::c_void, len: usize, advice: i32) -> i32;
-        }
         const MADV_HUGEPAGE: i32 = 14;
         // SAFETY: `sbrk(0)` only reads the current end of the heap.
-        let end = unsafe { sbrk(0) } as usize;
+        let end = unsafe { glibc::sbrk(0) } as usize;
         if end > done && ADVISED_TO.compare_exchange(done, end, Relaxed, Relaxed).is_ok() {
             // From the huge page the last growth ended in, which is now whole.
             let start = (done / HUGE * HUGE).max(HEAP_BASE.load(Relaxed));
             // SAFETY: the range is the heap's own mapping; the advice changes how its pages are
             // backed, never their contents, and a failure leaves them as they were.
-            unsafe { madvise(start as *mut std::ffi::c_void, end - start, MADV_HUGEPAGE) };
+            unsafe { glibc::madvise(start as *mut std::ffi::c_void, end - start, MADV_HUGEPAGE) };
         }
     }
 }
@@ -126,20 +132,16 @@ pub fn current() -> usize {
 pub fn tune_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
-        unsafe extern "C" {
-            fn mallopt(param: i32, value: i32) -> i32;
-            fn sbrk(increment: isize) -> *mut std::ffi::c_void;
-        }
         const M_TRIM_THRESHOLD: i32 = -1;
         const M_TOP_PAD: i32 = -2;
         const M_MMAP_MAX: i32 = -4;
         // SAFETY: mallopt only changes allocator settings, and `sbrk(0)` only reads the heap's
         // end; this runs before any thread starts.
         unsafe {
-            mallopt(M_MMAP_MAX, 0);
-            mallopt(M_TRIM_THRESHOLD, i32::MAX);
-            mallopt(M_TOP_PAD, TOP_PAD);
-            let base = (sbrk(0) as usize).max(1);
+            glibc::mallopt(M_MMAP_MAX, 0);
+            glibc::mallopt(M_TRIM_THRESHOLD, i32::MAX);
+            glibc::mallopt(M_TOP_PAD, TOP_PAD);
+            let base = (glibc::sbrk(0) as usize).max(1);
             HEAP_BASE.store(base, Relaxed);
             ADVISED_TO.store(base, Relaxed);
         }
