@@ -74,7 +74,7 @@ pub fn attend_appended<B: Backend>(q: Tensor<B, 4>, cache: &kv_core::LayerCache<
     #[cfg(feature = "flex")]
     if t == 1 && !cache.is_ragged() && host_kernels_on::<B>(&q.device()) {
         let bias = cache.dead_bias();
-        if let Some((o, probs)) = crate::decode::decode_attention(&q, &cache.kv_segments(), bias.as_ref(), scale, observe) {
+        if let Some((o, probs)) = crate::decode::decode_attention(&q, &cache.kv_segments(), bias.as_ref(), scale, observe, crate::Isa::best(), None) {
             let observation = (!observe.is_empty()).then(|| Observation {
                 column_sums: probs.clone().filter(|_| observe.column_sums),
                 window: probs.filter(|_| observe.window > 0).map(|p| p.unsqueeze_dim(2)),
@@ -107,21 +107,75 @@ pub fn set_prefill_threads(threads: usize) {
 
 static HOST_KERNELS: AtomicBool = AtomicBool::new(false);
 
+thread_local! {
+    /// This thread's own setting of the host kernels ([`with_host_kernels`]), over the process's.
+    static HOST_KERNELS_HERE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
 /// Sets whether a prefill's attention and gated FFN activation run on the host kernels
 /// ([`crate::host::causal_attention`], [`swiglu`]) instead of the backend's ops (default off):
 /// the attention rows no policy observes (all but SnapKV's window), and whole chunks whose policy
 /// sums each slot's attention (H2O, VATP). For CPU backends, whose tensors already live in host
 /// memory: reading them out costs a copy at most, and the kernels are vectorised where burn-flex
 /// 0.21's ops are scalar. f32 only, head sizes in [`crate::host::HEAD_DIMS`], and never while an
-/// autodiff graph is recorded; anything else stays on the backend's ops.
+/// autodiff graph is recorded; anything else stays on the backend's ops. A thread inside
+/// [`with_host_kernels`] keeps its own setting.
 pub fn set_host_kernels(enabled: bool) {
     HOST_KERNELS.store(enabled, Ordering::Relaxed);
 }
 
-/// Whether the host kernels may take this call's tensors: switched on, and no autodiff graph
-/// being recorded on `device` (the kernels' outputs would cut it).
+/// Runs `f` with the host kernels on or off for this thread alone, whatever
+/// [`set_host_kernels`] says for the process, and restores the thread's setting after (also on a
+/// panic). What a test compares a kernel against then runs on the path it names, even while other
+/// tests flip the process-wide switch on other threads.
+pub fn with_host_kernels<R>(enabled: bool, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<bool>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            HOST_KERNELS_HERE.with(|h| h.set(self.0));
+        }
+    }
+    let _restore = Restore(HOST_KERNELS_HERE.with(|h| h.replace(Some(enabled))));
+    f()
+}
+
+/// Whether the host kernels may take this call's tensors: switched on (for this thread, see
+/// [`with_host_kernels`], else for the process), and no autodiff graph being recorded on
+/// `device` (the kernels' outputs would cut it).
 pub fn host_kernels_on<B: Backend>(device: &B::Device) -> bool {
-    HOST_KERNELS.load(Ordering::Relaxed) && !B::ad_enabled(device)
+    HOST_KERNELS_HERE.with(|h| h.get()).unwrap_or_else(|| HOST_KERNELS.load(Ordering::Relaxed)) && !B::ad_enabled(device)
+}
+
+/// Calls each host kernel served on this thread, so a test can tell whether the kernel it meant
+/// to check ran (per thread, so other tests running beside it do not count).
+#[cfg(test)]
+pub(crate) mod served {
+    use std::cell::Cell;
+
+    /// One counter per kernel.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(crate) enum Kernel {
+        /// The prefill attention and SwiGLU (`host.rs`).
+        Prefill,
+        /// The decode attention (`decode.rs`).
+        Decode,
+        /// The packed-weight product (`packed.rs`).
+        Packed,
+    }
+
+    thread_local! {
+        static CALLS: [Cell<usize>; 3] = const { [Cell::new(0), Cell::new(0), Cell::new(0)] };
+    }
+
+    /// Counts one call of `kernel` on this thread.
+    pub(crate) fn count(kernel: Kernel) {
+        CALLS.with(|c| c[kernel as usize].set(c[kernel as usize].get() + 1));
+    }
+
+    /// Calls of `kernel` on this thread so far.
+    pub(crate) fn calls(kernel: Kernel) -> usize {
+        CALLS.with(|c| c[kernel as usize].get())
+    }
 }
 
 /// `silu(gate) * up`, the gated FFN's activation: through the vectorised host kernel
@@ -142,13 +196,13 @@ pub fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) 
     let dims = gate.dims();
     let (g, u) = (gate.into_data(), up.into_data());
     let out = match (g.as_slice::<f32>(), u.as_slice::<f32>()) {
-        (Ok(gs), Ok(us)) => crate::host::swiglu(gs, us, PREFILL_THREADS.load(Ordering::Relaxed)),
+        (Ok(gs), Ok(us)) => crate::host::swiglu(gs, us, PREFILL_THREADS.load(Ordering::Relaxed), crate::Isa::best()),
         _ => None,
     };
     match out {
         Some(out) => {
             #[cfg(test)]
-            HOST_CALLS.fetch_add(1, Ordering::Relaxed);
+            served::count(served::Kernel::Prefill);
             Tensor::from_data(burn::tensor::TensorData::new(out, dims), &device)
         }
         None => burn::tensor::activation::silu(Tensor::from_data(g, &device)) * Tensor::from_data(u, &device),
@@ -157,10 +211,6 @@ pub fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) 
 
 /// The fewest elements [`swiglu`] moves to the host for: a few prefill rows of a small FFN.
 const HOST_SWIGLU_MIN: usize = 1 << 15;
-
-/// Calls the host kernel served, so a test can tell it ran.
-#[cfg(test)]
-pub(crate) static HOST_CALLS: AtomicUsize = AtomicUsize::new(0);
 
 /// The first `rows` queries of `q` over the first `visible` keys through the host kernel, with
 /// each query head's column sums when asked, if [`set_host_kernels`] is on and the tensors
@@ -188,9 +238,9 @@ fn host_prefill<B: Backend>(
     let (k, v) = (keys.clone().into_data(), values.clone().into_data());
     let shape = crate::host::HostShape { batch, heads, kv_heads, queries: rows, keys: keys_len, visible, head_dim };
     let threads = PREFILL_THREADS.load(Ordering::Relaxed);
-    let out = crate::host::causal_attention(q.as_slice().ok()?, k.as_slice().ok()?, v.as_slice().ok()?, shape, scale as f32, column_sums, threads)?;
+    let out = crate::host::causal_attention(q.as_slice().ok()?, k.as_slice().ok()?, v.as_slice().ok()?, shape, scale as f32, column_sums, threads, crate::Isa::best())?;
     #[cfg(test)]
-    HOST_CALLS.fetch_add(1, Ordering::Relaxed);
+    served::count(served::Kernel::Prefill);
     let output = Tensor::from_data(burn::tensor::TensorData::new(out.output, [batch, heads, rows, head_dim]), &device);
     let sums = out.column_sums.map(|c| Tensor::from_data(burn::tensor::TensorData::new(c, [batch, heads, visible]), &device));
     Some((output, sums))

@@ -10,7 +10,7 @@
 //! exactly, as flash-decoding does. The probabilities are the observation H2O and TOVA read
 //! (column sums and the last row of one query are the same thing).
 
-use crate::ObserveRequest;
+use crate::{Isa, ObserveRequest};
 use burn::backend::flex::FlexTensor;
 use burn::prelude::*;
 use burn::tensor::{DType, TensorData, TensorPrimitive};
@@ -76,12 +76,18 @@ const PARALLEL_MIN: usize = 1 << 18;
 /// over its keys and values; the chunks are then merged exactly (each rescaled by `exp` of its
 /// maximum less the row's), as flash-decoding does. The probabilities, when asked, are each
 /// chunk's exponentials under the same rescaling.
+///
+/// `isa` picks the score and value loops (the widest this CPU runs at or below it; AVX-512 runs
+/// the AVX2 loops); `parallel` deals the items over rayon's pool (`None`: from a megabyte of keys
+/// up, below which the pool's dispatch costs more than the second core saves).
 pub(crate) fn decode_attention<B: Backend>(
     q: &Tensor<B, 4>,
     kv: &[(Tensor<B, 4>, Tensor<B, 4>)],
     bias: Option<&Tensor<B, 3>>,
     scale: f64,
     observe: ObserveRequest,
+    isa: Isa,
+    parallel: Option<bool>,
 ) -> Option<(Tensor<B, 4>, Option<Tensor<B, 3>>)> {
     let [b, h, t, d] = q.dims();
     if t != 1 || observe.band > 0 || observe.window > 1 || d == 0 || kv.is_empty() {
@@ -117,9 +123,8 @@ pub(crate) fn decode_attention<B: Backend>(
     let qs = qd.as_slice::<f32>().ok()?;
     let r = h / kvh;
     let want_probs = observe.column_sums || observe.window > 0;
-    let ctx = Ctx { segments: &segments, bias: bias.as_ref(), scale: scale as f32, d, r, keep_exps: want_probs };
-    // Below a megabyte of keys the pool's dispatch costs more than the second core saves.
-    let parallel = b * kvh * n * d >= PARALLEL_MIN;
+    let ctx = Ctx { segments: &segments, bias: bias.as_ref(), scale: scale as f32, d, r, keep_exps: want_probs, isa: isa.usable() };
+    let parallel = parallel.unwrap_or(b * kvh * n * d >= PARALLEL_MIN);
     let items: Vec<Item> = (0..b)
         .flat_map(|bi| (0..kvh).flat_map(move |g| (0..n.div_ceil(CHUNK)).map(move |c| Item { bi, g, j0: c * CHUNK, len: CHUNK.min(n - c * CHUNK) })))
         .collect();
@@ -156,13 +161,9 @@ pub(crate) fn decode_attention<B: Backend>(
     let out = Tensor::from_data(TensorData::new(output, [b, h, 1, d]), &device);
     let probs = want_probs.then(|| Tensor::from_data(TensorData::new(probs, [b, h, n]), &device));
     #[cfg(test)]
-    DECODE_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    crate::attend::served::count(crate::attend::served::Kernel::Decode);
     Some((out, probs))
 }
-
-/// Calls the host decode served, so a test can tell it ran.
-#[cfg(test)]
-pub(crate) static DECODE_CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// What every item of one call reads.
 struct Ctx<'a> {
@@ -174,6 +175,8 @@ struct Ctx<'a> {
     r: usize,
     /// Whether each item returns its exponentials (the caller wants the probabilities).
     keep_exps: bool,
+    /// The loops' build (one [`Isa::usable`] returned).
+    isa: Isa,
 }
 
 /// One work item: slots `j0 .. j0 + len` of (batch `bi`, KV head `g`).
@@ -204,7 +207,7 @@ fn attend_chunk(ctx: &Ctx, queries: &[f32], it: Item) -> Part {
     let (r, d) = (ctx.r, ctx.d);
     let key_spans = spans(ctx.segments, false, it);
     let mut exps = vec![0f32; r * len];
-    kernels().scores(&key_spans, queries, d, ctx.scale, len, &mut exps);
+    scores(ctx.isa, &key_spans, queries, d, ctx.scale, len, &mut exps);
     if let Some(bias) = ctx.bias {
         let (sb, sg) = (if bias.shape[0] == 1 { 0 } else { bi }, if bias.shape[1] == 1 { 0 } else { g });
         let base = bias.offset + sb * bias.strides[0] + sg * bias.strides[1] + j0 * bias.strides[2];
@@ -217,51 +220,33 @@ fn attend_chunk(ctx: &Ctx, queries: &[f32], it: Item) -> Part {
     let mut sum = Vec::with_capacity(r);
     for row in exps.chunks_exact_mut(len) {
         let m = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-        sum.push(crate::host::exp_shifted(row, m));
+        sum.push(crate::host::exp_shifted(row, m, ctx.isa));
         max.push(m);
     }
     let mut out = vec![0f32; r * d];
-    kernels().values(&spans(ctx.segments, true, it), &exps, d, len, &mut out);
+    values(ctx.isa, &spans(ctx.segments, true, it), &exps, d, len, &mut out);
     Part { max, sum, out, exps: if ctx.keep_exps { exps } else { Vec::new() } }
 }
 
-/// The score and value loops, with the widest instruction set this CPU has.
-#[derive(Clone, Copy)]
-enum Kernels {
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-    Portable,
+/// `out[i * len + j] = scale * q_i . k_j` for the `r = queries.len() / d` queries, with `isa`'s
+/// loops (one [`Isa::usable`] returned; the vector loop takes whole multiples of 8 features).
+fn scores(isa: Isa, keys: &[Span], queries: &[f32], d: usize, scale: f32, len: usize, out: &mut [f32]) {
+    match isa {
+        // SAFETY: `isa` came from `Isa::usable`, so this CPU has AVX2 and FMA.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512 if d % 8 == 0 => unsafe { x86::scores(keys, queries, d, scale, len, out) },
+        _ => scores_portable(keys, queries, d, scale, len, out),
+    }
 }
 
-fn kernels() -> Kernels {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            return Kernels::Avx2;
-        }
-    }
-    Kernels::Portable
-}
-
-impl Kernels {
-    /// `out[i * len + j] = scale * q_i . k_j` for the `r = queries.len() / d` queries.
-    fn scores(self, keys: &[Span], queries: &[f32], d: usize, scale: f32, len: usize, out: &mut [f32]) {
-        match self {
-            // SAFETY: `kernels` found the CPU to support AVX2 and FMA.
-            #[cfg(target_arch = "x86_64")]
-            Kernels::Avx2 if d % 8 == 0 => unsafe { x86::scores(keys, queries, d, scale, len, out) },
-            _ => scores_portable(keys, queries, d, scale, len, out),
-        }
-    }
-
-    /// `out[i] += sum_j w[i * len + j] v_j` for the `r = out.len() / d` queries.
-    fn values(self, values: &[Span], w: &[f32], d: usize, len: usize, out: &mut [f32]) {
-        match self {
-            // SAFETY: `kernels` found the CPU to support AVX2 and FMA.
-            #[cfg(target_arch = "x86_64")]
-            Kernels::Avx2 if d % 32 == 0 => unsafe { x86::values(values, w, d, len, out) },
-            _ => values_portable(values, w, d, len, out),
-        }
+/// `out[i] += sum_j w[i * len + j] v_j` for the `r = out.len() / d` queries, with `isa`'s loops
+/// (the vector loop takes whole multiples of 32 features).
+fn values(isa: Isa, values: &[Span], w: &[f32], d: usize, len: usize, out: &mut [f32]) {
+    match isa {
+        // SAFETY: `isa` came from `Isa::usable`, so this CPU has AVX2 and FMA.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512 if d % 32 == 0 => unsafe { x86::values(values, w, d, len, out) },
+        _ => values_portable(values, w, d, len, out),
     }
 }
 
@@ -352,7 +337,7 @@ mod x86 {
     }
 }
 
-/// [`Kernels::scores`] in plain code, for any head size.
+/// [`scores`] in plain code, for any head size.
 fn scores_portable(keys: &[Span], queries: &[f32], d: usize, scale: f32, len: usize, out: &mut [f32]) {
     let r = queries.len() / d;
     for span in keys {
@@ -365,7 +350,7 @@ fn scores_portable(keys: &[Span], queries: &[f32], d: usize, scale: f32, len: us
     }
 }
 
-/// [`Kernels::values`] in plain code, for any head size.
+/// [`values`] in plain code, for any head size.
 fn values_portable(values: &[Span], w: &[f32], d: usize, len: usize, out: &mut [f32]) {
     let r = out.len() / d;
     for span in values {
@@ -426,9 +411,9 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{attend_appended, set_host_kernels};
+    use crate::attend::served::{Kernel, calls};
+    use crate::{attend_appended, with_host_kernels};
     use kv_core::{CacheShape, LayerCache};
-    use std::sync::atomic::Ordering;
 
     type B = burn::backend::Flex;
 
@@ -452,28 +437,71 @@ mod tests {
         c
     }
 
+    fn diff<const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> f32 {
+        (a - b).abs().max().into_scalar()
+    }
+
+    /// The kernel on every instruction set this CPU runs, on one thread and over rayon's pool,
+    /// against the explicit kernel (burn's ops, named explicitly, so another test flipping the
+    /// process's switch cannot make the reference run on the kernel under test).
+    fn check_against_the_explicit_kernel(c: &LayerCache<B>, q: Tensor<B, 4>, scale: f64, what: &str, tolerance: (f32, f32)) {
+        let observe = ObserveRequest { column_sums: true, window: 1, ..Default::default() };
+        let (want, want_obs) = with_host_kernels(false, || attend_appended(q.clone(), c, scale, observe));
+        let w = want_obs.unwrap();
+        let (want_sums, want_window) = (w.column_sums.unwrap(), w.window.unwrap());
+        for isa in Isa::available() {
+            for parallel in [false, true] {
+                let (got, probs) = decode_attention(&q, &c.kv_segments(), c.dead_bias().as_ref(), scale, observe, isa, Some(parallel)).expect("a shape the kernel takes");
+                let probs = probs.expect("probabilities were asked for");
+                let (out, sums) = (diff(got, want.clone()), diff(probs.clone(), want_sums.clone()));
+                assert!(out <= tolerance.0, "{what}, {isa}, parallel {parallel}: output differs by {out}");
+                assert!(sums <= tolerance.1, "{what}, {isa}, parallel {parallel}: probabilities differ by {sums}");
+                assert!(diff(probs.unsqueeze_dim(2), want_window.clone()) <= tolerance.1, "{what}, {isa}: window");
+            }
+        }
+        // And the dispatch sends a decode step to it when the host kernels are on.
+        let before = calls(Kernel::Decode);
+        let (got, _) = with_host_kernels(true, || attend_appended(q, c, scale, observe));
+        assert_eq!(calls(Kernel::Decode) - before, 1, "{what}: attend_appended took the host decode kernel");
+        assert!(diff(got, want) <= tolerance.0, "{what}: through the dispatch");
+    }
+
     #[test]
     fn host_decode_attends_and_observes_what_the_explicit_kernel_does() {
         let dev = Default::default();
-        let observe = ObserveRequest { column_sums: true, window: 1, ..Default::default() };
+        <B as Backend>::seed(&dev, 5);
         // Grouped, MQA, MHA; head sizes the vector loops take whole (64, 128, 32), in part (40) or not (20).
         for (heads, kv_heads, d) in [(6, 2, 64), (4, 1, 128), (4, 4, 64), (4, 2, 32), (3, 3, 40), (2, 1, 20)] {
             let c = cache(kv_heads, d, &dev);
             let q = randn([2, heads, 1, d], &dev);
-            let scale = (d as f64).powf(-0.5);
-            set_host_kernels(false);
-            let (want, want_obs) = attend_appended(q.clone(), &c, scale, observe);
-            set_host_kernels(true);
-            let before = DECODE_CALLS.load(Ordering::Relaxed);
-            let (got, got_obs) = attend_appended(q, &c, scale, observe);
-            set_host_kernels(false);
-            assert_eq!(DECODE_CALLS.load(Ordering::Relaxed) - before, 1, "{heads} heads on {kv_heads} of {d}");
-            let diff = |a: Tensor<B, 4>, b: Tensor<B, 4>| -> f32 { (a - b).abs().max().into_scalar() };
-            assert!(diff(got, want) <= 1e-5, "{heads}/{kv_heads}/{d}: output");
-            let (g, w) = (got_obs.unwrap(), want_obs.unwrap());
-            let sums: f32 = (g.column_sums.unwrap() - w.column_sums.unwrap()).abs().max().into_scalar();
-            assert!(sums <= 1e-6, "{heads}/{kv_heads}/{d}: column sums differ by {sums}");
-            assert!(diff(g.window.unwrap(), w.window.unwrap()) <= 1e-6, "{heads}/{kv_heads}/{d}: window");
+            check_against_the_explicit_kernel(&c, q, (d as f64).powf(-0.5), &format!("{heads} heads on {kv_heads} of {d}"), (1e-5, 1e-6));
         }
+    }
+
+    #[test]
+    fn host_decode_is_exact_over_scores_spread_across_80() {
+        // Keys grow from 0.05x to 3x along the cache and the query is 10x, so one row's scores
+        // span more than 80 and the second chunk's maximum is far above the first's: the merge
+        // rescales the first chunk by exp(-40) or less.
+        let dev = Default::default();
+        <B as Backend>::seed(&dev, 11);
+        let (kv_heads, d, n) = (2, 64, 600);
+        let shape = CacheShape { batch: 2, kv_heads, key_dim: d, value_dim: d };
+        let growth: Vec<f32> = (0..n).map(|j| 0.05 + 3.0 * (j as f32 / n as f32).powi(2)).collect();
+        let growth = Tensor::<B, 1>::from_floats(growth.as_slice(), &dev).reshape([1, 1, n, 1]);
+        let mut c = LayerCache::new(shape, &dev);
+        c.append(randn([2, kv_heads, n, d], &dev) * growth, randn([2, kv_heads, n, d], &dev)).unwrap();
+        let q = randn::<4>([2, 4, 1, d], &dev) * 10.0;
+        let scale = (d as f64).powf(-0.5);
+        // The scores themselves, from the host data in f64.
+        let (qs, ks): (Vec<f32>, Vec<f32>) = (q.clone().into_data().to_vec().unwrap(), c.keys().into_data().to_vec().unwrap());
+        let row = |head: usize| -> Vec<f64> { (0..n).map(|j| (0..d).map(|e| qs[head * d + e] as f64 * ks[((head / 2) * n + j) * d + e] as f64).sum::<f64>() * scale).collect() };
+        let spread = |s: &[f64]| s.iter().cloned().fold(f64::MIN, f64::max) - s.iter().cloned().fold(f64::MAX, f64::min);
+        let scores = row(0);
+        let (first, second) = (&scores[..CHUNK], &scores[CHUNK..]);
+        let top = |s: &[f64]| s.iter().cloned().fold(f64::MIN, f64::max);
+        assert!(spread(&scores) > 80.0 && top(second) - top(first) > 40.0, "the test needs a wide range: spread {}, chunk maxima {} and {}", spread(&scores), top(first), top(second));
+        // Probabilities near 1 carry f32's rounding of their exponentials on both sides.
+        check_against_the_explicit_kernel(&c, q, scale, "scores over 80", (2e-5, 5e-6));
     }
 }

@@ -7,7 +7,9 @@
 //! 64 keys in registers, a polynomial `exp2` over the whole tile, the causal mask only on the
 //! tiles the diagonal crosses and no tile past a block's last query. Each (batch, head, block of
 //! 64 queries) is one work item; items are dealt over threads, largest first. It is compiled for
-//! AVX-512 and AVX2+FMA and picked at run time, with a portable build as the fallback.
+//! AVX-512 and AVX2+FMA and for any CPU; the caller names the [`Isa`] (normally [`Isa::best`]).
+
+use crate::Isa;
 
 /// Query rows per work item: its queries, scores and output stay in L1/L2 while it sweeps the keys.
 const ROWS: usize = 64;
@@ -55,8 +57,10 @@ pub struct HostOutput {
 /// all row-major, on up to `threads` threads. For column sums, when asked, each block keeps its
 /// exponentials (64 rows by the keys it sees) and rescales them once its rows' final maxima and
 /// sums are known: exact, and a pass over memory instead of a second pass over the scores.
-/// `None` for a head size outside [`HEAD_DIMS`] or inconsistent lengths.
-pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], shape: HostShape, scale: f32, column_sums: bool, threads: usize) -> Option<HostOutput> {
+/// `None` for a head size outside [`HEAD_DIMS`] or inconsistent lengths. `isa` picks the build
+/// (the widest this CPU runs at or below it).
+#[allow(clippy::too_many_arguments)]
+pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], shape: HostShape, scale: f32, column_sums: bool, threads: usize, isa: Isa) -> Option<HostOutput> {
     let HostShape { batch, heads, kv_heads, queries, keys, visible, head_dim: d } = shape;
     let consistent = batch > 0
         && kv_heads > 0
@@ -105,11 +109,12 @@ pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], shape: HostShape, scale
         dealt[j % threads].push(item);
     }
     let ctx = Ctx { q, kt: &kt, v, queries, keys, visible, tiles, scale: scale * std::f32::consts::LOG2_E, column_sums: column_sums.then_some(batch * heads * visible) };
+    let isa = isa.usable();
     let run = |work: Vec<(Item, &mut [f32])>| match d {
-        16 => run_items::<1>(&ctx, work),
-        32 => run_items::<2>(&ctx, work),
-        64 => run_items::<4>(&ctx, work),
-        _ => run_items::<8>(&ctx, work),
+        16 => run_items::<1>(&ctx, work, isa),
+        32 => run_items::<2>(&ctx, work, isa),
+        64 => run_items::<4>(&ctx, work, isa),
+        _ => run_items::<8>(&ctx, work, isa),
     };
     let sums: Vec<Option<Vec<f32>>> = if threads == 1 {
         dealt.into_iter().map(run).collect()
@@ -128,9 +133,11 @@ pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], shape: HostShape, scale
 }
 
 /// `silu(gate) * up` element by element (Llama's gated FFN), the exponential vectorised as in the
-/// attention kernel, over `threads` threads; `None` when the lengths differ. burn-flex 0.21 takes
-/// the sigmoid one element at a time through libm's `expf`, then multiplies in two more passes.
-pub fn swiglu(gate: &[f32], up: &[f32], threads: usize) -> Option<Vec<f32>> {
+/// attention kernel, over `threads` threads with `isa`'s build; `None` when the lengths differ.
+/// burn-flex 0.21 takes the sigmoid one element at a time through libm's `expf`, then multiplies
+/// in two more passes.
+pub fn swiglu(gate: &[f32], up: &[f32], threads: usize, isa: Isa) -> Option<Vec<f32>> {
+    let isa = isa.usable();
     if gate.len() != up.len() {
         return None;
     }
@@ -138,31 +145,28 @@ pub fn swiglu(gate: &[f32], up: &[f32], threads: usize) -> Option<Vec<f32>> {
     let chunk = gate.len().div_ceil(threads.max(1)).next_multiple_of(LANES).max(LANES);
     let pieces: Vec<_> = out.chunks_mut(chunk).zip(gate.chunks(chunk).zip(up.chunks(chunk))).collect();
     if pieces.len() <= 1 {
-        pieces.into_iter().for_each(|(o, (g, u))| swiglu_span(g, u, o));
+        pieces.into_iter().for_each(|(o, (g, u))| swiglu_span(g, u, o, isa));
     } else {
         std::thread::scope(|s| {
             for (o, (g, u)) in pieces {
-                s.spawn(move || swiglu_span(g, u, o));
+                s.spawn(move || swiglu_span(g, u, o, isa));
             }
         });
     }
     Some(out)
 }
 
-/// One thread's share of [`swiglu`], with the widest instruction set this CPU has.
-fn swiglu_span(g: &[f32], u: &[f32], o: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU was just found to support AVX-512F.
-            return unsafe { swiglu_avx512(g, u, o) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU was just found to support AVX2 and FMA.
-            return unsafe { swiglu_avx2(g, u, o) };
-        }
+/// One thread's share of [`swiglu`] with `isa`'s build (one [`Isa::usable`] returned).
+fn swiglu_span(g: &[f32], u: &[f32], o: &mut [f32], isa: Isa) {
+    match isa {
+        // SAFETY: `isa` came from `Isa::usable`, so this CPU has AVX-512F, AVX2 and FMA.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { swiglu_avx512(g, u, o) },
+        // SAFETY: as above, AVX2 and FMA.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { swiglu_avx2(g, u, o) },
+        _ => swiglu_lanes::<false>(g, u, o),
     }
-    swiglu_lanes::<false>(g, u, o)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -179,20 +183,18 @@ fn swiglu_avx2(g: &[f32], u: &[f32], o: &mut [f32]) {
 
 /// Replaces each `x` of `row` by `exp(x - max)` (`max` at least every `x`) with the polynomial
 /// `exp2` of the attention kernel, and returns their sum: a softmax row's exponentials, for the
-/// decode kernel. Below `exp(-88)` it gives 0, as a dead slot's bias wants.
-pub(crate) fn exp_shifted(row: &mut [f32], max: f32) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU was just found to support AVX-512F.
-            return unsafe { exp_shifted_avx512(row, max) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU was just found to support AVX2 and FMA.
-            return unsafe { exp_shifted_avx2(row, max) };
-        }
+/// decode kernel, with `isa`'s build (one [`Isa::usable`] returned). Below `exp(-88)` it gives 0,
+/// as a dead slot's bias wants.
+pub(crate) fn exp_shifted(row: &mut [f32], max: f32, isa: Isa) -> f32 {
+    match isa {
+        // SAFETY: `isa` came from `Isa::usable`, so this CPU has AVX-512F, AVX2 and FMA.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { exp_shifted_avx512(row, max) },
+        // SAFETY: as above, AVX2 and FMA.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { exp_shifted_avx2(row, max) },
+        _ => exp_shifted_lanes::<false>(row, max),
     }
-    exp_shifted_lanes::<false>(row, max)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -269,21 +271,18 @@ struct Ctx<'a> {
     column_sums: Option<usize>,
 }
 
-/// Runs `work` with the widest instruction set this CPU has; `N` is the head size in [`V`]s.
+/// Runs `work` with `isa`'s build (one [`Isa::usable`] returned); `N` is the head size in [`V`]s.
 /// Returns the column sums of the blocks it ran, when asked.
-fn run_items<const N: usize>(ctx: &Ctx, work: Vec<(Item, &mut [f32])>) -> Option<Vec<f32>> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU was just found to support AVX-512F.
-            return unsafe { run_avx512::<N>(ctx, work) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU was just found to support AVX2 and FMA.
-            return unsafe { run_avx2::<N>(ctx, work) };
-        }
+fn run_items<const N: usize>(ctx: &Ctx, work: Vec<(Item, &mut [f32])>, isa: Isa) -> Option<Vec<f32>> {
+    match isa {
+        // SAFETY: `isa` came from `Isa::usable`, so this CPU has AVX-512F, AVX2 and FMA.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { run_avx512::<N>(ctx, work) },
+        // SAFETY: as above, AVX2 and FMA.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { run_avx2::<N>(ctx, work) },
+        _ => run_portable::<N>(ctx, work),
     }
-    run_portable::<N>(ctx, work)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -546,18 +545,18 @@ mod tests {
     #[test]
     fn swiglu_equals_silu_times_up_in_f64() {
         // Lengths off the lane count, on 1 and 3 threads; gates from -90 to 90.
-        for (n, threads) in [(1, 1), (37, 3), (1000, 1), (4099, 3)] {
+        for ((n, threads), isa) in [(1, 1), (37, 3), (1000, 1), (4099, 3)].into_iter().flat_map(|c| Isa::available().into_iter().map(move |i| (c, i))) {
             let gate: Vec<f32> = (0..n).map(|i| ((i * 7919 % 1801) as f32 - 900.0) / 10.0).collect();
             let up: Vec<f32> = (0..n).map(|i| ((i * 104_729 % 997) as f32 - 498.0) / 100.0).collect();
-            let got = swiglu(&gate, &up, threads).unwrap();
+            let got = swiglu(&gate, &up, threads, isa).unwrap();
             for ((&g, &u), &y) in gate.iter().zip(&up).zip(&got) {
                 let want = g as f64 * u as f64 / (1.0 + (-(g as f64)).exp());
                 // Relative 2e-6 (f32's rounding of g log2(e) grows with |g|), or 1e-12 for the
                 // vanishing values of very negative gates.
-                assert!((y as f64 - want).abs() <= 2e-6 * want.abs() + 1e-12, "silu({g}) * {u}: {y} vs {want}");
+                assert!((y as f64 - want).abs() <= 2e-6 * want.abs() + 1e-12, "{isa}: silu({g}) * {u}: {y} vs {want}");
             }
         }
-        assert!(swiglu(&[1.0], &[1.0, 2.0], 1).is_none());
+        assert!(swiglu(&[1.0], &[1.0, 2.0], 1, Isa::best()).is_none());
     }
 
     /// Plain causal softmax attention in f64, the reference: output and column sums.
@@ -635,17 +634,17 @@ mod tests {
             let v = filled(k.len(), seed as u32 * 3 + 2);
             let scale = 1.0 / (head_dim as f32).sqrt();
             let (want, want_cols) = reference(&q, &k, &v, shape, scale);
-            for threads in [1, 3] {
-                let plain = causal_attention(&q, &k, &v, shape, scale, false, threads).expect("a supported shape");
-                let observed = causal_attention(&q, &k, &v, shape, scale, true, threads).expect("a supported shape");
+            for (threads, isa) in [1, 3].into_iter().flat_map(|t| Isa::available().into_iter().map(move |i| (t, i))) {
+                let plain = causal_attention(&q, &k, &v, shape, scale, false, threads, isa).expect("a supported shape");
+                let observed = causal_attention(&q, &k, &v, shape, scale, true, threads, isa).expect("a supported shape");
                 assert!(plain.column_sums.is_none());
                 assert_eq!(plain.output, observed.output, "asking for column sums changes no output");
                 let worst = plain.output.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
-                assert!(worst < 2e-5, "{shape:?} on {threads} threads: off by {worst}");
+                assert!(worst < 2e-5, "{shape:?} on {threads} threads, {isa}: off by {worst}");
                 let cols = observed.column_sums.expect("asked for");
                 assert_eq!(cols.len(), batch * heads * visible);
                 let worst = cols.iter().zip(&want_cols).map(|(a, b)| (a - b).abs() / b.max(1.0)).fold(0.0, f32::max);
-                assert!(worst < 2e-5, "{shape:?} on {threads} threads: column sums off by {worst}");
+                assert!(worst < 2e-5, "{shape:?} on {threads} threads, {isa}: column sums off by {worst}");
             }
         }
     }
@@ -654,11 +653,11 @@ mod tests {
     fn unsupported_shapes_are_declined() {
         let shape = HostShape { batch: 1, heads: 2, kv_heads: 1, queries: 3, keys: 3, visible: 3, head_dim: 24 };
         let x = vec![0.0; 2 * 3 * 24];
-        assert!(causal_attention(&x, &x[..72], &x[..72], shape, 1.0, false, 1).is_none());
+        assert!(causal_attention(&x, &x[..72], &x[..72], shape, 1.0, false, 1, Isa::best()).is_none());
         let shape = HostShape { head_dim: 32, visible: 2, ..shape };
         let (q, kv) = (vec![0.0; 2 * 3 * 32], vec![0.0; 3 * 32]);
-        assert!(causal_attention(&q, &kv, &kv, shape, 1.0, false, 1).is_none(), "more queries than visible keys");
+        assert!(causal_attention(&q, &kv, &kv, shape, 1.0, false, 1, Isa::best()).is_none(), "more queries than visible keys");
         let empty = HostShape { batch: 0, ..shape };
-        assert!(causal_attention(&[], &[], &[], empty, 1.0, true, 2).is_none(), "an empty batch");
+        assert!(causal_attention(&[], &[], &[], empty, 1.0, true, 2, Isa::best()).is_none(), "an empty batch");
     }
 }

@@ -7,7 +7,8 @@
 //! - [`grouped_attention_parts`]: the same kernel with queries and keys split along the feature
 //!   axis, so keys held as separate tensors are attended without concatenating the cache;
 //! - [`host`]: causal flash attention and the SwiGLU activation ([`swiglu`]) over host memory,
-//!   vectorised, for CPU backends' prefill ([`set_host_kernels`]);
+//!   vectorised, for CPU backends' prefill ([`set_host_kernels`]), each built for the
+//!   instruction sets of [`Isa`];
 //! - [`GroupedAttention`]: the projection + RoPE + cache layer used by decoder models;
 //! - [`DmcAttention`]: Dynamic Memory Compression, grouped attention whose KV heads merge tokens
 //!   into their slots (ragged cache), with the training relaxation ([`merge_runs`]);
@@ -46,6 +47,7 @@ mod decode;
 mod dmc;
 mod grouped;
 pub mod host;
+mod isa;
 mod materialize;
 mod mla;
 mod heads;
@@ -55,7 +57,8 @@ mod rope;
 mod window;
 
 pub use cached::CachedAttention;
-pub use attend::{Causality, FUSED_BLOCK, QUERY_BLOCK, SplitSegment, attend_appended, attend_cache, grouped_attention, grouped_attention_parts, host_kernels_on, set_host_kernels, set_prefill_threads, swiglu};
+pub use attend::{Causality, FUSED_BLOCK, QUERY_BLOCK, SplitSegment, attend_appended, attend_cache, grouped_attention, grouped_attention_parts, host_kernels_on, set_host_kernels, set_prefill_threads, swiglu, with_host_kernels};
+pub use isa::Isa;
 pub use grouped::{AttentionOutput, GroupedAttention, GroupedAttentionConfig};
 pub use materialize::materialize;
 pub use mla::{MlaAttention, MlaAttentionConfig, MlaPath};

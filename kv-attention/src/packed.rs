@@ -11,6 +11,7 @@
 use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::{DType, TensorData};
+use crate::Isa;
 use kv_core::{KvError, Result};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -137,8 +138,10 @@ impl PackedMatrix {
     }
 
     /// `x W^T` for `x` `[m, cols]` row-major (`1 <= m <= PACKED_MAX_ROWS`): `[m, rows]`, over
-    /// rayon's pool. None for another `m` or a length that is not `m x cols`.
-    pub fn matmul_rows(&self, x: &[f32], m: usize) -> Option<Vec<f32>> {
+    /// rayon's pool with `isa`'s build (the widest this CPU runs at or below it). None for
+    /// another `m` or a length that is not `m x cols`.
+    pub fn matmul_rows(&self, x: &[f32], m: usize, isa: Isa) -> Option<Vec<f32>> {
+        let isa = isa.usable();
         if !(1..=PACKED_MAX_ROWS).contains(&m) || x.len() != m * self.cols {
             return None;
         }
@@ -147,10 +150,10 @@ impl PackedMatrix {
         let chunk = self.rows.div_ceil(4 * rayon::current_num_threads()).max(64);
         let mut by_row = vec![0f32; self.rows * m];
         by_row.par_chunks_mut(chunk * m).enumerate().for_each(|(i, out)| match m {
-            1 => rows_span::<1>(self, x, i * chunk, out),
-            2 => rows_span::<2>(self, x, i * chunk, out),
-            3 => rows_span::<3>(self, x, i * chunk, out),
-            _ => rows_span::<4>(self, x, i * chunk, out),
+            1 => rows_span::<1>(self, x, i * chunk, out, isa),
+            2 => rows_span::<2>(self, x, i * chunk, out, isa),
+            3 => rows_span::<3>(self, x, i * chunk, out, isa),
+            _ => rows_span::<4>(self, x, i * chunk, out, isa),
         });
         if m == 1 {
             return Some(by_row);
@@ -219,27 +222,23 @@ pub fn project_packed<B: Backend>(packed: &PackedMatrix, x: &Tensor<B, 3>) -> Op
         return None;
     }
     let data = x.clone().into_data();
-    let out = packed.matmul_rows(data.as_slice::<f32>().ok()?, b * t)?;
+    let out = packed.matmul_rows(data.as_slice::<f32>().ok()?, b * t, Isa::best())?;
     #[cfg(test)]
-    PACKED_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    crate::attend::served::count(crate::attend::served::Kernel::Packed);
     Some(Tensor::from_data(TensorData::new(out, [b, t, packed.rows()]), &device))
 }
 
-/// Calls the packed path served, so a test can tell it ran.
-#[cfg(test)]
-pub(crate) static PACKED_CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
 /// Rows `first ..` of `mat` (as many as `out` holds, `M` values each) times the `M` rows of `x`,
-/// with the widest instruction set this CPU has.
-fn rows_span<const M: usize>(mat: &PackedMatrix, x: &[f32], first: usize, out: &mut [f32]) {
+/// with `isa`'s build (one [`Isa::usable`] returned).
+fn rows_span<const M: usize>(mat: &PackedMatrix, x: &[f32], first: usize, out: &mut [f32], isa: Isa) {
     let rows = out.len() / M;
     assert!(first + rows <= mat.rows && x.len() == M * mat.cols, "rows_span: rows {first}+{rows} of {}, x {}", mat.rows, x.len());
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => {
             let nibbles = matches!(mat.width, CodeWidth::Nibbles { .. });
-            // SAFETY: the CPU was just found to support AVX-512F, and the rows and x were
-            // checked against the matrix above.
+            // SAFETY: `isa` came from `Isa::usable`, so this CPU has AVX-512F, AVX2 and FMA; the
+            // rows and x were checked against the matrix above.
             unsafe {
                 match (nibbles, mat.offsets.is_some()) {
                     (true, true) => x86::rows::<M, true, true>(mat, x, first, out),
@@ -248,14 +247,12 @@ fn rows_span<const M: usize>(mat: &PackedMatrix, x: &[f32], first: usize, out: &
                     (false, false) => x86::rows::<M, false, false>(mat, x, first, out),
                 }
             }
-            return;
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU was just found to support AVX2 and FMA.
-            return unsafe { rows_avx2::<M>(mat, x, first, out) };
-        }
+        // SAFETY: as above, AVX2 and FMA.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { rows_avx2::<M>(mat, x, first, out) },
+        _ => rows_lanes::<M, false>(mat, x, first, out),
     }
-    rows_lanes::<M, false>(mat, x, first, out)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -277,7 +274,7 @@ mod x86 {
     /// indexes by each code's low four bits; a byte block converts and scales its codes.
     ///
     /// # Safety
-    /// The CPU supports AVX-512F; rows `first .. first + out.len() / M` exist in `mat` and `x`
+    /// The CPU supports AVX-512F, AVX2 and FMA; rows `first .. first + out.len() / M` exist in `mat` and `x`
     /// holds `M x mat.cols` values.
     #[target_feature(enable = "avx512f,avx2,fma")]
     pub(super) unsafe fn rows<const M: usize, const NIBBLES: bool, const OFFSETS: bool>(mat: &PackedMatrix, x: &[f32], first: usize, out: &mut [f32]) {
@@ -450,9 +447,9 @@ mod tests {
             let (codes, scales, off) = parts(rows, cols, lo, hi, offsets, 3);
             let m = PackedMatrix::new(rows, cols, &codes, scales, off).unwrap();
             let w = m.dequantize();
-            for batch in 1..=PACKED_MAX_ROWS {
+            for (batch, isa) in (1..=PACKED_MAX_ROWS).flat_map(|b| Isa::available().into_iter().map(move |i| (b, i))) {
                 let x: Vec<f32> = (0..batch * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.02).collect();
-                let got = m.matmul_rows(&x, batch).unwrap();
+                let got = m.matmul_rows(&x, batch, isa).unwrap();
                 for r in 0..batch {
                     for o in 0..rows {
                         let (mut exact, mut mag) = (0f64, 0f64);
@@ -462,12 +459,12 @@ mod tests {
                             mag += p.abs();
                         }
                         let err = (got[r * rows + o] as f64 - exact).abs();
-                        assert!(err <= 1e-6 * mag + 1e-30, "codes {lo}..={hi}, m {batch}, row {r}, out {o}: {} vs {exact}", got[r * rows + o]);
+                        assert!(err <= 1e-6 * mag + 1e-30, "{isa}: codes {lo}..={hi}, m {batch}, row {r}, out {o}: {} vs {exact}", got[r * rows + o]);
                     }
                 }
             }
-            assert!(m.matmul_rows(&vec![0.0; 5 * cols], 5).is_none(), "more rows than PACKED_MAX_ROWS go to the GEMM");
-            assert!(m.matmul_rows(&vec![0.0; cols - 1], 1).is_none());
+            assert!(m.matmul_rows(&vec![0.0; 5 * cols], 5, Isa::best()).is_none(), "more rows than PACKED_MAX_ROWS go to the GEMM");
+            assert!(m.matmul_rows(&vec![0.0; cols - 1], 1, Isa::best()).is_none());
         }
     }
 
@@ -475,8 +472,8 @@ mod tests {
     fn project_takes_the_packed_weights_for_a_few_rows_only_and_adds_the_bias() {
         use burn::module::Param;
         use burn::nn::LinearConfig;
+        use crate::attend::served::{Kernel, calls};
         use burn::tensor::Distribution;
-        use std::sync::atomic::Ordering;
         type B = burn::backend::Flex;
         let dev = Default::default();
         let (rows, cols) = (48, 64);
@@ -485,12 +482,11 @@ mod tests {
         let w = Tensor::<B, 2>::from_data(TensorData::new(m.dequantize(), [rows, cols]), &dev);
         let mut linear = LinearConfig::new(cols, rows).with_bias(true).init::<B>(&dev);
         linear.weight = Param::from_tensor(w.transpose());
-        let calls = || PACKED_CALLS.load(Ordering::Relaxed);
-        crate::set_host_kernels(true);
+        let calls = || calls(Kernel::Packed);
         for (b, t) in [(1, 1), (2, 2), (1, 4), (5, 1), (1, 8)] {
             let x = Tensor::<B, 3>::random([b, t, cols], Distribution::Uniform(-1.0, 1.0), &dev);
             let before = calls();
-            let got = project(&linear, Some(&m), x.clone());
+            let got = crate::with_host_kernels(true, || project(&linear, Some(&m), x.clone()));
             assert_eq!(calls() - before, usize::from(b * t <= PACKED_MAX_ROWS), "{b} x {t} rows");
             let want = linear.forward(x);
             let diff: f32 = (got - want).abs().max().into_scalar();
@@ -501,9 +497,8 @@ mod tests {
         let (other_codes, other_scales, _) = parts(rows + 1, cols, 0, 15, false, 2);
         let other = PackedMatrix::new(rows + 1, cols, &other_codes, other_scales, None).unwrap();
         let before = calls();
-        let _ = project(&linear, Some(&other), x.clone());
-        crate::set_host_kernels(false);
-        let _ = project(&linear, Some(&m), x);
+        let _ = crate::with_host_kernels(true, || project(&linear, Some(&other), x.clone()));
+        let _ = crate::with_host_kernels(false, || project(&linear, Some(&m), x));
         assert_eq!(calls(), before);
     }
 }

@@ -73,17 +73,15 @@ fn heads_split_and_merge_as_the_transposed_views_do<B: Backend>(dev: &B::Device)
 }
 
 fn swiglu_on_the_host_equals_silu_times_up<B: Backend>(dev: &B::Device) {
-    use std::sync::atomic::Ordering::Relaxed;
+    use crate::attend::served::{Kernel, calls};
     // A prefill's gate and up projections (76 800 values) go to the host kernel; a decode
     // step's (128) stay on the backend.
     for (dims, host_serves) in [([2, 300, 128], true), ([1, 1, 128], false)] {
         let (g, u) = (randn::<B, 3>(dims, dev).mul_scalar(4.0), randn::<B, 3>(dims, dev));
         let want = burn::tensor::activation::silu(g.clone()) * u.clone();
-        set_host_kernels(true);
-        let calls = crate::attend::HOST_CALLS.load(Relaxed);
-        let got = swiglu(g, u);
-        set_host_kernels(false);
-        let served = crate::attend::HOST_CALLS.load(Relaxed) - calls;
+        let before = calls(Kernel::Prefill);
+        let got = with_host_kernels(true, || swiglu(g, u));
+        let served = calls(Kernel::Prefill) - before;
         assert_eq!(served == 1, host_serves && !B::ad_enabled(dev), "{dims:?}: served {served}");
         let diff = max_abs_diff(got, want);
         assert!(diff <= 1e-5, "{dims:?}: {diff}");
@@ -545,12 +543,9 @@ fn prefill_in_blocks_on_threads_equals_the_explicit_kernel_on_one<B: Backend>(de
         let (want_window, want_sums) = (want_obs.window.unwrap(), want_obs.column_sums.unwrap());
         for (threads, host) in [(1, false), (3, false), (1, true), (3, true)] {
             set_prefill_threads(threads);
-            set_host_kernels(host);
-            let calls = crate::attend::HOST_CALLS.load(std::sync::atomic::Ordering::Relaxed);
-            let (got, obs) = attend_appended(q.clone(), &cache, 0.3, observe);
-            let (got_sums, obs_sums) = attend_appended(q.clone(), &cache, 0.3, sums);
-            set_host_kernels(false);
-            let served = crate::attend::HOST_CALLS.load(std::sync::atomic::Ordering::Relaxed) - calls;
+            let before = crate::attend::served::calls(crate::attend::served::Kernel::Prefill);
+            let ((got, obs), (got_sums, obs_sums)) = with_host_kernels(host, || (attend_appended(q.clone(), &cache, 0.3, observe), attend_appended(q.clone(), &cache, 0.3, sums)));
+            let served = crate::attend::served::calls(crate::attend::served::Kernel::Prefill) - before;
             if host && !B::ad_enabled(dev) {
                 assert_eq!(served, 2, "the host kernel served both chunks");
             }

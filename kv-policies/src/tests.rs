@@ -193,9 +193,7 @@ fn h2o_accumulates_column_sums_of_causal_attention<B: Backend>(dev: &B::Device) 
         let t = 12;
         // Heads of 16, a size the host kernel takes, so it really runs.
         assert!(!host || kv_attention::host::HEAD_DIMS.contains(&(D_MODEL / heads)));
-        kv_attention::set_host_kernels(host);
-        let (layer, cache, x) = one_prefill::<B>(heads, kv, t, "h2o:budget=1.0", dev);
-        kv_attention::set_host_kernels(false);
+        let (layer, cache, x) = kv_attention::with_host_kernels(host, || one_prefill::<B>(heads, kv, t, "h2o:budget=1.0", dev));
         // Reference: explicit causal softmax from the layer's own weights, summed over queries
         // and over each GQA group.
         let d = D_MODEL / heads;

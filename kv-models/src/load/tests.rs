@@ -96,13 +96,14 @@ fn tiny_llama_from_its_hugging_face_folder_reproduces_transformers_logits<B: Bac
     // backend's kernels and on the host kernel the CLI's CPU prefill takes (heads of 16).
     let as_t = |s: &[i64]| Tensor::<B, 1, Int>::from_ints(s.iter().map(|&i| i as i32).collect::<Vec<_>>().as_slice(), dev).reshape([1, s.len()]);
     for host in [false, true] {
-        kv_attention::set_host_kernels(host);
-        let mut cache = model.new_state(1);
-        let mut rows = vec![model.forward_cached(as_t(&ids[..40]), &mut cache).unwrap()];
-        for i in 40..ids.len() {
-            rows.push(model.forward_cached(as_t(&ids[i..i + 1]), &mut cache).unwrap());
-        }
-        kv_attention::set_host_kernels(false);
+        let rows = kv_attention::with_host_kernels(host, || {
+            let mut cache = model.new_state(1);
+            let mut rows = vec![model.forward_cached(as_t(&ids[..40]), &mut cache).unwrap()];
+            for i in 40..ids.len() {
+                rows.push(model.forward_cached(as_t(&ids[i..i + 1]), &mut cache).unwrap());
+            }
+            rows
+        });
         let cached: Vec<f32> = Tensor::cat(rows, 1).into_data().iter::<f32>().collect();
         let diff = max_abs_diff(&cached, &want);
         assert!(diff <= 1e-4, "cached decode, host kernel {host}: max abs diff {diff}");
@@ -447,10 +448,8 @@ fn smollm2_logits_match_transformers_on_the_golden_cases<B: Backend>(dev: &B::De
             worst = worst.max(max_abs_diff(&logits[p * v..(p + 1) * v], &rows[k * v..(k + 1) * v]));
         }
         // The CLI's CPU prefill: a cached prefill whose attention runs on the host kernel.
-        kv_attention::set_host_kernels(true);
         let x = Tensor::<B, 1, Int>::from_ints(ids.iter().map(|&i| i as i32).collect::<Vec<_>>().as_slice(), dev).reshape([1, ids.len()]);
-        let prefilled: Vec<f32> = model.forward_cached(x, &mut model.new_state(1)).unwrap().into_data().iter::<f32>().collect();
-        kv_attention::set_host_kernels(false);
+        let prefilled: Vec<f32> = kv_attention::with_host_kernels(true, || model.forward_cached(x, &mut model.new_state(1)).unwrap().into_data().iter::<f32>().collect());
         let mut worst_host = 0.0f32;
         for (k, &p) in positions.iter().enumerate() {
             let p = p as usize;
@@ -475,7 +474,10 @@ fn smollm2_logits_match_transformers_on_the_golden_cases<B: Backend>(dev: &B::De
 /// codes beside the f32 weights: they de-quantise to exactly those weights, bit for bit, and
 /// decode steps through them give the f32 path's logits.
 fn smollm2_packed_codes_are_the_f32_weights_and_decode_alike<B: Backend>(dev: &B::Device) {
-    kv_attention::set_host_kernels(true);
+    kv_attention::with_host_kernels(true, || smollm2_packed_codes_on_the_host_kernels::<B>(dev));
+}
+
+fn smollm2_packed_codes_on_the_host_kernels<B: Backend>(dev: &B::Device) {
     let (packed, config) = Pretrained::open(smollm2()).unwrap().load_model::<B>(dev).unwrap();
     let (d, f, kv, v) = (config.d_model, config.ffn_hidden, config.n_kv_heads * config.head_dim(), config.vocab_size);
     let per_block = d * d * 2 + d * kv * 2 + d * f * 3;
@@ -517,7 +519,6 @@ fn smollm2_packed_codes_are_the_f32_weights_and_decode_alike<B: Backend>(dev: &B
         worst = worst.max(diff);
         next = crate::argmax(&b) as i32;
     }
-    kv_attention::set_host_kernels(false);
     // The sums run in another order, so a zero difference would mean the packed path never ran.
     assert!(worst > 0.0, "decode through the packed codes was bit-identical to the f32 path");
 }
