@@ -7,22 +7,26 @@
 //! last channel of each KV head's pre-RoPE key gives the merge logit `k[-1] - init_bias` (merge
 //! when it is positive), and the mean over the group's query heads of the last query channel
 //! gives the importance `omega = sigmoid(q[-1] + init_bias)`. Both channels are then zeroed, so
-//! they take no part in `q.k` (nor in RoPE's pairs). A slot holds the omega-weighted mean of its
-//! tokens' pre-RoPE keys and of their values, `k = (z k_last + omega k_t) / (z + omega)`,
-//! `z += omega`, its key rotated at the newest token it covers; the first token always appends.
+//! they take no part in `q.k`. A slot holds the omega-weighted mean of its tokens' pre-RoPE keys
+//! and of their values, its key rotated at the newest token it covers; the first token always
+//! appends.
+//!
+//! **A slot averages the last `window` tokens of its run** (12, the official window), at
+//! inference as in training: a run may grow without limit, and once it is longer than the
+//! window its oldest tokens leave the mean (the official inference kernel subtracts them from
+//! its running sums). The cache keeps each head's last `window - 1` tokens for this
+//! ([`OpenSlots`]) and recomputes the slot from them, so with hard decisions the merged cache
+//! equals the training path exactly, however the tokens arrive.
 //!
 //! **Training** uses the paper's relaxation: Gumbel-sigmoid decisions (temperature 0.1), keys and
 //! values as windowed weighted prefix sums ([`merge_runs`]), and every attention logit to key `j`
-//! from a later query offset by `log(1 - alpha_{j+1})`, so a key merged forward fades from view.
-//!
-//! **A slot covers at most `window` tokens** (12, the paper's training window) on both paths: the
-//! training path's prefix sums then always span whole slots, so with hard decisions it equals the
-//! cached path exactly; it also bounds the compression at `window`x.
+//! from a later query offset by `log(1 - alpha_{j+1})` ([`merge_fade`]), so a key merged forward fades
+//! from view.
 
 use crate::{AttentionOutput, CachedAttention, GroupedAttention, GroupedAttentionConfig, ObserveRequest, attend_cache, position_range};
 use burn::prelude::*;
 use burn::tensor::DType;
-use burn::tensor::activation::{sigmoid, softmax};
+use burn::tensor::activation::{log_sigmoid, sigmoid, softmax};
 use kv_core::{CacheShape, HeadWrite, KvError, KvState, LayerCache, OpenSlots, Result};
 
 /// Added to every importance, so a slot's total weight is never zero.
@@ -40,12 +44,19 @@ pub struct DmcAttentionConfig {
     /// (the official code's `dmc-init-val`, 5).
     #[config(default = 5.0)]
     pub init_bias: f64,
-    /// Most tokens one slot may cover, and the window of the training prefix sums (the paper's 12).
+    /// Most tokens one slot averages (the newest of its run), on both paths (the official 12).
     #[config(default = 12)]
     pub window: usize,
     /// Temperature of the Gumbel-sigmoid relaxation during training (the paper's 0.1).
     #[config(default = 0.1)]
     pub temperature: f64,
+    /// Zero the decision channel after RoPE too, as the official code does: its rotation partner
+    /// then keeps only the cosine half of its turn. Off (the default), the channel is zeroed
+    /// before RoPE only and comes out of the rotation carrying the partner's sine half, so every
+    /// RoPE pair keeps its relative form and a retrofit starts exactly as the base model without
+    /// the channel.
+    #[config(default = false)]
+    pub zero_after_rope: bool,
 }
 
 impl DmcAttentionConfig {
@@ -56,7 +67,7 @@ impl DmcAttentionConfig {
             return Err(KvError::config("head_dim", self.attention.head_dim(), "at least 2 with dmc: its last channel becomes the decision channel"));
         }
         if self.window == 0 || self.window > 256 {
-            return Err(KvError::config("dmc.window", self.window, "between 1 and 256 tokens per slot (the paper uses 12)"));
+            return Err(KvError::config("dmc.window", self.window, "between 1 and 256 tokens averaged per slot (the paper uses 12)"));
         }
         if !(self.temperature > 0.0 && self.temperature.is_finite()) {
             return Err(KvError::config("dmc.temperature", self.temperature, "a finite number > 0 (the paper uses 0.1)"));
@@ -107,7 +118,7 @@ impl DmcAttentionConfig {
     }
 
     fn wrap<B: Backend>(&self, attention: GroupedAttention<B>) -> DmcAttention<B> {
-        DmcAttention { attention, init_bias: self.init_bias, window: self.window, temperature: self.temperature }
+        DmcAttention { attention, init_bias: self.init_bias, window: self.window, temperature: self.temperature, zero_after_rope: self.zero_after_rope }
     }
 }
 
@@ -119,6 +130,7 @@ pub struct DmcAttention<B: Backend> {
     init_bias: f64,
     window: usize,
     temperature: f64,
+    zero_after_rope: bool,
 }
 
 /// What DMC's training forward reports besides the output, for the compression loss.
@@ -135,9 +147,20 @@ impl<B: Backend> DmcAttention<B> {
         self.attention.n_heads()
     }
 
-    /// Most tokens one slot covers.
+    /// Most tokens one slot averages.
     pub fn window(&self) -> usize {
         self.window
+    }
+
+    /// Tokens each head keeps for its next merge: one fewer than the window (at least one).
+    fn recent(&self) -> usize {
+        (self.window - 1).max(1)
+    }
+
+    /// RoPE at `positions`, then the decision channel zeroed again if the official rule is on.
+    fn rotate(&self, x: Tensor<B, 4>, positions: Tensor<B, 3, Int>) -> Tensor<B, 4> {
+        let x = self.attention.rope.apply(x, positions);
+        if self.zero_after_rope { without_decision_channel(x) } else { x }
     }
 
     /// The cache shape of one batch of `batch` (per KV head; storage is ragged).
@@ -174,75 +197,55 @@ impl<B: Backend> DmcAttention<B> {
         let (q, k, v) = self.attention.project_unrotated(x, None);
         let (logit, omega) = self.decisions(&q, &k);
         let (q, k) = (without_decision_channel(q), without_decision_channel(k));
-        let kv = k.dims()[1];
-        let noisy = if B::ad_enabled(&device) {
+        let [_, kv, _, d] = k.dims();
+        let relaxed = B::ad_enabled(&device);
+        let noisy = if relaxed {
             // Gumbel-sigmoid: the difference of two Gumbel draws is logistic noise.
             let u = Tensor::<B, 3>::random([b, kv, t], burn::tensor::Distribution::Uniform(1e-6, 1.0 - 1e-6), &device);
             logit + u.clone().log() - u.neg().add_scalar(1.0).log()
         } else {
             logit
         };
-        let asks = host_bools(noisy.clone().greater_elem(0.0));
-        let (allowed, _) = capped(&asks, t, &vec![0; b * kv], self.window);
-        let allowed = Tensor::<B, 1>::from_floats(allowed.iter().map(|&a| if a { 1.0 } else { 0.0 }).collect::<Vec<f32>>().as_slice(), &device).reshape([b, kv, t]);
-        let hard = noisy.clone().greater_elem(0.0).float() * allowed.clone();
-        let alpha = if B::ad_enabled(&device) { sigmoid(noisy.div_scalar(self.temperature)) * allowed } else { hard.clone() };
+        // The first token has no slot to merge into: it always appends.
+        let later = Tensor::<B, 3>::ones([b, kv, t], &device).slice_fill([0..b, 0..kv, 0..1], 0.0);
+        let hard = noisy.clone().greater_elem(0.0).float() * later.clone();
+        let (alpha, faded) = if relaxed {
+            (sigmoid(noisy.clone().div_scalar(self.temperature)) * later.clone(), merge_fade(noisy, self.temperature) * later)
+        } else {
+            (hard.clone(), hard.clone().mul_scalar(HIDDEN))
+        };
         let merged_share = (hard - alpha.clone().detach() + alpha.clone()).mean_dim(2).mean_dim(1).reshape([b]);
+        let (merged, _) = merge_runs(Tensor::cat(vec![k, v], 3), omega, alpha, self.window);
+        let (mk, mv) = (merged.clone().narrow(3, 0, d), merged.narrow(3, d, d));
+        let positions = position_range(0, t, &device);
+        let (q, rk) = (self.rotate(q, positions.clone()), self.rotate(mk, positions));
         // The same chunk kernel as a cached prefill, over an empty cache: no older slots and no
-        // open one (extension index 0 is then a placeholder every query is blind to).
-        let [_, _, _, d] = k.dims();
-        let closed = || Tensor::zeros([b, kv, 1, d], &device);
-        let (keys, values, _) = self.extend(closed(), closed(), Tensor::zeros([b, kv, 1], &device), k, v, omega, alpha.clone(), 0);
-        let alpha = Tensor::cat(vec![Tensor::zeros([b, kv, 1], &device), alpha], 2);
-        let q = self.attention.rope.apply(q, position_range(0, t, &device));
-        let o = self.chunk_attention(q, &[], keys.0, values, alpha, &vec![false; b * kv]);
+        // open one (extension index 0 is a placeholder every query is blind to).
+        let none = || Tensor::zeros([b, kv, 1, d], &device);
+        let keys = Tensor::cat(vec![none(), rk], 2);
+        let values = Tensor::cat(vec![none(), mv], 2);
+        let o = self.chunk_attention(q, &[], keys, values, faded, &vec![false; b * kv]);
         (self.attention.merge_heads(o), DmcDecisions { merged_share })
     }
 
-    /// The running merges of the extended run `[open slot; new tokens]` (`[b, KV, 1 + t, d]`):
-    /// keys rotated at each token's position (the open slot at `seen - 1`) and as they are (the
-    /// next open slot's mean), values, and the weights `z`; `alpha` `[b, KV, t]` are the new
-    /// tokens' merges (relaxed or hard).
-    #[allow(clippy::too_many_arguments)]
-    fn extend(
-        &self,
-        open_k: Tensor<B, 4>,
-        open_v: Tensor<B, 4>,
-        open_z: Tensor<B, 3>,
-        k: Tensor<B, 4>,
-        v: Tensor<B, 4>,
-        omega: Tensor<B, 3>,
-        alpha: Tensor<B, 3>,
-        seen: usize,
-    ) -> ((Tensor<B, 4>, Tensor<B, 4>), Tensor<B, 4>, Tensor<B, 3>) {
-        let [b, kv, t, d] = k.dims();
-        let device = k.device();
-        let x = Tensor::cat(vec![Tensor::cat(vec![open_k, k], 2), Tensor::cat(vec![open_v, v], 2)], 3);
-        let alpha = Tensor::cat(vec![Tensor::zeros([b, kv, 1], &device), alpha], 2);
-        let (merged, z) = merge_runs(x, Tensor::cat(vec![open_z, omega], 2), alpha, self.window);
-        let (mk, mv) = (merged.clone().narrow(3, 0, d), merged.narrow(3, d, d));
-        let positions = Tensor::<B, 1, Int>::arange(seen as i64 - 1..(seen + t) as i64, &device).reshape([1, 1, 1 + t]);
-        ((self.attention.rope.apply(mk.clone(), positions), mk), mv, z)
-    }
-
     /// Attention of a chunk of queries `q` `[b, H, t, d]` (rotated) over, per KV head, the slots
-    /// held before the chunk except the open one (`held`; empty: none anywhere), then the
-    /// extended run's partial merges `keys` / `values` `[b, KV, 1 + t, d]` (index 0 the open slot,
-    /// keys rotated) under merges `alpha` `[b, KV, 1 + t]`; `open[i]` says whether head `i` had
-    /// an open slot. The training path and a cached prefill both run it.
+    /// held before the chunk except the open one (`held`; empty: none anywhere), then `keys` /
+    /// `values` `[b, KV, 1 + t, d]`: index 0 the open slot as held (keys rotated), then the chunk
+    /// tokens' partial merges. `faded` `[b, KV, t]` is each chunk token's [`merge_fade`] (its merge
+    /// hides the partial merge before it); `open[i]` says whether head `i` had an open slot. The
+    /// training path and a cached prefill both run it.
     ///
     /// Query `i` (extension index `i + 1`) sees itself and every earlier partial merge `j`
-    /// weighted by `1 - alpha_{j+1}` (the paper's `log(1 - alpha)` offset: with hard merges, the
-    /// slots complete at that point), and all of `held`.
-    fn chunk_attention(&self, q: Tensor<B, 4>, held: &[(Tensor<B, 4>, Tensor<B, 4>)], keys: Tensor<B, 4>, values: Tensor<B, 4>, alpha: Tensor<B, 3>, open: &[bool]) -> Tensor<B, 4> {
+    /// offset by the fade of the token after it (the paper's `log(1 - alpha_{j+1})`: with hard
+    /// merges, the slots complete at that point), and all of `held`.
+    fn chunk_attention(&self, q: Tensor<B, 4>, held: &[(Tensor<B, 4>, Tensor<B, 4>)], keys: Tensor<B, 4>, values: Tensor<B, 4>, faded: Tensor<B, 3>, open: &[bool]) -> Tensor<B, 4> {
         let [b, h, t, d] = q.dims();
         let kv = keys.dims()[1];
         let r = h / kv;
         let device = q.device();
-        let next = Tensor::cat(vec![alpha.narrow(2, 1, t), Tensor::zeros([b, kv, 1], &device)], 2);
         let closed: Vec<f32> = open.iter().map(|&o| if o { 0.0 } else { HIDDEN as f32 }).collect();
         let closed = Tensor::<B, 1>::from_floats(closed.as_slice(), &device).reshape([b, kv, 1]);
-        let col_bias = next.neg().add_scalar(1.0).clamp_min(1e-30).log() + Tensor::cat(vec![closed, Tensor::zeros([b, kv, t], &device)], 2);
+        let col_bias = Tensor::cat(vec![faded, Tensor::zeros([b, kv, 1], &device)], 2) + Tensor::cat(vec![closed, Tensor::zeros([b, kv, t], &device)], 2);
         let mut outs = Vec::with_capacity(t.div_ceil(crate::QUERY_BLOCK));
         let mut lo = 0;
         while lo < t {
@@ -315,41 +318,76 @@ impl<B: Backend> CachedAttention<B> for DmcAttention<B> {
         let (q, k) = (without_decision_channel(q), without_decision_channel(k));
         let [_, kv, _, d] = k.dims();
         let heads = b * kv;
+        let recent = self.recent();
         let asks = host_bools(logit.greater_elem(0.0));
         // A head's open slot stays open unless a policy evicted from that head since.
         let held_now = state.cache.slots_per_head();
-        let (open_k, open_v, open_z, open_tokens) = match state.open.take() {
+        let (ring_k, ring_v, ring_w, open_tokens) = match state.open.take() {
             Some(o) => {
                 let tokens = o.tokens.iter().zip(&o.slots).zip(&held_now).map(|((&n, &s), &h)| if s == h { n } else { 0 }).collect();
                 (o.keys, o.values, o.weights, tokens)
             }
-            None => (Tensor::zeros([b, kv, 1, d], &device), Tensor::zeros([b, kv, 1, d], &device), Tensor::zeros([b, kv, 1], &device), vec![0; heads]),
+            None => (Tensor::zeros([b, kv, recent, d], &device), Tensor::zeros([b, kv, recent, d], &device), Tensor::zeros([b, kv, recent], &device), vec![0; heads]),
         };
-        let (merges, runs) = capped(&asks, t, &open_tokens, self.window);
-        let as_floats: Vec<f32> = merges.iter().map(|&m| if m { 1.0 } else { 0.0 }).collect();
-        let alpha = Tensor::<B, 1>::from_floats(as_floats.as_slice(), &device).reshape([b, kv, t]);
-        // The extended run: index 0 is each head's open slot (its mean and weight), then the chunk.
-        let ((rk, mk), mv, z) = self.extend(open_k, open_v, open_z, k, v, omega, alpha.clone(), seen);
-        let alpha = Tensor::cat(vec![Tensor::zeros([b, kv, 1], &device), alpha], 2);
-        let q = self.attention.rope.apply(q, position_range(seen, t, &device));
+        let (merges, runs) = merges_of(&asks, t, &open_tokens);
+        // The run so far (the recent tokens) and the chunk, each head's tokens in order, with each
+        // one's merge into the one before: a recent token of age `a` (1 the newest) merged into its
+        // predecessor iff both are in the open run.
+        let x_ext = Tensor::cat(vec![Tensor::cat(vec![ring_k, k], 2), Tensor::cat(vec![ring_v, v], 2)], 3);
+        let w_ext = Tensor::cat(vec![ring_w, omega], 2);
+        let (mk, mv) = if t == 1 {
+            // A decode step's slot is one weighted sum over the recent tokens of its run and itself.
+            let coefficients: Vec<f32> = (0..heads)
+                .flat_map(|i| (0..=recent).map(move |e| (recent - e, i)))
+                .map(|(age, i)| f32::from(age == 0 || (merges[i] && age <= open_tokens[i] && age < self.window)))
+                .collect();
+            let c = Tensor::<B, 1>::from_floats(coefficients.as_slice(), &device).reshape([b, kv, 1, recent + 1]) * w_ext.clone().reshape([b, kv, 1, recent + 1]);
+            let merged = c.clone().matmul(x_ext.clone()) / c.sum_dim(3);
+            (merged.clone().narrow(3, 0, d), merged.narrow(3, d, d))
+        } else {
+            let alpha: Vec<f32> = (0..heads)
+                .flat_map(|i| {
+                    let carried = open_tokens[i];
+                    let ring = (0..recent).map(move |e| f32::from(recent - e < carried));
+                    ring.chain(merges[i * t..(i + 1) * t].iter().map(|&m| f32::from(m))).collect::<Vec<_>>()
+                })
+                .collect();
+            let alpha = Tensor::<B, 1>::from_floats(alpha.as_slice(), &device).reshape([b, kv, recent + t]);
+            let (merged, _) = merge_runs(x_ext.clone(), w_ext.clone(), alpha, self.window);
+            let merged = merged.narrow(2, recent, t);
+            (merged.clone().narrow(3, 0, d), merged.narrow(3, d, d))
+        };
+        let positions = position_range(seen, t, &device);
+        let (q, rk) = (self.rotate(q, positions.clone()), self.rotate(mk, positions));
         let open: Vec<bool> = open_tokens.iter().map(|&n| n > 0).collect();
         let chunk_output = (t > 1).then(|| {
             let caches = state.cache.head_caches().expect("ragged storage");
-            let held: Vec<(Tensor<B, 4>, Tensor<B, 4>)> = caches
+            // Per head: the slots before its open one, and the open one as the cache holds it.
+            let (held, open_slot): (Vec<_>, Vec<_>) = caches
                 .iter()
                 .zip(&open)
                 .map(|(c, &o)| {
                     let n = c.slots() - usize::from(o);
-                    if n == 0 { (Tensor::zeros([1, 1, 0, d], &device), Tensor::zeros([1, 1, 0, d], &device)) } else { (c.keys().narrow(2, 0, n), c.values().narrow(2, 0, n)) }
+                    let empty = || (Tensor::zeros([1, 1, 0, d], &device), Tensor::zeros([1, 1, 0, d], &device));
+                    let older = if n == 0 { empty() } else { (c.keys().narrow(2, 0, n), c.values().narrow(2, 0, n)) };
+                    let slot = if o { (c.keys().narrow(2, n, 1), c.values().narrow(2, n, 1)) } else { (Tensor::zeros([1, 1, 1, d], &device), Tensor::zeros([1, 1, 1, d], &device)) };
+                    (older, slot)
                 })
-                .collect();
-            self.chunk_attention(q.clone(), &held, rk.clone(), mv.clone(), alpha, &open)
+                .unzip();
+            let by_head = |parts: Vec<Tensor<B, 4>>| -> Tensor<B, 4> { Tensor::cat((0..b).map(|bi| Tensor::cat(parts[bi * kv..(bi + 1) * kv].to_vec(), 1)).collect(), 0) };
+            let (open_k, open_v): (Vec<_>, Vec<_>) = open_slot.into_iter().unzip();
+            let keys = Tensor::cat(vec![by_head(open_k), rk.clone()], 2);
+            let values = Tensor::cat(vec![by_head(open_v), mv.clone()], 2);
+            let faded: Vec<f32> = merges.iter().map(|&m| if m { HIDDEN as f32 } else { 0.0 }).collect();
+            let faded = Tensor::<B, 1>::from_floats(faded.as_slice(), &device).reshape([b, kv, t]);
+            self.chunk_attention(q.clone(), &held, keys, values, faded, &open)
         });
-        // Each head writes the ends of its runs: ext index e ends one when e == t or e + 1 appends.
+        // Each head writes the ends of its runs: chunk token i ends one when it is the last or the
+        // next one appends.
         let writes = (0..heads)
             .map(|i| {
                 let m = &merges[i * t..(i + 1) * t];
-                let ends: Vec<usize> = (1..=t).filter(|&e| e == t || !m[e]).collect();
+                let ends: Vec<usize> = (0..t).filter(|&e| e + 1 == t || !m[e + 1]).collect();
                 let (bi, hi) = (i / kv, i % kv);
                 // One slot (every decode step) is a narrow; several, one select.
                 let idx: Vec<i64> = ends.iter().map(|&e| e as i64).collect();
@@ -361,14 +399,15 @@ impl<B: Backend> CachedAttention<B> for DmcAttention<B> {
                         None => head.narrow(2, ends[0], 1),
                     }
                 };
-                HeadWrite { overwrite_last: open[i] && m[0], keys: pick(&rk), values: pick(&mv), positions: ends.iter().map(|&e| seen + e - 1).collect() }
+                HeadWrite { overwrite_last: open[i] && m[0], keys: pick(&rk), values: pick(&mv), positions: ends.iter().map(|&e| seen + e).collect() }
             })
             .collect();
         state.cache.write_heads(writes, t)?;
+        let ext = recent + t;
         state.open = Some(OpenSlots {
-            keys: mk.narrow(2, t, 1),
-            values: mv.narrow(2, t, 1),
-            weights: z.narrow(2, t, 1),
+            keys: x_ext.clone().narrow(2, ext - recent, recent).narrow(3, 0, d),
+            values: x_ext.narrow(2, ext - recent, recent).narrow(3, d, d),
+            weights: w_ext.narrow(2, ext - recent, recent),
             tokens: runs,
             slots: state.cache.slots_per_head(),
         });
@@ -391,8 +430,8 @@ impl<B: Backend> CachedAttention<B> for DmcAttention<B> {
 /// or relaxed), the running merge at every token, `x^_i = sum_j P(j, i) omega_j x_j / z_i` with
 /// `P(j, i) = prod_{m = j+1..=i} alpha_m` over the last `window` tokens, and `z_i`.
 ///
-/// The official code's `poolsum`. With hard decisions and slots of at most `window` tokens, `x^_i`
-/// is exactly the mean of the slot `i` ends at that point, which is what the cache holds.
+/// The official code's `poolsum`. With hard decisions, `x^_i` is the mean of the last `window`
+/// tokens of the run `i` ends at that point, which is what the cache holds.
 pub fn merge_runs<B: Backend>(x: Tensor<B, 4>, omega: Tensor<B, 3>, alpha: Tensor<B, 3>, window: usize) -> (Tensor<B, 4>, Tensor<B, 3>) {
     let [b, h, t, d] = x.dims();
     let device = x.device();
@@ -409,11 +448,10 @@ pub fn merge_runs<B: Backend>(x: Tensor<B, 4>, omega: Tensor<B, 3>, alpha: Tenso
     (acc / z.clone().clamp_min(1e-30).reshape([b, h, t, 1]), z)
 }
 
-/// The merges a slot cap allows, per head: token `i` of head `hd` merges iff it asks to, its head
-/// has an open slot (one started earlier, or `open[hd]` tokens carried in), and that slot covers
-/// fewer than `window` tokens. `asks` is `[heads * t]`; returns the merges and each head's open
-/// slot length at the end.
-fn capped(asks: &[bool], t: usize, open: &[usize], window: usize) -> (Vec<bool>, Vec<usize>) {
+/// The merges of a chunk, per head: token `i` of head `hd` merges iff it asks to and its head has
+/// an open slot (one started earlier in the chunk, or `open[hd]` tokens carried in). `asks` is
+/// `[heads * t]`; returns the merges and each head's open run length at the end.
+fn merges_of(asks: &[bool], t: usize, open: &[usize]) -> (Vec<bool>, Vec<usize>) {
     let mut merges = vec![false; asks.len()];
     let runs = open
         .iter()
@@ -421,7 +459,7 @@ fn capped(asks: &[bool], t: usize, open: &[usize], window: usize) -> (Vec<bool>,
         .map(|(hd, &carried)| {
             let mut run = carried;
             for i in 0..t {
-                let merge = asks[hd * t + i] && run > 0 && run < window;
+                let merge = asks[hd * t + i] && run > 0;
                 merges[hd * t + i] = merge;
                 run = if merge { run + 1 } else { 1 };
             }
@@ -429,6 +467,14 @@ fn capped(asks: &[bool], t: usize, open: &[usize], window: usize) -> (Vec<bool>,
         })
         .collect();
     (merges, runs)
+}
+
+/// The attention offset of a key from later queries when the token after it merges with relaxed
+/// logit `x`: `log(1 - sigmoid(x / temperature))`, as `log_sigmoid(-x / temperature)` (the
+/// official `get_attn_score_mask`), which keeps its gradient where a confident merge would
+/// round `1 - sigmoid` to zero in f32.
+pub fn merge_fade<B: Backend, const D: usize>(x: Tensor<B, D>, temperature: f64) -> Tensor<B, D> {
+    log_sigmoid(x.div_scalar(-temperature))
 }
 
 /// `x` with its last channel (DMC's decision channel) zeroed.

@@ -64,7 +64,7 @@ pub use materialize::materialize;
 pub use mla::{MlaAttention, MlaAttentionConfig, MlaPath};
 pub use kv_core::{ObserveRequest, Observation};
 pub use cross::{CrossAttention, CrossAttentionConfig, GlobalKv};
-pub use dmc::{DmcAttention, DmcAttentionConfig, DmcDecisions, merge_runs};
+pub use dmc::{DmcAttention, DmcAttentionConfig, DmcDecisions, merge_fade, merge_runs};
 pub use retention::{GatedRetention, GatedRetentionConfig, Projected, retention_chunkwise, retention_parallel, retention_recurrent};
 pub use window::{SlidingWindowAttention, SlidingWindowAttentionConfig};
 pub use packed::{CodeWidth, PACKED_BLOCK, PACKED_MAX_ROWS, PackedMatrix, PackedSet, project, project_packed};

@@ -39,8 +39,9 @@ pub struct TrainArgs {
     pub data: Option<PathBuf>,
     /// DMC: make every grouped attention layer merge tokens and train towards this compression,
     /// `cr=2` (plus optional `ramp`, the share of steps the target ramps over, and the model's
-    /// `window`, `init_bias`, `temperature`; unset ones come from the recipe, else 0.75, 12, 5,
-    /// 0.1). With --init it retrofits the checkpoint's weights (the decision channels start
+    /// `window`, `init_bias`, `temperature`, and `zero_after_rope=true` for the official code's
+    /// second zeroing of the decision channel; unset ones come from the recipe, else 0.75, 12, 5,
+    /// 0.1, false). With --init it retrofits the checkpoint's weights (the decision channels start
     /// zeroed: no merges) under the dmc-retrofit recipe unless --preset or --config names another.
     #[arg(long, value_name = "SPEC")]
     pub dmc: Option<String>,
@@ -169,7 +170,7 @@ pub fn train_with_progress<B: AutodiffBackend>(trainer: &mut Trainer<B>, out: &P
     Ok(last)
 }
 
-/// Parses `--dmc cr=2[,ramp=..][,window=..][,init_bias=..][,temperature=..]` over the recipe's
+/// Parses `--dmc cr=2[,ramp=..][,window=..][,init_bias=..][,temperature=..][,zero_after_rope=..]` over the recipe's
 /// DMC `settings` and `target` into the model's settings and the run's compression target.
 pub fn parse_dmc(spec: &str, settings: kv_models::DmcSettings, target: Option<kv_models::train::DmcTraining>) -> Result<(kv_models::DmcSettings, kv_models::train::DmcTraining)> {
     let mut settings = settings;
@@ -184,7 +185,8 @@ pub fn parse_dmc(spec: &str, settings: kv_models::DmcSettings, target: Option<kv
             "init_bias" => settings.init_bias = number("init_bias")?,
             "temperature" => settings.temperature = number("temperature")?,
             "window" => settings.window = value.trim().parse().map_err(|_| KvError::config("--dmc window", value, "a whole number of tokens such as 12"))?,
-            other => return Err(KvError::Unknown { kind: "--dmc key".into(), name: other.into(), valid: "cr, ramp, window, init_bias, temperature".into() }),
+            "zero_after_rope" => settings.zero_after_rope = value.trim().parse().map_err(|_| KvError::config("--dmc zero_after_rope", value, "true or false"))?,
+            other => return Err(KvError::Unknown { kind: "--dmc key".into(), name: other.into(), valid: "cr, ramp, window, init_bias, temperature, zero_after_rope".into() }),
         }
     }
     let cr = cr.or(target.as_ref().map(|t| t.cr)).ok_or_else(|| KvError::config("--dmc", spec, "a target compression such as cr=2"))?;

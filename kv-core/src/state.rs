@@ -18,20 +18,22 @@ pub struct KvState<B: Backend> {
     pub open: Option<OpenSlots<B>>,
 }
 
-/// The slot each (batch row, KV head) of a merging attention (DMC) is still extending: the
-/// weighted means of the pre-RoPE keys and of the values merged into it, their total weight, and
-/// how many tokens it covers. The cache holds the slot itself (its key rotated at the newest
-/// token it covers); this is what the next merge needs to recompute it.
+/// What the slot each (batch row, KV head) of a merging attention (DMC) is still extending needs
+/// for its next merge: the pre-RoPE keys, values and merge weights of the last tokens seen (a
+/// window one shorter than the most a slot averages, oldest first), and how many tokens the open
+/// slot's run has reached. The cache holds the slot itself (its key rotated at the newest token
+/// it covers); a merge recomputes it from these tokens and the new one, so a run of any length
+/// holds the mean of its last `window` tokens, as the training path computes it.
 #[derive(Debug, Clone)]
 pub struct OpenSlots<B: Backend> {
-    /// Weighted mean of the pre-RoPE keys merged, `[batch, kv_heads, 1, key_dim]`.
+    /// Pre-RoPE keys of the last tokens seen, `[batch, kv_heads, recent, key_dim]`.
     pub keys: Tensor<B, 4>,
-    /// Weighted mean of the values merged, `[batch, kv_heads, 1, value_dim]`.
+    /// Values of the same tokens, `[batch, kv_heads, recent, value_dim]`.
     pub values: Tensor<B, 4>,
-    /// Total merge weight `z`, `[batch, kv_heads, 1]`.
+    /// Their merge weights, `[batch, kv_heads, recent]`.
     pub weights: Tensor<B, 3>,
-    /// Tokens each head's open slot covers (index `b * kv_heads + h`); 0: closed, the next
-    /// token appends.
+    /// Tokens in each head's open run, however long (index `b * kv_heads + h`); 0: closed, the
+    /// next token appends.
     pub tokens: Vec<usize>,
     /// Slots each head held after the last write: a different count means a policy evicted
     /// since, which closes the slot (its last slot may no longer be the open one).
@@ -58,7 +60,7 @@ impl<B: Backend> KvState<B> {
         self.open = None;
     }
 
-    /// The cache's statistics, the carried input and a merging attention's open-slot sums
+    /// The cache's statistics, the carried input and a merging attention's recent tokens
     /// counted with the metadata.
     pub fn stats(&self) -> LayerStats {
         let mut stats = self.cache.stats();

@@ -48,12 +48,16 @@ pub struct DmcSettings {
     /// Offset of the decision logit and importance (the official `dmc-init-val`, default 5).
     #[serde(default = "default_dmc_init")]
     pub init_bias: f64,
-    /// Most tokens one slot covers, and the training relaxation's window (default 12).
+    /// Most tokens one slot averages, the newest of its run, on both paths (default 12).
     #[serde(default = "default_dmc_window")]
     pub window: usize,
     /// Gumbel-sigmoid temperature while training (default 0.1).
     #[serde(default = "default_dmc_temperature")]
     pub temperature: f64,
+    /// Zero the decision channel after RoPE as well as before, the official code's rule
+    /// (default off: before only, so every RoPE pair keeps its relative form).
+    #[serde(default)]
+    pub zero_after_rope: bool,
 }
 
 fn default_dmc_init() -> f64 {
@@ -70,7 +74,7 @@ fn default_dmc_temperature() -> f64 {
 
 impl Default for DmcSettings {
     fn default() -> Self {
-        Self { init_bias: default_dmc_init(), window: default_dmc_window(), temperature: default_dmc_temperature() }
+        Self { init_bias: default_dmc_init(), window: default_dmc_window(), temperature: default_dmc_temperature(), zero_after_rope: false }
     }
 }
 
@@ -250,7 +254,7 @@ impl DecoderConfig {
 
     /// The DMC settings of every layer, for a DMC model (grouped attention underneath).
     pub fn dmc_attention(&self) -> Option<DmcAttentionConfig> {
-        self.dmc.as_ref().map(|d| DmcAttentionConfig::new(self.attention()).with_init_bias(d.init_bias).with_window(d.window).with_temperature(d.temperature))
+        self.dmc.as_ref().map(|d| DmcAttentionConfig::new(self.attention()).with_init_bias(d.init_bias).with_window(d.window).with_temperature(d.temperature).with_zero_after_rope(d.zero_after_rope))
     }
 
     /// Previous tokens the token shift reads (0 without token shift).

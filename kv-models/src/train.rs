@@ -151,7 +151,7 @@ impl DmcTraining {
     /// Checks the target, naming the bad value.
     pub fn validate(&self) -> Result<()> {
         if !(self.cr >= 1.0 && self.cr <= 64.0) {
-            return Err(KvError::config("dmc cr", self.cr, "a compression ratio in [1, 64] (the paper trains 2 to 4; at most the model's dmc.window is reachable)"));
+            return Err(KvError::config("dmc cr", self.cr, "a compression ratio in [1, 64] (the paper trains 2 to 4)"));
         }
         if !(0.0..=1.0).contains(&self.ramp) {
             return Err(KvError::config("dmc ramp", self.ramp, "a fraction of the steps in [0, 1]"));

@@ -73,7 +73,7 @@ fn a_dmc_model_decodes_what_its_training_path_computes<B: Backend>(dev: &B::Devi
 }
 
 fn dmc_checkpoints_keep_the_kind_and_its_settings<B: Backend>(dev: &B::Device) {
-    let settings = DmcSettings { init_bias: 0.5, window: 7, temperature: 0.2 };
+    let settings = DmcSettings { init_bias: 0.5, window: 7, temperature: 0.2, zero_after_rope: true };
     let config = base(4, 2).with_dmc(Some(settings.clone()));
     let model = config.init::<B>(dev).unwrap();
     let dir = temp_dir("dmc-checkpoint");
@@ -126,7 +126,7 @@ fn retrofit_training_moves_the_decisions_towards_the_target<B: Backend>(dev: &B:
 
 fn policies_evict_from_the_merged_cache_head_by_head<B: Backend>(dev: &B::Device) {
     B::seed(dev, 9);
-    let settings = DmcSettings { init_bias: 0.0, window: 4, ..DmcSettings::default() };
+    let settings = DmcSettings { init_bias: 1.0, window: 4, ..DmcSettings::default() };
     let model = base(4, 2).with_dmc(Some(settings)).init::<B>(dev).unwrap();
     let ids = sequence(60);
     let prefill = |spec: &str| {
