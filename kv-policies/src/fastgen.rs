@@ -16,6 +16,16 @@
 //!   queries at or after it).
 //!
 //! With GQA a KV head is profiled on its group's mean map (the paper evaluated MHA only).
+//!
+//! **Decode-time ranking** of the frequent class follows cold-compress (`KVCacheHybrid` over
+//! `KVCacheHeavyHitter`): every new token is admitted, and a ranked head keeps the slots with the
+//! highest *mean* attention per record, where the prompt counts as one record (its attention
+//! averaged over the prompt's queries) and each decode query as one more. A generated token
+//! that keeps drawing attention then competes on equal terms with prompt tokens, which a sum
+//! since prefill (H2O's score) would bury under hundreds of prompt queries. cold-compress forgets
+//! records older than 400 decode steps (`history_window_size`), which needs a `[slots, 400]`
+//! history per head; here a slot averages every record since it arrived, which is the same rule
+//! for the first 400 generated tokens and needs one running sum per slot.
 
 use crate::select::group_sum;
 use crate::{CachePolicy, LayerContext, Phase, PolicySpec};
@@ -23,9 +33,17 @@ use burn::prelude::*;
 use kv_core::{ObserveRequest, Observation, KvError, LayerCache, Result};
 use std::sync::Arc;
 
-/// Side channel holding each slot's accumulated attention (summed over its GQA group), which the
-/// frequent class ranks by at decode.
+/// Side channel holding each slot's attention records summed (the prompt's mean over its queries,
+/// then each decode query's; summed over the GQA group), which the frequent class ranks by at
+/// decode once divided by the slot's number of records ([`fastgen_records`]).
 pub const FASTGEN_ACC: &str = "fastgen.acc";
+
+/// How many attention records a slot at `position` holds after `seen` tokens, when the prompt
+/// ended at `prompt_end`: one for the whole prompt (its mean), then one per decode query at or
+/// after the slot.
+pub fn fastgen_records(position: usize, prompt_end: usize, seen: usize) -> usize {
+    if position < prompt_end { 1 + seen - prompt_end } else { seen - position }
+}
 
 const SPECIAL: u8 = 1;
 const PUNCT: u8 = 2;
@@ -146,7 +164,8 @@ pub struct HeadProfile {
 
 /// Profiles one head: `column[j]` and `band[j]` are key `j`'s attention summed over the
 /// `queries` prompt queries and over the ones within the local band after it, `flags[j]` its
-/// class; `frequent` keys join the frequent class. Returns the choice and the slots it keeps
+/// class; `frequent` keys join the frequent class, taken (as decode takes them) from outside the
+/// local window when the local class is there too. Returns the choice and the slots it keeps
 /// right after the prompt (the local class: the last `local` slots).
 pub fn profile_head(column: &[f32], band: &[f32], flags: &[u8], queries: usize, recover: f32, frequent: usize, local: usize) -> (HeadProfile, Vec<usize>) {
     let n = column.len();
@@ -159,7 +178,10 @@ pub fn profile_head(column: &[f32], band: &[f32], flags: &[u8], queries: usize, 
     // Highest column sum first; ties go to the later key, as the newest tokens matter most.
     rest.sort_by(|&a, &b| column[b].total_cmp(&column[a]).then(b.cmp(&a)));
     rest.iter().take(frequent).for_each(|&j| freq[j] = true);
-    let local_mass = (mass(&freq) + (0..n).filter(|&j| !freq[j]).map(|j| band[j] as f64).sum::<f64>() / q) as f32;
+    // With the local class, the frequent keys are the best of those the window will not hold.
+    let mut freq_outside = punct.clone();
+    rest.iter().filter(|&&j| j + local < n).take(frequent).for_each(|&j| freq_outside[j] = true);
+    let local_mass = (mass(&freq_outside) + (0..n).filter(|&j| !freq_outside[j]).map(|j| band[j] as f64).sum::<f64>() / q) as f32;
     let recovered = [mass(&special) as f32, mass(&punct) as f32, mass(&freq) as f32, local_mass, 1.0];
     // T = 1 asks for everything: only the full cache is certain to recover all of it.
     let policy = HeadPolicy::ORDER.into_iter().zip(recovered).find(|(p, r)| *p == HeadPolicy::Full || (recover < 1.0 && *r >= recover)).map(|(p, _)| p).unwrap_or(HeadPolicy::Full);
@@ -167,7 +189,7 @@ pub fn profile_head(column: &[f32], band: &[f32], flags: &[u8], queries: usize, 
         HeadPolicy::Special => (0..n).filter(|&j| special[j]).collect(),
         HeadPolicy::Punct => (0..n).filter(|&j| punct[j]).collect(),
         HeadPolicy::Frequent => (0..n).filter(|&j| freq[j]).collect(),
-        HeadPolicy::Local => (0..n).filter(|&j| freq[j] || j + local >= n).collect(),
+        HeadPolicy::Local => (0..n).filter(|&j| freq_outside[j] || j + local >= n).collect(),
         HeadPolicy::Full => (0..n).collect(),
     };
     (HeadProfile { policy, recovered }, keep)
@@ -196,14 +218,15 @@ pub fn admit(policy: HeadPolicy, positions: &[usize], flags: &[u8], scores: Opti
     (0..n).filter(|&j| keep[j]).collect()
 }
 
-/// A layer's profile: per (batch row, KV head), the policy, the positions it holds, and the
-/// class sizes it was given.
+/// A layer's profile: per (batch row, KV head), the policy, the positions it holds, the class
+/// sizes it was given and where the prompt ended.
 #[derive(Debug, Clone)]
 struct LayerPlan {
     heads: Vec<HeadProfile>,
     held: Vec<Vec<usize>>,
     frequent: usize,
     local: usize,
+    prompt_end: usize,
 }
 
 /// FastGen: profiles every (layer, KV head) at prefill and applies each head's policy to every
@@ -293,13 +316,13 @@ impl FastGenPolicy {
             held.push(kept.iter().map(|&j| positions[i * n + j] as usize).collect());
             keep.push(kept);
         }
+        // The prompt is one record: each key's attention averaged over the prompt's queries.
         cache.add_side(FASTGEN_ACC);
-        let acc = cache.side(FASTGEN_ACC)? + column;
-        cache.set_side(FASTGEN_ACC, acc)?;
+        cache.set_side(FASTGEN_ACC, column.div_scalar(queries.max(1) as f64))?;
         if self.plans.len() <= ctx.layer {
             self.plans.resize(ctx.layer + 1, None);
         }
-        self.plans[ctx.layer] = Some(LayerPlan { heads, held, frequent, local });
+        self.plans[ctx.layer] = Some(LayerPlan { heads, held, frequent, local, prompt_end: cache.tokens_seen() });
         cache.retain_per_head(&keep)
     }
 
@@ -324,7 +347,8 @@ impl FastGenPolicy {
                     Some(hs) => hs[i].side(FASTGEN_ACC)?,
                     None => cache.side(FASTGEN_ACC)?.narrow(0, i / kv_heads, 1).narrow(1, i % kv_heads, 1),
                 };
-                Some(side.into_data().convert::<f32>().iter::<f32>().collect::<Vec<f32>>())
+                let sums = side.into_data().convert::<f32>().iter::<f32>().collect::<Vec<f32>>();
+                Some(sums.iter().zip(held.iter()).map(|(&sum, &p)| sum / fastgen_records(p, plan.prompt_end, seen) as f32).collect::<Vec<f32>>())
             } else {
                 None
             };

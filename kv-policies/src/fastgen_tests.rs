@@ -6,7 +6,7 @@ use burn::prelude::*;
 use burn::tensor::Distribution;
 use kv_attention::{GroupedAttention, GroupedAttentionConfig};
 use kv_attention::CachedAttention;
-use kv_core::{KvState, LayerCache};
+use kv_core::{KvState, LayerCache, Observation};
 use std::sync::Arc;
 
 const S: u8 = 1;
@@ -32,14 +32,15 @@ fn map(n: usize, w: impl Fn(usize, usize) -> f32) -> Vec<Vec<f32>> {
 }
 
 /// The recovered mass computed the slow way: per query, the mass on the keys the policy keeps
-/// for it, averaged over queries.
-fn recovered_by_hand(a: &[Vec<f32>], policy: HeadPolicy, flags: &[u8], frequent: &[usize], local: usize) -> f32 {
+/// for it, averaged over queries; `frequent` and `frequent_outside` are the frequent keys of the
+/// frequent and the local policy.
+fn recovered_by_hand(a: &[Vec<f32>], policy: HeadPolicy, flags: &[u8], frequent: &[usize], frequent_outside: &[usize], local: usize) -> f32 {
     let n = a.len();
     let kept = |q: usize, j: usize| match policy {
         HeadPolicy::Special => flags[j] == S,
         HeadPolicy::Punct => flags[j] != 0,
         HeadPolicy::Frequent => flags[j] != 0 || frequent.contains(&j),
-        HeadPolicy::Local => flags[j] != 0 || frequent.contains(&j) || q - j < local,
+        HeadPolicy::Local => flags[j] != 0 || frequent_outside.contains(&j) || q - j < local,
         HeadPolicy::Full => true,
     };
     (0..n).map(|q| (0..=q).filter(|&j| kept(q, j)).map(|j| a[q][j]).sum::<f32>()).sum::<f32>() / n as f32
@@ -66,8 +67,10 @@ fn fastgen_heads_pick_the_cheapest_policy_that_recovers_enough() {
         let mut rest: Vec<usize> = (0..n).filter(|&j| flags[j] == 0).collect();
         rest.sort_by(|&x, &y| column[y].total_cmp(&column[x]).then(y.cmp(&x)));
         let top: Vec<usize> = rest[..frequent].to_vec();
+        // The local policy's frequent keys are the best outside the window it will hold.
+        let top_outside: Vec<usize> = rest.iter().copied().filter(|&j| j + local < n).take(frequent).collect();
         for (i, p) in HeadPolicy::ORDER.into_iter().enumerate() {
-            let slow = recovered_by_hand(&a, p, &flags, &top, local);
+            let slow = recovered_by_hand(&a, p, &flags, &top, &top_outside, local);
             assert!((profile.recovered[i] - slow).abs() < 1e-4, "{name} {}: {} vs {slow}", p.name(), profile.recovered[i]);
         }
         // The choice is the first in order that meets the threshold.
@@ -78,11 +81,19 @@ fn fastgen_heads_pick_the_cheapest_policy_that_recovers_enough() {
             HeadPolicy::Special => vec![0],
             HeadPolicy::Punct => (0..n).filter(|&j| flags[j] != 0).collect(),
             HeadPolicy::Frequent => (0..n).filter(|&j| flags[j] != 0 || top.contains(&j)).collect(),
-            HeadPolicy::Local => (0..n).filter(|&j| flags[j] != 0 || top.contains(&j) || j >= n - local).collect(),
+            HeadPolicy::Local => (0..n).filter(|&j| flags[j] != 0 || top_outside.contains(&j) || j >= n - local).collect(),
             HeadPolicy::Full => (0..n).collect(),
         };
         assert_eq!(keep, expect, "{name}");
     }
+    // A local head whose heaviest ordinary keys sit in its final window: profiling spends its
+    // frequent slots outside the window, as decode will.
+    let a = map(n, |q, j| if j == 38 { 50.0 } else if q - j < 2 { 1.0 } else if j == 11 || j == 23 { 0.1 } else { 1e-3 });
+    let (column, band) = sums(&a, local);
+    let (profile, keep) = profile_head(&column, &band, &flags, n, 0.9, 2, local);
+    assert_eq!(profile.policy, HeadPolicy::Local, "recovered {:?}", profile.recovered);
+    let outside: Vec<usize> = keep.iter().copied().filter(|&j| flags[j] == 0 && j + local < n).collect();
+    assert_eq!(outside, vec![11, 23], "the two frequent keys are the best outside the window");
     // T = 1 keeps everything, even for a head a cheaper policy covers exactly.
     let a = map(n, |_, j| if j == 0 { 1.0 } else { 0.0 });
     let (column, band) = sums(&a, local);
@@ -129,6 +140,88 @@ fn fastgen_decode_admits_exactly_what_each_head_policy_names() {
     // The window takes 9, 10, 11; of the rest, 4 and 1.
     assert_eq!(keep(HeadPolicy::Local), vec![0, 1, 3, 4, 6, 9, 10, 11]);
     assert_eq!(keep(HeadPolicy::Full), positions);
+}
+
+#[test]
+fn fastgen_profiling_keeps_what_decode_would_admit_on_the_prompt() {
+    // Right after the prompt, a head holds exactly what its policy's decode rule keeps of the
+    // prompt ranked by the same column sums: the recovered mass is measured on that set.
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    for trial in 0..60 {
+        let n = rng.random_range(8..60);
+        let flags: Vec<u8> = (0..n).map(|_| [0, 0, 0, 0, S, P][rng.random_range(0..6)]).collect();
+        let weights: Vec<f32> = (0..n * n).map(|_| rng.random::<f32>().powi(8)).collect();
+        let a = map(n, |q, j| weights[q * n + j] + if q - j < 3 { 0.5 } else { 1e-4 });
+        let (frequent, local) = (rng.random_range(1..n / 2), rng.random_range(1..n / 2 + 2));
+        let (column, band) = sums(&a, local);
+        let positions: Vec<usize> = (0..n).collect();
+        for t in [0.5, 0.8, 0.9, 0.95, 0.99] {
+            let (profile, keep) = profile_head(&column, &band, &flags, n, t, frequent, local);
+            let decode = admit(profile.policy, &positions, &flags, Some(&column), n, frequent, local);
+            assert_eq!(keep, decode, "trial {trial}, T {t}, {}", profile.policy.name());
+        }
+    }
+}
+
+/// Drives a one-head FastGen layer by hand: a prompt whose attention sits on four heavy hitters
+/// (a frequent head), then decode steps whose observations give the first generated token
+/// `first` of each step's attention and the hitters the rest. Returns the positions held after
+/// each step.
+fn drive_one_head(first: f32, steps: usize) -> Vec<Vec<usize>> {
+    type B = burn::backend::Flex;
+    let dev = Default::default();
+    let n = 60;
+    let hitters = [1usize, 5, 9, 13];
+    // Byte tokens: 0x01 (special) first, then letters.
+    let ids: Vec<i64> = (0..n + steps).map(|i| if i == 0 { 1 } else { b'a' as i64 + (i % 7) as i64 }).collect();
+    let a = map(n, |_, j| if hitters.contains(&j) { 1.0 } else { 1e-6 });
+    let classes = Arc::new(TokenClasses::bytes());
+    // 4 of 60 frequent slots, a local window of 3 (the band sums must match it).
+    let mut policy = FastGenPolicy::new(0.9, 0.05, 4.0 / 60.0, classes);
+    let shape = kv_core::CacheShape { batch: 1, kv_heads: 1, key_dim: 4, value_dim: 4 };
+    let mut cache = LayerCache::<B>::new(shape, &dev);
+    let kv = |t: usize| Tensor::<B, 4>::random([1, 1, t, 4], Distribution::Normal(0.0, 1.0), &dev);
+    cache.append(kv(n), kv(n)).unwrap();
+    let (column, band) = sums(&a, 3);
+    let row = |x: &[f32]| Tensor::<B, 1>::from_floats(x, &dev).reshape([1, 1, x.len()]);
+    let prompt = Tensor::<B, 1, Int>::from_ints(&ids[..n], &dev).reshape([1, n]);
+    fn ctx<'a>(phase: Phase, tokens: &'a Tensor<B, 2, Int>) -> LayerContext<'a, B> {
+        LayerContext { layer: 0, n_layers: 1, n_heads: 1, phase, rope: None, tokens: Some(tokens) }
+    }
+    let obs = Observation { column_sums: Some(row(&column)), band_sums: Some(row(&band)), band: 3, ..Default::default() };
+    CachePolicy::<B>::after_attention(&mut policy, &ctx(Phase::Prefill, &prompt), &mut cache, Some(&obs)).unwrap();
+    assert_eq!(policy.profiles()[0].as_ref().unwrap()[0].policy, HeadPolicy::Frequent);
+    let mut held = Vec::new();
+    for step in 1..=steps {
+        let seen = n + step;
+        cache.append(kv(1), kv(1)).unwrap();
+        let positions: Vec<i64> = cache.positions().into_data().convert::<i64>().iter::<i64>().collect();
+        // The first generated token gets `first`; the hitters share the rest; others nothing.
+        let kept_hitters = positions.iter().filter(|&&p| hitters.contains(&(p as usize))).count().max(1) as f32;
+        let attention: Vec<f32> = positions.iter().map(|&p| if p as usize == n { first } else if hitters.contains(&(p as usize)) { (1.0 - first) / kept_hitters } else { 0.0 }).collect();
+        let token = Tensor::<B, 1, Int>::from_ints(&ids[seen - 1..seen], &dev).reshape([1, 1]);
+        let obs = Observation { column_sums: Some(row(&attention)), ..Default::default() };
+        CachePolicy::<B>::after_attention(&mut policy, &ctx(Phase::Decode { step }, &token), &mut cache, Some(&obs)).unwrap();
+        held.push(cache.positions().into_data().convert::<i64>().iter::<i64>().map(|p| p as usize).collect());
+    }
+    held
+}
+
+#[test]
+fn fastgen_keeps_a_generated_token_that_keeps_drawing_attention() {
+    // Position 60 draws 40% of every step's attention, more per record than any prompt hitter
+    // averages: it stays, and a hitter makes room. Summed since prefill instead, it would lose
+    // to hitters carrying about 15 prompt queries' worth each.
+    let held = drive_one_head(0.4, 8);
+    for (step, h) in held.iter().enumerate() {
+        assert!(h.contains(&60), "step {}: the first generated token was evicted: {h:?}", step + 1);
+        assert!(h.contains(&0), "the special token stays");
+        assert_eq!(h.len(), 5, "step {}: the special token and 4 frequent slots: {h:?}", step + 1);
+    }
+    // Drawing nothing, it goes at once (the test can fail).
+    let held = drive_one_head(0.0, 3);
+    assert!(held.iter().all(|h| !h.contains(&60)), "{held:?}");
 }
 
 #[test]

@@ -56,7 +56,7 @@ mod vatp;
 
 pub use adakv::AcrossHeads;
 pub use driver::drive_layer;
-pub use fastgen::{FASTGEN_ACC, FastGenPolicy, HeadPolicy, HeadProfile, TokenClasses, admit, is_punctuation_text, profile_head};
+pub use fastgen::{FASTGEN_ACC, FastGenPolicy, HeadPolicy, HeadProfile, TokenClasses, admit, fastgen_records, is_punctuation_text, profile_head};
 pub use h2o::{ACC_CHANNEL, H2oScorer};
 pub use knorm::KnormScorer;
 pub use policy::{CachePolicy, FullCache, LayerContext, Phase, Schedule};
