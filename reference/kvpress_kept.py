@@ -3,7 +3,7 @@
 Runs kvpress's KnormPress, StreamingLLMPress, SnapKVPress, TOVAPress and ObservedAttentionPress at
 compression 0.5 on two prompts and writes kv-models/testdata/kvpress-kept.json:
 
-  tiny-llama  the golden 96 input ids of shared/golden/tiny-llama-logits.safetensors, on the
+  tiny-llama  the golden 96 input ids of kv-models/testdata/tiny-llama-logits.safetensors, on the
               HF checkpoint kv-models/testdata/tiny-llama
   smollm2     the golden "long" case (the first 1024 tokens of the essay addiction.txt), on
               SmolLM2-135M-Instruct read by transformers from the Q4_1 GGUF (run

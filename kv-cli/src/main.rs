@@ -1,5 +1,5 @@
-//! The `kv` command: train, evaluate, generate and benchmark (conversion comes later) on
-//! any backend compiled into this build.
+//! The `kv` command: train, convert, evaluate, generate, benchmark and tour, on any backend
+//! compiled into this build.
 
 mod backend;
 mod bench;

@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 /// Model selection flags shared by commands.
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
-    /// A built-in preset, randomly initialised (tiny-mha, tiny-gqa, tiny-mqa, decode-bench).
+    /// A built-in preset, randomly initialised (tiny-mha, tiny-gqa, tiny-mqa, tiny-mla, tiny-yoco,
+    /// tiny-yoco-retention, quick-mha, quick-gqa, decode-bench; an unknown name lists them all).
     #[arg(long, conflicts_with_all = ["config", "checkpoint", "model"])]
     pub preset: Option<String>,
     /// A decoder config JSON file, randomly initialised.

@@ -3,7 +3,7 @@
 //! enough of it, then keeps applying that policy to the tokens it generates.
 //!
 //! The recovery rule is the mass-coverage form (cold-compress's `profile_attn_heads`,
-//! techniques.md §4): `recovered(C) = mean over prompt queries of the attention mass on the keys
+//! docs/techniques.md, FastGen): `recovered(C) = mean over prompt queries of the attention mass on the keys
 //! C keeps for that query`, without renormalisation, and a head takes the first `C` in FastGen's
 //! order with `recovered(C) >= recover`. The paper's `|A - softmax(Q K_C^T)| <= 1 - T` leaves its
 //! norm open; mass coverage is the form its threshold reads naturally in (L1 with renormalisation

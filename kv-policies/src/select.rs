@@ -5,7 +5,7 @@ use kv_core::LayerCache;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Reduces per-query-head scores `[b, heads, n]` to one score per KV head `[b, kv_heads, n]` by
-/// summing over each group of contiguous query heads (the kvpress rule, techniques.md §0).
+/// summing over each group of contiguous query heads (the kvpress rule, docs/techniques.md, Conventions).
 pub fn group_sum<B: Backend>(x: Tensor<B, 3>, kv_heads: usize) -> Tensor<B, 3> {
     let [b, h, n] = x.dims();
     if h == kv_heads {

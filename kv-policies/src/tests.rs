@@ -489,7 +489,7 @@ fn colsums<B: Backend>(head0: &[f32], head1: &[f32], dev: &B::Device) -> Observa
 }
 
 fn h2o_evicts_the_hand_computed_slots_of_a_toy_sequence<B: Backend>(dev: &B::Device) {
-    // techniques.md section 1, test 6: 2 heads, 6 tokens, budget 3 (1 recent + 2 heavy hitters).
+    // docs/techniques.md, H2O: 2 heads, 6 tokens, budget 3 (1 recent + 2 heavy hitters).
     // Eager eviction, so the crafted column sums cover exactly the slots kept; lazy eviction keeps
     // the same slots (`lazy_eviction_keeps_what_eager_eviction_keeps`).
     // Prefill of 3 tokens (column sums of 3 causal queries), then one query per step. By hand:

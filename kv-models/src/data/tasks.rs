@@ -1,4 +1,5 @@
-//! Seeded long-context tasks with exact-match answers: passkey, needle in a haystack, recall.
+//! Seeded long-context tasks with exact-match answers: passkey, needle in a haystack, recall,
+//! copy and lookup ([`TaskKind::ALL`]).
 //!
 //! Every sample is byte-level text whose prompt plus answer is exactly `context` bytes (tokens), so
 //! the same generator makes training sequences and evaluation prompts of a chosen length.
