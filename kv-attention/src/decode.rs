@@ -234,7 +234,7 @@ fn scores(isa: Isa, keys: &[Span], queries: &[f32], d: usize, scale: f32, len: u
     match isa {
         // SAFETY: `isa` came from `Isa::usable`, so this CPU has AVX2 and FMA.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512 if d % 8 == 0 => unsafe { x86::scores(keys, queries, d, scale, len, out) },
+        Isa::Avx2 | Isa::Avx512 if d.is_multiple_of(8) => unsafe { x86::scores(keys, queries, d, scale, len, out) },
         _ => scores_portable(keys, queries, d, scale, len, out),
     }
 }
@@ -245,7 +245,7 @@ fn values(isa: Isa, values: &[Span], w: &[f32], d: usize, len: usize, out: &mut 
     match isa {
         // SAFETY: `isa` came from `Isa::usable`, so this CPU has AVX2 and FMA.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512 if d % 32 == 0 => unsafe { x86::values(values, w, d, len, out) },
+        Isa::Avx2 | Isa::Avx512 if d.is_multiple_of(32) => unsafe { x86::values(values, w, d, len, out) },
         _ => values_portable(values, w, d, len, out),
     }
 }

@@ -60,7 +60,7 @@ impl PackedMatrix {
     /// Packs `codes` (`rows x cols`, row-major, one per value) with one scale (and offset, if
     /// any) per block of [`PACKED_BLOCK`]; nibbles when every code fits four bits.
     pub fn new(rows: usize, cols: usize, codes: &[i8], scales: Vec<f32>, offsets: Option<Vec<f32>>) -> Result<Self> {
-        if rows == 0 || cols == 0 || cols % PACKED_BLOCK != 0 {
+        if rows == 0 || cols == 0 || !cols.is_multiple_of(PACKED_BLOCK) {
             return Err(KvError::config("packed matrix cols", cols, format!("a positive multiple of {PACKED_BLOCK} (the block size), with rows > 0")));
         }
         let blocks = rows * cols / PACKED_BLOCK;

@@ -83,7 +83,7 @@ fn prefill_attention_host_vs_fused(c: &mut Criterion) {
         let (qh, kh, vh) = (host(&q), host(&k), host(&v));
         let shape = HostShape { batch: 1, heads, kv_heads, queries: n, keys: n, visible: n, head_dim };
         let scale = (head_dim as f32).powf(-0.5);
-        group.bench_function(format!("host_{name}"), |b| b.iter(|| causal_attention(&qh, &kh, &vh, shape, scale, 1).expect("a supported shape")));
+        group.bench_function(format!("host_{name}"), |b| b.iter(|| causal_attention(&qh, &kh, &vh, shape, scale, false, 1, kv_attention::Isa::best()).expect("a supported shape")));
         let spread = |x: Tensor<B, 4>| x.reshape([1, kv_heads, 1, n, head_dim]).expand([1, kv_heads, heads / kv_heads, n, head_dim]).reshape([1, heads, n, head_dim]);
         let (ks, vs) = (spread(k), spread(v));
         let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: true };
