@@ -159,7 +159,7 @@ impl TourPlan {
         real.niah.compressions = vec![0.5];
         real.ppl.compressions = vec![0.5];
         plan.real = Some(real);
-        // 80 steps merged nothing at inference yet; 250 (about a minute) hold layer 1 at the cap.
+        // 80 steps merged nothing at inference yet; 250 (about a minute) merge in layers 1-3.
         plan.dmc = Some(DmcPlan::new(2.0, Some(250), &plan.grid)?);
         Ok(plan)
     }
