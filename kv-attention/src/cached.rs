@@ -24,5 +24,10 @@ pub trait CachedAttention<B: Backend> {
     /// Inference path: the new tokens `x` `[b, t, d_model]` continue `state` at position
     /// "tokens seen"; returns their outputs and, when `observe` asks and the kind can, what the
     /// attention saw.
-    fn forward_cached(&self, x: Tensor<B, 3>, state: &mut Self::State, observe: ObserveRequest) -> Result<AttentionOutput<B>>;
+    fn forward_cached(
+        &self,
+        x: Tensor<B, 3>,
+        state: &mut Self::State,
+        observe: ObserveRequest,
+    ) -> Result<AttentionOutput<B>>;
 }

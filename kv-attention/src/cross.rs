@@ -1,7 +1,10 @@
 //! YOCO's cross-decoder attention: one global K/V computed once from the self-decoder's output,
 //! shared by every cross-decoder layer, each of which only projects its own queries.
 
-use crate::{AttentionOutput, CachedAttention, Causality, ObserveRequest, Rotary, RotaryConfig, attend_appended, grouped_attention, position_range};
+use crate::{
+    AttentionOutput, CachedAttention, Causality, ObserveRequest, Rotary, RotaryConfig,
+    attend_appended, grouped_attention, position_range,
+};
 use burn::nn::{Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::prelude::*;
 use kv_core::{CacheShape, KvError, LayerCache, Result};
@@ -34,15 +37,24 @@ impl CrossAttentionConfig {
 
     /// Checks the head layout, naming the first bad value.
     pub fn validate(&self) -> Result<()> {
-        crate::GroupedAttentionConfig::new(self.d_model, self.n_heads, self.n_kv_heads).with_rope_dims(self.rope_dims).validate()?;
+        crate::GroupedAttentionConfig::new(self.d_model, self.n_heads, self.n_kv_heads)
+            .with_rope_dims(self.rope_dims)
+            .validate()?;
         if !(self.norm_eps > 0.0 && self.norm_eps < 1.0) {
-            return Err(KvError::config("norm_eps", self.norm_eps, "a small positive number such as 1e-5"));
+            return Err(KvError::config(
+                "norm_eps",
+                self.norm_eps,
+                "a small positive number such as 1e-5",
+            ));
         }
         Ok(())
     }
 
     fn rope<B: Backend>(&self, device: &B::Device) -> Result<Rotary<B>> {
-        RotaryConfig::new(self.head_dim()).with_theta(self.rope_theta).with_rotated(self.rope_dims).init(device)
+        RotaryConfig::new(self.head_dim())
+            .with_theta(self.rope_theta)
+            .with_rotated(self.rope_dims)
+            .init(device)
     }
 
     /// Validates and builds the shared K/V projection.
@@ -56,7 +68,9 @@ impl CrossAttentionConfig {
         let d = self.head_dim();
         let lin = |i, o| LinearConfig::new(i, o).with_bias(false).init(device);
         Ok(GlobalKv {
-            norm: RmsNormConfig::new(self.d_model).with_epsilon(self.norm_eps).init(device),
+            norm: RmsNormConfig::new(self.d_model)
+                .with_epsilon(self.norm_eps)
+                .init(device),
             wk: lin(self.d_model, self.n_kv_heads * d),
             wv: lin(self.d_model, self.n_kv_heads * d),
             rope: self.rope(device)?,
@@ -109,7 +123,12 @@ impl<B: Backend> GlobalKv<B> {
 
     /// The shape of the global cache for a batch of `batch`.
     pub fn cache_shape(&self, batch: usize) -> CacheShape {
-        CacheShape { batch, kv_heads: self.n_kv_heads, key_dim: self.head_dim, value_dim: self.head_dim }
+        CacheShape {
+            batch,
+            kv_heads: self.n_kv_heads,
+            key_dim: self.head_dim,
+            value_dim: self.head_dim,
+        }
     }
 
     /// The empty global cache every cross layer of the model reads, for a batch of `batch`.
@@ -123,7 +142,10 @@ impl<B: Backend> GlobalKv<B> {
         let [_, t, _] = x.dims();
         let x = self.norm.forward(x);
         let heads = |y: Tensor<B, 3>| crate::heads::split_heads(y, self.n_kv_heads, self.head_dim);
-        let k = self.rope.apply(heads(self.wk.forward(x.clone())), position_range(start, t, &x.device()));
+        let k = self.rope.apply(
+            heads(self.wk.forward(x.clone())),
+            position_range(start, t, &x.device()),
+        );
         (k, heads(self.wv.forward(x)))
     }
 
@@ -132,7 +154,11 @@ impl<B: Backend> GlobalKv<B> {
     pub fn append(&self, x: Tensor<B, 3>, cache: &mut LayerCache<B>) -> Result<()> {
         let b = x.dims()[0];
         if cache.shape() != self.cache_shape(b) {
-            return Err(KvError::config("global cache shape", format!("{:?}", cache.shape()), format!("{:?}", self.cache_shape(b))));
+            return Err(KvError::config(
+                "global cache shape",
+                format!("{:?}", cache.shape()),
+                format!("{:?}", self.cache_shape(b)),
+            ));
         }
         let (k, v) = self.project(x, cache.rope_position());
         cache.append(k, v)
@@ -162,7 +188,8 @@ impl<B: Backend> CrossAttention<B> {
     fn queries(&self, x: Tensor<B, 3>, rope_start: usize) -> Tensor<B, 4> {
         let [_, t, _] = x.dims();
         let q = crate::heads::split_heads(self.wq.forward(x.clone()), self.n_heads, self.head_dim);
-        self.rope.apply(q, position_range(rope_start, t, &x.device()))
+        self.rope
+            .apply(q, position_range(rope_start, t, &x.device()))
     }
 
     fn merge_heads(&self, o: Tensor<B, 4>) -> Tensor<B, 3> {
@@ -175,10 +202,24 @@ impl<B: Backend> CrossAttention<B> {
 
     /// Training path: `x` `[b, t, d_model]` at positions `0..t` attends causally over the global
     /// `keys`, `values` `[b, kv_heads, t, head_dim]` of the same positions.
-    pub fn forward(&self, x: Tensor<B, 3>, keys: Tensor<B, 4>, values: Tensor<B, 4>) -> Tensor<B, 3> {
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        keys: Tensor<B, 4>,
+        values: Tensor<B, 4>,
+    ) -> Tensor<B, 3> {
         let q = self.queries(x, 0);
-        let causality = Causality::Consecutive { first_query: 0, first_key: 0 };
-        let (o, _) = grouped_attention(q, &[(keys, values)], &causality, self.scale(), ObserveRequest::default());
+        let causality = Causality::Consecutive {
+            first_query: 0,
+            first_key: 0,
+        };
+        let (o, _) = grouped_attention(
+            q,
+            &[(keys, values)],
+            &causality,
+            self.scale(),
+            ObserveRequest::default(),
+        );
         self.merge_heads(o)
     }
 }
@@ -195,23 +236,42 @@ impl<B: Backend> CachedAttention<B> for CrossAttention<B> {
     /// cache (early exit passes only the positions whose logits are needed); they attend
     /// causally over every slot the cache holds. The cache is only read: [`GlobalKv::append`]
     /// writes it once per call, for every cross layer.
-    fn forward_cached(&self, x: Tensor<B, 3>, cache: &mut LayerCache<B>, observe: ObserveRequest) -> Result<AttentionOutput<B>> {
+    fn forward_cached(
+        &self,
+        x: Tensor<B, 3>,
+        cache: &mut LayerCache<B>,
+        observe: ObserveRequest,
+    ) -> Result<AttentionOutput<B>> {
         let [b, m, _] = x.dims();
         let shape = cache.shape();
-        if shape.batch != b || self.n_heads % shape.kv_heads.max(1) != 0 || shape.key_dim != self.head_dim || shape.value_dim != self.head_dim {
+        if shape.batch != b
+            || !self.n_heads.is_multiple_of(shape.kv_heads.max(1))
+            || shape.key_dim != self.head_dim
+            || shape.value_dim != self.head_dim
+        {
             return Err(KvError::config(
                 "global cache shape",
                 format!("{shape:?}"),
-                format!("batch {b}, kv_heads dividing {}, key_dim = value_dim = {}", self.n_heads, self.head_dim),
+                format!(
+                    "batch {b}, kv_heads dividing {}, key_dim = value_dim = {}",
+                    self.n_heads, self.head_dim
+                ),
             ));
         }
         let seen = cache.tokens_seen();
         if m > seen || cache.slots() == 0 {
-            return Err(KvError::config("cross-decoder queries", m, format!("at most the {seen} tokens in the global cache, which must hold a slot")));
+            return Err(KvError::config(
+                "cross-decoder queries",
+                m,
+                format!("at most the {seen} tokens in the global cache, which must hold a slot"),
+            ));
         }
         // Absolute positions for causality, the cache's RoPE positions for the rotation.
         let q = self.queries(x, cache.rope_position().saturating_sub(m));
         let (o, observation) = attend_appended(q, cache, self.scale(), observe);
-        Ok(AttentionOutput { output: self.merge_heads(o), observation })
+        Ok(AttentionOutput {
+            output: self.merge_heads(o),
+            observation,
+        })
     }
 }

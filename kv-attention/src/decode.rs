@@ -32,18 +32,29 @@ impl<const D: usize> HostView<D> {
         if t.dtype() != DType::F32 {
             return None;
         }
-        let TensorPrimitive::Float(p) = t.clone().into_primitive() else { return None };
+        let TensorPrimitive::Float(p) = t.clone().into_primitive() else {
+            return None;
+        };
         let any: Box<dyn std::any::Any> = Box::new(p);
         let tensor = *any.downcast::<FlexTensor>().ok()?;
         let layout = tensor.layout();
         let shape: [usize; D] = t.dims();
-        let strides: Vec<usize> = layout.strides().iter().map(|&s| usize::try_from(s).ok()).collect::<Option<_>>()?;
+        let strides: Vec<usize> = layout
+            .strides()
+            .iter()
+            .map(|&s| usize::try_from(s).ok())
+            .collect::<Option<_>>()?;
         let strides: [usize; D] = strides.try_into().ok()?;
         if strides[D - 1] != 1 && shape[D - 1] > 1 {
             return None;
         }
         let offset = layout.start_offset();
-        Some(Self { tensor, offset, strides, shape })
+        Some(Self {
+            tensor,
+            offset,
+            strides,
+            shape,
+        })
     }
 
     fn data(&self) -> &[f32] {
@@ -101,7 +112,11 @@ pub(crate) fn decode_attention<B: Backend>(
         if kb != b || kvh == 0 || h % kvh != 0 || kd != d || values.shape != [b, kvh, len, d] {
             return None;
         }
-        segments.push(Segment { keys, values, start: n });
+        segments.push(Segment {
+            keys,
+            values,
+            start: n,
+        });
         n += len;
     }
     let kvh = segments[0].keys.shape[1];
@@ -123,20 +138,45 @@ pub(crate) fn decode_attention<B: Backend>(
     let qs = qd.as_slice::<f32>().ok()?;
     let r = h / kvh;
     let want_probs = observe.column_sums || observe.window > 0;
-    let ctx = Ctx { segments: &segments, bias: bias.as_ref(), scale: scale as f32, d, r, keep_exps: want_probs, isa: isa.usable() };
+    let ctx = Ctx {
+        segments: &segments,
+        bias: bias.as_ref(),
+        scale: scale as f32,
+        d,
+        r,
+        keep_exps: want_probs,
+        isa: isa.usable(),
+    };
     let parallel = parallel.unwrap_or(b * kvh * n * d >= PARALLEL_MIN);
     let items: Vec<Item> = (0..b)
-        .flat_map(|bi| (0..kvh).flat_map(move |g| (0..n.div_ceil(CHUNK)).map(move |c| Item { bi, g, j0: c * CHUNK, len: CHUNK.min(n - c * CHUNK) })))
+        .flat_map(|bi| {
+            (0..kvh).flat_map(move |g| {
+                (0..n.div_ceil(CHUNK)).map(move |c| Item {
+                    bi,
+                    g,
+                    j0: c * CHUNK,
+                    len: CHUNK.min(n - c * CHUNK),
+                })
+            })
+        })
         .collect();
     let attend = |it: &Item| {
         let queries = &qs[(it.bi * h + it.g * r) * d..(it.bi * h + it.g * r + r) * d];
         attend_chunk(&ctx, queries, *it)
     };
-    let parts: Vec<Part> = if parallel { items.par_iter().map(attend).collect() } else { items.iter().map(attend).collect() };
+    let parts: Vec<Part> = if parallel {
+        items.par_iter().map(attend).collect()
+    } else {
+        items.iter().map(attend).collect()
+    };
     // Merge the chunks of each (batch, KV head): items are in (batch, KV head, chunk) order.
     let chunks = n.div_ceil(CHUNK);
     let mut output = vec![0f32; b * h * d];
-    let mut probs = if want_probs { vec![0f32; b * h * n] } else { Vec::new() };
+    let mut probs = if want_probs {
+        vec![0f32; b * h * n]
+    } else {
+        Vec::new()
+    };
     for (row, (its, ps)) in items.chunks(chunks).zip(parts.chunks(chunks)).enumerate() {
         let head0 = row * r; // (bi * kvh + g) * r == bi * h + g * r
         for i in 0..r {
@@ -146,13 +186,17 @@ pub(crate) fn decode_attention<B: Backend>(
             let out = &mut output[(head0 + i) * d..(head0 + i + 1) * d];
             for (p, &w) in ps.iter().zip(&weights) {
                 let w = w / total;
-                out.iter_mut().zip(&p.out[i * d..(i + 1) * d]).for_each(|(o, &x)| *o += w * x);
+                out.iter_mut()
+                    .zip(&p.out[i * d..(i + 1) * d])
+                    .for_each(|(o, &x)| *o += w * x);
             }
             if want_probs {
                 for ((it, p), &w) in its.iter().zip(ps).zip(&weights) {
                     let w = w / total;
                     let dst = &mut probs[(head0 + i) * n + it.j0..(head0 + i) * n + it.j0 + it.len];
-                    dst.iter_mut().zip(&p.exps[i * it.len..(i + 1) * it.len]).for_each(|(o, &e)| *o = e * w);
+                    dst.iter_mut()
+                        .zip(&p.exps[i * it.len..(i + 1) * it.len])
+                        .for_each(|(o, &e)| *o = e * w);
                 }
             }
         }
@@ -209,11 +253,16 @@ fn attend_chunk(ctx: &Ctx, queries: &[f32], it: Item) -> Part {
     let mut exps = vec![0f32; r * len];
     scores(ctx.isa, &key_spans, queries, d, ctx.scale, len, &mut exps);
     if let Some(bias) = ctx.bias {
-        let (sb, sg) = (if bias.shape[0] == 1 { 0 } else { bi }, if bias.shape[1] == 1 { 0 } else { g });
+        let (sb, sg) = (
+            if bias.shape[0] == 1 { 0 } else { bi },
+            if bias.shape[1] == 1 { 0 } else { g },
+        );
         let base = bias.offset + sb * bias.strides[0] + sg * bias.strides[1] + j0 * bias.strides[2];
         let data = bias.data();
         for row in exps.chunks_exact_mut(len) {
-            row.iter_mut().enumerate().for_each(|(j, s)| *s += data[base + j * bias.strides[2]]);
+            row.iter_mut()
+                .enumerate()
+                .for_each(|(j, s)| *s += data[base + j * bias.strides[2]]);
         }
     }
     let mut max = Vec::with_capacity(r);
@@ -224,17 +273,39 @@ fn attend_chunk(ctx: &Ctx, queries: &[f32], it: Item) -> Part {
         max.push(m);
     }
     let mut out = vec![0f32; r * d];
-    values(ctx.isa, &spans(ctx.segments, true, it), &exps, d, len, &mut out);
-    Part { max, sum, out, exps: if ctx.keep_exps { exps } else { Vec::new() } }
+    values(
+        ctx.isa,
+        &spans(ctx.segments, true, it),
+        &exps,
+        d,
+        len,
+        &mut out,
+    );
+    Part {
+        max,
+        sum,
+        out,
+        exps: if ctx.keep_exps { exps } else { Vec::new() },
+    }
 }
 
 /// `out[i * len + j] = scale * q_i . k_j` for the `r = queries.len() / d` queries, with `isa`'s
 /// loops (one [`Isa::usable`] returned; the vector loop takes whole multiples of 8 features).
-fn scores(isa: Isa, keys: &[Span], queries: &[f32], d: usize, scale: f32, len: usize, out: &mut [f32]) {
+fn scores(
+    isa: Isa,
+    keys: &[Span],
+    queries: &[f32],
+    d: usize,
+    scale: f32,
+    len: usize,
+    out: &mut [f32],
+) {
     match isa {
         // SAFETY: `isa` came from `Isa::usable`, so this CPU has AVX2 and FMA.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512 if d.is_multiple_of(8) => unsafe { x86::scores(keys, queries, d, scale, len, out) },
+        Isa::Avx2 | Isa::Avx512 if d.is_multiple_of(8) => unsafe {
+            x86::scores(keys, queries, d, scale, len, out)
+        },
         _ => scores_portable(keys, queries, d, scale, len, out),
     }
 }
@@ -245,7 +316,9 @@ fn values(isa: Isa, values: &[Span], w: &[f32], d: usize, len: usize, out: &mut 
     match isa {
         // SAFETY: `isa` came from `Isa::usable`, so this CPU has AVX2 and FMA.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512 if d.is_multiple_of(32) => unsafe { x86::values(values, w, d, len, out) },
+        Isa::Avx2 | Isa::Avx512 if d.is_multiple_of(32) => unsafe {
+            x86::values(values, w, d, len, out)
+        },
         _ => values_portable(values, w, d, len, out),
     }
 }
@@ -265,13 +338,23 @@ mod x86 {
         let t3 = _mm256_hadd_ps(a[6], a[7]);
         let u0 = _mm256_hadd_ps(t0, t1);
         let u1 = _mm256_hadd_ps(t2, t3);
-        _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31))
+        _mm256_add_ps(
+            _mm256_permute2f128_ps(u0, u1, 0x20),
+            _mm256_permute2f128_ps(u0, u1, 0x31),
+        )
     }
 
     /// Scores of eight keys at a time, each query's eight dot products reduced together, so a
     /// head of 32 pays a few shuffles per eight keys rather than a reduction per key. `d % 8 == 0`.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn scores(keys: &[Span], queries: &[f32], d: usize, scale: f32, len: usize, out: &mut [f32]) {
+    pub(super) unsafe fn scores(
+        keys: &[Span],
+        queries: &[f32],
+        d: usize,
+        scale: f32,
+        len: usize,
+        out: &mut [f32],
+    ) {
         // SAFETY: every pointer is into a span's rows, `d` floats each (the caller's shapes), or
         // into `queries` / `w` / `out`, whose lengths the loops keep to.
         unsafe {
@@ -281,24 +364,30 @@ mod x86 {
                 let data = span.data.as_ptr();
                 let mut j = 0;
                 while j + 8 <= span.rows {
-                    let key: [*const f32; 8] = std::array::from_fn(|k| data.add(span.base + (j + k) * span.stride));
+                    let key: [*const f32; 8] =
+                        std::array::from_fn(|k| data.add(span.base + (j + k) * span.stride));
                     for i in 0..r {
                         let q = queries.as_ptr().add(i * d);
                         let mut acc = [_mm256_setzero_ps(); 8];
                         for e in (0..d).step_by(8) {
                             let qv = _mm256_loadu_ps(q.add(e));
                             for k in 0..8 {
-                                acc[k] = _mm256_fmadd_ps(_mm256_loadu_ps(key[k].add(e)), qv, acc[k]);
+                                acc[k] =
+                                    _mm256_fmadd_ps(_mm256_loadu_ps(key[k].add(e)), qv, acc[k]);
                             }
                         }
-                        _mm256_storeu_ps(out.as_mut_ptr().add(i * len + span.first + j), _mm256_mul_ps(sums8(acc), scale_v));
+                        _mm256_storeu_ps(
+                            out.as_mut_ptr().add(i * len + span.first + j),
+                            _mm256_mul_ps(sums8(acc), scale_v),
+                        );
                     }
                     j += 8;
                 }
                 for j in j..span.rows {
                     let key = &span.data[span.base + j * span.stride..][..d];
                     for i in 0..r {
-                        out[i * len + span.first + j] = super::dot(&queries[i * d..(i + 1) * d], key) * scale;
+                        out[i * len + span.first + j] =
+                            super::dot(&queries[i * d..(i + 1) * d], key) * scale;
                     }
                 }
             }
@@ -329,7 +418,10 @@ mod x86 {
                     }
                     let o = out.as_mut_ptr().add(i * d + c);
                     for t in 0..4 {
-                        _mm256_storeu_ps(o.add(8 * t), _mm256_add_ps(_mm256_loadu_ps(o.add(8 * t)), acc[t]));
+                        _mm256_storeu_ps(
+                            o.add(8 * t),
+                            _mm256_add_ps(_mm256_loadu_ps(o.add(8 * t)), acc[t]),
+                        );
                     }
                 }
             }
@@ -338,7 +430,14 @@ mod x86 {
 }
 
 /// [`scores`] in plain code, for any head size.
-fn scores_portable(keys: &[Span], queries: &[f32], d: usize, scale: f32, len: usize, out: &mut [f32]) {
+fn scores_portable(
+    keys: &[Span],
+    queries: &[f32],
+    d: usize,
+    scale: f32,
+    len: usize,
+    out: &mut [f32],
+) {
     let r = queries.len() / d;
     for span in keys {
         for j in 0..span.rows {
@@ -358,7 +457,10 @@ fn values_portable(values: &[Span], w: &[f32], d: usize, len: usize, out: &mut [
             let value = &span.data[span.base + j * span.stride..][..d];
             for i in 0..r {
                 let p = w[i * len + span.first + j];
-                out[i * d..(i + 1) * d].iter_mut().zip(value).for_each(|(o, &x)| *o += p * x);
+                out[i * d..(i + 1) * d]
+                    .iter_mut()
+                    .zip(value)
+                    .for_each(|(o, &x)| *o += p * x);
             }
         }
     }
@@ -385,7 +487,10 @@ fn spans(segments: &[Segment], values: bool, it: Item) -> Vec<Span<'_>> {
             let (lo, hi) = (j0.max(s.start), end.min(s.start + v.shape[2]));
             (lo < hi).then(|| Span {
                 data: v.data(),
-                base: v.offset + bi * v.strides[0] + g * v.strides[1] + (lo - s.start) * v.strides[2],
+                base: v.offset
+                    + bi * v.strides[0]
+                    + g * v.strides[1]
+                    + (lo - s.start) * v.strides[2],
                 stride: v.strides[2],
                 rows: hi - lo,
                 first: lo - j0,
@@ -399,7 +504,12 @@ fn spans(segments: &[Segment], values: bool, it: Item) -> Vec<Span<'_>> {
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
     let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
     for (x, y) in ca.zip(cb) {
         for l in 0..16 {
             acc[l] += x[l] * y[l];
@@ -441,23 +551,49 @@ mod tests {
             })
         };
         let n: usize = shape.iter().product();
-        let values: Vec<f32> = (0..n).map(|_| ((-2.0 * uniform().ln()).sqrt() * (std::f64::consts::TAU * uniform()).cos()) as f32).collect();
+        let values: Vec<f32> = (0..n)
+            .map(|_| {
+                ((-2.0 * uniform().ln()).sqrt() * (std::f64::consts::TAU * uniform()).cos()) as f32
+            })
+            .collect();
         Tensor::from_data(TensorData::new(values, shape), dev)
     }
 
     /// A cache of a prompt, then single tokens (a body and a tail), with a few slots dead.
     fn cache(kv_heads: usize, d: usize, dev: &burn::tensor::Device<B>) -> LayerCache<B> {
-        let shape = CacheShape { batch: 2, kv_heads, key_dim: d, value_dim: d };
+        let shape = CacheShape {
+            batch: 2,
+            kv_heads,
+            key_dim: d,
+            value_dim: d,
+        };
         let mut c = LayerCache::new(shape, dev);
-        c.append(randn([2, kv_heads, 300, d], dev), randn([2, kv_heads, 300, d], dev)).unwrap();
+        c.append(
+            randn([2, kv_heads, 300, d], dev),
+            randn([2, kv_heads, 300, d], dev),
+        )
+        .unwrap();
         for step in 0..40 {
-            c.append(randn([2, kv_heads, 1, d], dev), randn([2, kv_heads, 1, d], dev)).unwrap();
+            c.append(
+                randn([2, kv_heads, 1, d], dev),
+                randn([2, kv_heads, 1, d], dev),
+            )
+            .unwrap();
             if step % 8 == 0 {
-                let victim: Vec<i32> = (0..2 * kv_heads).map(|i| ((step * 7 + i * 31) % 250) as i32).collect();
-                c.evict_one(Tensor::<B, 1, Int>::from_ints(victim.as_slice(), dev).reshape([2, kv_heads, 1])).unwrap();
+                let victim: Vec<i32> = (0..2 * kv_heads)
+                    .map(|i| ((step * 7 + i * 31) % 250) as i32)
+                    .collect();
+                c.evict_one(
+                    Tensor::<B, 1, Int>::from_ints(victim.as_slice(), dev)
+                        .reshape([2, kv_heads, 1]),
+                )
+                .unwrap();
             }
         }
-        assert!(c.dead_slots() > 0 && c.kv_segments().len() > 1, "the test needs dead slots and a tail");
+        assert!(
+            c.dead_slots() > 0 && c.kv_segments().len() > 1,
+            "the test needs dead slots and a tail"
+        );
         c
     }
 
@@ -468,26 +604,65 @@ mod tests {
     /// The kernel on every instruction set this CPU runs, on one thread and over rayon's pool,
     /// against the explicit kernel (burn's ops, named explicitly, so another test flipping the
     /// process's switch cannot make the reference run on the kernel under test).
-    fn check_against_the_explicit_kernel(c: &LayerCache<B>, q: Tensor<B, 4>, scale: f64, what: &str, tolerance: (f32, f32)) {
-        let observe = ObserveRequest { column_sums: true, window: 1, ..Default::default() };
-        let (want, want_obs) = with_host_kernels(false, || attend_appended(q.clone(), c, scale, observe));
+    fn check_against_the_explicit_kernel(
+        c: &LayerCache<B>,
+        q: Tensor<B, 4>,
+        scale: f64,
+        what: &str,
+        tolerance: (f32, f32),
+    ) {
+        let observe = ObserveRequest {
+            column_sums: true,
+            window: 1,
+            ..Default::default()
+        };
+        let (want, want_obs) =
+            with_host_kernels(false, || attend_appended(q.clone(), c, scale, observe));
         let w = want_obs.unwrap();
         let (want_sums, want_window) = (w.column_sums.unwrap(), w.window.unwrap());
         for isa in Isa::available() {
             for parallel in [false, true] {
-                let (got, probs) = decode_attention(&q, &c.kv_segments(), c.dead_bias().as_ref(), scale, observe, isa, Some(parallel)).expect("a shape the kernel takes");
+                let (got, probs) = decode_attention(
+                    &q,
+                    &c.kv_segments(),
+                    c.dead_bias().as_ref(),
+                    scale,
+                    observe,
+                    isa,
+                    Some(parallel),
+                )
+                .expect("a shape the kernel takes");
                 let probs = probs.expect("probabilities were asked for");
-                let (out, sums) = (diff(got, want.clone()), diff(probs.clone(), want_sums.clone()));
-                assert!(out <= tolerance.0, "{what}, {isa}, parallel {parallel}: output differs by {out}");
-                assert!(sums <= tolerance.1, "{what}, {isa}, parallel {parallel}: probabilities differ by {sums}");
-                assert!(diff(probs.unsqueeze_dim(2), want_window.clone()) <= tolerance.1, "{what}, {isa}: window");
+                let (out, sums) = (
+                    diff(got, want.clone()),
+                    diff(probs.clone(), want_sums.clone()),
+                );
+                assert!(
+                    out <= tolerance.0,
+                    "{what}, {isa}, parallel {parallel}: output differs by {out}"
+                );
+                assert!(
+                    sums <= tolerance.1,
+                    "{what}, {isa}, parallel {parallel}: probabilities differ by {sums}"
+                );
+                assert!(
+                    diff(probs.unsqueeze_dim(2), want_window.clone()) <= tolerance.1,
+                    "{what}, {isa}: window"
+                );
             }
         }
         // And the dispatch sends a decode step to it when the host kernels are on.
         let before = calls(Kernel::Decode);
         let (got, _) = with_host_kernels(true, || attend_appended(q, c, scale, observe));
-        assert_eq!(calls(Kernel::Decode) - before, 1, "{what}: attend_appended took the host decode kernel");
-        assert!(diff(got, want) <= tolerance.0, "{what}: through the dispatch");
+        assert_eq!(
+            calls(Kernel::Decode) - before,
+            1,
+            "{what}: attend_appended took the host decode kernel"
+        );
+        assert!(
+            diff(got, want) <= tolerance.0,
+            "{what}: through the dispatch"
+        );
     }
 
     #[test]
@@ -495,10 +670,23 @@ mod tests {
         let dev = Default::default();
         seed(5);
         // Grouped, MQA, MHA; head sizes the vector loops take whole (64, 128, 32), in part (40) or not (20).
-        for (heads, kv_heads, d) in [(6, 2, 64), (4, 1, 128), (4, 4, 64), (4, 2, 32), (3, 3, 40), (2, 1, 20)] {
+        for (heads, kv_heads, d) in [
+            (6, 2, 64),
+            (4, 1, 128),
+            (4, 4, 64),
+            (4, 2, 32),
+            (3, 3, 40),
+            (2, 1, 20),
+        ] {
             let c = cache(kv_heads, d, &dev);
             let q = randn([2, heads, 1, d], &dev);
-            check_against_the_explicit_kernel(&c, q, (d as f64).powf(-0.5), &format!("{heads} heads on {kv_heads} of {d}"), (1e-5, 1e-6));
+            check_against_the_explicit_kernel(
+                &c,
+                q,
+                (d as f64).powf(-0.5),
+                &format!("{heads} heads on {kv_heads} of {d}"),
+                (1e-5, 1e-6),
+            );
         }
     }
 
@@ -510,21 +698,52 @@ mod tests {
         let dev = Default::default();
         seed(11);
         let (kv_heads, d, n) = (2, 64, 600);
-        let shape = CacheShape { batch: 2, kv_heads, key_dim: d, value_dim: d };
-        let growth: Vec<f32> = (0..n).map(|j| 0.05 + 3.0 * (j as f32 / n as f32).powi(2)).collect();
+        let shape = CacheShape {
+            batch: 2,
+            kv_heads,
+            key_dim: d,
+            value_dim: d,
+        };
+        let growth: Vec<f32> = (0..n)
+            .map(|j| 0.05 + 3.0 * (j as f32 / n as f32).powi(2))
+            .collect();
         let growth = Tensor::<B, 1>::from_floats(growth.as_slice(), &dev).reshape([1, 1, n, 1]);
         let mut c = LayerCache::new(shape, &dev);
-        c.append(randn([2, kv_heads, n, d], &dev) * growth, randn([2, kv_heads, n, d], &dev)).unwrap();
+        c.append(
+            randn([2, kv_heads, n, d], &dev) * growth,
+            randn([2, kv_heads, n, d], &dev),
+        )
+        .unwrap();
         let q = randn::<4>([2, 4, 1, d], &dev) * 10.0;
         let scale = (d as f64).powf(-0.5);
         // The scores themselves, from the host data in f64.
-        let (qs, ks): (Vec<f32>, Vec<f32>) = (q.clone().into_data().to_vec().unwrap(), c.keys().into_data().to_vec().unwrap());
-        let row = |head: usize| -> Vec<f64> { (0..n).map(|j| (0..d).map(|e| qs[head * d + e] as f64 * ks[((head / 2) * n + j) * d + e] as f64).sum::<f64>() * scale).collect() };
-        let spread = |s: &[f64]| s.iter().cloned().fold(f64::MIN, f64::max) - s.iter().cloned().fold(f64::MAX, f64::min);
+        let (qs, ks): (Vec<f32>, Vec<f32>) = (
+            q.clone().into_data().to_vec().unwrap(),
+            c.keys().into_data().to_vec().unwrap(),
+        );
+        let row = |head: usize| -> Vec<f64> {
+            (0..n)
+                .map(|j| {
+                    (0..d)
+                        .map(|e| qs[head * d + e] as f64 * ks[((head / 2) * n + j) * d + e] as f64)
+                        .sum::<f64>()
+                        * scale
+                })
+                .collect()
+        };
+        let spread = |s: &[f64]| {
+            s.iter().cloned().fold(f64::MIN, f64::max) - s.iter().cloned().fold(f64::MAX, f64::min)
+        };
         let scores = row(0);
         let (first, second) = (&scores[..CHUNK], &scores[CHUNK..]);
         let top = |s: &[f64]| s.iter().cloned().fold(f64::MIN, f64::max);
-        assert!(spread(&scores) > 80.0 && top(second) - top(first) > 40.0, "the test needs a wide range: spread {}, chunk maxima {} and {}", spread(&scores), top(first), top(second));
+        assert!(
+            spread(&scores) > 80.0 && top(second) - top(first) > 40.0,
+            "the test needs a wide range: spread {}, chunk maxima {} and {}",
+            spread(&scores),
+            top(first),
+            top(second)
+        );
         // Probabilities near 1 carry f32's rounding of their exponentials on both sides.
         check_against_the_explicit_kernel(&c, q, scale, "scores over 80", (2e-5, 5e-6));
     }

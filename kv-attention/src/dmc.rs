@@ -23,7 +23,10 @@
 //! from a later query offset by `log(1 - alpha_{j+1})` ([`merge_fade`]), so a key merged forward fades
 //! from view.
 
-use crate::{AttentionOutput, CachedAttention, GroupedAttention, GroupedAttentionConfig, ObserveRequest, attend_cache, position_range};
+use crate::{
+    AttentionOutput, CachedAttention, GroupedAttention, GroupedAttentionConfig, ObserveRequest,
+    attend_cache, position_range,
+};
 use burn::prelude::*;
 use burn::tensor::DType;
 use burn::tensor::activation::{log_sigmoid, sigmoid, softmax};
@@ -64,16 +67,32 @@ impl DmcAttentionConfig {
     pub fn validate(&self) -> Result<()> {
         self.attention.validate()?;
         if self.attention.head_dim() < 2 {
-            return Err(KvError::config("head_dim", self.attention.head_dim(), "at least 2 with dmc: its last channel becomes the decision channel"));
+            return Err(KvError::config(
+                "head_dim",
+                self.attention.head_dim(),
+                "at least 2 with dmc: its last channel becomes the decision channel",
+            ));
         }
         if self.window == 0 || self.window > 256 {
-            return Err(KvError::config("dmc.window", self.window, "between 1 and 256 tokens averaged per slot (the paper uses 12)"));
+            return Err(KvError::config(
+                "dmc.window",
+                self.window,
+                "between 1 and 256 tokens averaged per slot (the paper uses 12)",
+            ));
         }
         if !(self.temperature > 0.0 && self.temperature.is_finite()) {
-            return Err(KvError::config("dmc.temperature", self.temperature, "a finite number > 0 (the paper uses 0.1)"));
+            return Err(KvError::config(
+                "dmc.temperature",
+                self.temperature,
+                "a finite number > 0 (the paper uses 0.1)",
+            ));
         }
         if !self.init_bias.is_finite() {
-            return Err(KvError::config("dmc.init_bias", self.init_bias, "a finite number (the paper uses 5)"));
+            return Err(KvError::config(
+                "dmc.init_bias",
+                self.init_bias,
+                "a finite number (the paper uses 5)",
+            ));
         }
         Ok(())
     }
@@ -95,10 +114,22 @@ impl DmcAttentionConfig {
     /// official recipe's first stage (fading the channel out over 250 steps) ends, reached at once.
     pub fn retrofit<B: Backend>(&self, attention: GroupedAttention<B>) -> Result<DmcAttention<B>> {
         self.validate()?;
-        let want = (self.attention.n_heads, self.attention.n_kv_heads, self.attention.head_dim());
-        let got = (attention.n_heads(), attention.n_kv_heads(), attention.head_dim());
+        let want = (
+            self.attention.n_heads,
+            self.attention.n_kv_heads,
+            self.attention.head_dim(),
+        );
+        let got = (
+            attention.n_heads(),
+            attention.n_kv_heads(),
+            attention.head_dim(),
+        );
         if want != got {
-            return Err(KvError::config("retrofitted layer (heads, kv_heads, head_dim)", format!("{got:?}"), format!("{want:?}, as the DMC settings")));
+            return Err(KvError::config(
+                "retrofitted layer (heads, kv_heads, head_dim)",
+                format!("{got:?}"),
+                format!("{want:?}, as the DMC settings"),
+            ));
         }
         let d = attention.head_dim();
         let mut attention = attention;
@@ -106,19 +137,33 @@ impl DmcAttentionConfig {
         attention.packed = crate::PackedSet::default();
         for (linear, heads) in [(&mut attention.wq, want.0), (&mut attention.wk, want.1)] {
             let device = linear.weight.device();
-            let keep: Vec<f32> = (0..heads * d).map(|i| if i % d == d - 1 { 0.0 } else { 1.0 }).collect();
+            let keep: Vec<f32> = (0..heads * d)
+                .map(|i| if i % d == d - 1 { 0.0 } else { 1.0 })
+                .collect();
             let keep = Tensor::<B, 1>::from_floats(keep.as_slice(), &device);
             let column = keep.clone();
             // Each product becomes a leaf again (detach, require_grad) under its old id, so the
             // optimiser still trains it and a checkpoint keeps its parameter order.
-            linear.weight = linear.weight.clone().map(|w| (w * column.unsqueeze_dim(0)).detach().require_grad());
-            linear.bias = linear.bias.take().map(|b| b.map(|b| (b * keep).detach().require_grad()));
+            linear.weight = linear
+                .weight
+                .clone()
+                .map(|w| (w * column.unsqueeze_dim(0)).detach().require_grad());
+            linear.bias = linear
+                .bias
+                .take()
+                .map(|b| b.map(|b| (b * keep).detach().require_grad()));
         }
         Ok(self.wrap(attention))
     }
 
     fn wrap<B: Backend>(&self, attention: GroupedAttention<B>) -> DmcAttention<B> {
-        DmcAttention { attention, init_bias: self.init_bias, window: self.window, temperature: self.temperature, zero_after_rope: self.zero_after_rope }
+        DmcAttention {
+            attention,
+            init_bias: self.init_bias,
+            window: self.window,
+            temperature: self.temperature,
+            zero_after_rope: self.zero_after_rope,
+        }
     }
 }
 
@@ -160,7 +205,11 @@ impl<B: Backend> DmcAttention<B> {
     /// RoPE at `positions`, then the decision channel zeroed again if the official rule is on.
     fn rotate(&self, x: Tensor<B, 4>, positions: Tensor<B, 3, Int>) -> Tensor<B, 4> {
         let x = self.attention.rope.apply(x, positions);
-        if self.zero_after_rope { without_decision_channel(x) } else { x }
+        if self.zero_after_rope {
+            without_decision_channel(x)
+        } else {
+            x
+        }
     }
 
     /// The cache shape of one batch of `batch` (per KV head; storage is ragged).
@@ -178,9 +227,21 @@ impl<B: Backend> DmcAttention<B> {
     pub fn decisions(&self, q: &Tensor<B, 4>, k: &Tensor<B, 4>) -> (Tensor<B, 3>, Tensor<B, 3>) {
         let [b, h, t, d] = q.dims();
         let kv = k.dims()[1];
-        let logit = k.clone().narrow(3, d - 1, 1).reshape([b, kv, t]).sub_scalar(self.init_bias);
-        let query = q.clone().narrow(3, d - 1, 1).reshape([b, kv, h / kv, t]).mean_dim(2).reshape([b, kv, t]);
-        (logit, sigmoid(query.add_scalar(self.init_bias)).add_scalar(OMEGA_EPS))
+        let logit = k
+            .clone()
+            .narrow(3, d - 1, 1)
+            .reshape([b, kv, t])
+            .sub_scalar(self.init_bias);
+        let query = q
+            .clone()
+            .narrow(3, d - 1, 1)
+            .reshape([b, kv, h / kv, t])
+            .mean_dim(2)
+            .reshape([b, kv, t]);
+        (
+            logit,
+            sigmoid(query.add_scalar(self.init_bias)).add_scalar(OMEGA_EPS),
+        )
     }
 
     /// Training path: causal attention over `x` `[b, t, d_model]` at positions `0..t` with the
@@ -201,7 +262,11 @@ impl<B: Backend> DmcAttention<B> {
         let relaxed = B::ad_enabled(&device);
         let noisy = if relaxed {
             // Gumbel-sigmoid: the difference of two Gumbel draws is logistic noise.
-            let u = Tensor::<B, 3>::random([b, kv, t], burn::tensor::Distribution::Uniform(1e-6, 1.0 - 1e-6), &device);
+            let u = Tensor::<B, 3>::random(
+                [b, kv, t],
+                burn::tensor::Distribution::Uniform(1e-6, 1.0 - 1e-6),
+                &device,
+            );
             logit + u.clone().log() - u.neg().add_scalar(1.0).log()
         } else {
             logit
@@ -210,15 +275,24 @@ impl<B: Backend> DmcAttention<B> {
         let later = Tensor::<B, 3>::ones([b, kv, t], &device).slice_fill([0..b, 0..kv, 0..1], 0.0);
         let hard = noisy.clone().greater_elem(0.0).float() * later.clone();
         let (alpha, faded) = if relaxed {
-            (sigmoid(noisy.clone().div_scalar(self.temperature)) * later.clone(), merge_fade(noisy, self.temperature) * later)
+            (
+                sigmoid(noisy.clone().div_scalar(self.temperature)) * later.clone(),
+                merge_fade(noisy, self.temperature) * later,
+            )
         } else {
             (hard.clone(), hard.clone().mul_scalar(HIDDEN))
         };
-        let merged_share = (hard - alpha.clone().detach() + alpha.clone()).mean_dim(2).mean_dim(1).reshape([b]);
+        let merged_share = (hard - alpha.clone().detach() + alpha.clone())
+            .mean_dim(2)
+            .mean_dim(1)
+            .reshape([b]);
         let (merged, _) = merge_runs(Tensor::cat(vec![k, v], 3), omega, alpha, self.window);
         let (mk, mv) = (merged.clone().narrow(3, 0, d), merged.narrow(3, d, d));
         let positions = position_range(0, t, &device);
-        let (q, rk) = (self.rotate(q, positions.clone()), self.rotate(mk, positions));
+        let (q, rk) = (
+            self.rotate(q, positions.clone()),
+            self.rotate(mk, positions),
+        );
         // The same chunk kernel as a cached prefill, over an empty cache: no older slots and no
         // open one (extension index 0 is a placeholder every query is blind to).
         let none = || Tensor::zeros([b, kv, 1, d], &device);
@@ -238,14 +312,26 @@ impl<B: Backend> DmcAttention<B> {
     /// Query `i` (extension index `i + 1`) sees itself and every earlier partial merge `j`
     /// offset by the fade of the token after it (the paper's `log(1 - alpha_{j+1})`: with hard
     /// merges, the slots complete at that point), and all of `held`.
-    fn chunk_attention(&self, q: Tensor<B, 4>, held: &[(Tensor<B, 4>, Tensor<B, 4>)], keys: Tensor<B, 4>, values: Tensor<B, 4>, faded: Tensor<B, 3>, open: &[bool]) -> Tensor<B, 4> {
+    fn chunk_attention(
+        &self,
+        q: Tensor<B, 4>,
+        held: &[(Tensor<B, 4>, Tensor<B, 4>)],
+        keys: Tensor<B, 4>,
+        values: Tensor<B, 4>,
+        faded: Tensor<B, 3>,
+        open: &[bool],
+    ) -> Tensor<B, 4> {
         let [b, h, t, d] = q.dims();
         let kv = keys.dims()[1];
         let r = h / kv;
         let device = q.device();
-        let closed: Vec<f32> = open.iter().map(|&o| if o { 0.0 } else { HIDDEN as f32 }).collect();
+        let closed: Vec<f32> = open
+            .iter()
+            .map(|&o| if o { 0.0 } else { HIDDEN as f32 })
+            .collect();
         let closed = Tensor::<B, 1>::from_floats(closed.as_slice(), &device).reshape([b, kv, 1]);
-        let col_bias = Tensor::cat(vec![faded, Tensor::zeros([b, kv, 1], &device)], 2) + Tensor::cat(vec![closed, Tensor::zeros([b, kv, t], &device)], 2);
+        let col_bias = Tensor::cat(vec![faded, Tensor::zeros([b, kv, 1], &device)], 2)
+            + Tensor::cat(vec![closed, Tensor::zeros([b, kv, t], &device)], 2);
         let mut outs = Vec::with_capacity(t.div_ceil(crate::QUERY_BLOCK));
         let mut lo = 0;
         while lo < t {
@@ -253,28 +339,76 @@ impl<B: Backend> DmcAttention<B> {
             let c = lo + tb + 1;
             // The block sees extension indices up to its last query's.
             let (rows, cols) = grid::<B>(lo + 1..lo + tb + 1, 0..c, &device);
-            let bias = col_bias.clone().narrow(2, 0, c).reshape([b, kv, 1, c]).expand([b, kv, tb, c]);
-            let bias = bias.mask_fill(cols.clone().equal(rows.clone()).reshape([1, 1, tb, c]).expand([b, kv, tb, c]), 0.0);
-            let bias = bias.mask_fill(cols.greater(rows).reshape([1, 1, tb, c]).expand([b, kv, tb, c]), HIDDEN);
-            let qb = q.clone().narrow(2, lo, tb).mul_scalar(self.attention.scale()).reshape([b, kv, r * tb, d]);
-            let ext = qb.clone().matmul(keys.clone().narrow(2, 0, c).swap_dims(2, 3)).cast(DType::F32).reshape([b, kv, r, tb, c]) + bias.reshape([b, kv, 1, tb, c]);
+            let bias = col_bias
+                .clone()
+                .narrow(2, 0, c)
+                .reshape([b, kv, 1, c])
+                .expand([b, kv, tb, c]);
+            let bias = bias.mask_fill(
+                cols.clone()
+                    .equal(rows.clone())
+                    .reshape([1, 1, tb, c])
+                    .expand([b, kv, tb, c]),
+                0.0,
+            );
+            let bias = bias.mask_fill(
+                cols.greater(rows)
+                    .reshape([1, 1, tb, c])
+                    .expand([b, kv, tb, c]),
+                HIDDEN,
+            );
+            let qb = q
+                .clone()
+                .narrow(2, lo, tb)
+                .mul_scalar(self.attention.scale())
+                .reshape([b, kv, r * tb, d]);
+            let ext = qb
+                .clone()
+                .matmul(keys.clone().narrow(2, 0, c).swap_dims(2, 3))
+                .cast(DType::F32)
+                .reshape([b, kv, r, tb, c])
+                + bias.reshape([b, kv, 1, tb, c]);
             let ext = ext.reshape([b, kv, r * tb, c]);
             let o = if held.iter().all(|(k, _)| k.dims()[2] == 0) {
                 // Nothing older anywhere (training, a first prefill): every head at once.
-                softmax(ext, 3).cast(values.dtype()).matmul(values.clone().narrow(2, 0, c))
+                softmax(ext, 3)
+                    .cast(values.dtype())
+                    .matmul(values.clone().narrow(2, 0, c))
             } else {
                 let per_head = (0..b * kv)
                     .map(|i| {
-                        let pick = |x: &Tensor<B, 4>| x.clone().narrow(0, i / kv, 1).narrow(1, i % kv, 1);
+                        let pick =
+                            |x: &Tensor<B, 4>| x.clone().narrow(0, i / kv, 1).narrow(1, i % kv, 1);
                         let (hk, hv) = &held[i];
                         let n = hk.dims()[2];
-                        let scores = if n > 0 { Tensor::cat(vec![pick(&qb).matmul(hk.clone().swap_dims(2, 3)).cast(DType::F32), pick(&ext)], 3) } else { pick(&ext) };
+                        let scores = if n > 0 {
+                            Tensor::cat(
+                                vec![
+                                    pick(&qb)
+                                        .matmul(hk.clone().swap_dims(2, 3))
+                                        .cast(DType::F32),
+                                    pick(&ext),
+                                ],
+                                3,
+                            )
+                        } else {
+                            pick(&ext)
+                        };
                         let probs = softmax(scores, 3).cast(values.dtype());
-                        let o = probs.clone().narrow(3, n, c).matmul(pick(&values).narrow(2, 0, c));
-                        if n > 0 { o + probs.narrow(3, 0, n).matmul(hv.clone()) } else { o }
+                        let o = probs
+                            .clone()
+                            .narrow(3, n, c)
+                            .matmul(pick(&values).narrow(2, 0, c));
+                        if n > 0 {
+                            o + probs.narrow(3, 0, n).matmul(hv.clone())
+                        } else {
+                            o
+                        }
                     })
                     .collect::<Vec<_>>();
-                let per_row: Vec<Tensor<B, 4>> = (0..b).map(|bi| Tensor::cat(per_head[bi * kv..(bi + 1) * kv].to_vec(), 1)).collect();
+                let per_row: Vec<Tensor<B, 4>> = (0..b)
+                    .map(|bi| Tensor::cat(per_head[bi * kv..(bi + 1) * kv].to_vec(), 1))
+                    .collect();
                 Tensor::cat(per_row, 0)
             };
             outs.push(o.reshape([b, h, tb, d]));
@@ -294,18 +428,31 @@ impl<B: Backend> CachedAttention<B> for DmcAttention<B> {
     /// The new tokens take positions `tokens_seen ..`; each KV head appends or merges them into
     /// its own slots (one host read of the decisions per call), and they attend over those.
     /// Observations (for a policy over the merged cache) are of the slots held after the call.
-    fn forward_cached(&self, x: Tensor<B, 3>, state: &mut KvState<B>, observe: ObserveRequest) -> Result<AttentionOutput<B>> {
+    fn forward_cached(
+        &self,
+        x: Tensor<B, 3>,
+        state: &mut KvState<B>,
+        observe: ObserveRequest,
+    ) -> Result<AttentionOutput<B>> {
         let [b, t, _] = x.dims();
         if t == 0 {
             return Err(KvError::config("new tokens", 0, "at least 1"));
         }
         let shape = self.cache_shape(b);
         if state.cache.shape() != shape {
-            return Err(KvError::config("layer cache shape", format!("{:?}", state.cache.shape()), format!("{shape:?}")));
+            return Err(KvError::config(
+                "layer cache shape",
+                format!("{:?}", state.cache.shape()),
+                format!("{shape:?}"),
+            ));
         }
         if !state.cache.is_ragged() {
             if state.cache.tokens_seen() > 0 {
-                return Err(KvError::config("DMC layer cache", "rectangular storage with tokens in it", "the ragged cache DmcAttention::new_state makes"));
+                return Err(KvError::config(
+                    "DMC layer cache",
+                    "rectangular storage with tokens in it",
+                    "the ragged cache DmcAttention::new_state makes",
+                ));
             }
             state.cache = LayerCache::new_ragged(shape, &state.cache.device());
             state.open = None;
@@ -324,24 +471,48 @@ impl<B: Backend> CachedAttention<B> for DmcAttention<B> {
         let held_now = state.cache.slots_per_head();
         let (ring_k, ring_v, ring_w, open_tokens) = match state.open.take() {
             Some(o) => {
-                let tokens = o.tokens.iter().zip(&o.slots).zip(&held_now).map(|((&n, &s), &h)| if s == h { n } else { 0 }).collect();
+                let tokens = o
+                    .tokens
+                    .iter()
+                    .zip(&o.slots)
+                    .zip(&held_now)
+                    .map(|((&n, &s), &h)| if s == h { n } else { 0 })
+                    .collect();
                 (o.keys, o.values, o.weights, tokens)
             }
-            None => (Tensor::zeros([b, kv, recent, d], &device), Tensor::zeros([b, kv, recent, d], &device), Tensor::zeros([b, kv, recent], &device), vec![0; heads]),
+            None => (
+                Tensor::zeros([b, kv, recent, d], &device),
+                Tensor::zeros([b, kv, recent, d], &device),
+                Tensor::zeros([b, kv, recent], &device),
+                vec![0; heads],
+            ),
         };
         let (merges, runs) = merges_of(&asks, t, &open_tokens);
         // The run so far (the recent tokens) and the chunk, each head's tokens in order, with each
         // one's merge into the one before: a recent token of age `a` (1 the newest) merged into its
         // predecessor iff both are in the open run.
-        let x_ext = Tensor::cat(vec![Tensor::cat(vec![ring_k, k], 2), Tensor::cat(vec![ring_v, v], 2)], 3);
+        let x_ext = Tensor::cat(
+            vec![
+                Tensor::cat(vec![ring_k, k], 2),
+                Tensor::cat(vec![ring_v, v], 2),
+            ],
+            3,
+        );
         let w_ext = Tensor::cat(vec![ring_w, omega], 2);
         let (mk, mv) = if t == 1 {
             // A decode step's slot is one weighted sum over the recent tokens of its run and itself.
             let coefficients: Vec<f32> = (0..heads)
                 .flat_map(|i| (0..=recent).map(move |e| (recent - e, i)))
-                .map(|(age, i)| f32::from(age == 0 || (merges[i] && age <= open_tokens[i] && age < self.window)))
+                .map(|(age, i)| {
+                    f32::from(age == 0 || (merges[i] && age <= open_tokens[i] && age < self.window))
+                })
                 .collect();
-            let c = Tensor::<B, 1>::from_floats(coefficients.as_slice(), &device).reshape([b, kv, 1, recent + 1]) * w_ext.clone().reshape([b, kv, 1, recent + 1]);
+            let c = Tensor::<B, 1>::from_floats(coefficients.as_slice(), &device).reshape([
+                b,
+                kv,
+                1,
+                recent + 1,
+            ]) * w_ext.clone().reshape([b, kv, 1, recent + 1]);
             let merged = c.clone().matmul(x_ext.clone()) / c.sum_dim(3);
             (merged.clone().narrow(3, 0, d), merged.narrow(3, d, d))
         } else {
@@ -349,16 +520,21 @@ impl<B: Backend> CachedAttention<B> for DmcAttention<B> {
                 .flat_map(|i| {
                     let carried = open_tokens[i];
                     let ring = (0..recent).map(move |e| f32::from(recent - e < carried));
-                    ring.chain(merges[i * t..(i + 1) * t].iter().map(|&m| f32::from(m))).collect::<Vec<_>>()
+                    ring.chain(merges[i * t..(i + 1) * t].iter().map(|&m| f32::from(m)))
+                        .collect::<Vec<_>>()
                 })
                 .collect();
-            let alpha = Tensor::<B, 1>::from_floats(alpha.as_slice(), &device).reshape([b, kv, recent + t]);
+            let alpha =
+                Tensor::<B, 1>::from_floats(alpha.as_slice(), &device).reshape([b, kv, recent + t]);
             let (merged, _) = merge_runs(x_ext.clone(), w_ext.clone(), alpha, self.window);
             let merged = merged.narrow(2, recent, t);
             (merged.clone().narrow(3, 0, d), merged.narrow(3, d, d))
         };
         let positions = position_range(seen, t, &device);
-        let (q, rk) = (self.rotate(q, positions.clone()), self.rotate(mk, positions));
+        let (q, rk) = (
+            self.rotate(q, positions.clone()),
+            self.rotate(mk, positions),
+        );
         let open: Vec<bool> = open_tokens.iter().map(|&n| n > 0).collect();
         let chunk_output = (t > 1).then(|| {
             let caches = state.cache.head_caches().expect("ragged storage");
@@ -368,17 +544,43 @@ impl<B: Backend> CachedAttention<B> for DmcAttention<B> {
                 .zip(&open)
                 .map(|(c, &o)| {
                     let n = c.slots() - usize::from(o);
-                    let empty = || (Tensor::zeros([1, 1, 0, d], &device), Tensor::zeros([1, 1, 0, d], &device));
-                    let older = if n == 0 { empty() } else { (c.keys().narrow(2, 0, n), c.values().narrow(2, 0, n)) };
-                    let slot = if o { (c.keys().narrow(2, n, 1), c.values().narrow(2, n, 1)) } else { (Tensor::zeros([1, 1, 1, d], &device), Tensor::zeros([1, 1, 1, d], &device)) };
+                    let empty = || {
+                        (
+                            Tensor::zeros([1, 1, 0, d], &device),
+                            Tensor::zeros([1, 1, 0, d], &device),
+                        )
+                    };
+                    let older = if n == 0 {
+                        empty()
+                    } else {
+                        (c.keys().narrow(2, 0, n), c.values().narrow(2, 0, n))
+                    };
+                    let slot = if o {
+                        (c.keys().narrow(2, n, 1), c.values().narrow(2, n, 1))
+                    } else {
+                        (
+                            Tensor::zeros([1, 1, 1, d], &device),
+                            Tensor::zeros([1, 1, 1, d], &device),
+                        )
+                    };
                     (older, slot)
                 })
                 .unzip();
-            let by_head = |parts: Vec<Tensor<B, 4>>| -> Tensor<B, 4> { Tensor::cat((0..b).map(|bi| Tensor::cat(parts[bi * kv..(bi + 1) * kv].to_vec(), 1)).collect(), 0) };
+            let by_head = |parts: Vec<Tensor<B, 4>>| -> Tensor<B, 4> {
+                Tensor::cat(
+                    (0..b)
+                        .map(|bi| Tensor::cat(parts[bi * kv..(bi + 1) * kv].to_vec(), 1))
+                        .collect(),
+                    0,
+                )
+            };
             let (open_k, open_v): (Vec<_>, Vec<_>) = open_slot.into_iter().unzip();
             let keys = Tensor::cat(vec![by_head(open_k), rk.clone()], 2);
             let values = Tensor::cat(vec![by_head(open_v), mv.clone()], 2);
-            let faded: Vec<f32> = merges.iter().map(|&m| if m { HIDDEN as f32 } else { 0.0 }).collect();
+            let faded: Vec<f32> = merges
+                .iter()
+                .map(|&m| if m { HIDDEN as f32 } else { 0.0 })
+                .collect();
             let faded = Tensor::<B, 1>::from_floats(faded.as_slice(), &device).reshape([b, kv, t]);
             self.chunk_attention(q.clone(), &held, keys, values, faded, &open)
         });
@@ -391,7 +593,8 @@ impl<B: Backend> CachedAttention<B> for DmcAttention<B> {
                 let (bi, hi) = (i / kv, i % kv);
                 // One slot (every decode step) is a narrow; several, one select.
                 let idx: Vec<i64> = ends.iter().map(|&e| e as i64).collect();
-                let idx = (ends.len() > 1).then(|| Tensor::<B, 1, Int>::from_ints(idx.as_slice(), &device));
+                let idx = (ends.len() > 1)
+                    .then(|| Tensor::<B, 1, Int>::from_ints(idx.as_slice(), &device));
                 let pick = |x: &Tensor<B, 4>| {
                     let head = x.clone().narrow(0, bi, 1).narrow(1, hi, 1);
                     match &idx {
@@ -399,13 +602,21 @@ impl<B: Backend> CachedAttention<B> for DmcAttention<B> {
                         None => head.narrow(2, ends[0], 1),
                     }
                 };
-                HeadWrite { overwrite_last: open[i] && m[0], keys: pick(&rk), values: pick(&mv), positions: ends.iter().map(|&e| seen + e).collect() }
+                HeadWrite {
+                    overwrite_last: open[i] && m[0],
+                    keys: pick(&rk),
+                    values: pick(&mv),
+                    positions: ends.iter().map(|&e| seen + e).collect(),
+                }
             })
             .collect();
         state.cache.write_heads(writes, t)?;
         let ext = recent + t;
         state.open = Some(OpenSlots {
-            keys: x_ext.clone().narrow(2, ext - recent, recent).narrow(3, 0, d),
+            keys: x_ext
+                .clone()
+                .narrow(2, ext - recent, recent)
+                .narrow(3, 0, d),
             values: x_ext.narrow(2, ext - recent, recent).narrow(3, d, d),
             weights: w_ext.narrow(2, ext - recent, recent),
             tokens: runs,
@@ -416,12 +627,24 @@ impl<B: Backend> CachedAttention<B> for DmcAttention<B> {
             None => attend_cache(q, &state.cache, None, self.attention.scale(), observe),
             Some(o) => {
                 let observation = (!observe.is_empty())
-                    .then(|| attend_cache(q, &state.cache, Some(Tensor::arange(seen as i64..(seen + t) as i64, &device)), self.attention.scale(), observe).1)
+                    .then(|| {
+                        attend_cache(
+                            q,
+                            &state.cache,
+                            Some(Tensor::arange(seen as i64..(seen + t) as i64, &device)),
+                            self.attention.scale(),
+                            observe,
+                        )
+                        .1
+                    })
                     .flatten();
                 (o, observation)
             }
         };
-        Ok(AttentionOutput { output: self.attention.merge_heads(output), observation })
+        Ok(AttentionOutput {
+            output: self.attention.merge_heads(output),
+            observation,
+        })
     }
 }
 
@@ -432,16 +655,36 @@ impl<B: Backend> CachedAttention<B> for DmcAttention<B> {
 ///
 /// The official code's `poolsum`. With hard decisions, `x^_i` is the mean of the last `window`
 /// tokens of the run `i` ends at that point, which is what the cache holds.
-pub fn merge_runs<B: Backend>(x: Tensor<B, 4>, omega: Tensor<B, 3>, alpha: Tensor<B, 3>, window: usize) -> (Tensor<B, 4>, Tensor<B, 3>) {
+pub fn merge_runs<B: Backend>(
+    x: Tensor<B, 4>,
+    omega: Tensor<B, 3>,
+    alpha: Tensor<B, 3>,
+    window: usize,
+) -> (Tensor<B, 4>, Tensor<B, 3>) {
     let [b, h, t, d] = x.dims();
     let device = x.device();
-    let shift3 = |y: Tensor<B, 3>, o: usize| Tensor::cat(vec![Tensor::zeros([b, h, o], &device), y.narrow(2, 0, t - o)], 2);
-    let shift4 = |y: Tensor<B, 4>, o: usize| Tensor::cat(vec![Tensor::zeros([b, h, o, d], &device), y.narrow(2, 0, t - o)], 2);
+    let shift3 = |y: Tensor<B, 3>, o: usize| {
+        Tensor::cat(
+            vec![Tensor::zeros([b, h, o], &device), y.narrow(2, 0, t - o)],
+            2,
+        )
+    };
+    let shift4 = |y: Tensor<B, 4>, o: usize| {
+        Tensor::cat(
+            vec![Tensor::zeros([b, h, o, d], &device), y.narrow(2, 0, t - o)],
+            2,
+        )
+    };
     let weighted = x * omega.clone().reshape([b, h, t, 1]);
     let (mut acc, mut z) = (weighted.clone(), omega.clone());
     let mut reach = Tensor::<B, 3>::ones([b, h, t], &device);
     for o in 1..window.min(t) {
-        reach = reach * if o == 1 { alpha.clone() } else { shift3(alpha.clone(), o - 1) };
+        reach = reach
+            * if o == 1 {
+                alpha.clone()
+            } else {
+                shift3(alpha.clone(), o - 1)
+            };
         acc = acc + shift4(weighted.clone(), o) * reach.clone().reshape([b, h, t, 1]);
         z = z + shift3(omega.clone(), o) * reach.clone();
     }
@@ -481,14 +724,25 @@ pub fn merge_fade<B: Backend, const D: usize>(x: Tensor<B, D>, temperature: f64)
 fn without_decision_channel<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
     let [b, h, t, d] = x.dims();
     let device = x.device();
-    Tensor::cat(vec![x.narrow(3, 0, d - 1), Tensor::zeros([b, h, t, 1], &device)], 3)
+    Tensor::cat(
+        vec![x.narrow(3, 0, d - 1), Tensor::zeros([b, h, t, 1], &device)],
+        3,
+    )
 }
 
 /// Row and column indices over `rows x cols`, each `[rows, cols]`.
-fn grid<B: Backend>(rows: std::ops::Range<usize>, cols: std::ops::Range<usize>, device: &B::Device) -> (Tensor<B, 2, Int>, Tensor<B, 2, Int>) {
+fn grid<B: Backend>(
+    rows: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+    device: &B::Device,
+) -> (Tensor<B, 2, Int>, Tensor<B, 2, Int>) {
     let (nr, nc) = (rows.len(), cols.len());
-    let r = Tensor::<B, 1, Int>::arange(rows.start as i64..rows.end as i64, device).reshape([nr, 1]).expand([nr, nc]);
-    let c = Tensor::<B, 1, Int>::arange(cols.start as i64..cols.end as i64, device).reshape([1, nc]).expand([nr, nc]);
+    let r = Tensor::<B, 1, Int>::arange(rows.start as i64..rows.end as i64, device)
+        .reshape([nr, 1])
+        .expand([nr, nc]);
+    let c = Tensor::<B, 1, Int>::arange(cols.start as i64..cols.end as i64, device)
+        .reshape([1, nc])
+        .expand([nr, nc]);
     (r, c)
 }
 

@@ -1,6 +1,9 @@
 //! Grouped-query attention: MHA (`kv_heads == heads`), GQA and MQA (`kv_heads == 1`) in one module.
 
-use crate::{CachedAttention, Causality, ObserveRequest, Observation, PackedSet, Rotary, RotaryConfig, attend_appended, grouped_attention, position_range, project};
+use crate::{
+    CachedAttention, Causality, Observation, ObserveRequest, PackedSet, Rotary, RotaryConfig,
+    attend_appended, grouped_attention, position_range, project,
+};
 use burn::module::Param;
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
@@ -56,18 +59,34 @@ impl GroupedAttentionConfig {
         if self.n_heads == 0 {
             return Err(KvError::config("heads", 0, "at least 1"));
         }
-        if self.d_model == 0 || (self.head_dim.is_none() && self.d_model % self.n_heads != 0) {
-            return Err(KvError::config("d_model", self.d_model, format!("a positive multiple of heads = {} (or set head_dim)", self.n_heads)));
+        if self.d_model == 0
+            || (self.head_dim.is_none() && !self.d_model.is_multiple_of(self.n_heads))
+        {
+            return Err(KvError::config(
+                "d_model",
+                self.d_model,
+                format!(
+                    "a positive multiple of heads = {} (or set head_dim)",
+                    self.n_heads
+                ),
+            ));
         }
-        if self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+        if self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(KvError::config(
                 "kv_heads",
                 self.n_kv_heads,
-                format!("a divisor of heads = {} (heads = kv_heads x group size)", self.n_heads),
+                format!(
+                    "a divisor of heads = {} (heads = kv_heads x group size)",
+                    self.n_heads
+                ),
             ));
         }
-        if self.head_dim() == 0 || self.head_dim() % 2 != 0 {
-            return Err(KvError::config("head_dim", self.head_dim(), "even and > 0, because RoPE rotates pairs (d_model / heads unless set)"));
+        if self.head_dim() == 0 || !self.head_dim().is_multiple_of(2) {
+            return Err(KvError::config(
+                "head_dim",
+                self.head_dim(),
+                "even and > 0, because RoPE rotates pairs (d_model / heads unless set)",
+            ));
         }
         Ok(())
     }
@@ -88,14 +107,21 @@ impl GroupedAttentionConfig {
         let mut wk: Linear<B> = qkv(self.d_model, self.n_kv_heads * d);
         if self.mimetic_init == Some(true) {
             let (kv, group) = (self.n_kv_heads, self.n_heads / self.n_kv_heads);
-            let q = wq.weight.val().detach().reshape([self.d_model, kv, group, d]);
+            let q = wq
+                .weight
+                .val()
+                .detach()
+                .reshape([self.d_model, kv, group, d]);
             let first = q.clone().narrow(2, 0, 1);
             wk.weight = Param::from_tensor(first.clone().reshape([self.d_model, kv * d]).detach());
             if group > 1 {
                 // Equal-variance mix, so every query head keeps the scale of a fresh draw.
-                let rest = (q.narrow(2, 1, group - 1) + first.clone().expand([self.d_model, kv, group - 1, d])).mul_scalar(std::f64::consts::FRAC_1_SQRT_2);
+                let rest = (q.narrow(2, 1, group - 1)
+                    + first.clone().expand([self.d_model, kv, group - 1, d]))
+                .mul_scalar(std::f64::consts::FRAC_1_SQRT_2);
                 let all = Tensor::cat(vec![first, rest], 2);
-                wq.weight = Param::from_tensor(all.reshape([self.d_model, self.n_heads * d]).detach());
+                wq.weight =
+                    Param::from_tensor(all.reshape([self.d_model, self.n_heads * d]).detach());
             }
         }
         Ok(GroupedAttention {
@@ -103,8 +129,14 @@ impl GroupedAttentionConfig {
             wk,
             wv: qkv(self.d_model, self.n_kv_heads * d),
             wo: lin(self.n_heads * d, self.d_model),
-            rope: RotaryConfig::new(d).with_theta(self.rope_theta).with_rotated(self.rope_dims).init(device)?,
-            key_mix: self.key_shift.unwrap_or(false).then(|| Param::from_tensor(Tensor::full([self.d_model], 0.5, device))),
+            rope: RotaryConfig::new(d)
+                .with_theta(self.rope_theta)
+                .with_rotated(self.rope_dims)
+                .init(device)?,
+            key_mix: self
+                .key_shift
+                .unwrap_or(false)
+                .then(|| Param::from_tensor(Tensor::full([self.d_model], 0.5, device))),
             packed: PackedSet::default(),
             n_heads: self.n_heads,
             n_kv_heads: self.n_kv_heads,
@@ -166,7 +198,12 @@ impl<B: Backend> GroupedAttention<B> {
 
     /// The shape of the cache this layer writes, for a batch of `batch`.
     pub fn cache_shape(&self, batch: usize) -> CacheShape {
-        CacheShape { batch, kv_heads: self.n_kv_heads, key_dim: self.head_dim, value_dim: self.head_dim }
+        CacheShape {
+            batch,
+            kv_heads: self.n_kv_heads,
+            key_dim: self.head_dim,
+            value_dim: self.head_dim,
+        }
     }
 
     /// An empty state for a batch of `batch`.
@@ -182,7 +219,12 @@ impl<B: Backend> GroupedAttention<B> {
     /// Projects `x` `[b, t, d_model]` to RoPE'd q `[b, H, t, d]`, RoPE'd k and v `[b, KV, t, d]`;
     /// `before` `[b, 1, d_model]` is the input of the token before `x`'s first (zeros if None),
     /// read by the key shift.
-    pub(crate) fn project(&self, x: Tensor<B, 3>, start: usize, before: Option<Tensor<B, 3>>) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+    pub(crate) fn project(
+        &self,
+        x: Tensor<B, 3>,
+        start: usize,
+        before: Option<Tensor<B, 3>>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
         let pos = position_range::<B>(start, x.dims()[1], &x.device());
         let (q, k, v) = self.project_unrotated(x, before);
         let (q, k) = self.rope.apply_pair(q, k, pos);
@@ -191,33 +233,55 @@ impl<B: Backend> GroupedAttention<B> {
 
     /// [`project`](Self::project) before RoPE: q `[b, H, t, d]`, k and v `[b, KV, t, d]` as the
     /// projections give them (DMC reads and merges keys in this space).
-    pub(crate) fn project_unrotated(&self, x: Tensor<B, 3>, before: Option<Tensor<B, 3>>) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+    pub(crate) fn project_unrotated(
+        &self,
+        x: Tensor<B, 3>,
+        before: Option<Tensor<B, 3>>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
         let [b, t, dm] = x.dims();
         let d = self.head_dim;
         let heads = |y: Tensor<B, 3>, n: usize| crate::heads::split_heads(y, n, d);
-        let q = heads(project(&self.wq, self.packed.get(0), x.clone()), self.n_heads);
+        let q = heads(
+            project(&self.wq, self.packed.get(0), x.clone()),
+            self.n_heads,
+        );
         let key_input = match &self.key_mix {
             None => x.clone(),
             Some(mix) => {
                 let before = before.unwrap_or_else(|| Tensor::zeros([b, 1, dm], &x.device()));
-                let prev = if t > 1 { Tensor::cat(vec![before, x.clone().narrow(1, 0, t - 1)], 1) } else { before };
+                let prev = if t > 1 {
+                    Tensor::cat(vec![before, x.clone().narrow(1, 0, t - 1)], 1)
+                } else {
+                    before
+                };
                 let mix = mix.val().reshape([1, 1, dm]);
                 prev.clone() + (x.clone() - prev) * mix
             }
         };
-        let k = heads(project(&self.wk, self.packed.get(1), key_input), self.n_kv_heads);
+        let k = heads(
+            project(&self.wk, self.packed.get(1), key_input),
+            self.n_kv_heads,
+        );
         let v = heads(project(&self.wv, self.packed.get(2), x), self.n_kv_heads);
         (q, k, v)
     }
 
     /// For key shift: the input before `x` (the state's carried last input) and, as a side
     /// effect, `x`'s last row carried for the next call.
-    pub(crate) fn shift_carry(&self, x: &Tensor<B, 3>, state: &mut KvState<B>) -> Option<Tensor<B, 3>> {
+    pub(crate) fn shift_carry(
+        &self,
+        x: &Tensor<B, 3>,
+        state: &mut KvState<B>,
+    ) -> Option<Tensor<B, 3>> {
         if !self.has_key_shift() {
             return None;
         }
         let t = x.dims()[1];
-        let before = if state.cache.tokens_seen() > 0 { state.last_input.take() } else { None };
+        let before = if state.cache.tokens_seen() > 0 {
+            state.last_input.take()
+        } else {
+            None
+        };
         state.last_input = Some(x.clone().narrow(1, t - 1, 1));
         before
     }
@@ -233,8 +297,17 @@ impl<B: Backend> GroupedAttention<B> {
     /// Training path: causal self-attention over `x` `[b, t, d_model]` at positions `0..t`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let (q, k, v) = self.project(x, 0, None);
-        let causality = Causality::Consecutive { first_query: 0, first_key: 0 };
-        let (o, _) = grouped_attention(q, &[(k, v)], &causality, self.scale(), ObserveRequest::default());
+        let causality = Causality::Consecutive {
+            first_query: 0,
+            first_key: 0,
+        };
+        let (o, _) = grouped_attention(
+            q,
+            &[(k, v)],
+            &causality,
+            self.scale(),
+            ObserveRequest::default(),
+        );
         self.merge_heads(o)
     }
 }
@@ -248,10 +321,19 @@ impl<B: Backend> CachedAttention<B> for GroupedAttention<B> {
 
     /// The new tokens `x` `[b, t, d_model]` take positions `tokens_seen ..`, their K/V are
     /// appended to the state's cache, and they attend over every slot it holds.
-    fn forward_cached(&self, x: Tensor<B, 3>, state: &mut KvState<B>, observe: ObserveRequest) -> Result<AttentionOutput<B>> {
+    fn forward_cached(
+        &self,
+        x: Tensor<B, 3>,
+        state: &mut KvState<B>,
+        observe: ObserveRequest,
+    ) -> Result<AttentionOutput<B>> {
         let b = x.dims()[0];
         if state.cache.shape() != self.cache_shape(b) {
-            return Err(KvError::config("layer cache shape", format!("{:?}", state.cache.shape()), format!("{:?}", self.cache_shape(b))));
+            return Err(KvError::config(
+                "layer cache shape",
+                format!("{:?}", state.cache.shape()),
+                format!("{:?}", self.cache_shape(b)),
+            ));
         }
         let before = self.shift_carry(&x, state);
         let cache = &mut state.cache;
@@ -260,6 +342,9 @@ impl<B: Backend> CachedAttention<B> for GroupedAttention<B> {
         let (q, k, v) = self.project(x, cache.rope_position(), before);
         cache.append(k, v)?;
         let (o, observation) = attend_appended(q, cache, self.scale(), observe);
-        Ok(AttentionOutput { output: self.merge_heads(o), observation })
+        Ok(AttentionOutput {
+            output: self.merge_heads(o),
+            observation,
+        })
     }
 }

@@ -14,9 +14,15 @@ pub fn split_heads<B: Backend>(y: Tensor<B, 3>, heads: usize, d: usize) -> Tenso
         return y.reshape([b, heads, 1, d]);
     }
     // Row (bi, hi, ti) of the result is row (bi, ti, hi) of the projection.
-    let rows: Vec<i64> = (0..b).flat_map(|bi| (0..heads).flat_map(move |hi| (0..t).map(move |ti| ((bi * t + ti) * heads + hi) as i64))).collect();
+    let rows: Vec<i64> = (0..b)
+        .flat_map(|bi| {
+            (0..heads).flat_map(move |hi| (0..t).map(move |ti| ((bi * t + ti) * heads + hi) as i64))
+        })
+        .collect();
     let rows = Tensor::<B, 1, Int>::from_ints(rows.as_slice(), &y.device());
-    y.reshape([b * t * heads, d]).select(0, rows).reshape([b, heads, t, d])
+    y.reshape([b * t * heads, d])
+        .select(0, rows)
+        .reshape([b, heads, t, d])
 }
 
 /// `[b, heads, t, d]` as `[b, t, heads * d]`, contiguous: the inverse of [`split_heads`].
@@ -26,7 +32,13 @@ pub fn merge_heads<B: Backend>(o: Tensor<B, 4>) -> Tensor<B, 3> {
         return o.reshape([b, 1, heads * d]);
     }
     // Row (bi, ti, hi) of the result is row (bi, hi, ti) of the attention output.
-    let rows: Vec<i64> = (0..b).flat_map(|bi| (0..t).flat_map(move |ti| (0..heads).map(move |hi| ((bi * heads + hi) * t + ti) as i64))).collect();
+    let rows: Vec<i64> = (0..b)
+        .flat_map(|bi| {
+            (0..t).flat_map(move |ti| (0..heads).map(move |hi| ((bi * heads + hi) * t + ti) as i64))
+        })
+        .collect();
     let rows = Tensor::<B, 1, Int>::from_ints(rows.as_slice(), &o.device());
-    o.reshape([b * heads * t, d]).select(0, rows).reshape([b, t, heads * d])
+    o.reshape([b * heads * t, d])
+        .select(0, rows)
+        .reshape([b, t, heads * d])
 }

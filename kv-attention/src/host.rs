@@ -60,8 +60,25 @@ pub struct HostOutput {
 /// `None` for a head size outside [`HEAD_DIMS`] or inconsistent lengths. `isa` picks the build
 /// (the widest this CPU runs at or below it).
 #[allow(clippy::too_many_arguments)]
-pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], shape: HostShape, scale: f32, column_sums: bool, threads: usize, isa: Isa) -> Option<HostOutput> {
-    let HostShape { batch, heads, kv_heads, queries, keys, visible, head_dim: d } = shape;
+pub fn causal_attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    shape: HostShape,
+    scale: f32,
+    column_sums: bool,
+    threads: usize,
+    isa: Isa,
+) -> Option<HostOutput> {
+    let HostShape {
+        batch,
+        heads,
+        kv_heads,
+        queries,
+        keys,
+        visible,
+        head_dim: d,
+    } = shape;
     let consistent = batch > 0
         && kv_heads > 0
         && heads > 0
@@ -95,10 +112,20 @@ pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], shape: HostShape, scale
         .chunks_mut(queries * d)
         .enumerate()
         .flat_map(|(bh, head_out)| {
-            head_out.chunks_mut(ROWS * d).enumerate().map(move |(block, o)| {
-                let (b, h) = (bh / heads, bh % heads);
-                (Item { q_head: bh, kv_head: b * kv_heads + h / group, first: block * ROWS }, o)
-            })
+            head_out
+                .chunks_mut(ROWS * d)
+                .enumerate()
+                .map(move |(block, o)| {
+                    let (b, h) = (bh / heads, bh % heads);
+                    (
+                        Item {
+                            q_head: bh,
+                            kv_head: b * kv_heads + h / group,
+                            first: block * ROWS,
+                        },
+                        o,
+                    )
+                })
         })
         .collect();
     // Later blocks see more keys: deal them out first, round robin, so the threads end together.
@@ -108,7 +135,17 @@ pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], shape: HostShape, scale
     for (j, item) in items.into_iter().enumerate() {
         dealt[j % threads].push(item);
     }
-    let ctx = Ctx { q, kt: &kt, v, queries, keys, visible, tiles, scale: scale * std::f32::consts::LOG2_E, column_sums: column_sums.then_some(batch * heads * visible) };
+    let ctx = Ctx {
+        q,
+        kt: &kt,
+        v,
+        queries,
+        keys,
+        visible,
+        tiles,
+        scale: scale * std::f32::consts::LOG2_E,
+        column_sums: column_sums.then_some(batch * heads * visible),
+    };
     let isa = isa.usable();
     let run = |work: Vec<(Item, &mut [f32])>| match d {
         16 => run_items::<1>(&ctx, work, isa),
@@ -120,8 +157,14 @@ pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], shape: HostShape, scale
         dealt.into_iter().map(run).collect()
     } else {
         std::thread::scope(|s| {
-            let workers: Vec<_> = dealt.into_iter().map(|work| s.spawn(|| run(work))).collect();
-            workers.into_iter().map(|w| w.join().expect("an attention thread")).collect()
+            let workers: Vec<_> = dealt
+                .into_iter()
+                .map(|work| s.spawn(|| run(work)))
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| w.join().expect("an attention thread"))
+                .collect()
         })
     };
     // Each thread summed the blocks it ran; the blocks of one head ran on several.
@@ -129,7 +172,10 @@ pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], shape: HostShape, scale
         total.iter_mut().zip(&part).for_each(|(t, p)| *t += p);
         total
     });
-    Some(HostOutput { output: out, column_sums })
+    Some(HostOutput {
+        output: out,
+        column_sums,
+    })
 }
 
 /// `silu(gate) * up` element by element (Llama's gated FFN), the exponential vectorised as in the
@@ -142,10 +188,19 @@ pub fn swiglu(gate: &[f32], up: &[f32], threads: usize, isa: Isa) -> Option<Vec<
         return None;
     }
     let mut out = vec![0f32; gate.len()];
-    let chunk = gate.len().div_ceil(threads.max(1)).next_multiple_of(LANES).max(LANES);
-    let pieces: Vec<_> = out.chunks_mut(chunk).zip(gate.chunks(chunk).zip(up.chunks(chunk))).collect();
+    let chunk = gate
+        .len()
+        .div_ceil(threads.max(1))
+        .next_multiple_of(LANES)
+        .max(LANES);
+    let pieces: Vec<_> = out
+        .chunks_mut(chunk)
+        .zip(gate.chunks(chunk).zip(up.chunks(chunk)))
+        .collect();
     if pieces.len() <= 1 {
-        pieces.into_iter().for_each(|(o, (g, u))| swiglu_span(g, u, o, isa));
+        pieces
+            .into_iter()
+            .for_each(|(o, (g, u))| swiglu_span(g, u, o, isa));
     } else {
         std::thread::scope(|s| {
             for (o, (g, u)) in pieces {
@@ -231,10 +286,15 @@ fn exp_shifted_lanes<const FMA: bool>(row: &mut [f32], max: f32) -> f32 {
 #[inline(always)]
 fn swiglu_lanes<const FMA: bool>(g: &[f32], u: &[f32], o: &mut [f32]) {
     let whole = g.len() / LANES * LANES;
-    for ((gc, uc), oc) in g[..whole].chunks_exact(LANES).zip(u[..whole].chunks_exact(LANES)).zip(o[..whole].chunks_exact_mut(LANES)) {
+    for ((gc, uc), oc) in g[..whole]
+        .chunks_exact(LANES)
+        .zip(u[..whole].chunks_exact(LANES))
+        .zip(o[..whole].chunks_exact_mut(LANES))
+    {
         let gv: V = lanes(|i| gc[i]);
         let e = exp2::<FMA>(lanes(|i| -gv[i].abs() * std::f32::consts::LOG2_E));
-        let r: V = lanes(|i| gv[i] * uc[i] * (if gv[i] >= 0.0 { 1.0 } else { e[i] }) / (1.0 + e[i]));
+        let r: V =
+            lanes(|i| gv[i] * uc[i] * (if gv[i] >= 0.0 { 1.0 } else { e[i] }) / (1.0 + e[i]));
         oc.copy_from_slice(&r);
     }
     for ((&gi, &ui), oi) in g[whole..].iter().zip(&u[whole..]).zip(&mut o[whole..]) {
@@ -273,7 +333,11 @@ struct Ctx<'a> {
 
 /// Runs `work` with `isa`'s build (one [`Isa::usable`] returned); `N` is the head size in [`V`]s.
 /// Returns the column sums of the blocks it ran, when asked.
-fn run_items<const N: usize>(ctx: &Ctx, work: Vec<(Item, &mut [f32])>, isa: Isa) -> Option<Vec<f32>> {
+fn run_items<const N: usize>(
+    ctx: &Ctx,
+    work: Vec<(Item, &mut [f32])>,
+    isa: Isa,
+) -> Option<Vec<f32>> {
     match isa {
         // SAFETY: `isa` came from `Isa::usable`, so this CPU has AVX-512F, AVX2 and FMA.
         #[cfg(target_arch = "x86_64")]
@@ -303,11 +367,16 @@ fn run_portable<const N: usize>(ctx: &Ctx, work: Vec<(Item, &mut [f32])>) -> Opt
 
 /// The blocks of one thread, inlined into each instruction set's entry point.
 #[inline(always)]
-fn run_blocks<const N: usize, const FMA: bool>(ctx: &Ctx, work: Vec<(Item, &mut [f32])>) -> Option<Vec<f32>> {
+fn run_blocks<const N: usize, const FMA: bool>(
+    ctx: &Ctx,
+    work: Vec<(Item, &mut [f32])>,
+) -> Option<Vec<f32>> {
     let mut scratch = Scratch::<N>::new();
     let mut sums = ctx.column_sums.map(|len| vec![0f32; len]);
     for (item, out) in work {
-        let cols = sums.as_mut().map(|s| &mut s[item.q_head * ctx.visible..][..ctx.visible]);
+        let cols = sums
+            .as_mut()
+            .map(|s| &mut s[item.q_head * ctx.visible..][..ctx.visible]);
         attend_block::<N, FMA>(ctx, item, out, cols, &mut scratch);
     }
     sums
@@ -333,7 +402,13 @@ fn splat(x: f32) -> V {
 /// `a * b + c` lane by lane, fused where the instruction set has it (a libm call otherwise).
 #[inline(always)]
 fn madd<const FMA: bool>(a: V, b: V, c: V) -> V {
-    lanes(|i| if FMA { a[i].mul_add(b[i], c[i]) } else { a[i] * b[i] + c[i] })
+    lanes(|i| {
+        if FMA {
+            a[i].mul_add(b[i], c[i])
+        } else {
+            a[i] * b[i] + c[i]
+        }
+    })
 }
 
 #[inline(always)]
@@ -344,7 +419,8 @@ fn larger(a: V, b: V) -> V {
 /// Largest lane.
 #[inline(always)]
 fn max_lane(x: V) -> f32 {
-    x.iter().fold(f32::NEG_INFINITY, |m, &y| if y > m { y } else { m })
+    x.iter()
+        .fold(f32::NEG_INFINITY, |m, &y| if y > m { y } else { m })
 }
 
 /// `2^x` lane by lane for `x <= 0` (exactly 0 below -127), Cephes' exp2f polynomial: relative
@@ -352,7 +428,14 @@ fn max_lane(x: V) -> f32 {
 #[inline(always)]
 fn exp2<const FMA: bool>(x: V) -> V {
     const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer in the low bits
-    const P: [f32; 6] = [1.535_336_2e-4, 1.339_887_4e-3, 9.618_437_4e-3, 5.550_332_5e-2, 2.402_264_8e-1, 6.931_472e-1];
+    const P: [f32; 6] = [
+        1.535_336_2e-4,
+        1.339_887_4e-3,
+        9.618_438e-3,
+        5.550_332_5e-2,
+        2.402_264_8e-1,
+        6.931_472e-1,
+    ];
     let x = larger(x, splat(-127.0));
     let r = lanes(|i| x[i] + ROUND);
     let f = lanes(|i| x[i] - (r[i] - ROUND));
@@ -402,10 +485,20 @@ impl<const N: usize> Scratch<N> {
 /// Scores of the block's (padded) rows against the tile at key `c0`, masked where the diagonal
 /// crosses it: GROUP rows at a time, each row's 64 accumulators in registers.
 #[inline(always)]
-fn tile_scores<const N: usize, const FMA: bool>(ctx: &Ctx, item: Item, c0: usize, first_limit: usize, padded_rows: usize, sc: &mut Scratch<N>) {
+fn tile_scores<const N: usize, const FMA: bool>(
+    ctx: &Ctx,
+    item: Item,
+    c0: usize,
+    first_limit: usize,
+    padded_rows: usize,
+    sc: &mut Scratch<N>,
+) {
     let d = N * LANES;
     let tile = &ctx.kt[(item.kv_head * ctx.tiles + c0 / TILE) * d..][..d];
-    for (queries, scores) in sc.q[..padded_rows].chunks_exact(GROUP).zip(sc.s.chunks_exact_mut(GROUP)) {
+    for (queries, scores) in sc.q[..padded_rows]
+        .chunks_exact(GROUP)
+        .zip(sc.s.chunks_exact_mut(GROUP))
+    {
         let mut acc = [[splat(0.0); TILE_V]; GROUP];
         for (f, keys) in tile.iter().enumerate() {
             for (acc, query) in acc.iter_mut().zip(queries) {
@@ -422,7 +515,13 @@ fn tile_scores<const N: usize, const FMA: bool>(ctx: &Ctx, item: Item, c0: usize
         for (r, s) in sc.s[..padded_rows].iter_mut().enumerate() {
             let limit = first_limit + r;
             for (j, x) in s.iter_mut().enumerate() {
-                *x = lanes(|i| if c0 + j * LANES + i > limit { f32::NEG_INFINITY } else { x[i] });
+                *x = lanes(|i| {
+                    if c0 + j * LANES + i > limit {
+                        f32::NEG_INFINITY
+                    } else {
+                        x[i]
+                    }
+                });
             }
         }
     }
@@ -431,7 +530,13 @@ fn tile_scores<const N: usize, const FMA: bool>(ctx: &Ctx, item: Item, c0: usize
 /// One block of queries of one head against every key it can see: online softmax over tiles,
 /// then, when `cols` is given, each key's probabilities added into it.
 #[inline(always)]
-fn attend_block<const N: usize, const FMA: bool>(ctx: &Ctx, item: Item, out: &mut [f32], cols: Option<&mut [f32]>, sc: &mut Scratch<N>) {
+fn attend_block<const N: usize, const FMA: bool>(
+    ctx: &Ctx,
+    item: Item,
+    out: &mut [f32],
+    cols: Option<&mut [f32]>,
+    sc: &mut Scratch<N>,
+) {
     let d = N * LANES;
     let rows = out.len() / d;
     let offset = ctx.visible - ctx.queries;
@@ -445,7 +550,11 @@ fn attend_block<const N: usize, const FMA: bool>(ctx: &Ctx, item: Item, out: &mu
     let padded_rows = rows.next_multiple_of(GROUP.max(value_rows));
     let q = &ctx.q[(item.q_head * ctx.queries + item.first) * d..][..rows * d];
     for r in 0..padded_rows {
-        sc.q[r] = if r < rows { std::array::from_fn(|j| lanes(|i| q[r * d + j * LANES + i] * ctx.scale)) } else { [splat(0.0); N] };
+        sc.q[r] = if r < rows {
+            std::array::from_fn(|j| lanes(|i| q[r * d + j * LANES + i] * ctx.scale))
+        } else {
+            [splat(0.0); N]
+        };
         sc.o[r] = [splat(0.0); N];
         sc.max[r] = f32::NEG_INFINITY;
         sc.sum[r] = splat(0.0);
@@ -461,7 +570,10 @@ fn attend_block<const N: usize, const FMA: bool>(ctx: &Ctx, item: Item, out: &mu
         // Online softmax: new running max, rescale what was accumulated, exponentiate the tile.
         for r in 0..padded_rows {
             let s = &mut sc.s[r];
-            let tile_max = max_lane(s.iter().fold(splat(f32::NEG_INFINITY), |m, &x| larger(m, x)));
+            let tile_max = max_lane(
+                s.iter()
+                    .fold(splat(f32::NEG_INFINITY), |m, &x| larger(m, x)),
+            );
             let old = sc.max[r];
             let new = if tile_max > old { tile_max } else { old };
             // Row 0 always sees key 0, so every row's max is finite after the first tile.
@@ -493,11 +605,16 @@ fn attend_block<const N: usize, const FMA: bool>(ctx: &Ctx, item: Item, out: &mu
         // Output += probabilities x the tile's values, value_rows rows per pass over the values.
         let width = TILE.min(last_limit + 1 - c0);
         let values = &v[c0 * d..(c0 + width) * d];
-        for (outs, probs) in sc.o[..padded_rows].chunks_exact_mut(value_rows).zip(sc.s.chunks_exact(value_rows)) {
+        for (outs, probs) in sc.o[..padded_rows]
+            .chunks_exact_mut(value_rows)
+            .zip(sc.s.chunks_exact(value_rows))
+        {
             let mut acc = [[splat(0.0); N]; GROUP * 2];
             acc[..value_rows].copy_from_slice(outs);
             for (c, row) in values.chunks_exact(d).enumerate() {
-                let row: [V; N] = std::array::from_fn(|j| row[j * LANES..][..LANES].try_into().expect("a whole row"));
+                let row: [V; N] = std::array::from_fn(|j| {
+                    row[j * LANES..][..LANES].try_into().expect("a whole row")
+                });
                 for (acc, p) in acc.iter_mut().zip(probs) {
                     let p = splat(p.as_flattened()[c]);
                     for j in 0..N {
@@ -524,7 +641,8 @@ fn attend_block<const N: usize, const FMA: bool>(ctx: &Ctx, item: Item, out: &mu
     for tile in 0..tiles {
         let mut acc = [splat(0.0); TILE_V];
         for r in 0..rows {
-            let factor = exp2::<FMA>(splat(sc.kept_max[r * tiles + tile] - sc.max[r]))[0] * sc.inv[r];
+            let factor =
+                exp2::<FMA>(splat(sc.kept_max[r * tiles + tile] - sc.max[r]))[0] * sc.inv[r];
             let factor = splat(factor);
             for (acc, p) in acc.iter_mut().zip(&sc.kept[r * tiles + tile]) {
                 *acc = madd::<FMA>(*p, factor, *acc);
@@ -545,22 +663,38 @@ mod tests {
     #[test]
     fn swiglu_equals_silu_times_up_in_f64() {
         // Lengths off the lane count, on 1 and 3 threads; gates from -90 to 90.
-        for ((n, threads), isa) in [(1, 1), (37, 3), (1000, 1), (4099, 3)].into_iter().flat_map(|c| Isa::available().into_iter().map(move |i| (c, i))) {
-            let gate: Vec<f32> = (0..n).map(|i| ((i * 7919 % 1801) as f32 - 900.0) / 10.0).collect();
-            let up: Vec<f32> = (0..n).map(|i| ((i * 104_729 % 997) as f32 - 498.0) / 100.0).collect();
+        for ((n, threads), isa) in [(1, 1), (37, 3), (1000, 1), (4099, 3)]
+            .into_iter()
+            .flat_map(|c| Isa::available().into_iter().map(move |i| (c, i)))
+        {
+            let gate: Vec<f32> = (0..n)
+                .map(|i| ((i * 7919 % 1801) as f32 - 900.0) / 10.0)
+                .collect();
+            let up: Vec<f32> = (0..n)
+                .map(|i| ((i * 104_729 % 997) as f32 - 498.0) / 100.0)
+                .collect();
             let got = swiglu(&gate, &up, threads, isa).unwrap();
             for ((&g, &u), &y) in gate.iter().zip(&up).zip(&got) {
                 let want = g as f64 * u as f64 / (1.0 + (-(g as f64)).exp());
                 // Relative 2e-6 (f32's rounding of g log2(e) grows with |g|), or 1e-12 for the
                 // vanishing values of very negative gates.
-                assert!((y as f64 - want).abs() <= 2e-6 * want.abs() + 1e-12, "{isa}: silu({g}) * {u}: {y} vs {want}");
+                assert!(
+                    (y as f64 - want).abs() <= 2e-6 * want.abs() + 1e-12,
+                    "{isa}: silu({g}) * {u}: {y} vs {want}"
+                );
             }
         }
         assert!(swiglu(&[1.0], &[1.0, 2.0], 1, Isa::best()).is_none());
     }
 
     /// Plain causal softmax attention in f64, the reference: output and column sums.
-    fn reference(q: &[f32], k: &[f32], v: &[f32], s: HostShape, scale: f32) -> (Vec<f32>, Vec<f32>) {
+    fn reference(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        s: HostShape,
+        scale: f32,
+    ) -> (Vec<f32>, Vec<f32>) {
         let d = s.head_dim;
         let mut out = vec![0f32; q.len()];
         let mut cols = vec![0f64; s.batch * s.heads * s.visible];
@@ -571,7 +705,13 @@ mod tests {
                     let qi = &q[((b * s.heads + h) * s.queries + i) * d..][..d];
                     let seen = s.visible - s.queries + i + 1;
                     let scores: Vec<f64> = (0..seen)
-                        .map(|j| qi.iter().zip(&k[(g * s.keys + j) * d..][..d]).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() * scale as f64)
+                        .map(|j| {
+                            qi.iter()
+                                .zip(&k[(g * s.keys + j) * d..][..d])
+                                .map(|(&a, &b)| a as f64 * b as f64)
+                                .sum::<f64>()
+                                * scale as f64
+                        })
                         .collect();
                     let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                     let weights: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
@@ -627,37 +767,90 @@ mod tests {
             (1, 6, 3, 129, 129, 190, 128),
             (2, 2, 2, 5, 300, 301, 32),
         ];
-        for (seed, &(batch, heads, kv_heads, queries, visible, keys, head_dim)) in cases.iter().enumerate() {
-            let shape = HostShape { batch, heads, kv_heads, queries, keys, visible, head_dim };
+        for (seed, &(batch, heads, kv_heads, queries, visible, keys, head_dim)) in
+            cases.iter().enumerate()
+        {
+            let shape = HostShape {
+                batch,
+                heads,
+                kv_heads,
+                queries,
+                keys,
+                visible,
+                head_dim,
+            };
             let q = filled(batch * heads * queries * head_dim, seed as u32 * 3);
             let k = filled(batch * kv_heads * keys * head_dim, seed as u32 * 3 + 1);
             let v = filled(k.len(), seed as u32 * 3 + 2);
             let scale = 1.0 / (head_dim as f32).sqrt();
             let (want, want_cols) = reference(&q, &k, &v, shape, scale);
-            for (threads, isa) in [1, 3].into_iter().flat_map(|t| Isa::available().into_iter().map(move |i| (t, i))) {
-                let plain = causal_attention(&q, &k, &v, shape, scale, false, threads, isa).expect("a supported shape");
-                let observed = causal_attention(&q, &k, &v, shape, scale, true, threads, isa).expect("a supported shape");
+            for (threads, isa) in [1, 3]
+                .into_iter()
+                .flat_map(|t| Isa::available().into_iter().map(move |i| (t, i)))
+            {
+                let plain = causal_attention(&q, &k, &v, shape, scale, false, threads, isa)
+                    .expect("a supported shape");
+                let observed = causal_attention(&q, &k, &v, shape, scale, true, threads, isa)
+                    .expect("a supported shape");
                 assert!(plain.column_sums.is_none());
-                assert_eq!(plain.output, observed.output, "asking for column sums changes no output");
-                let worst = plain.output.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
-                assert!(worst < 2e-5, "{shape:?} on {threads} threads, {isa}: off by {worst}");
+                assert_eq!(
+                    plain.output, observed.output,
+                    "asking for column sums changes no output"
+                );
+                let worst = plain
+                    .output
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f32::max);
+                assert!(
+                    worst < 2e-5,
+                    "{shape:?} on {threads} threads, {isa}: off by {worst}"
+                );
                 let cols = observed.column_sums.expect("asked for");
                 assert_eq!(cols.len(), batch * heads * visible);
-                let worst = cols.iter().zip(&want_cols).map(|(a, b)| (a - b).abs() / b.max(1.0)).fold(0.0, f32::max);
-                assert!(worst < 2e-5, "{shape:?} on {threads} threads, {isa}: column sums off by {worst}");
+                let worst = cols
+                    .iter()
+                    .zip(&want_cols)
+                    .map(|(a, b)| (a - b).abs() / b.max(1.0))
+                    .fold(0.0, f32::max);
+                assert!(
+                    worst < 2e-5,
+                    "{shape:?} on {threads} threads, {isa}: column sums off by {worst}"
+                );
             }
         }
     }
 
     #[test]
     fn unsupported_shapes_are_declined() {
-        let shape = HostShape { batch: 1, heads: 2, kv_heads: 1, queries: 3, keys: 3, visible: 3, head_dim: 24 };
+        let shape = HostShape {
+            batch: 1,
+            heads: 2,
+            kv_heads: 1,
+            queries: 3,
+            keys: 3,
+            visible: 3,
+            head_dim: 24,
+        };
         let x = vec![0.0; 2 * 3 * 24];
-        assert!(causal_attention(&x, &x[..72], &x[..72], shape, 1.0, false, 1, Isa::best()).is_none());
-        let shape = HostShape { head_dim: 32, visible: 2, ..shape };
+        assert!(
+            causal_attention(&x, &x[..72], &x[..72], shape, 1.0, false, 1, Isa::best()).is_none()
+        );
+        let shape = HostShape {
+            head_dim: 32,
+            visible: 2,
+            ..shape
+        };
         let (q, kv) = (vec![0.0; 2 * 3 * 32], vec![0.0; 3 * 32]);
-        assert!(causal_attention(&q, &kv, &kv, shape, 1.0, false, 1, Isa::best()).is_none(), "more queries than visible keys");
+        assert!(
+            causal_attention(&q, &kv, &kv, shape, 1.0, false, 1, Isa::best()).is_none(),
+            "more queries than visible keys"
+        );
         let empty = HostShape { batch: 0, ..shape };
-        assert!(causal_attention(&[], &[], &[], empty, 1.0, true, 2, Isa::best()).is_none(), "an empty batch");
+        assert!(
+            causal_attention(&[], &[], &[], empty, 1.0, true, 2, Isa::best()).is_none(),
+            "an empty batch"
+        );
     }
 }

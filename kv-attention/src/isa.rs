@@ -36,7 +36,10 @@ impl Isa {
         match self {
             Isa::Portable => true,
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"),
+            Isa::Avx2 => {
+                std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+            }
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => Isa::Avx2.runs_here() && std::arch::is_x86_feature_detected!("avx512f"),
             #[cfg(not(target_arch = "x86_64"))]
@@ -56,7 +59,11 @@ impl Isa {
 
     /// `self` if this CPU runs it, else the widest narrower one it runs.
     pub fn usable(self) -> Isa {
-        Isa::ALL.into_iter().rev().find(|i| *i <= self && i.runs_here()).unwrap_or(Isa::Portable)
+        Isa::ALL
+            .into_iter()
+            .rev()
+            .find(|i| *i <= self && i.runs_here())
+            .unwrap_or(Isa::Portable)
     }
 }
 
@@ -76,13 +83,32 @@ mod tests {
     fn simd_paths_this_cpu_runs() {
         let available = Isa::available();
         let names: Vec<&str> = available.iter().map(|i| i.name()).collect();
-        let missing: Vec<&str> = Isa::ALL.iter().filter(|i| !available.contains(i)).map(|i| i.name()).collect();
-        println!("host-kernel instruction sets tested on this CPU: {} (not here: {})", names.join(", "), if missing.is_empty() { "none".to_string() } else { missing.join(", ") });
-        assert_eq!(available.first(), Some(&Isa::Portable), "the portable build runs everywhere");
+        let missing: Vec<&str> = Isa::ALL
+            .iter()
+            .filter(|i| !available.contains(i))
+            .map(|i| i.name())
+            .collect();
+        println!(
+            "host-kernel instruction sets tested on this CPU: {} (not here: {})",
+            names.join(", "),
+            if missing.is_empty() {
+                "none".to_string()
+            } else {
+                missing.join(", ")
+            }
+        );
+        assert_eq!(
+            available.first(),
+            Some(&Isa::Portable),
+            "the portable build runs everywhere"
+        );
         assert_eq!(Isa::best(), *available.last().unwrap());
         for isa in Isa::ALL {
             let used = isa.usable();
-            assert!(used <= isa && used.runs_here(), "{isa} falls back to {used}");
+            assert!(
+                used <= isa && used.runs_here(),
+                "{isa} falls back to {used}"
+            );
         }
     }
 }

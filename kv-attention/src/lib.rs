@@ -46,29 +46,38 @@ mod cross;
 mod decode;
 mod dmc;
 mod grouped;
+mod heads;
 pub mod host;
 mod isa;
 mod materialize;
 mod mla;
-mod heads;
 mod packed;
 mod retention;
 mod rope;
 mod window;
 
+pub use attend::{
+    Causality, FUSED_BLOCK, QUERY_BLOCK, SplitSegment, attend_appended, attend_cache,
+    grouped_attention, grouped_attention_parts, host_kernels_on, set_host_kernels,
+    set_prefill_threads, swiglu, with_host_kernels,
+};
 pub use cached::CachedAttention;
-pub use attend::{Causality, FUSED_BLOCK, QUERY_BLOCK, SplitSegment, attend_appended, attend_cache, grouped_attention, grouped_attention_parts, host_kernels_on, set_host_kernels, set_prefill_threads, swiglu, with_host_kernels};
-pub use isa::Isa;
-pub use grouped::{AttentionOutput, GroupedAttention, GroupedAttentionConfig};
-pub use materialize::materialize;
-pub use mla::{MlaAttention, MlaAttentionConfig, MlaPath};
-pub use kv_core::{ObserveRequest, Observation};
 pub use cross::{CrossAttention, CrossAttentionConfig, GlobalKv};
 pub use dmc::{DmcAttention, DmcAttentionConfig, DmcDecisions, merge_fade, merge_runs};
-pub use retention::{GatedRetention, GatedRetentionConfig, Projected, retention_chunkwise, retention_parallel, retention_recurrent};
-pub use window::{SlidingWindowAttention, SlidingWindowAttentionConfig};
-pub use packed::{CodeWidth, PACKED_BLOCK, PACKED_MAX_ROWS, PackedMatrix, PackedSet, project, project_packed};
+pub use grouped::{AttentionOutput, GroupedAttention, GroupedAttentionConfig};
+pub use isa::Isa;
+pub use kv_core::{Observation, ObserveRequest};
+pub use materialize::materialize;
+pub use mla::{MlaAttention, MlaAttentionConfig, MlaPath};
+pub use packed::{
+    CodeWidth, PACKED_BLOCK, PACKED_MAX_ROWS, PackedMatrix, PackedSet, project, project_packed,
+};
+pub use retention::{
+    GatedRetention, GatedRetentionConfig, Projected, retention_chunkwise, retention_parallel,
+    retention_recurrent,
+};
 pub use rope::{Rotary, RotaryConfig, position_range};
+pub use window::{SlidingWindowAttention, SlidingWindowAttentionConfig};
 
 #[cfg(test)]
 mod dmc_tests;

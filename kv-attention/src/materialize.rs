@@ -24,4 +24,3 @@ pub fn materialize<B: Backend, M: Module<B>>(module: M) -> M {
     module.visit(&mut Touch);
     module
 }
-

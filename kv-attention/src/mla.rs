@@ -2,7 +2,10 @@
 //! token plus one shared RoPE key, so the cache holds `kv_latent + rope_dim` numbers per token and
 //! layer whatever the head count.
 
-use crate::{AttentionOutput, CachedAttention, Causality, ObserveRequest, Rotary, RotaryConfig, SplitSegment, grouped_attention_parts, position_range};
+use crate::{
+    AttentionOutput, CachedAttention, Causality, ObserveRequest, Rotary, RotaryConfig,
+    SplitSegment, grouped_attention_parts, position_range,
+};
 use burn::nn::{Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::prelude::*;
 use kv_core::{CacheShape, KvError, LayerCache, Result};
@@ -58,7 +61,7 @@ impl MlaAttentionConfig {
             ("kv_latent", self.kv_latent),
             ("value_dim", self.value_width()),
         ])?;
-        if self.rope_dim == 0 || self.rope_dim % 2 != 0 {
+        if self.rope_dim == 0 || !self.rope_dim.is_multiple_of(2) {
             return Err(KvError::config(
                 "rope_dim",
                 self.rope_dim,
@@ -68,7 +71,14 @@ impl MlaAttentionConfig {
         // The latent is a linear image of the input (then only rescaled by its norm), so width
         // beyond d_model carries no information and only grows the cache.
         if self.kv_latent > self.d_model {
-            return Err(KvError::config("kv_latent", self.kv_latent, format!("at most d_model = {}: a wider latent only grows the cache", self.d_model)));
+            return Err(KvError::config(
+                "kv_latent",
+                self.kv_latent,
+                format!(
+                    "at most d_model = {}: a wider latent only grows the cache",
+                    self.d_model
+                ),
+            ));
         }
         let mha = self.n_heads * (self.head_dim + self.rope_dim + self.value_width());
         if self.cache_width() > mha {
@@ -88,11 +98,18 @@ impl MlaAttentionConfig {
             return Err(KvError::config(
                 "query_latent",
                 self.query_latent,
-                format!("0 (no query compression) or at most d_model = {}", self.d_model),
+                format!(
+                    "0 (no query compression) or at most d_model = {}",
+                    self.d_model
+                ),
             ));
         }
         if !(self.norm_eps > 0.0 && self.norm_eps < 1.0) {
-            return Err(KvError::config("norm_eps", self.norm_eps, "a small positive number such as 1e-6"));
+            return Err(KvError::config(
+                "norm_eps",
+                self.norm_eps,
+                "a small positive number such as 1e-6",
+            ));
         }
         Ok(())
     }
@@ -106,10 +123,21 @@ impl MlaAttentionConfig {
     pub fn init_lazy<B: Backend>(&self, device: &B::Device) -> Result<MlaAttention<B>> {
         self.validate()?;
         let lin = |i, o| LinearConfig::new(i, o).with_bias(false).init(device);
-        let norm = |d| RmsNormConfig::new(d).with_epsilon(self.norm_eps).init(device);
+        let norm = |d| {
+            RmsNormConfig::new(d)
+                .with_epsilon(self.norm_eps)
+                .init(device)
+        };
         let compressed = self.query_latent > 0;
-        let q_in = if compressed { self.query_latent } else { self.d_model };
-        let (keys_width, values_width) = (self.n_heads * self.head_dim, self.n_heads * self.value_width());
+        let q_in = if compressed {
+            self.query_latent
+        } else {
+            self.d_model
+        };
+        let (keys_width, values_width) = (
+            self.n_heads * self.head_dim,
+            self.n_heads * self.value_width(),
+        );
         Ok(MlaAttention {
             wq_down: compressed.then(|| lin(self.d_model, self.query_latent)),
             q_norm: compressed.then(|| norm(self.query_latent)),
@@ -120,7 +148,9 @@ impl MlaAttentionConfig {
             wk_up: lin(self.kv_latent, keys_width),
             wv_up: lin(self.kv_latent, values_width),
             wo: lin(values_width, self.d_model),
-            rope: RotaryConfig::new(self.rope_dim).with_theta(self.rope_theta).init(device)?,
+            rope: RotaryConfig::new(self.rope_dim)
+                .with_theta(self.rope_theta)
+                .init(device)?,
             n_heads: self.n_heads,
             head_dim: self.head_dim,
             value_dim: self.value_width(),
@@ -228,7 +258,12 @@ impl<B: Backend> MlaAttention<B> {
     /// The shape of the cache this layer writes: one "head" holding `k_R` as keys and the latent
     /// as values.
     pub fn cache_shape(&self, batch: usize) -> CacheShape {
-        CacheShape { batch, kv_heads: 1, key_dim: self.rope_dim, value_dim: self.kv_latent }
+        CacheShape {
+            batch,
+            kv_heads: 1,
+            key_dim: self.rope_dim,
+            value_dim: self.kv_latent,
+        }
     }
 
     fn scale(&self) -> f64 {
@@ -237,20 +272,34 @@ impl<B: Backend> MlaAttention<B> {
 
     /// Content queries `[b, H, t, head_dim]` and RoPE'd queries `[b, H, t, rope_dim]` at
     /// `positions` `[1, 1, t]`.
-    pub(crate) fn queries(&self, x: Tensor<B, 3>, positions: Tensor<B, 3, Int>) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    pub(crate) fn queries(
+        &self,
+        x: Tensor<B, 3>,
+        positions: Tensor<B, 3, Int>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
         let c_q = match (&self.wq_down, &self.q_norm) {
             (Some(down), Some(norm)) => norm.forward(down.forward(x)),
             (Some(down), None) => down.forward(x),
             _ => x,
         };
-        let q = crate::heads::split_heads(self.wq.forward(c_q), self.n_heads, self.head_dim + self.rope_dim);
+        let q = crate::heads::split_heads(
+            self.wq.forward(c_q),
+            self.n_heads,
+            self.head_dim + self.rope_dim,
+        );
         let q_c = q.clone().narrow(3, 0, self.head_dim);
-        let q_r = self.rope.apply(q.narrow(3, self.head_dim, self.rope_dim), positions);
+        let q_r = self
+            .rope
+            .apply(q.narrow(3, self.head_dim, self.rope_dim), positions);
         (q_c, q_r)
     }
 
     /// The normalised latent `[b, 1, t, kv_latent]` and the RoPE'd shared key `[b, 1, t, rope_dim]`.
-    pub(crate) fn latent(&self, x: Tensor<B, 3>, positions: Tensor<B, 3, Int>) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    pub(crate) fn latent(
+        &self,
+        x: Tensor<B, 3>,
+        positions: Tensor<B, 3, Int>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
         let [b, t, _] = x.dims();
         let c = self.wkv_down.forward(x.clone());
         let c = match &self.kv_norm {
@@ -258,7 +307,10 @@ impl<B: Backend> MlaAttention<B> {
             None => c,
         }
         .reshape([b, 1, t, self.kv_latent]);
-        let k_r = self.rope.apply(self.wk_rope.forward(x).reshape([b, 1, t, self.rope_dim]), positions);
+        let k_r = self.rope.apply(
+            self.wk_rope.forward(x).reshape([b, 1, t, self.rope_dim]),
+            positions,
+        );
         (c, k_r)
     }
 
@@ -268,7 +320,10 @@ impl<B: Backend> MlaAttention<B> {
         let [b, _, n, d_c] = c.dims();
         let c = c.reshape([b, n, d_c]);
         let heads = |y: Tensor<B, 3>, d: usize| crate::heads::split_heads(y, self.n_heads, d);
-        (heads(self.wk_up.forward(c.clone()), self.head_dim), heads(self.wv_up.forward(c), self.value_dim))
+        (
+            heads(self.wk_up.forward(c.clone()), self.head_dim),
+            heads(self.wv_up.forward(c), self.value_dim),
+        )
     }
 
     /// Naive attention: every latent up-projected, the shared `k_R` broadcast to every head.
@@ -285,7 +340,10 @@ impl<B: Backend> MlaAttention<B> {
             .map(|(k_r, c)| {
                 let n = c.dims()[2];
                 let (k_c, v) = self.up_project(c);
-                SplitSegment { keys: vec![k_c, k_r.expand([b, h, n, self.rope_dim])], values: v }
+                SplitSegment {
+                    keys: vec![k_c, k_r.expand([b, h, n, self.rope_dim])],
+                    values: v,
+                }
             })
             .collect();
         grouped_attention_parts(&[q_c, q_r], &segments, causality, self.scale(), observe)
@@ -303,12 +361,30 @@ impl<B: Backend> MlaAttention<B> {
     ) -> (Tensor<B, 4>, Option<crate::Observation<B>>) {
         let (h, d_h, d_v, d_c) = (self.n_heads, self.head_dim, self.value_dim, self.kv_latent);
         // W_UK as [1, H, d_h, d_c] and W_UV as [1, H, d_c, d_v] (weights are [in, out]).
-        let w_uk = self.wk_up.weight.val().reshape([d_c, h, d_h]).permute([1, 2, 0]).reshape([1, h, d_h, d_c]);
-        let w_uv = self.wv_up.weight.val().reshape([d_c, h, d_v]).swap_dims(0, 1).reshape([1, h, d_c, d_v]);
+        let w_uk = self
+            .wk_up
+            .weight
+            .val()
+            .reshape([d_c, h, d_h])
+            .permute([1, 2, 0])
+            .reshape([1, h, d_h, d_c]);
+        let w_uv = self
+            .wv_up
+            .weight
+            .val()
+            .reshape([d_c, h, d_v])
+            .swap_dims(0, 1)
+            .reshape([1, h, d_c, d_v]);
         let q_lat = q_c.matmul(w_uk);
-        let segments: Vec<SplitSegment<B>> =
-            segments.into_iter().map(|(k_r, c)| SplitSegment { keys: vec![c.clone(), k_r], values: c }).collect();
-        let (o_lat, observation) = grouped_attention_parts(&[q_lat, q_r], &segments, causality, self.scale(), observe);
+        let segments: Vec<SplitSegment<B>> = segments
+            .into_iter()
+            .map(|(k_r, c)| SplitSegment {
+                keys: vec![c.clone(), k_r],
+                values: c,
+            })
+            .collect();
+        let (o_lat, observation) =
+            grouped_attention_parts(&[q_lat, q_r], &segments, causality, self.scale(), observe);
         (o_lat.matmul(w_uv), observation)
     }
 
@@ -323,8 +399,16 @@ impl<B: Backend> MlaAttention<B> {
         let pos = position_range::<B>(0, t, &device);
         let queries = self.queries(x.clone(), pos.clone());
         let (c, k_r) = self.latent(x, pos.clone());
-        let causality = Causality::Consecutive { first_query: 0, first_key: 0 };
-        let (o, _) = self.attend_naive(queries, vec![(k_r, c)], &causality, ObserveRequest::default());
+        let causality = Causality::Consecutive {
+            first_query: 0,
+            first_key: 0,
+        };
+        let (o, _) = self.attend_naive(
+            queries,
+            vec![(k_r, c)],
+            &causality,
+            ObserveRequest::default(),
+        );
         self.merge_heads(o)
     }
 
@@ -334,16 +418,30 @@ impl<B: Backend> MlaAttention<B> {
     }
 
     /// [`CachedAttention::forward_cached`] on an explicit path.
-    pub fn forward_cached_with(&self, x: Tensor<B, 3>, cache: &mut LayerCache<B>, observe: ObserveRequest, path: MlaPath) -> Result<AttentionOutput<B>> {
+    pub fn forward_cached_with(
+        &self,
+        x: Tensor<B, 3>,
+        cache: &mut LayerCache<B>,
+        observe: ObserveRequest,
+        path: MlaPath,
+    ) -> Result<AttentionOutput<B>> {
         let [b, t, _] = x.dims();
         if cache.shape() != self.cache_shape(b) {
-            return Err(KvError::config("layer cache shape", format!("{:?}", cache.shape()), format!("{:?}", self.cache_shape(b))));
+            return Err(KvError::config(
+                "layer cache shape",
+                format!("{:?}", cache.shape()),
+                format!("{:?}", self.cache_shape(b)),
+            ));
         }
         // Causality uses absolute positions; RoPE uses the cache's rotary position (they differ
         // only after a re-rotating policy shifted it).
         if cache.is_ragged() {
             // One latent "head" per row: a per-head budget can never make it ragged by itself.
-            return Err(KvError::config("MLA cache storage", "ragged", "rectangular: the latent is one head shared by every query head"));
+            return Err(KvError::config(
+                "MLA cache storage",
+                "ragged",
+                "rectangular: the latent is one head shared by every query head",
+            ));
         }
         let device = x.device();
         let pos = position_range::<B>(cache.rope_position(), t, &device);
@@ -355,7 +453,9 @@ impl<B: Backend> MlaAttention<B> {
         let (o, mut observation) = match path {
             MlaPath::Absorbed => self.attend_absorbed(queries, segments, &causality, observe),
             MlaPath::Auto if t == 1 => self.attend_absorbed(queries, segments, &causality, observe),
-            MlaPath::Naive | MlaPath::Auto => self.attend_naive(queries, segments, &causality, observe),
+            MlaPath::Naive | MlaPath::Auto => {
+                self.attend_naive(queries, segments, &causality, observe)
+            }
         };
         if observe.key_norms || observe.value_norms {
             let o = observation.get_or_insert_with(Default::default);
@@ -367,7 +467,10 @@ impl<B: Backend> MlaAttention<B> {
                 o.value_norms = Some(self.value_norms(c));
             }
         }
-        Ok(AttentionOutput { output: self.merge_heads(o), observation })
+        Ok(AttentionOutput {
+            output: self.merge_heads(o),
+            observation,
+        })
     }
 
     /// `[b, 1, n]`: for each cached latent, the squared norms of the keys all heads score,
@@ -379,7 +482,11 @@ impl<B: Backend> MlaAttention<B> {
         let gram = w.clone().matmul(w.transpose());
         let c = c.reshape([b * n, d_c]);
         let content = (c.clone().matmul(gram) * c).sum_dim(1).reshape([b, 1, n]);
-        let rope = k_r.powi_scalar(2).sum_dim(3).reshape([b, 1, n]).mul_scalar(self.n_heads as f64);
+        let rope = k_r
+            .powi_scalar(2)
+            .sum_dim(3)
+            .reshape([b, 1, n])
+            .mul_scalar(self.n_heads as f64);
         content + rope
     }
 
@@ -402,7 +509,12 @@ impl<B: Backend> CachedAttention<B> for MlaAttention<B> {
     /// On this layer's [`path`](MlaAttention::path): the new tokens `x` `[b, t, d_model]` take
     /// positions `tokens_seen ..`, their latent and `k_R` are appended to the cache, and they
     /// attend over every slot it holds.
-    fn forward_cached(&self, x: Tensor<B, 3>, cache: &mut LayerCache<B>, observe: ObserveRequest) -> Result<AttentionOutput<B>> {
+    fn forward_cached(
+        &self,
+        x: Tensor<B, 3>,
+        cache: &mut LayerCache<B>,
+        observe: ObserveRequest,
+    ) -> Result<AttentionOutput<B>> {
         self.forward_cached_with(x, cache, observe, self.path)
     }
 }

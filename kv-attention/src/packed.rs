@@ -8,10 +8,10 @@
 //! `Linear` (same operations, same rounding), so the two paths differ only in summation order.
 //! Prefill (many rows) stays on the backend's GEMM over the f32 weights.
 
+use crate::Isa;
 use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::{DType, TensorData};
-use crate::Isa;
 use kv_core::{KvError, Result};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -52,26 +52,56 @@ pub struct PackedMatrix {
 
 impl std::fmt::Debug for PackedMatrix {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PackedMatrix {{ rows: {}, cols: {}, width: {:?}, bytes: {} }}", self.rows, self.cols, self.width, self.bytes())
+        write!(
+            f,
+            "PackedMatrix {{ rows: {}, cols: {}, width: {:?}, bytes: {} }}",
+            self.rows,
+            self.cols,
+            self.width,
+            self.bytes()
+        )
     }
 }
 
 impl PackedMatrix {
     /// Packs `codes` (`rows x cols`, row-major, one per value) with one scale (and offset, if
     /// any) per block of [`PACKED_BLOCK`]; nibbles when every code fits four bits.
-    pub fn new(rows: usize, cols: usize, codes: &[i8], scales: Vec<f32>, offsets: Option<Vec<f32>>) -> Result<Self> {
+    pub fn new(
+        rows: usize,
+        cols: usize,
+        codes: &[i8],
+        scales: Vec<f32>,
+        offsets: Option<Vec<f32>>,
+    ) -> Result<Self> {
         if rows == 0 || cols == 0 || !cols.is_multiple_of(PACKED_BLOCK) {
-            return Err(KvError::config("packed matrix cols", cols, format!("a positive multiple of {PACKED_BLOCK} (the block size), with rows > 0")));
-        }
-        let blocks = rows * cols / PACKED_BLOCK;
-        if codes.len() != rows * cols || scales.len() != blocks || offsets.as_ref().is_some_and(|o| o.len() != blocks) {
             return Err(KvError::config(
-                "packed matrix parts",
-                format!("{} codes, {} scales, {:?} offsets", codes.len(), scales.len(), offsets.as_ref().map(Vec::len)),
-                format!("{} codes and {blocks} scales (and offsets) for {rows} x {cols}", rows * cols),
+                "packed matrix cols",
+                cols,
+                format!("a positive multiple of {PACKED_BLOCK} (the block size), with rows > 0"),
             ));
         }
-        let (lo, hi) = codes.iter().fold((i8::MAX, i8::MIN), |(lo, hi), &c| (lo.min(c), hi.max(c)));
+        let blocks = rows * cols / PACKED_BLOCK;
+        if codes.len() != rows * cols
+            || scales.len() != blocks
+            || offsets.as_ref().is_some_and(|o| o.len() != blocks)
+        {
+            return Err(KvError::config(
+                "packed matrix parts",
+                format!(
+                    "{} codes, {} scales, {:?} offsets",
+                    codes.len(),
+                    scales.len(),
+                    offsets.as_ref().map(Vec::len)
+                ),
+                format!(
+                    "{} codes and {blocks} scales (and offsets) for {rows} x {cols}",
+                    rows * cols
+                ),
+            ));
+        }
+        let (lo, hi) = codes
+            .iter()
+            .fold((i8::MAX, i8::MIN), |(lo, hi), &c| (lo.min(c), hi.max(c)));
         let shift = if lo >= 0 && hi <= 15 {
             Some(0)
         } else if lo >= -8 && hi <= 7 {
@@ -84,13 +114,23 @@ impl PackedMatrix {
                 let nibble = |c: i8| (c - shift) as u8;
                 let packed = codes
                     .chunks_exact(PACKED_BLOCK)
-                    .flat_map(|b| (0..PACKED_BLOCK / 2).map(move |i| nibble(b[i]) | (nibble(b[i + PACKED_BLOCK / 2]) << 4)))
+                    .flat_map(|b| {
+                        (0..PACKED_BLOCK / 2)
+                            .map(move |i| nibble(b[i]) | (nibble(b[i + PACKED_BLOCK / 2]) << 4))
+                    })
                     .collect();
                 (CodeWidth::Nibbles { shift }, packed)
             }
             None => (CodeWidth::Bytes, codes.iter().map(|&c| c as u8).collect()),
         };
-        Ok(Self { rows, cols, width, codes: packed, scales, offsets })
+        Ok(Self {
+            rows,
+            cols,
+            width,
+            codes: packed,
+            scales,
+            offsets,
+        })
     }
 
     /// Output rows.
@@ -130,7 +170,11 @@ impl PackedMatrix {
         match self.width {
             CodeWidth::Nibbles { shift } => {
                 let byte = self.codes[block * PACKED_BLOCK / 2 + j % (PACKED_BLOCK / 2)];
-                let nibble = if j < PACKED_BLOCK / 2 { byte & 0x0f } else { byte >> 4 };
+                let nibble = if j < PACKED_BLOCK / 2 {
+                    byte & 0x0f
+                } else {
+                    byte >> 4
+                };
                 nibble as i32 + shift as i32
             }
             CodeWidth::Bytes => self.codes[block * PACKED_BLOCK + j] as i8 as i32,
@@ -149,12 +193,15 @@ impl PackedMatrix {
         // balance the pool.
         let chunk = self.rows.div_ceil(4 * rayon::current_num_threads()).max(64);
         let mut by_row = vec![0f32; self.rows * m];
-        by_row.par_chunks_mut(chunk * m).enumerate().for_each(|(i, out)| match m {
-            1 => rows_span::<1>(self, x, i * chunk, out, isa),
-            2 => rows_span::<2>(self, x, i * chunk, out, isa),
-            3 => rows_span::<3>(self, x, i * chunk, out, isa),
-            _ => rows_span::<4>(self, x, i * chunk, out, isa),
-        });
+        by_row
+            .par_chunks_mut(chunk * m)
+            .enumerate()
+            .for_each(|(i, out)| match m {
+                1 => rows_span::<1>(self, x, i * chunk, out, isa),
+                2 => rows_span::<2>(self, x, i * chunk, out, isa),
+                3 => rows_span::<3>(self, x, i * chunk, out, isa),
+                _ => rows_span::<4>(self, x, i * chunk, out, isa),
+            });
         if m == 1 {
             return Some(by_row);
         }
@@ -191,19 +238,27 @@ impl<const N: usize> PackedSet<N> {
 
     /// Bytes its matrices hold.
     pub fn bytes(&self) -> usize {
-        self.0.as_ref().map_or(0, |m| m.iter().map(PackedMatrix::bytes).sum())
+        self.0
+            .as_ref()
+            .map_or(0, |m| m.iter().map(PackedMatrix::bytes).sum())
     }
 
     /// Weights its matrices hold.
     pub fn values(&self) -> usize {
-        self.0.as_ref().map_or(0, |m| m.iter().map(|m| m.rows * m.cols).sum())
+        self.0
+            .as_ref()
+            .map_or(0, |m| m.iter().map(|m| m.rows * m.cols).sum())
     }
 }
 
 /// `linear(x)` for `x` `[b, t, in]`: through `packed` (the same weight as codes) when it is
 /// given, the host kernels are on ([`crate::set_host_kernels`]), no autodiff graph is recorded,
 /// `x` is f32 and `b x t <= PACKED_MAX_ROWS` (a decode step); through the `Linear` otherwise.
-pub fn project<B: Backend>(linear: &Linear<B>, packed: Option<&PackedMatrix>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+pub fn project<B: Backend>(
+    linear: &Linear<B>,
+    packed: Option<&PackedMatrix>,
+    x: Tensor<B, 3>,
+) -> Tensor<B, 3> {
     let fits = packed.filter(|p| linear.weight.dims() == [p.cols(), p.rows()]);
     match fits.and_then(|p| project_packed(p, &x)) {
         Some(y) => match &linear.bias {
@@ -218,21 +273,39 @@ pub fn project<B: Backend>(linear: &Linear<B>, packed: Option<&PackedMatrix>, x:
 pub fn project_packed<B: Backend>(packed: &PackedMatrix, x: &Tensor<B, 3>) -> Option<Tensor<B, 3>> {
     let [b, t, cols] = x.dims();
     let device = x.device();
-    if b * t > PACKED_MAX_ROWS || cols != packed.cols() || x.dtype() != DType::F32 || !crate::attend::host_kernels_on::<B>(&device) {
+    if b * t > PACKED_MAX_ROWS
+        || cols != packed.cols()
+        || x.dtype() != DType::F32
+        || !crate::attend::host_kernels_on::<B>(&device)
+    {
         return None;
     }
     let data = x.clone().into_data();
     let out = packed.matmul_rows(data.as_slice::<f32>().ok()?, b * t, Isa::best())?;
     #[cfg(test)]
     crate::attend::served::count(crate::attend::served::Kernel::Packed);
-    Some(Tensor::from_data(TensorData::new(out, [b, t, packed.rows()]), &device))
+    Some(Tensor::from_data(
+        TensorData::new(out, [b, t, packed.rows()]),
+        &device,
+    ))
 }
 
 /// Rows `first ..` of `mat` (as many as `out` holds, `M` values each) times the `M` rows of `x`,
 /// with `isa`'s build (one [`Isa::usable`] returned).
-fn rows_span<const M: usize>(mat: &PackedMatrix, x: &[f32], first: usize, out: &mut [f32], isa: Isa) {
+fn rows_span<const M: usize>(
+    mat: &PackedMatrix,
+    x: &[f32],
+    first: usize,
+    out: &mut [f32],
+    isa: Isa,
+) {
     let rows = out.len() / M;
-    assert!(first + rows <= mat.rows && x.len() == M * mat.cols, "rows_span: rows {first}+{rows} of {}, x {}", mat.rows, x.len());
+    assert!(
+        first + rows <= mat.rows && x.len() == M * mat.cols,
+        "rows_span: rows {first}+{rows} of {}, x {}",
+        mat.rows,
+        x.len()
+    );
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => {
@@ -277,7 +350,12 @@ mod x86 {
     /// The CPU supports AVX-512F, AVX2 and FMA; rows `first .. first + out.len() / M` exist in `mat` and `x`
     /// holds `M x mat.cols` values.
     #[target_feature(enable = "avx512f,avx2,fma")]
-    pub(super) unsafe fn rows<const M: usize, const NIBBLES: bool, const OFFSETS: bool>(mat: &PackedMatrix, x: &[f32], first: usize, out: &mut [f32]) {
+    pub(super) unsafe fn rows<const M: usize, const NIBBLES: bool, const OFFSETS: bool>(
+        mat: &PackedMatrix,
+        x: &[f32],
+        first: usize,
+        out: &mut [f32],
+    ) {
         let cols = mat.cols;
         let blocks = cols / PACKED_BLOCK;
         let shift = match mat.width {
@@ -285,9 +363,18 @@ mod x86 {
             super::CodeWidth::Bytes => 0.0,
         };
         // The codes a nibble stands for, 0..16 plus the shift.
-        let codes_of_nibbles = _mm512_add_ps(_mm512_setr_ps(0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0), _mm512_set1_ps(shift));
+        let codes_of_nibbles = _mm512_add_ps(
+            _mm512_setr_ps(
+                0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0,
+                15.0,
+            ),
+            _mm512_set1_ps(shift),
+        );
         let (codes, scales, xp) = (mat.codes.as_ptr(), mat.scales.as_ptr(), x.as_ptr());
-        let offsets = mat.offsets.as_ref().map_or(std::ptr::null(), |o| o.as_ptr());
+        let offsets = mat
+            .offsets
+            .as_ref()
+            .map_or(std::ptr::null(), |o| o.as_ptr());
         for (i, o) in out.chunks_exact_mut(M).enumerate() {
             let row = first + i;
             let mut acc = [[_mm512_setzero_ps(); 2]; M];
@@ -298,18 +385,31 @@ mod x86 {
                     let scale = _mm512_set1_ps(*scales.add(b));
                     let dequantize = |c: __m512| {
                         let w = _mm512_mul_ps(c, scale);
-                        if OFFSETS { _mm512_add_ps(w, _mm512_set1_ps(*offsets.add(b))) } else { w }
+                        if OFFSETS {
+                            _mm512_add_ps(w, _mm512_set1_ps(*offsets.add(b)))
+                        } else {
+                            w
+                        }
                     };
                     if NIBBLES {
                         let table = dequantize(codes_of_nibbles);
                         // The permute reads each lane's low four bits: the low nibble as loaded,
                         // the high one after a shift.
-                        let bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(codes.add(b * 16) as *const __m128i));
-                        (_mm512_permutexvar_ps(bytes, table), _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table))
+                        let bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(
+                            codes.add(b * 16) as *const __m128i
+                        ));
+                        (
+                            _mm512_permutexvar_ps(bytes, table),
+                            _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table),
+                        )
                     } else {
                         let p = codes.add(b * 32) as *const __m128i;
-                        let convert = |q: __m128i| dequantize(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)));
-                        (convert(_mm_loadu_si128(p)), convert(_mm_loadu_si128(p.add(1))))
+                        let convert =
+                            |q: __m128i| dequantize(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)));
+                        (
+                            convert(_mm_loadu_si128(p)),
+                            convert(_mm_loadu_si128(p.add(1))),
+                        )
                     }
                 };
                 for (r, a) in acc.iter_mut().enumerate() {
@@ -336,7 +436,12 @@ const LANES: usize = 16;
 /// halves de-quantised (`code * scale`, then `+ offset`: two roundings, as the
 /// de-quantiser's) and accumulated against each input row, in two chains to hide FMA latency.
 #[inline(always)]
-fn rows_lanes<const M: usize, const FMA: bool>(mat: &PackedMatrix, x: &[f32], first: usize, out: &mut [f32]) {
+fn rows_lanes<const M: usize, const FMA: bool>(
+    mat: &PackedMatrix,
+    x: &[f32],
+    first: usize,
+    out: &mut [f32],
+) {
     let cols = mat.cols;
     let blocks = cols / PACKED_BLOCK;
     for (i, o) in out.chunks_exact_mut(M).enumerate() {
@@ -356,7 +461,10 @@ fn rows_lanes<const M: usize, const FMA: bool>(mat: &PackedMatrix, x: &[f32], fi
                 }
                 CodeWidth::Bytes => {
                     let bytes: &[u8; 32] = mat.codes[b * 32..b * 32 + 32].try_into().unwrap();
-                    [std::array::from_fn(|l| bytes[l] as i8 as f32 * scale), std::array::from_fn(|l| bytes[l + 16] as i8 as f32 * scale)]
+                    [
+                        std::array::from_fn(|l| bytes[l] as i8 as f32 * scale),
+                        std::array::from_fn(|l| bytes[l + 16] as i8 as f32 * scale),
+                    ]
                 }
             };
             let w = match &mat.offsets {
@@ -371,7 +479,13 @@ fn rows_lanes<const M: usize, const FMA: bool>(mat: &PackedMatrix, x: &[f32], fi
                 let xr = &x[r * cols + base..r * cols + base + PACKED_BLOCK];
                 for (h, a) in acc.iter_mut().enumerate() {
                     let xv: &[f32; LANES] = xr[h * LANES..h * LANES + LANES].try_into().unwrap();
-                    *a = std::array::from_fn(|l| if FMA { w[h][l].mul_add(xv[l], a[l]) } else { w[h][l] * xv[l] + a[l] });
+                    *a = std::array::from_fn(|l| {
+                        if FMA {
+                            w[h][l].mul_add(xv[l], a[l])
+                        } else {
+                            w[h][l] * xv[l] + a[l]
+                        }
+                    });
                 }
             }
         }
@@ -386,16 +500,33 @@ mod tests {
     use super::*;
 
     /// Deterministic pseudo-random codes in `lo..=hi`, scales and offsets.
-    fn parts(rows: usize, cols: usize, lo: i32, hi: i32, offsets: bool, seed: u64) -> (Vec<i8>, Vec<f32>, Option<Vec<f32>>) {
+    fn parts(
+        rows: usize,
+        cols: usize,
+        lo: i32,
+        hi: i32,
+        offsets: bool,
+        seed: u64,
+    ) -> (Vec<i8>, Vec<f32>, Option<Vec<f32>>) {
         let mut s = seed;
         let mut next = move || {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (s >> 33) as u32
         };
-        let codes = (0..rows * cols).map(|_| (lo + (next() % (hi - lo + 1) as u32) as i32) as i8).collect();
+        let codes = (0..rows * cols)
+            .map(|_| (lo + (next() % (hi - lo + 1) as u32) as i32) as i8)
+            .collect();
         let blocks = rows * cols / PACKED_BLOCK;
-        let scales = (0..blocks).map(|_| (next() % 1000) as f32 * 1e-4 + 1e-3).collect();
-        let offsets = offsets.then(|| (0..blocks).map(|_| (next() % 2000) as f32 * 1e-4 - 0.1).collect());
+        let scales = (0..blocks)
+            .map(|_| (next() % 1000) as f32 * 1e-4 + 1e-3)
+            .collect();
+        let offsets = offsets.then(|| {
+            (0..blocks)
+                .map(|_| (next() % 2000) as f32 * 1e-4 - 0.1)
+                .collect()
+        });
         (codes, scales, offsets)
     }
 
@@ -424,20 +555,42 @@ mod tests {
             let m = PackedMatrix::new(rows, cols, &codes, scales, off).unwrap();
             assert_eq!(m.width(), width, "codes {lo}..={hi}");
             let got = m.dequantize();
-            assert!(want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()), "codes {lo}..={hi}");
+            assert!(
+                want.iter()
+                    .zip(&got)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "codes {lo}..={hi}"
+            );
             let per_value = m.bytes() as f64 / (rows * cols) as f64;
-            let expected = if matches!(width, CodeWidth::Nibbles { .. }) { 0.5 } else { 1.0 } + if offsets { 0.25 } else { 0.125 };
-            assert!((per_value - expected).abs() < 1e-12, "{per_value} bytes a value");
+            let expected = if matches!(width, CodeWidth::Nibbles { .. }) {
+                0.5
+            } else {
+                1.0
+            } + if offsets { 0.25 } else { 0.125 };
+            assert!(
+                (per_value - expected).abs() < 1e-12,
+                "{per_value} bytes a value"
+            );
         }
     }
 
     #[test]
     fn bad_parts_are_errors_that_name_them() {
         let (codes, scales, _) = parts(2, 64, 0, 15, false, 1);
-        let err = PackedMatrix::new(2, 48, &codes[..96], scales.clone(), None).unwrap_err().to_string();
-        assert!(err.contains("48") && err.contains("multiple of 32"), "{err}");
-        let err = PackedMatrix::new(2, 64, &codes, scales[..3].to_vec(), None).unwrap_err().to_string();
-        assert!(err.contains("3 scales") && err.contains("4 scales"), "{err}");
+        let err = PackedMatrix::new(2, 48, &codes[..96], scales.clone(), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("48") && err.contains("multiple of 32"),
+            "{err}"
+        );
+        let err = PackedMatrix::new(2, 64, &codes, scales[..3].to_vec(), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("3 scales") && err.contains("4 scales"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -447,8 +600,12 @@ mod tests {
             let (codes, scales, off) = parts(rows, cols, lo, hi, offsets, 3);
             let m = PackedMatrix::new(rows, cols, &codes, scales, off).unwrap();
             let w = m.dequantize();
-            for (batch, isa) in (1..=PACKED_MAX_ROWS).flat_map(|b| Isa::available().into_iter().map(move |i| (b, i))) {
-                let x: Vec<f32> = (0..batch * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.02).collect();
+            for (batch, isa) in (1..=PACKED_MAX_ROWS)
+                .flat_map(|b| Isa::available().into_iter().map(move |i| (b, i)))
+            {
+                let x: Vec<f32> = (0..batch * cols)
+                    .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.02)
+                    .collect();
                 let got = m.matmul_rows(&x, batch, isa).unwrap();
                 for r in 0..batch {
                     for o in 0..rows {
@@ -459,20 +616,31 @@ mod tests {
                             mag += p.abs();
                         }
                         let err = (got[r * rows + o] as f64 - exact).abs();
-                        assert!(err <= 1e-6 * mag + 1e-30, "{isa}: codes {lo}..={hi}, m {batch}, row {r}, out {o}: {} vs {exact}", got[r * rows + o]);
+                        assert!(
+                            err <= 1e-6 * mag + 1e-30,
+                            "{isa}: codes {lo}..={hi}, m {batch}, row {r}, out {o}: {} vs {exact}",
+                            got[r * rows + o]
+                        );
                     }
                 }
             }
-            assert!(m.matmul_rows(&vec![0.0; 5 * cols], 5, Isa::best()).is_none(), "more rows than PACKED_MAX_ROWS go to the GEMM");
-            assert!(m.matmul_rows(&vec![0.0; cols - 1], 1, Isa::best()).is_none());
+            assert!(
+                m.matmul_rows(&vec![0.0; 5 * cols], 5, Isa::best())
+                    .is_none(),
+                "more rows than PACKED_MAX_ROWS go to the GEMM"
+            );
+            assert!(
+                m.matmul_rows(&vec![0.0; cols - 1], 1, Isa::best())
+                    .is_none()
+            );
         }
     }
 
     #[test]
     fn project_takes_the_packed_weights_for_a_few_rows_only_and_adds_the_bias() {
+        use crate::attend::served::{Kernel, calls};
         use burn::module::Param;
         use burn::nn::LinearConfig;
-        use crate::attend::served::{Kernel, calls};
         use burn::tensor::Distribution;
         type B = burn::backend::Flex;
         let dev = Default::default();
@@ -480,14 +648,20 @@ mod tests {
         let (codes, scales, off) = parts(rows, cols, 0, 15, true, 11);
         let m = PackedMatrix::new(rows, cols, &codes, scales, off).unwrap();
         let w = Tensor::<B, 2>::from_data(TensorData::new(m.dequantize(), [rows, cols]), &dev);
-        let mut linear = LinearConfig::new(cols, rows).with_bias(true).init::<B>(&dev);
+        let mut linear = LinearConfig::new(cols, rows)
+            .with_bias(true)
+            .init::<B>(&dev);
         linear.weight = Param::from_tensor(w.transpose());
         let calls = || calls(Kernel::Packed);
         for (b, t) in [(1, 1), (2, 2), (1, 4), (5, 1), (1, 8)] {
             let x = Tensor::<B, 3>::random([b, t, cols], Distribution::Uniform(-1.0, 1.0), &dev);
             let before = calls();
             let got = crate::with_host_kernels(true, || project(&linear, Some(&m), x.clone()));
-            assert_eq!(calls() - before, usize::from(b * t <= PACKED_MAX_ROWS), "{b} x {t} rows");
+            assert_eq!(
+                calls() - before,
+                usize::from(b * t <= PACKED_MAX_ROWS),
+                "{b} x {t} rows"
+            );
             let want = linear.forward(x);
             let diff: f32 = (got - want).abs().max().into_scalar();
             assert!(diff <= 1e-5, "{b} x {t}: max abs diff {diff}");

@@ -5,7 +5,9 @@
 //! `S_t = gamma_t S_{t-1} + k_t^T v_t` (`[d_k, d_v]`), `o_t = q_t S_t`, then
 //! `out = (swish(x W_G) * RMSNorm_head(o)) W_O`. The recurrent state is the whole cache.
 
-use crate::{AttentionOutput, CachedAttention, ObserveRequest, Rotary, RotaryConfig, position_range};
+use crate::{
+    AttentionOutput, CachedAttention, ObserveRequest, Rotary, RotaryConfig, position_range,
+};
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::DType;
@@ -46,14 +48,26 @@ impl GatedRetentionConfig {
     /// Checks every setting, naming the first bad value.
     pub fn validate(&self) -> Result<()> {
         KvError::require_positive(&[("heads", self.n_heads), ("retention chunk", self.chunk)])?;
-        if self.d_model == 0 || self.d_model % self.n_heads != 0 {
-            return Err(KvError::config("d_model", self.d_model, format!("a positive multiple of heads = {}", self.n_heads)));
+        if self.d_model == 0 || !self.d_model.is_multiple_of(self.n_heads) {
+            return Err(KvError::config(
+                "d_model",
+                self.d_model,
+                format!("a positive multiple of heads = {}", self.n_heads),
+            ));
         }
         if !(self.tau > 0.0 && self.tau.is_finite()) {
-            return Err(KvError::config("tau", self.tau, "a finite number > 0 (YOCO uses 16)"));
+            return Err(KvError::config(
+                "tau",
+                self.tau,
+                "a finite number > 0 (YOCO uses 16)",
+            ));
         }
         if !(self.norm_eps > 0.0 && self.norm_eps < 1.0) {
-            return Err(KvError::config("norm_eps", self.norm_eps, "a small positive number such as 1e-6"));
+            return Err(KvError::config(
+                "norm_eps",
+                self.norm_eps,
+                "a small positive number such as 1e-6",
+            ));
         }
         Ok(())
     }
@@ -75,7 +89,10 @@ impl GatedRetentionConfig {
             wg: lin(self.d_model, self.d_model),
             w_gamma: lin(self.d_model, self.n_heads),
             wo: lin(self.d_model, self.d_model),
-            rope: RotaryConfig::new(d).with_theta(self.rope_theta).with_rotated(self.rope_dims).init(device)?,
+            rope: RotaryConfig::new(d)
+                .with_theta(self.rope_theta)
+                .with_rotated(self.rope_dims)
+                .init(device)?,
             n_heads: self.n_heads,
             head_dim: d,
             tau: self.tau,
@@ -144,7 +161,11 @@ impl<B: Backend> GatedRetention<B> {
         let (h, d) = (self.n_heads, self.head_dim);
         let heads = |y: Tensor<B, 3>| crate::heads::split_heads(y, h, d);
         let pos = position_range::<B>(start, t, &x.device());
-        let (q, k) = self.rope.apply_pair(heads(self.wq.forward(x.clone())), heads(self.wk.forward(x.clone())), pos);
+        let (q, k) = self.rope.apply_pair(
+            heads(self.wq.forward(x.clone())),
+            heads(self.wk.forward(x.clone())),
+            pos,
+        );
         let k = k.mul_scalar((d as f64).powf(-0.5));
         let v = heads(self.wv.forward(x.clone()));
         let mut gate = self.w_gamma.forward(x);
@@ -159,9 +180,18 @@ impl<B: Backend> GatedRetention<B> {
     /// `W_O(swish(x W_G) * RMSNorm_head(o))` for retention outputs `o` `[b, h, t, d]`.
     pub fn output(&self, x: Tensor<B, 3>, o: Tensor<B, 4>) -> Tensor<B, 3> {
         let dtype = o.dtype();
-        let o = if dtype != DType::F32 { o.cast(DType::F32) } else { o };
+        let o = if dtype != DType::F32 {
+            o.cast(DType::F32)
+        } else {
+            o
+        };
         // Per-head RMS normalisation without a learned scale (YOCO's `subln`), in f32.
-        let rms = o.clone().powf_scalar(2.0).mean_dim(3).add_scalar(self.norm_eps).sqrt();
+        let rms = o
+            .clone()
+            .powf_scalar(2.0)
+            .mean_dim(3)
+            .add_scalar(self.norm_eps)
+            .sqrt();
         let mut o = o / rms;
         if o.dtype() != dtype {
             o = o.cast(dtype);
@@ -189,19 +219,35 @@ impl<B: Backend> CachedAttention<B> for GatedRetention<B> {
     /// The new tokens `x` `[b, t, d_model]` at positions `tokens_seen ..` continue the state
     /// (zeros before the first token). A single token takes the recurrent form, a prompt the
     /// chunkwise one. Observes nothing: retention keeps no slots for a policy.
-    fn forward_cached(&self, x: Tensor<B, 3>, state: &mut RecurrentState<B>, _observe: ObserveRequest) -> Result<AttentionOutput<B>> {
+    fn forward_cached(
+        &self,
+        x: Tensor<B, 3>,
+        state: &mut RecurrentState<B>,
+        _observe: ObserveRequest,
+    ) -> Result<AttentionOutput<B>> {
         let [b, t, _] = x.dims();
-        if let Some(s) = &state.state {
-            if s.dims() != self.state_shape(b) {
-                return Err(KvError::shape("retention state", &s.dims(), format!("{:?}", self.state_shape(b))));
-            }
+        if let Some(s) = &state.state
+            && s.dims() != self.state_shape(b)
+        {
+            return Err(KvError::shape(
+                "retention state",
+                &s.dims(),
+                format!("{:?}", self.state_shape(b)),
+            ));
         }
         let (q, k, v, lg) = self.project(x.clone(), state.tokens_seen);
         let previous = state.state.take();
-        let (o, next) = if t == 1 { retention_recurrent(q, k, v, lg, previous) } else { retention_chunkwise(q, k, v, lg, self.chunk, previous) };
+        let (o, next) = if t == 1 {
+            retention_recurrent(q, k, v, lg, previous)
+        } else {
+            retention_chunkwise(q, k, v, lg, self.chunk, previous)
+        };
         state.state = Some(next);
         state.tokens_seen += t;
-        Ok(AttentionOutput { output: self.output(x, o), observation: None })
+        Ok(AttentionOutput {
+            output: self.output(x, o),
+            observation: None,
+        })
     }
 }
 
@@ -209,7 +255,8 @@ impl<B: Backend> CachedAttention<B> for GatedRetention<B> {
 fn causal_decay<B: Backend>(log_decay: Tensor<B, 4>) -> Tensor<B, 4> {
     let [_, _, t, _] = log_decay.dims();
     // `tril_mask` is true outside the lower triangle: exactly the future keys.
-    let future = Tensor::<B, 2, Bool>::tril_mask([t, t], 0, &log_decay.device()).reshape([1, 1, t, t]);
+    let future =
+        Tensor::<B, 2, Bool>::tril_mask([t, t], 0, &log_decay.device()).reshape([1, 1, t, t]);
     // Masked before exp: above the diagonal the differences are positive and could overflow.
     log_decay.mask_fill(future, f32::NEG_INFINITY).exp()
 }
@@ -222,7 +269,12 @@ fn to_dtype<B: Backend, const D: usize>(x: Tensor<B, D>, dtype: DType) -> Tensor
 ///
 /// `q`, `k` `[b, h, t, d_k]`, `v` `[b, h, t, d_v]`, `log_gamma` `[b, h, t]` (f32); returns
 /// `[b, h, t, d_v]`. Memory is `t x t` per head: the training form for short rows.
-pub fn retention_parallel<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, log_gamma: Tensor<B, 3>) -> Tensor<B, 4> {
+pub fn retention_parallel<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    log_gamma: Tensor<B, 3>,
+) -> Tensor<B, 4> {
     let [b, h, t, _] = q.dims();
     let cum = log_gamma.cumsum(2);
     let decay = causal_decay(cum.clone().reshape([b, h, t, 1]) - cum.reshape([b, h, 1, t]));
@@ -253,14 +305,23 @@ pub fn retention_chunkwise<B: Backend>(
     let mut lo = 0;
     while lo < t {
         let n = chunk.min(t - lo);
-        let (qc, kc, vc) = (q.clone().narrow(2, lo, n), k.clone().narrow(2, lo, n), v.clone().narrow(2, lo, n));
+        let (qc, kc, vc) = (
+            q.clone().narrow(2, lo, n),
+            k.clone().narrow(2, lo, n),
+            v.clone().narrow(2, lo, n),
+        );
         let lc = log_gamma.clone().narrow(2, lo, n).cumsum(2);
         let dtype = qc.dtype();
-        let decay = causal_decay(lc.clone().reshape([b, h, n, 1]) - lc.clone().reshape([b, h, 1, n]));
-        let mut o = (qc.clone().matmul(kc.clone().swap_dims(2, 3)) * to_dtype(decay, dtype)).matmul(vc.clone());
+        let decay =
+            causal_decay(lc.clone().reshape([b, h, n, 1]) - lc.clone().reshape([b, h, 1, n]));
+        let mut o = (qc.clone().matmul(kc.clone().swap_dims(2, 3)) * to_dtype(decay, dtype))
+            .matmul(vc.clone());
         let total = lc.clone().narrow(2, n - 1, 1);
         // Each key's decay from its own position to the chunk's end.
-        let to_end = to_dtype((total.clone() - lc.clone()).exp().reshape([b, h, n, 1]), dtype);
+        let to_end = to_dtype(
+            (total.clone() - lc.clone()).exp().reshape([b, h, n, 1]),
+            dtype,
+        );
         let added = (kc * to_end).swap_dims(2, 3).matmul(vc);
         state = Some(match state {
             Some(s) => {
@@ -273,7 +334,11 @@ pub fn retention_chunkwise<B: Backend>(
         outs.push(o);
         lo += n;
     }
-    let out = if outs.len() == 1 { outs.pop().unwrap() } else { Tensor::cat(outs, 2) };
+    let out = if outs.len() == 1 {
+        outs.pop().unwrap()
+    } else {
+        Tensor::cat(outs, 2)
+    };
     let state = state.unwrap_or_else(|| Tensor::zeros([b, h, dk, dv], &q.device()));
     (out, state)
 }
@@ -293,11 +358,22 @@ pub fn retention_recurrent<B: Backend>(
     let mut s = state.unwrap_or_else(|| Tensor::zeros([b, h, dk, dv], &q.device()));
     let mut outs = Vec::with_capacity(t);
     for i in 0..t {
-        let gamma = to_dtype(log_gamma.clone().narrow(2, i, 1).exp().reshape([b, h, 1, 1]), dtype);
+        let gamma = to_dtype(
+            log_gamma
+                .clone()
+                .narrow(2, i, 1)
+                .exp()
+                .reshape([b, h, 1, 1]),
+            dtype,
+        );
         let ki = k.clone().narrow(2, i, 1);
         s = s * gamma + ki.swap_dims(2, 3).matmul(v.clone().narrow(2, i, 1));
         outs.push(q.clone().narrow(2, i, 1).matmul(s.clone()));
     }
-    let out = if outs.len() == 1 { outs.pop().unwrap() } else { Tensor::cat(outs, 2) };
+    let out = if outs.len() == 1 {
+        outs.pop().unwrap()
+    } else {
+        Tensor::cat(outs, 2)
+    };
     (out, s)
 }

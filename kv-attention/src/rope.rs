@@ -20,20 +20,41 @@ pub struct RotaryConfig {
 impl RotaryConfig {
     /// Validates the settings and builds the embedding.
     pub fn init<B: Backend>(&self, device: &B::Device) -> Result<Rotary<B>> {
-        if self.dim == 0 || self.dim % 2 != 0 {
-            return Err(KvError::config("rope dim (head_dim)", self.dim, "an even number > 0, because RoPE rotates pairs"));
+        if self.dim == 0 || !self.dim.is_multiple_of(2) {
+            return Err(KvError::config(
+                "rope dim (head_dim)",
+                self.dim,
+                "an even number > 0, because RoPE rotates pairs",
+            ));
         }
-        if !(self.theta > 1.0) {
-            return Err(KvError::config("rope_theta", self.theta, "a base > 1 such as 10000"));
+        if self.theta.is_nan() || self.theta <= 1.0 {
+            return Err(KvError::config(
+                "rope_theta",
+                self.theta,
+                "a base > 1 such as 10000",
+            ));
         }
         let rotated = self.rotated.unwrap_or(self.dim);
-        if rotated == 0 || rotated % 2 != 0 || rotated > self.dim {
-            return Err(KvError::config("rope_dims", rotated, format!("an even number of rotated dims in [2, head_dim = {}]", self.dim)));
+        if rotated == 0 || !rotated.is_multiple_of(2) || rotated > self.dim {
+            return Err(KvError::config(
+                "rope_dims",
+                rotated,
+                format!(
+                    "an even number of rotated dims in [2, head_dim = {}]",
+                    self.dim
+                ),
+            ));
         }
         let half = rotated / 2;
         // Same recipe as HF Llama (over the rotated dims), so loaded checkpoints reproduce its numerics.
-        let inv: Vec<f32> = (0..half).map(|i| (1.0 / self.theta.powf((2 * i) as f64 / rotated as f64)) as f32).collect();
-        Ok(Rotary { inv_freq: Tensor::from_floats(inv.as_slice(), device), dim: self.dim, rotated })
+        let inv: Vec<f32> = (0..half)
+            .map(|i| (1.0 / self.theta.powf((2 * i) as f64 / rotated as f64)) as f32)
+            .collect();
+        Ok(Rotary {
+            inv_freq: Tensor::from_floats(inv.as_slice(), device),
+            dim: self.dim,
+            rotated,
+        })
     }
 }
 
@@ -71,7 +92,12 @@ impl<B: Backend> Rotary<B> {
 
     /// Rotates queries `[batch, heads, t, dim]` and keys `[batch, kv_heads, t, dim]` by the same
     /// `positions` `[1, 1, t]`, computing the angles once (a decode step's two rotations).
-    pub fn apply_pair(&self, q: Tensor<B, 4>, k: Tensor<B, 4>, positions: Tensor<B, 3, Int>) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    pub fn apply_pair(
+        &self,
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        positions: Tensor<B, 3, Int>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
         let [pb, ph, _] = positions.dims();
         if pb != 1 || ph != 1 {
             return (self.apply(q, positions.clone()), self.apply(k, positions));
@@ -85,13 +111,27 @@ impl<B: Backend> Rotary<B> {
     /// positions are shared, `[1, 1, t]`, else one per (batch, head) of `[b, h, t]`), and the
     /// `rotate_half` matrix. Dims past `rotated` get `cos = 1`, `sin = 0` and no swap, so a
     /// partial rotary passes them through exactly, without a split and a concatenation.
-    fn turn(&self, positions: Tensor<B, 3, Int>, [b, h, t]: [usize; 3], d: usize, dtype: burn::tensor::DType, device: &B::Device) -> Turn<B> {
+    fn turn(
+        &self,
+        positions: Tensor<B, 3, Int>,
+        [b, h, t]: [usize; 3],
+        d: usize,
+        dtype: burn::tensor::DType,
+        device: &B::Device,
+    ) -> Turn<B> {
         let [pb, ph, _] = positions.dims();
         let (half, rest) = (self.rotated / 2, d - self.rotated);
         let rows = if pb == 1 && ph == 1 { 1 } else { b * h };
-        let positions = if rows == 1 { positions } else { positions.expand([b, h, t]) };
+        let positions = if rows == 1 {
+            positions
+        } else {
+            positions.expand([b, h, t])
+        };
         // Angles as an outer product, a matmul, so no broadcast op walks them element by element.
-        let angles = positions.float().reshape([rows * t, 1]).matmul(self.inv_freq.clone().reshape([1, half]));
+        let angles = positions
+            .float()
+            .reshape([rows * t, 1])
+            .matmul(self.inv_freq.clone().reshape([1, half]));
         let (cos, sin) = (angles.clone().cos(), angles.sin());
         let (mut cos_parts, mut sin_parts) = (vec![cos.clone(), cos], vec![sin.clone().neg(), sin]);
         if rest > 0 {
@@ -107,7 +147,8 @@ impl<B: Backend> Rotary<B> {
             swap[(i + half) * d + i] = 1.0;
             swap[i * d + i + half] = 1.0;
         }
-        let swap = Tensor::<B, 2>::from_data(burn::tensor::TensorData::new(swap, [d, d]), device).cast(dtype);
+        let swap = Tensor::<B, 2>::from_data(burn::tensor::TensorData::new(swap, [d, d]), device)
+            .cast(dtype);
         Turn { cos, sin, swap }
     }
 }
@@ -128,11 +169,16 @@ impl<B: Backend> Turn<B> {
         let [b, h, t, d] = x.dims();
         let x = x.reshape([b * h * t, d]);
         let swapped = x.clone().matmul(self.swap.clone()).reshape([b * h, t * d]);
-        (x.reshape([b * h, t * d]) * self.cos.clone() + swapped * self.sin.clone()).reshape([b, h, t, d])
+        (x.reshape([b * h, t * d]) * self.cos.clone() + swapped * self.sin.clone())
+            .reshape([b, h, t, d])
     }
 }
 
 /// Positions `start .. start + len` shaped `[1, 1, len]`, shared by every batch row and head.
-pub fn position_range<B: Backend>(start: usize, len: usize, device: &B::Device) -> Tensor<B, 3, Int> {
+pub fn position_range<B: Backend>(
+    start: usize,
+    len: usize,
+    device: &B::Device,
+) -> Tensor<B, 3, Int> {
     Tensor::<B, 1, Int>::arange(start as i64..(start + len) as i64, device).reshape([1, 1, len])
 }

@@ -1,7 +1,10 @@
 //! Sliding-window attention (Mistral; YOCO's SWA self-decoder): causal attention over the last
 //! `window` positions, with a cache that never keeps more than `window` slots.
 
-use crate::{AttentionOutput, CachedAttention, Causality, GroupedAttention, GroupedAttentionConfig, ObserveRequest, QUERY_BLOCK, grouped_attention, position_range};
+use crate::{
+    AttentionOutput, CachedAttention, Causality, GroupedAttention, GroupedAttentionConfig,
+    ObserveRequest, QUERY_BLOCK, grouped_attention, position_range,
+};
 use burn::prelude::*;
 use kv_core::{CacheShape, KvError, KvState, Result};
 
@@ -18,7 +21,11 @@ impl SlidingWindowAttentionConfig {
     /// Checks the window and the head layout, naming the first bad value.
     pub fn validate(&self) -> Result<()> {
         if self.window == 0 {
-            return Err(KvError::config("window", 0, "at least 1 key per query (the query's own)"));
+            return Err(KvError::config(
+                "window",
+                0,
+                "at least 1 key per query (the query's own)",
+            ));
         }
         self.attention.validate()
     }
@@ -31,7 +38,10 @@ impl SlidingWindowAttentionConfig {
     /// [`init`](Self::init) with the parameters still lazy, for loaders that replace them all.
     pub fn init_lazy<B: Backend>(&self, device: &B::Device) -> Result<SlidingWindowAttention<B>> {
         self.validate()?;
-        Ok(SlidingWindowAttention { attn: self.attention.init_lazy(device)?, window: self.window })
+        Ok(SlidingWindowAttention {
+            attn: self.attention.init_lazy(device)?,
+            window: self.window,
+        })
     }
 }
 
@@ -79,7 +89,14 @@ impl<B: Backend> SlidingWindowAttention<B> {
     /// and values `[b, KV, n, d]` at the consecutive positions `key_start ..`, query block by
     /// query block, each block over only the band of keys its window reaches: linear in the
     /// context, where a mask over every key would be quadratic (26x the work at window 64, 8k).
-    fn banded(&self, q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, query_start: usize, key_start: usize) -> Tensor<B, 4> {
+    fn banded(
+        &self,
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        query_start: usize,
+        key_start: usize,
+    ) -> Tensor<B, 4> {
         let t = q.dims()[2];
         let n = k.dims()[2];
         let device = q.device();
@@ -96,12 +113,25 @@ impl<B: Backend> SlidingWindowAttention<B> {
                 key: position_range(key_start + from, to - from, &device),
                 window: self.window,
             };
-            let band = [(k.clone().narrow(2, from, to - from), v.clone().narrow(2, from, to - from))];
-            let (o, _) = grouped_attention(q.clone().narrow(2, lo, tb), &band, &causality, self.attn.scale(), ObserveRequest::default());
+            let band = [(
+                k.clone().narrow(2, from, to - from),
+                v.clone().narrow(2, from, to - from),
+            )];
+            let (o, _) = grouped_attention(
+                q.clone().narrow(2, lo, tb),
+                &band,
+                &causality,
+                self.attn.scale(),
+                ObserveRequest::default(),
+            );
             outs.push(o);
             lo += tb;
         }
-        if outs.len() == 1 { outs.pop().unwrap() } else { Tensor::cat(outs, 2) }
+        if outs.len() == 1 {
+            outs.pop().unwrap()
+        } else {
+            Tensor::cat(outs, 2)
+        }
     }
 }
 
@@ -115,10 +145,19 @@ impl<B: Backend> CachedAttention<B> for SlidingWindowAttention<B> {
     /// The new tokens `x` `[b, t, d_model]` take positions `tokens_seen ..` and attend over the
     /// window's slots; afterwards the cache holds at most `window` slots. Observes nothing: no
     /// policy runs on a window.
-    fn forward_cached(&self, x: Tensor<B, 3>, state: &mut KvState<B>, _observe: ObserveRequest) -> Result<AttentionOutput<B>> {
+    fn forward_cached(
+        &self,
+        x: Tensor<B, 3>,
+        state: &mut KvState<B>,
+        _observe: ObserveRequest,
+    ) -> Result<AttentionOutput<B>> {
         let [b, t, _] = x.dims();
         if state.cache.shape() != self.cache_shape(b) {
-            return Err(KvError::config("window cache shape", format!("{:?}", state.cache.shape()), format!("{:?}", self.cache_shape(b))));
+            return Err(KvError::config(
+                "window cache shape",
+                format!("{:?}", state.cache.shape()),
+                format!("{:?}", self.cache_shape(b)),
+            ));
         }
         // Evicting before the append keeps a decode step at `window` slots, not `window + 1`.
         state.cache.keep_last(self.window - 1)?;
@@ -129,12 +168,28 @@ impl<B: Backend> CachedAttention<B> for SlidingWindowAttention<B> {
         cache.append(k, v)?;
         let o = if t == 1 {
             // A single new token sees every slot held (the last window - 1 and itself).
-            grouped_attention(q, &cache.kv_segments(), &Causality::None, self.attn.scale(), ObserveRequest::default()).0
+            grouped_attention(
+                q,
+                &cache.kv_segments(),
+                &Causality::None,
+                self.attn.scale(),
+                ObserveRequest::default(),
+            )
+            .0
         } else {
             // The window holds consecutive positions, the newest last.
-            self.banded(q, cache.keys(), cache.values(), start, cache.tokens_seen() - cache.slots())
+            self.banded(
+                q,
+                cache.keys(),
+                cache.values(),
+                start,
+                cache.tokens_seen() - cache.slots(),
+            )
         };
         cache.keep_last(self.window)?;
-        Ok(AttentionOutput { output: self.attn.merge_heads(o), observation: None })
+        Ok(AttentionOutput {
+            output: self.attn.merge_heads(o),
+            observation: None,
+        })
     }
 }

@@ -30,10 +30,15 @@ impl DeviceKind {
 
     /// The first backend compiled into this build, preferring the CPU default.
     pub fn default_compiled() -> Self {
-        [DeviceKind::Flex, DeviceKind::Ndarray, DeviceKind::Cuda, DeviceKind::Wgpu]
-            .into_iter()
-            .find(|d| d.is_compiled())
-            .unwrap_or(DeviceKind::Flex)
+        [
+            DeviceKind::Flex,
+            DeviceKind::Ndarray,
+            DeviceKind::Cuda,
+            DeviceKind::Wgpu,
+        ]
+        .into_iter()
+        .find(|d| d.is_compiled())
+        .unwrap_or(DeviceKind::Flex)
     }
 
     /// Whether the backend keeps its tensors in host memory (so the global allocator sees them).
@@ -71,9 +76,17 @@ pub type NamingBackend = burn::backend::NdArray;
 #[cfg(all(not(any(feature = "flex", feature = "ndarray")), feature = "wgpu"))]
 pub type NamingBackend = burn::backend::Wgpu;
 /// The backend whose policy registry names policies outside a job.
-#[cfg(all(not(any(feature = "flex", feature = "ndarray", feature = "wgpu")), feature = "cuda"))]
+#[cfg(all(
+    not(any(feature = "flex", feature = "ndarray", feature = "wgpu")),
+    feature = "cuda"
+))]
 pub type NamingBackend = burn::backend::Cuda;
-#[cfg(not(any(feature = "flex", feature = "ndarray", feature = "wgpu", feature = "cuda")))]
+#[cfg(not(any(
+    feature = "flex",
+    feature = "ndarray",
+    feature = "wgpu",
+    feature = "cuda"
+)))]
 compile_error!("kv needs at least one backend feature: flex, ndarray, wgpu or cuda");
 
 /// The policies `kv` knows: the standard registry (a binary of one's own registers more here).
@@ -85,7 +98,11 @@ pub fn policies<B: Backend>() -> kv_policies::Registry<B> {
 pub fn run_on<J: BackendJob>(kind: DeviceKind, job: J) -> Result<J::Output> {
     // CubeCL backends have a native top-k; burn's CPU backends only sort.
     let native_top_k = matches!(kind, DeviceKind::Wgpu | DeviceKind::Cuda);
-    kv_policies::select::set_top_k_method(if native_top_k { kv_policies::select::TopKMethod::ArgTopK } else { kv_policies::select::TopKMethod::Sort });
+    kv_policies::select::set_top_k_method(if native_top_k {
+        kv_policies::select::TopKMethod::ArgTopK
+    } else {
+        kv_policies::select::TopKMethod::Sort
+    });
     // burn-flex's fused attention runs on one thread: a CPU prefill spreads its blocks instead.
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     kv_attention::set_prefill_threads(if kind.is_cpu() { cores } else { 1 });
@@ -114,7 +131,10 @@ pub fn run_on<J: BackendJob>(kind: DeviceKind, job: J) -> Result<J::Output> {
             Err(KvError::config(
                 "--device",
                 other.name(),
-                format!("a backend compiled into this build; rebuild with `cargo build --release -p kv-cli --features {}`", other.name()),
+                format!(
+                    "a backend compiled into this build; rebuild with `cargo build --release -p kv-cli --features {}`",
+                    other.name()
+                ),
             ))
         }
     }
@@ -127,7 +147,9 @@ pub fn run_on<J: BackendJob>(kind: DeviceKind, job: J) -> Result<J::Output> {
 fn probe_device<B: burn::prelude::Backend>(device: &B::Device, kind: DeviceKind) -> Result<()> {
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
-    let touched = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| burn::prelude::Tensor::<B, 1>::zeros([1], device).into_data()));
+    let touched = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        burn::prelude::Tensor::<B, 1>::zeros([1], device).into_data()
+    }));
     std::panic::set_hook(hook);
     touched.map(|_| ()).map_err(|panic| {
         let why = panic.downcast_ref::<String>().map(String::as_str).or_else(|| panic.downcast_ref::<&str>().copied()).unwrap_or("its runtime panicked");

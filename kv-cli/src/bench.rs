@@ -9,7 +9,7 @@ use burn::prelude::*;
 use burn::tensor::Distribution;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use kv_attention::{ObserveRequest, Observation};
+use kv_attention::{Observation, ObserveRequest};
 use kv_core::{KvError, LayerCache, Result};
 use kv_models::ModelState;
 use kv_models::train::{TrainConfig, Trainer};
@@ -106,7 +106,11 @@ pub struct DecodeCell {
 impl DecodeCell {
     /// Measured decode speed as a share of the roofline figure.
     pub fn roofline_share(&self) -> f64 {
-        if self.roofline_tokens_per_s > 0.0 { self.tokens_per_s / self.roofline_tokens_per_s } else { 0.0 }
+        if self.roofline_tokens_per_s > 0.0 {
+            self.tokens_per_s / self.roofline_tokens_per_s
+        } else {
+            0.0
+        }
     }
 }
 
@@ -154,7 +158,12 @@ impl<B: Backend> CachePolicy<B> for TimedPolicy<'_, B> {
         self.inner.observe_request(ctx)
     }
 
-    fn after_attention(&mut self, ctx: &LayerContext<'_, B>, cache: &mut LayerCache<B>, observation: Option<&Observation<B>>) -> Result<()> {
+    fn after_attention(
+        &mut self,
+        ctx: &LayerContext<'_, B>,
+        cache: &mut LayerCache<B>,
+        observation: Option<&Observation<B>>,
+    ) -> Result<()> {
         let _ = B::sync(self.device);
         let start = Instant::now();
         let r = self.inner.after_attention(ctx, cache, observation);
@@ -184,13 +193,21 @@ fn one_token<B: Backend>(token: i32, device: &B::Device) -> Tensor<B, 2, Int> {
 }
 
 /// Fills every layer with `context` random K/V slots (positions 0..context).
-fn synthetic_fill<B: Backend>(cache: &mut ModelState<B>, context: usize, device: &B::Device) -> Result<()> {
+fn synthetic_fill<B: Backend>(
+    cache: &mut ModelState<B>,
+    context: usize,
+    device: &B::Device,
+) -> Result<()> {
     let shape = cache.layer(0).shape();
     for layer in cache.layers_mut() {
         let kv_shape = [1, shape.kv_heads, context, shape.key_dim];
         layer.append(
             Tensor::random(kv_shape, Distribution::Normal(0.0, 1.0), device),
-            Tensor::random([1, shape.kv_heads, context, shape.value_dim], Distribution::Normal(0.0, 1.0), device),
+            Tensor::random(
+                [1, shape.kv_heads, context, shape.value_dim],
+                Distribution::Normal(0.0, 1.0),
+                device,
+            ),
         )?;
     }
     Ok(())
@@ -234,25 +251,45 @@ pub fn read_bandwidth<B: Backend>(device: &B::Device) -> f64 {
 }
 
 /// Measures one decode cell of `model`.
-pub fn decode_cell<B: Backend>(model: &DecoderLm<B>, label: &str, context: usize, policy: &str, plan: &DecodePlan, device: &B::Device, backend: DeviceKind) -> Result<DecodeCell> {
+pub fn decode_cell<B: Backend>(
+    model: &DecoderLm<B>,
+    label: &str,
+    context: usize,
+    policy: &str,
+    plan: &DecodePlan,
+    device: &B::Device,
+    backend: DeviceKind,
+) -> Result<DecodeCell> {
     // The prefill below is a synthetic byte stream, so FastGen gets the byte tokenizer's classes:
     // what is measured is the policy's cost, not its choices on real text.
     let env = PolicyEnv::with_classes(TokenClasses::bytes());
-    let mut timed = TimedPolicy { inner: crate::backend::policies::<B>().build(policy, &env)?, device, spent: Duration::ZERO };
+    let mut timed = TimedPolicy {
+        inner: crate::backend::policies::<B>().build(policy, &env)?,
+        device,
+        spent: Duration::ZERO,
+    };
     // A DMC model's cache is what its merges left: random slots would hold one per token.
-    let merges = model.blocks().is_ok_and(|blocks| blocks.iter().any(|b| b.attention.dmc().is_some()));
+    let merges = model
+        .blocks()
+        .is_ok_and(|blocks| blocks.iter().any(|b| b.attention.dmc().is_some()));
     let evicts = crate::backend::policies::<B>().parse(policy)?.name != "full";
     let real_prefill = plan.prefill || merges || evicts;
     // A per-step policy compacts its lazily evicted slots every TAIL_SLOTS steps: time whole
     // cycles, so that cost is amortised in.
-    let steps = if evicts { plan.steps.next_multiple_of(kv_core::TAIL_SLOTS) } else { plan.steps };
+    let steps = if evicts {
+        plan.steps.next_multiple_of(kv_core::TAIL_SLOTS)
+    } else {
+        plan.steps
+    };
     let mut cache = model.new_state(1);
     let appends = plan.steps.max(2 * kv_core::TAIL_SLOTS);
     cache.reserve(context + steps + appends + 2);
     let (mut prefill_ms, mut prefill_peak_mib) = (None, None);
     if real_prefill {
         // A deterministic byte stream: the policy's choices depend on content, its cost hardly.
-        let ids: Vec<i32> = (0..context).map(|i| (32 + (i * 7 + i / 13) % 90) as i32).collect();
+        let ids: Vec<i32> = (0..context)
+            .map(|i| (32 + (i * 7 + i / 13) % 90) as i32)
+            .collect();
         let x = Tensor::<B, 1, Int>::from_ints(ids.as_slice(), device).reshape([1, context]);
         let _ = B::sync(device);
         let base = crate::peak::reset_peak();
@@ -268,13 +305,19 @@ pub fn decode_cell<B: Backend>(model: &DecoderLm<B>, label: &str, context: usize
         synthetic_fill(&mut cache, context, device)?;
     }
     let mut step_no = 0;
-    let mut step = |cache: &mut ModelState<B>, timed: &mut TimedPolicy<B>, token: i32| -> Result<()> {
-        step_no += 1;
-        let logits = model.forward_with_policy(one_token(token, device), cache, timed, Phase::Decode { step: step_no })?;
-        // Read the logits back, as generation does: this is also the device sync.
-        let _ = logits.into_data();
-        Ok(())
-    };
+    let mut step =
+        |cache: &mut ModelState<B>, timed: &mut TimedPolicy<B>, token: i32| -> Result<()> {
+            step_no += 1;
+            let logits = model.forward_with_policy(
+                one_token(token, device),
+                cache,
+                timed,
+                Phase::Decode { step: step_no },
+            )?;
+            // Read the logits back, as generation does: this is also the device sync.
+            let _ = logits.into_data();
+            Ok(())
+        };
     for i in 0..2 {
         step(&mut cache, &mut timed, 65 + i)?;
     }
@@ -290,7 +333,10 @@ pub fn decode_cell<B: Backend>(model: &DecoderLm<B>, label: &str, context: usize
     let slots = cache.layer(0).live_slots();
     let layer = cache.layer_mut(0);
     let row = [1, shape.kv_heads, 1, shape.key_dim];
-    let (k, v) = (Tensor::<B, 4>::zeros(row, device), Tensor::<B, 4>::zeros([1, shape.kv_heads, 1, shape.value_dim], device));
+    let (k, v) = (
+        Tensor::<B, 4>::zeros(row, device),
+        Tensor::<B, 4>::zeros([1, shape.kv_heads, 1, shape.value_dim], device),
+    );
     let _ = B::sync(device);
     let start = Instant::now();
     // Whole flush cycles, so the body rewrite every TAIL_SLOTS tokens is amortised in.
@@ -324,7 +370,14 @@ pub fn decode_cell<B: Backend>(model: &DecoderLm<B>, label: &str, context: usize
 
 /// Training tokens/s of a freshly initialised `config` under `train` (batch and length), timed
 /// over `steps` optimiser steps after one warm-up step.
-pub fn train_cell<B: Backend>(config: &DecoderConfig, train: &TrainConfig, label: &str, steps: usize, device: &B::Device, backend: DeviceKind) -> Result<TrainCell> {
+pub fn train_cell<B: Backend>(
+    config: &DecoderConfig,
+    train: &TrainConfig,
+    label: &str,
+    steps: usize,
+    device: &B::Device,
+    backend: DeviceKind,
+) -> Result<TrainCell> {
     let mut train = train.clone();
     train.steps = steps + 1;
     // Full-length rows: the curriculum's short stage would time cheaper attention.
@@ -364,25 +417,46 @@ impl BackendJob for BenchJob {
             return Err(KvError::config("--steps", 0, "at least 1"));
         }
         if let Some(&c) = args.contexts.iter().find(|&&c| c == 0) {
-            return Err(KvError::config("--contexts", c, "context lengths of at least 1 token"));
+            return Err(KvError::config(
+                "--contexts",
+                c,
+                "context lengths of at least 1 token",
+            ));
         }
         let policies = kv_policies::split_specs(&args.policy);
         for p in &policies {
-            crate::backend::policies::<B>().build(p, &PolicyEnv::with_classes(TokenClasses::bytes()))?;
+            crate::backend::policies::<B>()
+                .build(p, &PolicyEnv::with_classes(TokenClasses::bytes()))?;
         }
         if !args.kv_heads.is_empty() && args.model.has_weights() {
-            return Err(KvError::config("--kv-heads", "with trained weights", "random-weight models only (a checkpoint or pretrained model has its own heads)"));
+            return Err(KvError::config(
+                "--kv-heads",
+                "with trained weights",
+                "random-weight models only (a checkpoint or pretrained model has its own heads)",
+            ));
         }
         let base = args.model.config("decode-bench")?;
         let variants: Vec<(String, Option<usize>)> = if args.kv_heads.is_empty() {
             vec![(args.model.label("decode-bench"), None)]
         } else {
-            args.kv_heads.iter().map(|&kv| (format!("kv={kv}"), Some(kv))).collect()
+            args.kv_heads
+                .iter()
+                .map(|&kv| (format!("kv={kv}"), Some(kv)))
+                .collect()
         };
-        let mut plan = DecodePlan { contexts: args.contexts.clone(), steps: args.steps, policies, prefill: args.prefill, read_bytes_per_s: 0.0 };
-        let cells = variants.len() * plan.contexts.len() * plan.policies.len() + usize::from(args.train_steps > 0) * variants.len();
+        let mut plan = DecodePlan {
+            contexts: args.contexts.clone(),
+            steps: args.steps,
+            policies,
+            prefill: args.prefill,
+            read_bytes_per_s: 0.0,
+        };
+        let cells = variants.len() * plan.contexts.len() * plan.policies.len()
+            + usize::from(args.train_steps > 0) * variants.len();
         let bar = ProgressBar::new(cells as u64).with_style(
-            ProgressStyle::with_template("bench {msg:>36} [{bar:30}] {pos}/{len} {elapsed}").unwrap().progress_chars("=> "),
+            ProgressStyle::with_template("bench {msg:>36} [{bar:30}] {pos}/{len} {elapsed}")
+                .unwrap()
+                .progress_chars("=> "),
         );
         let mut out = BenchFile::default();
         for (label, kv) in variants {
@@ -407,14 +481,29 @@ impl BackendJob for BenchJob {
             for &context in &plan.contexts {
                 for policy in &plan.policies {
                     bar.set_message(format!("{label} {policy} ctx={context}"));
-                    out.decode.push(decode_cell(&model, &label, context, policy, &plan, &device, self.device)?);
+                    out.decode.push(decode_cell(
+                        &model,
+                        &label,
+                        context,
+                        policy,
+                        &plan,
+                        &device,
+                        self.device,
+                    )?);
                     bar.inc(1);
                 }
             }
             if args.train_steps > 0 {
                 bar.set_message(format!("{label} training"));
                 let recipe = preset("tiny-mha")?.train.expect("tiny-mha has a recipe");
-                out.train.push(train_cell::<B>(&config, &recipe, &label, args.train_steps, &device, self.device)?);
+                out.train.push(train_cell::<B>(
+                    &config,
+                    &recipe,
+                    &label,
+                    args.train_steps,
+                    &device,
+                    self.device,
+                )?);
                 bar.inc(1);
             }
         }
@@ -455,7 +544,10 @@ pub fn markdown(file: &BenchFile) -> String {
     if !file.train.is_empty() {
         s += "\n| device | model | parameters | tokens/step | training tokens/s |\n|---|---|---:|---:|---:|\n";
         for t in &file.train {
-            s += &format!("| {} | {} | {} | {} | {:.0} |\n", t.device, t.model, t.params, t.tokens_per_step, t.tokens_per_s);
+            s += &format!(
+                "| {} | {} | {} | {} | {:.0} |\n",
+                t.device, t.model, t.params, t.tokens_per_step, t.tokens_per_s
+            );
         }
     }
     s
@@ -465,7 +557,11 @@ pub fn markdown(file: &BenchFile) -> String {
 pub fn charts(dir: &Path, file: &BenchFile) -> Result<Vec<PathBuf>> {
     let mut lines: BTreeMap<String, Vec<&DecodeCell>> = BTreeMap::new();
     for c in &file.decode {
-        let name = if c.policy == "full" { c.model.clone() } else { format!("{} {}", c.model, c.policy) };
+        let name = if c.policy == "full" {
+            c.model.clone()
+        } else {
+            format!("{} {}", c.model, c.policy)
+        };
         lines.entry(name).or_default().push(c);
     }
     if lines.values().all(|cells| cells.len() < 2) {
@@ -475,18 +571,39 @@ pub fn charts(dir: &Path, file: &BenchFile) -> Result<Vec<PathBuf>> {
         lines
             .iter()
             .map(|(name, cells)| {
-                let mut points: Vec<(f64, f64)> = cells.iter().map(|c| (c.context as f64, f(c))).collect();
+                let mut points: Vec<(f64, f64)> =
+                    cells.iter().map(|c| (c.context as f64, f(c))).collect();
                 points.sort_by(|a, b| a.0.total_cmp(&b.0));
-                Series { name: name.clone(), points }
+                Series {
+                    name: name.clone(),
+                    points,
+                }
             })
             .collect()
     };
     let speed = dir.join("decode-speed.png");
-    line_chart(&speed, &Chart { title: "Decode speed against context", x_label: "context (tokens)", y_label: "tokens/s", log_x: false, y_from_zero: false, series: series(&|c| c.tokens_per_s) })?;
+    line_chart(
+        &speed,
+        &Chart {
+            title: "Decode speed against context",
+            x_label: "context (tokens)",
+            y_label: "tokens/s",
+            log_x: false,
+            y_from_zero: false,
+            series: series(&|c| c.tokens_per_s),
+        },
+    )?;
     let bytes = dir.join("cache-bytes.png");
     line_chart(
         &bytes,
-        &Chart { title: "KV cache held against context (measured)", x_label: "context (tokens)", y_label: "MiB", log_x: false, y_from_zero: false, series: series(&|c| c.kv_bytes as f64 / (1 << 20) as f64) },
+        &Chart {
+            title: "KV cache held against context (measured)",
+            x_label: "context (tokens)",
+            y_label: "MiB",
+            log_x: false,
+            y_from_zero: false,
+            series: series(&|c| c.kv_bytes as f64 / (1 << 20) as f64),
+        },
     )?;
     Ok(vec![speed, bytes])
 }

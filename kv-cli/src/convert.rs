@@ -40,19 +40,29 @@ fn parse_target(spec: &str) -> Result<Target> {
     let (name, rest) = spec.split_once(':').unwrap_or((spec, ""));
     let mut pairs = Vec::new();
     for pair in rest.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').ok_or_else(|| KvError::config("--to parameter", pair, "key=value"))?;
-        let n: usize = v.parse().map_err(|_| KvError::config(format!("--to {k}"), v, "a positive integer"))?;
+        let (k, v) = pair
+            .split_once('=')
+            .ok_or_else(|| KvError::config("--to parameter", pair, "key=value"))?;
+        let n: usize = v
+            .parse()
+            .map_err(|_| KvError::config(format!("--to {k}"), v, "a positive integer"))?;
         pairs.push((k.to_string(), n));
     }
     let get = |key: &str| pairs.iter().find(|(k, _)| k == key).map(|(_, v)| *v);
     let allow = |keys: &[&str]| match pairs.iter().find(|(k, _)| !keys.contains(&k.as_str())) {
-        Some((k, _)) => Err(KvError::Unknown { kind: format!("{name} parameter"), name: k.clone(), valid: keys.join(", ") }),
+        Some((k, _)) => Err(KvError::Unknown {
+            kind: format!("{name} parameter"),
+            name: k.clone(),
+            valid: keys.join(", "),
+        }),
         None => Ok(()),
     };
     match name {
         "gqa" => {
             allow(&["kv_heads"])?;
-            Ok(Target::Grouped(get("kv_heads").ok_or_else(|| KvError::config("--to gqa", spec, "gqa:kv_heads=N"))?))
+            Ok(Target::Grouped(get("kv_heads").ok_or_else(|| {
+                KvError::config("--to gqa", spec, "gqa:kv_heads=N")
+            })?))
         }
         "mqa" => {
             allow(&[])?;
@@ -60,9 +70,17 @@ fn parse_target(spec: &str) -> Result<Target> {
         }
         "mla" => {
             allow(&["d_c", "rope_dims"])?;
-            Ok(Target::Latent(get("d_c").ok_or_else(|| KvError::config("--to mla", spec, "mla:d_c=N (latent width)"))?, get("rope_dims")))
+            Ok(Target::Latent(
+                get("d_c")
+                    .ok_or_else(|| KvError::config("--to mla", spec, "mla:d_c=N (latent width)"))?,
+                get("rope_dims"),
+            ))
         }
-        other => Err(KvError::Unknown { kind: "conversion target".into(), name: other.into(), valid: "gqa:kv_heads=N, mqa, mla:d_c=N[,rope_dims=R]".into() }),
+        other => Err(KvError::Unknown {
+            kind: "conversion target".into(),
+            name: other.into(),
+            valid: "gqa:kv_heads=N, mqa, mla:d_c=N[,rope_dims=R]".into(),
+        }),
     }
 }
 
@@ -81,7 +99,10 @@ impl BackendJob for ConvertArgs {
     fn run<B: Backend>(self, device: B::Device) -> Result<ConvertReport> {
         let target = parse_target(&self.to)?;
         if self.out.join(kv_models::CHECKPOINT_FILE).exists() {
-            return Err(KvError::io(&self.out, "already holds a checkpoint; choose another --out"));
+            return Err(KvError::io(
+                &self.out,
+                "already holds a checkpoint; choose another --out",
+            ));
         }
         let (model, config, tokenizer) = match (&self.from, &self.model) {
             (Some(dir), _) => {
@@ -91,11 +112,21 @@ impl BackendJob for ConvertArgs {
             (None, Some(path)) => {
                 let source = crate::model_source::pretrained(path)?;
                 // A folder of weights alone converts too; the result then reads bytes.
-                let tokenizer = if source.has_tokenizer() { source.tokenizer()? } else { kv_models::Tokenizer::Bytes };
+                let tokenizer = if source.has_tokenizer() {
+                    source.tokenizer()?
+                } else {
+                    kv_models::Tokenizer::Bytes
+                };
                 let (m, c) = source.load_model::<B>(&device)?;
                 (m, c, tokenizer)
             }
-            (None, None) => return Err(KvError::config("--from", "missing", "a checkpoint (--from DIR) or a pretrained model (--model PATH)")),
+            (None, None) => {
+                return Err(KvError::config(
+                    "--from",
+                    "missing",
+                    "a checkpoint (--from DIR) or a pretrained model (--model PATH)",
+                ));
+            }
         };
         let before = config.kv_bytes_per_token();
         let (model, config, latent_error) = match target {
@@ -107,7 +138,11 @@ impl BackendJob for ConvertArgs {
                 let (model, config) = match (rope_dims, config.rope_dims) {
                     (Some(r), None) => to_partial_rope(&model, &config, r)?,
                     (Some(r), Some(have)) if r != have => {
-                        return Err(KvError::config("--to mla rope_dims", r, format!("{have} (the model's own partial RoPE) or absent")));
+                        return Err(KvError::config(
+                            "--to mla rope_dims",
+                            r,
+                            format!("{have} (the model's own partial RoPE) or absent"),
+                        ));
                     }
                     _ => (model, config),
                 };
@@ -119,7 +154,10 @@ impl BackendJob for ConvertArgs {
         save_model(&model, &config, &self.out)?;
         // The converted model reads text exactly as its source did.
         tokenizer.save_to_run(&self.out)?;
-        Ok(ConvertReport { bytes_per_token: (before, config.kv_bytes_per_token()), latent_error })
+        Ok(ConvertReport {
+            bytes_per_token: (before, config.kv_bytes_per_token()),
+            latent_error,
+        })
     }
 }
 
@@ -131,9 +169,21 @@ mod tests {
     fn targets_parse_and_bad_ones_name_the_value() {
         assert_eq!(parse_target("gqa:kv_heads=2").unwrap(), Target::Grouped(2));
         assert_eq!(parse_target("mqa").unwrap(), Target::Grouped(1));
-        assert_eq!(parse_target("mla:d_c=64").unwrap(), Target::Latent(64, None));
-        assert_eq!(parse_target("mla:d_c=64,rope_dims=16").unwrap(), Target::Latent(64, Some(16)));
-        for (bad, needle) in [("gqa", "gqa:kv_heads=N"), ("mla:d_c=x", "= x"), ("mla:d_r=4", "d_r"), ("moe", "moe"), ("gqa:kv_heads", "key=value")] {
+        assert_eq!(
+            parse_target("mla:d_c=64").unwrap(),
+            Target::Latent(64, None)
+        );
+        assert_eq!(
+            parse_target("mla:d_c=64,rope_dims=16").unwrap(),
+            Target::Latent(64, Some(16))
+        );
+        for (bad, needle) in [
+            ("gqa", "gqa:kv_heads=N"),
+            ("mla:d_c=x", "= x"),
+            ("mla:d_r=4", "d_r"),
+            ("moe", "moe"),
+            ("gqa:kv_heads", "key=value"),
+        ] {
             let e = parse_target(bad).unwrap_err().to_string();
             assert!(e.contains(needle), "{bad}: {e}");
         }

@@ -85,7 +85,11 @@ impl EvalArgs {
         Ok(GridSpec {
             policies: kv_policies::split_specs(&self.policy),
             compressions: self.compression.clone(),
-            probes: self.task.iter().map(|t| Probe::parse(t)).collect::<Result<_>>()?,
+            probes: self
+                .task
+                .iter()
+                .map(|t| Probe::parse(t))
+                .collect::<Result<_>>()?,
             contexts: self.context.clone(),
             depths: self.depth.iter().map(|&d| Some(d)).collect(),
             samples: self.samples,
@@ -103,7 +107,9 @@ impl EvalArgs {
         NiahSpec {
             needle: self.needle.clone().unwrap_or(d.needle),
             question: self.question.clone().unwrap_or(d.question),
-            expect: self.expect.as_ref().map_or(d.expect, |e| e.split('|').map(|p| p.trim().to_string()).collect()),
+            expect: self.expect.as_ref().map_or(d.expect, |e| {
+                e.split('|').map(|p| p.trim().to_string()).collect()
+            }),
             haystack: self.haystack.clone(),
         }
     }
@@ -111,7 +117,9 @@ impl EvalArgs {
 
 /// A checkpoint's label: its folder name.
 pub fn label(dir: &Path) -> String {
-    dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| dir.display().to_string())
+    dir.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| dir.display().to_string())
 }
 
 /// Fails unless `dir` holds a readable checkpoint config (the weights are checked when loaded).
@@ -147,7 +155,9 @@ impl EvalModel {
 
     fn load<B: Backend>(&self, device: &B::Device) -> Result<(DecoderLm<B>, Tokenizer)> {
         match self {
-            EvalModel::Checkpoint(dir) => Ok((load_model::<B>(dir, device)?.0, Tokenizer::for_run(dir)?)),
+            EvalModel::Checkpoint(dir) => {
+                Ok((load_model::<B>(dir, device)?.0, Tokenizer::for_run(dir)?))
+            }
             EvalModel::Pretrained(path) => {
                 let p = crate::model_source::pretrained(path)?.load::<B>(device)?;
                 Ok((p.model, p.tokenizer))
@@ -157,38 +167,81 @@ impl EvalModel {
 }
 
 /// Runs a grid over checkpoint directories (see [`run_models`]).
-pub fn run_checkpoints<B: Backend>(checkpoints: &[PathBuf], spec: &GridSpec, device: &B::Device, backend: DeviceKind) -> Result<GridFile> {
-    let models: Vec<EvalModel> = checkpoints.iter().cloned().map(EvalModel::Checkpoint).collect();
+pub fn run_checkpoints<B: Backend>(
+    checkpoints: &[PathBuf],
+    spec: &GridSpec,
+    device: &B::Device,
+    backend: DeviceKind,
+) -> Result<GridFile> {
+    let models: Vec<EvalModel> = checkpoints
+        .iter()
+        .cloned()
+        .map(EvalModel::Checkpoint)
+        .collect();
     run_models::<B>(&models, spec, device, backend)
 }
 
 /// Runs a grid over `models` with a progress bar; everything is validated before any work.
-pub fn run_models<B: Backend>(sources: &[EvalModel], spec: &GridSpec, device: &B::Device, backend: DeviceKind) -> Result<GridFile> {
-    let labels = sources.iter().map(EvalModel::check).collect::<Result<Vec<_>>>()?;
+pub fn run_models<B: Backend>(
+    sources: &[EvalModel],
+    spec: &GridSpec,
+    device: &B::Device,
+    backend: DeviceKind,
+) -> Result<GridFile> {
+    let labels = sources
+        .iter()
+        .map(EvalModel::check)
+        .collect::<Result<Vec<_>>>()?;
     for (i, l) in labels.iter().enumerate() {
         if labels[..i].contains(l) {
-            return Err(KvError::config("--checkpoint/--model", l, "models with distinct folder or file names"));
+            return Err(KvError::config(
+                "--checkpoint/--model",
+                l,
+                "models with distinct folder or file names",
+            ));
         }
     }
     let registry = crate::backend::policies::<B>();
     let cells = spec.cells(&labels, &registry)?;
-    let loaded = sources.iter().map(|s| s.load::<B>(device)).collect::<Result<Vec<_>>>()?;
+    let loaded = sources
+        .iter()
+        .map(|s| s.load::<B>(device))
+        .collect::<Result<Vec<_>>>()?;
     let mut named = Vec::with_capacity(loaded.len());
     // Each model reads the same held-out stories in its own tokens; byte models share one copy.
     let byte_text = TextSource::Stories.load(0)?.1;
     for (label, (model, tokenizer)) in labels.iter().zip(&loaded) {
-        let text = if tokenizer.is_bytes() { byte_text.clone() } else { TextSource::Stories.load_with(0, tokenizer)?.1 };
-        named.push(GridModel { label: label.clone(), model, tokenizer: tokenizer.clone(), text });
+        let text = if tokenizer.is_bytes() {
+            byte_text.clone()
+        } else {
+            TextSource::Stories.load_with(0, tokenizer)?.1
+        };
+        named.push(GridModel {
+            label: label.clone(),
+            model,
+            tokenizer: tokenizer.clone(),
+            text,
+        });
     }
     let bar = ProgressBar::new(cells.len() as u64).with_style(
-        ProgressStyle::with_template("eval {msg:>40} [{bar:30}] {pos}/{len} {elapsed} eta {eta}").unwrap().progress_chars("=> "),
+        ProgressStyle::with_template("eval {msg:>40} [{bar:30}] {pos}/{len} {elapsed} eta {eta}")
+            .unwrap()
+            .progress_chars("=> "),
     );
     let results = run_grid(&named, &cells, spec, &registry, |r| {
-        bar.set_message(format!("{} {} {}@{}", r.cell.model, r.cell.spec, r.cell.probe, r.cell.context));
+        bar.set_message(format!(
+            "{} {} {}@{}",
+            r.cell.model, r.cell.spec, r.cell.probe, r.cell.context
+        ));
         bar.inc(1);
     })?;
     bar.finish_and_clear();
-    Ok(GridFile { version: FORMAT_VERSION, device: backend.name().into(), spec: spec.clone(), results })
+    Ok(GridFile {
+        version: FORMAT_VERSION,
+        device: backend.name().into(),
+        spec: spec.clone(),
+        results,
+    })
 }
 
 /// Runs `kv eval` on one backend.
@@ -204,9 +257,14 @@ impl BackendJob for EvalJob {
 
     fn run<B: Backend>(self, device: B::Device) -> Result<GridFile> {
         let spec = self.args.spec()?;
-        let models: Vec<EvalModel> = (self.args.checkpoint.iter().cloned().map(EvalModel::Checkpoint))
-            .chain(self.args.model.iter().cloned().map(EvalModel::Pretrained))
-            .collect();
+        let models: Vec<EvalModel> = (self
+            .args
+            .checkpoint
+            .iter()
+            .cloned()
+            .map(EvalModel::Checkpoint))
+        .chain(self.args.model.iter().cloned().map(EvalModel::Pretrained))
+        .collect();
         if let Some(path) = &self.args.niah_prompts {
             write_niah_prompts::<B>(path, &models, &spec, &device)?;
         }
@@ -216,15 +274,31 @@ impl BackendJob for EvalJob {
 
 /// Writes the NIAH prompts of `spec` for the first model's tokenizer: `{"model", "needle",
 /// "question", "expect", "cells": [{"context", "depth", "context_ids", "question_ids"}]}`.
-fn write_niah_prompts<B: Backend>(path: &Path, models: &[EvalModel], spec: &GridSpec, device: &B::Device) -> Result<()> {
-    let first = models.first().ok_or_else(|| KvError::config("--niah-prompts", path.display(), "a grid with at least one model"))?;
+fn write_niah_prompts<B: Backend>(
+    path: &Path,
+    models: &[EvalModel],
+    spec: &GridSpec,
+    device: &B::Device,
+) -> Result<()> {
+    let first = models.first().ok_or_else(|| {
+        KvError::config(
+            "--niah-prompts",
+            path.display(),
+            "a grid with at least one model",
+        )
+    })?;
     let (_, tokenizer) = first.load::<B>(device)?;
     let haystack = kv_models::data::Haystack::for_spec(&spec.niah)?;
-    let depths: Vec<f32> = if spec.depths.is_empty() { kv_models::data::DEFAULT_DEPTHS.to_vec() } else { spec.depths.iter().flatten().copied().collect() };
+    let depths: Vec<f32> = if spec.depths.is_empty() {
+        kv_models::data::DEFAULT_DEPTHS.to_vec()
+    } else {
+        spec.depths.iter().flatten().copied().collect()
+    };
     let mut cells = Vec::new();
     for &context in &spec.contexts {
         for &depth in &depths {
-            let p = kv_models::data::niah_prompt(&haystack, &tokenizer, &spec.niah, context, depth)?;
+            let p =
+                kv_models::data::niah_prompt(&haystack, &tokenizer, &spec.niah, context, depth)?;
             cells.push(serde_json::json!({"context": context, "depth": depth, "context_ids": p.context, "question_ids": p.question}));
         }
     }

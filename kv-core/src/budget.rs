@@ -32,10 +32,16 @@ impl Budget {
     /// Checks the budget's value; a budget built directly from the enum should be validated once.
     pub fn validate(&self) -> Result<()> {
         match *self {
-            Budget::Ratio(r) if !(r > 0.0 && r <= 1.0) => {
-                Err(KvError::config("budget ratio", r, "a fraction of tokens kept, in (0, 1]"))
-            }
-            Budget::Tokens(0) => Err(KvError::config("budget tokens", 0, "at least 1 slot per head")),
+            Budget::Ratio(r) if !(r > 0.0 && r <= 1.0) => Err(KvError::config(
+                "budget ratio",
+                r,
+                "a fraction of tokens kept, in (0, 1]",
+            )),
+            Budget::Tokens(0) => Err(KvError::config(
+                "budget tokens",
+                0,
+                "at least 1 slot per head",
+            )),
             _ => Ok(()),
         }
     }
@@ -53,7 +59,13 @@ impl Budget {
     /// Parses `0.5` (a ratio, has a decimal point or is below 1) or `1024` (a token count).
     pub fn parse(s: &str) -> Result<Self> {
         let s = s.trim();
-        let bad = || KvError::config("budget", s, "a ratio in (0, 1] such as 0.5, or a slot count such as 1024");
+        let bad = || {
+            KvError::config(
+                "budget",
+                s,
+                "a ratio in (0, 1] such as 0.5, or a slot count such as 1024",
+            )
+        };
         if s.contains('.') || s.contains('e') {
             let r: f32 = s.parse().map_err(|_| bad())?;
             Budget::ratio(r)
@@ -108,7 +120,12 @@ mod tests {
         assert_eq!(Budget::parse("0.5").unwrap(), Budget::Ratio(0.5));
         assert_eq!(Budget::parse("1.0").unwrap(), Budget::Ratio(1.0));
         assert_eq!(Budget::parse("1024").unwrap(), Budget::Tokens(1024));
-        assert!(Budget::parse("abc").unwrap_err().to_string().contains("abc"));
+        assert!(
+            Budget::parse("abc")
+                .unwrap_err()
+                .to_string()
+                .contains("abc")
+        );
         assert!(Budget::parse("0").is_err());
         assert!(Budget::parse("2.0").is_err());
     }

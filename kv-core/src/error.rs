@@ -53,8 +53,16 @@ pub enum KvError {
 
 impl KvError {
     /// Builds an [`KvError::InvalidConfig`] from anything printable.
-    pub fn config(field: impl Into<String>, value: impl ToString, expected: impl Into<String>) -> Self {
-        Self::InvalidConfig { field: field.into(), value: value.to_string(), expected: expected.into() }
+    pub fn config(
+        field: impl Into<String>,
+        value: impl ToString,
+        expected: impl Into<String>,
+    ) -> Self {
+        Self::InvalidConfig {
+            field: field.into(),
+            value: value.to_string(),
+            expected: expected.into(),
+        }
     }
 
     /// Checks that every `(field, value)` count is at least 1, naming the first that is not.
@@ -67,11 +75,18 @@ impl KvError {
 
     /// Builds an [`KvError::Shape`].
     pub fn shape(what: impl Into<String>, got: &[usize], expected: impl Into<String>) -> Self {
-        Self::Shape { what: what.into(), got: got.to_vec(), expected: expected.into() }
+        Self::Shape {
+            what: what.into(),
+            got: got.to_vec(),
+            expected: expected.into(),
+        }
     }
 
     /// Builds an [`KvError::Io`] for a path.
     pub fn io(path: impl AsRef<std::path::Path>, message: impl ToString) -> Self {
-        Self::Io { path: path.as_ref().display().to_string(), message: message.to_string() }
+        Self::Io {
+            path: path.as_ref().display().to_string(),
+            message: message.to_string(),
+        }
     }
 }

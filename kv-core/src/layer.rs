@@ -87,7 +87,12 @@ pub struct LayerCache<B: Backend> {
 impl<B: Backend> LayerCache<B> {
     /// An empty cache; storage is allocated on the first append (or by [`reserve`](Self::reserve)).
     pub fn new(shape: CacheShape, device: &B::Device) -> Self {
-        let CacheShape { batch, kv_heads, key_dim, value_dim } = shape;
+        let CacheShape {
+            batch,
+            kv_heads,
+            key_dim,
+            value_dim,
+        } = shape;
         Self {
             shape,
             keys: SlotBuffer::zeros([batch, kv_heads, 0, key_dim], device),
@@ -133,13 +138,20 @@ impl<B: Backend> LayerCache<B> {
     fn needs_rectangular(&self, what: &str) -> KvError {
         KvError::config(
             format!("{what} on a layer cache"),
-            format!("ragged storage (slots per head {:?})", self.slots_per_head()),
+            format!(
+                "ragged storage (slots per head {:?})",
+                self.slots_per_head()
+            ),
             "rectangular storage: a per-head-budget policy (AdaKV) compresses once, at prefill, and cannot be followed by another eviction",
         )
     }
 
     fn check_rectangular(&self, what: &str) -> Result<()> {
-        if self.is_ragged() { Err(self.needs_rectangular(what)) } else { Ok(()) }
+        if self.is_ragged() {
+            Err(self.needs_rectangular(what))
+        } else {
+            Ok(())
+        }
     }
 
     /// The fixed dimensions of this cache.
@@ -178,14 +190,26 @@ impl<B: Backend> LayerCache<B> {
     /// or values. Compacts once [`TAIL_SLOTS`] slots per head are dead.
     pub fn evict_one(&mut self, victims: Tensor<B, 3, Int>) -> Result<()> {
         self.check_rectangular("evict_one")?;
-        let CacheShape { batch, kv_heads, .. } = self.shape;
+        let CacheShape {
+            batch, kv_heads, ..
+        } = self.shape;
         let n = self.slots();
         if victims.dims() != [batch, kv_heads, 1] || self.live_slots() < 2 {
-            return Err(KvError::shape("evicted slots", &victims.dims(), format!("[{batch}, {kv_heads}, 1], from a cache of at least 2 live slots ({} now)", self.live_slots())));
+            return Err(KvError::shape(
+                "evicted slots",
+                &victims.dims(),
+                format!(
+                    "[{batch}, {kv_heads}, 1], from a cache of at least 2 live slots ({} now)",
+                    self.live_slots()
+                ),
+            ));
         }
         // A victim is live (bias 0), so adding DEAD at its index marks it: one write per head,
         // where a one-hot mask compared every slot.
-        let bias = self.dead.take().unwrap_or_else(|| Tensor::zeros([batch, kv_heads, n], &self.device));
+        let bias = self
+            .dead
+            .take()
+            .unwrap_or_else(|| Tensor::zeros([batch, kv_heads, n], &self.device));
         let tombstones = Tensor::full([batch, kv_heads, 1], DEAD, &self.device);
         self.dead = Some(bias.scatter(2, victims, tombstones, burn::tensor::IndexingUpdateOp::Add));
         self.dead_count += 1;
@@ -198,11 +222,16 @@ impl<B: Backend> LayerCache<B> {
     /// Removes every dead slot, keeping the living in order; a no-op when none is dead.
     pub fn compact(&mut self) {
         let Some(bias) = self.dead_bias() else { return };
-        let CacheShape { batch, kv_heads, .. } = self.shape;
+        let CacheShape {
+            batch, kv_heads, ..
+        } = self.shape;
         let n = self.slots();
         let live = n - self.dead_count;
         // Dead slots sort after every live one, and each group keeps its slot order.
-        let order = bias.lower_elem(DEAD / 2.0).int().mul_scalar(n as i64) + Tensor::<B, 1, Int>::arange(0..n as i64, &self.device).reshape([1, 1, n]).expand([batch, kv_heads, n]);
+        let order = bias.lower_elem(DEAD / 2.0).int().mul_scalar(n as i64)
+            + Tensor::<B, 1, Int>::arange(0..n as i64, &self.device)
+                .reshape([1, 1, n])
+                .expand([batch, kv_heads, n]);
         let keep = order.sort(2).narrow(2, 0, live);
         self.gather_all(keep);
     }
@@ -217,7 +246,13 @@ impl<B: Backend> LayerCache<B> {
         let mut kept = self.clone();
         kept.compact();
         let n = kept.slots().max(1);
-        kept.positions().into_data().iter::<i64>().collect::<Vec<_>>().chunks(n).map(<[i64]>::to_vec).collect()
+        kept.positions()
+            .into_data()
+            .iter::<i64>()
+            .collect::<Vec<_>>()
+            .chunks(n)
+            .map(<[i64]>::to_vec)
+            .collect()
     }
 
     /// Gathers every per-slot buffer at `indices` (live slots), which leaves no slot dead.
@@ -257,7 +292,11 @@ impl<B: Backend> LayerCache<B> {
     pub fn shift_rope(&mut self, by: usize) -> Result<()> {
         self.check_rectangular("re-rotation")?;
         if self.rope_shift + by > self.seen {
-            return Err(KvError::config("rope shift", self.rope_shift + by, format!("at most the {} tokens seen", self.seen)));
+            return Err(KvError::config(
+                "rope shift",
+                self.rope_shift + by,
+                format!("at most the {} tokens seen", self.seen),
+            ));
         }
         self.rope_shift += by;
         Ok(())
@@ -278,7 +317,9 @@ impl<B: Backend> LayerCache<B> {
         self.keys.reserve_total(total);
         self.values.reserve_total(total);
         self.positions.reserve_total(total);
-        self.side.iter_mut().for_each(|(_, b)| b.reserve_total(total));
+        self.side
+            .iter_mut()
+            .for_each(|(_, b)| b.reserve_total(total));
     }
 
     /// Appends `t` new tokens: keys `[batch, kv_heads, t, key_dim]`, values likewise.
@@ -286,13 +327,26 @@ impl<B: Backend> LayerCache<B> {
     /// They get positions `tokens_seen .. tokens_seen + t`, side channels start at zero for them,
     /// and `tokens_seen` advances by `t`.
     pub fn append(&mut self, keys: Tensor<B, 4>, values: Tensor<B, 4>) -> Result<()> {
-        let CacheShape { batch, kv_heads, key_dim, value_dim } = self.shape;
+        let CacheShape {
+            batch,
+            kv_heads,
+            key_dim,
+            value_dim,
+        } = self.shape;
         let [kb, kh, t, kd] = keys.dims();
         if [kb, kh, kd] != [batch, kv_heads, key_dim] {
-            return Err(KvError::shape("appended keys", &keys.dims(), format!("[{batch}, {kv_heads}, t, {key_dim}]")));
+            return Err(KvError::shape(
+                "appended keys",
+                &keys.dims(),
+                format!("[{batch}, {kv_heads}, t, {key_dim}]"),
+            ));
         }
         if values.dims() != [batch, kv_heads, t, value_dim] {
-            return Err(KvError::shape("appended values", &values.dims(), format!("[{batch}, {kv_heads}, {t}, {value_dim}]")));
+            return Err(KvError::shape(
+                "appended values",
+                &values.dims(),
+                format!("[{batch}, {kv_heads}, {t}, {value_dim}]"),
+            ));
         }
         if t == 0 {
             return Ok(());
@@ -304,22 +358,31 @@ impl<B: Backend> LayerCache<B> {
         if let Some(heads) = &mut self.ragged {
             for (i, head) in heads.iter_mut().enumerate() {
                 let (b, h) = (i / kv_heads, i % kv_heads);
-                head.append(keys.clone().narrow(0, b, 1).narrow(1, h, 1), values.clone().narrow(0, b, 1).narrow(1, h, 1))?;
+                head.append(
+                    keys.clone().narrow(0, b, 1).narrow(1, h, 1),
+                    values.clone().narrow(0, b, 1).narrow(1, h, 1),
+                )?;
             }
             self.seen += t;
             return Ok(());
         }
         self.keys.append(keys);
         self.values.append(values);
-        let pos = Tensor::<B, 1, Int>::arange(self.seen as i64..(self.seen + t) as i64, &self.device)
-            .reshape([1, 1, t])
-            .expand([batch, kv_heads, t]);
+        let pos =
+            Tensor::<B, 1, Int>::arange(self.seen as i64..(self.seen + t) as i64, &self.device)
+                .reshape([1, 1, t])
+                .expand([batch, kv_heads, t]);
         self.positions.append(pos);
         for (_, buf) in self.side.iter_mut() {
             buf.append(Tensor::zeros([batch, kv_heads, t], &self.device));
         }
         // One small copy per appended token, so every read of the bias in a step is free.
-        self.dead = self.dead.take().map(|d| Tensor::cat(vec![d, Tensor::zeros([batch, kv_heads, t], &self.device)], 2));
+        self.dead = self.dead.take().map(|d| {
+            Tensor::cat(
+                vec![d, Tensor::zeros([batch, kv_heads, t], &self.device)],
+                2,
+            )
+        });
         self.seen += t;
         Ok(())
     }
@@ -327,13 +390,20 @@ impl<B: Backend> LayerCache<B> {
     /// The keys attention reads, `[batch, kv_heads, slots, key_dim]`: the stored ones under any
     /// [key overlay](Self::set_key_overlay) (rectangular storage; empty when ragged).
     pub fn keys(&self) -> Tensor<B, 4> {
-        debug_assert!(!self.is_ragged(), "rectangular view of a ragged cache: read head_caches()");
+        debug_assert!(
+            !self.is_ragged(),
+            "rectangular view of a ragged cache: read head_caches()"
+        );
         let stored = self.keys.view();
         match &self.key_overlay {
             None => stored,
             Some(overlay) => {
                 let (m, n) = (overlay.dims()[2], stored.dims()[2]);
-                if m == n { overlay.clone() } else { Tensor::cat(vec![overlay.clone(), stored.narrow(2, m, n - m)], 2) }
+                if m == n {
+                    overlay.clone()
+                } else {
+                    Tensor::cat(vec![overlay.clone(), stored.narrow(2, m, n - m)], 2)
+                }
             }
         }
     }
@@ -365,10 +435,22 @@ impl<B: Backend> LayerCache<B> {
     /// retain) folds it into the keys kept.
     pub fn set_key_overlay(&mut self, keys: Tensor<B, 4>) -> Result<()> {
         self.check_rectangular("set_key_overlay")?;
-        let CacheShape { batch, kv_heads, key_dim, .. } = self.shape;
+        let CacheShape {
+            batch,
+            kv_heads,
+            key_dim,
+            ..
+        } = self.shape;
         let [kb, kh, m, kd] = keys.dims();
         if [kb, kh, kd] != [batch, kv_heads, key_dim] || m == 0 || m > self.slots() {
-            return Err(KvError::shape("overlay keys", &keys.dims(), format!("[{batch}, {kv_heads}, m, {key_dim}] with 1 <= m <= {} slots held", self.slots())));
+            return Err(KvError::shape(
+                "overlay keys",
+                &keys.dims(),
+                format!(
+                    "[{batch}, {kv_heads}, m, {key_dim}] with 1 <= m <= {} slots held",
+                    self.slots()
+                ),
+            ));
         }
         if self.keys.leading_len() < m {
             // Attention reads the overlay as a segment of its own, so the first stored segment
@@ -394,14 +476,20 @@ impl<B: Backend> LayerCache<B> {
 
     /// The values held, `[batch, kv_heads, slots, value_dim]` (rectangular storage; empty when ragged).
     pub fn values(&self) -> Tensor<B, 4> {
-        debug_assert!(!self.is_ragged(), "rectangular view of a ragged cache: read head_caches()");
+        debug_assert!(
+            !self.is_ragged(),
+            "rectangular view of a ragged cache: read head_caches()"
+        );
         self.values.view()
     }
 
     /// The keys and values held as contiguous segments in slot order, for attention kernels that
     /// read the cache without concatenating it (rectangular storage; none when ragged).
     pub fn kv_segments(&self) -> Vec<(Tensor<B, 4>, Tensor<B, 4>)> {
-        debug_assert!(!self.is_ragged(), "rectangular view of a ragged cache: read head_caches()");
+        debug_assert!(
+            !self.is_ragged(),
+            "rectangular view of a ragged cache: read head_caches()"
+        );
         let (mut k, mut v) = (self.keys.segments(), self.values.segments());
         if let Some(overlay) = &self.key_overlay {
             // The overlay replaces the head of the first segment (set_key_overlay keeps it there).
@@ -417,7 +505,10 @@ impl<B: Backend> LayerCache<B> {
     /// The original (absolute) position of every slot, `[batch, kv_heads, slots]` (rectangular
     /// storage; empty when ragged).
     pub fn positions(&self) -> Tensor<B, 3, Int> {
-        debug_assert!(!self.is_ragged(), "rectangular view of a ragged cache: read head_caches()");
+        debug_assert!(
+            !self.is_ragged(),
+            "rectangular view of a ragged cache: read head_caches()"
+        );
         self.positions.view()
     }
 
@@ -425,10 +516,19 @@ impl<B: Backend> LayerCache<B> {
     /// [key overlay](Self::set_key_overlay).
     pub fn set_keys(&mut self, keys: Tensor<B, 4>) -> Result<()> {
         self.check_rectangular("set_keys")?;
-        let CacheShape { batch, kv_heads, key_dim, .. } = self.shape;
+        let CacheShape {
+            batch,
+            kv_heads,
+            key_dim,
+            ..
+        } = self.shape;
         let n = self.slots();
         if keys.dims() != [batch, kv_heads, n, key_dim] {
-            return Err(KvError::shape("replacement keys", &keys.dims(), format!("[{batch}, {kv_heads}, {n}, {key_dim}]")));
+            return Err(KvError::shape(
+                "replacement keys",
+                &keys.dims(),
+                format!("[{batch}, {kv_heads}, {n}, {key_dim}]"),
+            ));
         }
         // The new keys are one segment, so every other buffer becomes one too (attention reads
         // keys and values as segments that line up).
@@ -441,10 +541,16 @@ impl<B: Backend> LayerCache<B> {
     /// Overwrites the recorded positions of the slots held (StreamingLLM's in-cache positions).
     pub fn set_positions(&mut self, positions: Tensor<B, 3, Int>) -> Result<()> {
         self.check_rectangular("set_positions")?;
-        let CacheShape { batch, kv_heads, .. } = self.shape;
+        let CacheShape {
+            batch, kv_heads, ..
+        } = self.shape;
         let n = self.slots();
         if positions.dims() != [batch, kv_heads, n] {
-            return Err(KvError::shape("replacement positions", &positions.dims(), format!("[{batch}, {kv_heads}, {n}]")));
+            return Err(KvError::shape(
+                "replacement positions",
+                &positions.dims(),
+                format!("[{batch}, {kv_heads}, {n}]"),
+            ));
         }
         self.positions.replace(positions);
         Ok(())
@@ -458,7 +564,9 @@ impl<B: Backend> LayerCache<B> {
         if let Some(heads) = &mut self.ragged {
             heads.iter_mut().for_each(|h| h.add_side(name));
         }
-        let CacheShape { batch, kv_heads, .. } = self.shape;
+        let CacheShape {
+            batch, kv_heads, ..
+        } = self.shape;
         let mut buf = SlotBuffer::zeros([batch, kv_heads, 0], &self.device);
         let n = self.slots();
         if n > 0 {
@@ -473,11 +581,14 @@ impl<B: Backend> LayerCache<B> {
     }
 
     fn side_index(&self, name: &str) -> Result<usize> {
-        self.side.iter().position(|(n, _)| n == name).ok_or_else(|| KvError::Unknown {
-            kind: "side channel".into(),
-            name: name.into(),
-            valid: format!("{:?}", self.side_names()),
-        })
+        self.side
+            .iter()
+            .position(|(n, _)| n == name)
+            .ok_or_else(|| KvError::Unknown {
+                kind: "side channel".into(),
+                name: name.into(),
+                valid: format!("{:?}", self.side_names()),
+            })
     }
 
     /// A side channel's values for the slots held, `[batch, kv_heads, slots]`.
@@ -491,10 +602,16 @@ impl<B: Backend> LayerCache<B> {
     pub fn set_side(&mut self, name: &str, values: Tensor<B, 3>) -> Result<()> {
         self.check_rectangular("writing a side channel")?;
         let i = self.side_index(name)?;
-        let CacheShape { batch, kv_heads, .. } = self.shape;
+        let CacheShape {
+            batch, kv_heads, ..
+        } = self.shape;
         let n = self.slots();
         if values.dims() != [batch, kv_heads, n] {
-            return Err(KvError::shape(format!("side channel '{name}'"), &values.dims(), format!("[{batch}, {kv_heads}, {n}]")));
+            return Err(KvError::shape(
+                format!("side channel '{name}'"),
+                &values.dims(),
+                format!("[{batch}, {kv_heads}, {n}]"),
+            ));
         }
         self.side[i].1.replace(values);
         Ok(())
@@ -508,13 +625,18 @@ impl<B: Backend> LayerCache<B> {
     /// held, dead ones scored lowest). No slot is dead afterwards.
     pub fn retain(&mut self, indices: Tensor<B, 3, Int>) -> Result<()> {
         self.check_rectangular("retain")?;
-        let CacheShape { batch, kv_heads, .. } = self.shape;
+        let CacheShape {
+            batch, kv_heads, ..
+        } = self.shape;
         let [ib, ih, k] = indices.dims();
         if [ib, ih] != [batch, kv_heads] || k > self.slots() || k == 0 {
             return Err(KvError::shape(
                 "retain indices",
                 &indices.dims(),
-                format!("[{batch}, {kv_heads}, k] with 1 <= k <= {} slots held", self.slots()),
+                format!(
+                    "[{batch}, {kv_heads}, k] with 1 <= k <= {} slots held",
+                    self.slots()
+                ),
             ));
         }
         self.gather_all(indices);
@@ -524,9 +646,15 @@ impl<B: Backend> LayerCache<B> {
     /// Keeps the live slots `start .. start + len` (the same for every head), e.g. a recent window.
     pub fn retain_range(&mut self, start: usize, len: usize) -> Result<()> {
         self.compact();
-        let CacheShape { batch, kv_heads, .. } = self.shape;
+        let CacheShape {
+            batch, kv_heads, ..
+        } = self.shape;
         if start + len > self.slots() || len == 0 {
-            return Err(KvError::config("retained range", format!("{start}..{}", start + len), format!("non-empty, within 0..{}", self.slots())));
+            return Err(KvError::config(
+                "retained range",
+                format!("{start}..{}", start + len),
+                format!("non-empty, within 0..{}", self.slots()),
+            ));
         }
         let idx = Tensor::<B, 1, Int>::arange(start as i64..(start + len) as i64, &self.device)
             .reshape([1, 1, len])
@@ -546,7 +674,12 @@ impl<B: Backend> LayerCache<B> {
         if n > 0 {
             return self.retain_range(held - n, n);
         }
-        let CacheShape { batch, kv_heads, key_dim, value_dim } = self.shape;
+        let CacheShape {
+            batch,
+            kv_heads,
+            key_dim,
+            value_dim,
+        } = self.shape;
         self.keys = SlotBuffer::zeros([batch, kv_heads, 0, key_dim], &self.device);
         self.values = SlotBuffer::zeros([batch, kv_heads, 0, value_dim], &self.device);
         self.positions = SlotBuffer::zeros([batch, kv_heads, 0], &self.device);
@@ -566,9 +699,15 @@ impl<B: Backend> LayerCache<B> {
     /// because unequal budgets need their sizes on the host to allocate. They must name live
     /// slots; no slot is dead afterwards.
     pub fn retain_per_head(&mut self, keep: &[Vec<usize>]) -> Result<()> {
-        let CacheShape { batch, kv_heads, .. } = self.shape;
+        let CacheShape {
+            batch, kv_heads, ..
+        } = self.shape;
         if keep.len() != batch * kv_heads {
-            return Err(KvError::config("per-head index lists", keep.len(), format!("one per batch row and KV head ({batch} x {kv_heads})")));
+            return Err(KvError::config(
+                "per-head index lists",
+                keep.len(),
+                format!("one per batch row and KV head ({batch} x {kv_heads})"),
+            ));
         }
         let held = self.slots_per_head();
         for (i, (idx, &n)) in keep.iter().zip(&held).enumerate() {
@@ -599,26 +738,56 @@ impl<B: Backend> LayerCache<B> {
             return self.retain(to_tensor(&flat, [batch, kv_heads, k]));
         }
         let (keys, values, positions) = (self.keys(), self.values.view(), self.positions.view());
-        let sides: Vec<(String, Tensor<B, 3>)> = self.side.iter().map(|(n, b)| (n.clone(), b.view())).collect();
-        let one = CacheShape { batch: 1, kv_heads: 1, ..self.shape };
+        let sides: Vec<(String, Tensor<B, 3>)> = self
+            .side
+            .iter()
+            .map(|(n, b)| (n.clone(), b.view()))
+            .collect();
+        let one = CacheShape {
+            batch: 1,
+            kv_heads: 1,
+            ..self.shape
+        };
         let mut heads = Vec::with_capacity(keep.len());
         for (i, idx) in keep.iter().enumerate() {
             let (b, h) = (i / kv_heads, i % kv_heads);
             let sel = to_tensor(idx, [idx.len(), 1, 1]).reshape([idx.len()]);
-            let pick4 = |t: &Tensor<B, 4>| t.clone().narrow(0, b, 1).narrow(1, h, 1).select(2, sel.clone());
+            let pick4 = |t: &Tensor<B, 4>| {
+                t.clone()
+                    .narrow(0, b, 1)
+                    .narrow(1, h, 1)
+                    .select(2, sel.clone())
+            };
             let mut head = LayerCache::new(one, &self.device);
             head.keys.replace(pick4(&keys));
-            head.values.replace(if self.shape.value_dim > 0 { pick4(&values) } else { Tensor::zeros([1, 1, idx.len(), 0], &self.device) });
-            head.positions.replace(positions.clone().narrow(0, b, 1).narrow(1, h, 1).select(2, sel.clone()));
+            head.values.replace(if self.shape.value_dim > 0 {
+                pick4(&values)
+            } else {
+                Tensor::zeros([1, 1, idx.len(), 0], &self.device)
+            });
+            head.positions.replace(
+                positions
+                    .clone()
+                    .narrow(0, b, 1)
+                    .narrow(1, h, 1)
+                    .select(2, sel.clone()),
+            );
             for (name, side) in &sides {
                 let mut buf = SlotBuffer::zeros([1, 1, 0], &self.device);
-                buf.replace(side.clone().narrow(0, b, 1).narrow(1, h, 1).select(2, sel.clone()));
+                buf.replace(
+                    side.clone()
+                        .narrow(0, b, 1)
+                        .narrow(1, h, 1)
+                        .select(2, sel.clone()),
+                );
                 head.side.push((name.clone(), buf));
             }
             (head.seen, head.rope_shift) = (self.seen, self.rope_shift);
             heads.push(head);
         }
-        let CacheShape { key_dim, value_dim, .. } = self.shape;
+        let CacheShape {
+            key_dim, value_dim, ..
+        } = self.shape;
         self.keys = SlotBuffer::zeros([batch, kv_heads, 0, key_dim], &self.device);
         self.values = SlotBuffer::zeros([batch, kv_heads, 0, value_dim], &self.device);
         self.positions = SlotBuffer::zeros([batch, kv_heads, 0], &self.device);
@@ -633,9 +802,17 @@ impl<B: Backend> LayerCache<B> {
     /// An empty cache in ragged storage from the start, for an attention whose heads fill at
     /// different rates (DMC's merges): every (batch row, KV head) owns a cache of its own.
     pub fn new_ragged(shape: CacheShape, device: &B::Device) -> Self {
-        let one = CacheShape { batch: 1, kv_heads: 1, ..shape };
+        let one = CacheShape {
+            batch: 1,
+            kv_heads: 1,
+            ..shape
+        };
         let mut cache = Self::new(shape, device);
-        cache.ragged = Some((0..shape.batch * shape.kv_heads).map(|_| Self::new(one, device)).collect());
+        cache.ragged = Some(
+            (0..shape.batch * shape.kv_heads)
+                .map(|_| Self::new(one, device))
+                .collect(),
+        );
         cache
     }
 
@@ -644,31 +821,53 @@ impl<B: Backend> LayerCache<B> {
     /// extending, whose side data it keeps) and then appends the rest, each slot at its own
     /// recorded position. `tokens_seen` advances by `t` whatever number of slots was written.
     pub fn write_heads(&mut self, writes: Vec<HeadWrite<B>>, t: usize) -> Result<()> {
-        let CacheShape { batch, kv_heads, key_dim, value_dim } = self.shape;
+        let CacheShape {
+            batch,
+            kv_heads,
+            key_dim,
+            value_dim,
+        } = self.shape;
         let seen = self.seen;
         let Some(heads) = &mut self.ragged else {
-            return Err(KvError::config("per-head writes", "a rectangular cache", "ragged storage (LayerCache::new_ragged)"));
+            return Err(KvError::config(
+                "per-head writes",
+                "a rectangular cache",
+                "ragged storage (LayerCache::new_ragged)",
+            ));
         };
         if writes.len() != batch * kv_heads {
-            return Err(KvError::config("per-head writes", writes.len(), format!("one per batch row and KV head ({batch} x {kv_heads})")));
+            return Err(KvError::config(
+                "per-head writes",
+                writes.len(),
+                format!("one per batch row and KV head ({batch} x {kv_heads})"),
+            ));
         }
         for (i, (head, w)) in heads.iter_mut().zip(writes).enumerate() {
             let m = w.positions.len();
             if w.keys.dims() != [1, 1, m, key_dim] || w.values.dims() != [1, 1, m, value_dim] {
-                return Err(KvError::shape(format!("slots written to head {i}"), &w.keys.dims(), format!("[1, 1, {m}, {key_dim}] keys and [1, 1, {m}, {value_dim}] values")));
+                return Err(KvError::shape(
+                    format!("slots written to head {i}"),
+                    &w.keys.dims(),
+                    format!("[1, 1, {m}, {key_dim}] keys and [1, 1, {m}, {value_dim}] values"),
+                ));
             }
             let held = head.positions.len();
-            let in_order = w.positions.windows(2).all(|p| p[0] < p[1]) && w.positions.iter().all(|&p| p >= seen && p < seen + t);
+            let in_order = w.positions.windows(2).all(|p| p[0] < p[1])
+                && w.positions.iter().all(|&p| p >= seen && p < seen + t);
             if !in_order || (w.overwrite_last && (held == 0 || m == 0)) {
                 return Err(KvError::config(
                     format!("slot positions written to head {i}"),
                     format!("{:?} (overwrite last: {})", w.positions, w.overwrite_last),
-                    format!("increasing positions among the new tokens {seen}..{}, and a held slot to overwrite", seen + t),
+                    format!(
+                        "increasing positions among the new tokens {seen}..{}, and a held slot to overwrite",
+                        seen + t
+                    ),
                 ));
             }
             if m > 0 {
                 let pos: Vec<i64> = w.positions.iter().map(|&p| p as i64).collect();
-                let pos = Tensor::<B, 1, Int>::from_ints(pos.as_slice(), &head.device).reshape([1, 1, m]);
+                let pos =
+                    Tensor::<B, 1, Int>::from_ints(pos.as_slice(), &head.device).reshape([1, 1, m]);
                 let from = usize::from(w.overwrite_last);
                 if w.overwrite_last {
                     head.keys.set_last(w.keys.clone().narrow(2, 0, 1));
@@ -707,17 +906,24 @@ impl<B: Backend> LayerCache<B> {
                 allocated_bytes: per.iter().map(|s| s.allocated_bytes).sum(),
             };
         }
-        fn bytes<B: Backend, const D: usize, K: burn::tensor::BasicOps<B>>(t: &[Tensor<B, D, K>]) -> usize {
+        fn bytes<B: Backend, const D: usize, K: burn::tensor::BasicOps<B>>(
+            t: &[Tensor<B, D, K>],
+        ) -> usize {
             t.iter().map(crate::stats::tensor_bytes).sum()
         }
         // Dead slots are still stored until compaction, but no longer kept: they count as
         // allocated, not as held.
         let (n, live) = (self.slots(), self.live_slots());
-        let held = |stored: usize| if n == 0 { 0 } else { stored / n * live };
+        let held = |stored: usize| stored.checked_div(n).map_or(0, |per_slot| per_slot * live);
         let kv_bytes = held(bytes(&self.keys.segments()) + bytes(&self.values.segments()));
         let mut metadata_bytes = held(bytes(&self.positions.segments()));
-        let mut allocated_bytes = self.keys.allocated_bytes() + self.values.allocated_bytes() + self.positions.allocated_bytes();
-        allocated_bytes += self.key_overlay.as_ref().map_or(0, crate::stats::tensor_bytes);
+        let mut allocated_bytes = self.keys.allocated_bytes()
+            + self.values.allocated_bytes()
+            + self.positions.allocated_bytes();
+        allocated_bytes += self
+            .key_overlay
+            .as_ref()
+            .map_or(0, crate::stats::tensor_bytes);
         if let Some(dead) = &self.dead {
             metadata_bytes += held(crate::stats::tensor_bytes(dead));
             allocated_bytes += crate::stats::tensor_bytes(dead);

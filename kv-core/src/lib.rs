@@ -43,7 +43,7 @@ pub use budget::Budget;
 pub use error::{KvError, Result};
 pub use layer::{CacheShape, DEAD, HeadWrite, LayerCache};
 pub use model::ModelCache;
-pub use observe::{KeyRotation, ObserveRequest, Observation};
+pub use observe::{KeyRotation, Observation, ObserveRequest};
 pub use slots::TAIL_SLOTS;
 pub use state::{KvState, LocalState, OpenSlots, RecurrentState};
 pub use stats::{CacheStats, LayerStats};

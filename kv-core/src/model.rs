@@ -19,12 +19,19 @@ pub struct ModelCache<B: Backend> {
 impl<B: Backend> ModelCache<B> {
     /// One empty rectangular cache per layer, all with the same shape.
     pub fn new(layers: usize, shape: CacheShape, device: &B::Device) -> Self {
-        Self::from_layers((0..layers).map(|_| LayerCache::new(shape, device)).collect())
+        Self::from_layers(
+            (0..layers)
+                .map(|_| LayerCache::new(shape, device))
+                .collect(),
+        )
     }
 
     /// A model cache from layer caches built elsewhere (e.g. with different shapes per layer).
     pub fn from_layers(layers: Vec<LayerCache<B>>) -> Self {
-        Self { layers: layers.into_iter().map(KvState::from).collect(), local: Vec::new() }
+        Self {
+            layers: layers.into_iter().map(KvState::from).collect(),
+            local: Vec::new(),
+        }
     }
 
     /// A model cache with policy-managed `layers` and model-managed `local` states.
@@ -109,6 +116,10 @@ impl<B: Backend> ModelCache<B> {
                 LocalState::Recurrent(s) => state_bytes += s.bytes(),
             }
         }
-        CacheStats::from_parts(self.layers.iter().map(|l| l.stats()).collect(), windows, state_bytes)
+        CacheStats::from_parts(
+            self.layers.iter().map(|l| l.stats()).collect(),
+            windows,
+            state_bytes,
+        )
     }
 }

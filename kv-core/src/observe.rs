@@ -21,7 +21,11 @@ pub struct ObserveRequest {
 impl ObserveRequest {
     /// True when nothing is requested.
     pub fn is_empty(&self) -> bool {
-        !self.column_sums && self.window == 0 && !self.key_norms && !self.value_norms && self.band == 0
+        !self.column_sums
+            && self.window == 0
+            && !self.key_norms
+            && !self.value_norms
+            && self.band == 0
     }
 
     /// The union of two requests (the larger window).
@@ -66,11 +70,15 @@ impl<B: Backend> Observation<B> {
     /// the last `request.window` rows of the window. Lets several policies share one attention
     /// call that observed the union of their requests.
     pub fn restricted(&self, request: ObserveRequest) -> Self {
-        let window = self.window.as_ref().filter(|_| request.window > 0).map(|w| {
-            let rows = w.dims()[2];
-            let keep = request.window.min(rows);
-            w.clone().narrow(2, rows - keep, keep)
-        });
+        let window = self
+            .window
+            .as_ref()
+            .filter(|_| request.window > 0)
+            .map(|w| {
+                let rows = w.dims()[2];
+                let keep = request.window.min(rows);
+                w.clone().narrow(2, rows - keep, keep)
+            });
         Self {
             column_sums: self.column_sums.clone().filter(|_| request.column_sums),
             window,
@@ -78,13 +86,21 @@ impl<B: Backend> Observation<B> {
             value_norms: self.value_norms.clone().filter(|_| request.value_norms),
             band_sums: self.band_sums.clone().filter(|_| request.band > 0),
             band: if request.band > 0 { self.band } else { 0 },
-            heads: self.heads.as_ref().map(|hs| hs.iter().map(|h| h.restricted(request)).collect()),
+            heads: self
+                .heads
+                .as_ref()
+                .map(|hs| hs.iter().map(|h| h.restricted(request)).collect()),
         }
     }
 
     /// `observation` (or an empty one) with the norms `request` asks for, computed from the keys
     /// and values `cache` holds as they are scored and read (any cache but MLA's latent).
-    pub fn with_plain_norms(observation: Option<Self>, request: ObserveRequest, cache: &crate::LayerCache<B>, heads: usize) -> Option<Self> {
+    pub fn with_plain_norms(
+        observation: Option<Self>,
+        request: ObserveRequest,
+        cache: &crate::LayerCache<B>,
+        heads: usize,
+    ) -> Option<Self> {
         if !(request.key_norms || request.value_norms) || cache.is_ragged() || cache.slots() == 0 {
             return observation;
         }
@@ -92,7 +108,14 @@ impl<B: Backend> Observation<B> {
         let [b, kv, n] = cache.positions().dims();
         let group = heads / kv.max(1);
         if request.key_norms {
-            o.key_norms = Some(cache.keys().powi_scalar(2).sum_dim(3).reshape([b, kv, n]).mul_scalar(group as f64));
+            o.key_norms = Some(
+                cache
+                    .keys()
+                    .powi_scalar(2)
+                    .sum_dim(3)
+                    .reshape([b, kv, n])
+                    .mul_scalar(group as f64),
+            );
         }
         if request.value_norms {
             let per_kv = cache.values().abs().sum_dim(3).reshape([b, kv, 1, n]);

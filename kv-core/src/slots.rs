@@ -23,7 +23,11 @@ pub(crate) struct SlotBuffer<B: Backend, const D: usize, K: BasicOps<B>> {
 impl<B: Backend, const D: usize, K: BasicOps<B>> SlotBuffer<B, D, K> {
     /// An empty buffer for rows of shape `dims` (dim 2 is the capacity).
     pub fn zeros(dims: [usize; D], device: &B::Device) -> Self {
-        Self { body: Tensor::zeros(dims, device), body_len: 0, tail: None }
+        Self {
+            body: Tensor::zeros(dims, device),
+            body_len: 0,
+            tail: None,
+        }
     }
 
     fn tail_len(&self) -> usize {
@@ -38,7 +42,11 @@ impl<B: Backend, const D: usize, K: BasicOps<B>> SlotBuffer<B, D, K> {
     /// Slots in the first segment [`segments`](Self::segments) returns (the body, or the tail
     /// while the body is empty).
     pub fn leading_len(&self) -> usize {
-        if self.body_len > 0 { self.body_len } else { self.tail_len() }
+        if self.body_len > 0 {
+            self.body_len
+        } else {
+            self.tail_len()
+        }
     }
 
     /// Slots the body can hold before it has to grow.
@@ -48,7 +56,8 @@ impl<B: Backend, const D: usize, K: BasicOps<B>> SlotBuffer<B, D, K> {
 
     /// Bytes allocated by the body and the tail.
     pub fn allocated_bytes(&self) -> usize {
-        crate::stats::tensor_bytes(&self.body) + self.tail.as_ref().map_or(0, crate::stats::tensor_bytes)
+        crate::stats::tensor_bytes(&self.body)
+            + self.tail.as_ref().map_or(0, crate::stats::tensor_bytes)
     }
 
     /// Grows the body so it can hold `slots` slots.
@@ -59,7 +68,11 @@ impl<B: Backend, const D: usize, K: BasicOps<B>> SlotBuffer<B, D, K> {
         let mut dims = self.body.dims();
         dims[2] = slots;
         let fresh = Tensor::zeros(dims, &self.body.device());
-        self.body = if self.body_len == 0 { fresh } else { write_at(fresh, 0, held(&self.body, self.body_len)) };
+        self.body = if self.body_len == 0 {
+            fresh
+        } else {
+            write_at(fresh, 0, held(&self.body, self.body_len))
+        };
     }
 
     /// Moves the tail into the body.
@@ -176,7 +189,10 @@ impl<B: Backend, const D: usize, K: BasicOps<B>> SlotBuffer<B, D, K> {
         let row: usize = dims[3..].iter().product();
         let device = indices.device();
         // Row of slot j of head (bi, hi): (bi * h + hi) * n + j.
-        let base = Tensor::<B, 1, Int>::arange(0..(b * h) as i64, &device).mul_scalar(n as i64).reshape([b, h, 1]).expand([b, h, k]);
+        let base = Tensor::<B, 1, Int>::arange(0..(b * h) as i64, &device)
+            .mul_scalar(n as i64)
+            .reshape([b, h, 1])
+            .expand([b, h, k]);
         let rows = (indices + base).reshape([b * h * k]);
         dims[2] = k;
         let kept = view.reshape([b * h * n, row]).select(0, rows).reshape(dims);
@@ -185,7 +201,11 @@ impl<B: Backend, const D: usize, K: BasicOps<B>> SlotBuffer<B, D, K> {
 }
 
 /// Writes `x` into `buf` at slot `at` along dim 2.
-fn write_at<B: Backend, const D: usize, K: BasicOps<B>>(buf: Tensor<B, D, K>, at: usize, x: Tensor<B, D, K>) -> Tensor<B, D, K> {
+fn write_at<B: Backend, const D: usize, K: BasicOps<B>>(
+    buf: Tensor<B, D, K>,
+    at: usize,
+    x: Tensor<B, D, K>,
+) -> Tensor<B, D, K> {
     let dims = x.dims();
     let ranges: [core::ops::Range<usize>; D] =
         core::array::from_fn(|i| if i == 2 { at..at + dims[2] } else { 0..dims[i] });
@@ -193,7 +213,10 @@ fn write_at<B: Backend, const D: usize, K: BasicOps<B>>(buf: Tensor<B, D, K>, at
 }
 
 /// The first `n` slots of `buf`; an empty tensor when `n == 0` (burn rejects empty `narrow`s).
-pub(crate) fn held<B: Backend, const D: usize, K: BasicOps<B>>(buf: &Tensor<B, D, K>, n: usize) -> Tensor<B, D, K> {
+pub(crate) fn held<B: Backend, const D: usize, K: BasicOps<B>>(
+    buf: &Tensor<B, D, K>,
+    n: usize,
+) -> Tensor<B, D, K> {
     if n == 0 {
         let mut dims = buf.dims();
         dims[2] = 0;

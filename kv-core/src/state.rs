@@ -50,7 +50,11 @@ impl<B: Backend> OpenSlots<B> {
 impl<B: Backend> KvState<B> {
     /// An empty state with a cache of `shape`.
     pub fn new(shape: CacheShape, device: &B::Device) -> Self {
-        Self { cache: LayerCache::new(shape, device), last_input: None, open: None }
+        Self {
+            cache: LayerCache::new(shape, device),
+            last_input: None,
+            open: None,
+        }
     }
 
     /// Drops every slot and the carried input.
@@ -64,14 +68,19 @@ impl<B: Backend> KvState<B> {
     /// counted with the metadata.
     pub fn stats(&self) -> LayerStats {
         let mut stats = self.cache.stats();
-        stats.metadata_bytes += self.last_input.as_ref().map_or(0, tensor_bytes) + self.open.as_ref().map_or(0, OpenSlots::bytes);
+        stats.metadata_bytes += self.last_input.as_ref().map_or(0, tensor_bytes)
+            + self.open.as_ref().map_or(0, OpenSlots::bytes);
         stats
     }
 }
 
 impl<B: Backend> From<LayerCache<B>> for KvState<B> {
     fn from(cache: LayerCache<B>) -> Self {
-        Self { cache, last_input: None, open: None }
+        Self {
+            cache,
+            last_input: None,
+            open: None,
+        }
     }
 }
 

@@ -5,7 +5,9 @@ use burn::tensor::BasicOps;
 use serde::{Deserialize, Serialize};
 
 /// Bytes a tensor holds: its shape times its element size, the one measure every figure uses.
-pub(crate) fn tensor_bytes<B: Backend, const D: usize, K: BasicOps<B>>(t: &Tensor<B, D, K>) -> usize {
+pub(crate) fn tensor_bytes<B: Backend, const D: usize, K: BasicOps<B>>(
+    t: &Tensor<B, D, K>,
+) -> usize {
     t.dims().iter().product::<usize>() * t.dtype().size()
 }
 
@@ -52,7 +54,11 @@ impl CacheStats {
     }
 
     /// Sums policy-managed layers, local windows and recurrent state bytes.
-    pub fn from_parts(layers: Vec<LayerStats>, local_layers: Vec<LayerStats>, state_bytes: usize) -> Self {
+    pub fn from_parts(
+        layers: Vec<LayerStats>,
+        local_layers: Vec<LayerStats>,
+        state_bytes: usize,
+    ) -> Self {
         let all = || layers.iter().chain(local_layers.iter());
         Self {
             tokens_seen: all().map(|l| l.tokens_seen).max().unwrap_or(0),
@@ -72,18 +78,33 @@ impl CacheStats {
 
     /// Total slots held, over policy-managed layers and KV heads.
     pub fn total_slots(&self) -> usize {
-        self.layers.iter().flat_map(|l| l.slots_per_head.iter()).sum()
+        self.layers
+            .iter()
+            .flat_map(|l| l.slots_per_head.iter())
+            .sum()
     }
 
     /// Key/value bytes held per token seen (0 before any token).
     pub fn kv_bytes_per_token(&self) -> f64 {
-        if self.tokens_seen == 0 { 0.0 } else { self.kv_bytes as f64 / self.tokens_seen as f64 }
+        if self.tokens_seen == 0 {
+            0.0
+        } else {
+            self.kv_bytes as f64 / self.tokens_seen as f64
+        }
     }
 
     /// Fraction of slots removed from the policy-managed layers compared with keeping every token
     /// seen in every head (local windows are the architecture, not a policy's compression).
     pub fn compression_ratio(&self) -> f64 {
-        let full: usize = self.layers.iter().map(|l| l.tokens_seen * l.slots_per_head.len()).sum();
-        if full == 0 { 0.0 } else { 1.0 - self.total_slots() as f64 / full as f64 }
+        let full: usize = self
+            .layers
+            .iter()
+            .map(|l| l.tokens_seen * l.slots_per_head.len())
+            .sum();
+        if full == 0 {
+            0.0
+        } else {
+            1.0 - self.total_slots() as f64 / full as f64
+        }
     }
 }

@@ -4,11 +4,23 @@ use crate::*;
 use burn::prelude::*;
 
 fn shape(batch: usize, kv_heads: usize, dim: usize) -> CacheShape {
-    CacheShape { batch, kv_heads, key_dim: dim, value_dim: dim }
+    CacheShape {
+        batch,
+        kv_heads,
+        key_dim: dim,
+        value_dim: dim,
+    }
 }
 
 /// Keys/values whose every element encodes (batch, head, position) so content checks are exact.
-fn tagged<B: Backend>(b: usize, h: usize, start: usize, t: usize, d: usize, dev: &B::Device) -> (Tensor<B, 4>, Tensor<B, 4>) {
+fn tagged<B: Backend>(
+    b: usize,
+    h: usize,
+    start: usize,
+    t: usize,
+    d: usize,
+    dev: &B::Device,
+) -> (Tensor<B, 4>, Tensor<B, 4>) {
     let mut k = Vec::with_capacity(b * h * t * d);
     for bi in 0..b {
         for hi in 0..h {
@@ -62,7 +74,11 @@ fn append_assigns_positions_and_counts<B: Backend>(dev: &B::Device) {
     assert_eq!(pos.len(), 2 * 3 * 6);
     let keys = floats(c.keys());
     assert_eq!(keys[5 * 4], 5.0);
-    assert_eq!(keys[(3 + 2) * 6 * 4 + 4 * 4], 12_004.0, "batch 1, head 2, position 4");
+    assert_eq!(
+        keys[(3 + 2) * 6 * 4 + 4 * 4],
+        12_004.0,
+        "batch 1, head 2, position 4"
+    );
 }
 
 fn retain_moves_everything_together<B: Backend>(dev: &B::Device) {
@@ -72,8 +88,14 @@ fn retain_moves_everything_together<B: Backend>(dev: &B::Device) {
     let (k, v) = tagged::<B>(b, h, 0, n, d, dev);
     c.append(k, v).unwrap();
     // Side data tagged like the keys, so alignment can be checked by content.
-    let side: Vec<f32> = (0..b * h * n).map(|i| ((i / (h * n)) * 10_000 + ((i / n) % h) * 1_000 + i % n) as f32 * 0.5).collect();
-    c.set_side("score", Tensor::<B, 1>::from_floats(side.as_slice(), dev).reshape([b, h, n])).unwrap();
+    let side: Vec<f32> = (0..b * h * n)
+        .map(|i| ((i / (h * n)) * 10_000 + ((i / n) % h) * 1_000 + i % n) as f32 * 0.5)
+        .collect();
+    c.set_side(
+        "score",
+        Tensor::<B, 1>::from_floats(side.as_slice(), dev).reshape([b, h, n]),
+    )
+    .unwrap();
     // A different kept set per (batch, head), not in position order.
     let keep: [[[i64; 3]; 2]; 2] = [[[7, 0, 3], [1, 2, 6]], [[5, 4, 0], [6, 7, 1]]];
     let flat: Vec<i64> = keep.iter().flatten().flatten().copied().collect();
@@ -104,7 +126,11 @@ fn retain_moves_everything_together<B: Backend>(dev: &B::Device) {
     assert_eq!(ints(c.positions())[3], n as i64);
     assert_eq!(floats(c.side("score").unwrap())[3], 0.0);
     let stats = c.stats();
-    assert_eq!(stats.slots_per_head, vec![4; b * h], "one entry per (batch row, head)");
+    assert_eq!(
+        stats.slots_per_head,
+        vec![4; b * h],
+        "one entry per (batch row, head)"
+    );
     assert_eq!(stats.kv_bytes, 2 * b * h * 4 * d * 4);
 }
 
@@ -120,7 +146,10 @@ fn token_by_token_appends_cross_the_tail_flush<B: Backend>(dev: &B::Device) {
     let (want_k, want_v) = tagged::<B>(1, h, 0, n, d, dev);
     assert_eq!(floats(c.keys()), floats(want_k));
     assert_eq!(floats(c.values()), floats(want_v));
-    assert_eq!(ints(c.positions())[..n], (0..n as i64).collect::<Vec<_>>()[..]);
+    assert_eq!(
+        ints(c.positions())[..n],
+        (0..n as i64).collect::<Vec<_>>()[..]
+    );
     let segments = c.kv_segments();
     assert!(segments.len() <= 2);
     assert_eq!(segments.iter().map(|(k, _)| k.dims()[2]).sum::<usize>(), n);
@@ -128,16 +157,35 @@ fn token_by_token_appends_cross_the_tail_flush<B: Backend>(dev: &B::Device) {
     c.retain_range(n - 5, 5).unwrap();
     let (k, v) = tagged::<B>(1, h, n, 1, d, dev);
     c.append(k, v).unwrap();
-    assert_eq!(ints(c.positions())[..6], [n as i64 - 5, n as i64 - 4, n as i64 - 3, n as i64 - 2, n as i64 - 1, n as i64]);
+    assert_eq!(
+        ints(c.positions())[..6],
+        [
+            n as i64 - 5,
+            n as i64 - 4,
+            n as i64 - 3,
+            n as i64 - 2,
+            n as i64 - 1,
+            n as i64
+        ]
+    );
     assert_eq!(floats(c.keys())[5 * d], n as f32);
     assert_eq!(c.stats().kv_bytes, 2 * h * 6 * d * 4);
 }
 
 fn bad_shapes_are_errors<B: Backend>(dev: &B::Device) {
     let mut c = LayerCache::<B>::new(shape(1, 2, 4), dev);
-    let err = c.append(Tensor::zeros([1, 3, 1, 4], dev), Tensor::zeros([1, 3, 1, 4], dev)).unwrap_err();
+    let err = c
+        .append(
+            Tensor::zeros([1, 3, 1, 4], dev),
+            Tensor::zeros([1, 3, 1, 4], dev),
+        )
+        .unwrap_err();
     assert!(err.to_string().contains("[1, 3, 1, 4]"), "{err}");
-    c.append(Tensor::zeros([1, 2, 2, 4], dev), Tensor::zeros([1, 2, 2, 4], dev)).unwrap();
+    c.append(
+        Tensor::zeros([1, 2, 2, 4], dev),
+        Tensor::zeros([1, 2, 2, 4], dev),
+    )
+    .unwrap();
     let err = c.retain(Tensor::zeros([1, 2, 3], dev)).unwrap_err();
     assert!(err.to_string().contains("k <= 2 slots"), "{err}");
     assert!(c.side("nope").unwrap_err().to_string().contains("nope"));
@@ -173,26 +221,39 @@ fn keep_last_trims_to_a_window_and_keeps_the_counter<B: Backend>(dev: &B::Device
 
 fn model_stats_count_local_windows_and_states<B: Backend>(dev: &B::Device) {
     let window = LocalState::Window(KvState::new(shape(1, 1, 4), dev));
-    let mut cache = ModelCache::<B>::with_local(vec![KvState::new(shape(1, 2, 4), dev)], vec![window, LocalState::Recurrent(RecurrentState::default())]);
+    let mut cache = ModelCache::<B>::with_local(
+        vec![KvState::new(shape(1, 2, 4), dev)],
+        vec![window, LocalState::Recurrent(RecurrentState::default())],
+    );
     let (k, v) = tagged::<B>(1, 2, 0, 5, 4, dev);
     cache.layer_mut(0).append(k, v).unwrap();
     let (k, v) = tagged::<B>(1, 1, 0, 3, 4, dev);
-    let LocalState::Window(w) = cache.local_mut(0) else { unreachable!() };
+    let LocalState::Window(w) = cache.local_mut(0) else {
+        unreachable!()
+    };
     w.cache.append(k, v).unwrap();
-    let LocalState::Recurrent(r) = cache.local_mut(1) else { unreachable!() };
+    let LocalState::Recurrent(r) = cache.local_mut(1) else {
+        unreachable!()
+    };
     r.state = Some(Tensor::zeros([1, 2, 4, 4], dev));
     r.state = Some(Tensor::ones([1, 2, 4, 4], dev));
     r.tokens_seen = 3;
     let stats = cache.stats();
     assert_eq!(stats.layer_kv_bytes(), 2 * 2 * 5 * 4 * 4);
     assert_eq!(stats.state_bytes, 2 * 4 * 4 * 4);
-    assert_eq!(stats.kv_bytes, 2 * 2 * 5 * 4 * 4 + 2 * 3 * 4 * 4 + 2 * 4 * 4 * 4);
+    assert_eq!(
+        stats.kv_bytes,
+        2 * 2 * 5 * 4 * 4 + 2 * 3 * 4 * 4 + 2 * 4 * 4 * 4
+    );
     assert_eq!(stats.local_layers[0].slots_per_head, vec![3]);
     // Slots and compression are the policy-managed layers' only.
     assert_eq!(stats.total_slots(), 2 * 5);
     assert_eq!(cache.tokens_seen(), 5);
     cache.clear();
-    assert_eq!((cache.stats().kv_bytes, cache.local(1).tokens_seen()), (0, 0));
+    assert_eq!(
+        (cache.stats().kv_bytes, cache.local(1).tokens_seen()),
+        (0, 0)
+    );
 }
 
 fn ragged_storage_holds_each_heads_own_slots<B: Backend>(dev: &B::Device) {
@@ -204,11 +265,20 @@ fn ragged_storage_holds_each_heads_own_slots<B: Backend>(dev: &B::Device) {
     c.set_side("tag", c.positions().float()).unwrap();
     // Equal counts stay rectangular.
     let mut rect = c.clone();
-    rect.retain_per_head(&[vec![0, 5, 9], vec![1, 2, 3], vec![4, 6, 8], vec![0, 1, 9]]).unwrap();
+    rect.retain_per_head(&[vec![0, 5, 9], vec![1, 2, 3], vec![4, 6, 8], vec![0, 1, 9]])
+        .unwrap();
     assert!(!rect.is_ragged());
-    assert_eq!(ints(rect.positions()), vec![0, 5, 9, 1, 2, 3, 4, 6, 8, 0, 1, 9]);
+    assert_eq!(
+        ints(rect.positions()),
+        vec![0, 5, 9, 1, 2, 3, 4, 6, 8, 0, 1, 9]
+    );
     // Unequal counts: every (row, head) holds exactly its own slots, and the bytes shrink with them.
-    let keep = vec![vec![0, 9], vec![1, 2, 3, 4, 5, 6, 7], vec![9], vec![0, 3, 6, 9]];
+    let keep = vec![
+        vec![0, 9],
+        vec![1, 2, 3, 4, 5, 6, 7],
+        vec![9],
+        vec![0, 3, 6, 9],
+    ];
     c.retain_per_head(&keep).unwrap();
     assert!(c.is_ragged());
     assert_eq!(c.slots_per_head(), vec![2, 7, 1, 4]);
@@ -217,39 +287,82 @@ fn ragged_storage_holds_each_heads_own_slots<B: Backend>(dev: &B::Device) {
     assert_eq!(stats.slots_per_head, vec![2, 7, 1, 4]);
     assert_eq!(stats.kv_bytes, 14 * 2 * d * 4, "keys + values of 14 slots");
     let int_bytes = Tensor::<B, 1, Int>::zeros([1], dev).dtype().size();
-    assert_eq!(stats.metadata_bytes, 14 * (int_bytes + 4), "an Int position and one f32 side value per slot");
+    assert_eq!(
+        stats.metadata_bytes,
+        14 * (int_bytes + 4),
+        "an Int position and one f32 side value per slot"
+    );
     let heads = c.head_caches().unwrap();
     for (i, (head, idx)) in heads.iter().zip(&keep).enumerate() {
         let (b, h) = (i / 2, i % 2);
         let want: Vec<i64> = idx.iter().map(|&p| p as i64).collect();
         assert_eq!(ints(head.positions()), want, "head {i}");
-        let keys: Vec<f32> = idx.iter().flat_map(|&p| [(b * 10_000 + h * 1_000 + p) as f32; 4]).collect();
+        let keys: Vec<f32> = idx
+            .iter()
+            .flat_map(|&p| [(b * 10_000 + h * 1_000 + p) as f32; 4])
+            .collect();
         assert_eq!(floats(head.keys()), keys, "head {i} keys");
-        assert_eq!(floats(head.values()), keys.iter().map(|k| -k).collect::<Vec<_>>(), "head {i} values");
-        assert_eq!(floats(head.side("tag").unwrap()), want.iter().map(|&p| p as f32).collect::<Vec<_>>(), "head {i} side data");
+        assert_eq!(
+            floats(head.values()),
+            keys.iter().map(|k| -k).collect::<Vec<_>>(),
+            "head {i} values"
+        );
+        assert_eq!(
+            floats(head.side("tag").unwrap()),
+            want.iter().map(|&p| p as f32).collect::<Vec<_>>(),
+            "head {i} side data"
+        );
     }
     // Appending adds the new token to every head; the counter is the tokens seen, not slots.
     let (k, v) = tagged::<B>(2, 2, 10, 1, d, dev);
     c.append(k, v).unwrap();
     assert_eq!(c.slots_per_head(), vec![3, 8, 2, 5]);
     assert_eq!((c.tokens_seen(), c.rope_position()), (11, 11));
-    assert!(c.head_caches().unwrap().iter().all(|h| ints(h.positions()).last() == Some(&10)));
+    assert!(
+        c.head_caches()
+            .unwrap()
+            .iter()
+            .all(|h| ints(h.positions()).last() == Some(&10))
+    );
     // A second per-head retain works head by head.
-    c.retain_per_head(&[vec![2], vec![0, 7], vec![0, 1], vec![4]]).unwrap();
+    c.retain_per_head(&[vec![2], vec![0, 7], vec![0, 1], vec![4]])
+        .unwrap();
     assert_eq!(c.slots_per_head(), vec![1, 2, 2, 1]);
     assert_eq!(c.stats().kv_bytes, 6 * 2 * d * 4);
     // Operations that need one slot count per layer say so instead of acting on the wrong slots.
     let idx = Tensor::<B, 3, Int>::zeros([2, 2, 1], dev);
     let e = c.retain(idx).unwrap_err().to_string();
-    assert!(e.contains("retain") && e.contains("ragged") && e.contains("[1, 2, 2, 1]"), "{e}");
-    assert!(c.side("tag").unwrap_err().to_string().contains("rectangular storage"));
+    assert!(
+        e.contains("retain") && e.contains("ragged") && e.contains("[1, 2, 2, 1]"),
+        "{e}"
+    );
+    assert!(
+        c.side("tag")
+            .unwrap_err()
+            .to_string()
+            .contains("rectangular storage")
+    );
     assert!(c.shift_rope(1).is_err());
     // Bad index lists name the head and what is valid.
-    let e = c.retain_per_head(&[vec![0], vec![1, 0], vec![0], vec![0]]).unwrap_err().to_string();
-    assert!(e.contains("head 1") && e.contains("strictly increasing"), "{e}");
-    let e = c.retain_per_head(&[vec![0], vec![5], vec![0], vec![0]]).unwrap_err().to_string();
+    let e = c
+        .retain_per_head(&[vec![0], vec![1, 0], vec![0], vec![0]])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("head 1") && e.contains("strictly increasing"),
+        "{e}"
+    );
+    let e = c
+        .retain_per_head(&[vec![0], vec![5], vec![0], vec![0]])
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("below the 2 slots"), "{e}");
-    assert!(c.retain_per_head(&[vec![0]]).unwrap_err().to_string().contains("2 x 2"));
+    assert!(
+        c.retain_per_head(&[vec![0]])
+            .unwrap_err()
+            .to_string()
+            .contains("2 x 2")
+    );
     c.clear();
     assert!(!c.is_ragged());
 }
@@ -268,8 +381,17 @@ fn lazy_eviction_marks_then_compacts_in_slot_order<B: Backend>(dev: &B::Device) 
     c.evict_one(victims(3, 0)).unwrap();
     assert_eq!((c.slots(), c.live_slots(), c.dead_slots()), (7, 5, 2));
     let bias = floats(c.dead_bias().unwrap());
-    let dead: Vec<usize> = bias.iter().enumerate().filter(|(_, b)| **b == DEAD).map(|(i, _)| i).collect();
-    assert_eq!(dead, vec![1, 3, 7, 11], "slot 1 and 3 of head 0, 0 and 4 of head 1");
+    let dead: Vec<usize> = bias
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| **b == DEAD)
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(
+        dead,
+        vec![1, 3, 7, 11],
+        "slot 1 and 3 of head 0, 0 and 4 of head 1"
+    );
     assert!(bias.iter().all(|&b| b == 0.0 || b == DEAD));
     // Stats count what is kept: 5 slots x 2 heads x (key + value) x 2 floats.
     assert_eq!(c.stats().kv_bytes, 5 * 2 * 2 * 2 * 4);
@@ -279,35 +401,62 @@ fn lazy_eviction_marks_then_compacts_in_slot_order<B: Backend>(dev: &B::Device) 
     assert_eq!((kept.slots(), kept.dead_slots()), (5, 0));
     assert!(kept.dead_bias().is_none());
     assert_eq!(ints(kept.positions()), vec![0, 2, 4, 5, 6, 1, 2, 3, 5, 6]);
-    assert_eq!(floats(kept.side("tag").unwrap()), vec![0.0, 2.0, 4.0, 5.0, 0.0, 1.0, 2.0, 3.0, 5.0, 0.0], "side data moves with its slots; token 6 came after the tags");
+    assert_eq!(
+        floats(kept.side("tag").unwrap()),
+        vec![0.0, 2.0, 4.0, 5.0, 0.0, 1.0, 2.0, 3.0, 5.0, 0.0],
+        "side data moves with its slots; token 6 came after the tags"
+    );
     let keys: Vec<f32> = floats(kept.keys()).chunks(2).map(|k| k[0]).collect();
-    assert_eq!(keys, vec![0.0, 2.0, 4.0, 5.0, 6.0, 1001.0, 1002.0, 1003.0, 1005.0, 1006.0]);
+    assert_eq!(
+        keys,
+        vec![
+            0.0, 2.0, 4.0, 5.0, 6.0, 1001.0, 1002.0, 1003.0, 1005.0, 1006.0
+        ]
+    );
     assert_eq!(kept.stats().kv_bytes, c.stats().kv_bytes);
     // A chunk compacts first, so its causal mask never meets a dead slot.
     let (k, v) = tagged::<B>(1, 2, 7, 3, 2, dev);
     c.append(k, v).unwrap();
     assert_eq!((c.slots(), c.dead_slots(), c.tokens_seen()), (8, 0, 10));
-    assert_eq!(ints(c.positions()), vec![0, 2, 4, 5, 6, 7, 8, 9, 1, 2, 3, 5, 6, 7, 8, 9]);
+    assert_eq!(
+        ints(c.positions()),
+        vec![0, 2, 4, 5, 6, 7, 8, 9, 1, 2, 3, 5, 6, 7, 8, 9]
+    );
     // TAIL_SLOTS evictions in a row compact by themselves.
     let mut c = LayerCache::<B>::new(shape(1, 1, 2), dev);
     let (k, v) = tagged::<B>(1, 1, 0, TAIL_SLOTS + 2, 2, dev);
     c.append(k, v).unwrap();
     for i in 0..TAIL_SLOTS {
         assert_eq!(c.dead_slots(), i);
-        c.evict_one(Tensor::<B, 1, Int>::from_ints([i as i32], dev).reshape([1, 1, 1])).unwrap();
+        c.evict_one(Tensor::<B, 1, Int>::from_ints([i as i32], dev).reshape([1, 1, 1]))
+            .unwrap();
     }
     assert_eq!((c.slots(), c.dead_slots()), (2, 0));
-    assert_eq!(ints(c.positions()), vec![TAIL_SLOTS as i64, TAIL_SLOTS as i64 + 1]);
-    assert!(c.evict_one(Tensor::<B, 1, Int>::from_ints([0, 0], dev).reshape([1, 2, 1])).is_err(), "one victim per head");
+    assert_eq!(
+        ints(c.positions()),
+        vec![TAIL_SLOTS as i64, TAIL_SLOTS as i64 + 1]
+    );
+    assert!(
+        c.evict_one(Tensor::<B, 1, Int>::from_ints([0, 0], dev).reshape([1, 2, 1]))
+            .is_err(),
+        "one victim per head"
+    );
 }
 
 /// The first key of every slot attention reads, per (batch, head), in slot order.
 fn read_keys<B: Backend>(c: &LayerCache<B>) -> Vec<f32> {
-    let segments: Vec<Tensor<B, 4>> = c.kv_segments().into_iter().map(|(k, v)| {
-        assert_eq!(k.dims()[2], v.dims()[2], "key and value segments line up");
-        k
-    }).collect();
-    floats(Tensor::cat(segments, 2)).chunks(c.shape().key_dim).map(|k| k[0]).collect()
+    let segments: Vec<Tensor<B, 4>> = c
+        .kv_segments()
+        .into_iter()
+        .map(|(k, v)| {
+            assert_eq!(k.dims()[2], v.dims()[2], "key and value segments line up");
+            k
+        })
+        .collect();
+    floats(Tensor::cat(segments, 2))
+        .chunks(c.shape().key_dim)
+        .map(|k| k[0])
+        .collect()
 }
 
 fn key_overlay_is_read_in_place_of_the_stored_keys<B: Backend>(dev: &B::Device) {
@@ -315,15 +464,45 @@ fn key_overlay_is_read_in_place_of_the_stored_keys<B: Backend>(dev: &B::Device) 
     let mut c = LayerCache::<B>::new(shape(1, 2, 2), dev);
     let (k, v) = tagged::<B>(1, 2, 0, 5, 2, dev);
     c.append(k, v).unwrap();
-    let overlay = Tensor::<B, 1>::from_floats([-1.0, -1.0, -2.0, -2.0, -3.0, -3.0, -4.0, -4.0], dev).reshape([1, 2, 2, 2]);
+    let overlay =
+        Tensor::<B, 1>::from_floats([-1.0, -1.0, -2.0, -2.0, -3.0, -3.0, -4.0, -4.0], dev)
+            .reshape([1, 2, 2, 2]);
     c.set_key_overlay(overlay.clone()).unwrap();
     assert!(c.has_key_overlay());
-    let want = vec![-1.0, -2.0, 2.0, 3.0, 4.0, -3.0, -4.0, 1002.0, 1003.0, 1004.0];
-    assert_eq!(read_keys(&c), want, "attention reads the overlay for the first 2 slots");
-    assert_eq!(floats(c.keys()).chunks(2).map(|k| k[0]).collect::<Vec<_>>(), want);
-    assert_eq!(floats(c.stored_keys()).chunks(2).map(|k| k[0]).collect::<Vec<_>>(), vec![0.0, 1.0, 2.0, 3.0, 4.0, 1000.0, 1001.0, 1002.0, 1003.0, 1004.0], "stored keys stay as written");
-    assert_eq!(floats(c.stored_keys_prefix(2)).chunks(2).map(|k| k[0]).collect::<Vec<_>>(), vec![0.0, 1.0, 1000.0, 1001.0]);
-    assert_eq!(c.stats().kv_bytes, 5 * 2 * 2 * 2 * 4, "held bytes are the stored slots'");
+    let want = vec![
+        -1.0, -2.0, 2.0, 3.0, 4.0, -3.0, -4.0, 1002.0, 1003.0, 1004.0,
+    ];
+    assert_eq!(
+        read_keys(&c),
+        want,
+        "attention reads the overlay for the first 2 slots"
+    );
+    assert_eq!(
+        floats(c.keys()).chunks(2).map(|k| k[0]).collect::<Vec<_>>(),
+        want
+    );
+    assert_eq!(
+        floats(c.stored_keys())
+            .chunks(2)
+            .map(|k| k[0])
+            .collect::<Vec<_>>(),
+        vec![
+            0.0, 1.0, 2.0, 3.0, 4.0, 1000.0, 1001.0, 1002.0, 1003.0, 1004.0
+        ],
+        "stored keys stay as written"
+    );
+    assert_eq!(
+        floats(c.stored_keys_prefix(2))
+            .chunks(2)
+            .map(|k| k[0])
+            .collect::<Vec<_>>(),
+        vec![0.0, 1.0, 1000.0, 1001.0]
+    );
+    assert_eq!(
+        c.stats().kv_bytes,
+        5 * 2 * 2 * 2 * 4,
+        "held bytes are the stored slots'"
+    );
     // Appends and a tail flush keep it (the overlay's slots do not move).
     for p in 5..5 + TAIL_SLOTS {
         let (k, v) = tagged::<B>(1, 2, p, 1, 2, dev);
@@ -332,17 +511,28 @@ fn key_overlay_is_read_in_place_of_the_stored_keys<B: Backend>(dev: &B::Device) 
     assert!(c.has_key_overlay());
     assert_eq!(read_keys(&c)[..3], [-1.0, -2.0, 2.0]);
     // Compaction folds it into the keys kept; replacing the keys drops it.
-    c.evict_one(Tensor::<B, 1, Int>::from_ints([2, 3], dev).reshape([1, 2, 1])).unwrap();
+    c.evict_one(Tensor::<B, 1, Int>::from_ints([2, 3], dev).reshape([1, 2, 1]))
+        .unwrap();
     let mut folded = c.clone();
     folded.compact();
     assert!(!folded.has_key_overlay());
-    assert_eq!(floats(folded.stored_keys()).chunks(2).map(|k| k[0]).take(4).collect::<Vec<_>>(), vec![-1.0, -2.0, 3.0, 4.0]);
+    assert_eq!(
+        floats(folded.stored_keys())
+            .chunks(2)
+            .map(|k| k[0])
+            .take(4)
+            .collect::<Vec<_>>(),
+        vec![-1.0, -2.0, 3.0, 4.0]
+    );
     c.set_keys(c.stored_keys()).unwrap();
     assert!(!c.has_key_overlay());
     assert_eq!(read_keys(&c)[..2], [0.0, 1.0]);
     // Shapes it cannot take.
     for dims in [[1, 2, 0, 2], [1, 2, 70, 2], [1, 1, 2, 2], [1, 2, 2, 3]] {
-        assert!(c.set_key_overlay(Tensor::zeros(dims, dev)).is_err(), "{dims:?}");
+        assert!(
+            c.set_key_overlay(Tensor::zeros(dims, dev)).is_err(),
+            "{dims:?}"
+        );
     }
 }
 

@@ -20,23 +20,43 @@ fn tokens(ids: &[i32]) -> Tensor<B, 2, Int> {
 }
 
 fn prompt() -> Vec<i32> {
-    (0..CONTEXT).map(|i| (32 + (i * 7 + i / 13) % 90) as i32).collect()
+    (0..CONTEXT)
+        .map(|i| (32 + (i * 7 + i / 13) % 90) as i32)
+        .collect()
 }
 
 fn model(name: &str) -> DecoderLm<B> {
-    preset(name).expect("built-in preset").model.init::<B>(&Default::default()).expect("valid preset")
+    preset(name)
+        .expect("built-in preset")
+        .model
+        .init::<B>(&Default::default())
+        .expect("valid preset")
 }
 
 fn decode_step_per_attention_kind(c: &mut Criterion) {
     let mut group = c.benchmark_group("decode_step_at_1024");
-    for name in ["tiny-mha", "tiny-gqa", "tiny-mqa", "tiny-mla", "tiny-yoco", "tiny-yoco-retention"] {
+    for name in [
+        "tiny-mha",
+        "tiny-gqa",
+        "tiny-mqa",
+        "tiny-mla",
+        "tiny-yoco",
+        "tiny-yoco-retention",
+    ] {
         let model = model(name);
         let mut cache = model.new_state(1);
-        model.forward_cached(tokens(&prompt()), &mut cache).expect("prefill");
+        model
+            .forward_cached(tokens(&prompt()), &mut cache)
+            .expect("prefill");
         group.bench_function(name, |b| {
             b.iter_batched(
                 || cache.clone(),
-                |mut cache: ModelState<B>| model.forward_cached(tokens(&[65]), &mut cache).expect("decode").into_data(),
+                |mut cache: ModelState<B>| {
+                    model
+                        .forward_cached(tokens(&[65]), &mut cache)
+                        .expect("decode")
+                        .into_data()
+                },
                 BatchSize::SmallInput,
             )
         });
@@ -47,16 +67,44 @@ fn decode_step_per_attention_kind(c: &mut Criterion) {
 fn decode_step_per_policy(c: &mut Criterion) {
     let mut group = c.benchmark_group("tiny_mha_decode_step_at_1024_budget_512");
     let model = model("tiny-mha");
-    for spec in ["full", "streaming", "h2o", "vatp", "knorm", "tova", "snapkv", "pyramidkv"] {
-        let spec = if spec == "full" { spec.to_string() } else { format!("{spec}:budget=512,every=1") };
+    for spec in [
+        "full",
+        "streaming",
+        "h2o",
+        "vatp",
+        "knorm",
+        "tova",
+        "snapkv",
+        "pyramidkv",
+    ] {
+        let spec = if spec == "full" {
+            spec.to_string()
+        } else {
+            format!("{spec}:budget=512,every=1")
+        };
         let mut policy = build_policy::<B>(&spec).expect("valid spec");
         let mut cache = model.new_state(1);
-        model.forward_with_policy(tokens(&prompt()), &mut cache, policy.as_mut(), Phase::Prefill).expect("prefill");
+        model
+            .forward_with_policy(
+                tokens(&prompt()),
+                &mut cache,
+                policy.as_mut(),
+                Phase::Prefill,
+            )
+            .expect("prefill");
         group.bench_function(&spec, |b| {
             b.iter_batched(
                 || (cache.clone(), build_policy::<B>(&spec).expect("valid spec")),
                 |(mut cache, mut policy)| {
-                    model.forward_with_policy(tokens(&[65]), &mut cache, policy.as_mut(), Phase::Decode { step: 1 }).expect("decode").into_data()
+                    model
+                        .forward_with_policy(
+                            tokens(&[65]),
+                            &mut cache,
+                            policy.as_mut(),
+                            Phase::Decode { step: 1 },
+                        )
+                        .expect("decode")
+                        .into_data()
                 },
                 BatchSize::SmallInput,
             )
@@ -77,20 +125,63 @@ fn prefill_attention_host_vs_fused(c: &mut Criterion) {
     let device = Default::default();
     let n = 4096;
     for (name, heads, kv_heads, head_dim) in [("8x32", 8, 8, 32), ("9on3x64", 9, 3, 64)] {
-        let random = |h: usize| Tensor::<B, 4>::random([1, h, n, head_dim], burn::tensor::Distribution::Normal(0.0, 1.0), &device);
+        let random = |h: usize| {
+            Tensor::<B, 4>::random(
+                [1, h, n, head_dim],
+                burn::tensor::Distribution::Normal(0.0, 1.0),
+                &device,
+            )
+        };
         let (q, k, v) = (random(heads), random(kv_heads), random(kv_heads));
         let host = |x: &Tensor<B, 4>| x.clone().into_data().to_vec::<f32>().expect("f32");
         let (qh, kh, vh) = (host(&q), host(&k), host(&v));
-        let shape = HostShape { batch: 1, heads, kv_heads, queries: n, keys: n, visible: n, head_dim };
+        let shape = HostShape {
+            batch: 1,
+            heads,
+            kv_heads,
+            queries: n,
+            keys: n,
+            visible: n,
+            head_dim,
+        };
         let scale = (head_dim as f32).powf(-0.5);
-        group.bench_function(format!("host_{name}"), |b| b.iter(|| causal_attention(&qh, &kh, &vh, shape, scale, false, 1, kv_attention::Isa::best()).expect("a supported shape")));
-        let spread = |x: Tensor<B, 4>| x.reshape([1, kv_heads, 1, n, head_dim]).expand([1, kv_heads, heads / kv_heads, n, head_dim]).reshape([1, heads, n, head_dim]);
+        group.bench_function(format!("host_{name}"), |b| {
+            b.iter(|| {
+                causal_attention(
+                    &qh,
+                    &kh,
+                    &vh,
+                    shape,
+                    scale,
+                    false,
+                    1,
+                    kv_attention::Isa::best(),
+                )
+                .expect("a supported shape")
+            })
+        });
+        let spread = |x: Tensor<B, 4>| {
+            x.reshape([1, kv_heads, 1, n, head_dim])
+                .expand([1, kv_heads, heads / kv_heads, n, head_dim])
+                .reshape([1, heads, n, head_dim])
+        };
         let (ks, vs) = (spread(k), spread(v));
-        let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: true };
-        group.bench_function(format!("burn_fused_{name}"), |b| b.iter(|| attention(q.clone(), ks.clone(), vs.clone(), None, None, options).into_data()));
+        let options = AttentionModuleOptions {
+            scale: None,
+            softcap: None,
+            is_causal: true,
+        };
+        group.bench_function(format!("burn_fused_{name}"), |b| {
+            b.iter(|| attention(q.clone(), ks.clone(), vs.clone(), None, None, options).into_data())
+        });
     }
     group.finish();
 }
 
-criterion_group!(benches, decode_step_per_attention_kind, decode_step_per_policy, prefill_attention_host_vs_fused);
+criterion_group!(
+    benches,
+    decode_step_per_attention_kind,
+    decode_step_per_policy,
+    prefill_attention_host_vs_fused
+);
 criterion_main!(benches);

@@ -11,7 +11,10 @@ use std::path::PathBuf;
 
 fn main() -> kv_core::Result<()> {
     let mut args = std::env::args().skip(1);
-    let dir = args.next().map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata/golden/gqa"), PathBuf::from);
+    let dir = args.next().map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata/golden/gqa"),
+        PathBuf::from,
+    );
     let spec = args.next().unwrap_or_else(|| "h2o:budget=16".into());
     let prompt_text = args.next().unwrap_or_else(|| "Once upon a time".into());
 
@@ -21,17 +24,27 @@ fn main() -> kv_core::Result<()> {
     let tokenizer = Tokenizer::for_run(&dir)?;
     let mut prompt = tokenizer.encode(&prompt_text)?;
     // The small test checkpoint knows 64 token ids: fold bytes into its vocabulary.
-    prompt.iter_mut().for_each(|t| *t %= config.vocab_size as u32);
+    prompt
+        .iter_mut()
+        .for_each(|t| *t %= config.vocab_size as u32);
 
     let mut policy = Registry::<Flex>::standard().build(&spec, &PolicyEnv::default())?;
-    let settings = GenerateConfig { max_new_tokens: 48, sampler: SamplerConfig::default(), stop_tokens: vec![] };
+    let settings = GenerateConfig {
+        max_new_tokens: 48,
+        sampler: SamplerConfig::default(),
+        stop_tokens: vec![],
+    };
     let out = generate(&model, &prompt, &settings, policy.as_mut(), |_| {})?;
     println!("{}{}", prompt_text, tokenizer.decode(&out.tokens)?);
     println!(
         "{}: {} tokens seen, {} slots/head held in layer 0, {} KV bytes measured",
         policy.name(),
         out.cache.tokens_seen,
-        out.cache.layers[0].slots_per_head.iter().max().unwrap_or(&0),
+        out.cache.layers[0]
+            .slots_per_head
+            .iter()
+            .max()
+            .unwrap_or(&0),
         out.cache.kv_bytes
     );
     Ok(())

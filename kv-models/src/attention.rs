@@ -1,7 +1,10 @@
 //! The attention of a Llama-style block: grouped (MHA/GQA/MQA), latent (MLA) or merging (DMC).
 
 use burn::prelude::*;
-use kv_attention::{AttentionOutput, CachedAttention, DmcAttention, GroupedAttention, MlaAttention, ObserveRequest, Rotary};
+use kv_attention::{
+    AttentionOutput, CachedAttention, DmcAttention, GroupedAttention, MlaAttention, ObserveRequest,
+    Rotary,
+};
 use kv_core::{CacheShape, KvState, Result};
 
 /// A Llama-style block's self-attention, recorded under its kind's name (`Grouped`, `Latent` or
@@ -117,7 +120,12 @@ impl<B: Backend> CachedAttention<B> for SelfAttention<B> {
         }
     }
 
-    fn forward_cached(&self, x: Tensor<B, 3>, state: &mut KvState<B>, observe: ObserveRequest) -> Result<AttentionOutput<B>> {
+    fn forward_cached(
+        &self,
+        x: Tensor<B, 3>,
+        state: &mut KvState<B>,
+        observe: ObserveRequest,
+    ) -> Result<AttentionOutput<B>> {
         match self {
             Self::Grouped(a) => a.forward_cached(x, state, observe),
             Self::Latent(a) => a.forward_cached(x, &mut state.cache, observe),

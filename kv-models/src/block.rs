@@ -23,13 +23,21 @@ pub struct Block<B: Backend, A: Module<B>> {
 impl<B: Backend, A: Module<B>> Block<B, A> {
     /// The whole block over hidden states `h`, its attention given as `mix` (which gets
     /// `norm(h)`): the training and cached paths of every kind differ only there.
-    pub fn forward_with(&self, h: Tensor<B, 3>, mix: impl FnOnce(&A, Tensor<B, 3>) -> Tensor<B, 3>) -> Tensor<B, 3> {
+    pub fn forward_with(
+        &self,
+        h: Tensor<B, 3>,
+        mix: impl FnOnce(&A, Tensor<B, 3>) -> Tensor<B, 3>,
+    ) -> Tensor<B, 3> {
         let h = h.clone() + mix(&self.attention, self.attn_norm.forward(h));
         self.feed_forward(h)
     }
 
     /// [`forward_with`](Self::forward_with) for an attention that can fail (the cached paths).
-    pub fn try_forward_with<E>(&self, h: Tensor<B, 3>, mix: impl FnOnce(&A, Tensor<B, 3>) -> Result<Tensor<B, 3>, E>) -> Result<Tensor<B, 3>, E> {
+    pub fn try_forward_with<E>(
+        &self,
+        h: Tensor<B, 3>,
+        mix: impl FnOnce(&A, Tensor<B, 3>) -> Result<Tensor<B, 3>, E>,
+    ) -> Result<Tensor<B, 3>, E> {
         let h = h.clone() + mix(&self.attention, self.attn_norm.forward(h))?;
         Ok(self.feed_forward(h))
     }

@@ -28,9 +28,15 @@ const HEADER: usize = 8;
 /// leaves either the old file or the new one, never a torn one.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| KvError::io(dir, e))?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.partial"));
     let write = || -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
@@ -45,7 +51,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 /// The raw sections of a checkpoint file.
@@ -90,24 +98,38 @@ impl Sections {
         let bad = |what: &str| KvError::io(path, format!("not a usable checkpoint: {what}"));
         if bytes.len() < HEADER || &bytes[..MAGIC.len()] != MAGIC {
             let valid: Vec<String> = (1..=VERSION).map(|v| format!("KVCKPT{v:02}")).collect();
-            return Err(bad(&format!("wrong file type (no {} header)", valid.join(" or "))));
+            return Err(bad(&format!(
+                "wrong file type (no {} header)",
+                valid.join(" or ")
+            )));
         }
-        let version = std::str::from_utf8(&bytes[MAGIC.len()..HEADER]).ok().and_then(|v| v.parse::<u8>().ok());
+        let version = std::str::from_utf8(&bytes[MAGIC.len()..HEADER])
+            .ok()
+            .and_then(|v| v.parse::<u8>().ok());
         let version = match version {
             Some(v @ 1..=VERSION) => v,
             _ => {
                 let shown = String::from_utf8_lossy(&bytes[MAGIC.len()..HEADER]).into_owned();
-                return Err(bad(&format!("format version {shown:?}; this build reads versions 01 to {VERSION:02}")));
+                return Err(bad(&format!(
+                    "format version {shown:?}; this build reads versions 01 to {VERSION:02}"
+                )));
             }
         };
-        let truncated = || bad(&format!("truncated ({} bytes; the write that made it did not finish)", bytes.len()));
+        let truncated = || {
+            bad(&format!(
+                "truncated ({} bytes; the write that made it did not finish)",
+                bytes.len()
+            ))
+        };
         let mut at = HEADER;
         let mut sections = Vec::with_capacity(4);
         for _ in 0..4 {
             let len_bytes = bytes.get(at..at + 8).ok_or_else(truncated)?;
             let len = u64::from_le_bytes(len_bytes.try_into().unwrap()) as usize;
             at += 8;
-            let body = bytes.get(at..at.checked_add(len).ok_or_else(truncated)?).ok_or_else(truncated)?;
+            let body = bytes
+                .get(at..at.checked_add(len).ok_or_else(truncated)?)
+                .ok_or_else(truncated)?;
             sections.push(body.to_vec());
             at += len;
         }
@@ -122,7 +144,15 @@ impl Sections {
         let model = sections.pop().unwrap();
         let train = sections.pop().unwrap();
         let config = sections.pop().unwrap();
-        Ok((version, Self { config, train, model, optim }))
+        Ok((
+            version,
+            Self {
+                config,
+                train,
+                model,
+                optim,
+            },
+        ))
     }
 
     /// Writes the sections into `dir` atomically, plus the readable config copy.
@@ -141,7 +171,8 @@ impl Sections {
     /// The model config stored in the checkpoint.
     pub fn model_config(&self, dir: &Path) -> Result<DecoderConfig> {
         let path = dir.join(CHECKPOINT_FILE);
-        let text = std::str::from_utf8(&self.config).map_err(|e| KvError::io(&path, format!("its config is not UTF-8: {e}")))?;
+        let text = std::str::from_utf8(&self.config)
+            .map_err(|e| KvError::io(&path, format!("its config is not UTF-8: {e}")))?;
         DecoderConfig::from_json(text).map_err(|e| match e {
             KvError::Io { message, .. } => KvError::io(&path, message),
             other => other,
@@ -155,14 +186,22 @@ fn checkpoint_path(dir: &Path) -> Result<PathBuf> {
     }
     let path = dir.join(CHECKPOINT_FILE);
     if !path.is_file() {
-        return Err(KvError::io(dir, format!("not a checkpoint directory (no {CHECKPOINT_FILE})")));
+        return Err(KvError::io(
+            dir,
+            format!("not a checkpoint directory (no {CHECKPOINT_FILE})"),
+        ));
     }
     Ok(path)
 }
 
 /// Serialises any burn record to bytes.
-pub(crate) fn record_bytes<B: Backend, R: burn::record::Record<B>>(record: R, what: &Path) -> Result<Vec<u8>> {
-    NamedMpkBytesRecorder::<FullPrecisionSettings>::new().record(record, ()).map_err(|e| KvError::io(what, e))
+pub(crate) fn record_bytes<B: Backend, R: burn::record::Record<B>>(
+    record: R,
+    what: &Path,
+) -> Result<Vec<u8>> {
+    NamedMpkBytesRecorder::<FullPrecisionSettings>::new()
+        .record(record, ())
+        .map_err(|e| KvError::io(what, e))
 }
 
 /// A MessagePack record re-encoded with every map's entries in key order.
@@ -183,7 +222,9 @@ pub(crate) fn canonical_record(bytes: Vec<u8>) -> Vec<u8> {
             _ => {}
         }
     }
-    let Ok(mut value) = rmpv::decode::read_value(&mut bytes.as_slice()) else { return bytes };
+    let Ok(mut value) = rmpv::decode::read_value(&mut bytes.as_slice()) else {
+        return bytes;
+    };
     sort(&mut value);
     let mut out = Vec::with_capacity(bytes.len());
     match rmpv::encode::write_value(&mut out, &value) {
@@ -202,7 +243,12 @@ pub(crate) fn canonical_record(bytes: Vec<u8>) -> Vec<u8> {
 /// as `{Kind: module}` (a cross-decoder block's as the module itself).
 pub(crate) fn upgrade_v1_model(bytes: &[u8], path: &Path) -> Result<Vec<u8>> {
     use rmpv::Value;
-    let bad = |what: String| KvError::io(path, format!("version-1 record does not fit a decoder: {what}"));
+    let bad = |what: String| {
+        KvError::io(
+            path,
+            format!("version-1 record does not fit a decoder: {what}"),
+        )
+    };
     let take = |map: &mut Vec<(Value, Value)>, key: &str| -> Value {
         match map.iter().position(|(k, _)| k.as_str() == Some(key)) {
             Some(i) => map.remove(i).1,
@@ -210,17 +256,33 @@ pub(crate) fn upgrade_v1_model(bytes: &[u8], path: &Path) -> Result<Vec<u8>> {
         }
     };
     let mut root = rmpv::decode::read_value(&mut &bytes[..]).map_err(|e| bad(e.to_string()))?;
-    let Value::Map(top) = &mut root else { return Err(bad("not a map".into())) };
-    let item = top.iter_mut().find(|(k, _)| k.as_str() == Some("item")).map(|(_, v)| v).ok_or_else(|| bad("no item".into()))?;
-    let Value::Map(fields) = item else { return Err(bad("item is not a map".into())) };
-    let Value::Array(blocks) = take(fields, "blocks") else { return Err(bad("no block list".into())) };
+    let Value::Map(top) = &mut root else {
+        return Err(bad("not a map".into()));
+    };
+    let item = top
+        .iter_mut()
+        .find(|(k, _)| k.as_str() == Some("item"))
+        .map(|(_, v)| v)
+        .ok_or_else(|| bad("no item".into()))?;
+    let Value::Map(fields) = item else {
+        return Err(bad("item is not a map".into()));
+    };
+    let Value::Array(blocks) = take(fields, "blocks") else {
+        return Err(bad("no block list".into()));
+    };
     let global_kv = take(fields, "global_kv");
     let yoco = !global_kv.is_nil();
     let half = blocks.len() / 2;
     let mut converted = Vec::with_capacity(blocks.len());
     for (i, block) in blocks.into_iter().enumerate() {
-        let Value::Map(mut block) = block else { return Err(bad(format!("block {i} is not a map"))) };
-        let kinds: Vec<(&str, Value)> = ["attn", "mla", "swa", "retention", "cross"].into_iter().map(|k| (k, take(&mut block, k))).filter(|(_, v)| !v.is_nil()).collect();
+        let Value::Map(mut block) = block else {
+            return Err(bad(format!("block {i} is not a map")));
+        };
+        let kinds: Vec<(&str, Value)> = ["attn", "mla", "swa", "retention", "cross"]
+            .into_iter()
+            .map(|k| (k, take(&mut block, k)))
+            .filter(|(_, v)| !v.is_nil())
+            .collect();
         let [(kind, module)]: [(&str, Value); 1] = kinds.try_into().map_err(|k: Vec<(&str, Value)>| {
             let names: Vec<&str> = k.iter().map(|(n, _)| *n).collect();
             bad(format!("decoder block attention of block {i}: {} (exactly one of attn, mla, swa, retention, cross)", if names.is_empty() { "none".to_string() } else { names.join(" and ") }))
@@ -232,23 +294,44 @@ pub(crate) fn upgrade_v1_model(bytes: &[u8], path: &Path) -> Result<Vec<u8>> {
             (true, true, "retention") => Some("Retention"),
             (true, false, "cross") => None,
             _ => {
-                let want = if !yoco { "attn or mla" } else if i < half { "swa or retention (self-decoder)" } else { "cross (cross-decoder)" };
-                return Err(bad(format!("yoco block {i} holds {kind}, the layout needs {want}")));
+                let want = if !yoco {
+                    "attn or mla"
+                } else if i < half {
+                    "swa or retention (self-decoder)"
+                } else {
+                    "cross (cross-decoder)"
+                };
+                return Err(bad(format!(
+                    "yoco block {i} holds {kind}, the layout needs {want}"
+                )));
             }
         };
         let attention = match variant {
             Some(v) => Value::Map(vec![(Value::from(v), module)]),
             None => module,
         };
-        let field = |block: &mut Vec<(Value, Value)>, key: &str| (Value::from(key), take(block, key));
-        converted.push(Value::Map(vec![field(&mut block, "attn_norm"), (Value::from("attention"), attention), field(&mut block, "ffn_norm"), field(&mut block, "ffn")]));
+        let field =
+            |block: &mut Vec<(Value, Value)>, key: &str| (Value::from(key), take(block, key));
+        converted.push(Value::Map(vec![
+            field(&mut block, "attn_norm"),
+            (Value::from("attention"), attention),
+            field(&mut block, "ffn_norm"),
+            field(&mut block, "ffn"),
+        ]));
     }
     let stack = if yoco {
         let cross = converted.split_off(half);
-        let body = vec![(Value::from("self_decoder"), Value::Array(converted)), (Value::from("cross_decoder"), Value::Array(cross)), (Value::from("global_kv"), global_kv)];
+        let body = vec![
+            (Value::from("self_decoder"), Value::Array(converted)),
+            (Value::from("cross_decoder"), Value::Array(cross)),
+            (Value::from("global_kv"), global_kv),
+        ];
         Value::Map(vec![(Value::from("Yoco"), Value::Map(body))])
     } else {
-        Value::Map(vec![(Value::from("Llama"), Value::Map(vec![(Value::from("blocks"), Value::Array(converted))]))])
+        Value::Map(vec![(
+            Value::from("Llama"),
+            Value::Map(vec![(Value::from("blocks"), Value::Array(converted))]),
+        )])
     };
     fields.push((Value::from("stack"), stack));
     let mut out = Vec::with_capacity(bytes.len() + 256);
@@ -266,15 +349,29 @@ fn without_panics<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
     let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
     std::panic::set_hook(hook);
     out.map_err(|p| {
-        let message = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
-        message.unwrap_or_else(|| "malformed record".into()).lines().next().unwrap_or_default().to_string()
+        let message = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
+        message
+            .unwrap_or_else(|| "malformed record".into())
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string()
     })
 }
 
 /// Deserialises a burn record from bytes.
-pub(crate) fn record_from<B: Backend, R: burn::record::Record<B>>(bytes: Vec<u8>, device: &B::Device, what: &Path) -> Result<R> {
+pub(crate) fn record_from<B: Backend, R: burn::record::Record<B>>(
+    bytes: Vec<u8>,
+    device: &B::Device,
+    what: &Path,
+) -> Result<R> {
     let bad = |e: String| KvError::io(what, format!("record does not fit this model: {e}"));
-    without_panics(|| NamedMpkBytesRecorder::<FullPrecisionSettings>::new().load(bytes, device)).map_err(bad)?.map_err(|e| bad(e.to_string()))
+    without_panics(|| NamedMpkBytesRecorder::<FullPrecisionSettings>::new().load(bytes, device))
+        .map_err(bad)?
+        .map_err(|e| bad(e.to_string()))
 }
 
 /// The shape of every float parameter, in visiting order, without initialising lazy ones, and
@@ -293,30 +390,64 @@ impl<B: Backend> burn::module::ModuleVisitor<B> for Shapes {
 /// Nothing is initialised from the config: it is built lazily, the record's tensors replace its
 /// parameters, and every shape must equal the config's. So a checkpoint whose config asks for a
 /// huge model but holds small weights is an error, not an allocation the file dictates.
-pub(crate) fn model_from_record<B: Backend>(config: &DecoderConfig, bytes: Vec<u8>, device: &B::Device, what: &Path) -> Result<DecoderLm<B>> {
+pub(crate) fn model_from_record<B: Backend>(
+    config: &DecoderConfig,
+    bytes: Vec<u8>,
+    device: &B::Device,
+    what: &Path,
+) -> Result<DecoderLm<B>> {
     let lazy = config.init_lazy::<B>(device)?;
     let mut want = Shapes(vec![], 0);
     lazy.visit(&mut want);
     let record = record_from::<B, _>(bytes, device, what)?;
-    let model = without_panics(|| lazy.load_record(record)).map_err(|e| KvError::io(what, format!("record does not fit this model: {e}")))?;
+    let model = without_panics(|| lazy.load_record(record))
+        .map_err(|e| KvError::io(what, format!("record does not fit this model: {e}")))?;
     // YOCO's layout first (it names the block), then every shape.
     model.check_blocks()?;
     let mut got = Shapes(vec![], 0);
     model.visit(&mut got);
-    if let Some((i, (w, g))) = want.0.iter().zip(&got.0).enumerate().find(|(_, (w, g))| w != g) {
-        return Err(KvError::io(what, format!("record does not fit this model: parameter {i} has shape {g:?}, the config needs {w:?}")));
+    if let Some((i, (w, g))) = want
+        .0
+        .iter()
+        .zip(&got.0)
+        .enumerate()
+        .find(|(_, (w, g))| w != g)
+    {
+        return Err(KvError::io(
+            what,
+            format!(
+                "record does not fit this model: parameter {i} has shape {g:?}, the config needs {w:?}"
+            ),
+        ));
     }
     if want.0.len() != got.0.len() {
-        return Err(KvError::io(what, format!("record does not fit this model: {} parameters, the config needs {}", got.0.len(), want.0.len())));
+        return Err(KvError::io(
+            what,
+            format!(
+                "record does not fit this model: {} parameters, the config needs {}",
+                got.0.len(),
+                want.0.len()
+            ),
+        ));
     }
     if got.1 > 0 {
-        return Err(KvError::io(what, format!("record does not fit this model: {} parameters of the config are missing from it", got.1)));
+        return Err(KvError::io(
+            what,
+            format!(
+                "record does not fit this model: {} parameters of the config are missing from it",
+                got.1
+            ),
+        ));
     }
     Ok(model)
 }
 
 /// Saves `model` and `config` (no training state) into directory `dir`.
-pub fn save_model<B: Backend>(model: &DecoderLm<B>, config: &DecoderConfig, dir: impl AsRef<Path>) -> Result<()> {
+pub fn save_model<B: Backend>(
+    model: &DecoderLm<B>,
+    config: &DecoderConfig,
+    dir: impl AsRef<Path>,
+) -> Result<()> {
     let dir = dir.as_ref();
     let sections = Sections {
         config: serde_json::to_vec_pretty(config).map_err(|e| KvError::io(dir, e))?,
@@ -328,16 +459,24 @@ pub fn save_model<B: Backend>(model: &DecoderLm<B>, config: &DecoderConfig, dir:
 }
 
 /// Loads a model and its config from checkpoint directory `dir`.
-pub fn load_model<B: Backend>(dir: impl AsRef<Path>, device: &B::Device) -> Result<(DecoderLm<B>, DecoderConfig)> {
+pub fn load_model<B: Backend>(
+    dir: impl AsRef<Path>,
+    device: &B::Device,
+) -> Result<(DecoderLm<B>, DecoderConfig)> {
     let dir = dir.as_ref();
     let sections = Sections::read(dir)?;
     let config = sections.model_config(dir)?;
-    let model = model_from_record::<B>(&config, sections.model, device, &dir.join(CHECKPOINT_FILE))?;
+    let model =
+        model_from_record::<B>(&config, sections.model, device, &dir.join(CHECKPOINT_FILE))?;
     Ok((model, config))
 }
 
 /// Loads a model that must have the given config; a different one is an error naming the fields.
-pub fn load_model_expecting<B: Backend>(dir: impl AsRef<Path>, expected: &DecoderConfig, device: &B::Device) -> Result<DecoderLm<B>> {
+pub fn load_model_expecting<B: Backend>(
+    dir: impl AsRef<Path>,
+    expected: &DecoderConfig,
+    device: &B::Device,
+) -> Result<DecoderLm<B>> {
     let dir = dir.as_ref();
     let (model, config) = load_model::<B>(dir, device)?;
     let diff = config.differences(expected);

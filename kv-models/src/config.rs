@@ -1,7 +1,10 @@
 //! The decoder's configuration, validated before anything is built.
 
 use burn::prelude::*;
-use kv_attention::{CrossAttentionConfig, DmcAttentionConfig, GatedRetentionConfig, GroupedAttentionConfig, MlaAttentionConfig, SlidingWindowAttentionConfig};
+use kv_attention::{
+    CrossAttentionConfig, DmcAttentionConfig, GatedRetentionConfig, GroupedAttentionConfig,
+    MlaAttentionConfig, SlidingWindowAttentionConfig,
+};
 use kv_core::{KvError, Result};
 use serde::{Deserialize, Serialize};
 
@@ -35,7 +38,14 @@ impl MlaSettings {
     /// DeepSeek-V2's layout with these widths: no query compression, values `head_dim` wide,
     /// normalised latent.
     pub fn new(head_dim: usize, kv_latent: usize, rope_dim: usize) -> Self {
-        Self { head_dim, kv_latent, rope_dim, query_latent: 0, value_dim: None, latent_norm: true }
+        Self {
+            head_dim,
+            kv_latent,
+            rope_dim,
+            query_latent: 0,
+            value_dim: None,
+            latent_norm: true,
+        }
     }
 }
 
@@ -74,7 +84,12 @@ fn default_dmc_temperature() -> f64 {
 
 impl Default for DmcSettings {
     fn default() -> Self {
-        Self { init_bias: default_dmc_init(), window: default_dmc_window(), temperature: default_dmc_temperature(), zero_after_rope: false }
+        Self {
+            init_bias: default_dmc_init(),
+            window: default_dmc_window(),
+            temperature: default_dmc_temperature(),
+            zero_after_rope: false,
+        }
     }
 }
 
@@ -124,27 +139,53 @@ fn default_tau() -> f64 {
 impl YocoSettings {
     /// A sliding-window self-decoder with window `window`, the paper's other defaults.
     pub fn window(window: usize) -> Self {
-        Self { self_attention: SelfAttentionKind::Window, window, chunk: default_chunk(), tau: default_tau() }
+        Self {
+            self_attention: SelfAttentionKind::Window,
+            window,
+            chunk: default_chunk(),
+            tau: default_tau(),
+        }
     }
 
     /// A gated-retention self-decoder with the paper's defaults (chunk 256, tau 16).
     pub fn retention() -> Self {
-        Self { self_attention: SelfAttentionKind::Retention, window: default_window(), chunk: default_chunk(), tau: default_tau() }
+        Self {
+            self_attention: SelfAttentionKind::Retention,
+            window: default_window(),
+            chunk: default_chunk(),
+            tau: default_tau(),
+        }
     }
 
     /// Checks the settings against the model's layer count, naming the first bad value.
     pub fn validate(&self, n_layers: usize) -> Result<()> {
-        if n_layers < 2 || n_layers % 2 != 0 {
-            return Err(KvError::config("n_layers", n_layers, "an even number >= 2 with yoco: half self-decoder, half cross-decoder"));
+        if n_layers < 2 || !n_layers.is_multiple_of(2) {
+            return Err(KvError::config(
+                "n_layers",
+                n_layers,
+                "an even number >= 2 with yoco: half self-decoder, half cross-decoder",
+            ));
         }
         if self.window == 0 {
-            return Err(KvError::config("yoco.window", 0, "at least 1 key per query (the query's own)"));
+            return Err(KvError::config(
+                "yoco.window",
+                0,
+                "at least 1 key per query (the query's own)",
+            ));
         }
         if self.chunk == 0 {
-            return Err(KvError::config("yoco.chunk", 0, "at least 1 token per retention chunk (YOCO uses 256)"));
+            return Err(KvError::config(
+                "yoco.chunk",
+                0,
+                "at least 1 token per retention chunk (YOCO uses 256)",
+            ));
         }
         if !(self.tau > 0.0 && self.tau.is_finite()) {
-            return Err(KvError::config("yoco.tau", self.tau, "a finite number > 0 (YOCO uses 16)"));
+            return Err(KvError::config(
+                "yoco.tau",
+                self.tau,
+                "a finite number > 0 (YOCO uses 16)",
+            ));
         }
         Ok(())
     }
@@ -243,23 +284,39 @@ impl DecoderConfig {
     /// only, so `rope_dims` does not apply).
     pub fn mla_attention(&self) -> Option<MlaAttentionConfig> {
         self.mla.as_ref().map(|m| {
-            MlaAttentionConfig::new(self.d_model, self.n_heads, m.head_dim, m.kv_latent, m.rope_dim)
-                .with_query_latent(m.query_latent)
-                .with_value_dim(m.value_dim)
-                .with_latent_norm(m.latent_norm)
-                .with_rope_theta(self.rope_theta)
-                .with_norm_eps(self.norm_eps)
+            MlaAttentionConfig::new(
+                self.d_model,
+                self.n_heads,
+                m.head_dim,
+                m.kv_latent,
+                m.rope_dim,
+            )
+            .with_query_latent(m.query_latent)
+            .with_value_dim(m.value_dim)
+            .with_latent_norm(m.latent_norm)
+            .with_rope_theta(self.rope_theta)
+            .with_norm_eps(self.norm_eps)
         })
     }
 
     /// The DMC settings of every layer, for a DMC model (grouped attention underneath).
     pub fn dmc_attention(&self) -> Option<DmcAttentionConfig> {
-        self.dmc.as_ref().map(|d| DmcAttentionConfig::new(self.attention()).with_init_bias(d.init_bias).with_window(d.window).with_temperature(d.temperature).with_zero_after_rope(d.zero_after_rope))
+        self.dmc.as_ref().map(|d| {
+            DmcAttentionConfig::new(self.attention())
+                .with_init_bias(d.init_bias)
+                .with_window(d.window)
+                .with_temperature(d.temperature)
+                .with_zero_after_rope(d.zero_after_rope)
+        })
     }
 
     /// Previous tokens the token shift reads (0 without token shift).
     pub fn shift_width(&self) -> usize {
-        if self.token_shift { self.token_shift_width.unwrap_or(1) } else { 0 }
+        if self.token_shift {
+            self.token_shift_width.unwrap_or(1)
+        } else {
+            0
+        }
     }
 
     /// YOCO's sliding-window self-attention settings (when `yoco.self_attention` is `window`).
@@ -272,13 +329,16 @@ impl DecoderConfig {
 
     /// YOCO's gated retention settings (when `yoco.self_attention` is `retention`).
     pub fn yoco_retention(&self) -> Option<GatedRetentionConfig> {
-        self.yoco.as_ref().filter(|y| y.self_attention == SelfAttentionKind::Retention).map(|y| {
-            GatedRetentionConfig::new(self.d_model, self.n_heads)
-                .with_tau(y.tau)
-                .with_chunk(y.chunk)
-                .with_rope_theta(self.rope_theta)
-                .with_rope_dims(self.rope_dims)
-        })
+        self.yoco
+            .as_ref()
+            .filter(|y| y.self_attention == SelfAttentionKind::Retention)
+            .map(|y| {
+                GatedRetentionConfig::new(self.d_model, self.n_heads)
+                    .with_tau(y.tau)
+                    .with_chunk(y.chunk)
+                    .with_rope_theta(self.rope_theta)
+                    .with_rope_dims(self.rope_dims)
+            })
     }
 
     /// YOCO's global K/V and cross-decoder attention settings.
@@ -304,10 +364,18 @@ impl DecoderConfig {
     pub fn parameter_estimate(&self) -> u64 {
         let u = |x: usize| x as u64;
         let hd = u(self.head_dim.unwrap_or(self.d_model / self.n_heads.max(1)));
-        let attn = u(self.d_model).saturating_mul(hd).saturating_mul(u(self.n_heads) * 2 + u(self.n_kv_heads) * 2);
-        let ffn = u(self.d_model).saturating_mul(u(self.ffn_hidden)).saturating_mul(3);
-        let embed = u(self.vocab_size).saturating_mul(u(self.d_model)).saturating_mul(if self.tie_embeddings { 1 } else { 2 });
-        attn.saturating_add(ffn).saturating_mul(u(self.n_layers)).saturating_add(embed)
+        let attn = u(self.d_model)
+            .saturating_mul(hd)
+            .saturating_mul(u(self.n_heads) * 2 + u(self.n_kv_heads) * 2);
+        let ffn = u(self.d_model)
+            .saturating_mul(u(self.ffn_hidden))
+            .saturating_mul(3);
+        let embed = u(self.vocab_size)
+            .saturating_mul(u(self.d_model))
+            .saturating_mul(if self.tie_embeddings { 1 } else { 2 });
+        attn.saturating_add(ffn)
+            .saturating_mul(u(self.n_layers))
+            .saturating_add(embed)
     }
 
     /// Checks every field, naming the first bad value and what would be valid.
@@ -328,48 +396,102 @@ impl DecoderConfig {
             ("head_dim", self.head_dim.unwrap_or(0)),
         ] {
             if value > MAX_WIDTH {
-                return Err(KvError::config(field, value, format!("at most {MAX_WIDTH}")));
+                return Err(KvError::config(
+                    field,
+                    value,
+                    format!("at most {MAX_WIDTH}"),
+                ));
             }
         }
         if self.n_layers > MAX_LAYERS {
-            return Err(KvError::config("n_layers", self.n_layers, format!("at most {MAX_LAYERS}")));
+            return Err(KvError::config(
+                "n_layers",
+                self.n_layers,
+                format!("at most {MAX_LAYERS}"),
+            ));
         }
         KvError::require_positive(&[("n_heads", self.n_heads), ("n_kv_heads", self.n_kv_heads)])?;
-        if self.n_heads % self.n_kv_heads != 0 {
-            return Err(KvError::config("n_kv_heads", self.n_kv_heads, format!("a divisor of n_heads = {} (each KV head serves a group of query heads)", self.n_heads)));
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
+            return Err(KvError::config(
+                "n_kv_heads",
+                self.n_kv_heads,
+                format!(
+                    "a divisor of n_heads = {} (each KV head serves a group of query heads)",
+                    self.n_heads
+                ),
+            ));
         }
-        if self.mla.is_none() && self.head_dim.is_none() && self.d_model % self.n_heads != 0 {
-            return Err(KvError::config("d_model", self.d_model, format!("a multiple of n_heads = {} (or set head_dim)", self.n_heads)));
+        if self.mla.is_none()
+            && self.head_dim.is_none()
+            && !self.d_model.is_multiple_of(self.n_heads)
+        {
+            return Err(KvError::config(
+                "d_model",
+                self.d_model,
+                format!("a multiple of n_heads = {} (or set head_dim)", self.n_heads),
+            ));
         }
         let params = self.parameter_estimate();
         if params > MAX_PARAMETERS {
-            return Err(KvError::config("model size", format!("about {params} parameters"), format!("at most {MAX_PARAMETERS} (256 GiB of f32)")));
+            return Err(KvError::config(
+                "model size",
+                format!("about {params} parameters"),
+                format!("at most {MAX_PARAMETERS} (256 GiB of f32)"),
+            ));
         }
         if !(self.norm_eps > 0.0 && self.norm_eps < 1.0) {
-            return Err(KvError::config("norm_eps", self.norm_eps, "a small positive number such as 1e-5"));
+            return Err(KvError::config(
+                "norm_eps",
+                self.norm_eps,
+                "a small positive number such as 1e-5",
+            ));
         }
         if let Some(w) = self.token_shift_width.filter(|&w| w == 0 || w > 16) {
-            return Err(KvError::config("token_shift_width", w, "between 1 and 16 previous tokens"));
+            return Err(KvError::config(
+                "token_shift_width",
+                w,
+                "between 1 and 16 previous tokens",
+            ));
         }
         if self.mla.is_some() || self.yoco.is_some() {
             let kind = if self.mla.is_some() { "mla" } else { "yoco" };
             if let Some(d) = self.head_dim {
-                return Err(KvError::config("head_dim", d, format!("absent with {kind}: only grouped attention takes an explicit head width")));
+                return Err(KvError::config(
+                    "head_dim",
+                    d,
+                    format!(
+                        "absent with {kind}: only grouped attention takes an explicit head width"
+                    ),
+                ));
             }
             if self.qkv_bias == Some(true) {
-                return Err(KvError::config("qkv_bias", true, format!("absent with {kind}: only grouped attention has q/k/v biases")));
+                return Err(KvError::config(
+                    "qkv_bias",
+                    true,
+                    format!("absent with {kind}: only grouped attention has q/k/v biases"),
+                ));
             }
         }
         if self.dmc.is_some() && (self.mla.is_some() || self.yoco.is_some()) {
             let other = if self.mla.is_some() { "mla" } else { "yoco" };
-            return Err(KvError::config("dmc", "set", format!("absent (null) with {other}: DMC merges the slots of grouped attention layers")));
+            return Err(KvError::config(
+                "dmc",
+                "set",
+                format!(
+                    "absent (null) with {other}: DMC merges the slots of grouped attention layers"
+                ),
+            ));
         }
         if let Some(dmc) = self.dmc_attention() {
             dmc.validate()?;
         }
         if let Some(yoco) = &self.yoco {
             if self.mla.is_some() {
-                return Err(KvError::config("mla", "set", "absent (null) with yoco: the cross-decoder caches grouped K/V"));
+                return Err(KvError::config(
+                    "mla",
+                    "set",
+                    "absent (null) with yoco: the cross-decoder caches grouped K/V",
+                ));
             }
             // Its self-attention and cross-decoder heads are checked as a grouped layer's below.
             yoco.validate(self.n_layers)?;
@@ -391,7 +513,11 @@ impl DecoderConfig {
                     ));
                 }
                 if self.key_shift == Some(true) {
-                    return Err(KvError::config("key_shift", true, "absent with mla: the latent is both key and value, so it cannot read a shifted input for keys only"));
+                    return Err(KvError::config(
+                        "key_shift",
+                        true,
+                        "absent with mla: the latent is both key and value, so it cannot read a shifted input for keys only",
+                    ));
                 }
                 mla.validate()
             }
@@ -426,28 +552,47 @@ impl DecoderConfig {
     /// Parses a config from JSON text, validated; a field this config does not have (a typo that
     /// would otherwise be ignored silently) is an error naming it.
     pub fn from_json(text: &str) -> Result<Self> {
-        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| KvError::io("<config>", format!("not a decoder config: {e}")))?;
+        let value: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| KvError::io("<config>", format!("not a decoder config: {e}")))?;
         Self::check_fields(&value)?;
-        let cfg: Self = serde_json::from_value(value).map_err(|e| KvError::io("<config>", format!("not a decoder config: {e}")))?;
+        let cfg: Self = serde_json::from_value(value)
+            .map_err(|e| KvError::io("<config>", format!("not a decoder config: {e}")))?;
         cfg.validate()?;
         Ok(cfg)
     }
 
     /// Rejects a JSON object holding a key that is not a field of the config.
     pub(crate) fn check_fields(value: &serde_json::Value) -> Result<()> {
-        let Some(object) = value.as_object() else { return Ok(()) };
+        let Some(object) = value.as_object() else {
+            return Ok(());
+        };
         let known = serde_json::to_value(Self::new(1, 1, 1, 1, 1, 1)).unwrap_or_default();
-        let known: Vec<&str> = known.as_object().map(|o| o.keys().map(String::as_str).collect()).unwrap_or_default();
+        let known: Vec<&str> = known
+            .as_object()
+            .map(|o| o.keys().map(String::as_str).collect())
+            .unwrap_or_default();
         match object.keys().find(|k| !known.contains(&k.as_str())) {
-            Some(bad) => Err(KvError::Unknown { kind: "model config field".into(), name: bad.clone(), valid: known.join(", ") }),
+            Some(bad) => Err(KvError::Unknown {
+                kind: "model config field".into(),
+                name: bad.clone(),
+                valid: known.join(", "),
+            }),
             None => Ok(()),
         }
     }
 
     /// The fields whose values differ from `other`, as `field checkpoint_value vs other_value`.
     pub fn differences(&self, other: &Self) -> Vec<String> {
-        let (a, b) = (serde_json::to_value(self).unwrap_or_default(), serde_json::to_value(other).unwrap_or_default());
-        let (Some(a), Some(b)) = (a.as_object(), b.as_object()) else { return vec![] };
-        a.iter().filter(|(k, v)| b.get(*k) != Some(*v)).map(|(k, v)| format!("{k} {v} vs {}", b.get(k).cloned().unwrap_or_default())).collect()
+        let (a, b) = (
+            serde_json::to_value(self).unwrap_or_default(),
+            serde_json::to_value(other).unwrap_or_default(),
+        );
+        let (Some(a), Some(b)) = (a.as_object(), b.as_object()) else {
+            return vec![];
+        };
+        a.iter()
+            .filter(|(k, v)| b.get(*k) != Some(*v))
+            .map(|(k, v)| format!("{k} {v} vs {}", b.get(k).cloned().unwrap_or_default()))
+            .collect()
     }
 }

@@ -1,8 +1,13 @@
 //! The language model around any decoder stack: token embedding (with an optional token shift),
 //! the stack (Llama-style in `llama.rs`, YOCO in `yoco.rs`), final norm and output head.
 
-use crate::{Block, DecoderBlock, DecoderConfig, FeedForward, Llama, ModelState, SelfAttention, SelfDecoderAttention, Yoco};
-use burn::nn::{Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig, RmsNorm, RmsNormConfig};
+use crate::{
+    Block, DecoderBlock, DecoderConfig, FeedForward, Llama, ModelState, SelfAttention,
+    SelfDecoderAttention, Yoco,
+};
+use burn::nn::{
+    Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig, RmsNorm, RmsNormConfig,
+};
 use burn::prelude::*;
 use kv_attention::{MlaPath, PackedSet, Rotary, project, project_packed};
 use kv_core::{KvError, Result};
@@ -44,27 +49,49 @@ pub struct DecoderLm<B: Backend> {
 impl DecoderConfig {
     /// Validates the config and builds a randomly initialised model.
     pub fn init<B: Backend>(&self, device: &B::Device) -> Result<DecoderLm<B>> {
-        Ok(crate::ordinal::ordinal_ids(crate::materialize(self.init_lazy(device)?)))
+        Ok(crate::ordinal::ordinal_ids(crate::materialize(
+            self.init_lazy(device)?,
+        )))
     }
 
     /// [`init`](Self::init) with every parameter still lazy, for loaders that replace them all
     /// (so no random initialisation runs).
     pub(crate) fn init_lazy<B: Backend>(&self, device: &B::Device) -> Result<DecoderLm<B>> {
         self.validate()?;
-        let norm = || RmsNormConfig::new(self.d_model).with_epsilon(self.norm_eps).init(device);
+        let norm = || {
+            RmsNormConfig::new(self.d_model)
+                .with_epsilon(self.norm_eps)
+                .init(device)
+        };
         let stack = if let Some(cross) = self.yoco_cross() {
             // YOCO: the first half self-decoder, the second half cross-decoder.
             let half = self.n_layers / 2;
             let self_attention = || -> Result<SelfDecoderAttention<B>> {
                 match (self.yoco_window(), self.yoco_retention()) {
-                    (Some(window), _) => Ok(SelfDecoderAttention::Window(window.init_lazy(device)?)),
-                    (None, Some(retention)) => Ok(SelfDecoderAttention::Retention(retention.init_lazy(device)?)),
-                    (None, None) => Err(KvError::config("yoco self_attention", "none", "window or retention")),
+                    (Some(window), _) => {
+                        Ok(SelfDecoderAttention::Window(window.init_lazy(device)?))
+                    }
+                    (None, Some(retention)) => Ok(SelfDecoderAttention::Retention(
+                        retention.init_lazy(device)?,
+                    )),
+                    (None, None) => Err(KvError::config(
+                        "yoco self_attention",
+                        "none",
+                        "window or retention",
+                    )),
                 }
             };
-            let self_decoder = (0..half).map(|_| Ok(block_of(&norm, self_attention()?, self, device))).collect::<Result<Vec<_>>>()?;
-            let cross_decoder = (0..self.n_layers - half).map(|_| Ok(block_of(&norm, cross.init_lazy(device)?, self, device))).collect::<Result<Vec<_>>>()?;
-            Stack::Yoco(Yoco { self_decoder, cross_decoder, global_kv: cross.init_global_lazy(device)? })
+            let self_decoder = (0..half)
+                .map(|_| Ok(block_of(&norm, self_attention()?, self, device)))
+                .collect::<Result<Vec<_>>>()?;
+            let cross_decoder = (0..self.n_layers - half)
+                .map(|_| Ok(block_of(&norm, cross.init_lazy(device)?, self, device)))
+                .collect::<Result<Vec<_>>>()?;
+            Stack::Yoco(Yoco {
+                self_decoder,
+                cross_decoder,
+                global_kv: cross.init_global_lazy(device)?,
+            })
         } else {
             let attention = || -> Result<SelfAttention<B>> {
                 Ok(match (self.mla_attention(), self.dmc_attention()) {
@@ -73,28 +100,57 @@ impl DecoderConfig {
                     (None, None) => SelfAttention::Grouped(self.attention().init_lazy(device)?),
                 })
             };
-            Stack::Llama(Llama { blocks: (0..self.n_layers).map(|_| Ok(block_of(&norm, attention()?, self, device))).collect::<Result<Vec<_>>>()? })
+            Stack::Llama(Llama {
+                blocks: (0..self.n_layers)
+                    .map(|_| Ok(block_of(&norm, attention()?, self, device)))
+                    .collect::<Result<Vec<_>>>()?,
+            })
         };
         Ok(DecoderLm {
             embed: EmbeddingConfig::new(self.vocab_size, self.d_model)
-                .with_initializer(Initializer::Normal { mean: 0.0, std: 0.02 })
+                .with_initializer(Initializer::Normal {
+                    mean: 0.0,
+                    std: 0.02,
+                })
                 .init(device),
             stack,
             norm: norm(),
-            lm_head: (!self.tie_embeddings).then(|| LinearConfig::new(self.d_model, self.vocab_size).with_bias(false).init(device)),
-            token_shift: self.token_shift.then(|| LinearConfig::new(self.shift_width() * self.d_model, self.d_model).with_bias(false).init(device)),
+            lm_head: (!self.tie_embeddings).then(|| {
+                LinearConfig::new(self.d_model, self.vocab_size)
+                    .with_bias(false)
+                    .init(device)
+            }),
+            token_shift: self.token_shift.then(|| {
+                LinearConfig::new(self.shift_width() * self.d_model, self.d_model)
+                    .with_bias(false)
+                    .init(device)
+            }),
             packed_head: PackedSet::default(),
         })
     }
 }
 
 fn not_llama() -> KvError {
-    KvError::config("model stack", "yoco", "a Llama-style stack (grouped or latent attention blocks)")
+    KvError::config(
+        "model stack",
+        "yoco",
+        "a Llama-style stack (grouped or latent attention blocks)",
+    )
 }
 
 /// A block of any kind with this config's norms and feed-forward, parameters lazy.
-fn block_of<B: Backend, A: Module<B>>(norm: &impl Fn() -> RmsNorm<B>, attention: A, config: &DecoderConfig, device: &B::Device) -> Block<B, A> {
-    Block { attn_norm: norm(), attention, ffn_norm: norm(), ffn: FeedForward::new_lazy(config.d_model, config.ffn_hidden, device) }
+fn block_of<B: Backend, A: Module<B>>(
+    norm: &impl Fn() -> RmsNorm<B>,
+    attention: A,
+    config: &DecoderConfig,
+    device: &B::Device,
+) -> Block<B, A> {
+    Block {
+        attn_norm: norm(),
+        attention,
+        ffn_norm: norm(),
+        ffn: FeedForward::new_lazy(config.d_model, config.ffn_hidden, device),
+    }
 }
 
 impl<B: Backend> DecoderLm<B> {
@@ -129,12 +185,16 @@ impl<B: Backend> DecoderLm<B> {
 
     /// The Llama-style blocks; an error for a YOCO model.
     pub fn blocks(&self) -> Result<&[DecoderBlock<B>]> {
-        self.llama().map(|s| s.blocks.as_slice()).ok_or_else(not_llama)
+        self.llama()
+            .map(|s| s.blocks.as_slice())
+            .ok_or_else(not_llama)
     }
 
     /// The Llama-style blocks, mutably; an error for a YOCO model.
     pub fn blocks_mut(&mut self) -> Result<&mut [DecoderBlock<B>]> {
-        self.llama_mut().map(|s| s.blocks.as_mut_slice()).ok_or_else(not_llama)
+        self.llama_mut()
+            .map(|s| s.blocks.as_mut_slice())
+            .ok_or_else(not_llama)
     }
 
     /// The packed copies of the weights ([`kv_attention::PackedMatrix`]): the bytes they hold and
@@ -143,8 +203,14 @@ impl<B: Backend> DecoderLm<B> {
     pub fn packed_weights(&self) -> (usize, usize) {
         let mut total = (self.packed_head.bytes(), self.packed_head.values());
         for b in self.blocks().unwrap_or_default() {
-            let attention = b.attention.grouped().map_or((0, 0), |a| (a.packed.bytes(), a.packed.values()));
-            total = (total.0 + b.ffn.packed.bytes() + attention.0, total.1 + b.ffn.packed.values() + attention.1);
+            let attention = b
+                .attention
+                .grouped()
+                .map_or((0, 0), |a| (a.packed.bytes(), a.packed.values()));
+            total = (
+                total.0 + b.ffn.packed.bytes() + attention.0,
+                total.1 + b.ffn.packed.values() + attention.1,
+            );
         }
         total
     }
@@ -223,7 +289,9 @@ impl<B: Backend> DecoderLm<B> {
                 let w = self.embed.weight.val();
                 if b * t < d {
                     let v = w.dims()[0];
-                    w.matmul(h.reshape([b * t, d]).transpose()).transpose().reshape([b, t, v])
+                    w.matmul(h.reshape([b * t, d]).transpose())
+                        .transpose()
+                        .reshape([b, t, v])
                 } else {
                     burn::tensor::module::linear(h, w.transpose(), None)
                 }
@@ -233,15 +301,23 @@ impl<B: Backend> DecoderLm<B> {
 
     /// Previous tokens the token shift reads (0 without token shift).
     pub fn shift_width(&self) -> usize {
-        self.token_shift.as_ref().map_or(0, |s| s.weight.dims()[0] / self.embed.weight.dims()[1])
+        self.token_shift
+            .as_ref()
+            .map_or(0, |s| s.weight.dims()[0] / self.embed.weight.dims()[1])
     }
 
     /// Input embeddings `[b, t, d]`; with token shift each position also gets a projection of the
     /// embeddings of the `w` tokens before it (`previous` `[b, <= w]`, the latest last, continues
     /// an earlier chunk; positions before the first token contribute zeros).
-    pub(crate) fn embed_inputs(&self, tokens: Tensor<B, 2, Int>, previous: Option<Tensor<B, 2, Int>>) -> Tensor<B, 3> {
+    pub(crate) fn embed_inputs(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        previous: Option<Tensor<B, 2, Int>>,
+    ) -> Tensor<B, 3> {
         let e = self.embed.forward(tokens);
-        let Some(shift) = &self.token_shift else { return e };
+        let Some(shift) = &self.token_shift else {
+            return e;
+        };
         let w = self.shift_width();
         let [b, t, d] = e.dims();
         let mut context = vec![];
@@ -256,7 +332,9 @@ impl<B: Backend> DecoderLm<B> {
         context.push(e.clone());
         // [b, w + t, d]: row w + i is token i; offset k of token i is row w + i - k.
         let full = Tensor::cat(context, 1);
-        let shifted: Vec<Tensor<B, 3>> = (1..=w).map(|k| full.clone().slice([0..b, w - k..w - k + t, 0..d])).collect();
+        let shifted: Vec<Tensor<B, 3>> = (1..=w)
+            .map(|k| full.clone().slice([0..b, w - k..w - k + t, 0..d]))
+            .collect();
         e + shift.forward(Tensor::cat(shifted, 2))
     }
 
@@ -288,8 +366,18 @@ impl<B: Backend> DecoderLm<B> {
 
     /// Inference path with a full cache: logits `[b, t, vocab]` for the new `tokens` `[b, t]`,
     /// which continue at position `state.tokens_seen()`.
-    pub fn forward_cached(&self, tokens: Tensor<B, 2, Int>, state: &mut ModelState<B>) -> Result<Tensor<B, 3>> {
-        let phase = if state.tokens_seen() == 0 { Phase::Prefill } else { Phase::Decode { step: state.tokens_seen() } };
+    pub fn forward_cached(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        state: &mut ModelState<B>,
+    ) -> Result<Tensor<B, 3>> {
+        let phase = if state.tokens_seen() == 0 {
+            Phase::Prefill
+        } else {
+            Phase::Decode {
+                step: state.tokens_seen(),
+            }
+        };
         self.forward_with_policy(tokens, state, &mut FullCache, phase)
     }
 
@@ -333,7 +421,9 @@ impl<B: Backend> DecoderLm<B> {
         let h = self.embed_continuing(tokens.clone(), state);
         let mut h = match &self.stack {
             Stack::Llama(s) => s.forward_cached(h, &tokens, state.cache_mut(), policy, phase)?,
-            Stack::Yoco(s) => s.forward_cached(h, &tokens, state.cache_mut(), policy, phase, last_only)?,
+            Stack::Yoco(s) => {
+                s.forward_cached(h, &tokens, state.cache_mut(), policy, phase, last_only)?
+            }
         };
         let rows = h.dims()[1];
         if last_only && rows > 1 {
@@ -344,9 +434,17 @@ impl<B: Backend> DecoderLm<B> {
 
     /// Input embeddings of new tokens that continue the cached ones: the token shift reads the
     /// previous call's last tokens, and the state keeps this call's for the next one.
-    pub(crate) fn embed_continuing(&self, tokens: Tensor<B, 2, Int>, state: &mut ModelState<B>) -> Tensor<B, 3> {
+    pub(crate) fn embed_continuing(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        state: &mut ModelState<B>,
+    ) -> Tensor<B, 3> {
         let [b, t] = tokens.dims();
-        let previous = if state.tokens_seen() > 0 { state.previous_tokens().cloned() } else { None };
+        let previous = if state.tokens_seen() > 0 {
+            state.previous_tokens().cloned()
+        } else {
+            None
+        };
         let w = self.shift_width();
         if w > 0 && t > 0 {
             // Keep the last w tokens seen, for the next call's shift.

@@ -4,8 +4,8 @@ use crate::data::{Corpus, TaskKind, exact_match};
 use crate::{DecoderLm, GenerateConfig, Generation, SamplerConfig, Tokenizer, generate};
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::prelude::*;
-use kv_core::{KvError, Result};
 use burn::tensor::activation::log_softmax;
+use kv_core::{KvError, Result};
 use kv_policies::{CachePolicy, FullCache, Phase};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -15,31 +15,58 @@ use serde::{Deserialize, Serialize};
 pub fn check_vocab<B: Backend>(model: &DecoderLm<B>, needed: usize, what: &str) -> Result<()> {
     let v = model.vocab_size();
     if v < needed {
-        return Err(KvError::config("vocab_size", v, format!("at least {needed} for {what}")));
+        return Err(KvError::config(
+            "vocab_size",
+            v,
+            format!("at least {needed} for {what}"),
+        ));
     }
     Ok(())
 }
 
 /// Errors unless `model` can read every token of `corpus`.
 fn check_corpus_vocab<B: Backend>(model: &DecoderLm<B>, corpus: &Corpus) -> Result<()> {
-    check_vocab(model, corpus.max_token() as usize + 1, "the text's token ids")
+    check_vocab(
+        model,
+        corpus.max_token() as usize + 1,
+        "the text's token ids",
+    )
 }
 
 /// Mean next-token loss over the first `windows` consecutive windows of `seq_len` tokens.
-pub fn validation_loss<B: Backend>(model: &DecoderLm<B>, corpus: &Corpus, seq_len: usize, windows: usize) -> Result<f64> {
+pub fn validation_loss<B: Backend>(
+    model: &DecoderLm<B>,
+    corpus: &Corpus,
+    seq_len: usize,
+    windows: usize,
+) -> Result<f64> {
     validation_loss_from(model, corpus, seq_len, windows, 0)
 }
 
 /// [`validation_loss`] over the predictions made at positions `from..seq_len` only (what
 /// [`policy_loss`] with a `from + 1`-token prompt scores).
-pub fn validation_loss_from<B: Backend>(model: &DecoderLm<B>, corpus: &Corpus, seq_len: usize, windows: usize, from: usize) -> Result<f64> {
+pub fn validation_loss_from<B: Backend>(
+    model: &DecoderLm<B>,
+    corpus: &Corpus,
+    seq_len: usize,
+    windows: usize,
+    from: usize,
+) -> Result<f64> {
     check_corpus_vocab(model, corpus)?;
     if from >= seq_len {
-        return Err(KvError::config("first scored position", from, format!("below the window of {seq_len} tokens")));
+        return Err(KvError::config(
+            "first scored position",
+            from,
+            format!("below the window of {seq_len} tokens"),
+        ));
     }
     let all = corpus.windows(seq_len + 1, windows);
     if all.is_empty() {
-        return Err(KvError::config("validation text", format!("{} bytes", corpus.len()), format!("at least {} bytes", seq_len + 1)));
+        return Err(KvError::config(
+            "validation text",
+            format!("{} bytes", corpus.len()),
+            format!("at least {} bytes", seq_len + 1),
+        ));
     }
     let device = model.embed.weight.device();
     let ce = CrossEntropyLossConfig::new().init(&device);
@@ -48,9 +75,14 @@ pub fn validation_loss_from<B: Backend>(model: &DecoderLm<B>, corpus: &Corpus, s
         let ids: Vec<i32> = chunk.iter().flatten().map(|&t| t as i32).collect();
         let b = chunk.len();
         let x = Tensor::<B, 1, Int>::from_ints(ids.as_slice(), &device).reshape([b, seq_len + 1]);
-        let logits = model.forward(x.clone().narrow(1, 0, seq_len)).narrow(1, from, seq_len - from);
+        let logits = model
+            .forward(x.clone().narrow(1, 0, seq_len))
+            .narrow(1, from, seq_len - from);
         let (v, n) = (logits.dims()[2], seq_len - from);
-        let loss = ce.forward(logits.reshape([b * n, v]), x.narrow(1, from + 1, n).reshape([b * n]));
+        let loss = ce.forward(
+            logits.reshape([b * n, v]),
+            x.narrow(1, from + 1, n).reshape([b * n]),
+        );
         total += loss.into_scalar().elem::<f64>() * b as f64;
     }
     Ok(total / all.len() as f64)
@@ -87,15 +119,27 @@ pub fn policy_loss<B: Backend>(
     policy: &mut dyn FnMut() -> Box<dyn CachePolicy<B>>,
 ) -> Result<PolicyLoss> {
     if chunk == 0 {
-        return Err(KvError::config("perplexity chunk", 0, "at least 1 token per call"));
+        return Err(KvError::config(
+            "perplexity chunk",
+            0,
+            "at least 1 token per call",
+        ));
     }
     check_corpus_vocab(model, corpus)?;
     if !(1..=len).contains(&prompt) {
-        return Err(KvError::config("perplexity prompt", prompt, format!("1 to {len} tokens of the {len}-token window")));
+        return Err(KvError::config(
+            "perplexity prompt",
+            prompt,
+            format!("1 to {len} tokens of the {len}-token window"),
+        ));
     }
     let all = corpus.windows(len + 1, windows);
     if all.is_empty() {
-        return Err(KvError::config("validation text", format!("{} bytes", corpus.len()), format!("at least {} bytes", len + 1)));
+        return Err(KvError::config(
+            "validation text",
+            format!("{} bytes", corpus.len()),
+            format!("at least {} bytes", len + 1),
+        ));
     }
     let device = model.embed.weight.device();
     let (mut total, mut bytes, mut removed) = (0.0, 0.0, 0.0);
@@ -110,8 +154,14 @@ pub fn policy_loss<B: Backend>(
         rows.push(model.forward_last_with_policy(x, &mut cache, p.as_mut(), Phase::Prefill)?);
         for (i, part) in w[prompt..len].chunks(chunk).enumerate() {
             let ids: Vec<i32> = part.iter().map(|&t| t as i32).collect();
-            let x = Tensor::<B, 1, Int>::from_ints(ids.as_slice(), &device).reshape([1, part.len()]);
-            rows.push(model.forward_with_policy(x, &mut cache, p.as_mut(), Phase::Decode { step: i + 1 })?);
+            let x =
+                Tensor::<B, 1, Int>::from_ints(ids.as_slice(), &device).reshape([1, part.len()]);
+            rows.push(model.forward_with_policy(
+                x,
+                &mut cache,
+                p.as_mut(),
+                Phase::Decode { step: i + 1 },
+            )?);
         }
         let v = model.vocab_size();
         let logits = Tensor::cat(rows, 1).reshape([n, v]);
@@ -124,7 +174,11 @@ pub fn policy_loss<B: Backend>(
         removed += stats.compression_ratio();
     }
     let n = all.len() as f64;
-    Ok(PolicyLoss { loss: total / n, kv_bytes: bytes / n, removed: removed / n })
+    Ok(PolicyLoss {
+        loss: total / n,
+        kv_bytes: bytes / n,
+        removed: removed / n,
+    })
 }
 
 /// Exact-match results of one task.
@@ -149,10 +203,24 @@ pub struct TaskResult {
 /// Greedy continuation of one task prompt under a cache policy, with the generation's
 /// measurements: `answer_len` tokens, the answer's length in bytes (no token is shorter than a
 /// byte, so that is enough for any tokenizer).
-pub fn answer<B: Backend>(model: &DecoderLm<B>, tokenizer: &Tokenizer, prompt: &str, answer_len: usize, policy: &mut dyn CachePolicy<B>) -> Result<(String, Generation)> {
-    check_vocab(model, tokenizer.vocab_size(), &format!("the {} tokenizer", tokenizer.name()))?;
+pub fn answer<B: Backend>(
+    model: &DecoderLm<B>,
+    tokenizer: &Tokenizer,
+    prompt: &str,
+    answer_len: usize,
+    policy: &mut dyn CachePolicy<B>,
+) -> Result<(String, Generation)> {
+    check_vocab(
+        model,
+        tokenizer.vocab_size(),
+        &format!("the {} tokenizer", tokenizer.name()),
+    )?;
     let ids = tokenizer.encode_prompt(prompt)?;
-    let config = GenerateConfig { max_new_tokens: answer_len, sampler: SamplerConfig::default(), stop_tokens: tokenizer.stop_tokens() };
+    let config = GenerateConfig {
+        max_new_tokens: answer_len,
+        sampler: SamplerConfig::default(),
+        stop_tokens: tokenizer.stop_tokens(),
+    };
     let out = generate(model, &ids, &config, policy, |_| {})?;
     Ok((tokenizer.decode(&out.tokens)?, out))
 }
@@ -167,7 +235,16 @@ pub fn task_accuracy<B: Backend>(
     seed: u64,
     depth: Option<f32>,
 ) -> Result<TaskResult> {
-    task_accuracy_with(model, &Tokenizer::Bytes, task, context, samples, seed, depth, &mut || Box::new(FullCache))
+    task_accuracy_with(
+        model,
+        &Tokenizer::Bytes,
+        task,
+        context,
+        samples,
+        seed,
+        depth,
+        &mut || Box::new(FullCache),
+    )
 }
 
 /// [`task_accuracy`] read through `tokenizer` (whose contexts are bytes of text, fewer tokens
@@ -187,11 +264,25 @@ pub fn task_accuracy_with<B: Backend>(
     let (mut correct, mut bytes, mut removed) = (0, 0.0, 0.0);
     for _ in 0..samples {
         let s = task.sample(&mut rng, context, depth)?;
-        let (got, generation) = answer(model, tokenizer, &s.prompt, s.answer.len(), policy().as_mut())?;
+        let (got, generation) = answer(
+            model,
+            tokenizer,
+            &s.prompt,
+            s.answer.len(),
+            policy().as_mut(),
+        )?;
         correct += exact_match(&s.answer, &got) as usize;
         bytes += generation.cache.kv_bytes as f64;
         removed += generation.cache.compression_ratio();
     }
     let n = samples.max(1) as f64;
-    Ok(TaskResult { task, context, accuracy: correct as f64 / n, correct, total: samples, kv_bytes: bytes / n, removed: removed / n })
+    Ok(TaskResult {
+        task,
+        context,
+        accuracy: correct as f64 / n,
+        correct,
+        total: samples,
+        kv_bytes: bytes / n,
+        removed: removed / n,
+    })
 }

@@ -29,13 +29,21 @@ impl<B: Backend> FeedForward<B> {
     /// [`new`](Self::new) with the parameters still lazy, for loaders that replace them all.
     pub fn new_lazy(d_model: usize, hidden: usize, device: &B::Device) -> Self {
         let lin = |i, o| LinearConfig::new(i, o).with_bias(false).init(device);
-        Self { gate: lin(d_model, hidden), up: lin(d_model, hidden), down: lin(hidden, d_model), packed: PackedSet::default() }
+        Self {
+            gate: lin(d_model, hidden),
+            up: lin(d_model, hidden),
+            down: lin(hidden, d_model),
+            packed: PackedSet::default(),
+        }
     }
 
     /// Applies the feed-forward to `[b, t, d_model]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let p = |i| self.packed.get(i);
-        let hidden = kv_attention::swiglu(project(&self.gate, p(0), x.clone()), project(&self.up, p(1), x));
+        let hidden = kv_attention::swiglu(
+            project(&self.gate, p(0), x.clone()),
+            project(&self.up, p(1), x),
+        );
         project(&self.down, p(2), hidden)
     }
 }

@@ -1,8 +1,8 @@
 //! Autoregressive generation with a cache and any cache policy.
 
+use crate::ModelState;
 use crate::{DecoderLm, Sampler, SamplerConfig};
 use burn::prelude::*;
-use crate::ModelState;
 use kv_core::{CacheStats, KvError, Result};
 use kv_policies::{CachePolicy, Phase};
 use std::time::{Duration, Instant};
@@ -35,7 +35,12 @@ pub struct Generation {
 pub fn last_row<B: Backend>(logits: Tensor<B, 3>) -> Vec<f32> {
     let [_, t, v] = logits.dims();
     // The one host sync per token: the sampler needs the numbers.
-    logits.narrow(1, t - 1, 1).reshape([v]).into_data().iter::<f32>().collect()
+    logits
+        .narrow(1, t - 1, 1)
+        .reshape([v])
+        .into_data()
+        .iter::<f32>()
+        .collect()
 }
 
 /// Generates up to `config.max_new_tokens` after `prompt` (batch 1) under `policy`, calling
@@ -52,7 +57,11 @@ pub fn generate<B: Backend>(
     }
     let vocab = model.vocab_size();
     if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
-        return Err(KvError::config("prompt token", bad, format!("an id below the vocabulary size {vocab}")));
+        return Err(KvError::config(
+            "prompt token",
+            bad,
+            format!("an id below the vocabulary size {vocab}"),
+        ));
     }
     Sampler::new(config.sampler)?;
     let device = model.embed.weight.device();
@@ -61,11 +70,17 @@ pub fn generate<B: Backend>(
     let ids: Vec<i32> = prompt.iter().map(|&t| t as i32).collect();
     let start = Instant::now();
     let input = Tensor::<B, 1, Int>::from_ints(ids.as_slice(), &device).reshape([1, prompt.len()]);
-    let logits = last_row(model.forward_last_with_policy(input, &mut cache, policy, Phase::Prefill)?);
+    let logits =
+        last_row(model.forward_last_with_policy(input, &mut cache, policy, Phase::Prefill)?);
     let prefill_time = start.elapsed();
     let start = Instant::now();
     let tokens = continue_generation(model, &mut cache, logits, config, policy, 1, on_token)?;
-    Ok(Generation { tokens, cache: cache.stats(), prefill_time, decode_time: start.elapsed() })
+    Ok(Generation {
+        tokens,
+        cache: cache.stats(),
+        prefill_time,
+        decode_time: start.elapsed(),
+    })
 }
 
 /// Generates after text already in `cache`, whose last position gave `logits`: up to
@@ -91,7 +106,14 @@ pub fn continue_generation<B: Backend>(
             break;
         }
         let input = Tensor::<B, 1, Int>::from_ints([next as i32], &device).reshape([1, 1]);
-        logits = last_row(model.forward_last_with_policy(input, cache, policy, Phase::Decode { step: first_step + i })?);
+        logits = last_row(model.forward_last_with_policy(
+            input,
+            cache,
+            policy,
+            Phase::Decode {
+                step: first_step + i,
+            },
+        )?);
     }
     Ok(tokens)
 }

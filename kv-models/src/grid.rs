@@ -4,8 +4,14 @@
 //! A grid is validated as a whole before any cell runs, so a typo in the last policy does not
 //! surface after an hour of evaluation.
 
-use crate::data::{ANSWER_TOKENS, Corpus, DEFAULT_DEPTHS, FRAME_TOKENS, Haystack, NiahMode, NiahSpec, TaskKind, niah_prompt};
-use crate::{DecoderLm, GenerateConfig, SamplerConfig, SharedPrefill, Tokenizer, continue_generation, last_row, policy_loss, task_accuracy_with};
+use crate::data::{
+    ANSWER_TOKENS, Corpus, DEFAULT_DEPTHS, FRAME_TOKENS, Haystack, NiahMode, NiahSpec, TaskKind,
+    niah_prompt,
+};
+use crate::{
+    DecoderLm, GenerateConfig, SamplerConfig, SharedPrefill, Tokenizer, continue_generation,
+    last_row, policy_loss, task_accuracy_with,
+};
 use burn::prelude::*;
 use kv_core::{KvError, Result};
 use kv_policies::{Phase, PolicyEnv, Registry, TokenClasses};
@@ -29,7 +35,8 @@ pub enum Probe {
 }
 
 /// Every probe name [`Probe::parse`] accepts.
-pub const PROBE_NAMES: &str = "passkey, needle, recall, copy, lookup, niah, niah-query, ppl, ppl-essays";
+pub const PROBE_NAMES: &str =
+    "passkey, needle, recall, copy, lookup, niah, niah-query, ppl, ppl-essays";
 
 impl Probe {
     /// The name used on the command line and in results.
@@ -52,12 +59,21 @@ impl Probe {
             "niah-query" => return Ok(Probe::Niah(NiahMode::QueryAware)),
             _ => {}
         }
-        TaskKind::parse(name).map(Probe::Task).map_err(|_| KvError::Unknown { kind: "task".into(), name: name.into(), valid: PROBE_NAMES.into() })
+        TaskKind::parse(name)
+            .map(Probe::Task)
+            .map_err(|_| KvError::Unknown {
+                kind: "task".into(),
+                name: name.into(),
+                valid: PROBE_NAMES.into(),
+            })
     }
 
     /// Whether the probe places something at a depth of the context.
     fn uses_depth(self) -> bool {
-        matches!(self, Probe::Task(TaskKind::Passkey | TaskKind::Needle) | Probe::Niah(_))
+        matches!(
+            self,
+            Probe::Task(TaskKind::Passkey | TaskKind::Needle) | Probe::Niah(_)
+        )
     }
 
     /// Whether the probe reads the haystack (the essays or `--haystack`).
@@ -156,7 +172,11 @@ pub struct CellResult {
 
 /// The spec a policy runs at a compression: `full` stays `full`, FastGen (which sets its own
 /// compression from its recovery threshold) keeps its spec; others get `budget = 1 - c`.
-pub fn policy_at<B: Backend>(registry: &Registry<B>, policy: &str, compression: f64) -> Result<String> {
+pub fn policy_at<B: Backend>(
+    registry: &Registry<B>,
+    policy: &str,
+    compression: f64,
+) -> Result<String> {
     let parsed = registry.parse(policy)?;
     if parsed.name == "full" {
         return Ok("full".into());
@@ -172,7 +192,11 @@ pub fn policy_at<B: Backend>(registry: &Registry<B>, policy: &str, compression: 
         ));
     }
     let keep = 1.0 - compression;
-    Ok(if policy.contains(':') { format!("{policy},budget={keep}") } else { format!("{policy}:budget={keep}") })
+    Ok(if policy.contains(':') {
+        format!("{policy},budget={keep}")
+    } else {
+        format!("{policy}:budget={keep}")
+    })
 }
 
 impl GridSpec {
@@ -184,27 +208,56 @@ impl GridSpec {
     /// Every cell for models labelled `models`, validated: policies unknown to `registry` or
     /// their bad parameters, compressions out of range and contexts too short fail here, before
     /// any work.
-    pub fn cells<B: Backend>(&self, models: &[String], registry: &Registry<B>) -> Result<Vec<GridCell>> {
+    pub fn cells<B: Backend>(
+        &self,
+        models: &[String],
+        registry: &Registry<B>,
+    ) -> Result<Vec<GridCell>> {
         if models.is_empty() {
             return Err(KvError::config("models", 0, "at least one checkpoint"));
         }
-        for (name, axis) in [("policies", self.policies.len()), ("probes", self.probes.len()), ("contexts", self.contexts.len())] {
+        for (name, axis) in [
+            ("policies", self.policies.len()),
+            ("probes", self.probes.len()),
+            ("contexts", self.contexts.len()),
+        ] {
             if axis == 0 {
                 return Err(KvError::config(name, "none", "at least one"));
             }
         }
-        KvError::require_positive(&[("samples", self.samples), ("windows", self.windows), ("ppl chunk", self.ppl_chunk)])?;
+        KvError::require_positive(&[
+            ("samples", self.samples),
+            ("windows", self.windows),
+            ("ppl chunk", self.ppl_chunk),
+        ])?;
         if self.probes.iter().any(|p| matches!(p, Probe::Niah(_))) {
             self.niah.validate()?;
         }
         if let Some(c) = self.compressions.iter().find(|c| !(0.0..1.0).contains(*c)) {
-            return Err(KvError::config("compression", c, "a fraction of slots removed in [0, 1)"));
+            return Err(KvError::config(
+                "compression",
+                c,
+                "a fraction of slots removed in [0, 1)",
+            ));
         }
-        if let Some(d) = self.depths.iter().flatten().find(|d| !(0.0..=1.0).contains(*d)) {
-            return Err(KvError::config("depth", d, "a fraction of the context in [0, 1]"));
+        if let Some(d) = self
+            .depths
+            .iter()
+            .flatten()
+            .find(|d| !(0.0..=1.0).contains(*d))
+        {
+            return Err(KvError::config(
+                "depth",
+                d,
+                "a fraction of the context in [0, 1]",
+            ));
         }
         if !(0.0..1.0).contains(&self.ppl_prompt) {
-            return Err(KvError::config("ppl prompt", self.ppl_prompt, "a fraction of the perplexity window in [0, 1)"));
+            return Err(KvError::config(
+                "ppl prompt",
+                self.ppl_prompt,
+                "a fraction of the perplexity window in [0, 1)",
+            ));
         }
         for &probe in &self.probes {
             let min = match probe {
@@ -213,19 +266,35 @@ impl GridSpec {
                 Probe::Niah(_) => FRAME_TOKENS + 64,
             };
             if let Some(&c) = self.contexts.iter().find(|&&c| c < min) {
-                return Err(KvError::config(format!("{} context", probe.name()), c, format!("at least {min} tokens")));
+                return Err(KvError::config(
+                    format!("{} context", probe.name()),
+                    c,
+                    format!("at least {min} tokens"),
+                ));
             }
         }
         let mut policies = Vec::new();
         for policy in &self.policies {
             let name = registry.parse(policy)?.name;
-            let compressions: Vec<f64> = if registry.is_self_budgeted(&name) { vec![0.0] } else { self.compressions.clone() };
+            let compressions: Vec<f64> = if registry.is_self_budgeted(&name) {
+                vec![0.0]
+            } else {
+                self.compressions.clone()
+            };
             if compressions.is_empty() {
-                return Err(KvError::config("compressions", "none", format!("at least one for policy {name}")));
+                return Err(KvError::config(
+                    "compressions",
+                    "none",
+                    format!("at least one for policy {name}"),
+                ));
             }
             // Label: the policy as given (its name, plus any parameters), so variants such as
             // `streaming` and `streaming:rerotate=true` stay apart in tables and charts.
-            let label = if name == "full" { name.clone() } else { policy.trim().to_string() };
+            let label = if name == "full" {
+                name.clone()
+            } else {
+                policy.trim().to_string()
+            };
             for c in compressions {
                 let spec = policy_at(registry, policy, c)?;
                 // Validated with empty token classes: the run hands each model's own.
@@ -233,9 +302,17 @@ impl GridSpec {
                 policies.push((label.clone(), spec, c));
             }
         }
-        let depths = if self.depths.is_empty() { vec![None] } else { self.depths.clone() };
+        let depths = if self.depths.is_empty() {
+            vec![None]
+        } else {
+            self.depths.clone()
+        };
         // The haystack test is defined at fixed depths; without any it uses the standard five.
-        let niah_depths: Vec<Option<f32>> = if self.depths.is_empty() { DEFAULT_DEPTHS.iter().map(|&d| Some(d)).collect() } else { self.depths.clone() };
+        let niah_depths: Vec<Option<f32>> = if self.depths.is_empty() {
+            DEFAULT_DEPTHS.iter().map(|&d| Some(d)).collect()
+        } else {
+            self.depths.clone()
+        };
         let mut cells = Vec::new();
         for model in models {
             for &probe in &self.probes {
@@ -279,18 +356,63 @@ pub struct GridModel<'a, B: Backend> {
 
 /// Runs one cell on `model`; `text` is the held-out text of `ppl` cells, `haystack` the
 /// haystack of NIAH and `ppl-essays` cells (already read, with its tokens for this model).
-pub fn run_cell<B: Backend>(model: &DecoderLm<B>, tokenizer: &Tokenizer, cell: &GridCell, spec: &GridSpec, text: &Corpus, haystack: Option<&Haystack>, registry: &Registry<B>) -> Result<CellResult> {
+pub fn run_cell<B: Backend>(
+    model: &DecoderLm<B>,
+    tokenizer: &Tokenizer,
+    cell: &GridCell,
+    spec: &GridSpec,
+    text: &Corpus,
+    haystack: Option<&Haystack>,
+    registry: &Registry<B>,
+) -> Result<CellResult> {
     if let Probe::Niah(_) = Probe::parse(&cell.probe)? {
-        let haystack = haystack.ok_or_else(|| KvError::config("niah cell", &cell.model, "a haystack (the essays or --haystack)"))?;
-        return Ok(niah_cells(model, tokenizer, std::slice::from_ref(cell), spec, haystack, registry)?.remove(0));
+        let haystack = haystack.ok_or_else(|| {
+            KvError::config(
+                "niah cell",
+                &cell.model,
+                "a haystack (the essays or --haystack)",
+            )
+        })?;
+        return Ok(niah_cells(
+            model,
+            tokenizer,
+            std::slice::from_ref(cell),
+            spec,
+            haystack,
+            registry,
+        )?
+        .remove(0));
     }
     let start = Instant::now();
     let env = tokenizer.policy_env();
-    let mut make = || registry.build(&cell.spec, &env).expect("validated when the grid was built");
-    let mut result = CellResult { cell: cell.clone(), accuracy: None, loss: None, perplexity: None, kv_bytes: 0.0, removed: 0.0, samples: 0, seconds: 0.0, answer: None };
+    let mut make = || {
+        registry
+            .build(&cell.spec, &env)
+            .expect("validated when the grid was built")
+    };
+    let mut result = CellResult {
+        cell: cell.clone(),
+        accuracy: None,
+        loss: None,
+        perplexity: None,
+        kv_bytes: 0.0,
+        removed: 0.0,
+        samples: 0,
+        seconds: 0.0,
+        answer: None,
+    };
     match Probe::parse(&cell.probe)? {
         Probe::Task(task) => {
-            let r = task_accuracy_with(model, tokenizer, task, cell.context, spec.samples, spec.seed, cell.depth, &mut make)?;
+            let r = task_accuracy_with(
+                model,
+                tokenizer,
+                task,
+                cell.context,
+                spec.samples,
+                spec.seed,
+                cell.depth,
+                &mut make,
+            )?;
             result.accuracy = Some(r.accuracy);
             result.kv_bytes = r.kv_bytes;
             result.removed = r.removed;
@@ -301,11 +423,25 @@ pub fn run_cell<B: Backend>(model: &DecoderLm<B>, tokenizer: &Tokenizer, cell: &
             let corpus = if probe == Probe::Ppl {
                 text
             } else {
-                let h = haystack.ok_or_else(|| KvError::config("ppl-essays cell", &cell.model, "the essays (run scripts/fetch-assets.sh)"))?;
+                let h = haystack.ok_or_else(|| {
+                    KvError::config(
+                        "ppl-essays cell",
+                        &cell.model,
+                        "the essays (run scripts/fetch-assets.sh)",
+                    )
+                })?;
                 essays = Corpus::tokenize(h.text().as_bytes(), tokenizer)?;
                 &essays
             };
-            let r = policy_loss(model, corpus, cell.context, spec.windows, spec.ppl_prompt_tokens(cell.context), spec.ppl_chunk, &mut make)?;
+            let r = policy_loss(
+                model,
+                corpus,
+                cell.context,
+                spec.windows,
+                spec.ppl_prompt_tokens(cell.context),
+                spec.ppl_chunk,
+                &mut make,
+            )?;
             result.loss = Some(r.loss);
             result.perplexity = Some(r.loss.exp());
             result.kv_bytes = r.kv_bytes;
@@ -321,26 +457,61 @@ pub fn run_cell<B: Backend>(model: &DecoderLm<B>, tokenizer: &Tokenizer, cell: &
 /// The Needle-in-a-Haystack cells of one (model, mode, context, depth), every policy of
 /// `cells` reading one shared prefill of the prompt ([`SharedPrefill`]); each cell's time is
 /// its own decode plus an equal share of the prefill.
-fn niah_cells<B: Backend>(model: &DecoderLm<B>, tokenizer: &Tokenizer, cells: &[GridCell], spec: &GridSpec, haystack: &Haystack, registry: &Registry<B>) -> Result<Vec<CellResult>> {
+fn niah_cells<B: Backend>(
+    model: &DecoderLm<B>,
+    tokenizer: &Tokenizer,
+    cells: &[GridCell],
+    spec: &GridSpec,
+    haystack: &Haystack,
+    registry: &Registry<B>,
+) -> Result<Vec<CellResult>> {
     let start = Instant::now();
     let first = &cells[0];
     let Probe::Niah(mode) = Probe::parse(&first.probe)? else {
-        return Err(KvError::config("niah cells", &first.probe, "niah or niah-query"));
+        return Err(KvError::config(
+            "niah cells",
+            &first.probe,
+            "niah or niah-query",
+        ));
     };
-    let prompt = niah_prompt(haystack, tokenizer, &spec.niah, first.context, first.depth.unwrap_or(0.5))?;
+    let prompt = niah_prompt(
+        haystack,
+        tokenizer,
+        &spec.niah,
+        first.context,
+        first.depth.unwrap_or(0.5),
+    )?;
     let prefill: Vec<u32> = match mode {
         NiahMode::Agnostic => prompt.context.clone(),
-        NiahMode::QueryAware => prompt.context.iter().chain(&prompt.question).copied().collect(),
+        NiahMode::QueryAware => prompt
+            .context
+            .iter()
+            .chain(&prompt.question)
+            .copied()
+            .collect(),
     };
     let env = tokenizer.policy_env();
-    let mut policies: Vec<Box<dyn kv_policies::CachePolicy<B>>> = cells.iter().map(|c| registry.build(&c.spec, &env)).collect::<Result<_>>()?;
+    let mut policies: Vec<Box<dyn kv_policies::CachePolicy<B>>> = cells
+        .iter()
+        .map(|c| registry.build(&c.spec, &env))
+        .collect::<Result<_>>()?;
     let shared = {
-        let refs: Vec<&dyn kv_policies::CachePolicy<B>> = policies.iter().map(|p| p.as_ref()).collect();
-        SharedPrefill::new(model, &prefill, &refs, prompt.question.len() + ANSWER_TOKENS)?
+        let refs: Vec<&dyn kv_policies::CachePolicy<B>> =
+            policies.iter().map(|p| p.as_ref()).collect();
+        SharedPrefill::new(
+            model,
+            &prefill,
+            &refs,
+            prompt.question.len() + ANSWER_TOKENS,
+        )?
     };
     let prefill_share = start.elapsed().as_secs_f64() / cells.len() as f64;
     let stops = tokenizer.stop_tokens();
-    let config = GenerateConfig { max_new_tokens: ANSWER_TOKENS, sampler: SamplerConfig::default(), stop_tokens: stops.clone() };
+    let config = GenerateConfig {
+        max_new_tokens: ANSWER_TOKENS,
+        sampler: SamplerConfig::default(),
+        stop_tokens: stops.clone(),
+    };
     let device = model.embed.weight.device();
     let mut out = Vec::with_capacity(cells.len());
     for (cell, policy) in cells.iter().zip(policies.iter_mut()) {
@@ -349,13 +520,36 @@ fn niah_cells<B: Backend>(model: &DecoderLm<B>, tokenizer: &Tokenizer, cells: &[
         let (logits, next_step) = match mode {
             NiahMode::Agnostic => {
                 let ids: Vec<i32> = prompt.question.iter().map(|&t| t as i32).collect();
-                let x = Tensor::<B, 1, Int>::from_ints(ids.as_slice(), &device).reshape([1, ids.len()]);
-                (last_row(model.forward_last_with_policy(x, &mut cache, policy.as_mut(), Phase::Decode { step: 1 })?), 2)
+                let x =
+                    Tensor::<B, 1, Int>::from_ints(ids.as_slice(), &device).reshape([1, ids.len()]);
+                (
+                    last_row(model.forward_last_with_policy(
+                        x,
+                        &mut cache,
+                        policy.as_mut(),
+                        Phase::Decode { step: 1 },
+                    )?),
+                    2,
+                )
             }
             NiahMode::QueryAware => (last_row(shared.last_logits.clone()), 1),
         };
-        let tokens = continue_generation(model, &mut cache, logits, &config, policy.as_mut(), next_step, |_| {})?;
-        let answer = tokenizer.decode(&tokens.iter().copied().filter(|t| !stops.contains(t)).collect::<Vec<_>>())?;
+        let tokens = continue_generation(
+            model,
+            &mut cache,
+            logits,
+            &config,
+            policy.as_mut(),
+            next_step,
+            |_| {},
+        )?;
+        let answer = tokenizer.decode(
+            &tokens
+                .iter()
+                .copied()
+                .filter(|t| !stops.contains(t))
+                .collect::<Vec<_>>(),
+        )?;
         out.push(CellResult {
             cell: cell.clone(),
             accuracy: Some(spec.niah.score(&answer)),
@@ -374,9 +568,21 @@ fn niah_cells<B: Backend>(model: &DecoderLm<B>, tokenizer: &Tokenizer, cells: &[
 /// Runs every cell, the model of each looked up by label; `on_cell` sees each result as it
 /// lands. Consecutive Needle-in-a-Haystack cells that differ only in their policy share one
 /// prefill.
-pub fn run_grid<B: Backend>(models: &[GridModel<'_, B>], cells: &[GridCell], spec: &GridSpec, registry: &Registry<B>, mut on_cell: impl FnMut(&CellResult)) -> Result<Vec<CellResult>> {
-    let needs_haystack = cells.iter().any(|c| Probe::parse(&c.probe).is_ok_and(|p| p.reads_haystack()));
-    let haystack = if needs_haystack { Some(Haystack::for_spec(&spec.niah)?) } else { None };
+pub fn run_grid<B: Backend>(
+    models: &[GridModel<'_, B>],
+    cells: &[GridCell],
+    spec: &GridSpec,
+    registry: &Registry<B>,
+    mut on_cell: impl FnMut(&CellResult),
+) -> Result<Vec<CellResult>> {
+    let needs_haystack = cells
+        .iter()
+        .any(|c| Probe::parse(&c.probe).is_ok_and(|p| p.reads_haystack()));
+    let haystack = if needs_haystack {
+        Some(Haystack::for_spec(&spec.niah)?)
+    } else {
+        None
+    };
     let mut out = Vec::with_capacity(cells.len());
     let mut i = 0;
     while i < cells.len() {
@@ -384,14 +590,28 @@ pub fn run_grid<B: Backend>(models: &[GridModel<'_, B>], cells: &[GridCell], spe
         let m = models
             .iter()
             .find(|m| m.label == cell.model)
-            .ok_or_else(|| KvError::config("grid model", &cell.model, "one of the loaded models"))?;
-        let results = if let (Ok(Probe::Niah(_)), Some(h)) = (Probe::parse(&cell.probe), haystack.as_ref()) {
-            let same = |c: &GridCell| (&c.model, &c.probe, c.context, c.depth) == (&cell.model, &cell.probe, cell.context, cell.depth);
-            let n = cells[i..].iter().take_while(|c| same(c)).count();
-            niah_cells(m.model, &m.tokenizer, &cells[i..i + n], spec, h, registry)?
-        } else {
-            vec![run_cell(m.model, &m.tokenizer, cell, spec, &m.text, haystack.as_ref(), registry)?]
-        };
+            .ok_or_else(|| {
+                KvError::config("grid model", &cell.model, "one of the loaded models")
+            })?;
+        let results =
+            if let (Ok(Probe::Niah(_)), Some(h)) = (Probe::parse(&cell.probe), haystack.as_ref()) {
+                let same = |c: &GridCell| {
+                    (&c.model, &c.probe, c.context, c.depth)
+                        == (&cell.model, &cell.probe, cell.context, cell.depth)
+                };
+                let n = cells[i..].iter().take_while(|c| same(c)).count();
+                niah_cells(m.model, &m.tokenizer, &cells[i..i + n], spec, h, registry)?
+            } else {
+                vec![run_cell(
+                    m.model,
+                    &m.tokenizer,
+                    cell,
+                    spec,
+                    &m.text,
+                    haystack.as_ref(),
+                    registry,
+                )?]
+            };
         i += results.len();
         for r in results {
             on_cell(&r);

@@ -40,13 +40,13 @@ mod checkpoint;
 mod config;
 mod convert;
 pub mod data;
+mod decoder;
 mod eval;
 mod fanout;
-mod decoder;
 mod ffn;
 mod generate;
-mod llama;
 pub mod grid;
+mod llama;
 pub mod load;
 mod ordinal;
 mod presets;
@@ -58,22 +58,29 @@ mod yoco;
 
 pub use attention::SelfAttention;
 pub use block::Block;
-pub use checkpoint::{CHECKPOINT_FILE, CONFIG_FILE, load_model, load_model_expecting, save_model, write_atomic};
+pub use checkpoint::{
+    CHECKPOINT_FILE, CONFIG_FILE, load_model, load_model_expecting, save_model, write_atomic,
+};
 pub use config::{DecoderConfig, DmcSettings, MlaSettings, SelfAttentionKind, YocoSettings};
 pub use convert::{LatentConversion, to_dmc, to_grouped, to_latent, to_partial_rope};
 pub use decoder::{DecoderLm, Stack};
-pub use eval::{PolicyLoss, TaskResult, answer, policy_loss, task_accuracy, task_accuracy_with, validation_loss, validation_loss_from};
+pub use eval::{
+    PolicyLoss, TaskResult, answer, policy_loss, task_accuracy, task_accuracy_with,
+    validation_loss, validation_loss_from,
+};
 pub use fanout::SharedPrefill;
 pub use ffn::FeedForward;
 pub use generate::{GenerateConfig, Generation, continue_generation, generate, last_row};
 pub use kv_attention::materialize;
+pub use llama::{DecoderBlock, Llama};
+pub use load::{Pretrained, PretrainedFormat, PretrainedModel, assets_dir, resolve_model};
 pub use ordinal::ordinal_ids;
 pub use presets::{Preset, preset, preset_names};
 pub use sampling::{Sampler, SamplerConfig, argmax};
-pub use load::{Pretrained, PretrainedFormat, PretrainedModel, assets_dir, resolve_model};
-pub use tokenizer::{ByteTokenizer, ChatMessage, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, TextConfig, Tokenizer};
-pub use llama::{DecoderBlock, Llama};
 pub use state::ModelState;
+pub use tokenizer::{
+    ByteTokenizer, ChatMessage, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, TextConfig, Tokenizer,
+};
 pub use yoco::{CrossDecoderBlock, SelfDecoderAttention, SelfDecoderBlock, Yoco};
 
 #[cfg(test)]

@@ -21,12 +21,20 @@ pub struct Llama<B: Backend> {
 impl<B: Backend> Llama<B> {
     /// Empty layer states, one KV state per block, for a batch of `batch`.
     pub fn new_cache(&self, batch: usize, device: &B::Device) -> ModelCache<B> {
-        ModelCache::with_local(self.blocks.iter().map(|b| b.attention.new_state(batch, device)).collect(), vec![])
+        ModelCache::with_local(
+            self.blocks
+                .iter()
+                .map(|b| b.attention.new_state(batch, device))
+                .collect(),
+            vec![],
+        )
     }
 
     /// Training path over hidden states `h` `[b, t, d_model]` at positions `0..t`.
     pub fn forward(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.blocks.iter().fold(h, |h, block| block.forward_with(h, |a, x| a.forward(x)))
+        self.blocks
+            .iter()
+            .fold(h, |h, block| block.forward_with(h, |a, x| a.forward(x)))
     }
 
     /// [`forward`](Self::forward), plus every DMC layer's share of merged tokens per sequence
@@ -54,14 +62,28 @@ impl<B: Backend> Llama<B> {
         phase: Phase,
     ) -> Result<Tensor<B, 3>> {
         if cache.num_layers() != self.blocks.len() || cache.num_local() != 0 {
-            return Err(KvError::config("cache layers", cache.num_layers(), format!("{} (one per block)", self.blocks.len())));
+            return Err(KvError::config(
+                "cache layers",
+                cache.num_layers(),
+                format!("{} (one per block)", self.blocks.len()),
+            ));
         }
         let n_layers = self.blocks.len();
         for (i, block) in self.blocks.iter().enumerate() {
             let state = cache.layer_state_mut(i);
             h = block.try_forward_with(h, |attn, x| {
-                let ctx = LayerContext { layer: i, n_layers, n_heads: attn.n_heads(), phase, rope: Some(attn.rope()), tokens: Some(tokens) };
-                drive_layer(&mut *policy, &ctx, state, |state, request| attn.forward_cached(x, state, request).map(|o| (o.output, o.observation)))
+                let ctx = LayerContext {
+                    layer: i,
+                    n_layers,
+                    n_heads: attn.n_heads(),
+                    phase,
+                    rope: Some(attn.rope()),
+                    tokens: Some(tokens),
+                };
+                drive_layer(&mut *policy, &ctx, state, |state, request| {
+                    attn.forward_cached(x, state, request)
+                        .map(|o| (o.output, o.observation))
+                })
             })?;
         }
         Ok(h)
@@ -74,6 +96,9 @@ impl<B: Backend> Llama<B> {
 
     /// Chooses how every MLA layer attends over its cache (no effect on grouped layers).
     pub fn set_mla_path(&mut self, path: MlaPath) {
-        self.blocks.iter_mut().filter_map(|b| b.attention.latent_mut()).for_each(|m| m.set_path(path));
+        self.blocks
+            .iter_mut()
+            .filter_map(|b| b.attention.latent_mut())
+            .for_each(|m| m.set_path(path));
     }
 }

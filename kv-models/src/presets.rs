@@ -12,13 +12,19 @@ const PRESETS: &[(&str, &str)] = &[
     ("tiny-mqa", include_str!("../presets/tiny-mqa.json")),
     ("tiny-mla", include_str!("../presets/tiny-mla.json")),
     ("tiny-yoco", include_str!("../presets/tiny-yoco.json")),
-    ("tiny-yoco-retention", include_str!("../presets/tiny-yoco-retention.json")),
+    (
+        "tiny-yoco-retention",
+        include_str!("../presets/tiny-yoco-retention.json"),
+    ),
     ("quick-mha", include_str!("../presets/quick-mha.json")),
     ("quick-gqa", include_str!("../presets/quick-gqa.json")),
     ("decode-bench", include_str!("../presets/decode-bench.json")),
     // The uptraining recipe for a converted SmolLM2 (`kv train --init DIR --preset uptrain-smollm2`:
     // the checkpoint's own config wins, this preset supplies the schedule).
-    ("uptrain-smollm2", include_str!("../presets/uptrain-smollm2.json")),
+    (
+        "uptrain-smollm2",
+        include_str!("../presets/uptrain-smollm2.json"),
+    ),
     // The DMC retrofit recipe (`kv train --init DIR --dmc cr=2` uses it unless told otherwise):
     // a fine-tune at a third of tiny-mha's learning rate, no length curriculum, the target
     // ramped over the first half. Its decision offset is 2, not the paper's 5: at 5 the relaxed
@@ -41,7 +47,12 @@ pub struct Preset {
 impl Preset {
     /// Parses and validates a preset (or `kv train --config`) file's JSON.
     pub fn from_json(text: &str, origin: &str) -> Result<Self> {
-        let bad = |e: serde_json::Error| KvError::io(origin, format!("not a preset ({{\"model\": .., \"train\": ..}}): {e}"));
+        let bad = |e: serde_json::Error| {
+            KvError::io(
+                origin,
+                format!("not a preset ({{\"model\": .., \"train\": ..}}): {e}"),
+            )
+        };
         let value: serde_json::Value = serde_json::from_str(text).map_err(bad)?;
         DecoderConfig::check_fields(&value["model"])?;
         let p: Self = serde_json::from_value(value).map_err(bad)?;
@@ -66,10 +77,13 @@ pub fn preset_names() -> Vec<&'static str> {
 
 /// A built-in preset.
 pub fn preset(name: &str) -> Result<Preset> {
-    let (_, json) = PRESETS.iter().find(|(n, _)| *n == name).ok_or_else(|| KvError::Unknown {
-        kind: "preset".into(),
-        name: name.into(),
-        valid: preset_names().join(", "),
-    })?;
+    let (_, json) = PRESETS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .ok_or_else(|| KvError::Unknown {
+            kind: "preset".into(),
+            name: name.into(),
+            valid: preset_names().join(", "),
+        })?;
     Preset::from_json(json, &format!("kv-models/presets/{name}.json"))
 }

@@ -20,7 +20,12 @@ pub struct SamplerConfig {
 
 impl Default for SamplerConfig {
     fn default() -> Self {
-        Self { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 }
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+        }
     }
 }
 
@@ -28,10 +33,18 @@ impl SamplerConfig {
     /// Checks the values, naming the first bad one.
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(KvError::config("temperature", self.temperature, "a finite number >= 0 (0 = greedy)"));
+            return Err(KvError::config(
+                "temperature",
+                self.temperature,
+                "a finite number >= 0 (0 = greedy)",
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(KvError::config("top_p", self.top_p, "a probability in (0, 1] (1 = off)"));
+            return Err(KvError::config(
+                "top_p",
+                self.top_p,
+                "a probability in (0, 1] (1 = off)",
+            ));
         }
         Ok(())
     }
@@ -48,7 +61,10 @@ impl Sampler {
     /// A sampler with its own random stream seeded from the config.
     pub fn new(config: SamplerConfig) -> Result<Self> {
         config.validate()?;
-        Ok(Self { config, rng: StdRng::seed_from_u64(config.seed) })
+        Ok(Self {
+            config,
+            rng: StdRng::seed_from_u64(config.seed),
+        })
     }
 
     /// Picks a token id from one row of logits.
@@ -63,7 +79,10 @@ impl Sampler {
         }
         let t = self.config.temperature as f64;
         let max = logits[order[0]] as f64;
-        let mut probs: Vec<f64> = order.iter().map(|&i| ((logits[i] as f64 - max) / t).exp()).collect();
+        let mut probs: Vec<f64> = order
+            .iter()
+            .map(|&i| ((logits[i] as f64 - max) / t).exp())
+            .collect();
         let total: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= total);
         if self.config.top_p < 1.0 {
@@ -106,13 +125,17 @@ mod tests {
     use super::*;
 
     fn logits() -> Vec<f32> {
-        (0..50).map(|i| ((i * 37) % 11) as f32 * 0.3 - (i as f32) * 0.01).collect()
+        (0..50)
+            .map(|i| ((i * 37) % 11) as f32 * 0.3 - (i as f32) * 0.01)
+            .collect()
     }
 
     #[test]
     fn greedy_returns_the_argmax() {
         let l = logits();
-        let want = (0..l.len()).max_by(|&a, &b| l[a].total_cmp(&l[b]).then(b.cmp(&a))).unwrap() as u32;
+        let want = (0..l.len())
+            .max_by(|&a, &b| l[a].total_cmp(&l[b]).then(b.cmp(&a)))
+            .unwrap() as u32;
         let mut s = Sampler::new(SamplerConfig::default()).unwrap();
         assert_eq!(s.sample(&l), want);
         assert_eq!(argmax(&[1.0, 3.0, 3.0, 2.0]), 1);
@@ -122,7 +145,13 @@ mod tests {
     fn seeded_sampling_is_reproducible_and_seed_dependent() {
         let l = logits();
         let run = |seed| {
-            let mut s = Sampler::new(SamplerConfig { temperature: 1.5, top_k: 0, top_p: 1.0, seed }).unwrap();
+            let mut s = Sampler::new(SamplerConfig {
+                temperature: 1.5,
+                top_k: 0,
+                top_p: 1.0,
+                seed,
+            })
+            .unwrap();
             (0..64).map(|_| s.sample(&l)).collect::<Vec<_>>()
         };
         assert_eq!(run(7), run(7));
@@ -134,12 +163,24 @@ mod tests {
         let l = logits();
         let mut ranked: Vec<usize> = (0..l.len()).collect();
         ranked.sort_by(|&a, &b| l[b].total_cmp(&l[a]));
-        let mut s = Sampler::new(SamplerConfig { temperature: 5.0, top_k: 3, top_p: 1.0, seed: 1 }).unwrap();
+        let mut s = Sampler::new(SamplerConfig {
+            temperature: 5.0,
+            top_k: 3,
+            top_p: 1.0,
+            seed: 1,
+        })
+        .unwrap();
         for _ in 0..200 {
             assert!(ranked[..3].contains(&(s.sample(&l) as usize)));
         }
         // A tiny top_p keeps only the most likely token.
-        let mut s = Sampler::new(SamplerConfig { temperature: 1.0, top_k: 0, top_p: 1e-6, seed: 1 }).unwrap();
+        let mut s = Sampler::new(SamplerConfig {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1e-6,
+            seed: 1,
+        })
+        .unwrap();
         for _ in 0..50 {
             assert_eq!(s.sample(&l) as usize, ranked[0]);
         }
@@ -147,9 +188,17 @@ mod tests {
 
     #[test]
     fn bad_sampler_settings_are_errors() {
-        let e = Sampler::new(SamplerConfig { temperature: -1.0, ..Default::default() }).unwrap_err();
+        let e = Sampler::new(SamplerConfig {
+            temperature: -1.0,
+            ..Default::default()
+        })
+        .unwrap_err();
         assert!(e.to_string().contains("temperature = -1"), "{e}");
-        let e = Sampler::new(SamplerConfig { top_p: 0.0, ..Default::default() }).unwrap_err();
+        let e = Sampler::new(SamplerConfig {
+            top_p: 0.0,
+            ..Default::default()
+        })
+        .unwrap_err();
         assert!(e.to_string().contains("top_p = 0"), "{e}");
     }
 }

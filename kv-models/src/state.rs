@@ -18,7 +18,10 @@ pub struct ModelState<B: Backend> {
 impl<B: Backend> ModelState<B> {
     /// A fresh state around the model's empty layer states.
     pub fn new(cache: ModelCache<B>) -> Self {
-        Self { cache, previous_tokens: None }
+        Self {
+            cache,
+            previous_tokens: None,
+        }
     }
 
     /// The layers' states.

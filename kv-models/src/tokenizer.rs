@@ -20,7 +20,10 @@ impl ByteTokenizer {
 
     /// Text from token ids; ids above 255 and invalid UTF-8 become U+FFFD.
     pub fn decode(&self, ids: &[u32]) -> String {
-        let bytes: Vec<u8> = ids.iter().map(|&i| u8::try_from(i).unwrap_or(b'?')).collect();
+        let bytes: Vec<u8> = ids
+            .iter()
+            .map(|&i| u8::try_from(i).unwrap_or(b'?'))
+            .collect();
         String::from_utf8_lossy(&bytes).into_owned()
     }
 }
@@ -57,10 +60,14 @@ impl TextConfig {
     /// `eos_token` may be strings or `{"content": ..}` objects, and whose `chat_template` may be a
     /// list of named templates).
     pub fn from_json(text: &str, origin: &Path) -> Result<Self> {
-        let v: serde_json::Value = serde_json::from_str(text).map_err(|e| KvError::io(origin, format!("not JSON: {e}")))?;
+        let v: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| KvError::io(origin, format!("not JSON: {e}")))?;
         let token = |key: &str| match v.get(key) {
             Some(serde_json::Value::String(s)) => Some(s.clone()),
-            Some(o) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
+            Some(o) => o
+                .get("content")
+                .and_then(|c| c.as_str())
+                .map(str::to_string),
             None => None,
         };
         let chat_template = match v.get("chat_template") {
@@ -75,14 +82,18 @@ impl TextConfig {
             _ => None,
         };
         let stop_token_ids = match v.get("stop_token_ids") {
-            Some(ids) => serde_json::from_value(ids.clone()).map_err(|e| KvError::io(origin, format!("stop_token_ids: {e}")))?,
+            Some(ids) => serde_json::from_value(ids.clone())
+                .map_err(|e| KvError::io(origin, format!("stop_token_ids: {e}")))?,
             None => vec![],
         };
         Ok(Self {
             chat_template,
             bos_token: token("bos_token"),
             eos_token: token("eos_token"),
-            add_bos_token: v.get("add_bos_token").and_then(|b| b.as_bool()).unwrap_or(false),
+            add_bos_token: v
+                .get("add_bos_token")
+                .and_then(|b| b.as_bool())
+                .unwrap_or(false),
             stop_token_ids,
         })
     }
@@ -100,7 +111,10 @@ pub struct ChatMessage {
 impl ChatMessage {
     /// A message from `role`.
     pub fn new(role: &str, content: &str) -> Self {
-        Self { role: role.into(), content: content.into() }
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
     }
 }
 
@@ -136,7 +150,11 @@ impl std::fmt::Debug for Tokenizer {
 
 #[cfg(not(feature = "hf-tokenizer"))]
 fn without_feature() -> KvError {
-    KvError::config("tokenizer", "tokenizer.json", "the byte tokenizer: this build lacks the hf-tokenizer feature (cargo build --features hf-tokenizer)")
+    KvError::config(
+        "tokenizer",
+        "tokenizer.json",
+        "the byte tokenizer: this build lacks the hf-tokenizer feature (cargo build --features hf-tokenizer)",
+    )
 }
 
 impl Tokenizer {
@@ -145,7 +163,10 @@ impl Tokenizer {
         let json = std::fs::read_to_string(path).map_err(|e| KvError::io(path, e))?;
         let config = path.with_file_name(TOKENIZER_CONFIG_FILE);
         let text = if config.is_file() {
-            TextConfig::from_json(&std::fs::read_to_string(&config).map_err(|e| KvError::io(&config, e))?, &config)?
+            TextConfig::from_json(
+                &std::fs::read_to_string(&config).map_err(|e| KvError::io(&config, e))?,
+                &config,
+            )?
         } else {
             TextConfig::default()
         };
@@ -164,32 +185,51 @@ impl Tokenizer {
     /// be in the vocabulary.
     #[cfg(feature = "hf-tokenizer")]
     pub fn from_parts(json: &str, text: TextConfig) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_bytes(json.as_bytes())
-            .map_err(|e| KvError::config("tokenizer.json", "unreadable", format!("a Hugging Face tokenizer file: {e}")))?;
+        let inner = tokenizers::Tokenizer::from_bytes(json.as_bytes()).map_err(|e| {
+            KvError::config(
+                "tokenizer.json",
+                "unreadable",
+                format!("a Hugging Face tokenizer file: {e}"),
+            )
+        })?;
         let id = |what: &str, t: &Option<String>| -> Result<Option<u32>> {
             match t {
                 None => Ok(None),
-                Some(t) => inner
-                    .token_to_id(t)
-                    .map(Some)
-                    .ok_or_else(|| KvError::config(what, t, "a token of the tokenizer's vocabulary")),
+                Some(t) => inner.token_to_id(t).map(Some).ok_or_else(|| {
+                    KvError::config(what, t, "a token of the tokenizer's vocabulary")
+                }),
             }
         };
         let bos_id = id("bos_token", &text.bos_token)?;
         let mut stop_ids = text.stop_token_ids.clone();
-        if let Some(eos) = id("eos_token", &text.eos_token)? {
-            if !stop_ids.contains(&eos) {
-                stop_ids.push(eos);
-            }
+        if let Some(eos) = id("eos_token", &text.eos_token)?
+            && !stop_ids.contains(&eos)
+        {
+            stop_ids.push(eos);
         }
         let vocab = inner.get_vocab_size(true) as u32;
         if let Some(bad) = stop_ids.iter().find(|&&s| s >= vocab) {
-            return Err(KvError::config("stop_token_ids", bad, format!("ids below the vocabulary of {vocab}")));
+            return Err(KvError::config(
+                "stop_token_ids",
+                bad,
+                format!("ids below the vocabulary of {vocab}"),
+            ));
         }
         if text.add_bos_token && bos_id.is_none() {
-            return Err(KvError::config("add_bos_token", true, "false, or a bos_token to add"));
+            return Err(KvError::config(
+                "add_bos_token",
+                true,
+                "false, or a bos_token to add",
+            ));
         }
-        Ok(Tokenizer::Hf(std::sync::Arc::new(HfTokenizer { inner, json: json.to_string(), text, bos_id, stop_ids, classes: Default::default() })))
+        Ok(Tokenizer::Hf(std::sync::Arc::new(HfTokenizer {
+            inner,
+            json: json.to_string(),
+            text,
+            bos_id,
+            stop_ids,
+            classes: Default::default(),
+        })))
     }
 
     /// A tokenizer from `tokenizer.json` contents (not compiled into this build).
@@ -201,7 +241,11 @@ impl Tokenizer {
     /// The tokenizer of a run folder: its `tokenizer.json` if it has one, bytes otherwise.
     pub fn for_run(dir: &Path) -> Result<Self> {
         let path = dir.join(TOKENIZER_FILE);
-        if path.is_file() { Self::from_file(&path) } else { Ok(Tokenizer::Bytes) }
+        if path.is_file() {
+            Self::from_file(&path)
+        } else {
+            Ok(Tokenizer::Bytes)
+        }
     }
 
     /// Writes a Hugging Face tokenizer (and its text settings, if any) into a run folder
@@ -214,7 +258,8 @@ impl Tokenizer {
             Tokenizer::Hf(t) => {
                 crate::write_atomic(&dir.join(TOKENIZER_FILE), t.json.as_bytes())?;
                 if t.text != TextConfig::default() {
-                    let config = serde_json::to_vec_pretty(&t.text).map_err(|e| KvError::io(dir, e))?;
+                    let config =
+                        serde_json::to_vec_pretty(&t.text).map_err(|e| KvError::io(dir, e))?;
                     crate::write_atomic(&dir.join(TOKENIZER_CONFIG_FILE), &config)?;
                 }
                 Ok(())
@@ -265,7 +310,13 @@ impl Tokenizer {
                 .inner
                 .encode(text, false)
                 .map(|e| e.get_ids().to_vec())
-                .map_err(|e| KvError::config("text to encode", format!("{} bytes", text.len()), format!("text the tokenizer accepts: {e}"))),
+                .map_err(|e| {
+                    KvError::config(
+                        "text to encode",
+                        format!("{} bytes", text.len()),
+                        format!("text the tokenizer accepts: {e}"),
+                    )
+                }),
         }
     }
 
@@ -274,7 +325,11 @@ impl Tokenizer {
         match self {
             Tokenizer::Bytes => vec![],
             #[cfg(feature = "hf-tokenizer")]
-            Tokenizer::Hf(t) => t.bos_id.filter(|_| t.text.add_bos_token).into_iter().collect(),
+            Tokenizer::Hf(t) => t
+                .bos_id
+                .filter(|_| t.text.add_bos_token)
+                .into_iter()
+                .collect(),
         }
     }
 
@@ -292,7 +347,11 @@ impl Tokenizer {
         match self {
             Tokenizer::Bytes => false,
             #[cfg(feature = "hf-tokenizer")]
-            Tokenizer::Hf(t) => t.bos_id.is_some_and(|b| t.inner.encode("a", true).is_ok_and(|e| e.get_ids().first() == Some(&b))),
+            Tokenizer::Hf(t) => t.bos_id.is_some_and(|b| {
+                t.inner
+                    .encode("a", true)
+                    .is_ok_and(|e| e.get_ids().first() == Some(&b))
+            }),
         }
     }
 
@@ -307,11 +366,23 @@ impl Tokenizer {
                 .classes
                 .get_or_init(|| {
                     let vocab = self.vocab_size();
-                    let mut special: Vec<u32> = t.inner.get_added_tokens_decoder().iter().filter(|(_, a)| a.special).map(|(id, _)| *id).collect();
+                    let mut special: Vec<u32> = t
+                        .inner
+                        .get_added_tokens_decoder()
+                        .iter()
+                        .filter(|(_, a)| a.special)
+                        .map(|(id, _)| *id)
+                        .collect();
                     special.extend(t.bos_id);
                     special.extend(&t.stop_ids);
-                    let texts: Vec<(u32, String)> = (0..vocab as u32).filter_map(|id| t.inner.decode(&[id], false).ok().map(|s| (id, s))).collect();
-                    std::sync::Arc::new(kv_policies::TokenClasses::from_texts(vocab, texts.iter().map(|(i, s)| (*i, s.as_str())), special))
+                    let texts: Vec<(u32, String)> = (0..vocab as u32)
+                        .filter_map(|id| t.inner.decode(&[id], false).ok().map(|s| (id, s)))
+                        .collect();
+                    std::sync::Arc::new(kv_policies::TokenClasses::from_texts(
+                        vocab,
+                        texts.iter().map(|(i, s)| (*i, s.as_str())),
+                        special,
+                    ))
                 })
                 .clone(),
         }
@@ -319,7 +390,9 @@ impl Tokenizer {
 
     /// What policies built for this tokenizer's model need from it (FastGen's token classes).
     pub fn policy_env(&self) -> kv_policies::PolicyEnv {
-        kv_policies::PolicyEnv { token_classes: Some(self.token_classes()) }
+        kv_policies::PolicyEnv {
+            token_classes: Some(self.token_classes()),
+        }
     }
 
     /// Tokens after which generation stops (EOS, end of turn); none for the byte tokenizer.
@@ -336,16 +409,23 @@ impl Tokenizer {
         match self {
             Tokenizer::Bytes => Ok(ByteTokenizer.decode(ids)),
             #[cfg(feature = "hf-tokenizer")]
-            Tokenizer::Hf(t) => t
-                .inner
-                .decode(ids, false)
-                .map_err(|e| KvError::config("token ids", format!("{ids:?}"), format!("ids below the vocabulary of {}: {e}", self.vocab_size()))),
+            Tokenizer::Hf(t) => t.inner.decode(ids, false).map_err(|e| {
+                KvError::config(
+                    "token ids",
+                    format!("{ids:?}"),
+                    format!("ids below the vocabulary of {}: {e}", self.vocab_size()),
+                )
+            }),
         }
     }
 
     /// The model's chat template applied to `messages` (as Hugging Face's `apply_chat_template`
     /// renders it), ending with the assistant's turn opened when `add_generation_prompt`.
-    pub fn render_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+    pub fn render_chat(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let text = self.text_config();
         let template = text.chat_template.as_deref().ok_or_else(|| {
             KvError::config("chat template", "none", "a model whose tokenizer config or GGUF file has a chat_template (use --prompt for plain text)")
@@ -365,7 +445,10 @@ mod tests {
         assert_eq!(ids.len(), 10);
         assert_eq!(t.decode(&ids), "héllo, 42");
         let t = Tokenizer::default();
-        assert_eq!(t.decode(&t.encode("héllo, 42").unwrap()).unwrap(), "héllo, 42");
+        assert_eq!(
+            t.decode(&t.encode("héllo, 42").unwrap()).unwrap(),
+            "héllo, 42"
+        );
         assert_eq!((t.vocab_size(), t.name()), (256, "bytes"));
     }
 

@@ -5,7 +5,6 @@ use crate::checkpoint::{Sections, canonical_record, model_from_record, record_by
 use crate::data::{Corpus, TaskKind, TextSource, batch_rng};
 use crate::eval::{task_accuracy_with, validation_loss};
 use crate::{CHECKPOINT_FILE, DecoderConfig, DecoderLm, Tokenizer};
-use kv_policies::FullCache;
 use burn::grad_clipping::GradientClippingConfig;
 use burn::module::AutodiffModule;
 use burn::optim::adaptor::OptimizerAdaptor;
@@ -14,6 +13,7 @@ use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::AutodiffBackend;
 use kv_core::{KvError, Result};
+use kv_policies::FullCache;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -139,7 +139,10 @@ fn three_quarters() -> f64 {
 impl DmcTraining {
     /// The target ratio `cr`, ramped over the first three quarters of the steps.
     pub fn new(cr: f64) -> Self {
-        Self { cr, ramp: three_quarters() }
+        Self {
+            cr,
+            ramp: three_quarters(),
+        }
     }
 
     /// The target compression ratio at `step` (0-based) of `steps`.
@@ -151,10 +154,18 @@ impl DmcTraining {
     /// Checks the target, naming the bad value.
     pub fn validate(&self) -> Result<()> {
         if !(self.cr >= 1.0 && self.cr <= 64.0) {
-            return Err(KvError::config("dmc cr", self.cr, "a compression ratio in [1, 64] (the paper trains 2 to 4)"));
+            return Err(KvError::config(
+                "dmc cr",
+                self.cr,
+                "a compression ratio in [1, 64] (the paper trains 2 to 4)",
+            ));
         }
         if !(0.0..=1.0).contains(&self.ramp) {
-            return Err(KvError::config("dmc ramp", self.ramp, "a fraction of the steps in [0, 1]"));
+            return Err(KvError::config(
+                "dmc ramp",
+                self.ramp,
+                "a fraction of the steps in [0, 1]",
+            ));
         }
         Ok(())
     }
@@ -173,29 +184,62 @@ impl TrainConfig {
             return Err(KvError::config("lr", self.lr, "a learning rate in (0, 1]"));
         }
         if !(0.0..=1.0).contains(&self.min_lr_ratio) {
-            return Err(KvError::config("min_lr_ratio", self.min_lr_ratio, "a fraction in [0, 1]"));
+            return Err(KvError::config(
+                "min_lr_ratio",
+                self.min_lr_ratio,
+                "a fraction in [0, 1]",
+            ));
         }
         if !(0.0..1.0).contains(&self.weight_decay) {
-            return Err(KvError::config("weight_decay", self.weight_decay, "a decay in [0, 1) such as 0.1"));
+            return Err(KvError::config(
+                "weight_decay",
+                self.weight_decay,
+                "a decay in [0, 1) such as 0.1",
+            ));
         }
         if !(self.clip_norm >= 0.0 && self.clip_norm.is_finite()) {
-            return Err(KvError::config("clip_norm", self.clip_norm, "a gradient norm >= 0 (0 = no clipping)"));
+            return Err(KvError::config(
+                "clip_norm",
+                self.clip_norm,
+                "a gradient norm >= 0 (0 = no clipping)",
+            ));
         }
         if !(self.answer_weight > 0.0 && self.answer_weight.is_finite()) {
-            return Err(KvError::config("answer_weight", self.answer_weight, "a positive loss weight (1 = plain language modelling)"));
+            return Err(KvError::config(
+                "answer_weight",
+                self.answer_weight,
+                "a positive loss weight (1 = plain language modelling)",
+            ));
         }
-        if !(0.0..=1.0).contains(&self.task_fraction) || (self.task_fraction > 0.0 && self.tasks.is_empty()) {
-            return Err(KvError::config("task_fraction", self.task_fraction, "in [0, 1], and 0 unless `tasks` names some"));
+        if !(0.0..=1.0).contains(&self.task_fraction)
+            || (self.task_fraction > 0.0 && self.tasks.is_empty())
+        {
+            return Err(KvError::config(
+                "task_fraction",
+                self.task_fraction,
+                "in [0, 1], and 0 unless `tasks` names some",
+            ));
         }
         if self.short_steps > 0 && !(2..self.seq_len).contains(&self.short_seq_len) {
-            return Err(KvError::config("short_seq_len", self.short_seq_len, format!("a length in [2, seq_len = {}) for the curriculum's short stage", self.seq_len)));
+            return Err(KvError::config(
+                "short_seq_len",
+                self.short_seq_len,
+                format!(
+                    "a length in [2, seq_len = {}) for the curriculum's short stage",
+                    self.seq_len
+                ),
+            ));
         }
         if let Some(dmc) = &self.dmc {
             dmc.validate()?;
         }
         for t in &self.tasks {
             if self.seq_len + 1 < t.min_context() {
-                return Err(KvError::config("seq_len", self.seq_len, format!("at least {} for task {}", t.min_context(), t.name())));
+                return Err(KvError::config(
+                    "seq_len",
+                    self.seq_len,
+                    format!("at least {} for task {}", t.min_context(), t.name()),
+                ));
             }
         }
         Ok(())
@@ -220,7 +264,10 @@ impl TrainConfig {
     /// Sequence length and micro-batch size at `step` (0-based), following the length curriculum.
     pub fn shape_at(&self, step: usize) -> (usize, usize) {
         if step < self.short_steps && self.short_seq_len > 0 {
-            (self.short_seq_len, (self.batch_size * self.seq_len).div_ceil(self.short_seq_len))
+            (
+                self.short_seq_len,
+                (self.batch_size * self.seq_len).div_ceil(self.short_seq_len),
+            )
         } else {
             (self.seq_len, self.batch_size)
         }
@@ -322,8 +369,13 @@ pub fn run_status(dir: &Path) -> Result<Option<RunStatus>> {
     if sections.train.is_empty() {
         return Err(KvError::io(&path, "holds weights only (no training state)"));
     }
-    let state: TrainState = serde_json::from_slice(&sections.train).map_err(|e| KvError::io(&path, format!("bad training state: {e}")))?;
-    Ok(Some(RunStatus { model, train: state.config, step: state.step }))
+    let state: TrainState = serde_json::from_slice(&sections.train)
+        .map_err(|e| KvError::io(&path, format!("bad training state: {e}")))?;
+    Ok(Some(RunStatus {
+        model,
+        train: state.config,
+        step: state.step,
+    }))
 }
 
 /// A training run in progress on autodiff backend `B`.
@@ -344,13 +396,19 @@ fn adamw<B: AutodiffBackend>(config: &TrainConfig) -> OptimizerAdaptor<AdamW, De
         .with_beta_2(0.95)
         .with_epsilon(1e-8)
         .with_weight_decay(config.weight_decay)
-        .with_grad_clipping((config.clip_norm > 0.0).then_some(GradientClippingConfig::Norm(config.clip_norm)))
+        .with_grad_clipping(
+            (config.clip_norm > 0.0).then_some(GradientClippingConfig::Norm(config.clip_norm)),
+        )
         .init()
 }
 
 impl<B: AutodiffBackend> Trainer<B> {
     /// A fresh run: a model initialised from `config.seed`.
-    pub fn new(model_config: DecoderConfig, config: TrainConfig, device: &B::Device) -> Result<Self> {
+    pub fn new(
+        model_config: DecoderConfig,
+        config: TrainConfig,
+        device: &B::Device,
+    ) -> Result<Self> {
         config.validate()?;
         B::seed(device, config.seed);
         let model = model_config.init::<B>(device)?;
@@ -358,7 +416,12 @@ impl<B: AutodiffBackend> Trainer<B> {
     }
 
     /// A fresh run (step 0, new optimiser) that starts from given weights (`kv train --init`).
-    pub fn from_model(model: DecoderLm<B>, model_config: DecoderConfig, config: TrainConfig, device: &B::Device) -> Result<Self> {
+    pub fn from_model(
+        model: DecoderLm<B>,
+        model_config: DecoderConfig,
+        config: TrainConfig,
+        device: &B::Device,
+    ) -> Result<Self> {
         let tokenizer = match &config.tokenizer {
             Some(path) => Tokenizer::from_file(path)?,
             None => Tokenizer::Bytes,
@@ -366,20 +429,48 @@ impl<B: AutodiffBackend> Trainer<B> {
         Self::with_tokenizer(model, model_config, config, tokenizer, device)
     }
 
-    fn with_tokenizer(model: DecoderLm<B>, model_config: DecoderConfig, config: TrainConfig, tokenizer: Tokenizer, device: &B::Device) -> Result<Self> {
+    fn with_tokenizer(
+        model: DecoderLm<B>,
+        model_config: DecoderConfig,
+        config: TrainConfig,
+        tokenizer: Tokenizer,
+        device: &B::Device,
+    ) -> Result<Self> {
         config.validate()?;
         model_config.validate()?;
         if config.dmc.is_some() && model_config.dmc.is_none() {
-            return Err(KvError::config("train dmc", "a compression target", "a model with dmc settings (retrofit one with `kv train --init <run> --dmc cr=2`)"));
+            return Err(KvError::config(
+                "train dmc",
+                "a compression target",
+                "a model with dmc settings (retrofit one with `kv train --init <run> --dmc cr=2`)",
+            ));
         }
-        crate::eval::check_vocab(&model, tokenizer.vocab_size(), &format!("the {} tokenizer", tokenizer.name()))?;
+        crate::eval::check_vocab(
+            &model,
+            tokenizer.vocab_size(),
+            &format!("the {} tokenizer", tokenizer.name()),
+        )?;
         let (train, valid) = config.data.load_with(config.seed, &tokenizer)?;
         for (name, c) in [("training", &train), ("validation", &valid)] {
             if c.len() < config.seq_len + 1 {
-                return Err(KvError::config(format!("{name} text"), format!("{} tokens", c.len()), format!("at least seq_len + 1 = {}", config.seq_len + 1)));
+                return Err(KvError::config(
+                    format!("{name} text"),
+                    format!("{} tokens", c.len()),
+                    format!("at least seq_len + 1 = {}", config.seq_len + 1),
+                ));
             }
         }
-        Ok(Self { optim: adamw(&config), model, model_config, config, step: 0, train, valid, tokenizer, device: device.clone() })
+        Ok(Self {
+            optim: adamw(&config),
+            model,
+            model_config,
+            config,
+            step: 0,
+            train,
+            valid,
+            tokenizer,
+            device: device.clone(),
+        })
     }
 
     /// Continues the run saved in `dir` exactly where it stopped; `steps`, if given, replaces the
@@ -389,9 +480,13 @@ impl<B: AutodiffBackend> Trainer<B> {
         let path = dir.join(CHECKPOINT_FILE);
         let model_config = sections.model_config(dir)?;
         if sections.train.is_empty() || sections.optim.is_empty() {
-            return Err(KvError::io(&path, "holds weights only (no training state), so it cannot be resumed; start a new run from it with --init"));
+            return Err(KvError::io(
+                &path,
+                "holds weights only (no training state), so it cannot be resumed; start a new run from it with --init",
+            ));
         }
-        let mut state: TrainState = serde_json::from_slice(&sections.train).map_err(|e| KvError::io(&path, format!("bad training state: {e}")))?;
+        let mut state: TrainState = serde_json::from_slice(&sections.train)
+            .map_err(|e| KvError::io(&path, format!("bad training state: {e}")))?;
         if let Some(s) = steps {
             state.config.steps = s;
         }
@@ -399,10 +494,15 @@ impl<B: AutodiffBackend> Trainer<B> {
         // The run's own copy of its tokenizer, so a moved or deleted original does not matter.
         let tokenizer = Tokenizer::for_run(dir)?;
         if tokenizer.is_bytes() && state.config.tokenizer.is_some() {
-            return Err(KvError::io(dir.join(crate::TOKENIZER_FILE), "missing: the run was trained with a tokenizer file"));
+            return Err(KvError::io(
+                dir.join(crate::TOKENIZER_FILE),
+                "missing: the run was trained with a tokenizer file",
+            ));
         }
-        let mut trainer = Self::with_tokenizer(model, model_config, state.config, tokenizer, device)?;
-        trainer.optim = adamw(&trainer.config).load_record(record_from::<B, _>(sections.optim, device, &path)?);
+        let mut trainer =
+            Self::with_tokenizer(model, model_config, state.config, tokenizer, device)?;
+        trainer.optim =
+            adamw(&trainer.config).load_record(record_from::<B, _>(sections.optim, device, &path)?);
         trainer.step = state.step;
         Ok(trainer)
     }
@@ -434,11 +534,20 @@ impl<B: AutodiffBackend> Trainer<B> {
 
     /// The `micro`-th micro-batch of `step`: inputs `[batch, seq_len]`, flat targets and their
     /// loss weights `[batch * seq_len]`.
-    fn batch(&self, step: usize, micro: usize) -> Result<(Tensor<B, 2, Int>, Tensor<B, 1, Int>, Vec<f32>)> {
+    fn batch(
+        &self,
+        step: usize,
+        micro: usize,
+    ) -> Result<(Tensor<B, 2, Int>, Tensor<B, 1, Int>, Vec<f32>)> {
         let c = &self.config;
         let (seq_len, batch_size) = c.shape_at(step);
         // Tasks that fit this step's length (the curriculum's short stage fits fewer).
-        let tasks: Vec<TaskKind> = c.tasks.iter().copied().filter(|t| t.min_context() <= seq_len + 1).collect();
+        let tasks: Vec<TaskKind> = c
+            .tasks
+            .iter()
+            .copied()
+            .filter(|t| t.min_context() <= seq_len + 1)
+            .collect();
         let mut rng = batch_rng(c.seed, step, micro);
         let mut ids = Vec::with_capacity(batch_size * (seq_len + 1));
         let mut weights = vec![1.0f32; batch_size * seq_len];
@@ -447,7 +556,11 @@ impl<B: AutodiffBackend> Trainer<B> {
                 let task = tasks[rng.random_range(0..tasks.len())];
                 // Task lengths vary from the shortest possible to the full window (a curriculum
                 // of retrieval distances), with corpus text in front of the shorter ones.
-                let len = if c.vary_task_length { rng.random_range(task.min_context()..=seq_len + 1) } else { seq_len + 1 };
+                let len = if c.vary_task_length {
+                    rng.random_range(task.min_context()..=seq_len + 1)
+                } else {
+                    seq_len + 1
+                };
                 let sample = task.sample(&mut rng, len, None)?;
                 // Prompt and answer are encoded apart, so the answer starts on a token boundary;
                 // a token is at least a byte, so the text fits (the front is cut if it ever did not).
@@ -468,7 +581,11 @@ impl<B: AutodiffBackend> Trainer<B> {
                         }
                     }
                 }
-                let mut seq = if text.len() <= seq_len { self.train.window(&mut rng, seq_len + 1 - text.len())? } else { Vec::new() };
+                let mut seq = if text.len() <= seq_len {
+                    self.train.window(&mut rng, seq_len + 1 - text.len())?
+                } else {
+                    Vec::new()
+                };
                 seq.extend_from_slice(text);
                 seq
             } else {
@@ -476,7 +593,8 @@ impl<B: AutodiffBackend> Trainer<B> {
             };
             ids.extend(seq.into_iter().map(|t| t as i32));
         }
-        let all = Tensor::<B, 1, Int>::from_ints(ids.as_slice(), &self.device).reshape([batch_size, seq_len + 1]);
+        let all = Tensor::<B, 1, Int>::from_ints(ids.as_slice(), &self.device)
+            .reshape([batch_size, seq_len + 1]);
         let inputs = all.clone().narrow(1, 0, seq_len);
         let targets = all.narrow(1, 1, seq_len).reshape([batch_size * seq_len]);
         Ok((inputs, targets, weights))
@@ -494,7 +612,10 @@ impl<B: AutodiffBackend> Trainer<B> {
             let (inputs, targets, weights) = self.batch(self.step, micro)?;
             // Randomness inside the forward (DMC's Gumbel noise) is drawn from the step and
             // micro-batch, as the data is, so a resumed run repeats the uninterrupted one.
-            B::seed(&self.device, batch_rng(c.seed ^ 0x6d63, self.step, micro).random::<u64>());
+            B::seed(
+                &self.device,
+                batch_rng(c.seed ^ 0x6d63, self.step, micro).random::<u64>(),
+            );
             let (logits, merged) = self.model.forward_train(inputs);
             let [b, t, v] = logits.dims();
             let mut loss = weighted_cross_entropy(logits.reshape([b * t, v]), targets, &weights);
@@ -502,7 +623,12 @@ impl<B: AutodiffBackend> Trainer<B> {
                 // One-sided: merging more than the target costs nothing. Weight 1 per token, as
                 // the official code's `dmc_loss * num_tokens` over a token-summed LM loss.
                 merged_sum += merged.clone().mean().into_scalar().elem::<f64>();
-                loss = loss + merged.neg().add_scalar(1.0 - 1.0 / target).clamp_min(0.0).mean();
+                loss = loss
+                    + merged
+                        .neg()
+                        .add_scalar(1.0 - 1.0 / target)
+                        .clamp_min(0.0)
+                        .mean();
             }
             loss_sum += loss.clone().into_scalar().elem::<f64>();
             let grads = loss.div_scalar(c.grad_accum as f64).backward();
@@ -515,9 +641,15 @@ impl<B: AutodiffBackend> Trainer<B> {
             step: self.step,
             loss: loss_sum / c.grad_accum as f64,
             lr,
-            tokens_per_s: { let (l, b) = c.shape_at(self.step - 1); (l * b * c.grad_accum) as f64 / start.elapsed().as_secs_f64() },
+            tokens_per_s: {
+                let (l, b) = c.shape_at(self.step - 1);
+                (l * b * c.grad_accum) as f64 / start.elapsed().as_secs_f64()
+            },
             seconds: start.elapsed().as_secs_f64(),
-            dmc: dmc_target.map(|target| DmcStep { cr: 1.0 / (1.0 - merged_sum / c.grad_accum as f64).max(1e-9), target }),
+            dmc: dmc_target.map(|target| DmcStep {
+                cr: 1.0 / (1.0 - merged_sum / c.grad_accum as f64).max(1e-9),
+                target,
+            }),
         })
     }
 
@@ -532,17 +664,34 @@ impl<B: AutodiffBackend> Trainer<B> {
         tasks.sort_by_key(|t| t.name());
         tasks.dedup();
         for task in tasks {
-            let r = task_accuracy_with(&model, &self.tokenizer, task, c.seq_len, c.eval_task_samples, c.seed ^ 0xe7a1, None, &mut || Box::new(FullCache))?;
+            let r = task_accuracy_with(
+                &model,
+                &self.tokenizer,
+                task,
+                c.seq_len,
+                c.eval_task_samples,
+                c.seed ^ 0xe7a1,
+                None,
+                &mut || Box::new(FullCache),
+            )?;
             task_acc.push((task, r.accuracy));
         }
-        Ok(EvalMetrics { step: self.step, valid_loss, task_accuracy: task_acc })
+        Ok(EvalMetrics {
+            step: self.step,
+            valid_loss,
+            task_accuracy: task_acc,
+        })
     }
 
     /// Saves weights, optimiser state, step and configs into `dir`, atomically.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        let state = TrainState { step: self.step, config: self.config.clone() };
+        let state = TrainState {
+            step: self.step,
+            config: self.config.clone(),
+        };
         let sections = Sections {
-            config: serde_json::to_vec_pretty(&self.model_config).map_err(|e| KvError::io(dir, e))?,
+            config: serde_json::to_vec_pretty(&self.model_config)
+                .map_err(|e| KvError::io(dir, e))?,
             train: serde_json::to_vec_pretty(&state).map_err(|e| KvError::io(dir, e))?,
             model: record_bytes::<B, _>(self.model.clone().into_record(), dir)?,
             optim: canonical_record(record_bytes::<B, _>(self.optim.to_record(), dir)?),
@@ -554,9 +703,15 @@ impl<B: AutodiffBackend> Trainer<B> {
 }
 
 /// Mean of `-log p(target)` over rows, weighted by `weights` (f32 log-softmax).
-fn weighted_cross_entropy<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>, weights: &[f32]) -> Tensor<B, 1> {
+fn weighted_cross_entropy<B: Backend>(
+    logits: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+    weights: &[f32],
+) -> Tensor<B, 1> {
     let n = weights.len();
-    let logp = log_softmax(logits, 1).gather(1, targets.reshape([n, 1])).reshape([n]);
+    let logp = log_softmax(logits, 1)
+        .gather(1, targets.reshape([n, 1]))
+        .reshape([n]);
     if weights.iter().all(|&w| w == 1.0) {
         return logp.mean().neg();
     }
@@ -606,7 +761,11 @@ pub fn read_log(dir: &Path) -> Result<Vec<LogLine>> {
 /// Runs `trainer` to its last step, evaluating, checkpointing into `out` and appending to
 /// `out/metrics.jsonl`; lines beyond the trainer's step (from a run that died after its last
 /// checkpoint) are dropped first, so a resumed log reads as if the run had never stopped.
-pub fn run<B: AutodiffBackend>(trainer: &mut Trainer<B>, out: &Path, on_event: impl FnMut(&TrainEvent)) -> Result<Option<EvalMetrics>> {
+pub fn run<B: AutodiffBackend>(
+    trainer: &mut Trainer<B>,
+    out: &Path,
+    on_event: impl FnMut(&TrainEvent),
+) -> Result<Option<EvalMetrics>> {
     let steps = trainer.config().steps;
     run_until(trainer, out, steps, on_event)
 }
@@ -618,7 +777,10 @@ pub fn run_until<B: AutodiffBackend>(
     until: usize,
     mut on_event: impl FnMut(&TrainEvent),
 ) -> Result<Option<EvalMetrics>> {
-    let kept: Vec<LogLine> = read_log(out)?.into_iter().filter(|l| l.step() <= trainer.step()).collect();
+    let kept: Vec<LogLine> = read_log(out)?
+        .into_iter()
+        .filter(|l| l.step() <= trainer.step())
+        .collect();
     let mut text = String::new();
     for line in &kept {
         text += &serde_json::to_string(line).map_err(|e| KvError::io(out, e))?;
@@ -626,12 +788,16 @@ pub fn run_until<B: AutodiffBackend>(
     }
     crate::write_atomic(&out.join(METRICS_FILE), text.as_bytes())?;
     let log_path = out.join(METRICS_FILE);
-    let mut log = std::fs::OpenOptions::new().append(true).open(&log_path).map_err(|e| KvError::io(&log_path, e))?;
+    let mut log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| KvError::io(&log_path, e))?;
     let mut write = |line: &LogLine| -> Result<()> {
         let mut s = serde_json::to_string(line).map_err(|e| KvError::io(&log_path, e))?;
         s.push('\n');
         // One write per line, so a kill leaves at most one unfinished line, which read_log drops.
-        log.write_all(s.as_bytes()).map_err(|e| KvError::io(&log_path, e))
+        log.write_all(s.as_bytes())
+            .map_err(|e| KvError::io(&log_path, e))
     };
     let mut last_eval = None;
     let until = until.min(trainer.config().steps);
@@ -641,13 +807,16 @@ pub fn run_until<B: AutodiffBackend>(
         on_event(&TrainEvent::Step(m));
         let c = trainer.config();
         let step = trainer.step();
-        if (c.eval_every > 0 && step % c.eval_every == 0) || trainer.is_done() {
+        if (c.eval_every > 0 && step.is_multiple_of(c.eval_every)) || trainer.is_done() {
             let e = trainer.evaluate()?;
             write(&LogLine::Eval(e.clone()))?;
             on_event(&TrainEvent::Eval(e.clone()));
             last_eval = Some(e);
         }
-        if (c.checkpoint_every > 0 && step % c.checkpoint_every == 0) || trainer.is_done() || step == until {
+        if (c.checkpoint_every > 0 && step.is_multiple_of(c.checkpoint_every))
+            || trainer.is_done()
+            || step == until
+        {
             trainer.save(out)?;
             on_event(&TrainEvent::Checkpoint { step });
         }
@@ -673,19 +842,39 @@ mod tests {
     fn lookup_rows_weight_every_retrieved_value() {
         let mut c = config(true);
         c.tasks = vec![TaskKind::Lookup];
-        let t = Trainer::<AD>::new(DecoderConfig::new(256, 16, 1, 2, 2, 16), c, &Default::default()).unwrap();
+        let t = Trainer::<AD>::new(
+            DecoderConfig::new(256, 16, 1, 2, 2, 16),
+            c,
+            &Default::default(),
+        )
+        .unwrap();
         let (inputs, targets, weights) = t.batch(0, 0).unwrap();
         let ids: Vec<i64> = targets.into_data().iter::<i64>().collect();
         let inp: Vec<i64> = inputs.into_data().iter::<i64>().collect();
-        for (row, (w, (x, y))) in weights.chunks(64).zip(inp.chunks(64).zip(ids.chunks(64))).enumerate() {
+        for (row, (w, (x, y))) in weights
+            .chunks(64)
+            .zip(inp.chunks(64).zip(ids.chunks(64)))
+            .enumerate()
+        {
             let text: String = x.iter().map(|&b| b as u8 as char).collect();
-            let weighted: Vec<(usize, char)> = w.iter().enumerate().filter(|(_, w)| **w != 1.0).map(|(i, _)| (i, y[i] as u8 as char)).collect();
+            let weighted: Vec<(usize, char)> = w
+                .iter()
+                .enumerate()
+                .filter(|(_, w)| **w != 1.0)
+                .map(|(i, _)| (i, y[i] as u8 as char))
+                .collect();
             // Every weighted target is a digit that follows `=` in the input, and the query before
             // it names a key listed earlier in the row with that very digit.
             for &(i, digit) in &weighted {
-                assert!(digit.is_ascii_digit() && text.as_bytes()[i] == b'=', "row {row}: {text:?} at {i}");
+                assert!(
+                    digit.is_ascii_digit() && text.as_bytes()[i] == b'=',
+                    "row {row}: {text:?} at {i}"
+                );
                 let pair = format!("{}{}", &text[i - 2..=i], digit);
-                assert!(text[..i - 2].contains(&pair), "row {row}: {pair} not listed before {i} in {text:?}");
+                assert!(
+                    text[..i - 2].contains(&pair),
+                    "row {row}: {pair} not listed before {i} in {text:?}"
+                );
             }
             assert!(!weighted.is_empty(), "row {row}: {text:?}");
         }
@@ -694,7 +883,12 @@ mod tests {
     #[test]
     fn answers_are_weighted_at_the_end_of_every_task_row() {
         for vary in [false, true] {
-            let t = Trainer::<AD>::new(DecoderConfig::new(256, 16, 1, 2, 2, 16), config(vary), &Default::default()).unwrap();
+            let t = Trainer::<AD>::new(
+                DecoderConfig::new(256, 16, 1, 2, 2, 16),
+                config(vary),
+                &Default::default(),
+            )
+            .unwrap();
             let (inputs, targets, weights) = t.batch(0, 0).unwrap();
             assert_eq!(inputs.dims(), [6, 64]);
             assert_eq!(targets.dims(), [6 * 64]);
@@ -705,11 +899,21 @@ mod tests {
             }
             // The weighted targets are the copied letters, i.e. the task really ends the row.
             let ids: Vec<i64> = targets.into_data().iter::<i64>().collect();
-            assert!(ids.chunks(64).all(|r| r[56..].iter().all(|&c| (b'a' as i64..=b'z' as i64).contains(&c))));
+            assert!(ids.chunks(64).all(|r| {
+                r[56..]
+                    .iter()
+                    .all(|&c| (b'a' as i64..=b'z' as i64).contains(&c))
+            }));
         }
         let mut bad = config(false);
         bad.answer_weight = 0.0;
-        let e = Trainer::<AD>::new(DecoderConfig::new(256, 16, 1, 2, 2, 16), bad, &Default::default()).err().unwrap();
+        let e = Trainer::<AD>::new(
+            DecoderConfig::new(256, 16, 1, 2, 2, 16),
+            bad,
+            &Default::default(),
+        )
+        .err()
+        .unwrap();
         assert!(e.to_string().contains("answer_weight = 0"), "{e}");
     }
 
@@ -723,7 +927,12 @@ mod tests {
         assert_eq!(c.shape_at(0), (40, 30));
         assert_eq!(c.shape_at(2), (40, 30));
         assert_eq!(c.shape_at(3), (200, 6));
-        let t = Trainer::<AD>::new(DecoderConfig::new(256, 16, 1, 2, 2, 16), c.clone(), &Default::default()).unwrap();
+        let t = Trainer::<AD>::new(
+            DecoderConfig::new(256, 16, 1, 2, 2, 16),
+            c.clone(),
+            &Default::default(),
+        )
+        .unwrap();
         // Short rows hold only the tasks that fit them (copy, not the 158-token passkey).
         let (inputs, _, weights) = t.batch(1, 0).unwrap();
         assert_eq!(inputs.dims(), [30, 40]);

@@ -7,7 +7,10 @@
 
 use crate::Block;
 use burn::prelude::*;
-use kv_attention::{AttentionOutput, CachedAttention, CrossAttention, GatedRetention, GlobalKv, ObserveRequest, SlidingWindowAttention};
+use kv_attention::{
+    AttentionOutput, CachedAttention, CrossAttention, GatedRetention, GlobalKv, ObserveRequest,
+    SlidingWindowAttention,
+};
 use kv_core::{KvError, LocalState, ModelCache, Result};
 use kv_policies::{CachePolicy, LayerContext, Phase, drive_layer};
 
@@ -59,13 +62,22 @@ impl<B: Backend> CachedAttention<B> for SelfDecoderAttention<B> {
         }
     }
 
-    fn forward_cached(&self, x: Tensor<B, 3>, state: &mut LocalState<B>, observe: ObserveRequest) -> Result<AttentionOutput<B>> {
+    fn forward_cached(
+        &self,
+        x: Tensor<B, 3>,
+        state: &mut LocalState<B>,
+        observe: ObserveRequest,
+    ) -> Result<AttentionOutput<B>> {
         match (self, state) {
             (Self::Window(a), LocalState::Window(s)) => a.forward_cached(x, s, observe),
             (Self::Retention(a), LocalState::Recurrent(s)) => a.forward_cached(x, s, observe),
             (a, s) => Err(KvError::config(
                 format!("{} state", a.name()),
-                if matches!(s, LocalState::Window(_)) { "a window cache" } else { "a recurrent state" },
+                if matches!(s, LocalState::Window(_)) {
+                    "a window cache"
+                } else {
+                    "a recurrent state"
+                },
                 "the state its own new_state makes",
             )),
         }
@@ -96,7 +108,11 @@ impl<B: Backend> Yoco<B> {
 
     /// An empty cache: the global cache and one local state per self-decoder block.
     pub fn new_cache(&self, batch: usize, device: &B::Device) -> ModelCache<B> {
-        let locals = self.self_decoder.iter().map(|b| b.attention.new_state(batch, device)).collect();
+        let locals = self
+            .self_decoder
+            .iter()
+            .map(|b| b.attention.new_state(batch, device))
+            .collect();
         ModelCache::with_local(vec![self.global_kv.new_state(batch, device).into()], locals)
     }
 
@@ -105,12 +121,20 @@ impl<B: Backend> Yoco<B> {
     pub fn check(&self) -> Result<()> {
         let (n_self, n_cross) = (self.self_decoder.len(), self.cross_decoder.len());
         if n_self == 0 || n_self != n_cross {
-            return Err(KvError::config("n_layers", n_self + n_cross, "an even number >= 2 with yoco: half self-decoder, half cross-decoder"));
+            return Err(KvError::config(
+                "n_layers",
+                n_self + n_cross,
+                "an even number >= 2 with yoco: half self-decoder, half cross-decoder",
+            ));
         }
         let first = &self.self_decoder[0].attention;
         for (i, block) in self.self_decoder.iter().enumerate() {
             if std::mem::discriminant(&block.attention) != std::mem::discriminant(first) {
-                return Err(KvError::config(format!("yoco block {i}"), block.attention.name(), format!("{} (as block 0)", first.name())));
+                return Err(KvError::config(
+                    format!("yoco block {i}"),
+                    block.attention.name(),
+                    format!("{} (as block 0)", first.name()),
+                ));
             }
         }
         Ok(())
@@ -119,9 +143,14 @@ impl<B: Backend> Yoco<B> {
     /// Training path: the self-decoder in its parallel form over hidden states `h`, the global
     /// K/V of every position, then the cross-decoder with causal attention over it.
     pub fn forward(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
-        let h = self.self_decoder.iter().fold(h, |h, block| block.forward_with(h, |a, x| a.forward(x)));
+        let h = self
+            .self_decoder
+            .iter()
+            .fold(h, |h, block| block.forward_with(h, |a, x| a.forward(x)));
         let (keys, values) = self.global_kv.project(h.clone(), 0);
-        self.cross_decoder.iter().fold(h, |h, block| block.forward_with(h, |a, x| a.forward(x, keys.clone(), values.clone())))
+        self.cross_decoder.iter().fold(h, |h, block| {
+            block.forward_with(h, |a, x| a.forward(x, keys.clone(), values.clone()))
+        })
     }
 
     /// Inference path: the new tokens' hidden states `h` pass the self-decoder (updating its
@@ -145,32 +174,64 @@ impl<B: Backend> Yoco<B> {
         if cache.num_layers() != 1 || cache.num_local() != n_self {
             return Err(KvError::config(
                 "cache layout",
-                format!("{} layer caches and {} local states", cache.num_layers(), cache.num_local()),
-                format!("1 global cache and {n_self} self-decoder states (a YOCO model's new_state)"),
+                format!(
+                    "{} layer caches and {} local states",
+                    cache.num_layers(),
+                    cache.num_local()
+                ),
+                format!(
+                    "1 global cache and {n_self} self-decoder states (a YOCO model's new_state)"
+                ),
             ));
         }
         let t = h.dims()[1];
         let (globals, locals) = cache.parts_mut();
         for (block, state) in self.self_decoder.iter().zip(locals.iter_mut()) {
-            h = block.try_forward_with(h, |a, x| a.forward_cached(x, state, ObserveRequest::default()).map(|o| o.output))?;
+            h = block.try_forward_with(h, |a, x| {
+                a.forward_cached(x, state, ObserveRequest::default())
+                    .map(|o| o.output)
+            })?;
         }
         let global = &mut globals[0].cache;
         self.global_kv.append(h.clone(), global)?;
         let Some(first) = self.cross_decoder.first() else {
-            return Err(KvError::config("yoco cross-decoder", 0, "at least one block"));
+            return Err(KvError::config(
+                "yoco cross-decoder",
+                0,
+                "at least one block",
+            ));
         };
-        let ctx = LayerContext { layer: 0, n_layers: 1, n_heads: first.attention.n_heads(), phase, rope: Some(&self.global_kv.rope), tokens: Some(tokens) };
+        let ctx = LayerContext {
+            layer: 0,
+            n_layers: 1,
+            n_heads: first.attention.n_heads(),
+            phase,
+            rope: Some(&self.global_kv.rope),
+            tokens: Some(tokens),
+        };
         // The whole cross-decoder is the "attention" of the one policy-managed cache.
         drive_layer(policy, &ctx, global, |global, request| {
             // Early exit: only the rows someone reads go through the cross-decoder; the first
             // layer also runs the prompt queries the policy observes (H2O: all; SnapKV: its window).
-            let rows = if last_only { t.min(if request.column_sums || request.band > 0 { t } else { request.window.max(1) }) } else { t };
+            let rows = if last_only {
+                t.min(if request.column_sums || request.band > 0 {
+                    t
+                } else {
+                    request.window.max(1)
+                })
+            } else {
+                t
+            };
             if rows < t {
                 h = h.narrow(1, t - rows, rows);
             }
             let mut observation = None;
             for (j, block) in self.cross_decoder.iter().enumerate() {
-                let observe = if j == 0 { request } else { ObserveRequest::default() };
+                let observe = if j == 0 {
+                    request
+                } else {
+                    ObserveRequest::default()
+                };
                 h = block.try_forward_with(h, |a, x| {
                     let out = a.forward_cached(x, global, observe)?;
                     if j == 0 {

@@ -27,7 +27,12 @@ impl AcrossHeads {
         // those slots (marked by index, so ties at the threshold protect no more than `safe`).
         let scores = if safe < n {
             let best = top_k_indices(scores.clone(), safe);
-            let marks = Tensor::<B, 3>::zeros([b, kv, n], &scores.device()).scatter(2, best, Tensor::ones([b, kv, safe], &scores.device()), IndexingUpdateOp::Add);
+            let marks = Tensor::<B, 3>::zeros([b, kv, n], &scores.device()).scatter(
+                2,
+                best,
+                Tensor::ones([b, kv, safe], &scores.device()),
+                IndexingUpdateOp::Add,
+            );
             protect(scores, marks.greater_elem(0.5))
         } else {
             scores
@@ -36,7 +41,10 @@ impl AcrossHeads {
         let flat = scores.reshape([b, kv * n]);
         let picked: Vec<i64> = if total < kv * n {
             // One host read per layer, once per generation: ragged storage needs the sizes.
-            top_k_indices(flat.reshape([b, 1, kv * n]), total).into_data().iter::<i64>().collect()
+            top_k_indices(flat.reshape([b, 1, kv * n]), total)
+                .into_data()
+                .iter::<i64>()
+                .collect()
         } else {
             (0..b).flat_map(|_| 0..(kv * n) as i64).collect()
         };

@@ -2,7 +2,7 @@
 
 use crate::{CachePolicy, LayerContext};
 use burn::prelude::*;
-use kv_core::{LayerCache, ObserveRequest, Observation, Result};
+use kv_core::{LayerCache, Observation, ObserveRequest, Result};
 
 /// Runs one layer's cached attention under `policy`: asks what to observe, runs `attend` with
 /// that request over the layer's `state` (which appends the new keys and values and attends),
@@ -13,7 +13,12 @@ use kv_core::{LayerCache, ObserveRequest, Observation, Result};
 /// [`kv_core::KvState`] that also carries a key shift's input. Every model of this workspace
 /// calls it for each policy-managed cache; an outside model only needs an attention that fills
 /// an [`Observation`] on request.
-pub fn drive_layer<B, S, O, F>(policy: &mut dyn CachePolicy<B>, ctx: &LayerContext<'_, B>, state: &mut S, attend: F) -> Result<O>
+pub fn drive_layer<B, S, O, F>(
+    policy: &mut dyn CachePolicy<B>,
+    ctx: &LayerContext<'_, B>,
+    state: &mut S,
+    attend: F,
+) -> Result<O>
 where
     B: Backend,
     S: AsMut<LayerCache<B>>,

@@ -30,7 +30,7 @@
 use crate::select::group_sum;
 use crate::{CachePolicy, LayerContext, Phase, PolicySpec};
 use burn::prelude::*;
-use kv_core::{ObserveRequest, Observation, KvError, LayerCache, Result};
+use kv_core::{KvError, LayerCache, Observation, ObserveRequest, Result};
 use std::sync::Arc;
 
 /// Side channel holding each slot's attention records summed (the prompt's mean over its queries,
@@ -42,7 +42,11 @@ pub const FASTGEN_ACC: &str = "fastgen.acc";
 /// ended at `prompt_end`: one for the whole prompt (its mean), then one per decode query at or
 /// after the slot.
 pub fn fastgen_records(position: usize, prompt_end: usize, seen: usize) -> usize {
-    if position < prompt_end { 1 + seen - prompt_end } else { seen - position }
+    if position < prompt_end {
+        1 + seen - prompt_end
+    } else {
+        seen - position
+    }
 }
 
 const SPECIAL: u8 = 1;
@@ -59,9 +63,16 @@ pub struct TokenClasses {
 impl TokenClasses {
     /// Classes for a vocabulary of `vocab` ids from the ids of its special and punctuation tokens
     /// (an id in both is special; ids at or above `vocab` are ignored).
-    pub fn new(vocab: usize, special: impl IntoIterator<Item = u32>, punct: impl IntoIterator<Item = u32>) -> Self {
+    pub fn new(
+        vocab: usize,
+        special: impl IntoIterator<Item = u32>,
+        punct: impl IntoIterator<Item = u32>,
+    ) -> Self {
         let mut flags = vec![0u8; vocab];
-        for (ids, flag) in [(punct.into_iter().collect::<Vec<_>>(), PUNCT), (special.into_iter().collect(), SPECIAL)] {
+        for (ids, flag) in [
+            (punct.into_iter().collect::<Vec<_>>(), PUNCT),
+            (special.into_iter().collect(), SPECIAL),
+        ] {
             for id in ids {
                 if let Some(f) = flags.get_mut(id as usize) {
                     *f = flag;
@@ -73,16 +84,27 @@ impl TokenClasses {
 
     /// Classes of a tokenizer given as `(id, text)` pairs and its special ids: a token is
     /// punctuation when its text is non-empty and only punctuation and whitespace.
-    pub fn from_texts<'a>(vocab: usize, texts: impl IntoIterator<Item = (u32, &'a str)>, special: impl IntoIterator<Item = u32>) -> Self {
-        let punct: Vec<u32> = texts.into_iter().filter(|(_, text)| is_punctuation_text(text)).map(|(id, _)| id).collect();
+    pub fn from_texts<'a>(
+        vocab: usize,
+        texts: impl IntoIterator<Item = (u32, &'a str)>,
+        special: impl IntoIterator<Item = u32>,
+    ) -> Self {
+        let punct: Vec<u32> = texts
+            .into_iter()
+            .filter(|(_, text)| is_punctuation_text(text))
+            .map(|(id, _)| id)
+            .collect();
         Self::new(vocab, special, punct)
     }
 
     /// The byte tokenizer's classes: control bytes (other than whitespace) are special, ASCII
     /// punctuation and whitespace bytes are punctuation.
     pub fn bytes() -> Self {
-        let special = (0u32..32).filter(|b| !(*b as u8).is_ascii_whitespace()).chain([127]);
-        let punct = (0u32..128).filter(|b| (*b as u8).is_ascii_punctuation() || (*b as u8).is_ascii_whitespace());
+        let special = (0u32..32)
+            .filter(|b| !(*b as u8).is_ascii_whitespace())
+            .chain([127]);
+        let punct = (0u32..128)
+            .filter(|b| (*b as u8).is_ascii_punctuation() || (*b as u8).is_ascii_whitespace());
         Self::new(256, special, punct)
     }
 
@@ -98,7 +120,10 @@ impl TokenClasses {
 
     /// How many ids are special and how many punctuation.
     pub fn counts(&self) -> (usize, usize) {
-        (self.flags.iter().filter(|f| **f == SPECIAL).count(), self.flags.iter().filter(|f| **f == PUNCT).count())
+        (
+            self.flags.iter().filter(|f| **f == SPECIAL).count(),
+            self.flags.iter().filter(|f| **f == PUNCT).count(),
+        )
     }
 
     fn flag(&self, id: u32) -> u8 {
@@ -109,7 +134,10 @@ impl TokenClasses {
 /// Whether a token's text is only punctuation and whitespace (and not empty).
 pub fn is_punctuation_text(text: &str) -> bool {
     const WIDE: &str = "\u{2018}\u{2019}\u{201c}\u{201d}\u{2013}\u{2014}\u{2026}\u{00ab}\u{00bb}\u{00bf}\u{00a1}\u{00b7}";
-    !text.is_empty() && text.chars().all(|c| c.is_ascii_punctuation() || c.is_whitespace() || WIDE.contains(c))
+    !text.is_empty()
+        && text
+            .chars()
+            .all(|c| c.is_ascii_punctuation() || c.is_whitespace() || WIDE.contains(c))
 }
 
 /// One of FastGen's hybrid policies, in its order (cheapest first); each keeps what the ones
@@ -130,7 +158,13 @@ pub enum HeadPolicy {
 
 impl HeadPolicy {
     /// The five policies in FastGen's order.
-    pub const ORDER: [HeadPolicy; 5] = [HeadPolicy::Special, HeadPolicy::Punct, HeadPolicy::Frequent, HeadPolicy::Local, HeadPolicy::Full];
+    pub const ORDER: [HeadPolicy; 5] = [
+        HeadPolicy::Special,
+        HeadPolicy::Punct,
+        HeadPolicy::Frequent,
+        HeadPolicy::Local,
+        HeadPolicy::Full,
+    ];
 
     /// The paper's name for it.
     pub fn name(&self) -> &'static str {
@@ -167,10 +201,24 @@ pub struct HeadProfile {
 /// class; `frequent` keys join the frequent class, taken (as decode takes them) from outside the
 /// local window when the local class is there too. Returns the choice and the slots it keeps
 /// right after the prompt (the local class: the last `local` slots).
-pub fn profile_head(column: &[f32], band: &[f32], flags: &[u8], queries: usize, recover: f32, frequent: usize, local: usize) -> (HeadProfile, Vec<usize>) {
+pub fn profile_head(
+    column: &[f32],
+    band: &[f32],
+    flags: &[u8],
+    queries: usize,
+    recover: f32,
+    frequent: usize,
+    local: usize,
+) -> (HeadProfile, Vec<usize>) {
     let n = column.len();
     let q = queries.max(1) as f64;
-    let mass = |keep: &[bool]| (0..n).filter(|&j| keep[j]).map(|j| column[j] as f64).sum::<f64>() / q;
+    let mass = |keep: &[bool]| {
+        (0..n)
+            .filter(|&j| keep[j])
+            .map(|j| column[j] as f64)
+            .sum::<f64>()
+            / q
+    };
     let special: Vec<bool> = flags.iter().map(|f| *f == SPECIAL).collect();
     let punct: Vec<bool> = flags.iter().map(|f| *f != 0).collect();
     let mut freq = punct.clone();
@@ -180,16 +228,37 @@ pub fn profile_head(column: &[f32], band: &[f32], flags: &[u8], queries: usize, 
     rest.iter().take(frequent).for_each(|&j| freq[j] = true);
     // With the local class, the frequent keys are the best of those the window will not hold.
     let mut freq_outside = punct.clone();
-    rest.iter().filter(|&&j| j + local < n).take(frequent).for_each(|&j| freq_outside[j] = true);
-    let local_mass = (mass(&freq_outside) + (0..n).filter(|&j| !freq_outside[j]).map(|j| band[j] as f64).sum::<f64>() / q) as f32;
-    let recovered = [mass(&special) as f32, mass(&punct) as f32, mass(&freq) as f32, local_mass, 1.0];
+    rest.iter()
+        .filter(|&&j| j + local < n)
+        .take(frequent)
+        .for_each(|&j| freq_outside[j] = true);
+    let local_mass = (mass(&freq_outside)
+        + (0..n)
+            .filter(|&j| !freq_outside[j])
+            .map(|j| band[j] as f64)
+            .sum::<f64>()
+            / q) as f32;
+    let recovered = [
+        mass(&special) as f32,
+        mass(&punct) as f32,
+        mass(&freq) as f32,
+        local_mass,
+        1.0,
+    ];
     // T = 1 asks for everything: only the full cache is certain to recover all of it.
-    let policy = HeadPolicy::ORDER.into_iter().zip(recovered).find(|(p, r)| *p == HeadPolicy::Full || (recover < 1.0 && *r >= recover)).map(|(p, _)| p).unwrap_or(HeadPolicy::Full);
+    let policy = HeadPolicy::ORDER
+        .into_iter()
+        .zip(recovered)
+        .find(|(p, r)| *p == HeadPolicy::Full || (recover < 1.0 && *r >= recover))
+        .map(|(p, _)| p)
+        .unwrap_or(HeadPolicy::Full);
     let keep: Vec<usize> = match policy {
         HeadPolicy::Special => (0..n).filter(|&j| special[j]).collect(),
         HeadPolicy::Punct => (0..n).filter(|&j| punct[j]).collect(),
         HeadPolicy::Frequent => (0..n).filter(|&j| freq[j]).collect(),
-        HeadPolicy::Local => (0..n).filter(|&j| freq_outside[j] || j + local >= n).collect(),
+        HeadPolicy::Local => (0..n)
+            .filter(|&j| freq_outside[j] || j + local >= n)
+            .collect(),
         HeadPolicy::Full => (0..n).collect(),
     };
     (HeadProfile { policy, recovered }, keep)
@@ -199,14 +268,27 @@ pub fn profile_head(column: &[f32], band: &[f32], flags: &[u8], queries: usize, 
 /// newest positions when its policy has the local class, and of the rest the `frequent` with the
 /// highest `scores` when it has the frequent class. `positions` are the slots' original
 /// positions (ascending), `flags` their classes, `seen` the tokens seen.
-pub fn admit(policy: HeadPolicy, positions: &[usize], flags: &[u8], scores: Option<&[f32]>, seen: usize, frequent: usize, local: usize) -> Vec<usize> {
+pub fn admit(
+    policy: HeadPolicy,
+    positions: &[usize],
+    flags: &[u8],
+    scores: Option<&[f32]>,
+    seen: usize,
+    frequent: usize,
+    local: usize,
+) -> Vec<usize> {
     let n = positions.len();
     if policy == HeadPolicy::Full {
         return (0..n).collect();
     }
-    let mut keep: Vec<bool> = flags.iter().map(|f| *f == SPECIAL || (policy.keeps_punct() && *f != 0)).collect();
+    let mut keep: Vec<bool> = flags
+        .iter()
+        .map(|f| *f == SPECIAL || (policy.keeps_punct() && *f != 0))
+        .collect();
     if policy == HeadPolicy::Local {
-        (0..n).filter(|&j| positions[j] + local >= seen).for_each(|j| keep[j] = true);
+        (0..n)
+            .filter(|&j| positions[j] + local >= seen)
+            .for_each(|j| keep[j] = true);
     }
     if policy >= HeadPolicy::Frequent {
         let mut rest: Vec<usize> = (0..n).filter(|&j| !keep[j]).collect();
@@ -248,7 +330,14 @@ pub struct FastGenPolicy {
 impl FastGenPolicy {
     /// A policy that recovers `recover` of each head's attention with the tokenizer's `classes`.
     pub fn new(recover: f32, local: f32, frequent: f32, classes: Arc<TokenClasses>) -> Self {
-        Self { recover, local, frequent, classes, plans: Vec::new(), seen_flags: Vec::new() }
+        Self {
+            recover,
+            local,
+            frequent,
+            classes,
+            plans: Vec::new(),
+            seen_flags: Vec::new(),
+        }
     }
 
     /// Parses `fastgen:recover=0.95,local=0.3,frequent=0.3`.
@@ -256,64 +345,142 @@ impl FastGenPolicy {
         let p = spec.params(&["recover", "local", "frequent"])?;
         let recover = p.f32_in("recover", 0.95, 0.0, 1.0)?;
         if recover <= 0.0 {
-            return Err(KvError::config("fastgen:recover", recover, "a share of attention in (0, 1]"));
+            return Err(KvError::config(
+                "fastgen:recover",
+                recover,
+                "a share of attention in (0, 1]",
+            ));
         }
-        Ok(Self::new(recover, p.f32_in("local", 0.3, 0.0, 1.0)?, p.f32_in("frequent", 0.3, 0.0, 1.0)?, classes))
+        Ok(Self::new(
+            recover,
+            p.f32_in("local", 0.3, 0.0, 1.0)?,
+            p.f32_in("frequent", 0.3, 0.0, 1.0)?,
+            classes,
+        ))
     }
 
     /// What profiling chose, per layer (`None` for layers not profiled), per (batch row, KV head).
     pub fn profiles(&self) -> Vec<Option<Vec<HeadProfile>>> {
-        self.plans.iter().map(|p| p.as_ref().map(|p| p.heads.clone())).collect()
+        self.plans
+            .iter()
+            .map(|p| p.as_ref().map(|p| p.heads.clone()))
+            .collect()
     }
 
     fn class_sizes(&self, prompt: usize) -> (usize, usize) {
-        ((self.frequent * prompt as f32).round() as usize, (self.local * prompt as f32).round() as usize)
+        (
+            (self.frequent * prompt as f32).round() as usize,
+            (self.local * prompt as f32).round() as usize,
+        )
     }
 
     /// Records the classes of this call's tokens (once per call, whichever layer comes first).
     fn note_tokens<B: Backend>(&mut self, ctx: &LayerContext<'_, B>, seen: usize) -> Result<()> {
-        let tokens = ctx.tokens.ok_or_else(|| KvError::config("fastgen token ids", "none", "the token ids of each call (LayerContext::tokens)"))?;
+        let tokens = ctx.tokens.ok_or_else(|| {
+            KvError::config(
+                "fastgen token ids",
+                "none",
+                "the token ids of each call (LayerContext::tokens)",
+            )
+        })?;
         let [b, t] = tokens.dims();
-        if ctx.phase != Phase::Prefill && self.seen_flags.len() == b && self.seen_flags.iter().all(|f| f.len() == seen) {
+        if ctx.phase != Phase::Prefill
+            && self.seen_flags.len() == b
+            && self.seen_flags.iter().all(|f| f.len() == seen)
+        {
             return Ok(());
         }
-        let ids: Vec<i64> = tokens.clone().into_data().convert::<i64>().iter::<i64>().collect();
+        let ids: Vec<i64> = tokens
+            .clone()
+            .into_data()
+            .convert::<i64>()
+            .iter::<i64>()
+            .collect();
         self.seen_flags.resize(b, Vec::new());
         for (row, flags) in self.seen_flags.iter_mut().enumerate() {
             flags.truncate(seen - t);
             flags.resize(seen - t, 0);
-            flags.extend(ids[row * t..(row + 1) * t].iter().map(|&id| self.classes.flag(id as u32)));
+            flags.extend(
+                ids[row * t..(row + 1) * t]
+                    .iter()
+                    .map(|&id| self.classes.flag(id as u32)),
+            );
         }
         Ok(())
     }
 
-    fn profile_layer<B: Backend>(&mut self, ctx: &LayerContext<'_, B>, cache: &mut LayerCache<B>, obs: Option<&Observation<B>>) -> Result<()> {
+    fn profile_layer<B: Backend>(
+        &mut self,
+        ctx: &LayerContext<'_, B>,
+        cache: &mut LayerCache<B>,
+        obs: Option<&Observation<B>>,
+    ) -> Result<()> {
         let queries = ctx.tokens.map_or(cache.slots(), |t| t.dims()[1]);
         let (frequent, local) = self.class_sizes(queries);
-        let missing = || KvError::config("fastgen observation", "none", "attention column and band sums at prefill (the model ignored the policy's request)");
+        let missing = || {
+            KvError::config(
+                "fastgen observation",
+                "none",
+                "attention column and band sums at prefill (the model ignored the policy's request)",
+            )
+        };
         let obs = obs.ok_or_else(missing)?;
-        let (column, band) = (obs.column_sums.clone().ok_or_else(missing)?, obs.band_sums.clone());
+        let (column, band) = (
+            obs.column_sums.clone().ok_or_else(missing)?,
+            obs.band_sums.clone(),
+        );
         if local > 0 && (band.is_none() || obs.band != local) {
-            return Err(KvError::config("fastgen band sums", obs.band, format!("a band of {local} (the local class), observed at prefill")));
+            return Err(KvError::config(
+                "fastgen band sums",
+                obs.band,
+                format!("a band of {local} (the local class), observed at prefill"),
+            ));
         }
         let CacheShape { kv_heads, .. } = cache.shape();
         let group = (ctx.n_heads / kv_heads).max(1) as f64;
         let column = group_sum(column, kv_heads);
         let band = band.map(|b| group_sum(b, kv_heads));
-        let host = |x: &Tensor<B, 3>| -> Vec<f32> { x.clone().div_scalar(group).into_data().convert::<f32>().iter::<f32>().collect() };
+        let host = |x: &Tensor<B, 3>| -> Vec<f32> {
+            x.clone()
+                .div_scalar(group)
+                .into_data()
+                .convert::<f32>()
+                .iter::<f32>()
+                .collect()
+        };
         let (col, bnd) = (host(&column), band.as_ref().map(&host));
-        let positions: Vec<i64> = cache.positions().into_data().convert::<i64>().iter::<i64>().collect();
+        let positions: Vec<i64> = cache
+            .positions()
+            .into_data()
+            .convert::<i64>()
+            .iter::<i64>()
+            .collect();
         let n = cache.slots();
         let mut heads = Vec::new();
         let mut keep = Vec::new();
         let mut held = Vec::new();
         for i in 0..cache.shape().batch * kv_heads {
-            let flags: Vec<u8> = positions[i * n..(i + 1) * n].iter().map(|&p| self.seen_flags[i / kv_heads][p as usize]).collect();
+            let flags: Vec<u8> = positions[i * n..(i + 1) * n]
+                .iter()
+                .map(|&p| self.seen_flags[i / kv_heads][p as usize])
+                .collect();
             let zeros = vec![0.0; n];
             let band_i = bnd.as_ref().map_or(&zeros[..], |b| &b[i * n..(i + 1) * n]);
-            let (profile, kept) = profile_head(&col[i * n..(i + 1) * n], band_i, &flags, queries, self.recover, frequent, local);
+            let (profile, kept) = profile_head(
+                &col[i * n..(i + 1) * n],
+                band_i,
+                &flags,
+                queries,
+                self.recover,
+                frequent,
+                local,
+            );
             heads.push(profile);
-            held.push(kept.iter().map(|&j| positions[i * n + j] as usize).collect());
+            held.push(
+                kept.iter()
+                    .map(|&j| positions[i * n + j] as usize)
+                    .collect(),
+            );
             keep.push(kept);
         }
         // The prompt is one record: each key's attention averaged over the prompt's queries.
@@ -322,13 +489,34 @@ impl FastGenPolicy {
         if self.plans.len() <= ctx.layer {
             self.plans.resize(ctx.layer + 1, None);
         }
-        self.plans[ctx.layer] = Some(LayerPlan { heads, held, frequent, local, prompt_end: cache.tokens_seen() });
+        self.plans[ctx.layer] = Some(LayerPlan {
+            heads,
+            held,
+            frequent,
+            local,
+            prompt_end: cache.tokens_seen(),
+        });
         cache.retain_per_head(&keep)
     }
 
-    fn decode_layer<B: Backend>(&mut self, ctx: &LayerContext<'_, B>, cache: &mut LayerCache<B>, obs: Option<&Observation<B>>) -> Result<()> {
-        let not_profiled = || KvError::config(format!("fastgen layer {}", ctx.layer), "not profiled", "a prefill first: FastGen profiles each head on the prompt");
-        let plan = self.plans.get_mut(ctx.layer).and_then(Option::as_mut).ok_or_else(not_profiled)?;
+    fn decode_layer<B: Backend>(
+        &mut self,
+        ctx: &LayerContext<'_, B>,
+        cache: &mut LayerCache<B>,
+        obs: Option<&Observation<B>>,
+    ) -> Result<()> {
+        let not_profiled = || {
+            KvError::config(
+                format!("fastgen layer {}", ctx.layer),
+                "not profiled",
+                "a prefill first: FastGen profiles each head on the prompt",
+            )
+        };
+        let plan = self
+            .plans
+            .get_mut(ctx.layer)
+            .and_then(Option::as_mut)
+            .ok_or_else(not_profiled)?;
         let kv_heads = cache.shape().kv_heads;
         let seen = cache.tokens_seen();
         if plan.heads.iter().any(|h| h.policy.ranks()) {
@@ -345,22 +533,50 @@ impl FastGenPolicy {
             let scores = if head.policy.ranks() {
                 let side = match cache.head_caches() {
                     Some(hs) => hs[i].side(FASTGEN_ACC)?,
-                    None => cache.side(FASTGEN_ACC)?.narrow(0, i / kv_heads, 1).narrow(1, i % kv_heads, 1),
+                    None => cache.side(FASTGEN_ACC)?.narrow(0, i / kv_heads, 1).narrow(
+                        1,
+                        i % kv_heads,
+                        1,
+                    ),
                 };
-                let sums = side.into_data().convert::<f32>().iter::<f32>().collect::<Vec<f32>>();
-                Some(sums.iter().zip(held.iter()).map(|(&sum, &p)| sum / fastgen_records(p, plan.prompt_end, seen) as f32).collect::<Vec<f32>>())
+                let sums = side
+                    .into_data()
+                    .convert::<f32>()
+                    .iter::<f32>()
+                    .collect::<Vec<f32>>();
+                Some(
+                    sums.iter()
+                        .zip(held.iter())
+                        .map(|(&sum, &p)| sum / fastgen_records(p, plan.prompt_end, seen) as f32)
+                        .collect::<Vec<f32>>(),
+                )
             } else {
                 None
             };
-            let flags: Vec<u8> = held.iter().map(|&p| self.seen_flags[i / kv_heads][p]).collect();
-            let kept = admit(head.policy, held, &flags, scores.as_deref(), seen, plan.frequent, plan.local);
+            let flags: Vec<u8> = held
+                .iter()
+                .map(|&p| self.seen_flags[i / kv_heads][p])
+                .collect();
+            let kept = admit(
+                head.policy,
+                held,
+                &flags,
+                scores.as_deref(),
+                seen,
+                plan.frequent,
+                plan.local,
+            );
             if kept.len() < held.len() {
                 changed = true;
                 *held = kept.iter().map(|&j| held[j]).collect();
             }
             keep.push(kept);
         }
-        if changed { cache.retain_per_head(&keep) } else { Ok(()) }
+        if changed {
+            cache.retain_per_head(&keep)
+        } else {
+            Ok(())
+        }
     }
 }
 
@@ -368,8 +584,18 @@ use kv_core::CacheShape;
 
 /// Adds this call's column sums (summed over each GQA group) to every slot's accumulated score,
 /// head by head when storage is ragged.
-fn accumulate<B: Backend>(cache: &mut LayerCache<B>, obs: Option<&Observation<B>>, kv_heads: usize) -> Result<()> {
-    let missing = || KvError::config("fastgen observation", "none", "attention column sums at decode (the model ignored the policy's request)");
+fn accumulate<B: Backend>(
+    cache: &mut LayerCache<B>,
+    obs: Option<&Observation<B>>,
+    kv_heads: usize,
+) -> Result<()> {
+    let missing = || {
+        KvError::config(
+            "fastgen observation",
+            "none",
+            "attention column sums at decode (the model ignored the policy's request)",
+        )
+    };
     let obs = obs.ok_or_else(missing)?;
     match cache.head_caches_mut() {
         Some(heads) => {
@@ -391,27 +617,56 @@ fn accumulate<B: Backend>(cache: &mut LayerCache<B>, obs: Option<&Observation<B>
 
 impl<B: Backend> CachePolicy<B> for FastGenPolicy {
     fn name(&self) -> String {
-        format!("fastgen(recover={},local={},frequent={})", self.recover, self.local, self.frequent)
+        format!(
+            "fastgen(recover={},local={},frequent={})",
+            self.recover, self.local, self.frequent
+        )
     }
 
     fn observe_request(&self, ctx: &LayerContext<'_, B>) -> ObserveRequest {
         match ctx.phase {
             Phase::Prefill => {
                 let prompt = ctx.tokens.map_or(0, |t| t.dims()[1]);
-                ObserveRequest { column_sums: true, band: self.class_sizes(prompt).1, ..Default::default() }
+                ObserveRequest {
+                    column_sums: true,
+                    band: self.class_sizes(prompt).1,
+                    ..Default::default()
+                }
             }
             Phase::Decode { .. } => {
-                let ranks = self.plans.get(ctx.layer).and_then(|p| p.as_ref()).is_some_and(|p| p.heads.iter().any(|h| h.policy.ranks()));
-                ObserveRequest { column_sums: ranks, ..Default::default() }
+                let ranks = self
+                    .plans
+                    .get(ctx.layer)
+                    .and_then(|p| p.as_ref())
+                    .is_some_and(|p| p.heads.iter().any(|h| h.policy.ranks()));
+                ObserveRequest {
+                    column_sums: ranks,
+                    ..Default::default()
+                }
             }
         }
     }
 
     fn head_choices(&self) -> Vec<Vec<String>> {
-        self.plans.iter().map(|p| p.as_ref().map_or_else(Vec::new, |p| p.heads.iter().map(|h| h.policy.name().to_string()).collect())).collect()
+        self.plans
+            .iter()
+            .map(|p| {
+                p.as_ref().map_or_else(Vec::new, |p| {
+                    p.heads
+                        .iter()
+                        .map(|h| h.policy.name().to_string())
+                        .collect()
+                })
+            })
+            .collect()
     }
 
-    fn after_attention(&mut self, ctx: &LayerContext<'_, B>, cache: &mut LayerCache<B>, obs: Option<&Observation<B>>) -> Result<()> {
+    fn after_attention(
+        &mut self,
+        ctx: &LayerContext<'_, B>,
+        cache: &mut LayerCache<B>,
+        obs: Option<&Observation<B>>,
+    ) -> Result<()> {
         let seen = cache.tokens_seen();
         self.note_tokens(ctx, seen)?;
         match ctx.phase {

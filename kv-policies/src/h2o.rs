@@ -4,7 +4,7 @@
 use crate::select::{group_sum, protect, protect_recent_slots, sink_mask};
 use crate::{LayerContext, Params, Scorer, SpecParams};
 use burn::prelude::*;
-use kv_core::{ObserveRequest, Observation, KvError, LayerCache, Result};
+use kv_core::{KvError, LayerCache, Observation, ObserveRequest, Result};
 use serde::{Deserialize, Serialize};
 
 /// Side channel holding each slot's accumulated attention (summed over its GQA group; VATP's
@@ -30,7 +30,11 @@ pub struct H2oScorer {
 
 impl Default for H2oScorer {
     fn default() -> Self {
-        Self { recent: 0.5, normalize: false, sinks: 0 }
+        Self {
+            recent: 0.5,
+            normalize: false,
+            sinks: 0,
+        }
     }
 }
 
@@ -39,7 +43,11 @@ impl SpecParams for H2oScorer {
 
     fn from_params(p: &Params<'_>) -> Result<Self> {
         let d = Self::default();
-        Ok(Self { recent: p.f32_in("recent", d.recent, 0.0, 1.0)?, normalize: p.bool("normalize", d.normalize)?, sinks: p.usize("sinks", d.sinks)? })
+        Ok(Self {
+            recent: p.f32_in("recent", d.recent, 0.0, 1.0)?,
+            normalize: p.bool("normalize", d.normalize)?,
+            sinks: p.usize("sinks", d.sinks)?,
+        })
     }
 }
 
@@ -51,38 +59,79 @@ impl H2oScorer {
             return Ok(s);
         }
         // Queries at positions >= pos saw the slot: tokens_seen - pos of them.
-        let seen = cache.positions().neg().add_scalar(cache.tokens_seen() as i64).float();
+        let seen = cache
+            .positions()
+            .neg()
+            .add_scalar(cache.tokens_seen() as i64)
+            .float();
         Ok(s / seen)
     }
 }
 
 impl<B: Backend> Scorer<B> for H2oScorer {
     fn name(&self) -> String {
-        format!("h2o(recent={}{}{})", self.recent, if self.normalize { ",normalized" } else { "" }, sinks_label(self.sinks))
+        format!(
+            "h2o(recent={}{}{})",
+            self.recent,
+            if self.normalize { ",normalized" } else { "" },
+            sinks_label(self.sinks)
+        )
     }
 
     fn observe_request(&self, _: &LayerContext<'_, B>, _: bool) -> ObserveRequest {
         // Every call's attention counts, whether or not a selection follows it.
-        ObserveRequest { column_sums: true, ..Default::default() }
+        ObserveRequest {
+            column_sums: true,
+            ..Default::default()
+        }
     }
 
-    fn observe(&self, _: &LayerContext<'_, B>, cache: &mut LayerCache<B>, obs: Option<&Observation<B>>) -> Result<()> {
+    fn observe(
+        &self,
+        _: &LayerContext<'_, B>,
+        cache: &mut LayerCache<B>,
+        obs: Option<&Observation<B>>,
+    ) -> Result<()> {
         accumulate(cache, column_sums(obs, "h2o")?)
     }
 
-    fn score(&self, _: &LayerContext<'_, B>, cache: &LayerCache<B>, _: Option<&Observation<B>>, k: usize) -> Result<Tensor<B, 3>> {
-        Ok(protect_recent(cache, self.accumulated(cache)?, k, self.recent, self.sinks))
+    fn score(
+        &self,
+        _: &LayerContext<'_, B>,
+        cache: &LayerCache<B>,
+        _: Option<&Observation<B>>,
+        k: usize,
+    ) -> Result<Tensor<B, 3>> {
+        Ok(protect_recent(
+            cache,
+            self.accumulated(cache)?,
+            k,
+            self.recent,
+            self.sinks,
+        ))
     }
 }
 
 pub(crate) fn sinks_label(sinks: usize) -> String {
-    if sinks > 0 { format!(",sinks={sinks}") } else { String::new() }
+    if sinks > 0 {
+        format!(",sinks={sinks}")
+    } else {
+        String::new()
+    }
 }
 
 /// This call's attention column sums `[b, heads, n]`, or an error naming the scorer that needed them.
-pub(crate) fn column_sums<B: Backend>(obs: Option<&Observation<B>>, scorer: &str) -> Result<Tensor<B, 3>> {
-    obs.and_then(|o| o.column_sums.clone())
-        .ok_or_else(|| KvError::config(format!("{scorer} observation"), "none", "attention column sums (the model ignored the policy's request)"))
+pub(crate) fn column_sums<B: Backend>(
+    obs: Option<&Observation<B>>,
+    scorer: &str,
+) -> Result<Tensor<B, 3>> {
+    obs.and_then(|o| o.column_sums.clone()).ok_or_else(|| {
+        KvError::config(
+            format!("{scorer} observation"),
+            "none",
+            "attention column sums (the model ignored the policy's request)",
+        )
+    })
 }
 
 /// Adds per-query-head `sums` `[b, heads, n]`, summed over each GQA group, to every slot's
@@ -94,8 +143,18 @@ pub(crate) fn accumulate<B: Backend>(cache: &mut LayerCache<B>, sums: Tensor<B, 
 }
 
 /// `scores` with the `recent` share of a `k`-slot budget and the first `sinks` positions protected.
-pub(crate) fn protect_recent<B: Backend>(cache: &LayerCache<B>, scores: Tensor<B, 3>, k: usize, recent: f32, sinks: usize) -> Tensor<B, 3> {
+pub(crate) fn protect_recent<B: Backend>(
+    cache: &LayerCache<B>,
+    scores: Tensor<B, 3>,
+    k: usize,
+    recent: f32,
+    sinks: usize,
+) -> Tensor<B, 3> {
     let window = ((k as f32 * recent).round() as usize).min(k);
     let scores = protect_recent_slots(scores, window);
-    if sinks > 0 { protect(scores, sink_mask(cache, sinks)) } else { scores }
+    if sinks > 0 {
+        protect(scores, sink_mask(cache, sinks))
+    } else {
+        scores
+    }
 }

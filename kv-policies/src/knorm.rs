@@ -2,7 +2,7 @@
 
 use crate::{LayerContext, Params, Scorer, SpecParams};
 use burn::prelude::*;
-use kv_core::{ObserveRequest, Observation, LayerCache, Result};
+use kv_core::{LayerCache, Observation, ObserveRequest, Result};
 use serde::{Deserialize, Serialize};
 
 /// Scores slots by minus the squared L2 norm of their keys; needs no attention probabilities.
@@ -26,7 +26,9 @@ impl SpecParams for KnormScorer {
     const KEYS: &'static [&'static str] = &["skip"];
 
     fn from_params(p: &Params<'_>) -> Result<Self> {
-        Ok(Self { skip: p.usize("skip", Self::default().skip)? })
+        Ok(Self {
+            skip: p.usize("skip", Self::default().skip)?,
+        })
     }
 }
 
@@ -36,15 +38,26 @@ impl<B: Backend> Scorer<B> for KnormScorer {
     }
 
     fn observe_request(&self, _: &LayerContext<'_, B>, selecting: bool) -> ObserveRequest {
-        ObserveRequest { key_norms: selecting, ..Default::default() }
+        ObserveRequest {
+            key_norms: selecting,
+            ..Default::default()
+        }
     }
 
     /// Minus the squared L2 norm of the keys attention scores at each slot, summed over the KV
     /// head's query group: the smallest norms score highest. The attention reports the norms
     /// (MLA's are of its up-projected keys, not of the cached latent); a cache observed without
     /// them is scored by the keys it holds.
-    fn score(&self, _: &LayerContext<'_, B>, cache: &LayerCache<B>, obs: Option<&Observation<B>>, _: usize) -> Result<Tensor<B, 3>> {
-        let norms = obs.and_then(|o| o.key_norms.clone()).unwrap_or_else(|| cache.keys().powi_scalar(2).sum_dim(3).squeeze_dim::<3>(3));
+    fn score(
+        &self,
+        _: &LayerContext<'_, B>,
+        cache: &LayerCache<B>,
+        obs: Option<&Observation<B>>,
+        _: usize,
+    ) -> Result<Tensor<B, 3>> {
+        let norms = obs
+            .and_then(|o| o.key_norms.clone())
+            .unwrap_or_else(|| cache.keys().powi_scalar(2).sum_dim(3).squeeze_dim::<3>(3));
         Ok(norms.neg())
     }
 

@@ -56,7 +56,10 @@ mod vatp;
 
 pub use adakv::AcrossHeads;
 pub use driver::drive_layer;
-pub use fastgen::{FASTGEN_ACC, FastGenPolicy, HeadPolicy, HeadProfile, TokenClasses, admit, fastgen_records, is_punctuation_text, profile_head};
+pub use fastgen::{
+    FASTGEN_ACC, FastGenPolicy, HeadPolicy, HeadProfile, TokenClasses, admit, fastgen_records,
+    is_punctuation_text, profile_head,
+};
 pub use h2o::{ACC_CHANNEL, H2oScorer};
 pub use knorm::KnormScorer;
 pub use policy::{CachePolicy, FullCache, LayerContext, Phase, Schedule};
@@ -65,13 +68,15 @@ pub use registry::{EntryKind, PolicyBuilder, PolicyEntry, Registry, ScorerBuilde
 pub use rerotate::{evict_after_sinks, frame_offset, rerotate_kept, restore_in_cache_positions};
 pub use scorer::Scorer;
 pub use snapkv::{Pool, SnapKvScorer, pool1d};
-pub use spec::{Params, PolicyEnv, PolicySpec, SpecParams, build_policy, build_policy_in, split_specs};
+pub use spec::{
+    Params, PolicyEnv, PolicySpec, SpecParams, build_policy, build_policy_in, split_specs,
+};
 pub use streaming::StreamingScorer;
 pub use top_k::{LayerBudget, Selection, TopKPolicy};
 pub use tova::TovaScorer;
 pub use vatp::VatpScorer;
 
 #[cfg(test)]
-mod tests;
-#[cfg(test)]
 mod fastgen_tests;
+#[cfg(test)]
+mod tests;

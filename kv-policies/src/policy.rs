@@ -1,7 +1,7 @@
 //! The interface every cache policy implements, and when policies run.
 
 use burn::prelude::*;
-use kv_core::{KeyRotation, LayerCache, ObserveRequest, Observation, Result};
+use kv_core::{KeyRotation, LayerCache, Observation, ObserveRequest, Result};
 
 /// Where in generation a policy is being consulted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,7 +70,12 @@ pub trait CachePolicy<B: Backend> {
     fn observe_request(&self, ctx: &LayerContext<'_, B>) -> ObserveRequest;
 
     /// Updates scores and/or evicts slots of the layer's cache.
-    fn after_attention(&mut self, ctx: &LayerContext<'_, B>, cache: &mut LayerCache<B>, observation: Option<&Observation<B>>) -> Result<()>;
+    fn after_attention(
+        &mut self,
+        ctx: &LayerContext<'_, B>,
+        cache: &mut LayerCache<B>,
+        observation: Option<&Observation<B>>,
+    ) -> Result<()>;
 
     /// What a per-head adaptive policy chose, per layer and (batch row, KV head), by name
     /// (FastGen's profiles); empty for policies that choose nothing per head.
@@ -92,7 +97,12 @@ impl<B: Backend> CachePolicy<B> for FullCache {
         ObserveRequest::default()
     }
 
-    fn after_attention(&mut self, _: &LayerContext<'_, B>, _: &mut LayerCache<B>, _: Option<&Observation<B>>) -> Result<()> {
+    fn after_attention(
+        &mut self,
+        _: &LayerContext<'_, B>,
+        _: &mut LayerCache<B>,
+        _: Option<&Observation<B>>,
+    ) -> Result<()> {
         Ok(())
     }
 }

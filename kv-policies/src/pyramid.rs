@@ -45,9 +45,19 @@ impl PyramidBudgets {
 
     /// Slots layer `layer` keeps once `seen` tokens have been seen: `seen` (nothing to evict)
     /// when the flat budget keeps everything, so nothing is redistributed across layers.
-    pub fn slots(&self, budget: Budget, seen: usize, layer: usize, n_layers: usize) -> Result<usize> {
+    pub fn slots(
+        &self,
+        budget: Budget,
+        seen: usize,
+        layer: usize,
+        n_layers: usize,
+    ) -> Result<usize> {
         if layer >= n_layers {
-            return Err(KvError::config("layer", layer, format!("below the model's {n_layers} layers")));
+            return Err(KvError::config(
+                "layer",
+                layer,
+                format!("below the model's {n_layers} layers"),
+            ));
         }
         let flat = budget.slots_for(seen);
         if flat >= seen {

@@ -2,7 +2,8 @@
 //! list all read it, and code outside this crate extends it with its own scorers and policies.
 
 use crate::{
-    AcrossHeads, CachePolicy, FastGenPolicy, FullCache, H2oScorer, KnormScorer, LayerBudget, Params, PolicyEnv, PolicySpec, PyramidBudgets, Schedule, Scorer, Selection, SnapKvScorer,
+    AcrossHeads, CachePolicy, FastGenPolicy, FullCache, H2oScorer, KnormScorer, LayerBudget,
+    Params, PolicyEnv, PolicySpec, PyramidBudgets, Schedule, Scorer, Selection, SnapKvScorer,
     SpecParams, StreamingScorer, TopKPolicy, TovaScorer, VatpScorer,
 };
 use burn::prelude::*;
@@ -14,7 +15,9 @@ pub type ScorerBuilder<B> = Arc<dyn Fn(&Params<'_>) -> Result<Box<dyn Scorer<B>>
 
 /// Builds a policy from its whole spec, with the registry (for policies over other entries'
 /// scorers) and the environment (the tokenizer's token classes).
-pub type PolicyBuilder<B> = Arc<dyn Fn(&PolicySpec, &Registry<B>, &PolicyEnv) -> Result<Box<dyn CachePolicy<B>>> + Send + Sync>;
+pub type PolicyBuilder<B> = Arc<
+    dyn Fn(&PolicySpec, &Registry<B>, &PolicyEnv) -> Result<Box<dyn CachePolicy<B>>> + Send + Sync,
+>;
 
 /// Parameters every scorer entry takes, read by the top-k policy around it.
 pub const TOP_K_KEYS: &[&str] = &["budget", "every", "rerotate", "lazy"];
@@ -74,31 +77,83 @@ fn keys_of(own: &[&str]) -> Vec<String> {
 impl<B: Backend> Registry<B> {
     /// A registry with nothing in it.
     pub fn empty() -> Self {
-        Self { entries: Vec::new() }
+        Self {
+            entries: Vec::new(),
+        }
     }
 
     /// Every method this crate implements.
     pub fn standard() -> Self {
         let mut r = Self::empty();
-        r.register_policy("full", "every slot (the reference)", &[], true, |spec, _, _| {
-            spec.params(&[])?;
-            Ok(Box::new(FullCache))
-        });
-        r.register_scorer::<StreamingScorer>("streaming", "attention sinks + the most recent tokens; rerotate=true re-rotates the kept keys", Schedule::EveryStep, false);
-        r.register_scorer::<H2oScorer>("h2o", "accumulated attention + a recent window", Schedule::EveryStep, true);
-        r.register_scorer::<VatpScorer>("vatp", "accumulated attention x value L1 norm, sinks kept", Schedule::EveryStep, true);
-        r.register_scorer::<KnormScorer>("knorm", "lowest key L2 norm, first layers skipped", Schedule::EveryStep, true);
-        r.register_scorer::<SnapKvScorer>("snapkv", "pooled attention of the last prompt queries, once at prefill", Schedule::PrefillOnly, true);
-        r.register_scorer::<TovaScorer>("tova", "the latest query's attention, averaged over the layer's heads", Schedule::EveryStep, true);
-        let pyramid_keys: Vec<&str> = ["every", "rerotate", "lazy"].into_iter().chain(SnapKvScorer::KEYS.iter().copied()).chain(["beta"]).collect();
-        r.register_policy("pyramidkv", "SnapKV with per-layer budgets shrinking with depth", &pyramid_keys, false, |spec, r, _| {
-            let p = r.top_k_params(spec, &[SnapKvScorer::KEYS, &["beta"]].concat())?;
-            let snapkv = SnapKvScorer::from_params(&p)?;
-            let beta = p.f32_in("beta", 20.0, 1.0, 1e6)?;
-            let mut policy = r.top_k(spec, &p, Schedule::PrefillOnly, Box::new(snapkv.clone()))?;
-            policy.layer_budget = LayerBudget::Pyramid(PyramidBudgets { beta, window: snapkv.window });
-            Ok(Box::new(policy))
-        });
+        r.register_policy(
+            "full",
+            "every slot (the reference)",
+            &[],
+            true,
+            |spec, _, _| {
+                spec.params(&[])?;
+                Ok(Box::new(FullCache))
+            },
+        );
+        r.register_scorer::<StreamingScorer>(
+            "streaming",
+            "attention sinks + the most recent tokens; rerotate=true re-rotates the kept keys",
+            Schedule::EveryStep,
+            false,
+        );
+        r.register_scorer::<H2oScorer>(
+            "h2o",
+            "accumulated attention + a recent window",
+            Schedule::EveryStep,
+            true,
+        );
+        r.register_scorer::<VatpScorer>(
+            "vatp",
+            "accumulated attention x value L1 norm, sinks kept",
+            Schedule::EveryStep,
+            true,
+        );
+        r.register_scorer::<KnormScorer>(
+            "knorm",
+            "lowest key L2 norm, first layers skipped",
+            Schedule::EveryStep,
+            true,
+        );
+        r.register_scorer::<SnapKvScorer>(
+            "snapkv",
+            "pooled attention of the last prompt queries, once at prefill",
+            Schedule::PrefillOnly,
+            true,
+        );
+        r.register_scorer::<TovaScorer>(
+            "tova",
+            "the latest query's attention, averaged over the layer's heads",
+            Schedule::EveryStep,
+            true,
+        );
+        let pyramid_keys: Vec<&str> = ["every", "rerotate", "lazy"]
+            .into_iter()
+            .chain(SnapKvScorer::KEYS.iter().copied())
+            .chain(["beta"])
+            .collect();
+        r.register_policy(
+            "pyramidkv",
+            "SnapKV with per-layer budgets shrinking with depth",
+            &pyramid_keys,
+            false,
+            |spec, r, _| {
+                let p = r.top_k_params(spec, &[SnapKvScorer::KEYS, &["beta"]].concat())?;
+                let snapkv = SnapKvScorer::from_params(&p)?;
+                let beta = p.f32_in("beta", 20.0, 1.0, 1e6)?;
+                let mut policy =
+                    r.top_k(spec, &p, Schedule::PrefillOnly, Box::new(snapkv.clone()))?;
+                policy.layer_budget = LayerBudget::Pyramid(PyramidBudgets {
+                    beta,
+                    window: snapkv.window,
+                });
+                Ok(Box::new(policy))
+            },
+        );
         r.register_policy("adakv", "any scorer (scorer=snapkv), one top-k across a layer's heads: unequal per-head budgets", &["min_share", "scorer"], false, build_adakv);
         r.register_policy("fastgen", "per head, the cheapest of five token-class policies that recovers recover= of its attention", &["recover", "local", "frequent"], true, |spec, _, env| {
             let classes = env.token_classes.clone().ok_or_else(|| KvError::config("fastgen token classes", "none", "the tokenizer's special and punctuation tokens (build_policy_in with PolicyEnv::with_classes)"))?;
@@ -110,21 +165,63 @@ impl<B: Backend> Registry<B> {
     /// Adds a scorer under `name`: specs `name:budget=..,every=..,rerotate=..,<S's keys>` run it
     /// under a per-head [`TopKPolicy`]; AdaKV can use it when `per_head` (its scores differ
     /// between heads). A later entry of the same name replaces an earlier one.
-    pub fn register_scorer<S>(&mut self, name: &str, about: &str, schedule: Schedule, per_head: bool) -> &mut Self
+    pub fn register_scorer<S>(
+        &mut self,
+        name: &str,
+        about: &str,
+        schedule: Schedule,
+        per_head: bool,
+    ) -> &mut Self
     where
         S: SpecParams + Scorer<B> + 'static,
     {
-        let build: ScorerBuilder<B> = Arc::new(|p| Ok(Box::new(S::from_params(p)?) as Box<dyn Scorer<B>>));
-        self.insert(PolicyEntry { name: name.into(), about: about.into(), keys: keys_of(&[TOP_K_KEYS, S::KEYS].concat()), kind: EntryKind::Scorer { build, schedule, per_head } })
+        let build: ScorerBuilder<B> =
+            Arc::new(|p| Ok(Box::new(S::from_params(p)?) as Box<dyn Scorer<B>>));
+        self.insert(PolicyEntry {
+            name: name.into(),
+            about: about.into(),
+            keys: keys_of(&[TOP_K_KEYS, S::KEYS].concat()),
+            kind: EntryKind::Scorer {
+                build,
+                schedule,
+                per_head,
+            },
+        })
     }
 
     /// Adds a policy under `name` that parses its own spec (`keys` are listed in help).
-    pub fn register_policy<F>(&mut self, name: &str, about: &str, keys: &[&str], self_budgeted: bool, build: F) -> &mut Self
+    pub fn register_policy<F>(
+        &mut self,
+        name: &str,
+        about: &str,
+        keys: &[&str],
+        self_budgeted: bool,
+        build: F,
+    ) -> &mut Self
     where
-        F: Fn(&PolicySpec, &Registry<B>, &PolicyEnv) -> Result<Box<dyn CachePolicy<B>>> + Send + Sync + 'static,
+        F: Fn(&PolicySpec, &Registry<B>, &PolicyEnv) -> Result<Box<dyn CachePolicy<B>>>
+            + Send
+            + Sync
+            + 'static,
     {
-        let all: Vec<&str> = if self_budgeted { keys.to_vec() } else { ["budget"].iter().copied().chain(keys.iter().copied()).collect() };
-        self.insert(PolicyEntry { name: name.into(), about: about.into(), keys: keys_of(&all), kind: EntryKind::Policy { build: Arc::new(build), self_budgeted } })
+        let all: Vec<&str> = if self_budgeted {
+            keys.to_vec()
+        } else {
+            ["budget"]
+                .iter()
+                .copied()
+                .chain(keys.iter().copied())
+                .collect()
+        };
+        self.insert(PolicyEntry {
+            name: name.into(),
+            about: about.into(),
+            keys: keys_of(&all),
+            kind: EntryKind::Policy {
+                build: Arc::new(build),
+                self_budgeted,
+            },
+        })
     }
 
     fn insert(&mut self, entry: PolicyEntry<B>) -> &mut Self {
@@ -147,7 +244,14 @@ impl<B: Backend> Registry<B> {
 
     /// The entry called `name`, or an error listing the valid names.
     pub fn entry(&self, name: &str) -> Result<&PolicyEntry<B>> {
-        self.entries.iter().find(|e| e.name == name).ok_or_else(|| KvError::Unknown { kind: "policy".into(), name: name.into(), valid: self.names().join(", ") })
+        self.entries
+            .iter()
+            .find(|e| e.name == name)
+            .ok_or_else(|| KvError::Unknown {
+                kind: "policy".into(),
+                name: name.into(),
+                valid: self.names().join(", "),
+            })
     }
 
     /// Parses a spec and checks that it names a registered policy.
@@ -159,12 +263,26 @@ impl<B: Backend> Registry<B> {
 
     /// Whether the policy `name` sets its own compression (no budget, one grid cell).
     pub fn is_self_budgeted(&self, name: &str) -> bool {
-        self.entries.iter().any(|e| e.name == name && matches!(e.kind, EntryKind::Policy { self_budgeted: true, .. }))
+        self.entries.iter().any(|e| {
+            e.name == name
+                && matches!(
+                    e.kind,
+                    EntryKind::Policy {
+                        self_budgeted: true,
+                        ..
+                    }
+                )
+        })
     }
 
     /// Scorers a layer-wide selection can use, `first` (the default) first.
     pub fn per_head_scorers(&self, first: &str) -> Vec<&str> {
-        let mut names: Vec<&str> = self.entries.iter().filter(|e| matches!(e.kind, EntryKind::Scorer { per_head: true, .. })).map(|e| e.name.as_str()).collect();
+        let mut names: Vec<&str> = self
+            .entries
+            .iter()
+            .filter(|e| matches!(e.kind, EntryKind::Scorer { per_head: true, .. }))
+            .map(|e| e.name.as_str())
+            .collect();
         if let Some(i) = names.iter().position(|n| *n == first) {
             let n = names.remove(i);
             names.insert(0, n);
@@ -176,9 +294,16 @@ impl<B: Backend> Registry<B> {
     pub fn build(&self, spec: &str, env: &PolicyEnv) -> Result<Box<dyn CachePolicy<B>>> {
         let spec = self.parse(spec)?;
         match &self.entry(&spec.name)?.kind {
-            EntryKind::Scorer { build, schedule, .. } => {
+            EntryKind::Scorer {
+                build, schedule, ..
+            } => {
                 let entry = self.entry(&spec.name)?;
-                let own: Vec<&str> = entry.keys.iter().map(String::as_str).filter(|k| !TOP_K_KEYS.contains(k)).collect();
+                let own: Vec<&str> = entry
+                    .keys
+                    .iter()
+                    .map(String::as_str)
+                    .filter(|k| !TOP_K_KEYS.contains(k))
+                    .collect();
                 let p = self.top_k_params(&spec, &own)?;
                 let scorer = build(&p)?;
                 Ok(Box::new(self.top_k(&spec, &p, *schedule, scorer)?))
@@ -189,10 +314,24 @@ impl<B: Backend> Registry<B> {
 
     /// The scorer called `name` built from `params` (which must already be checked against the
     /// keys the caller accepts), or an error naming the scorers there are.
-    pub fn build_scorer(&self, name: &str, params: &Params<'_>, context: &str) -> Result<Box<dyn Scorer<B>>> {
-        match self.entries.iter().find(|e| e.name == name).map(|e| &e.kind) {
+    pub fn build_scorer(
+        &self,
+        name: &str,
+        params: &Params<'_>,
+        context: &str,
+    ) -> Result<Box<dyn Scorer<B>>> {
+        match self
+            .entries
+            .iter()
+            .find(|e| e.name == name)
+            .map(|e| &e.kind)
+        {
             Some(EntryKind::Scorer { build, .. }) => build(params),
-            _ => Err(KvError::config(context, name, format!("one of {}", self.per_head_scorers("snapkv").join(", ")))),
+            _ => Err(KvError::config(
+                context,
+                name,
+                format!("one of {}", self.per_head_scorers("snapkv").join(", ")),
+            )),
         }
     }
 
@@ -206,7 +345,16 @@ impl<B: Backend> Registry<B> {
 
     /// The keys of the scorer entry `name` besides the top-k ones.
     pub fn scorer_keys(&self, name: &str) -> Vec<&str> {
-        self.entries.iter().find(|e| e.name == name).map_or_else(Vec::new, |e| e.keys.iter().map(String::as_str).filter(|k| !TOP_K_KEYS.contains(k)).collect())
+        self.entries
+            .iter()
+            .find(|e| e.name == name)
+            .map_or_else(Vec::new, |e| {
+                e.keys
+                    .iter()
+                    .map(String::as_str)
+                    .filter(|k| !TOP_K_KEYS.contains(k))
+                    .collect()
+            })
     }
 
     /// `spec`'s parameters, allowing the top-k keys and `own`.
@@ -216,8 +364,19 @@ impl<B: Backend> Registry<B> {
 
     /// A per-head top-k policy over `scorer` with `p`'s budget (default half), schedule
     /// (default `schedule`), re-rotation (default off) and lazy eviction (default on).
-    pub fn top_k(&self, spec: &PolicySpec, p: &Params<'_>, schedule: Schedule, scorer: Box<dyn Scorer<B>>) -> Result<TopKPolicy<B>> {
-        let mut policy = TopKPolicy::new(spec.name.clone(), p.budget("budget", Budget::Ratio(0.5))?, p.schedule(schedule)?, scorer);
+    pub fn top_k(
+        &self,
+        spec: &PolicySpec,
+        p: &Params<'_>,
+        schedule: Schedule,
+        scorer: Box<dyn Scorer<B>>,
+    ) -> Result<TopKPolicy<B>> {
+        let mut policy = TopKPolicy::new(
+            spec.name.clone(),
+            p.budget("budget", Budget::Ratio(0.5))?,
+            p.schedule(schedule)?,
+            scorer,
+        );
         policy.rerotate = p.bool("rerotate", false)?;
         policy.lazy = p.bool("lazy", true)?;
         Ok(policy)
@@ -229,7 +388,11 @@ impl<B: Backend> Registry<B> {
         self.entries
             .iter()
             .map(|e| {
-                let keys = if e.keys.is_empty() { "no parameters".to_string() } else { e.keys.join(",") };
+                let keys = if e.keys.is_empty() {
+                    "no parameters".to_string()
+                } else {
+                    e.keys.join(",")
+                };
                 format!("  {:width$}  {}  [{}]", e.name, e.about, keys)
             })
             .collect::<Vec<_>>()
@@ -238,16 +401,35 @@ impl<B: Backend> Registry<B> {
 }
 
 /// `adakv:budget=0.5,min_share=0.2,scorer=snapkv,<the scorer's own parameters>`.
-fn build_adakv<B: Backend>(spec: &PolicySpec, r: &Registry<B>, _: &PolicyEnv) -> Result<Box<dyn CachePolicy<B>>> {
+fn build_adakv<B: Backend>(
+    spec: &PolicySpec,
+    r: &Registry<B>,
+    _: &PolicyEnv,
+) -> Result<Box<dyn CachePolicy<B>>> {
     if let Some((_, every)) = spec.pairs().find(|(k, _)| *k == "every") {
-        return Err(KvError::config("adakv:every", every, "no schedule: AdaKV compresses once, at the end of prefill"));
+        return Err(KvError::config(
+            "adakv:every",
+            every,
+            "no schedule: AdaKV compresses once, at the end of prefill",
+        ));
     }
-    let scorer_name = spec.pairs().find(|(k, _)| *k == "scorer").map_or("snapkv", |(_, v)| v).to_string();
+    let scorer_name = spec
+        .pairs()
+        .find(|(k, _)| *k == "scorer")
+        .map_or("snapkv", |(_, v)| v)
+        .to_string();
     let scorers = r.per_head_scorers("snapkv");
     if !scorers.contains(&scorer_name.as_str()) {
-        return Err(KvError::config("adakv:scorer", &scorer_name, format!("one of {}", scorers.join(", "))));
+        return Err(KvError::config(
+            "adakv:scorer",
+            &scorer_name,
+            format!("one of {}", scorers.join(", ")),
+        ));
     }
-    let allowed: Vec<&str> = ["budget", "min_share", "scorer"].into_iter().chain(r.scorer_keys(&scorer_name)).collect();
+    let allowed: Vec<&str> = ["budget", "min_share", "scorer"]
+        .into_iter()
+        .chain(r.scorer_keys(&scorer_name))
+        .collect();
     let p = spec.params(&allowed)?;
     let budget = p.budget("budget", Budget::Ratio(0.5))?;
     let min_share = p.f32_in("min_share", 0.2, 0.0, 1.0)?;

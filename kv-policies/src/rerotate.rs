@@ -20,20 +20,37 @@ pub fn frame_offset<B: Backend>(cache: &LayerCache<B>) -> usize {
     cache.rope_position().saturating_sub(cache.live_slots())
 }
 
-fn layer_rope<'a, B: Backend>(ctx: &LayerContext<'a, B>, policy: &str) -> Result<&'a dyn KeyRotation<B>> {
-    ctx.rope.ok_or_else(|| KvError::config(format!("{policy}:rerotate"), true, "a layer with RoPE (this one has none)"))
+fn layer_rope<'a, B: Backend>(
+    ctx: &LayerContext<'a, B>,
+    policy: &str,
+) -> Result<&'a dyn KeyRotation<B>> {
+    ctx.rope.ok_or_else(|| {
+        KvError::config(
+            format!("{policy}:rerotate"),
+            true,
+            "a layer with RoPE (this one has none)",
+        )
+    })
 }
 
 /// Replaces the keys with `keys`, rotated `offset` positions back, and lowers the next token's
 /// RoPE position to match: the frame offset drops by `offset`.
-fn rotated_back<B: Backend>(cache: &mut LayerCache<B>, keys: Tensor<B, 4>, offset: usize) -> Result<()> {
+fn rotated_back<B: Backend>(
+    cache: &mut LayerCache<B>,
+    keys: Tensor<B, 4>,
+    offset: usize,
+) -> Result<()> {
     cache.set_keys(keys)?;
     cache.shift_rope(offset)
 }
 
 /// Brings a re-rotating cache to in-cache positions (`o = 0`, no dead slot, no overlay), as a
 /// selection over all its slots ([`rerotate_kept`]) assumes.
-pub fn restore_in_cache_positions<B: Backend>(ctx: &LayerContext<'_, B>, cache: &mut LayerCache<B>, policy: &str) -> Result<()> {
+pub fn restore_in_cache_positions<B: Backend>(
+    ctx: &LayerContext<'_, B>,
+    cache: &mut LayerCache<B>,
+    policy: &str,
+) -> Result<()> {
     cache.compact();
     let offset = frame_offset(cache);
     if offset == 0 {
@@ -53,7 +70,13 @@ pub fn restore_in_cache_positions<B: Backend>(ctx: &LayerContext<'_, B>, cache: 
 /// Under re-rotation slot `i` is then rotated at position `i` (new tokens rotate at the cache
 /// length), so the kept slot that was at index `j` needs a delta rotation of `i - j`
 /// (`R(a)R(b) = R(a+b)`); slots that did not move get a rotation by 0, which is exact.
-pub fn rerotate_kept<B: Backend>(ctx: &LayerContext<'_, B>, cache: &mut LayerCache<B>, kept: Tensor<B, 3, Int>, before: usize, policy: &str) -> Result<()> {
+pub fn rerotate_kept<B: Backend>(
+    ctx: &LayerContext<'_, B>,
+    cache: &mut LayerCache<B>,
+    kept: Tensor<B, 3, Int>,
+    before: usize,
+    policy: &str,
+) -> Result<()> {
     let rope = layer_rope(ctx, policy)?;
     let [_, _, k] = kept.dims();
     let target = Tensor::<B, 1, Int>::arange(0..k as i64, &kept.device()).reshape([1, 1, k]);
@@ -71,7 +94,13 @@ pub fn rerotate_kept<B: Backend>(ctx: &LayerContext<'_, B>, cache: &mut LayerCac
 ///
 /// Cost per step: a tombstone and a rotation of the `sinks` first slots, instead of a copy and a
 /// rotation of the whole cache; the same relative positions, up to f32 rounding.
-pub fn evict_after_sinks<B: Backend>(ctx: &LayerContext<'_, B>, cache: &mut LayerCache<B>, victim: Tensor<B, 3, Int>, sinks: usize, policy: &str) -> Result<()> {
+pub fn evict_after_sinks<B: Backend>(
+    ctx: &LayerContext<'_, B>,
+    cache: &mut LayerCache<B>,
+    victim: Tensor<B, 3, Int>,
+    sinks: usize,
+    policy: &str,
+) -> Result<()> {
     let rope = layer_rope(ctx, policy)?;
     let mut offset = frame_offset(cache);
     // Back to o = 0 when this eviction compacts (which keeps the angles, and so their f32
@@ -86,9 +115,23 @@ pub fn evict_after_sinks<B: Backend>(ctx: &LayerContext<'_, B>, cache: &mut Laye
             // covers, only the others move back, and everything after it moves back as one.
             let m = sinks.min(n);
             let stored = cache.stored_keys();
-            let not_sink = cache.positions_prefix(m).greater_equal_elem(sinks as i64).int().mul_scalar(-(offset as i64));
+            let not_sink = cache
+                .positions_prefix(m)
+                .greater_equal_elem(sinks as i64)
+                .int()
+                .mul_scalar(-(offset as i64));
             let head = rope.rotate_by(stored.clone().narrow(2, 0, m), not_sink);
-            if m == n { head } else { Tensor::cat(vec![head, rope.rotate_by(stored.narrow(2, m, n - m), back(n - m))], 2) }
+            if m == n {
+                head
+            } else {
+                Tensor::cat(
+                    vec![
+                        head,
+                        rope.rotate_by(stored.narrow(2, m, n - m), back(n - m)),
+                    ],
+                    2,
+                )
+            }
         } else {
             rope.rotate_by(cache.stored_keys(), back(n))
         };
@@ -101,7 +144,11 @@ pub fn evict_after_sinks<B: Backend>(ctx: &LayerContext<'_, B>, cache: &mut Laye
         // is rotated `o + 1` ahead of its stored key, while the other slots the overlay covers
         // (dead, or the window's oldest) keep theirs.
         let m = sinks.min(cache.slots());
-        let ahead = cache.positions_prefix(m).lower_elem(sinks as i64).int().mul_scalar((offset + 1) as i64);
+        let ahead = cache
+            .positions_prefix(m)
+            .lower_elem(sinks as i64)
+            .int()
+            .mul_scalar((offset + 1) as i64);
         let overlay = rope.rotate_by(cache.stored_keys_prefix(m), ahead);
         cache.set_key_overlay(overlay)?;
     }

@@ -6,7 +6,7 @@
 
 use crate::LayerContext;
 use burn::prelude::*;
-use kv_core::{ObserveRequest, Observation, LayerCache, Result};
+use kv_core::{LayerCache, Observation, ObserveRequest, Result};
 
 /// Per-slot importance scores of a layer's cache.
 pub trait Scorer<B: Backend> {
@@ -19,14 +19,25 @@ pub trait Scorer<B: Backend> {
 
     /// Updates per-slot state after every attention call, selection or not (H2O's accumulated
     /// attention, kept in a side channel so it moves with its slot).
-    fn observe(&self, _ctx: &LayerContext<'_, B>, _cache: &mut LayerCache<B>, _obs: Option<&Observation<B>>) -> Result<()> {
+    fn observe(
+        &self,
+        _ctx: &LayerContext<'_, B>,
+        _cache: &mut LayerCache<B>,
+        _obs: Option<&Observation<B>>,
+    ) -> Result<()> {
         Ok(())
     }
 
     /// Scores `[batch, kv_heads, slots]` of the slots `cache` holds (higher = keep) when `k`
     /// slots per head are to be kept; `+inf` marks slots that must stay (observation windows,
     /// recent windows, sinks).
-    fn score(&self, ctx: &LayerContext<'_, B>, cache: &LayerCache<B>, obs: Option<&Observation<B>>, k: usize) -> Result<Tensor<B, 3>>;
+    fn score(
+        &self,
+        ctx: &LayerContext<'_, B>,
+        cache: &LayerCache<B>,
+        obs: Option<&Observation<B>>,
+        k: usize,
+    ) -> Result<Tensor<B, 3>>;
 
     /// `Some(s)` when the scorer ranks by stream order: the stream's first `s` tokens above every
     /// other slot, the rest newest first (StreamingLLM), so one slot over budget always evicts the

@@ -11,7 +11,9 @@ pub fn group_sum<B: Backend>(x: Tensor<B, 3>, kv_heads: usize) -> Tensor<B, 3> {
     if h == kv_heads {
         return x;
     }
-    x.reshape([b, kv_heads, h / kv_heads, n]).sum_dim(2).reshape([b, kv_heads, n])
+    x.reshape([b, kv_heads, h / kv_heads, n])
+        .sum_dim(2)
+        .reshape([b, kv_heads, n])
 }
 
 /// How [`top_k_indices`] finds the largest scores.
@@ -35,7 +37,11 @@ pub fn set_top_k_method(method: TopKMethod) {
 
 /// The method [`top_k_indices`] uses now.
 pub fn top_k_method() -> TopKMethod {
-    if USE_ARGTOPK.load(Ordering::Relaxed) { TopKMethod::ArgTopK } else { TopKMethod::Sort }
+    if USE_ARGTOPK.load(Ordering::Relaxed) {
+        TopKMethod::ArgTopK
+    } else {
+        TopKMethod::Sort
+    }
 }
 
 /// Indices of the `k` largest entries along dim 2 (`k < n`), in no particular order.
@@ -52,7 +58,11 @@ pub fn top_k_indices<B: Backend>(scores: Tensor<B, 3>, k: usize) -> Tensor<B, 3,
 pub fn protect_recent_slots<B: Backend>(scores: Tensor<B, 3>, window: usize) -> Tensor<B, 3> {
     let [b, h, n] = scores.dims();
     let window = window.min(n);
-    if window == 0 { scores } else { scores.slice_fill([0..b, 0..h, n - window..n], f32::INFINITY) }
+    if window == 0 {
+        scores
+    } else {
+        scores.slice_fill([0..b, 0..h, n - window..n], f32::INFINITY)
+    }
 }
 
 /// A `[b, kv_heads, n]` mask of the slots whose original position is below `sinks`.

@@ -4,7 +4,7 @@
 use crate::select::{group_sum, protect_recent_slots};
 use crate::{LayerContext, Params, Scorer, SpecParams};
 use burn::prelude::*;
-use kv_core::{ObserveRequest, Observation, KvError, LayerCache, Result};
+use kv_core::{KvError, LayerCache, Observation, ObserveRequest, Result};
 use serde::{Deserialize, Serialize};
 
 /// How neighbouring scores are pooled ("clustering").
@@ -34,15 +34,23 @@ pub struct SnapKvScorer {
 
 impl Default for SnapKvScorer {
     fn default() -> Self {
-        Self { window: 32, kernel: 7, pool: Pool::Max }
+        Self {
+            window: 32,
+            kernel: 7,
+            pool: Pool::Max,
+        }
     }
 }
 
 impl SnapKvScorer {
     /// Checks the window and the kernel.
     pub fn validate(&self) -> Result<()> {
-        if self.kernel == 0 || self.kernel % 2 == 0 {
-            return Err(KvError::config("snapkv:kernel", self.kernel, "an odd width >= 1"));
+        if self.kernel == 0 || self.kernel.is_multiple_of(2) {
+            return Err(KvError::config(
+                "snapkv:kernel",
+                self.kernel,
+                "an odd width >= 1",
+            ));
         }
         if self.window == 0 {
             return Err(KvError::config("snapkv:window", 0, "at least 1 query"));
@@ -59,7 +67,11 @@ impl SpecParams for SnapKvScorer {
         let scorer = Self {
             window: p.usize("window", d.window)?,
             kernel: p.usize("kernel", d.kernel)?,
-            pool: if p.choice("pool", "max", &["max", "avg"])? == "max" { Pool::Max } else { Pool::Avg },
+            pool: if p.choice("pool", "max", &["max", "avg"])? == "max" {
+                Pool::Max
+            } else {
+                Pool::Avg
+            },
         };
         scorer.validate()?;
         Ok(scorer)
@@ -95,25 +107,45 @@ pub fn pool1d<B: Backend>(x: Tensor<B, 3>, k: usize, pool: Pool) -> Tensor<B, 3>
 
 impl<B: Backend> Scorer<B> for SnapKvScorer {
     fn name(&self) -> String {
-        format!("snapkv(window={},kernel={},pool={:?})", self.window, self.kernel, self.pool).to_lowercase()
+        format!(
+            "snapkv(window={},kernel={},pool={:?})",
+            self.window, self.kernel, self.pool
+        )
+        .to_lowercase()
     }
 
     fn observe_request(&self, _: &LayerContext<'_, B>, selecting: bool) -> ObserveRequest {
-        ObserveRequest { window: if selecting { self.window } else { 0 }, ..Default::default() }
+        ObserveRequest {
+            window: if selecting { self.window } else { 0 },
+            ..Default::default()
+        }
     }
 
     /// The window's pooled votes for the prefix slots, the window itself protected; when `k`
     /// cannot hold the window, the slot order (so the newest `k` slots win).
-    fn score(&self, _: &LayerContext<'_, B>, cache: &LayerCache<B>, obs: Option<&Observation<B>>, k: usize) -> Result<Tensor<B, 3>> {
+    fn score(
+        &self,
+        _: &LayerContext<'_, B>,
+        cache: &LayerCache<B>,
+        obs: Option<&Observation<B>>,
+        k: usize,
+    ) -> Result<Tensor<B, 3>> {
         let n = cache.slots();
-        let probs = obs
-            .and_then(|o| o.window.clone())
-            .ok_or_else(|| KvError::config("snapkv observation", "none", "the window's attention (the model ignored the policy's request)"))?;
+        let probs = obs.and_then(|o| o.window.clone()).ok_or_else(|| {
+            KvError::config(
+                "snapkv observation",
+                "none",
+                "the window's attention (the model ignored the policy's request)",
+            )
+        })?;
         let [b, h, w, _] = probs.dims();
         let w = w.min(n);
         let kv = cache.shape().kv_heads;
         if k <= w {
-            return Ok(Tensor::<B, 1, Int>::arange(0..n as i64, &cache.device()).float().reshape([1, 1, n]).expand([b, kv, n]));
+            return Ok(Tensor::<B, 1, Int>::arange(0..n as i64, &cache.device())
+                .float()
+                .reshape([1, 1, n])
+                .expand([b, kv, n]));
         }
         // Column sums of the window over the prefix, pooled; the window itself is always kept.
         let votes = probs.narrow(3, 0, n - w).sum_dim(2).reshape([b, h, n - w]);

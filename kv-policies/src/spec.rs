@@ -27,7 +27,9 @@ pub struct PolicyEnv {
 impl PolicyEnv {
     /// An environment with the tokenizer's token classes.
     pub fn with_classes(classes: TokenClasses) -> Self {
-        Self { token_classes: Some(Arc::new(classes)) }
+        Self {
+            token_classes: Some(Arc::new(classes)),
+        }
     }
 }
 
@@ -48,10 +50,16 @@ impl PolicySpec {
         let name = name.trim().to_ascii_lowercase();
         let mut params = BTreeMap::new();
         for pair in rest.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').ok_or_else(|| KvError::config(format!("{name} parameter"), pair, "key=value"))?;
+            let (k, v) = pair
+                .split_once('=')
+                .ok_or_else(|| KvError::config(format!("{name} parameter"), pair, "key=value"))?;
             let key = k.trim().to_ascii_lowercase();
             if params.contains_key(&key) {
-                return Err(KvError::config(format!("{name}:{key}"), format!("given twice in {spec:?}"), "each parameter at most once"));
+                return Err(KvError::config(
+                    format!("{name}:{key}"),
+                    format!("given twice in {spec:?}"),
+                    "each parameter at most once",
+                ));
             }
             params.insert(key, v.trim().to_string());
         }
@@ -69,7 +77,11 @@ impl PolicySpec {
             return Err(KvError::Unknown {
                 kind: format!("{} parameter", self.name),
                 name: bad.clone(),
-                valid: if allowed.is_empty() { "none".into() } else { allowed.join(", ") },
+                valid: if allowed.is_empty() {
+                    "none".into()
+                } else {
+                    allowed.join(", ")
+                },
             });
         }
         Ok(Params { spec: self })
@@ -95,13 +107,22 @@ impl Params<'_> {
     pub fn budget(&self, key: &str, default: Budget) -> Result<Budget> {
         match self.raw(key) {
             None => Ok(default),
-            Some(v) => Budget::parse(v).map_err(|_| self.bad(key, v, "a ratio in (0, 1] such as 0.5, or a slot count such as 1024")),
+            Some(v) => Budget::parse(v).map_err(|_| {
+                self.bad(
+                    key,
+                    v,
+                    "a ratio in (0, 1] such as 0.5, or a slot count such as 1024",
+                )
+            }),
         }
     }
 
     /// A non-negative integer.
     pub fn usize(&self, key: &str, default: usize) -> Result<usize> {
-        self.raw(key).map_or(Ok(default), |v| v.parse().map_err(|_| self.bad(key, v, "a whole number >= 0")))
+        self.raw(key).map_or(Ok(default), |v| {
+            v.parse()
+                .map_err(|_| self.bad(key, v, "a whole number >= 0"))
+        })
     }
 
     /// A number in `[lo, hi]`.
@@ -126,10 +147,19 @@ impl Params<'_> {
     }
 
     /// One of `choices`.
-    pub fn choice(&self, key: &str, default: &'static str, choices: &[&'static str]) -> Result<&'static str> {
+    pub fn choice(
+        &self,
+        key: &str,
+        default: &'static str,
+        choices: &[&'static str],
+    ) -> Result<&'static str> {
         match self.raw(key) {
             None => Ok(default),
-            Some(v) => choices.iter().find(|c| **c == v).copied().ok_or_else(|| self.bad(key, v, &format!("one of {}", choices.join(", ")))),
+            Some(v) => choices
+                .iter()
+                .find(|c| **c == v)
+                .copied()
+                .ok_or_else(|| self.bad(key, v, &format!("one of {}", choices.join(", ")))),
         }
     }
 
@@ -151,7 +181,12 @@ impl Params<'_> {
 /// with `=` and no `:` continues the spec before it (a policy name never holds `=`).
 pub fn split_specs(list: &[String]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
-    for piece in list.iter().flat_map(|s| s.split(',')).map(str::trim).filter(|p| !p.is_empty()) {
+    for piece in list
+        .iter()
+        .flat_map(|s| s.split(','))
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+    {
         match out.last_mut() {
             Some(last) if piece.contains('=') && !piece.contains(':') => {
                 last.push(if last.contains(':') { ',' } else { ':' });

@@ -2,9 +2,12 @@
 //! selection rule, so no scoring method repeats the "over budget, score, keep the top k" tail.
 
 use crate::select::top_k_indices;
-use crate::{AcrossHeads, CachePolicy, LayerContext, Phase, PyramidBudgets, Schedule, Scorer, evict_after_sinks, rerotate_kept, restore_in_cache_positions};
+use crate::{
+    AcrossHeads, CachePolicy, LayerContext, Phase, PyramidBudgets, Schedule, Scorer,
+    evict_after_sinks, rerotate_kept, restore_in_cache_positions,
+};
 use burn::prelude::*;
-use kv_core::{ObserveRequest, Observation, Budget, LayerCache, Result};
+use kv_core::{Budget, LayerCache, Observation, ObserveRequest, Result};
 
 /// How many slots each layer keeps out of the flat budget.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -17,7 +20,12 @@ pub enum LayerBudget {
 
 impl LayerBudget {
     /// Slots layer `ctx.layer` may keep once `seen` tokens have been seen under `budget`.
-    pub fn slots<B: Backend>(&self, budget: Budget, seen: usize, ctx: &LayerContext<'_, B>) -> Result<usize> {
+    pub fn slots<B: Backend>(
+        &self,
+        budget: Budget,
+        seen: usize,
+        ctx: &LayerContext<'_, B>,
+    ) -> Result<usize> {
         match self {
             Self::Flat => Ok(budget.slots_for(seen)),
             Self::Pyramid(p) => p.slots(budget, seen, ctx.layer, ctx.n_layers),
@@ -62,8 +70,22 @@ pub struct TopKPolicy<B: Backend> {
 
 impl<B: Backend> TopKPolicy<B> {
     /// A per-head top-k policy with a flat budget over `scorer`.
-    pub fn new(label: impl Into<String>, budget: Budget, schedule: Schedule, scorer: Box<dyn Scorer<B>>) -> Self {
-        Self { label: label.into(), budget, schedule, layer_budget: LayerBudget::Flat, selection: Selection::PerHead, rerotate: false, scorer, lazy: true }
+    pub fn new(
+        label: impl Into<String>,
+        budget: Budget,
+        schedule: Schedule,
+        scorer: Box<dyn Scorer<B>>,
+    ) -> Self {
+        Self {
+            label: label.into(),
+            budget,
+            schedule,
+            layer_budget: LayerBudget::Flat,
+            selection: Selection::PerHead,
+            rerotate: false,
+            scorer,
+            lazy: true,
+        }
     }
 
     /// No selection can happen from this phase on (a prefill-only policy while decoding), so
@@ -94,7 +116,10 @@ impl<B: Backend> CachePolicy<B> for TopKPolicy<B> {
             own.push_str(",lazy=false");
         }
         let scorer = self.scorer.name();
-        match scorer.strip_prefix(self.label.as_str()).and_then(|rest| rest.strip_prefix('(')) {
+        match scorer
+            .strip_prefix(self.label.as_str())
+            .and_then(|rest| rest.strip_prefix('('))
+        {
             Some(args) => format!("{}({own},{args}", self.label),
             None if scorer == self.label => format!("{}({own})", self.label),
             None => format!("{}({own}; {scorer})", self.label),
@@ -105,10 +130,16 @@ impl<B: Backend> CachePolicy<B> for TopKPolicy<B> {
         if self.finished(ctx.phase) || self.scorer.skips_layer(ctx) {
             return ObserveRequest::default();
         }
-        self.scorer.observe_request(ctx, self.schedule.is_due(ctx.phase))
+        self.scorer
+            .observe_request(ctx, self.schedule.is_due(ctx.phase))
     }
 
-    fn after_attention(&mut self, ctx: &LayerContext<'_, B>, cache: &mut LayerCache<B>, obs: Option<&Observation<B>>) -> Result<()> {
+    fn after_attention(
+        &mut self,
+        ctx: &LayerContext<'_, B>,
+        cache: &mut LayerCache<B>,
+        obs: Option<&Observation<B>>,
+    ) -> Result<()> {
         if self.finished(ctx.phase) || self.scorer.skips_layer(ctx) {
             return Ok(());
         }
@@ -120,7 +151,9 @@ impl<B: Backend> CachePolicy<B> for TopKPolicy<B> {
             return Ok(());
         }
         let live = cache.live_slots();
-        let k = self.layer_budget.slots(self.budget, cache.tokens_seen(), ctx)?;
+        let k = self
+            .layer_budget
+            .slots(self.budget, cache.tokens_seen(), ctx)?;
         if live <= k {
             return Ok(());
         }
@@ -182,29 +215,51 @@ impl<B: Backend> TopKPolicy<B> {
     /// unequal): every (batch row, KV head) is a cache of its own, so each is scored as a layer of
     /// one KV head with its query group (`ctx.n_heads / kv_heads` heads) and the head's own
     /// observation ([`Observation::heads`]), and keeps its own top `k`.
-    fn per_head_storage(&mut self, ctx: &LayerContext<'_, B>, cache: &mut LayerCache<B>, obs: Option<&Observation<B>>) -> Result<()> {
+    fn per_head_storage(
+        &mut self,
+        ctx: &LayerContext<'_, B>,
+        cache: &mut LayerCache<B>,
+        obs: Option<&Observation<B>>,
+    ) -> Result<()> {
         if self.rerotate || self.selection != Selection::PerHead {
             return Err(kv_core::KvError::config(
                 format!("{} on ragged storage", self.label),
-                if self.rerotate { "rerotate" } else { "selection across heads" },
+                if self.rerotate {
+                    "rerotate"
+                } else {
+                    "selection across heads"
+                },
                 "per-head top-k without re-rotation: each head of ragged storage (DMC, AdaKV) holds its own positions",
             ));
         }
         let group = ctx.n_heads / cache.shape().kv_heads.max(1);
-        let head_ctx = LayerContext { n_heads: group, ..*ctx };
+        let head_ctx = LayerContext {
+            n_heads: group,
+            ..*ctx
+        };
         let due = self.schedule.is_due(ctx.phase);
         let observed = obs.and_then(|o| o.heads.as_deref());
-        let heads = cache.head_caches_mut().expect("ragged storage has head caches");
+        let heads = cache
+            .head_caches_mut()
+            .expect("ragged storage has head caches");
         for (i, head) in heads.iter_mut().enumerate() {
             let obs = observed.and_then(|o| o.get(i));
             self.scorer.observe(&head_ctx, head, obs)?;
             if !due {
                 continue;
             }
-            let (n, k) = (head.slots(), self.layer_budget.slots(self.budget, head.tokens_seen(), ctx)?);
+            let (n, k) = (
+                head.slots(),
+                self.layer_budget
+                    .slots(self.budget, head.tokens_seen(), ctx)?,
+            );
             if n > k {
                 let scores = self.scorer.score(&head_ctx, head, obs, k)?;
-                let idx = if n == k + 1 && k > 0 { all_but(scores.argmin(2), n) } else { top_k_indices(scores, k.max(1)).sort(2) };
+                let idx = if n == k + 1 && k > 0 {
+                    all_but(scores.argmin(2), n)
+                } else {
+                    top_k_indices(scores, k.max(1)).sort(2)
+                };
                 head.retain(idx)?;
             }
         }
@@ -216,7 +271,9 @@ impl<B: Backend> TopKPolicy<B> {
 /// `[b, kv_heads, n - 1]`.
 fn all_but<B: Backend>(victim: Tensor<B, 3, Int>, n: usize) -> Tensor<B, 3, Int> {
     let [b, h, _] = victim.dims();
-    let j = Tensor::<B, 1, Int>::arange(0..(n - 1) as i64, &victim.device()).reshape([1, 1, n - 1]).expand([b, h, n - 1]);
+    let j = Tensor::<B, 1, Int>::arange(0..(n - 1) as i64, &victim.device())
+        .reshape([1, 1, n - 1])
+        .expand([b, h, n - 1]);
     j.clone() + j.greater_equal(victim.expand([b, h, n - 1])).int()
 }
 
@@ -228,8 +285,15 @@ mod tests {
     fn one_over_budget_drops_exactly_what_the_sorted_top_k_drops<B: Backend>(dev: &B::Device) {
         for n in [2, 3, 17, 300] {
             let scores = Tensor::<B, 3>::random([2, 3, n], Distribution::Normal(0.0, 1.0), dev);
-            let sorted: Vec<i64> = top_k_indices(scores.clone(), n - 1).sort(2).into_data().iter::<i64>().collect();
-            let fast: Vec<i64> = all_but(scores.argmin(2), n).into_data().iter::<i64>().collect();
+            let sorted: Vec<i64> = top_k_indices(scores.clone(), n - 1)
+                .sort(2)
+                .into_data()
+                .iter::<i64>()
+                .collect();
+            let fast: Vec<i64> = all_but(scores.argmin(2), n)
+                .into_data()
+                .iter::<i64>()
+                .collect();
             assert_eq!(fast, sorted, "n = {n}");
         }
     }

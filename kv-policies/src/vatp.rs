@@ -4,7 +4,7 @@
 use crate::h2o::{accumulate, column_sums, protect_recent, sinks_label};
 use crate::{ACC_CHANNEL, LayerContext, Params, Scorer, SpecParams};
 use burn::prelude::*;
-use kv_core::{ObserveRequest, Observation, LayerCache, Result};
+use kv_core::{LayerCache, Observation, ObserveRequest, Result};
 use serde::{Deserialize, Serialize};
 
 /// Scores slots by accumulated attention weighted by the L1 norm of the value read.
@@ -25,7 +25,10 @@ pub struct VatpScorer {
 
 impl Default for VatpScorer {
     fn default() -> Self {
-        Self { recent: 0.5, sinks: 4 }
+        Self {
+            recent: 0.5,
+            sinks: 4,
+        }
     }
 }
 
@@ -34,7 +37,10 @@ impl SpecParams for VatpScorer {
 
     fn from_params(p: &Params<'_>) -> Result<Self> {
         let d = Self::default();
-        Ok(Self { recent: p.f32_in("recent", d.recent, 0.0, 1.0)?, sinks: p.usize("sinks", d.sinks)? })
+        Ok(Self {
+            recent: p.f32_in("recent", d.recent, 0.0, 1.0)?,
+            sinks: p.usize("sinks", d.sinks)?,
+        })
     }
 }
 
@@ -44,21 +50,48 @@ impl<B: Backend> Scorer<B> for VatpScorer {
     }
 
     fn observe_request(&self, _: &LayerContext<'_, B>, _: bool) -> ObserveRequest {
-        ObserveRequest { column_sums: true, value_norms: true, ..Default::default() }
+        ObserveRequest {
+            column_sums: true,
+            value_norms: true,
+            ..Default::default()
+        }
     }
 
-    fn observe(&self, _: &LayerContext<'_, B>, cache: &mut LayerCache<B>, obs: Option<&Observation<B>>) -> Result<()> {
+    fn observe(
+        &self,
+        _: &LayerContext<'_, B>,
+        cache: &mut LayerCache<B>,
+        obs: Option<&Observation<B>>,
+    ) -> Result<()> {
         let sums = column_sums(obs, "vatp")?;
         let [b, h, n] = sums.dims();
         let norms = obs.and_then(|o| o.value_norms.clone()).unwrap_or_else(|| {
             // Observed without norms: the values the cache holds are the ones read.
             let kv = cache.shape().kv_heads;
-            cache.values().abs().sum_dim(3).reshape([b, kv, 1, n]).expand([b, kv, h / kv, n]).reshape([b, h, n])
+            cache
+                .values()
+                .abs()
+                .sum_dim(3)
+                .reshape([b, kv, 1, n])
+                .expand([b, kv, h / kv, n])
+                .reshape([b, h, n])
         });
         accumulate(cache, sums * norms)
     }
 
-    fn score(&self, _: &LayerContext<'_, B>, cache: &LayerCache<B>, _: Option<&Observation<B>>, k: usize) -> Result<Tensor<B, 3>> {
-        Ok(protect_recent(cache, cache.side(ACC_CHANNEL)?, k, self.recent, self.sinks))
+    fn score(
+        &self,
+        _: &LayerContext<'_, B>,
+        cache: &LayerCache<B>,
+        _: Option<&Observation<B>>,
+        k: usize,
+    ) -> Result<Tensor<B, 3>> {
+        Ok(protect_recent(
+            cache,
+            cache.side(ACC_CHANNEL)?,
+            k,
+            self.recent,
+            self.sinks,
+        ))
     }
 }

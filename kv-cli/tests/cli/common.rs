@@ -23,13 +23,16 @@ pub fn scratch(name: &str) -> PathBuf {
 
 /// Runs `cmd` and returns its output, panicking with the command line if it could not start.
 pub fn run(cmd: &mut Command) -> Output {
-    cmd.output().unwrap_or_else(|e| panic!("could not run {cmd:?}: {e}"))
+    cmd.output()
+        .unwrap_or_else(|e| panic!("could not run {cmd:?}: {e}"))
 }
 
 /// Every file below `dir`, relative to it, sorted.
 pub fn listing(dir: &Path) -> Vec<PathBuf> {
     fn walk(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) {
-        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
         for e in entries.flatten() {
             let p = e.path();
             out.push(p.strip_prefix(root).unwrap().to_path_buf());
@@ -57,7 +60,9 @@ pub fn tiny_preset(steps: usize, checkpoint_every: usize) -> String {
 
 /// FNV-1a, the checksum of checkpoint files (so a test can forge a well-formed one).
 pub fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 /// The four sections of a checkpoint file (config, training state, model, optimiser).
@@ -150,7 +155,7 @@ pub fn gguf(meta: &[(&str, Meta)], tensors: &[GgufTensor], data: &[u8]) -> Vec<u
         out.extend_from_slice(&t.kind.to_le_bytes());
         out.extend_from_slice(&t.offset.to_le_bytes());
     }
-    while out.len() % 32 != 0 {
+    while !out.len().is_multiple_of(32) {
         out.push(0);
     }
     out.extend_from_slice(data);
@@ -162,7 +167,12 @@ pub fn gguf(meta: &[(&str, Meta)], tensors: &[GgufTensor], data: &[u8]) -> Vec<u
 pub fn llama_meta() -> Vec<(&'static str, Meta<'static>)> {
     vec![
         ("tokenizer.ggml.model", Meta::Str("gpt2")),
-        ("tokenizer.ggml.tokens", Meta::Strs(vec!["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l", "m", "n", "o", "ab"])),
+        (
+            "tokenizer.ggml.tokens",
+            Meta::Strs(vec![
+                "a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l", "m", "n", "o", "ab",
+            ]),
+        ),
         ("tokenizer.ggml.merges", Meta::Strs(vec!["a b"])),
         ("general.architecture", Meta::Str("llama")),
         ("llama.block_count", Meta::U32(1)),

@@ -14,7 +14,8 @@ fn losses(dir: &Path) -> Vec<String> {
     let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
     text.lines()
         .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("torn metrics line {l:?}: {e}"));
+            let mut v: serde_json::Value =
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("torn metrics line {l:?}: {e}"));
             let o = v.as_object_mut().unwrap();
             o.remove("tokens_per_s");
             o.remove("seconds");
@@ -25,13 +26,27 @@ fn losses(dir: &Path) -> Vec<String> {
 
 /// Panics unless `dir` holds either no checkpoint or a complete, self-consistent one.
 fn assert_no_torn_checkpoint(dir: &Path, when: &str) {
-    let Ok(bytes) = std::fs::read(dir.join("checkpoint.kvc")) else { return };
-    assert!(bytes.len() > 16 && &bytes[..8] == b"KVCKPT02", "{when}: checkpoint.kvc has no header ({} bytes)", bytes.len());
+    let Ok(bytes) = std::fs::read(dir.join("checkpoint.kvc")) else {
+        return;
+    };
+    assert!(
+        bytes.len() > 16 && &bytes[..8] == b"KVCKPT02",
+        "{when}: checkpoint.kvc has no header ({} bytes)",
+        bytes.len()
+    );
     let body = &bytes[..bytes.len() - 8];
     let sum = u64::from_le_bytes(bytes[bytes.len() - 8..].try_into().unwrap());
-    assert_eq!(sum, fnv1a(body), "{when}: a torn checkpoint.kvc is visible ({} bytes)", bytes.len());
+    assert_eq!(
+        sum,
+        fnv1a(body),
+        "{when}: a torn checkpoint.kvc is visible ({} bytes)",
+        bytes.len()
+    );
     let sections = checkpoint_sections(&bytes);
-    assert!(sections.iter().all(|s| !s.is_empty()), "{when}: a checkpoint section is empty");
+    assert!(
+        sections.iter().all(|s| !s.is_empty()),
+        "{when}: a checkpoint section is empty"
+    );
 }
 
 /// Starts training into `dir`: a resume when it holds a checkpoint, else a fresh run.
@@ -40,9 +55,18 @@ fn start(preset: &str, dir: &Path) -> Child {
     if dir.join("checkpoint.kvc").exists() {
         cmd.args(["train", "--resume", "--out", &dir.display().to_string()]);
     } else {
-        cmd.args(["train", "--config", preset, "--out", &dir.display().to_string()]);
+        cmd.args([
+            "train",
+            "--config",
+            preset,
+            "--out",
+            &dir.display().to_string(),
+        ]);
     }
-    cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap()
+    cmd.stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
 }
 
 /// A small deterministic generator for kill times (xorshift).
@@ -60,7 +84,11 @@ impl Rng {
 /// Waits for `child` to exit on its own; panics with its stderr if it failed.
 fn finish(child: Child, what: &str) {
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{what} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -76,12 +104,21 @@ fn training_killed_at_random_points_resumes_to_the_same_bytes_and_losses_as_an_u
     let full = started.elapsed();
     let want_bytes = std::fs::read(reference.join("checkpoint.kvc")).unwrap();
     let want_losses = losses(&reference);
-    assert_eq!(want_losses.iter().filter(|l| l.contains("\"step\"") && l.contains("\"loss\"")).count(), STEPS);
+    assert_eq!(
+        want_losses
+            .iter()
+            .filter(|l| l.contains("\"step\"") && l.contains("\"loss\""))
+            .count(),
+        STEPS
+    );
 
     // The same command twice gives the same file: the comparison below is meaningful.
     let again = root.join("again");
     finish(start(&preset, &again), "the second uninterrupted run");
-    assert!(std::fs::read(again.join("checkpoint.kvc")).unwrap() == want_bytes, "two uninterrupted runs wrote different checkpoints");
+    assert!(
+        std::fs::read(again.join("checkpoint.kvc")).unwrap() == want_bytes,
+        "two uninterrupted runs wrote different checkpoints"
+    );
 
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let (mut kills, mut mid_write) = (0usize, 0usize);
@@ -118,7 +155,9 @@ fn training_killed_at_random_points_resumes_to_the_same_bytes_and_losses_as_an_u
                 killed
             } else {
                 // Anywhere in a run's lifetime, start-up included; later attempts may finish.
-                std::thread::sleep(Duration::from_micros(rng.below(full.as_micros() as u64 * 5 / 4)));
+                std::thread::sleep(Duration::from_micros(
+                    rng.below(full.as_micros() as u64 * 5 / 4),
+                ));
                 let killed = child.try_wait().unwrap().is_none() && child.kill().is_ok();
                 let _ = child.wait();
                 killed
@@ -129,14 +168,29 @@ fn training_killed_at_random_points_resumes_to_the_same_bytes_and_losses_as_an_u
             }
             // After two kills let the run finish, so every trial ends.
             if attempt >= 2 {
-                finish(start(&preset, &dir), &format!("trial {trial}'s last resume"));
+                finish(
+                    start(&preset, &dir),
+                    &format!("trial {trial}'s last resume"),
+                );
                 break;
             }
         }
-        assert!(std::fs::read(dir.join("checkpoint.kvc")).unwrap() == want_bytes, "trial {trial}: the resumed run's checkpoint differs from the uninterrupted one");
-        assert_eq!(losses(&dir), want_losses, "trial {trial}: the logged losses differ");
+        assert!(
+            std::fs::read(dir.join("checkpoint.kvc")).unwrap() == want_bytes,
+            "trial {trial}: the resumed run's checkpoint differs from the uninterrupted one"
+        );
+        assert_eq!(
+            losses(&dir),
+            want_losses,
+            "trial {trial}: the logged losses differ"
+        );
     }
-    eprintln!("{trials} trials, {kills} SIGKILLs ({mid_write} during a checkpoint write); every resumed run equals the uninterrupted one");
-    assert!(kills >= trials, "only {kills} kills landed in {trials} trials");
+    eprintln!(
+        "{trials} trials, {kills} SIGKILLs ({mid_write} during a checkpoint write); every resumed run equals the uninterrupted one"
+    );
+    assert!(
+        kills >= trials,
+        "only {kills} kills landed in {trials} trials"
+    );
     assert!(mid_write >= 1, "no kill landed during a checkpoint write");
 }

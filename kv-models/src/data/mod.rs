@@ -4,7 +4,10 @@ mod niah;
 mod stories;
 mod tasks;
 
-pub use niah::{ANSWER_TOKENS, DEFAULT_DEPTHS, ESSAYS_DIR, FRAME_TOKENS, Haystack, NiahMode, NiahPrompt, NiahSpec, niah_prompt};
+pub use niah::{
+    ANSWER_TOKENS, DEFAULT_DEPTHS, ESSAYS_DIR, FRAME_TOKENS, Haystack, NiahMode, NiahPrompt,
+    NiahSpec, niah_prompt,
+};
 pub use stories::story;
 pub use tasks::{TaskKind, TaskSample, exact_match};
 
@@ -39,7 +42,9 @@ impl Corpus {
     }
 
     fn from_bytes(bytes: &[u8]) -> Self {
-        Self { tokens: bytes.iter().map(|&b| u32::from(b)).collect() }
+        Self {
+            tokens: bytes.iter().map(|&b| u32::from(b)).collect(),
+        }
     }
 
     /// `text` as tokens of `tokenizer` (bytes that are not UTF-8 count as U+FFFD for others).
@@ -47,7 +52,9 @@ impl Corpus {
         if tokenizer.is_bytes() {
             return Ok(Self::from_bytes(text));
         }
-        Ok(Self { tokens: tokenizer.encode(&String::from_utf8_lossy(text))? })
+        Ok(Self {
+            tokens: tokenizer.encode(&String::from_utf8_lossy(text))?,
+        })
     }
 
     /// Text from files: `.jsonl` files contribute the `"text"` field of each line, anything else
@@ -61,11 +68,21 @@ impl Corpus {
         for path in paths {
             let text = std::fs::read_to_string(path).map_err(|e| KvError::io(path, e))?;
             if path.extension().is_some_and(|e| e == "jsonl") {
-                for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-                    let doc: serde_json::Value =
-                        serde_json::from_str(line).map_err(|e| KvError::io(path, format!("line {}: not JSON: {e}", i + 1)))?;
+                for (i, line) in text
+                    .lines()
+                    .enumerate()
+                    .filter(|(_, l)| !l.trim().is_empty())
+                {
+                    let doc: serde_json::Value = serde_json::from_str(line)
+                        .map_err(|e| KvError::io(path, format!("line {}: not JSON: {e}", i + 1)))?;
                     let t = doc.get("text").and_then(|t| t.as_str()).ok_or_else(|| {
-                        KvError::io(path, format!("line {}: expected an object with a \"text\" string field", i + 1))
+                        KvError::io(
+                            path,
+                            format!(
+                                "line {}: expected an object with a \"text\" string field",
+                                i + 1
+                            ),
+                        )
                     })?;
                     bytes.extend_from_slice(t.as_bytes());
                     bytes.extend_from_slice(b"\n\n");
@@ -103,7 +120,11 @@ impl Corpus {
     /// A random window of `len` tokens.
     pub fn window(&self, rng: &mut impl Rng, len: usize) -> Result<Vec<u32>> {
         if self.tokens.len() < len {
-            return Err(KvError::config("corpus size", format!("{} tokens", self.tokens.len()), format!("at least one window of {len} tokens")));
+            return Err(KvError::config(
+                "corpus size",
+                format!("{} tokens", self.tokens.len()),
+                format!("at least one window of {len} tokens"),
+            ));
         }
         let start = rng.random_range(0..=self.tokens.len() - len);
         Ok(self.tokens[start..start + len].to_vec())
@@ -111,7 +132,11 @@ impl Corpus {
 
     /// Consecutive, non-overlapping windows of `len` tokens from the start (for validation).
     pub fn windows(&self, len: usize, count: usize) -> Vec<Vec<u32>> {
-        self.tokens.chunks_exact(len).take(count).map(<[u32]>::to_vec).collect()
+        self.tokens
+            .chunks_exact(len)
+            .take(count)
+            .map(<[u32]>::to_vec)
+            .collect()
     }
 }
 
@@ -136,13 +161,20 @@ impl TextSource {
         match self {
             TextSource::Stories => Ok((
                 Corpus::tokenize(&Corpus::story_text(seed, 4 << 20), tokenizer)?,
-                Corpus::tokenize(&Corpus::story_text(seed ^ 0x5eed_7a11, 256 << 10), tokenizer)?,
+                Corpus::tokenize(
+                    &Corpus::story_text(seed ^ 0x5eed_7a11, 256 << 10),
+                    tokenizer,
+                )?,
             )),
             TextSource::Files(paths) => {
                 let corpus = Corpus::tokenize(&Corpus::file_text(paths)?, tokenizer)?;
                 if corpus.is_empty() {
                     let names: Vec<_> = paths.iter().map(|p| p.display().to_string()).collect();
-                    return Err(KvError::config("data files", names.join(", "), "files with some text"));
+                    return Err(KvError::config(
+                        "data files",
+                        names.join(", "),
+                        "files with some text",
+                    ));
                 }
                 Ok(corpus.split(0.05))
             }
@@ -169,7 +201,9 @@ pub fn text_files(path: &Path) -> Result<Vec<PathBuf>> {
 
 /// The deterministic random stream of one (step, micro-batch) pair: resuming needs only the step.
 pub fn batch_rng(seed: u64, step: usize, micro: usize) -> StdRng {
-    let mix = seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (micro as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+    let mix = seed
+        ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ (micro as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
     StdRng::seed_from_u64(mix)
 }
 
@@ -187,13 +221,22 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("kv-corpus-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("a.txt"), "hello world").unwrap();
-        std::fs::write(dir.join("b.jsonl"), "{\"text\": \"second doc\"}\n\n{\"text\": \"third\"}\n").unwrap();
+        std::fs::write(
+            dir.join("b.jsonl"),
+            "{\"text\": \"second doc\"}\n\n{\"text\": \"third\"}\n",
+        )
+        .unwrap();
         let files = text_files(&dir).unwrap();
         let c = Corpus::from_files(&files).unwrap();
         let text: Vec<u8> = c.tokens.iter().map(|&t| t as u8).collect();
-        assert_eq!(String::from_utf8(text).unwrap(), "hello world\n\nsecond doc\n\nthird\n\n");
+        assert_eq!(
+            String::from_utf8(text).unwrap(),
+            "hello world\n\nsecond doc\n\nthird\n\n"
+        );
         std::fs::write(dir.join("c.jsonl"), "{\"body\": 1}\n").unwrap();
-        let e = Corpus::from_files(&[dir.join("c.jsonl")]).unwrap_err().to_string();
+        let e = Corpus::from_files(&[dir.join("c.jsonl")])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("line 1") && e.contains("\"text\""), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

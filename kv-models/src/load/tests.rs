@@ -8,7 +8,9 @@ use safetensors::SafeTensors;
 use std::path::PathBuf;
 
 pub(crate) fn testdata(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("testdata")
+        .join(name)
 }
 
 fn scratch(name: &str) -> PathBuf {
@@ -22,21 +24,35 @@ fn scratch(name: &str) -> PathBuf {
 fn read_safetensors(path: &Path) -> Vec<(String, Vec<usize>, safetensors::Dtype, Vec<u8>)> {
     let bytes = std::fs::read(path).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut out: Vec<_> = st.tensors().into_iter().map(|(n, v)| (n, v.shape().to_vec(), v.dtype(), v.data().to_vec())).collect();
+    let mut out: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.shape().to_vec(), v.dtype(), v.data().to_vec()))
+        .collect();
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out
 }
 
 fn f32s(data: &[u8]) -> Vec<f32> {
-    data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+    data.chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
 }
 
 fn i64s(data: &[u8]) -> Vec<i64> {
-    data.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect()
+    data.chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+        .collect()
 }
 
-fn tensor_named(all: &[(String, Vec<usize>, safetensors::Dtype, Vec<u8>)], name: &str) -> (Vec<usize>, Vec<u8>) {
-    let t = all.iter().find(|t| t.0 == name).unwrap_or_else(|| panic!("no {name}"));
+fn tensor_named(
+    all: &[(String, Vec<usize>, safetensors::Dtype, Vec<u8>)],
+    name: &str,
+) -> (Vec<usize>, Vec<u8>) {
+    let t = all
+        .iter()
+        .find(|t| t.0 == name)
+        .unwrap_or_else(|| panic!("no {name}"));
     (t.1.clone(), t.3.clone())
 }
 
@@ -50,9 +66,16 @@ fn dequantisation_of_every_supported_type_equals_the_gguf_reference() {
         let (_, expected) = tensor_named(&all, &format!("{name}.expected"));
         let expected = f32s(&expected);
         let got = dequantize(kind, &raw, expected.len()).unwrap();
-        let worst = got.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        let worst = got
+            .iter()
+            .zip(&expected)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
         let scale = expected.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        assert!(worst <= 1e-6 * scale.max(1.0), "{name}: max abs diff {worst} (values up to {scale})");
+        assert!(
+            worst <= 1e-6 * scale.max(1.0),
+            "{name}: max abs diff {worst} (values up to {scale})"
+        );
         checked.push(name);
     }
     assert_eq!(checked.len(), 11);
@@ -65,7 +88,10 @@ fn dequantisation_of_every_supported_type_equals_the_gguf_reference() {
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max)
 }
 
 fn logits_of<B: Backend>(model: &crate::DecoderLm<B>, ids: &[i64]) -> Vec<f32> {
@@ -77,14 +103,28 @@ fn logits_of<B: Backend>(model: &crate::DecoderLm<B>, ids: &[i64]) -> Vec<f32> {
 
 fn tiny_llama_golden() -> (Vec<i64>, Vec<f32>) {
     let all = read_safetensors(&testdata("tiny-llama-logits.safetensors"));
-    (i64s(&tensor_named(&all, "input_ids").1), f32s(&tensor_named(&all, "logits").1))
+    (
+        i64s(&tensor_named(&all, "input_ids").1),
+        f32s(&tensor_named(&all, "logits").1),
+    )
 }
 
-fn tiny_llama_from_its_hugging_face_folder_reproduces_transformers_logits<B: Backend>(dev: &B::Device) {
+fn tiny_llama_from_its_hugging_face_folder_reproduces_transformers_logits<B: Backend>(
+    dev: &B::Device,
+) {
     let source = Pretrained::open(testdata("tiny-llama")).unwrap();
     assert_eq!(source.format(), PretrainedFormat::HuggingFace);
     let config = source.config().unwrap();
-    assert_eq!((config.vocab_size, config.d_model, config.n_layers, config.n_heads, config.n_kv_heads), (256, 64, 2, 4, 2));
+    assert_eq!(
+        (
+            config.vocab_size,
+            config.d_model,
+            config.n_layers,
+            config.n_heads,
+            config.n_kv_heads
+        ),
+        (256, 64, 2, 4, 2)
+    );
     assert!(!config.tie_embeddings);
     assert_eq!(config.norm_eps, 1e-6);
     let (model, _) = source.load_model::<B>(dev).unwrap();
@@ -94,19 +134,32 @@ fn tiny_llama_from_its_hugging_face_folder_reproduces_transformers_logits<B: Bac
     assert!(diff <= 1e-4, "max abs diff {diff}");
     // The cached path (prefill 40, then one token at a time) reads the same model, on the
     // backend's kernels and on the host kernel the CLI's CPU prefill takes (heads of 16).
-    let as_t = |s: &[i64]| Tensor::<B, 1, Int>::from_ints(s.iter().map(|&i| i as i32).collect::<Vec<_>>().as_slice(), dev).reshape([1, s.len()]);
+    let as_t = |s: &[i64]| {
+        Tensor::<B, 1, Int>::from_ints(
+            s.iter().map(|&i| i as i32).collect::<Vec<_>>().as_slice(),
+            dev,
+        )
+        .reshape([1, s.len()])
+    };
     for host in [false, true] {
         let rows = kv_attention::with_host_kernels(host, || {
             let mut cache = model.new_state(1);
             let mut rows = vec![model.forward_cached(as_t(&ids[..40]), &mut cache).unwrap()];
             for i in 40..ids.len() {
-                rows.push(model.forward_cached(as_t(&ids[i..i + 1]), &mut cache).unwrap());
+                rows.push(
+                    model
+                        .forward_cached(as_t(&ids[i..i + 1]), &mut cache)
+                        .unwrap(),
+                );
             }
             rows
         });
         let cached: Vec<f32> = Tensor::cat(rows, 1).into_data().iter::<f32>().collect();
         let diff = max_abs_diff(&cached, &want);
-        assert!(diff <= 1e-4, "cached decode, host kernel {host}: max abs diff {diff}");
+        assert!(
+            diff <= 1e-4,
+            "cached decode, host kernel {host}: max abs diff {diff}"
+        );
     }
 }
 
@@ -173,7 +226,12 @@ impl GgufWriter {
     /// A row-major `[rows, cols]` (or `[n]`) f32 tensor, stored with ggml's reversed dims.
     fn f32_tensor(&mut self, name: &str, shape: &[usize], values: &[f32]) {
         let dims = shape.iter().rev().map(|&d| d as u64).collect();
-        self.tensors.push((name.into(), dims, 0, values.iter().flat_map(|v| v.to_le_bytes()).collect()));
+        self.tensors.push((
+            name.into(),
+            dims,
+            0,
+            values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ));
     }
 
     fn bytes(&self) -> Vec<u8> {
@@ -237,7 +295,10 @@ pub(crate) fn tiny_llama_gguf(path: &Path, skip: Option<&str>) -> PathBuf {
         .meta("llama.attention.head_count", GgufValue::U32(4))
         .meta("llama.attention.head_count_kv", GgufValue::U32(2))
         .meta("llama.rope.freq_base", GgufValue::F32(10000.0))
-        .meta("llama.attention.layer_norm_rms_epsilon", GgufValue::F32(1e-6))
+        .meta(
+            "llama.attention.layer_norm_rms_epsilon",
+            GgufValue::F32(1e-6),
+        )
         .meta("llama.rope.dimension_count", GgufValue::U32(16));
     for (name, shape, _, data) in &all {
         let mut values = f32s(data);
@@ -276,11 +337,16 @@ pub(crate) fn tiny_llama_gguf(path: &Path, skip: Option<&str>) -> PathBuf {
     w.write(path)
 }
 
-fn tiny_llama_as_a_gguf_file_with_permuted_rows_reproduces_transformers_logits<B: Backend>(dev: &B::Device) {
+fn tiny_llama_as_a_gguf_file_with_permuted_rows_reproduces_transformers_logits<B: Backend>(
+    dev: &B::Device,
+) {
     let dir = scratch("tiny-gguf");
     let path = tiny_llama_gguf(&dir.join("tiny.gguf"), None);
     let source = Pretrained::open(&path).unwrap();
-    assert_eq!((source.format(), source.label()), (PretrainedFormat::Gguf, "tiny".to_string()));
+    assert_eq!(
+        (source.format(), source.label()),
+        (PretrainedFormat::Gguf, "tiny".to_string())
+    );
     let (model, config) = source.load_model::<B>(dev).unwrap();
     assert!(!config.tie_embeddings);
     let (ids, want) = tiny_llama_golden();
@@ -288,7 +354,10 @@ fn tiny_llama_as_a_gguf_file_with_permuted_rows_reproduces_transformers_logits<B
     eprintln!("tiny-llama (GGUF, permuted q/k): max abs logit diff vs transformers {diff:.2e}");
     assert!(diff <= 1e-4, "max abs diff {diff}");
     // Without undoing the permutation the logits would be far off: the test can fail.
-    let (_, q) = GgufFile::open(&path).unwrap().read_f32("blk.0.attn_q.weight").unwrap();
+    let (_, q) = GgufFile::open(&path)
+        .unwrap()
+        .read_f32("blk.0.attn_q.weight")
+        .unwrap();
     assert_ne!(unpermute_rows(&q, 4, 64, 64).unwrap(), q);
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -300,7 +369,9 @@ fn error_of<T>(r: kv_core::Result<T>) -> String {
     }
 }
 
-fn hostile_or_broken_gguf_files_are_one_line_errors_naming_the_problem<B: Backend>(dev: &B::Device) {
+fn hostile_or_broken_gguf_files_are_one_line_errors_naming_the_problem<B: Backend>(
+    dev: &B::Device,
+) {
     let dir = scratch("bad-gguf");
     let good = tiny_llama_gguf(&dir.join("good.gguf"), None).to_path_buf();
     let bytes = std::fs::read(&good).unwrap();
@@ -327,7 +398,12 @@ fn hostile_or_broken_gguf_files_are_one_line_errors_naming_the_problem<B: Backen
     let e = error_of(load("data.gguf", &bytes[..bytes.len() - 100]));
     assert!(e.contains("past the end of the file"), "{e}");
     // Counts and sizes that would make a naive reader allocate terabytes.
-    let huge = GgufWriter::default().meta("tokenizer.ggml.tokens", GgufValue::Array(vec![GgufValue::Str("a".into())])).bytes();
+    let huge = GgufWriter::default()
+        .meta(
+            "tokenizer.ggml.tokens",
+            GgufValue::Array(vec![GgufValue::Str("a".into())]),
+        )
+        .bytes();
     let mut huge_array = huge.clone();
     // The array's count sits after magic, version, counts, key, value type and element type.
     let at = 4 + 4 + 8 + 8 + 8 + "tokenizer.ggml.tokens".len() + 4 + 4;
@@ -344,7 +420,8 @@ fn hostile_or_broken_gguf_files_are_one_line_errors_naming_the_problem<B: Backen
     assert!(e.contains("only") && e.contains("remain"), "{e}");
     // A tensor whose dims overflow, and one whose extent lies past the file.
     let mut w = GgufWriter::default();
-    w.tensors.push(("x".into(), vec![u64::MAX / 2, 4], 0, vec![0; 32]));
+    w.tensors
+        .push(("x".into(), vec![u64::MAX / 2, 4], 0, vec![0; 32]));
     let e = error_of(open("overflow.gguf", &w.bytes()));
     assert!(e.contains("overflows"), "{e}");
     let mut w = GgufWriter::default();
@@ -359,8 +436,18 @@ fn hostile_or_broken_gguf_files_are_one_line_errors_naming_the_problem<B: Backen
     let e = error_of(GgufFile::open(&p).unwrap().read_f32("x"));
     assert!(e.contains("IQ2_XXS") && e.contains("supported"), "{e}");
     // A missing tensor, and a config whose head counts do not divide.
-    let e = error_of(load("missing.gguf", &std::fs::read(tiny_llama_gguf(&dir.join("m.gguf"), Some("blk.1.ffn_up.weight"))).unwrap()));
-    assert!(e.contains("no tensor model.layers.1.mlp.up_proj.weight"), "{e}");
+    let e = error_of(load(
+        "missing.gguf",
+        &std::fs::read(tiny_llama_gguf(
+            &dir.join("m.gguf"),
+            Some("blk.1.ffn_up.weight"),
+        ))
+        .unwrap(),
+    ));
+    assert!(
+        e.contains("no tensor model.layers.1.mlp.up_proj.weight"),
+        "{e}"
+    );
     let mut w = GgufWriter::default()
         .meta("general.architecture", GgufValue::Str("llama".into()))
         .meta("llama.block_count", GgufValue::U32(2))
@@ -368,7 +455,10 @@ fn hostile_or_broken_gguf_files_are_one_line_errors_naming_the_problem<B: Backen
         .meta("llama.feed_forward_length", GgufValue::U32(128))
         .meta("llama.attention.head_count", GgufValue::U32(4))
         .meta("llama.attention.head_count_kv", GgufValue::U32(3))
-        .meta("llama.attention.layer_norm_rms_epsilon", GgufValue::F32(1e-6));
+        .meta(
+            "llama.attention.layer_norm_rms_epsilon",
+            GgufValue::F32(1e-6),
+        );
     w.f32_tensor("token_embd.weight", &[256, 64], &vec![0.0; 256 * 64]);
     let e = error_of(load("heads.gguf", &w.bytes()));
     assert!(e.contains("kv_heads = 3") && e.contains("divisor"), "{e}");
@@ -401,12 +491,20 @@ fn broken_hugging_face_folders_are_errors_naming_the_problem<B: Backend>(dev: &B
     let e = error_of(Pretrained::open(&d).unwrap().load_model::<B>(dev));
     assert!(e.contains("header of"), "{e}");
     let d = copy("arch");
-    let config = std::fs::read_to_string(d.join("config.json")).unwrap().replace("\"llama\"", "\"gpt_neox\"").replace("LlamaForCausalLM", "GPTNeoXForCausalLM");
+    let config = std::fs::read_to_string(d.join("config.json"))
+        .unwrap()
+        .replace("\"llama\"", "\"gpt_neox\"")
+        .replace("LlamaForCausalLM", "GPTNeoXForCausalLM");
     std::fs::write(d.join("config.json"), config).unwrap();
     let e = error_of(Pretrained::open(&d).unwrap().config());
     assert!(e.contains("gpt_neox") && e.contains("qwen2"), "{e}");
     let d = copy("scaling");
-    let config = std::fs::read_to_string(d.join("config.json")).unwrap().replace("\"rope_scaling\": null", "\"rope_scaling\": {\"rope_type\": \"yarn\", \"factor\": 4.0}");
+    let config = std::fs::read_to_string(d.join("config.json"))
+        .unwrap()
+        .replace(
+            "\"rope_scaling\": null",
+            "\"rope_scaling\": {\"rope_type\": \"yarn\", \"factor\": 4.0}",
+        );
     std::fs::write(d.join("config.json"), config).unwrap();
     let e = error_of(Pretrained::open(&d).unwrap().config());
     assert!(e.contains("yarn"), "{e}");
@@ -420,20 +518,45 @@ fn broken_hugging_face_folders_are_errors_naming_the_problem<B: Backend>(dev: &B
 /// The fetched SmolLM2 GGUF; a missing file fails the test with how to fetch it.
 fn smollm2() -> PathBuf {
     let path = assets_dir().join(SMOLLM2_FILE);
-    assert!(path.is_file(), "{} is missing: run scripts/fetch-assets.sh (the SmolLM2 tests need the real model)", path.display());
+    assert!(
+        path.is_file(),
+        "{} is missing: run scripts/fetch-assets.sh (the SmolLM2 tests need the real model)",
+        path.display()
+    );
     path
 }
 
 #[test]
 fn smollm2_config_comes_from_the_gguf_metadata() {
     let config = Pretrained::open(smollm2()).unwrap().config().unwrap();
-    assert_eq!((config.vocab_size, config.d_model, config.n_layers, config.n_heads, config.n_kv_heads, config.ffn_hidden), (49152, 576, 30, 9, 3, 1536));
-    assert_eq!((config.head_dim(), config.rope_theta, config.tie_embeddings, config.max_positions), (64, 100000.0, true, 8192));
+    assert_eq!(
+        (
+            config.vocab_size,
+            config.d_model,
+            config.n_layers,
+            config.n_heads,
+            config.n_kv_heads,
+            config.ffn_hidden
+        ),
+        (49152, 576, 30, 9, 3, 1536)
+    );
+    assert_eq!(
+        (
+            config.head_dim(),
+            config.rope_theta,
+            config.tie_embeddings,
+            config.max_positions
+        ),
+        (64, 100000.0, true, 8192)
+    );
     assert!((config.norm_eps - 1e-5).abs() < 1e-10);
 }
 
 fn smollm2_logits_match_transformers_on_the_golden_cases<B: Backend>(dev: &B::Device) {
-    let (model, _) = Pretrained::open(smollm2()).unwrap().load_model::<B>(dev).unwrap();
+    let (model, _) = Pretrained::open(smollm2())
+        .unwrap()
+        .load_model::<B>(dev)
+        .unwrap();
     let all = read_safetensors(&testdata("smollm2-golden.safetensors"));
     for case in ["short", "long"] {
         let ids = i64s(&tensor_named(&all, &format!("{case}.input_ids")).1);
@@ -445,17 +568,37 @@ fn smollm2_logits_match_transformers_on_the_golden_cases<B: Backend>(dev: &B::De
         let mut worst = 0.0f32;
         for (k, &p) in positions.iter().enumerate() {
             let p = p as usize;
-            worst = worst.max(max_abs_diff(&logits[p * v..(p + 1) * v], &rows[k * v..(k + 1) * v]));
+            worst = worst.max(max_abs_diff(
+                &logits[p * v..(p + 1) * v],
+                &rows[k * v..(k + 1) * v],
+            ));
         }
         // The CLI's CPU prefill: a cached prefill whose attention runs on the host kernel.
-        let x = Tensor::<B, 1, Int>::from_ints(ids.iter().map(|&i| i as i32).collect::<Vec<_>>().as_slice(), dev).reshape([1, ids.len()]);
-        let prefilled: Vec<f32> = kv_attention::with_host_kernels(true, || model.forward_cached(x, &mut model.new_state(1)).unwrap().into_data().iter::<f32>().collect());
+        let x = Tensor::<B, 1, Int>::from_ints(
+            ids.iter().map(|&i| i as i32).collect::<Vec<_>>().as_slice(),
+            dev,
+        )
+        .reshape([1, ids.len()]);
+        let prefilled: Vec<f32> = kv_attention::with_host_kernels(true, || {
+            model
+                .forward_cached(x, &mut model.new_state(1))
+                .unwrap()
+                .into_data()
+                .iter::<f32>()
+                .collect()
+        });
         let mut worst_host = 0.0f32;
         for (k, &p) in positions.iter().enumerate() {
             let p = p as usize;
-            worst_host = worst_host.max(max_abs_diff(&prefilled[p * v..(p + 1) * v], &rows[k * v..(k + 1) * v]));
+            worst_host = worst_host.max(max_abs_diff(
+                &prefilled[p * v..(p + 1) * v],
+                &rows[k * v..(k + 1) * v],
+            ));
         }
-        assert!(worst_host <= 5e-3, "{case}, host kernel prefill: max abs diff {worst_host}");
+        assert!(
+            worst_host <= 5e-3,
+            "{case}, host kernel prefill: max abs diff {worst_host}"
+        );
         let mut mismatches = vec![];
         for p in 0..ids.len() {
             let row = &logits[p * v..(p + 1) * v];
@@ -464,9 +607,15 @@ fn smollm2_logits_match_transformers_on_the_golden_cases<B: Backend>(dev: &B::De
                 mismatches.push((p, ours, top[p * 32]));
             }
         }
-        eprintln!("smollm2 {case} ({} tokens): max abs logit diff {worst:.2e} over the recorded rows ({worst_host:.2e} with a host-kernel prefill); top-1 mismatches {mismatches:?}", ids.len());
+        eprintln!(
+            "smollm2 {case} ({} tokens): max abs logit diff {worst:.2e} over the recorded rows ({worst_host:.2e} with a host-kernel prefill); top-1 mismatches {mismatches:?}",
+            ids.len()
+        );
         assert!(worst <= 5e-3, "{case}: max abs diff {worst}");
-        assert!(mismatches.is_empty(), "{case}: top-1 differs from transformers at {mismatches:?}");
+        assert!(
+            mismatches.is_empty(),
+            "{case}: top-1 differs from transformers at {mismatches:?}"
+        );
     }
 }
 
@@ -478,27 +627,64 @@ fn smollm2_packed_codes_are_the_f32_weights_and_decode_alike<B: Backend>(dev: &B
 }
 
 fn smollm2_packed_codes_on_the_host_kernels<B: Backend>(dev: &B::Device) {
-    let (packed, config) = Pretrained::open(smollm2()).unwrap().load_model::<B>(dev).unwrap();
-    let (d, f, kv, v) = (config.d_model, config.ffn_hidden, config.n_kv_heads * config.head_dim(), config.vocab_size);
+    let (packed, config) = Pretrained::open(smollm2())
+        .unwrap()
+        .load_model::<B>(dev)
+        .unwrap();
+    let (d, f, kv, v) = (
+        config.d_model,
+        config.ffn_hidden,
+        config.n_kv_heads * config.head_dim(),
+        config.vocab_size,
+    );
     let per_block = d * d * 2 + d * kv * 2 + d * f * 3;
     // Q4_1: 16 bytes of nibbles and two f32 per 32 values; Q8_0: 32 bytes and one f32.
-    assert_eq!(packed.packed_weights(), (30 * per_block / 32 * 24 + v * d / 32 * 36, 30 * per_block + v * d));
-    let bits = |t: Tensor<B, 2>| t.into_data().iter::<f32>().map(f32::to_bits).collect::<Vec<_>>();
+    assert_eq!(
+        packed.packed_weights(),
+        (
+            30 * per_block / 32 * 24 + v * d / 32 * 36,
+            30 * per_block + v * d
+        )
+    );
+    let bits = |t: Tensor<B, 2>| {
+        t.into_data()
+            .iter::<f32>()
+            .map(f32::to_bits)
+            .collect::<Vec<_>>()
+    };
     let same = |p: &kv_attention::PackedMatrix, w: Tensor<B, 2>, what: &str| {
-        assert!(p.dequantize().iter().map(|x| x.to_bits()).eq(bits(w)), "{what}: packed codes differ from the f32 weights");
+        assert!(
+            p.dequantize().iter().map(|x| x.to_bits()).eq(bits(w)),
+            "{what}: packed codes differ from the f32 weights"
+        );
     };
     let blocks = packed.blocks().unwrap();
     for i in [0, 29] {
         let a = blocks[i].attention.grouped().unwrap();
-        for (j, (lin, name)) in [(&a.wq, "q"), (&a.wk, "k"), (&a.wv, "v"), (&a.wo, "o")].into_iter().enumerate() {
-            same(a.packed.get(j).unwrap(), lin.weight.val().transpose(), &format!("block {i} {name}"));
+        for (j, (lin, name)) in [(&a.wq, "q"), (&a.wk, "k"), (&a.wv, "v"), (&a.wo, "o")]
+            .into_iter()
+            .enumerate()
+        {
+            same(
+                a.packed.get(j).unwrap(),
+                lin.weight.val().transpose(),
+                &format!("block {i} {name}"),
+            );
         }
         let ffn = &blocks[i].ffn;
         for (j, lin) in [&ffn.gate, &ffn.up, &ffn.down].into_iter().enumerate() {
-            same(ffn.packed.get(j).unwrap(), lin.weight.val().transpose(), &format!("block {i} ffn {j}"));
+            same(
+                ffn.packed.get(j).unwrap(),
+                lin.weight.val().transpose(),
+                &format!("block {i} ffn {j}"),
+            );
         }
     }
-    same(packed.packed_head.get(0).unwrap(), packed.embed.weight.val(), "tied head");
+    same(
+        packed.packed_head.get(0).unwrap(),
+        packed.embed.weight.val(),
+        "tied head",
+    );
 
     let mut plain = packed.clone();
     plain.clear_packed();
@@ -507,12 +693,30 @@ fn smollm2_packed_codes_on_the_host_kernels<B: Backend>(dev: &B::Device) {
     let (mut sp, mut sf) = (packed.new_state(1), plain.new_state(1));
     let x = Tensor::<B, 1, Int>::from_ints(prompt.as_slice(), dev).reshape([1, prompt.len()]);
     let _ = packed.forward_cached(x.clone(), &mut sp).unwrap();
-    let mut next = crate::argmax(&plain.forward_cached(x, &mut sf).unwrap().narrow(1, prompt.len() - 1, 1).into_data().iter::<f32>().collect::<Vec<_>>()) as i32;
+    let mut next = crate::argmax(
+        &plain
+            .forward_cached(x, &mut sf)
+            .unwrap()
+            .narrow(1, prompt.len() - 1, 1)
+            .into_data()
+            .iter::<f32>()
+            .collect::<Vec<_>>(),
+    ) as i32;
     let mut worst = 0f32;
     for step in 0..6 {
         let x = Tensor::<B, 1, Int>::from_ints([next], dev).reshape([1, 1]);
-        let a: Vec<f32> = packed.forward_cached(x.clone(), &mut sp).unwrap().into_data().iter::<f32>().collect();
-        let b: Vec<f32> = plain.forward_cached(x, &mut sf).unwrap().into_data().iter::<f32>().collect();
+        let a: Vec<f32> = packed
+            .forward_cached(x.clone(), &mut sp)
+            .unwrap()
+            .into_data()
+            .iter::<f32>()
+            .collect();
+        let b: Vec<f32> = plain
+            .forward_cached(x, &mut sf)
+            .unwrap()
+            .into_data()
+            .iter::<f32>()
+            .collect();
         let diff = max_abs_diff(&a, &b);
         assert!(diff <= 2e-3, "step {step}: max abs logit diff {diff}");
         assert_eq!(crate::argmax(&a), crate::argmax(&b), "step {step}");
@@ -520,7 +724,10 @@ fn smollm2_packed_codes_on_the_host_kernels<B: Backend>(dev: &B::Device) {
         next = crate::argmax(&b) as i32;
     }
     // The sums run in another order, so a zero difference would mean the packed path never ran.
-    assert!(worst > 0.0, "decode through the packed codes was bit-identical to the f32 path");
+    assert!(
+        worst > 0.0,
+        "decode through the packed codes was bit-identical to the f32 path"
+    );
 }
 
 #[cfg(feature = "hf-tokenizer")]
@@ -530,11 +737,16 @@ mod text {
     use serde_json::Value;
 
     fn golden() -> Value {
-        serde_json::from_str(&std::fs::read_to_string(testdata("smollm2-tokens.json")).unwrap()).unwrap()
+        serde_json::from_str(&std::fs::read_to_string(testdata("smollm2-tokens.json")).unwrap())
+            .unwrap()
     }
 
     fn ids(v: &Value) -> Vec<u32> {
-        v.as_array().unwrap().iter().map(|i| i.as_u64().unwrap() as u32).collect()
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i.as_u64().unwrap() as u32)
+            .collect()
     }
 
     #[test]
@@ -557,23 +769,49 @@ mod text {
         let pretrained = source.load::<B>(dev).unwrap();
         let g = golden();
         let greedy = &g["greedy"];
-        let messages: Vec<ChatMessage> = serde_json::from_value(greedy["messages"].clone()).unwrap();
+        let messages: Vec<ChatMessage> =
+            serde_json::from_value(greedy["messages"].clone()).unwrap();
         let prompt = pretrained.tokenizer.render_chat(&messages, true).unwrap();
         let prompt_ids = pretrained.tokenizer.encode(&prompt).unwrap();
         assert_eq!(prompt_ids, ids(&greedy["prompt_ids"]));
-        let config = GenerateConfig { max_new_tokens: 32, sampler: SamplerConfig::default(), stop_tokens: pretrained.tokenizer.stop_tokens() };
-        let out = generate(&pretrained.model, &prompt_ids, &config, &mut kv_policies::FullCache, |_| {}).unwrap();
+        let config = GenerateConfig {
+            max_new_tokens: 32,
+            sampler: SamplerConfig::default(),
+            stop_tokens: pretrained.tokenizer.stop_tokens(),
+        };
+        let out = generate(
+            &pretrained.model,
+            &prompt_ids,
+            &config,
+            &mut kv_policies::FullCache,
+            |_| {},
+        )
+        .unwrap();
         assert_eq!(out.tokens, ids(&greedy["generated_ids"]));
-        assert_eq!(pretrained.tokenizer.decode(&out.tokens).unwrap(), greedy["generated_text"].as_str().unwrap());
+        assert_eq!(
+            pretrained.tokenizer.decode(&out.tokens).unwrap(),
+            greedy["generated_text"].as_str().unwrap()
+        );
     }
 
     /// The SmolLM2 file's tokenizer metadata, written into a small GGUF with `change` applied.
-    fn tokenizer_gguf(dir: &Path, name: &str, change: impl FnOnce(&mut std::collections::BTreeMap<String, GgufValue>)) -> PathBuf {
+    fn tokenizer_gguf(
+        dir: &Path,
+        name: &str,
+        change: impl FnOnce(&mut std::collections::BTreeMap<String, GgufValue>),
+    ) -> PathBuf {
         let file = GgufFile::open(smollm2()).unwrap();
-        let mut meta: std::collections::BTreeMap<String, GgufValue> = file.metadata.iter().filter(|(k, _)| k.starts_with("tokenizer.")).map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut meta: std::collections::BTreeMap<String, GgufValue> = file
+            .metadata
+            .iter()
+            .filter(|(k, _)| k.starts_with("tokenizer."))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         change(&mut meta);
-        let mut w = GgufWriter::default();
-        w.kv = meta.into_iter().collect();
+        let w = GgufWriter {
+            kv: meta.into_iter().collect(),
+            ..Default::default()
+        };
         w.write(&dir.join(name))
     }
 
@@ -589,15 +827,24 @@ mod text {
         })));
         assert!(e.contains("merges"), "{e}");
         let e = error_of(tok(tokenizer_gguf(&dir, "pre.gguf", |m| {
-            m.insert("tokenizer.ggml.pre".into(), GgufValue::Str("klingon".into()));
+            m.insert(
+                "tokenizer.ggml.pre".into(),
+                GgufValue::Str("klingon".into()),
+            );
         })));
         assert!(e.contains("klingon") && e.contains("smollm"), "{e}");
         let e = error_of(tok(tokenizer_gguf(&dir, "spm.gguf", |m| {
-            m.insert("tokenizer.ggml.model".into(), GgufValue::Str("llama".into()));
+            m.insert(
+                "tokenizer.ggml.model".into(),
+                GgufValue::Str("llama".into()),
+            );
         })));
         assert!(e.contains("gpt2"), "{e}");
         let e = error_of(tok(tokenizer_gguf(&dir, "bos.gguf", |m| {
-            m.insert("tokenizer.ggml.bos_token_id".into(), GgufValue::U32(1 << 20));
+            m.insert(
+                "tokenizer.ggml.bos_token_id".into(),
+                GgufValue::U32(1 << 20),
+            );
         })));
         assert!(e.contains("bos_token_id"), "{e}");
         // Built with BOS, the tokenizer adds it to plain prompts and keeps the chat's own.
@@ -639,18 +886,30 @@ mod text {
         assert_eq!(back.text_config(), tokenizer.text_config());
         assert_eq!(back.stop_tokens(), vec![2]);
         let m = [ChatMessage::new("user", "Hi")];
-        assert_eq!(back.render_chat(&m, true).unwrap(), tokenizer.render_chat(&m, true).unwrap());
+        assert_eq!(
+            back.render_chat(&m, true).unwrap(),
+            tokenizer.render_chat(&m, true).unwrap()
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
 
 #[test]
 fn transposes_and_unpermutes_are_what_they_say() {
-    assert_eq!(transpose(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 2, 3), vec![1.0, 4.0, 2.0, 5.0, 3.0, 6.0]);
+    assert_eq!(
+        transpose(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 2, 3),
+        vec![1.0, 4.0, 2.0, 5.0, 3.0, 6.0]
+    );
     // One head of 4 rows: GGUF rows [0, 1, 2, 3] hold HF rows [0, 2, 1, 3].
-    assert_eq!(unpermute_rows(&[10.0, 12.0, 11.0, 13.0], 1, 4, 1).unwrap(), vec![10.0, 11.0, 12.0, 13.0]);
+    assert_eq!(
+        unpermute_rows(&[10.0, 12.0, 11.0, 13.0], 1, 4, 1).unwrap(),
+        vec![10.0, 11.0, 12.0, 13.0]
+    );
     let v: Vec<f32> = (0..48).map(|i| i as f32).collect();
-    assert_eq!(unpermute_rows(&permute_rows(&v, 3, 12, 4), 3, 12, 4).unwrap(), v);
+    assert_eq!(
+        unpermute_rows(&permute_rows(&v, 3, 12, 4), 3, 12, 4).unwrap(),
+        v
+    );
     assert!(unpermute_rows(&v, 5, 12, 4).is_none());
 }
 

@@ -76,7 +76,10 @@ fn bounded(len: usize, check: impl FnOnce()) -> Result<(), TestCaseError> {
 fn bounded_beyond(baseline: usize, len: usize, check: impl FnOnce()) -> Result<(), TestCaseError> {
     let (took, largest) = largest_allocation(check);
     prop_assert!(took < SLOW, "took {took:?} on an input of {len} bytes");
-    prop_assert!(largest <= allowed_bytes(len).max(baseline), "one allocation of {largest} bytes for an input of {len} bytes");
+    prop_assert!(
+        largest <= allowed_bytes(len).max(baseline),
+        "one allocation of {largest} bytes for an input of {len} bytes"
+    );
     Ok(())
 }
 
@@ -108,7 +111,18 @@ enum Edit {
 }
 
 fn interesting_u64() -> impl Strategy<Value = u64> {
-    prop_oneof![Just(0u64), Just(1), Just(u64::MAX), Just(1 << 31), Just(1 << 32), Just(1 << 40), Just(1 << 62), Just(u64::MAX / 4 + 1), 0u64..64, any::<u64>()]
+    prop_oneof![
+        Just(0u64),
+        Just(1),
+        Just(u64::MAX),
+        Just(1 << 31),
+        Just(1 << 32),
+        Just(1 << 40),
+        Just(1 << 62),
+        Just(u64::MAX / 4 + 1),
+        0u64..64,
+        any::<u64>()
+    ]
 }
 
 fn edit() -> impl Strategy<Value = Edit> {
@@ -168,7 +182,12 @@ enum Mode {
 }
 
 /// Runs `test` on values of `strategy` under `mode`; returns the number of cases run.
-fn fuzz<S: Strategy>(name: &str, mode: Mode, strategy: S, test: impl Fn(S::Value) -> Result<(), TestCaseError>) -> u64
+fn fuzz<S: Strategy>(
+    name: &str,
+    mode: Mode,
+    strategy: S,
+    test: impl Fn(S::Value) -> Result<(), TestCaseError>,
+) -> u64
 where
     S::Value: std::fmt::Debug,
 {
@@ -177,7 +196,12 @@ where
         Mode::For(d) => (256, Some(Instant::now() + d)),
     };
     let base = rand_seed();
-    let config = Config { cases, failure_persistence: None, max_shrink_iters: 256, ..Config::default() };
+    let config = Config {
+        cases,
+        failure_persistence: None,
+        max_shrink_iters: 256,
+        ..Config::default()
+    };
     let ran = Cell::new(0u64);
     for round in 0u64.. {
         // A runner stops after `cases` successes; each round of the long mode gets a fresh one
@@ -186,7 +210,10 @@ where
             None => TestRng::deterministic_rng(RngAlgorithm::ChaCha),
             Some(_) => {
                 let mut seed = base;
-                seed[..8].iter_mut().zip(round.to_le_bytes()).for_each(|(s, r)| *s ^= r);
+                seed[..8]
+                    .iter_mut()
+                    .zip(round.to_le_bytes())
+                    .for_each(|(s, r)| *s ^= r);
                 TestRng::from_seed(RngAlgorithm::ChaCha, &seed)
             }
         };
@@ -196,7 +223,9 @@ where
             test(v)
         }) {
             Ok(()) => {}
-            Err(TestError::Fail(why, input)) => panic!("{name}: {why}\nminimal failing input: {input:?}"),
+            Err(TestError::Fail(why, input)) => {
+                panic!("{name}: {why}\nminimal failing input: {input:?}")
+            }
             Err(TestError::Abort(why)) => panic!("{name}: aborted: {why}"),
         }
         if deadline.is_none_or(|d| Instant::now() >= d) {
@@ -209,7 +238,10 @@ where
 }
 
 fn rand_seed() -> [u8; 32] {
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
     let mut s = [0u8; 32];
     for (i, b) in s.iter_mut().enumerate() {
         *b = (t >> ((i % 16) * 8)) as u8 ^ (std::process::id() as u8).wrapping_mul(i as u8 + 1);
@@ -227,10 +259,39 @@ fn scratch(name: &str) -> PathBuf {
 /// Policy specs built from the pieces real specs are made of, plus arbitrary text.
 fn spec_text() -> impl Strategy<Value = String> {
     let piece = prop_oneof![
-        prop::sample::select(kv_policies::Registry::<burn::backend::Flex>::standard().names().iter().map(|n| n.to_string()).collect::<Vec<_>>()),
-        prop::sample::select(vec!["budget", "every", "window", "kernel", "pool", "sinks", "rerotate", "scorer", "recover", "alpha", "beta", "floor", "value", "protect"]).prop_map(str::to_string),
+        prop::sample::select(
+            kv_policies::Registry::<burn::backend::Flex>::standard()
+                .names()
+                .iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>()
+        ),
+        prop::sample::select(vec![
+            "budget", "every", "window", "kernel", "pool", "sinks", "rerotate", "scorer",
+            "recover", "alpha", "beta", "floor", "value", "protect"
+        ])
+        .prop_map(str::to_string),
         prop::sample::select(vec![":", "=", ",", " ", "=,", "::", ""]).prop_map(str::to_string),
-        prop::sample::select(vec!["0", "1", "-1", "0.5", "1.5", "nan", "inf", "-inf", "1e40", "1024", "18446744073709551616", "4294967296", "true", "max", "avg", "h2o", "snapkv"]).prop_map(str::to_string),
+        prop::sample::select(vec![
+            "0",
+            "1",
+            "-1",
+            "0.5",
+            "1.5",
+            "nan",
+            "inf",
+            "-inf",
+            "1e40",
+            "1024",
+            "18446744073709551616",
+            "4294967296",
+            "true",
+            "max",
+            "avg",
+            "h2o",
+            "snapkv"
+        ])
+        .prop_map(str::to_string),
         "\\PC{0,6}",
     ];
     prop::collection::vec(piece, 0..12).prop_map(|p| p.concat())
@@ -245,7 +306,9 @@ fn check_spec(spec: &str) {
 }
 
 fn spec_target(mode: Mode) -> u64 {
-    fuzz("policy specs", mode, spec_text(), |s| bounded(s.len(), || check_spec(&s)))
+    fuzz("policy specs", mode, spec_text(), |s| {
+        bounded(s.len(), || check_spec(&s))
+    })
 }
 
 /// Model configs and presets: byte edits of a real preset's JSON, and fields set to hostile values.
@@ -255,7 +318,12 @@ fn config_target(mode: Mode) -> u64 {
         "train": serde_json::to_value(preset("tiny-mha").unwrap().train.unwrap()).unwrap(),
     }))
     .unwrap();
-    let fields: Vec<String> = serde_json::from_str::<serde_json::Value>(&seed).unwrap()["model"].as_object().unwrap().keys().cloned().collect();
+    let fields: Vec<String> = serde_json::from_str::<serde_json::Value>(&seed).unwrap()["model"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
     let value = prop_oneof![
         Just("0".to_string()),
         Just("-1".to_string()),
@@ -270,24 +338,31 @@ fn config_target(mode: Mode) -> u64 {
     ];
     let strategy = (edits(), prop::sample::select(fields), value, any::<bool>());
     let bytes = seed.clone().into_bytes();
-    fuzz("model configs", mode, strategy, move |(edits, field, value, structured)| {
-        let text = if structured {
-            let mut v: serde_json::Value = serde_json::from_str(&seed).unwrap();
-            v["model"][&field] = serde_json::from_str(&value).unwrap();
-            v.to_string()
-        } else {
-            String::from_utf8_lossy(&mutate(&bytes, &edits)).into_owned()
-        };
-        bounded(text.len(), || {
-            if let Ok(p) = Preset::from_json(&text, "fuzz") {
-                assert!(p.model.parameter_estimate() <= crate::config::MAX_PARAMETERS);
-            }
-            if let Ok(model) = serde_json::from_str::<serde_json::Value>(&text).map(|v| v["model"].to_string()) {
-                let _ = DecoderConfig::from_json(&model);
-            }
-            let _ = serde_json::from_str::<TrainConfig>(&text).map(|t| t.validate());
-        })
-    })
+    fuzz(
+        "model configs",
+        mode,
+        strategy,
+        move |(edits, field, value, structured)| {
+            let text = if structured {
+                let mut v: serde_json::Value = serde_json::from_str(&seed).unwrap();
+                v["model"][&field] = serde_json::from_str(&value).unwrap();
+                v.to_string()
+            } else {
+                String::from_utf8_lossy(&mutate(&bytes, &edits)).into_owned()
+            };
+            bounded(text.len(), || {
+                if let Ok(p) = Preset::from_json(&text, "fuzz") {
+                    assert!(p.model.parameter_estimate() <= crate::config::MAX_PARAMETERS);
+                }
+                if let Ok(model) =
+                    serde_json::from_str::<serde_json::Value>(&text).map(|v| v["model"].to_string())
+                {
+                    let _ = DecoderConfig::from_json(&model);
+                }
+                let _ = serde_json::from_str::<TrainConfig>(&text).map(|t| t.validate());
+            })
+        },
+    )
 }
 
 /// A trained run's checkpoint (weights, optimiser, training state) of a 2-layer width-16 model.
@@ -312,7 +387,13 @@ fn sections(bytes: &[u8]) -> Vec<Vec<u8>> {
 }
 
 fn sealed(p: &[Vec<u8>]) -> Vec<u8> {
-    crate::checkpoint::Sections { config: p[0].clone(), train: p[1].clone(), model: p[2].clone(), optim: p[3].clone() }.encode()
+    crate::checkpoint::Sections {
+        config: p[0].clone(),
+        train: p[1].clone(),
+        model: p[2].clone(),
+        optim: p[3].clone(),
+    }
+    .encode()
 }
 
 /// Checkpoints: raw byte edits (caught by the checksum) and edits of one section re-sealed with
@@ -326,22 +407,27 @@ fn checkpoint_target(mode: Mode) -> u64 {
     let (_, baseline) = largest_allocation(|| {
         Trainer::<Autodiff<B>>::resume(&root.join("seed"), None, &dev).unwrap();
     });
-    fuzz("checkpoints", mode, (edits(), prop::option::of(0usize..4)), move |(edits, section)| {
-        let bytes = match section {
-            None => mutate(&good, &edits),
-            Some(i) => {
-                let mut p = parts.clone();
-                p[i] = mutate(&p[i], &edits);
-                sealed(&p)
-            }
-        };
-        std::fs::create_dir_all(&case).unwrap();
-        std::fs::write(case.join(crate::CHECKPOINT_FILE), &bytes).unwrap();
-        bounded_beyond(baseline, bytes.len(), || {
-            let _ = load_model::<B>(&case, &dev);
-            let _ = Trainer::<Autodiff<B>>::resume(&case, None, &dev);
-        })
-    })
+    fuzz(
+        "checkpoints",
+        mode,
+        (edits(), prop::option::of(0usize..4)),
+        move |(edits, section)| {
+            let bytes = match section {
+                None => mutate(&good, &edits),
+                Some(i) => {
+                    let mut p = parts.clone();
+                    p[i] = mutate(&p[i], &edits);
+                    sealed(&p)
+                }
+            };
+            std::fs::create_dir_all(&case).unwrap();
+            std::fs::write(case.join(crate::CHECKPOINT_FILE), &bytes).unwrap();
+            bounded_beyond(baseline, bytes.len(), || {
+                let _ = load_model::<B>(&case, &dev);
+                let _ = Trainer::<Autodiff<B>>::resume(&case, None, &dev);
+            })
+        },
+    )
 }
 
 /// GGUF files: byte edits of tiny-llama written as llama.cpp writes it, read up to a built model.
@@ -371,16 +457,25 @@ fn safetensors_target(mode: Mode) -> u64 {
     let dir = root.join("case");
     std::fs::create_dir_all(&dir).unwrap();
     let dev = Default::default();
-    fuzz("safetensors folders", mode, (edits(), any::<bool>()), move |(edits, in_config)| {
-        let (w, c) = if in_config { (weights.clone(), mutate(&config, &edits)) } else { (mutate(&weights, &edits), config.clone()) };
-        std::fs::write(dir.join("model.safetensors"), &w).unwrap();
-        std::fs::write(dir.join("config.json"), &c).unwrap();
-        bounded(w.len() + c.len(), || {
-            if let Ok(p) = Pretrained::open(&dir) {
-                let _ = p.load_model::<B>(&dev);
-            }
-        })
-    })
+    fuzz(
+        "safetensors folders",
+        mode,
+        (edits(), any::<bool>()),
+        move |(edits, in_config)| {
+            let (w, c) = if in_config {
+                (weights.clone(), mutate(&config, &edits))
+            } else {
+                (mutate(&weights, &edits), config.clone())
+            };
+            std::fs::write(dir.join("model.safetensors"), &w).unwrap();
+            std::fs::write(dir.join("config.json"), &c).unwrap();
+            bounded(w.len() + c.len(), || {
+                if let Ok(p) = Pretrained::open(&dir) {
+                    let _ = p.load_model::<B>(&dev);
+                }
+            })
+        },
+    )
 }
 
 #[test]
@@ -412,7 +507,10 @@ fn fuzzed_safetensors_folders_never_panic_or_over_allocate() {
 #[test]
 #[ignore = "long: run with --run-ignored only, KV_FUZZ_SECS=600"]
 fn fuzz_every_parser_for_a_long_time() {
-    let secs: u64 = std::env::var("KV_FUZZ_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(600);
+    let secs: u64 = std::env::var("KV_FUZZ_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(600);
     let d = Duration::from_secs(secs);
     let counts = [
         ("policy specs", spec_target(Mode::For(d))),

@@ -49,14 +49,36 @@ const SPECS: &[&str] = &[
 
 fn architectures() -> Vec<(&'static str, DecoderConfig)> {
     let base = |kv| DecoderConfig::new(64, 32, 2, 8, kv, 48);
-    let yoco = |kind| YocoSettings { self_attention: kind, window: 8, chunk: 4, tau: 16.0 };
+    let yoco = |kind| YocoSettings {
+        self_attention: kind,
+        window: 8,
+        chunk: 4,
+        tau: 16.0,
+    };
     vec![
         ("mha", base(8)),
         ("gqa", base(2)),
-        ("gqa-shift", base(2).with_token_shift(true).with_token_shift_width(Some(2)).with_key_shift(Some(true))),
-        ("mla", DecoderConfig::new(64, 32, 2, 4, 1, 48).with_mla(Some(MlaSettings::new(8, 12, 4)))),
-        ("yoco-window", DecoderConfig::new(64, 32, 2, 4, 2, 48).with_yoco(Some(yoco(SelfAttentionKind::Window)))),
-        ("yoco-retention", DecoderConfig::new(64, 32, 2, 4, 2, 48).with_yoco(Some(yoco(SelfAttentionKind::Retention)))),
+        (
+            "gqa-shift",
+            base(2)
+                .with_token_shift(true)
+                .with_token_shift_width(Some(2))
+                .with_key_shift(Some(true)),
+        ),
+        (
+            "mla",
+            DecoderConfig::new(64, 32, 2, 4, 1, 48).with_mla(Some(MlaSettings::new(8, 12, 4))),
+        ),
+        (
+            "yoco-window",
+            DecoderConfig::new(64, 32, 2, 4, 2, 48)
+                .with_yoco(Some(yoco(SelfAttentionKind::Window))),
+        ),
+        (
+            "yoco-retention",
+            DecoderConfig::new(64, 32, 2, 4, 2, 48)
+                .with_yoco(Some(yoco(SelfAttentionKind::Retention))),
+        ),
     ]
 }
 
@@ -76,7 +98,9 @@ fn golden_dir() -> PathBuf {
 }
 
 fn sequence() -> Vec<i32> {
-    (0..PROMPT + DECODE).map(|i| ((i * 29 + 7) % 64) as i32).collect()
+    (0..PROMPT + DECODE)
+        .map(|i| ((i * 29 + 7) % 64) as i32)
+        .collect()
 }
 
 fn run(model: &DecoderLm<B>, spec: &str) -> Run {
@@ -86,14 +110,42 @@ fn run(model: &DecoderLm<B>, spec: &str) -> Run {
     let ids = sequence();
     let tokens = |ids: &[i32]| Tensor::<B, 1, Int>::from_ints(ids, &dev).reshape([1, ids.len()]);
     let mut cache = model.new_state(1);
-    let kept_all = |cache: &crate::ModelState<B>| (0..cache.num_layers()).map(|l| kept(cache.layer(l))).collect::<Vec<_>>();
-    let row = |l: Tensor<B, 3>| { let t = l.dims()[1]; l.narrow(1, t - 1, 1).into_data().iter::<f32>().collect::<Vec<f32>>() };
-    let mut logits = vec![row(model.forward_with_policy(tokens(&ids[..PROMPT]), &mut cache, policy.as_mut(), kv_policies::Phase::Prefill).unwrap())];
+    let kept_all = |cache: &crate::ModelState<B>| {
+        (0..cache.num_layers())
+            .map(|l| kept(cache.layer(l)))
+            .collect::<Vec<_>>()
+    };
+    let row = |l: Tensor<B, 3>| {
+        let t = l.dims()[1];
+        l.narrow(1, t - 1, 1)
+            .into_data()
+            .iter::<f32>()
+            .collect::<Vec<f32>>()
+    };
+    let mut logits = vec![row(model
+        .forward_with_policy(
+            tokens(&ids[..PROMPT]),
+            &mut cache,
+            policy.as_mut(),
+            kv_policies::Phase::Prefill,
+        )
+        .unwrap())];
     let kept_prefill = kept_all(&cache);
     for (step, &id) in ids[PROMPT..].iter().enumerate() {
-        logits.push(row(model.forward_with_policy(tokens(&[id]), &mut cache, policy.as_mut(), kv_policies::Phase::Decode { step: step + 1 }).unwrap()));
+        logits.push(row(model
+            .forward_with_policy(
+                tokens(&[id]),
+                &mut cache,
+                policy.as_mut(),
+                kv_policies::Phase::Decode { step: step + 1 },
+            )
+            .unwrap()));
     }
-    Run { kept_prefill, kept_end: kept_all(&cache), logits }
+    Run {
+        kept_prefill,
+        kept_end: kept_all(&cache),
+        logits,
+    }
 }
 
 #[test]
@@ -107,23 +159,45 @@ fn policy_golden_kept_sets_and_logits_are_unchanged() {
             let model = config.init::<B>(&dev).unwrap();
             save_model(&model, &config, &dir).unwrap();
         }
-        let (model, _) = load_model::<B>(&dir, &dev).unwrap_or_else(|e| panic!("{arch}: the golden checkpoint loads: {e}"));
-        let runs: BTreeMap<String, Run> = SPECS.iter().map(|s| (s.to_string(), run(&model, s))).collect();
+        let (model, _) = load_model::<B>(&dir, &dev)
+            .unwrap_or_else(|e| panic!("{arch}: the golden checkpoint loads: {e}"));
+        let runs: BTreeMap<String, Run> = SPECS
+            .iter()
+            .map(|s| (s.to_string(), run(&model, s)))
+            .collect();
         let file = dir.join("runs.json");
         if record {
             std::fs::write(&file, serde_json::to_string(&runs).unwrap()).unwrap();
             continue;
         }
-        let golden: BTreeMap<String, Run> = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
-        assert_eq!(golden.keys().collect::<Vec<_>>(), runs.keys().collect::<Vec<_>>(), "{arch}: the same policies");
+        let golden: BTreeMap<String, Run> =
+            serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+        assert_eq!(
+            golden.keys().collect::<Vec<_>>(),
+            runs.keys().collect::<Vec<_>>(),
+            "{arch}: the same policies"
+        );
         for (spec, want) in &golden {
             let got = &runs[spec];
-            assert_eq!(got.kept_prefill, want.kept_prefill, "{arch} {spec}: slots kept after prefill");
-            assert_eq!(got.kept_end, want.kept_end, "{arch} {spec}: slots kept after decoding");
+            assert_eq!(
+                got.kept_prefill, want.kept_prefill,
+                "{arch} {spec}: slots kept after prefill"
+            );
+            assert_eq!(
+                got.kept_end, want.kept_end,
+                "{arch} {spec}: slots kept after decoding"
+            );
             assert_eq!(got.logits.len(), want.logits.len());
             for (step, (g, w)) in got.logits.iter().zip(&want.logits).enumerate() {
-                let diff = g.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-                assert!(diff <= 1e-5, "{arch} {spec}: logits of step {step} differ by {diff}");
+                let diff = g
+                    .iter()
+                    .zip(w)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0f32, f32::max);
+                assert!(
+                    diff <= 1e-5,
+                    "{arch} {spec}: logits of step {step} differ by {diff}"
+                );
             }
         }
     }

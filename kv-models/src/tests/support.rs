@@ -49,23 +49,43 @@ pub(crate) fn params<B: Backend, M: burn::module::Module<B>>(m: &M) -> Vec<f32> 
 }
 
 pub(crate) fn step_losses(dir: &std::path::Path) -> Vec<(usize, f64)> {
-    train::read_log(dir).unwrap().into_iter().filter_map(|l| match l {
-        train::LogLine::Step(m) => Some((m.step, m.loss)),
-        _ => None,
-    }).collect()
+    train::read_log(dir)
+        .unwrap()
+        .into_iter()
+        .filter_map(|l| match l {
+            train::LogLine::Step(m) => Some((m.step, m.loss)),
+            _ => None,
+        })
+        .collect()
 }
 
 /// A small MLA decoder: 2 layers, d_model 32, `heads` heads of 8, latent 12, RoPE 4.
 pub(crate) fn tiny_mla(heads: usize, query_latent: usize) -> DecoderConfig {
-    DecoderConfig::new(64, 32, 2, heads, 1, 48).with_mla(Some(MlaSettings { query_latent, ..MlaSettings::new(8, 12, 4) }))
+    DecoderConfig::new(64, 32, 2, heads, 1, 48).with_mla(Some(MlaSettings {
+        query_latent,
+        ..MlaSettings::new(8, 12, 4)
+    }))
 }
 
 /// Logits of a prefill of `split` tokens, then one decode step per remaining token.
-pub(crate) fn decode_logits<B: Backend>(model: &DecoderLm<B>, ids: &[i32], split: usize, dev: &B::Device) -> (Tensor<B, 3>, crate::ModelState<B>) {
+pub(crate) fn decode_logits<B: Backend>(
+    model: &DecoderLm<B>,
+    ids: &[i32],
+    split: usize,
+    dev: &B::Device,
+) -> (Tensor<B, 3>, crate::ModelState<B>) {
     let mut cache = model.new_state(1);
-    let mut parts = vec![model.forward_cached(tokens(&ids[..split], dev), &mut cache).unwrap()];
+    let mut parts = vec![
+        model
+            .forward_cached(tokens(&ids[..split], dev), &mut cache)
+            .unwrap(),
+    ];
     for &id in &ids[split..] {
-        parts.push(model.forward_cached(tokens(&[id], dev), &mut cache).unwrap());
+        parts.push(
+            model
+                .forward_cached(tokens(&[id], dev), &mut cache)
+                .unwrap(),
+        );
     }
     (Tensor::cat(parts, 1), cache)
 }
@@ -94,14 +114,34 @@ pub(crate) fn assert_init_outcomes<B: Backend>(cases: &[(DecoderConfig, &str)], 
 
 /// Decodes `ids` (a prompt of 20, then one token per step) under each policy spec and asserts
 /// the logits equal `want` (1e-5) and the caches hold `slots` slots in all.
-pub(crate) fn assert_specs_match_full_cache<B: Backend>(model: &DecoderLm<B>, ids: &[i32], specs: &[&str], want: Tensor<B, 3>, slots: usize, dev: &B::Device) {
+pub(crate) fn assert_specs_match_full_cache<B: Backend>(
+    model: &DecoderLm<B>,
+    ids: &[i32],
+    specs: &[&str],
+    want: Tensor<B, 3>,
+    slots: usize,
+    dev: &B::Device,
+) {
     for spec in specs {
         let mut policy = kv_policies::build_policy::<B>(spec).unwrap();
         let mut cache = model.new_state(1);
-        let mut parts = vec![model.forward_with_policy(tokens(&ids[..20], dev), &mut cache, policy.as_mut(), kv_policies::Phase::Prefill).unwrap()];
+        let mut parts = vec![
+            model
+                .forward_with_policy(
+                    tokens(&ids[..20], dev),
+                    &mut cache,
+                    policy.as_mut(),
+                    kv_policies::Phase::Prefill,
+                )
+                .unwrap(),
+        ];
         for (step, &id) in ids[20..].iter().enumerate() {
             let phase = kv_policies::Phase::Decode { step: step + 1 };
-            parts.push(model.forward_with_policy(tokens(&[id], dev), &mut cache, policy.as_mut(), phase).unwrap());
+            parts.push(
+                model
+                    .forward_with_policy(tokens(&[id], dev), &mut cache, policy.as_mut(), phase)
+                    .unwrap(),
+            );
         }
         let diff = max_abs_diff(Tensor::cat(parts, 1), want.clone());
         assert!(diff <= 1e-5, "{spec}: {diff}");

@@ -30,7 +30,11 @@ fn word_level_tokenizer(dir: &std::path::Path) -> std::path::PathBuf {
         }
     }
     (0..1000).for_each(|n| flush(&mut n.to_string(), &mut vocab));
-    let ids: serde_json::Map<String, serde_json::Value> = vocab.iter().enumerate().map(|(i, w)| (w.clone(), i.into())).collect();
+    let ids: serde_json::Map<String, serde_json::Value> = vocab
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (w.clone(), i.into()))
+        .collect();
     let json = serde_json::json!({
         "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
         "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
@@ -54,8 +58,14 @@ fn a_hugging_face_tokenizer_trains_resumes_and_evaluates<B: Backend>(dev: &B::De
     let mut cfg = train_config(6);
     cfg.tokenizer = Some(path.clone());
     // A model too small for the tokenizer is refused before training.
-    let e = train::Trainer::<AD<B>>::new(DecoderConfig::new(64, 32, 1, 4, 4, 64), cfg.clone(), dev).err().unwrap().to_string();
-    assert!(e.contains("vocab_size = 64") && e.contains(&format!("at least {words}")), "{e}");
+    let e = train::Trainer::<AD<B>>::new(DecoderConfig::new(64, 32, 1, 4, 4, 64), cfg.clone(), dev)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("vocab_size = 64") && e.contains(&format!("at least {words}")),
+        "{e}"
+    );
     let model = DecoderConfig::new(words, 32, 2, 4, 4, 64);
     let mut t = train::Trainer::<AD<B>>::new(model.clone(), cfg.clone(), dev).unwrap();
     let before = t.evaluate().unwrap();
@@ -64,13 +74,31 @@ fn a_hugging_face_tokenizer_trains_resumes_and_evaluates<B: Backend>(dev: &B::De
     std::fs::remove_file(&path).unwrap();
     let copy = Tokenizer::for_run(&run).unwrap();
     assert_eq!(copy.name(), "hf");
-    assert_eq!(copy.encode("the key is 42.").unwrap(), tokenizer.encode("the key is 42.").unwrap());
+    assert_eq!(
+        copy.encode("the key is 42.").unwrap(),
+        tokenizer.encode("the key is 42.").unwrap()
+    );
     let mut resumed = train::Trainer::<AD<B>>::resume(&run, None, dev).unwrap();
     let after = train::run(&mut resumed, &run, |_| {}).unwrap().unwrap();
-    assert!(after.valid_loss.is_finite() && after.valid_loss < before.valid_loss, "{} -> {}", before.valid_loss, after.valid_loss);
+    assert!(
+        after.valid_loss.is_finite() && after.valid_loss < before.valid_loss,
+        "{} -> {}",
+        before.valid_loss,
+        after.valid_loss
+    );
     // Tasks are read through the same tokenizer (recall's words and numbers are in its vocabulary).
     let (loaded, _) = load_model::<B>(&run, dev).unwrap();
-    let r = task_accuracy_with(&loaded, &Tokenizer::for_run(&run).unwrap(), data::TaskKind::Recall, 200, 2, 3, None, &mut || Box::new(kv_policies::FullCache)).unwrap();
+    let r = task_accuracy_with(
+        &loaded,
+        &Tokenizer::for_run(&run).unwrap(),
+        data::TaskKind::Recall,
+        200,
+        2,
+        3,
+        None,
+        &mut || Box::new(kv_policies::FullCache),
+    )
+    .unwrap();
     assert_eq!(r.total, 2);
     std::fs::remove_dir_all(&dir).unwrap();
 }
