@@ -5,7 +5,7 @@ use crate::{
     attend_appended, grouped_attention, position_range, project,
 };
 use burn::module::Param;
-use burn::nn::{Linear, LinearConfig};
+use burn::nn::{Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::prelude::*;
 use kv_core::{CacheShape, KvError, KvState, Result};
 
@@ -46,6 +46,10 @@ pub struct GroupedAttentionConfig {
     /// Biases on the query, key and value projections (Qwen2); None: no biases (Llama).
     #[config(default = "None")]
     pub qkv_bias: Option<bool>,
+    /// QK-norm (Qwen3, Gemma 3): an RMSNorm with a learned gain over each head's query and key,
+    /// before RoPE, with this epsilon; None: none (Llama, Qwen2).
+    #[config(default = "None")]
+    pub qk_norm_eps: Option<f64>,
 }
 
 impl GroupedAttentionConfig {
@@ -79,6 +83,13 @@ impl GroupedAttentionConfig {
                     "a divisor of heads = {} (heads = kv_heads x group size)",
                     self.n_heads
                 ),
+            ));
+        }
+        if let Some(eps) = self.qk_norm_eps.filter(|e| !(*e > 0.0 && *e < 1.0)) {
+            return Err(KvError::config(
+                "qk_norm_eps",
+                eps,
+                "a small positive number such as 1e-6",
             ));
         }
         if self.head_dim() == 0 || !self.head_dim().is_multiple_of(2) {
@@ -137,6 +148,12 @@ impl GroupedAttentionConfig {
                 .key_shift
                 .unwrap_or(false)
                 .then(|| Param::from_tensor(Tensor::full([self.d_model], 0.5, device))),
+            q_norm: self
+                .qk_norm_eps
+                .map(|eps| RmsNormConfig::new(d).with_epsilon(eps).init(device)),
+            k_norm: self
+                .qk_norm_eps
+                .map(|eps| RmsNormConfig::new(d).with_epsilon(eps).init(device)),
             packed: PackedSet::default(),
             n_heads: self.n_heads,
             n_kv_heads: self.n_kv_heads,
@@ -161,6 +178,10 @@ pub struct GroupedAttention<B: Backend> {
     /// Key token shift's per-channel weight of the token's own input (`1 - mix` goes to the
     /// previous token's); absent without key shift.
     pub key_mix: Option<Param<Tensor<B, 1>>>,
+    /// QK-norm of each query head `[head_dim]` (absent without QK-norm).
+    pub q_norm: Option<RmsNorm<B>>,
+    /// QK-norm of each key head `[head_dim]` (absent without QK-norm).
+    pub k_norm: Option<RmsNorm<B>>,
     /// `wq`, `wk`, `wv` and `wo` as a quantised checkpoint's codes, for decode steps on host
     /// backends ([`crate::project`]); a loader fills it, and whatever changes the weights must
     /// clear it.
@@ -232,7 +253,7 @@ impl<B: Backend> GroupedAttention<B> {
     }
 
     /// [`project`](Self::project) before RoPE: q `[b, H, t, d]`, k and v `[b, KV, t, d]` as the
-    /// projections give them (DMC reads and merges keys in this space).
+    /// projections (and the QK-norm, if any) give them (DMC reads and merges keys in this space).
     pub(crate) fn project_unrotated(
         &self,
         x: Tensor<B, 3>,
@@ -263,7 +284,11 @@ impl<B: Backend> GroupedAttention<B> {
             self.n_kv_heads,
         );
         let v = heads(project(&self.wv, self.packed.get(2), x), self.n_kv_heads);
-        (q, k, v)
+        let norm = |n: &Option<RmsNorm<B>>, y: Tensor<B, 4>| match n {
+            Some(n) => n.forward(y),
+            None => y,
+        };
+        (norm(&self.q_norm, q), norm(&self.k_norm, k), v)
     }
 
     /// For key shift: the input before `x` (the state's carried last input) and, as a side

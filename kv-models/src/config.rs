@@ -257,6 +257,10 @@ pub struct DecoderConfig {
     /// Biases on the query, key and value projections (Qwen2); None: none (Llama).
     #[config(default = "None")]
     pub qkv_bias: Option<bool>,
+    /// QK-norm (Qwen3): an RMSNorm (epsilon `norm_eps`) with a learned gain over each head's
+    /// query and key before RoPE; None: none.
+    #[config(default = "None")]
+    pub qk_norm: Option<bool>,
     /// Multi-head latent attention instead of grouped attention in every layer; absent (or
     /// `null`) in the JSON of an MHA/GQA/MQA model, so older configs still load.
     pub mla: Option<MlaSettings>,
@@ -278,6 +282,7 @@ impl DecoderConfig {
             .with_mimetic_init(self.mimetic_init)
             .with_head_dim(self.head_dim)
             .with_qkv_bias(self.qkv_bias)
+            .with_qk_norm_eps((self.qk_norm == Some(true)).then_some(self.norm_eps))
     }
 
     /// The latent attention settings of every layer, for an MLA model (RoPE on `mla.rope_dim`
@@ -471,6 +476,24 @@ impl DecoderConfig {
                     format!("absent with {kind}: only grouped attention has q/k/v biases"),
                 ));
             }
+        }
+        if self.qk_norm == Some(true)
+            && (self.mla.is_some() || self.yoco.is_some() || self.dmc.is_some())
+        {
+            let kind = if self.mla.is_some() {
+                "mla"
+            } else if self.yoco.is_some() {
+                "yoco"
+            } else {
+                "dmc"
+            };
+            return Err(KvError::config(
+                "qk_norm",
+                true,
+                format!(
+                    "absent with {kind}: only plain grouped attention normalises its queries and keys"
+                ),
+            ));
         }
         if self.dmc.is_some() && (self.mla.is_some() || self.yoco.is_some()) {
             let other = if self.mla.is_some() { "mla" } else { "yoco" };

@@ -70,6 +70,9 @@ pub fn to_grouped<B: Backend>(
         attn.wo = src.wo.clone();
         attn.rope = src.rope.clone();
         attn.key_mix = src.key_mix.clone();
+        // One gain per head dim, shared by every head: it applies to a pooled key as it did.
+        attn.q_norm = src.q_norm.clone();
+        attn.k_norm = src.k_norm.clone();
         attn.wk.weight = Param::from_tensor(pool(src.wk.weight.val()));
         attn.wv.weight = Param::from_tensor(pool(src.wv.weight.val()));
         attn.wk.bias = src.wk.bias.as_ref().map(pool_bias);
@@ -148,6 +151,13 @@ pub fn to_latent<B: Backend>(
             "qkv_bias",
             true,
             "a model without q/k/v biases: MLA's projections have none",
+        ));
+    }
+    if config.qk_norm == Some(true) {
+        return Err(KvError::config(
+            "qk_norm",
+            true,
+            "a model without QK-norm: a latent key is not one head's normalised key",
         ));
     }
     let nope = d_h - r;
@@ -300,6 +310,16 @@ pub fn to_partial_rope<B: Backend>(
         attn.wv = src.wv.clone();
         attn.wo = src.wo.clone();
         attn.key_mix = src.key_mix.clone();
+        // QK-norm's gains move with the dims they scale (the norm itself ignores their order).
+        let permute_gain = |n: &Option<burn::nn::RmsNorm<B>>| {
+            n.clone().map(|mut n| {
+                let g = n.gamma.val().reshape([1, d]);
+                n.gamma = Param::from_tensor(permute(g, 1).reshape([d]));
+                n
+            })
+        };
+        attn.q_norm = permute_gain(&src.q_norm);
+        attn.k_norm = permute_gain(&src.k_norm);
         block.attention = SelfAttention::Grouped(attn);
     }
     Ok((out, new_config))

@@ -1,27 +1,36 @@
 //! A Llama-family model from a GGUF file: its config from the `{arch}.*` metadata, its weights by
 //! llama.cpp's tensor names mapped to Hugging Face's.
 
+use super::families::{self, Family};
 use super::gguf::{BlockCodes, GgufFile, rows_in_order};
 use super::llama::{HostTensor, WeightSource};
 use crate::DecoderConfig;
 use kv_core::{KvError, Result};
 
-/// GGUF architectures this loader maps onto the Llama decoder.
-const ARCHITECTURES: &str = "llama, qwen2";
+/// The family a GGUF file's `general.architecture` names, or an error listing those read.
+pub(crate) fn family_of(file: &GgufFile) -> Result<&'static Family> {
+    let arch = file
+        .require("general.architecture")?
+        .as_str()
+        .unwrap_or_default();
+    families::by_gguf(arch).ok_or_else(|| {
+        KvError::io(
+            file.path(),
+            format!(
+                "general.architecture {arch:?} is not one this loader reads ({})",
+                families::gguf_names()
+            ),
+        )
+    })
+}
 
 /// The decoder config a GGUF file's metadata describes.
 pub(crate) fn config_from_gguf(file: &GgufFile) -> Result<DecoderConfig> {
     let bad = |m: String| KvError::io(file.path(), m);
-    let arch = file
-        .require("general.architecture")?
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    if !["llama", "qwen2"].contains(&arch.as_str()) {
-        return Err(bad(format!(
-            "general.architecture {arch:?} is not one this loader reads ({ARCHITECTURES})"
-        )));
-    }
+    let family = family_of(file)?;
+    let arch = family
+        .gguf_architecture
+        .expect("found by its GGUF architecture");
     let key = |k: &str| format!("{arch}.{k}");
     let int = |k: &str| -> Result<usize> {
         let v = file.require_u64(&key(k))?;
@@ -91,7 +100,8 @@ pub(crate) fn config_from_gguf(file: &GgufFile) -> Result<DecoderConfig> {
     .with_norm_eps(eps)
     .with_tie_embeddings(file.tensor_info("output.weight").is_none())
     .with_head_dim((head_dim * heads != d_model).then_some(head_dim))
-    .with_qkv_bias((arch == "qwen2").then_some(true));
+    .with_qkv_bias(family.qkv_bias.then_some(true))
+    .with_qk_norm(family.qk_norm.then_some(true));
     config.validate()?;
     Ok(config)
 }
@@ -101,55 +111,20 @@ pub(crate) fn config_from_gguf(file: &GgufFile) -> Result<DecoderConfig> {
 pub(crate) struct GgufSource<'a> {
     pub(crate) file: &'a GgufFile,
     pub(crate) config: &'a DecoderConfig,
-}
-
-impl GgufSource<'_> {
-    /// llama.cpp's name for a Hugging Face tensor name (None: no counterpart).
-    fn gguf_name(hf: &str) -> Option<String> {
-        let fixed = match hf {
-            "model.embed_tokens.weight" => Some("token_embd.weight"),
-            "model.norm.weight" => Some("output_norm.weight"),
-            "lm_head.weight" => Some("output.weight"),
-            _ => None,
-        };
-        if let Some(f) = fixed {
-            return Some(f.into());
-        }
-        let rest = hf.strip_prefix("model.layers.")?;
-        let (layer, name) = rest.split_once('.')?;
-        let (module, suffix) = name.rsplit_once('.')?;
-        let mapped = match module {
-            "input_layernorm" => "attn_norm",
-            "post_attention_layernorm" => "ffn_norm",
-            "self_attn.q_proj" => "attn_q",
-            "self_attn.k_proj" => "attn_k",
-            "self_attn.v_proj" => "attn_v",
-            "self_attn.o_proj" => "attn_output",
-            "mlp.gate_proj" => "ffn_gate",
-            "mlp.up_proj" => "ffn_up",
-            "mlp.down_proj" => "ffn_down",
-            _ => return None,
-        };
-        Some(format!("blk.{layer}.{mapped}.{suffix}"))
-    }
+    pub(crate) family: &'static Family,
 }
 
 impl GgufSource<'_> {
     /// The file's name for `hf_name`, if it has that tensor.
     fn present(&self, hf_name: &str) -> Option<String> {
-        Self::gguf_name(hf_name).filter(|name| self.file.tensor_info(name).is_some())
+        families::gguf_name(hf_name).filter(|name| self.file.tensor_info(name).is_some())
     }
 
-    /// llama.cpp's converter interleaves the two halves of each query/key head for the `llama`
-    /// architecture (its RoPE rotates adjacent pairs); the decoder's RoPE rotates halves, as
-    /// Hugging Face's does, so the rows go back (qwen2 files are written unpermuted). The row
-    /// order to read tensor `name` of `rows` rows in, when it is one of those.
+    /// llama.cpp's converter interleaves the two halves of each query/key head for some families
+    /// (`Family::gguf_permuted_qk`; its RoPE rotates adjacent pairs); the decoder's RoPE rotates
+    /// halves, as Hugging Face's does, so the rows go back. The row order to read tensor `name`
+    /// of `rows` rows in, when it is one of those.
     fn row_order(&self, name: &str, rows: usize) -> Result<Option<Vec<usize>>> {
-        let is_llama = self
-            .file
-            .get("general.architecture")
-            .and_then(|v| v.as_str())
-            == Some("llama");
         let heads = if name.contains(".attn_q.") {
             self.config.n_heads
         } else if name.contains(".attn_k.") {
@@ -157,7 +132,7 @@ impl GgufSource<'_> {
         } else {
             return Ok(None);
         };
-        if !is_llama {
+        if !self.family.gguf_permuted_qk {
             return Ok(None);
         }
         unpermuted_order(heads, rows).map(Some).ok_or_else(|| {

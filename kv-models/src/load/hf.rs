@@ -1,6 +1,7 @@
 //! Hugging Face checkpoint folders: `config.json` and `model.safetensors` (or shards with an
-//! index) of a Llama-compatible model (Llama, Mistral without sliding window, Qwen2).
+//! index) of a Llama-shaped model of one of the families in `families.rs`.
 
+use super::families;
 use super::llama::{HostTensor, WeightSource};
 use crate::DecoderConfig;
 use half::{bf16, f16};
@@ -52,9 +53,6 @@ struct HfConfig {
     use_sliding_window: Option<bool>,
 }
 
-/// The model families this loader maps onto the Llama decoder.
-const FAMILIES: &str = "llama, mistral (without sliding window), qwen2";
-
 /// The decoder config a Hugging Face `config.json` describes; anything the decoder cannot
 /// reproduce (another architecture, RoPE scaling, a sliding window, biases Llama lacks) is an
 /// error naming the field.
@@ -62,25 +60,22 @@ pub(crate) fn config_from_hf(text: &str, origin: &Path) -> Result<DecoderConfig>
     let bad = |m: String| KvError::io(origin, m);
     let hf: HfConfig = serde_json::from_str(text)
         .map_err(|e| bad(format!("not a Hugging Face model config: {e}")))?;
-    let family = match (
+    let (model_type, architecture) = (
         hf.model_type.as_deref(),
         hf.architectures.first().map(String::as_str),
-    ) {
-        (Some(t @ ("llama" | "mistral" | "qwen2")), _) => t.to_string(),
-        (None, Some("LlamaForCausalLM")) => "llama".into(),
-        (None, Some("MistralForCausalLM")) => "mistral".into(),
-        (None, Some("Qwen2ForCausalLM")) => "qwen2".into(),
-        (t, a) => {
-            return Err(bad(format!(
-                "model_type {:?} / architectures {:?} is not a family this loader reads ({FAMILIES})",
-                t.unwrap_or("none"),
-                a.unwrap_or("none")
-            )));
-        }
-    };
-    if let Some(act) = hf.hidden_act.as_deref().filter(|a| *a != "silu") {
+    );
+    let Some(family) = families::by_hf(model_type, architecture) else {
         return Err(bad(format!(
-            "hidden_act {act:?} (the decoder's SwiGLU uses silu)"
+            "model_type {:?} / architectures {:?} is not a family this loader reads ({})",
+            model_type.unwrap_or("none"),
+            architecture.unwrap_or("none"),
+            families::hf_names()
+        )));
+    };
+    if let Some(act) = hf.hidden_act.as_deref().filter(|a| *a != family.activation) {
+        return Err(bad(format!(
+            "hidden_act {act:?} (the decoder's {} feed-forward uses {})",
+            family.name, family.activation
         )));
     }
     let mut theta = hf.rope_theta;
@@ -106,7 +101,7 @@ pub(crate) fn config_from_hf(text: &str, origin: &Path) -> Result<DecoderConfig>
         )));
     }
     let sliding = hf.sliding_window.as_ref().is_some_and(|w| !w.is_null());
-    if (family == "mistral" && sliding) || hf.use_sliding_window == Some(true) {
+    if (family.sliding_window_field && sliding) || hf.use_sliding_window == Some(true) {
         return Err(bad(format!(
             "sliding_window {:?} (the decoder attends over the whole cache)",
             hf.sliding_window
@@ -118,11 +113,12 @@ pub(crate) fn config_from_hf(text: &str, origin: &Path) -> Result<DecoderConfig>
         ));
     }
     // Qwen2 always has q/k/v biases; Llama may (attention_bias), but then also on o_proj.
-    let qkv_bias = family == "qwen2";
+    let qkv_bias = family.qkv_bias;
     if hf.attention_bias == Some(true) && !qkv_bias {
-        return Err(bad(
-            "attention_bias true (only q/k/v biases, as Qwen2 has, are supported)".into(),
-        ));
+        return Err(bad(format!(
+            "attention_bias true in a {} config (only q/k/v biases, as Qwen2 has, are supported)",
+            family.name
+        )));
     }
     let heads = hf.num_attention_heads;
     let head_dim = hf
@@ -141,7 +137,8 @@ pub(crate) fn config_from_hf(text: &str, origin: &Path) -> Result<DecoderConfig>
     .with_norm_eps(hf.rms_norm_eps.unwrap_or(1e-6))
     .with_tie_embeddings(hf.tie_word_embeddings.unwrap_or(false))
     .with_head_dim(head_dim)
-    .with_qkv_bias(qkv_bias.then_some(true));
+    .with_qkv_bias(qkv_bias.then_some(true))
+    .with_qk_norm(family.qk_norm.then_some(true));
     config.validate()?;
     Ok(config)
 }

@@ -186,6 +186,11 @@ pub(crate) fn build_llama<B: Backend>(
             b.linear(&mut attn.wo, &format!("{p}.self_attn.o_proj"), d, q_out)?,
         ];
         attn.packed = packed_set(attention);
+        for (norm, name) in [(&mut attn.q_norm, "q_norm"), (&mut attn.k_norm, "k_norm")] {
+            if let Some(norm) = norm.as_mut() {
+                norm.gamma = b.vector(&format!("{p}.self_attn.{name}.weight"), hd)?;
+            }
+        }
         let ffn = [
             b.linear(&mut block.ffn.gate, &format!("{p}.mlp.gate_proj"), f, d)?,
             b.linear(&mut block.ffn.up, &format!("{p}.mlp.up_proj"), f, d)?,

@@ -2,6 +2,7 @@
 //! (`config.json`, safetensors, `tokenizer.json`), loaded as an ordinary [`DecoderLm`] with its
 //! tokenizer, so every policy, the harness and every backend apply to it unchanged.
 
+mod families;
 pub mod gguf;
 mod gguf_model;
 mod gguf_vocab;
@@ -127,6 +128,7 @@ impl Pretrained {
                     &mut gguf_model::GgufSource {
                         file: &file,
                         config: &config,
+                        family: gguf_model::family_of(&file)?,
                     },
                     device,
                 )?

@@ -102,11 +102,58 @@ fn logits_of<B: Backend>(model: &crate::DecoderLm<B>, ids: &[i64]) -> Vec<f32> {
 }
 
 fn tiny_llama_golden() -> (Vec<i64>, Vec<f32>) {
-    let all = read_safetensors(&testdata("tiny-llama-logits.safetensors"));
+    golden_logits("tiny-llama-logits.safetensors")
+}
+
+/// The input ids and transformers' logits stored in a test-data file.
+fn golden_logits(file: &str) -> (Vec<i64>, Vec<f32>) {
+    let all = read_safetensors(&testdata(file));
     (
         i64s(&tensor_named(&all, "input_ids").1),
         f32s(&tensor_named(&all, "logits").1),
     )
+}
+
+/// Asserts that `model` reproduces transformers' logits (`want` for `ids`) to 1e-4, in one full
+/// forward and on the cached path (prefill 40, then one token at a time), on the backend's kernels
+/// and on the host kernels the CLI's CPU path takes.
+fn assert_reproduces<B: Backend>(
+    label: &str,
+    model: &crate::DecoderLm<B>,
+    ids: &[i64],
+    want: &[f32],
+    dev: &B::Device,
+) {
+    let diff = max_abs_diff(&logits_of(model, ids), want);
+    eprintln!("{label}: max abs logit diff vs transformers {diff:.2e}");
+    assert!(diff <= 1e-4, "{label}: max abs diff {diff}");
+    let as_t = |s: &[i64]| {
+        Tensor::<B, 1, Int>::from_ints(
+            s.iter().map(|&i| i as i32).collect::<Vec<_>>().as_slice(),
+            dev,
+        )
+        .reshape([1, s.len()])
+    };
+    for host in [false, true] {
+        let rows = kv_attention::with_host_kernels(host, || {
+            let mut cache = model.new_state(1);
+            let mut rows = vec![model.forward_cached(as_t(&ids[..40]), &mut cache).unwrap()];
+            for i in 40..ids.len() {
+                rows.push(
+                    model
+                        .forward_cached(as_t(&ids[i..i + 1]), &mut cache)
+                        .unwrap(),
+                );
+            }
+            rows
+        });
+        let cached: Vec<f32> = Tensor::cat(rows, 1).into_data().iter::<f32>().collect();
+        let diff = max_abs_diff(&cached, want);
+        assert!(
+            diff <= 1e-4,
+            "{label}: cached decode, host kernel {host}: max abs diff {diff}"
+        );
+    }
 }
 
 fn tiny_llama_from_its_hugging_face_folder_reproduces_transformers_logits<B: Backend>(
@@ -129,38 +176,81 @@ fn tiny_llama_from_its_hugging_face_folder_reproduces_transformers_logits<B: Bac
     assert_eq!(config.norm_eps, 1e-6);
     let (model, _) = source.load_model::<B>(dev).unwrap();
     let (ids, want) = tiny_llama_golden();
-    let diff = max_abs_diff(&logits_of(&model, &ids), &want);
-    eprintln!("tiny-llama (safetensors): max abs logit diff vs transformers {diff:.2e}");
-    assert!(diff <= 1e-4, "max abs diff {diff}");
-    // The cached path (prefill 40, then one token at a time) reads the same model, on the
-    // backend's kernels and on the host kernel the CLI's CPU prefill takes (heads of 16).
-    let as_t = |s: &[i64]| {
-        Tensor::<B, 1, Int>::from_ints(
-            s.iter().map(|&i| i as i32).collect::<Vec<_>>().as_slice(),
-            dev,
-        )
-        .reshape([1, s.len()])
-    };
-    for host in [false, true] {
-        let rows = kv_attention::with_host_kernels(host, || {
-            let mut cache = model.new_state(1);
-            let mut rows = vec![model.forward_cached(as_t(&ids[..40]), &mut cache).unwrap()];
-            for i in 40..ids.len() {
-                rows.push(
-                    model
-                        .forward_cached(as_t(&ids[i..i + 1]), &mut cache)
-                        .unwrap(),
-                );
-            }
-            rows
-        });
-        let cached: Vec<f32> = Tensor::cat(rows, 1).into_data().iter::<f32>().collect();
-        let diff = max_abs_diff(&cached, &want);
-        assert!(
-            diff <= 1e-4,
-            "cached decode, host kernel {host}: max abs diff {diff}"
-        );
+    assert_reproduces("tiny-llama (safetensors)", &model, &ids, &want, dev);
+}
+
+/// Qwen3 (QK-norm, a head wider than `hidden / heads`, tied embeddings, RoPE base 1e6), from a
+/// folder transformers wrote and as a GGUF file of architecture `qwen3` (rows not permuted).
+fn tiny_qwen3_reproduces_transformers_logits_from_its_folder_and_as_gguf<B: Backend>(
+    dev: &B::Device,
+) {
+    let source = Pretrained::open(testdata("tiny-qwen3")).unwrap();
+    let config = source.config().unwrap();
+    assert_eq!(
+        (
+            config.qk_norm,
+            config.qkv_bias,
+            config.head_dim(),
+            config.rope_theta
+        ),
+        (Some(true), None, 32, 1e6)
+    );
+    assert!(config.tie_embeddings);
+    let (model, _) = source.load_model::<B>(dev).unwrap();
+    let (ids, want) = golden_logits("tiny-qwen3-logits.safetensors");
+    assert_reproduces("tiny-qwen3 (safetensors)", &model, &ids, &want, dev);
+    // The same weights without QK-norm are far off: the test can fail.
+    let mut plain = model.clone();
+    for block in plain.blocks_mut().unwrap() {
+        let attn = block.attention.grouped_mut().unwrap();
+        (attn.q_norm, attn.k_norm) = (None, None);
     }
+    let off = max_abs_diff(&logits_of(&plain, &ids), &want);
+    assert!(off > 0.1, "without QK-norm: max abs diff {off}");
+    // Conversions carry the norms: pooling into as many KV heads as it has is the same model;
+    // DMC and MLA, which have no QK-norm, refuse it by name.
+    let (same, _) = crate::to_grouped(&model, &config, 2).unwrap();
+    assert!(max_abs_diff(&logits_of(&same, &ids), &want) <= 1e-4);
+    let err = error_of(crate::to_dmc(
+        &model,
+        &config,
+        crate::DmcSettings::default(),
+    ));
+    assert!(err.contains("qk_norm"), "{err}");
+
+    let dir = scratch("tiny-qwen3-gguf");
+    let shape = GgufShape {
+        arch: "qwen3",
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 32,
+        theta: 1e6,
+        permute_qk: false,
+    };
+    let path = folder_as_gguf(&testdata("tiny-qwen3"), &dir.join("q.gguf"), &shape, None);
+    let (model, gguf_config) = Pretrained::open(&path)
+        .unwrap()
+        .load_model::<B>(dev)
+        .unwrap();
+    assert_eq!(
+        gguf_config,
+        // GGUF stores the epsilon as an f32.
+        config.clone().with_norm_eps(gguf_config.norm_eps)
+    );
+    assert_reproduces("tiny-qwen3 (GGUF)", &model, &ids, &want, dev);
+    // A file without a layer's key norm names the tensor it lacks.
+    let broken = folder_as_gguf(
+        &testdata("tiny-qwen3"),
+        &dir.join("broken.gguf"),
+        &shape,
+        Some("blk.1.attn_k_norm.weight"),
+    );
+    let err = error_of(Pretrained::open(&broken).unwrap().load_model::<B>(dev));
+    assert!(
+        err.contains("model.layers.1.self_attn.k_norm.weight"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 // ---- A GGUF writer, for files the tests control ------------------------------------------------
@@ -285,21 +375,50 @@ fn permute_rows(values: &[f32], heads: usize, rows: usize, cols: usize) -> Vec<f
 
 /// tiny-llama written as llama.cpp's converter would write it (F32, q/k rows permuted).
 pub(crate) fn tiny_llama_gguf(path: &Path, skip: Option<&str>) -> PathBuf {
-    let all = read_safetensors(&testdata("tiny-llama/model.safetensors"));
+    let shape = GgufShape {
+        arch: "llama",
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 16,
+        theta: 10000.0,
+        permute_qk: true,
+    };
+    folder_as_gguf(&testdata("tiny-llama"), path, &shape, skip)
+}
+
+/// What a test GGUF file's metadata says about the model it holds.
+struct GgufShape {
+    arch: &'static str,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    theta: f32,
+    /// Interleave each query/key head's halves, as llama.cpp's `llama` converter does.
+    permute_qk: bool,
+}
+
+/// A tiny Hugging Face folder's weights written as llama.cpp's converter would write them (F32),
+/// under llama.cpp's names spelt out here, independently of the loader's table; `skip` leaves one
+/// tensor out.
+fn folder_as_gguf(folder: &Path, path: &Path, m: &GgufShape, skip: Option<&str>) -> PathBuf {
+    let all = read_safetensors(&folder.join("model.safetensors"));
+    let key = |k: &str| format!("{}.{k}", m.arch);
+    let u32_of = |n: usize| GgufValue::U32(n as u32);
     let mut w = GgufWriter::default()
-        .meta("general.architecture", GgufValue::Str("llama".into()))
-        .meta("llama.block_count", GgufValue::U32(2))
-        .meta("llama.context_length", GgufValue::U32(1024))
-        .meta("llama.embedding_length", GgufValue::U32(64))
-        .meta("llama.feed_forward_length", GgufValue::U32(128))
-        .meta("llama.attention.head_count", GgufValue::U32(4))
-        .meta("llama.attention.head_count_kv", GgufValue::U32(2))
-        .meta("llama.rope.freq_base", GgufValue::F32(10000.0))
+        .meta("general.architecture", GgufValue::Str(m.arch.into()))
+        .meta(&key("block_count"), GgufValue::U32(2))
+        .meta(&key("context_length"), GgufValue::U32(1024))
+        .meta(&key("embedding_length"), GgufValue::U32(64))
+        .meta(&key("feed_forward_length"), GgufValue::U32(128))
+        .meta(&key("attention.head_count"), u32_of(m.heads))
+        .meta(&key("attention.head_count_kv"), u32_of(m.kv_heads))
+        .meta(&key("attention.key_length"), u32_of(m.head_dim))
+        .meta(&key("rope.freq_base"), GgufValue::F32(m.theta))
         .meta(
-            "llama.attention.layer_norm_rms_epsilon",
+            &key("attention.layer_norm_rms_epsilon"),
             GgufValue::F32(1e-6),
         )
-        .meta("llama.rope.dimension_count", GgufValue::U32(16));
+        .meta(&key("rope.dimension_count"), u32_of(m.head_dim));
     for (name, shape, _, data) in &all {
         let mut values = f32s(data);
         let gguf = match name.as_str() {
@@ -309,25 +428,32 @@ pub(crate) fn tiny_llama_gguf(path: &Path, skip: Option<&str>) -> PathBuf {
             n => {
                 let rest = n.strip_prefix("model.layers.").unwrap();
                 let (layer, module) = rest.split_once('.').unwrap();
-                let m = match module {
+                let mut permute = |heads: usize| {
+                    if m.permute_qk {
+                        values = permute_rows(&values, heads, shape[0], shape[1]);
+                    }
+                };
+                let g = match module {
                     "input_layernorm.weight" => "attn_norm",
                     "post_attention_layernorm.weight" => "ffn_norm",
                     "self_attn.q_proj.weight" => {
-                        values = permute_rows(&values, 4, shape[0], shape[1]);
+                        permute(m.heads);
                         "attn_q"
                     }
                     "self_attn.k_proj.weight" => {
-                        values = permute_rows(&values, 2, shape[0], shape[1]);
+                        permute(m.kv_heads);
                         "attn_k"
                     }
                     "self_attn.v_proj.weight" => "attn_v",
                     "self_attn.o_proj.weight" => "attn_output",
+                    "self_attn.q_norm.weight" => "attn_q_norm",
+                    "self_attn.k_norm.weight" => "attn_k_norm",
                     "mlp.gate_proj.weight" => "ffn_gate",
                     "mlp.up_proj.weight" => "ffn_up",
                     "mlp.down_proj.weight" => "ffn_down",
                     other => panic!("unmapped {other}"),
                 };
-                format!("blk.{layer}.{m}.weight")
+                format!("blk.{layer}.{g}.weight")
             }
         };
         if Some(gguf.as_str()) != skip {
@@ -350,9 +476,7 @@ fn tiny_llama_as_a_gguf_file_with_permuted_rows_reproduces_transformers_logits<B
     let (model, config) = source.load_model::<B>(dev).unwrap();
     assert!(!config.tie_embeddings);
     let (ids, want) = tiny_llama_golden();
-    let diff = max_abs_diff(&logits_of(&model, &ids), &want);
-    eprintln!("tiny-llama (GGUF, permuted q/k): max abs logit diff vs transformers {diff:.2e}");
-    assert!(diff <= 1e-4, "max abs diff {diff}");
+    assert_reproduces("tiny-llama (GGUF, permuted q/k)", &model, &ids, &want, dev);
     // Without undoing the permutation the logits would be far off: the test can fail.
     let (_, q) = GgufFile::open(&path)
         .unwrap()
@@ -915,6 +1039,7 @@ fn transposes_and_unpermutes_are_what_they_say() {
 
 kv_core::backend_tests!(
     tiny_llama_from_its_hugging_face_folder_reproduces_transformers_logits,
+    tiny_qwen3_reproduces_transformers_logits_from_its_folder_and_as_gguf,
     tiny_llama_as_a_gguf_file_with_permuted_rows_reproduces_transformers_logits,
     hostile_or_broken_gguf_files_are_one_line_errors_naming_the_problem,
     broken_hugging_face_folders_are_errors_naming_the_problem,
