@@ -3,7 +3,7 @@
 
 use crate::plot::{Chart, HeatMaps, Panel, Series, heat_maps, line_chart};
 use kv_core::{KvError, Result};
-use kv_models::grid::{CellResult, GridSpec};
+use kv_models::grid::{CellResult, GridSpec, Probe};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -52,7 +52,7 @@ fn mean(xs: impl IntoIterator<Item = f64>) -> f64 {
 pub fn markdown(results: &[CellResult]) -> String {
     let mut columns: Vec<(String, usize)> = results
         .iter()
-        .map(|r| (r.cell.probe.clone(), r.cell.context))
+        .map(|r| (r.cell.probe.to_string(), r.cell.context))
         .collect();
     columns.sort();
     columns.dedup();
@@ -86,7 +86,7 @@ pub fn markdown(results: &[CellResult]) -> String {
             let v = mean(
                 cells
                     .iter()
-                    .filter(|r| (&r.cell.probe, r.cell.context) == (&col.0, col.1))
+                    .filter(|r| (r.cell.probe.name(), r.cell.context) == (col.0.as_str(), col.1))
                     .map(|r| value(r)),
             );
             s += &match (v.is_nan(), col.0.starts_with("ppl")) {
@@ -129,12 +129,15 @@ fn kept_share(results: &[CellResult], r: &CellResult) -> Option<f64> {
 /// One chart per probe: its metric against compression, a line per (model, policy), each line
 /// starting from the model's full-cache value at compression 0.
 pub fn charts(dir: &Path, results: &[CellResult]) -> Result<Vec<PathBuf>> {
-    let mut probes: Vec<String> = results.iter().map(|r| r.cell.probe.clone()).collect();
+    let mut probes: Vec<String> = results.iter().map(|r| r.cell.probe.to_string()).collect();
     probes.sort();
     probes.dedup();
     let mut written = Vec::new();
     for probe in probes {
-        let of_probe: Vec<&CellResult> = results.iter().filter(|r| r.cell.probe == probe).collect();
+        let of_probe: Vec<&CellResult> = results
+            .iter()
+            .filter(|r| r.cell.probe.name() == probe)
+            .collect();
         let mut lines: BTreeMap<(String, String), BTreeMap<u64, Vec<f64>>> = BTreeMap::new();
         for r in &of_probe {
             let (model, policy, mut c) = row_key(r);
@@ -233,10 +236,10 @@ pub fn niah_heat_maps(dir: &Path, results: &[CellResult]) -> Result<Vec<PathBuf>
     let mut groups: BTreeMap<(String, String), Vec<&CellResult>> = BTreeMap::new();
     for r in results
         .iter()
-        .filter(|r| r.cell.probe.starts_with("niah") && r.cell.depth.is_some())
+        .filter(|r| matches!(r.cell.probe, Probe::Niah(_)) && r.cell.depth.is_some())
     {
         groups
-            .entry((r.cell.probe.clone(), r.cell.model.clone()))
+            .entry((r.cell.probe.to_string(), r.cell.model.clone()))
             .or_default()
             .push(r);
     }

@@ -143,14 +143,16 @@ fn a_tiny_tour_runs_end_to_end_and_reuses_its_models() {
         .eval
         .results
         .iter()
-        .find(|r| r.cell.policy == "full" && r.cell.probe == "ppl")
+        .find(|r| r.cell.policy == "full" && r.cell.probe.name() == "ppl")
         .unwrap();
     let h2o = report
         .eval
         .results
         .iter()
         .find(|r| {
-            r.cell.policy == "h2o" && r.cell.probe == "ppl" && r.cell.model == full.cell.model
+            r.cell.policy == "h2o"
+                && r.cell.probe.name() == "ppl"
+                && r.cell.model == full.cell.model
         })
         .unwrap();
     let kept = h2o.kv_bytes / full.kv_bytes;
@@ -282,7 +284,7 @@ fn eval_json_has_its_documented_shape_and_full_cells_match_plain_eval() {
     let cell = file
         .results
         .iter()
-        .find(|r| r.cell.policy == "full" && r.cell.probe == "ppl")
+        .find(|r| r.cell.policy == "full" && r.cell.probe.name() == "ppl")
         .unwrap();
     assert!(
         (cell.loss.unwrap() - ppl).abs() <= 1e-4,
@@ -293,7 +295,7 @@ fn eval_json_has_its_documented_shape_and_full_cells_match_plain_eval() {
     let cell = file
         .results
         .iter()
-        .find(|r| r.cell.policy == "full" && r.cell.probe == "passkey")
+        .find(|r| r.cell.policy == "full" && r.cell.probe.name() == "passkey")
         .unwrap();
     assert_eq!(cell.accuracy, Some(acc.accuracy));
     let _ = std::fs::remove_dir_all(&root);
@@ -526,13 +528,15 @@ fn niah_cells_score_share_one_prefill_and_draw_heat_maps() {
     let full = file
         .results
         .iter()
-        .find(|r| r.cell.policy == "full" && r.cell.probe == "niah")
+        .find(|r| r.cell.policy == "full" && r.cell.probe.name() == "niah")
         .unwrap();
     let snap = file
         .results
         .iter()
         .find(|r| {
-            r.cell.policy == "snapkv" && r.cell.probe == "niah" && r.cell.depth == full.cell.depth
+            r.cell.policy == "snapkv"
+                && r.cell.probe.name() == "niah"
+                && r.cell.depth == full.cell.depth
         })
         .unwrap();
     assert!(

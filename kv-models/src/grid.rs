@@ -34,11 +34,29 @@ pub enum Probe {
     Niah(NiahMode),
 }
 
-/// Every probe name [`Probe::parse`] accepts.
-pub const PROBE_NAMES: &str =
-    "passkey, needle, recall, copy, lookup, niah, niah-query, ppl, ppl-essays";
-
 impl Probe {
+    /// Every probe: each task, then the Needle-in-a-Haystack modes and the perplexities.
+    pub fn all() -> Vec<Probe> {
+        let tasks = TaskKind::ALL.iter().map(|&t| Probe::Task(t));
+        tasks
+            .chain([
+                Probe::Niah(NiahMode::Agnostic),
+                Probe::Niah(NiahMode::QueryAware),
+                Probe::Ppl,
+                Probe::PplEssays,
+            ])
+            .collect()
+    }
+
+    /// Every probe name [`Probe::parse`] accepts, comma-separated (for help and errors).
+    pub fn names() -> String {
+        Self::all()
+            .iter()
+            .map(|p| p.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     /// The name used on the command line and in results.
     pub fn name(self) -> &'static str {
         match self {
@@ -50,21 +68,15 @@ impl Probe {
         }
     }
 
-    /// Parses a probe name ([`PROBE_NAMES`]).
+    /// Parses a probe name ([`Probe::names`]).
     pub fn parse(name: &str) -> Result<Self> {
-        match name {
-            "ppl" => return Ok(Probe::Ppl),
-            "ppl-essays" => return Ok(Probe::PplEssays),
-            "niah" => return Ok(Probe::Niah(NiahMode::Agnostic)),
-            "niah-query" => return Ok(Probe::Niah(NiahMode::QueryAware)),
-            _ => {}
-        }
-        TaskKind::parse(name)
-            .map(Probe::Task)
-            .map_err(|_| KvError::Unknown {
+        Self::all()
+            .into_iter()
+            .find(|p| p.name() == name)
+            .ok_or_else(|| KvError::Unknown {
                 kind: "task".into(),
                 name: name.into(),
-                valid: PROBE_NAMES.into(),
+                valid: Self::names(),
             })
     }
 
@@ -84,6 +96,27 @@ impl Probe {
     /// Whether the probe reports perplexity (else a score in [0, 1]).
     pub fn is_perplexity(self) -> bool {
         matches!(self, Probe::Ppl | Probe::PplEssays)
+    }
+}
+
+impl std::fmt::Display for Probe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A probe written and read as its name, so a result's JSON says `"probe": "passkey"`.
+mod probe_by_name {
+    use super::Probe;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(probe: &Probe, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(probe.name())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Probe, D::Error> {
+        let name = String::deserialize(d)?;
+        Probe::parse(&name).map_err(serde::de::Error::custom)
     }
 }
 
@@ -135,8 +168,9 @@ pub struct GridCell {
     pub spec: String,
     /// Fraction of slots removed (0 for the full cache).
     pub compression: f64,
-    /// The probe's name.
-    pub probe: String,
+    /// What the cell measures (its name in JSON: `passkey`, `niah`, `ppl`, ...).
+    #[serde(with = "probe_by_name")]
+    pub probe: Probe,
     /// Context length in tokens.
     pub context: usize,
     /// Depth of the passkey / needle, when fixed.
@@ -329,7 +363,7 @@ impl GridSpec {
                                 policy: policy.clone(),
                                 spec: spec.clone(),
                                 compression: *compression,
-                                probe: probe.name().into(),
+                                probe,
                                 context,
                                 depth,
                             });
@@ -365,7 +399,7 @@ pub fn run_cell<B: Backend>(
     haystack: Option<&Haystack>,
     registry: &Registry<B>,
 ) -> Result<CellResult> {
-    if let Probe::Niah(_) = Probe::parse(&cell.probe)? {
+    if let Probe::Niah(_) = cell.probe {
         let haystack = haystack.ok_or_else(|| {
             KvError::config(
                 "niah cell",
@@ -401,7 +435,7 @@ pub fn run_cell<B: Backend>(
         seconds: 0.0,
         answer: None,
     };
-    match Probe::parse(&cell.probe)? {
+    match cell.probe {
         Probe::Task(task) => {
             let r = task_accuracy_with(
                 model,
@@ -467,10 +501,10 @@ fn niah_cells<B: Backend>(
 ) -> Result<Vec<CellResult>> {
     let start = Instant::now();
     let first = &cells[0];
-    let Probe::Niah(mode) = Probe::parse(&first.probe)? else {
+    let Probe::Niah(mode) = first.probe else {
         return Err(KvError::config(
             "niah cells",
-            &first.probe,
+            first.probe.name(),
             "niah or niah-query",
         ));
     };
@@ -575,9 +609,7 @@ pub fn run_grid<B: Backend>(
     registry: &Registry<B>,
     mut on_cell: impl FnMut(&CellResult),
 ) -> Result<Vec<CellResult>> {
-    let needs_haystack = cells
-        .iter()
-        .any(|c| Probe::parse(&c.probe).is_ok_and(|p| p.reads_haystack()));
+    let needs_haystack = cells.iter().any(|c| c.probe.reads_haystack());
     let haystack = if needs_haystack {
         Some(Haystack::for_spec(&spec.niah)?)
     } else {
@@ -593,25 +625,24 @@ pub fn run_grid<B: Backend>(
             .ok_or_else(|| {
                 KvError::config("grid model", &cell.model, "one of the loaded models")
             })?;
-        let results =
-            if let (Ok(Probe::Niah(_)), Some(h)) = (Probe::parse(&cell.probe), haystack.as_ref()) {
-                let same = |c: &GridCell| {
-                    (&c.model, &c.probe, c.context, c.depth)
-                        == (&cell.model, &cell.probe, cell.context, cell.depth)
-                };
-                let n = cells[i..].iter().take_while(|c| same(c)).count();
-                niah_cells(m.model, &m.tokenizer, &cells[i..i + n], spec, h, registry)?
-            } else {
-                vec![run_cell(
-                    m.model,
-                    &m.tokenizer,
-                    cell,
-                    spec,
-                    &m.text,
-                    haystack.as_ref(),
-                    registry,
-                )?]
+        let results = if let (Probe::Niah(_), Some(h)) = (cell.probe, haystack.as_ref()) {
+            let same = |c: &GridCell| {
+                (&c.model, &c.probe, c.context, c.depth)
+                    == (&cell.model, &cell.probe, cell.context, cell.depth)
             };
+            let n = cells[i..].iter().take_while(|c| same(c)).count();
+            niah_cells(m.model, &m.tokenizer, &cells[i..i + n], spec, h, registry)?
+        } else {
+            vec![run_cell(
+                m.model,
+                &m.tokenizer,
+                cell,
+                spec,
+                &m.text,
+                haystack.as_ref(),
+                registry,
+            )?]
+        };
         i += results.len();
         for r in results {
             on_cell(&r);

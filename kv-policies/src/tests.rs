@@ -202,19 +202,56 @@ fn specs_parse_and_bad_ones_say_what_is_valid() {
     );
 }
 
+/// Parameters a scorer needs for the invariant tests' 40-token prompts (SnapKV's default window
+/// of 64 would cover the whole prompt; key-norm's default skips the first two layers).
+fn test_params(scorer: &str) -> &'static str {
+    match scorer {
+        "snapkv" => "window=8,kernel=3",
+        "knorm" => "skip=0",
+        _ => "",
+    }
+}
+
+/// Every scorer the standard registry holds, with [`test_params`], as specs without a budget;
+/// a scorer registered later is covered with no test edit.
+fn registered_scorers<B: Backend>(per_head_only: bool) -> Vec<String> {
+    let registry = Registry::<B>::standard();
+    let names: Vec<String> = match per_head_only {
+        true => registry
+            .per_head_scorers("snapkv")
+            .iter()
+            .map(|n| n.to_string())
+            .collect(),
+        false => registry
+            .entries()
+            .iter()
+            .filter(|e| matches!(e.kind, crate::EntryKind::Scorer { .. }))
+            .map(|e| e.name.clone())
+            .collect(),
+    };
+    assert!(names.len() >= 5, "registered scorers: {names:?}");
+    names
+        .into_iter()
+        .map(|n| match test_params(&n) {
+            "" => n,
+            p => format!("{n}:{p}"),
+        })
+        .collect()
+}
+
+/// Scorers that protect neither sinks nor a recent window, so the newest token may go.
+const NEWEST_MAY_GO: &[&str] = &["knorm", "tova"];
+
 fn invariant_matrix<B: Backend>(dev: &B::Device) {
     let (prompt, steps) = (40, 12);
-    let kinds = [
-        "streaming",
-        "streaming:rerotate=true",
-        "h2o",
-        "h2o:normalize=true",
-        "vatp",
-        "knorm:skip=0",
-        "snapkv:window=8,kernel=3",
-        "tova",
-    ];
-    for kind in kinds {
+    // Every registered scorer, plus the variants whose invariants differ.
+    let mut kinds = registered_scorers::<B>(false);
+    kinds.extend([
+        "streaming:rerotate=true".into(),
+        "h2o:normalize=true".into(),
+    ]);
+    for kind in &kinds {
+        let kind = kind.as_str();
         for every in [0, 1] {
             for (heads, kv) in [(4, 4), (4, 2), (4, 1)] {
                 for ratio in [0.2f32, 0.8] {
@@ -257,7 +294,8 @@ fn invariant_matrix<B: Backend>(dev: &B::Device) {
                                     "{ctx}: positions {h:?}"
                                 );
                                 // Methods with a recent window or sinks keep the newest token.
-                                if !kind.starts_with("knorm") && !kind.starts_with("tova") {
+                                let name = kind.split(':').next().unwrap_or(kind);
+                                if !NEWEST_MAY_GO.contains(&name) {
                                     assert_eq!(
                                         *h.last().unwrap(),
                                         seen as i64 - 1,
@@ -816,14 +854,12 @@ fn adakv_gives_heads_unequal_budgets_with_a_minimum_share<B: Backend>(dev: &B::D
 
 fn adakv_invariants<B: Backend>(dev: &B::Device) {
     let prompt = 40;
-    let scorers = [
-        "scorer=snapkv,window=8,kernel=3",
-        "scorer=h2o",
-        "scorer=vatp",
-        "scorer=tova",
-        "scorer=knorm,skip=0",
-    ];
-    for scorer in scorers {
+    // Every per-head scorer the registry holds, as AdaKV's `scorer=` with its test parameters.
+    let scorers: Vec<String> = registered_scorers::<B>(true)
+        .into_iter()
+        .map(|spec| format!("scorer={}", spec.replacen(':', ",", 1)))
+        .collect();
+    for scorer in &scorers {
         for (heads, kv) in [(4, 4), (4, 2), (4, 1)] {
             for (ratio, min_share) in [(0.2f32, 0.2f32), (0.8, 0.2), (0.2, 0.6)] {
                 let spec = format!("adakv:budget={ratio},min_share={min_share},{scorer}");

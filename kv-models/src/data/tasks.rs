@@ -33,7 +33,7 @@ pub enum TaskKind {
 
 impl TaskKind {
     /// Every task.
-    pub const ALL: [TaskKind; 5] = [
+    pub const ALL: &[TaskKind] = &[
         TaskKind::Passkey,
         TaskKind::Needle,
         TaskKind::Recall,
@@ -55,12 +55,17 @@ impl TaskKind {
     /// Parses a task name.
     pub fn parse(name: &str) -> Result<Self> {
         Self::ALL
-            .into_iter()
+            .iter()
+            .copied()
             .find(|t| t.name() == name)
             .ok_or_else(|| KvError::Unknown {
                 kind: "task".into(),
                 name: name.into(),
-                valid: "passkey, needle, recall, copy, lookup".into(),
+                valid: Self::ALL
+                    .iter()
+                    .map(|t| t.name())
+                    .collect::<Vec<_>>()
+                    .join(", "),
             })
     }
 
@@ -336,7 +341,7 @@ mod tests {
 
     #[test]
     fn samples_are_deterministic_exact_length_and_contain_their_answer() {
-        for task in TaskKind::ALL {
+        for &task in TaskKind::ALL {
             for context in [task.min_context(), 256, 1000] {
                 let a = task
                     .sample(&mut StdRng::seed_from_u64(9), context, None)
