@@ -1,10 +1,10 @@
 //! Grouped scaled-dot-product attention over a cache, with causality taken from slot positions.
 
+use crate::Kernels;
 use crate::{Observation, ObserveRequest};
 use burn::prelude::*;
 use burn::tensor::DType;
 use burn::tensor::activation::softmax;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// Attention of `q` `[batch, heads, t, d]` over every slot a layer cache holds, whether its
 /// storage is rectangular or ragged; `query_positions` (absolute, `[t]`) masks causally by the
@@ -117,7 +117,7 @@ pub fn attend_appended<B: Backend>(
             bias.as_ref(),
             scale,
             observe,
-            crate::Isa::best(),
+            Kernels::current().isa,
             None,
         ) {
             let observation = (!observe.is_empty()).then(|| Observation {
@@ -155,58 +155,21 @@ pub fn attend_appended<B: Backend>(
 /// to its last query, so a causal prefill does about half the work of one call over the square.
 pub const FUSED_BLOCK: usize = 512;
 
-static PREFILL_THREADS: AtomicUsize = AtomicUsize::new(1);
-
-/// Sets how many threads a prefill spreads its query blocks over (default 1, and at least 1), in
-/// the fused and the explicit kernel alike. For CPU backends, whose fused kernel runs on one
-/// thread (burn-flex 0.21 attends one (batch, head) after another) and whose elementwise ops on
-/// the explicit kernel's scores leave a core idle; a GPU backend gains nothing from it.
-pub fn set_prefill_threads(threads: usize) {
-    PREFILL_THREADS.store(threads.max(1), Ordering::Relaxed);
-}
-
-static HOST_KERNELS: AtomicBool = AtomicBool::new(false);
-
-thread_local! {
-    /// This thread's own setting of the host kernels ([`with_host_kernels`]), over the process's.
-    static HOST_KERNELS_HERE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
-}
-
-/// Sets whether a prefill's attention and gated FFN activation run on the host kernels
-/// ([`crate::host::causal_attention`], [`swiglu`]) instead of the backend's ops (default off):
-/// the attention rows no policy observes (all but SnapKV's window), and whole chunks whose policy
-/// sums each slot's attention (H2O, VATP). For CPU backends, whose tensors already live in host
-/// memory: reading them out costs a copy at most, and the kernels are vectorised where burn-flex
-/// 0.21's ops are scalar. f32 only, head sizes in [`crate::host::HEAD_DIMS`], and never while an
-/// autodiff graph is recorded; anything else stays on the backend's ops. A thread inside
-/// [`with_host_kernels`] keeps its own setting.
-pub fn set_host_kernels(enabled: bool) {
-    HOST_KERNELS.store(enabled, Ordering::Relaxed);
-}
-
-/// Runs `f` with the host kernels on or off for this thread alone, whatever
-/// [`set_host_kernels`] says for the process, and restores the thread's setting after (also on a
-/// panic). What a test compares a kernel against then runs on the path it names, even while other
-/// tests flip the process-wide switch on other threads.
+/// Runs `f` with the host kernels on or off for this thread alone (the rest of the current
+/// [`Kernels`] kept), restoring the thread's choice after: what a test compares a kernel against
+/// then runs on the path it names, whatever other tests choose on other threads.
 pub fn with_host_kernels<R>(enabled: bool, f: impl FnOnce() -> R) -> R {
-    struct Restore(Option<bool>);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            HOST_KERNELS_HERE.with(|h| h.set(self.0));
-        }
+    Kernels {
+        host: enabled,
+        ..Kernels::current()
     }
-    let _restore = Restore(HOST_KERNELS_HERE.with(|h| h.replace(Some(enabled))));
-    f()
+    .scope(f)
 }
 
-/// Whether the host kernels may take this call's tensors: switched on (for this thread, see
-/// [`with_host_kernels`], else for the process), and no autodiff graph being recorded on
-/// `device` (the kernels' outputs would cut it).
+/// Whether the host kernels may take this call's tensors: the current [`Kernels`] takes them, and
+/// no autodiff graph is being recorded on `device` (the kernels' outputs would cut it).
 pub fn host_kernels_on<B: Backend>(device: &B::Device) -> bool {
-    HOST_KERNELS_HERE
-        .with(|h| h.get())
-        .unwrap_or_else(|| HOST_KERNELS.load(Ordering::Relaxed))
-        && !B::ad_enabled(device)
+    Kernels::current().host && !B::ad_enabled(device)
 }
 
 /// Calls each host kernel served on this thread, so a test can tell whether the kernel it meant
@@ -242,7 +205,7 @@ pub(crate) mod served {
 }
 
 /// `silu(gate) * up`, the gated FFN's activation: through the vectorised host kernel
-/// ([`crate::host::swiglu`]) when [`set_host_kernels`] is on, the tensors are f32, no autodiff
+/// ([`crate::host::swiglu`]) when the current [`Kernels`] takes host kernels, the tensors are f32, no autodiff
 /// graph is recorded and there are enough elements to pay for moving them (a prefill's, not a
 /// decode step's); through the backend's ops otherwise.
 pub fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) -> Tensor<B, D> {
@@ -262,8 +225,8 @@ pub fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) 
         (Ok(gs), Ok(us)) => crate::host::swiglu(
             gs,
             us,
-            PREFILL_THREADS.load(Ordering::Relaxed),
-            crate::Isa::best(),
+            Kernels::current().prefill_threads,
+            Kernels::current().isa,
         ),
         _ => None,
     };
@@ -284,7 +247,7 @@ pub fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) 
 const HOST_SWIGLU_MIN: usize = 1 << 15;
 
 /// The first `rows` queries of `q` over the first `visible` keys through the host kernel, with
-/// each query head's column sums when asked, if [`set_host_kernels`] is on and the tensors
+/// each query head's column sums when asked, if the current [`Kernels`] takes host kernels and the tensors
 /// suit it.
 fn host_prefill<B: Backend>(
     q: &Tensor<B, 4>,
@@ -323,7 +286,7 @@ fn host_prefill<B: Backend>(
         visible,
         head_dim,
     };
-    let threads = PREFILL_THREADS.load(Ordering::Relaxed);
+    let threads = Kernels::current().prefill_threads;
     let out = crate::host::causal_attention(
         q.as_slice().ok()?,
         k.as_slice().ok()?,
@@ -332,7 +295,7 @@ fn host_prefill<B: Backend>(
         scale as f32,
         column_sums,
         threads,
-        crate::Isa::best(),
+        Kernels::current().isa,
     )?;
     #[cfg(test)]
     served::count(served::Kernel::Prefill);
@@ -391,7 +354,7 @@ fn host_observed_prefill<B: Backend>(
     ))
 }
 
-/// `block(start)` for each query block's first row, in order, on up to [`set_prefill_threads`]
+/// `block(start)` for each query block's first row, in order, on up to [`Kernels::prefill_threads`](crate::Kernels)
 /// threads, latest (largest) blocks dealt out first so the threads finish together; on one
 /// thread when the backend records an autodiff graph, which is built op by op.
 fn in_blocks<B: Backend, T: Send>(
@@ -402,7 +365,7 @@ fn in_blocks<B: Backend, T: Send>(
     let threads = if B::ad_enabled(device) {
         1
     } else {
-        PREFILL_THREADS.load(Ordering::Relaxed).min(starts.len())
+        Kernels::current().prefill_threads.min(starts.len())
     };
     if threads <= 1 {
         return starts.iter().map(|&lo| block(lo)).collect();
@@ -433,7 +396,7 @@ fn in_blocks<B: Backend, T: Send>(
 }
 
 /// Causal attention of a chunk of `t` new queries (the cache's last `t` slots) through burn's
-/// fused `attention` (flash on Flex and CubeCL) or the host kernel ([`set_host_kernels`]),
+/// fused `attention` (flash on Flex and CubeCL) or the host kernel ([`crate::Kernels`]),
 /// except for the last `observe.window` rows, which the explicit kernel computes so their
 /// probabilities can be observed.
 ///
@@ -441,7 +404,7 @@ fn in_blocks<B: Backend, T: Send>(
 /// the `n - t` older slots and new slots `0..=i`, which is the bottom-right causal mask; the rows
 /// before the window see no window key, so they attend over the first `n - w` slots alone. They
 /// go in blocks of [`FUSED_BLOCK`] rows, each over the keys up to its last query (the same
-/// bottom-right mask, cut), on up to [`set_prefill_threads`] threads. Query and key heads must
+/// bottom-right mask, cut), on up to [`Kernels::prefill_threads`](crate::Kernels) threads. Query and key heads must
 /// match for the fused kernel, so each KV head is broadcast to its group for this call (a
 /// temporary the size of the keys, never held).
 fn fused_prefill<B: Backend>(

@@ -7,7 +7,7 @@
 //! - [`grouped_attention_parts`]: the same kernel with queries and keys split along the feature
 //!   axis, so keys held as separate tensors are attended without concatenating the cache;
 //! - [`host`]: causal flash attention and the SwiGLU activation ([`swiglu`]) over host memory,
-//!   vectorised, for CPU backends' prefill ([`set_host_kernels`]), each built for the
+//!   vectorised, for CPU backends' prefill and decode ([`Kernels`]), each built for the
 //!   instruction sets of [`Isa`];
 //! - [`GroupedAttention`]: the projection + RoPE + cache layer used by decoder models;
 //! - [`DmcAttention`]: Dynamic Memory Compression, grouped attention whose KV heads merge tokens
@@ -49,6 +49,7 @@ mod grouped;
 mod heads;
 pub mod host;
 mod isa;
+mod kernels;
 mod materialize;
 mod mla;
 mod packed;
@@ -58,14 +59,14 @@ mod window;
 
 pub use attend::{
     Causality, FUSED_BLOCK, QUERY_BLOCK, SplitSegment, attend_appended, attend_cache,
-    grouped_attention, grouped_attention_parts, host_kernels_on, set_host_kernels,
-    set_prefill_threads, swiglu, with_host_kernels,
+    grouped_attention, grouped_attention_parts, host_kernels_on, swiglu, with_host_kernels,
 };
 pub use cached::CachedAttention;
 pub use cross::{CrossAttention, CrossAttentionConfig, GlobalKv};
 pub use dmc::{DmcAttention, DmcAttentionConfig, DmcDecisions, merge_fade, merge_runs};
 pub use grouped::{AttentionOutput, GroupedAttention, GroupedAttentionConfig};
 pub use isa::Isa;
+pub use kernels::Kernels;
 pub use kv_core::{Observation, ObserveRequest};
 pub use materialize::materialize;
 pub use mla::{MlaAttention, MlaAttentionConfig, MlaPath};

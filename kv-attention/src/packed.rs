@@ -252,7 +252,7 @@ impl<const N: usize> PackedSet<N> {
 }
 
 /// `linear(x)` for `x` `[b, t, in]`: through `packed` (the same weight as codes) when it is
-/// given, the host kernels are on ([`crate::set_host_kernels`]), no autodiff graph is recorded,
+/// given, the host kernels are on ([`crate::Kernels`]), no autodiff graph is recorded,
 /// `x` is f32 and `b x t <= PACKED_MAX_ROWS` (a decode step); through the `Linear` otherwise.
 pub fn project<B: Backend>(
     linear: &Linear<B>,
@@ -281,7 +281,11 @@ pub fn project_packed<B: Backend>(packed: &PackedMatrix, x: &Tensor<B, 3>) -> Op
         return None;
     }
     let data = x.clone().into_data();
-    let out = packed.matmul_rows(data.as_slice::<f32>().ok()?, b * t, Isa::best())?;
+    let out = packed.matmul_rows(
+        data.as_slice::<f32>().ok()?,
+        b * t,
+        crate::Kernels::current().isa,
+    )?;
     #[cfg(test)]
     crate::attend::served::count(crate::attend::served::Kernel::Packed);
     Some(Tensor::from_data(

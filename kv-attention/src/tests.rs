@@ -990,7 +990,6 @@ fn prefill_in_blocks_on_threads_equals_the_explicit_kernel_on_one<B: Backend>(de
         };
         // The explicit kernel, on one thread, is the reference: the fused path serves the window
         // request, and column sums (H2O) take the explicit kernel itself, in blocks on threads.
-        set_prefill_threads(1);
         let observe = ObserveRequest {
             window: w,
             ..Default::default()
@@ -999,14 +998,18 @@ fn prefill_in_blocks_on_threads_equals_the_explicit_kernel_on_one<B: Backend>(de
             column_sums: true,
             ..observe
         };
-        let (want, want_obs) =
-            grouped_attention(q.clone(), &cache.kv_segments(), &causality, 0.3, sums);
+        let (want, want_obs) = Kernels::backend_ops()
+            .scope(|| grouped_attention(q.clone(), &cache.kv_segments(), &causality, 0.3, sums));
         let want_obs = want_obs.unwrap();
         let (want_window, want_sums) = (want_obs.window.unwrap(), want_obs.column_sums.unwrap());
         for (threads, host) in [(1, false), (3, false), (1, true), (3, true)] {
-            set_prefill_threads(threads);
+            let kernels = Kernels {
+                host,
+                isa: crate::Isa::best(),
+                prefill_threads: threads,
+            };
             let before = crate::attend::served::calls(crate::attend::served::Kernel::Prefill);
-            let ((got, obs), (got_sums, obs_sums)) = with_host_kernels(host, || {
+            let ((got, obs), (got_sums, obs_sums)) = kernels.scope(|| {
                 (
                     attend_appended(q.clone(), &cache, 0.3, observe),
                     attend_appended(q.clone(), &cache, 0.3, sums),
@@ -1042,7 +1045,6 @@ fn prefill_in_blocks_on_threads_equals_the_explicit_kernel_on_one<B: Backend>(de
                 "heads {h}/{kvh}, {threads} threads, host kernel {host}: window"
             );
         }
-        set_prefill_threads(1);
     }
 }
 

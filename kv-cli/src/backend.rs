@@ -4,6 +4,34 @@ use burn::prelude::Backend;
 use clap::ValueEnum;
 use kv_core::{KvError, Result};
 
+/// Which kernels a job takes (`--kernels`); see [`kv_attention::Kernels`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum KernelChoice {
+    /// Host kernels on CPU backends (flex, ndarray), the backend's own ops on GPUs.
+    #[default]
+    Auto,
+    /// The vectorised host kernels wherever a call suits them (useful on CPU backends only).
+    Host,
+    /// The backend's own ops only (for comparison, or to rule the host kernels out).
+    Backend,
+}
+
+static KERNEL_CHOICE: std::sync::OnceLock<KernelChoice> = std::sync::OnceLock::new();
+
+/// Sets the `--kernels` choice for every job this process runs (once; later calls are ignored).
+pub fn choose_kernels(choice: KernelChoice) {
+    let _ = KERNEL_CHOICE.set(choice);
+}
+
+/// The kernels a job on `kind` takes under the `--kernels` choice.
+pub fn kernels_for(kind: DeviceKind) -> kv_attention::Kernels {
+    match KERNEL_CHOICE.get().copied().unwrap_or_default() {
+        KernelChoice::Auto => kv_attention::Kernels::for_backend(kind.is_cpu()),
+        KernelChoice::Host => kv_attention::Kernels::host(),
+        KernelChoice::Backend => kv_attention::Kernels::backend_ops(),
+    }
+}
+
 /// A compute backend selectable with `--device`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DeviceKind {
@@ -103,11 +131,9 @@ pub fn run_on<J: BackendJob>(kind: DeviceKind, job: J) -> Result<J::Output> {
     } else {
         kv_policies::select::TopKMethod::Sort
     });
-    // burn-flex's fused attention runs on one thread: a CPU prefill spreads its blocks instead.
-    let cores = std::thread::available_parallelism().map_or(1, usize::from);
-    kv_attention::set_prefill_threads(if kind.is_cpu() { cores } else { 1 });
-    // A CPU backend's tensors are in host memory already, and the host kernel is vectorised.
-    kv_attention::set_host_kernels(kind.is_cpu());
+    // A CPU backend's tensors are in host memory already, and the host kernels are vectorised
+    // and spread a prefill over every core (burn-flex's fused attention runs on one thread).
+    kernels_for(kind).set_default();
     match kind {
         #[cfg(feature = "flex")]
         DeviceKind::Flex => job.run::<burn::backend::Flex>(Default::default()),

@@ -136,6 +136,9 @@ pub struct BenchFile {
     /// the roofline figures use.
     #[serde(default)]
     pub read_bytes_per_s: f64,
+    /// The kernels the cells ran on ([`kv_attention::Kernels::describe`]).
+    #[serde(default)]
+    pub kernels: String,
     /// Decode cells.
     pub decode: Vec<DecodeCell>,
     /// Training throughput cells.
@@ -473,6 +476,7 @@ impl BackendJob for BenchJob {
                     (loaded.model, loaded.config)
                 }
             };
+            out.kernels = kv_attention::Kernels::current().describe();
             if out.read_bytes_per_s == 0.0 && !args.no_roofline {
                 // Once, after every argument and the first model have been checked.
                 out.read_bytes_per_s = read_bandwidth::<B>(&device);
@@ -514,7 +518,8 @@ impl BackendJob for BenchJob {
 
 /// The Markdown tables of a benchmark.
 pub fn markdown(file: &BenchFile) -> String {
-    let mut s = format!(
+    let mut s = format!("Kernels: {}.\n\n", file.kernels);
+    s += &format!(
         "Roofline: a batch-1 decode step reads every weight and the K/V it holds at least once, so at the measured read bandwidth ({:.1} GB/s) it can run at most `roofline` tokens/s.\n\n",
         file.read_bytes_per_s / 1e9
     );

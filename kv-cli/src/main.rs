@@ -29,6 +29,10 @@ struct Cli {
     /// Backend to run on; only those compiled in are available (default: flex).
     #[arg(long, global = true, value_enum)]
     device: Option<DeviceKind>,
+    /// Kernels to take: auto (host kernels on CPU backends, the backend's ops on GPUs), host or
+    /// backend. `kv bench` records the choice beside its numbers.
+    #[arg(long, global = true, value_enum, default_value = "auto")]
+    kernels: backend::KernelChoice,
     #[command(subcommand)]
     command: Command,
 }
@@ -71,6 +75,7 @@ struct ReportArgs {
 
 fn run(cli: Cli) -> Result<()> {
     let device = cli.device.unwrap_or_else(DeviceKind::default_compiled);
+    backend::choose_kernels(cli.kernels);
     match cli.command {
         Command::Generate(args) => run_on(device, args),
         Command::Train(args) => run_on(device, args),
