@@ -45,6 +45,7 @@ mod cross;
 #[cfg(feature = "flex")]
 mod decode;
 mod dmc;
+mod explicit;
 mod grouped;
 mod heads;
 pub mod host;
@@ -53,17 +54,19 @@ mod kernels;
 mod materialize;
 mod mla;
 mod packed;
+mod prefill;
 mod retention;
 mod rope;
+mod swiglu;
 mod window;
 
-pub use attend::{
-    Causality, FUSED_BLOCK, QUERY_BLOCK, SplitSegment, attend_appended, attend_cache,
-    grouped_attention, grouped_attention_parts, host_kernels_on, swiglu, with_host_kernels,
-};
+pub use attend::{attend_appended, attend_cache, host_kernels_on, with_host_kernels};
 pub use cached::CachedAttention;
 pub use cross::{CrossAttention, CrossAttentionConfig, GlobalKv};
 pub use dmc::{DmcAttention, DmcAttentionConfig, DmcDecisions, merge_fade, merge_runs};
+pub use explicit::{
+    Causality, QUERY_BLOCK, SplitSegment, grouped_attention, grouped_attention_parts,
+};
 pub use grouped::{AttentionOutput, GroupedAttention, GroupedAttentionConfig};
 pub use isa::Isa;
 pub use kernels::Kernels;
@@ -73,11 +76,13 @@ pub use mla::{MlaAttention, MlaAttentionConfig, MlaPath};
 pub use packed::{
     CodeWidth, PACKED_BLOCK, PACKED_MAX_ROWS, PackedMatrix, PackedSet, project, project_packed,
 };
+pub use prefill::FUSED_BLOCK;
 pub use retention::{
     GatedRetention, GatedRetentionConfig, Projected, retention_chunkwise, retention_parallel,
     retention_recurrent,
 };
 pub use rope::{Rotary, RotaryConfig, position_range};
+pub use swiglu::swiglu;
 pub use window::{SlidingWindowAttention, SlidingWindowAttentionConfig};
 
 #[cfg(test)]
