@@ -8,7 +8,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use kv_core::{KvError, Result};
 use kv_models::data::{NiahSpec, TextSource};
-use kv_models::grid::{GridModel, GridSpec, Probe, run_grid};
+use kv_models::eval::grid::{GridModel, GridSpec, Probe, run_grid};
 use kv_models::{CONFIG_FILE, DecoderConfig, DecoderLm, Tokenizer, load_model};
 use std::path::{Path, PathBuf};
 

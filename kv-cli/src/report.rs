@@ -3,7 +3,7 @@
 
 use crate::plot::{Chart, HeatMaps, Panel, Series, heat_maps, line_chart};
 use kv_core::{KvError, Result};
-use kv_models::grid::{CellResult, GridSpec, Probe};
+use kv_models::eval::grid::{CellResult, GridSpec, Probe};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -7,7 +7,7 @@ use crate::tour::{TourArgs, TourJob, TourPlan, TourReport, write_report};
 use burn::backend::Flex;
 use kv_models::Preset;
 use kv_models::data::TaskKind;
-use kv_models::grid::{GridSpec, Probe};
+use kv_models::eval::grid::{GridSpec, Probe};
 use std::path::{Path, PathBuf};
 
 type B = Flex;

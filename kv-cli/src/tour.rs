@@ -14,7 +14,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use kv_core::{KvError, Result};
 use kv_models::data::TaskKind;
-use kv_models::grid::{GridSpec, Probe};
+use kv_models::eval::grid::{GridSpec, Probe};
 use kv_models::train::{LogLine, Trainer, read_log, run_status};
 use kv_models::{Preset, load_model, preset};
 use serde::{Deserialize, Serialize};

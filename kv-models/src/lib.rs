@@ -33,55 +33,41 @@
 //!
 //! `examples/generate_with_policy.rs` loads a checkpoint and generates under any policy spec.
 
-mod attention;
-mod block;
-mod chat;
-mod checkpoint;
-mod config;
-mod convert;
 pub mod data;
-mod decoder;
-mod eval;
-mod fanout;
-mod ffn;
-mod generate;
-pub mod grid;
-mod llama;
+pub mod eval;
 pub mod load;
-mod ordinal;
-mod presets;
-mod sampling;
-mod state;
-mod tokenizer;
+pub mod model;
+pub mod text;
 pub mod train;
-mod yoco;
 
-pub use attention::SelfAttention;
-pub use block::Block;
-pub use checkpoint::{
-    CHECKPOINT_FILE, CONFIG_FILE, load_model, load_model_expecting, save_model, write_atomic,
-};
-pub use config::{DecoderConfig, DmcSettings, MlaSettings, SelfAttentionKind, YocoSettings};
-pub use convert::{LatentConversion, to_dmc, to_grouped, to_latent, to_partial_rope};
-pub use decoder::{DecoderLm, Stack};
-pub use eval::{
+// The flat names below are the crate's public API (what `kv_models::DecoderConfig` names); inside
+// the crate, code imports by room path (`crate::model::config::DecoderConfig`).
+pub use eval::fanout::SharedPrefill;
+pub use eval::scores::{
     PolicyLoss, TaskResult, answer, policy_loss, task_accuracy, task_accuracy_with,
     validation_loss, validation_loss_from,
 };
-pub use fanout::SharedPrefill;
-pub use ffn::FeedForward;
-pub use generate::{GenerateConfig, Generation, continue_generation, generate, last_row};
 pub use kv_attention::materialize;
-pub use llama::{DecoderBlock, Llama};
 pub use load::{Pretrained, PretrainedFormat, PretrainedModel, assets_dir, resolve_model};
-pub use ordinal::ordinal_ids;
-pub use presets::{Preset, preset, preset_names};
-pub use sampling::{Sampler, SamplerConfig, argmax};
-pub use state::ModelState;
-pub use tokenizer::{
+pub use model::attention::SelfAttention;
+pub use model::block::Block;
+pub use model::config::{DecoderConfig, DmcSettings, MlaSettings, SelfAttentionKind, YocoSettings};
+pub use model::decoder::{DecoderLm, Stack};
+pub use model::ffn::FeedForward;
+pub use model::generate::{GenerateConfig, Generation, continue_generation, generate, last_row};
+pub use model::llama::{DecoderBlock, Llama};
+pub use model::ordinal::ordinal_ids;
+pub use model::sampling::{Sampler, SamplerConfig, argmax};
+pub use model::state::ModelState;
+pub use model::yoco::{CrossDecoderBlock, SelfDecoderAttention, SelfDecoderBlock, Yoco};
+pub use text::tokenizer::{
     ByteTokenizer, ChatMessage, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, TextConfig, Tokenizer,
 };
-pub use yoco::{CrossDecoderBlock, SelfDecoderAttention, SelfDecoderBlock, Yoco};
+pub use train::checkpoint::{
+    CHECKPOINT_FILE, CONFIG_FILE, load_model, load_model_expecting, save_model, write_atomic,
+};
+pub use train::convert::{LatentConversion, to_dmc, to_grouped, to_latent, to_partial_rope};
+pub use train::presets::{Preset, preset, preset_names};
 
 #[cfg(test)]
 mod tests;

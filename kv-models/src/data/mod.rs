@@ -11,7 +11,7 @@ pub use niah::{
 pub use stories::story;
 pub use tasks::{TaskKind, TaskSample, exact_match};
 
-use crate::Tokenizer;
+use crate::text::tokenizer::Tokenizer;
 use kv_core::{KvError, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

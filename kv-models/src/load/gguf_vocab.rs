@@ -3,7 +3,7 @@
 //! text settings (BOS, stop tokens, chat template) of the same file.
 
 use super::gguf::{GgufFile, GgufValue};
-use crate::TextConfig;
+use crate::text::tokenizer::TextConfig;
 use kv_core::{KvError, Result};
 use serde_json::{Value, json};
 

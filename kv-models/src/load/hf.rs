@@ -3,7 +3,7 @@
 
 use super::families;
 use super::llama::{HostTensor, WeightSource};
-use crate::DecoderConfig;
+use crate::model::config::DecoderConfig;
 use half::{bf16, f16};
 use kv_core::{KvError, Result};
 use safetensors::{Dtype, SafeTensors};

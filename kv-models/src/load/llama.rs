@@ -3,7 +3,8 @@
 //! quantised file, on request, its codes).
 
 use super::gguf::BlockCodes;
-use crate::{DecoderConfig, DecoderLm};
+use crate::model::config::DecoderConfig;
+use crate::model::decoder::DecoderLm;
 use burn::module::{ModuleVisitor, Param};
 use burn::nn::Linear;
 use burn::prelude::*;
@@ -216,5 +217,5 @@ pub(crate) fn build_llama<B: Backend>(
             "every parameter read from the checkpoint",
         ));
     }
-    Ok(crate::ordinal_ids(model))
+    Ok(crate::model::ordinal::ordinal_ids(model))
 }

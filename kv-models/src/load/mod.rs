@@ -9,7 +9,9 @@ mod gguf_vocab;
 mod hf;
 mod llama;
 
-use crate::{DecoderConfig, DecoderLm, TextConfig, Tokenizer};
+use crate::model::config::DecoderConfig;
+use crate::model::decoder::DecoderLm;
+use crate::text::tokenizer::{TextConfig, Tokenizer};
 use burn::prelude::*;
 use kv_core::{KvError, Result};
 use std::path::{Path, PathBuf};
@@ -159,7 +161,11 @@ impl Pretrained {
     /// Whether the checkpoint carries a tokenizer (a GGUF file always does; a Hugging Face
     /// folder when it holds `tokenizer.json`).
     pub fn has_tokenizer(&self) -> bool {
-        self.format == PretrainedFormat::Gguf || self.path.join(crate::TOKENIZER_FILE).is_file()
+        self.format == PretrainedFormat::Gguf
+            || self
+                .path
+                .join(crate::text::tokenizer::TOKENIZER_FILE)
+                .is_file()
     }
 
     /// Model, config and tokenizer at once.
@@ -185,15 +191,18 @@ impl Pretrained {
 /// (BOS added when its post-processor adds it and the config does not say), and the stop ids of
 /// `generation_config.json`.
 fn hf_tokenizer(dir: &Path) -> Result<Tokenizer> {
-    let path = dir.join(crate::TOKENIZER_FILE);
+    let path = dir.join(crate::text::tokenizer::TOKENIZER_FILE);
     if !path.is_file() {
         return Err(KvError::io(
             dir,
-            format!("no {} (the model's tokenizer)", crate::TOKENIZER_FILE),
+            format!(
+                "no {} (the model's tokenizer)",
+                crate::text::tokenizer::TOKENIZER_FILE
+            ),
         ));
     }
     let json = std::fs::read_to_string(&path).map_err(|e| KvError::io(&path, e))?;
-    let config_path = dir.join(crate::TOKENIZER_CONFIG_FILE);
+    let config_path = dir.join(crate::text::tokenizer::TOKENIZER_CONFIG_FILE);
     let (mut text, says_bos) = if config_path.is_file() {
         let raw =
             std::fs::read_to_string(&config_path).map_err(|e| KvError::io(&config_path, e))?;

@@ -94,7 +94,7 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0f32, f32::max)
 }
 
-fn logits_of<B: Backend>(model: &crate::DecoderLm<B>, ids: &[i64]) -> Vec<f32> {
+fn logits_of<B: Backend>(model: &crate::model::decoder::DecoderLm<B>, ids: &[i64]) -> Vec<f32> {
     let dev = model.embed.weight.device();
     let ids: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
     let x = Tensor::<B, 1, Int>::from_ints(ids.as_slice(), &dev).reshape([1, ids.len()]);
@@ -119,7 +119,7 @@ fn golden_logits(file: &str) -> (Vec<i64>, Vec<f32>) {
 /// and on the host kernels the CLI's CPU path takes.
 fn assert_reproduces<B: Backend>(
     label: &str,
-    model: &crate::DecoderLm<B>,
+    model: &crate::model::decoder::DecoderLm<B>,
     ids: &[i64],
     want: &[f32],
     dev: &B::Device,
@@ -209,12 +209,12 @@ fn tiny_qwen3_reproduces_transformers_logits_from_its_folder_and_as_gguf<B: Back
     assert!(off > 0.1, "without QK-norm: max abs diff {off}");
     // Conversions carry the norms: pooling into as many KV heads as it has is the same model;
     // DMC and MLA, which have no QK-norm, refuse it by name.
-    let (same, _) = crate::to_grouped(&model, &config, 2).unwrap();
+    let (same, _) = crate::train::convert::to_grouped(&model, &config, 2).unwrap();
     assert!(max_abs_diff(&logits_of(&same, &ids), &want) <= 1e-4);
-    let err = error_of(crate::to_dmc(
+    let err = error_of(crate::train::convert::to_dmc(
         &model,
         &config,
-        crate::DmcSettings::default(),
+        crate::model::config::DmcSettings::default(),
     ));
     assert!(err.contains("qk_norm"), "{err}");
 
@@ -726,7 +726,7 @@ fn smollm2_logits_match_transformers_on_the_golden_cases<B: Backend>(dev: &B::De
         let mut mismatches = vec![];
         for p in 0..ids.len() {
             let row = &logits[p * v..(p + 1) * v];
-            let ours = crate::argmax(row) as i64;
+            let ours = crate::model::sampling::argmax(row) as i64;
             if ours != top[p * 32] {
                 mismatches.push((p, ours, top[p * 32]));
             }
@@ -817,7 +817,7 @@ fn smollm2_packed_codes_on_the_host_kernels<B: Backend>(dev: &B::Device) {
     let (mut sp, mut sf) = (packed.new_state(1), plain.new_state(1));
     let x = Tensor::<B, 1, Int>::from_ints(prompt.as_slice(), dev).reshape([1, prompt.len()]);
     let _ = packed.forward_cached(x.clone(), &mut sp).unwrap();
-    let mut next = crate::argmax(
+    let mut next = crate::model::sampling::argmax(
         &plain
             .forward_cached(x, &mut sf)
             .unwrap()
@@ -843,9 +843,13 @@ fn smollm2_packed_codes_on_the_host_kernels<B: Backend>(dev: &B::Device) {
             .collect();
         let diff = max_abs_diff(&a, &b);
         assert!(diff <= 2e-3, "step {step}: max abs logit diff {diff}");
-        assert_eq!(crate::argmax(&a), crate::argmax(&b), "step {step}");
+        assert_eq!(
+            crate::model::sampling::argmax(&a),
+            crate::model::sampling::argmax(&b),
+            "step {step}"
+        );
         worst = worst.max(diff);
-        next = crate::argmax(&b) as i32;
+        next = crate::model::sampling::argmax(&b) as i32;
     }
     // The sums run in another order, so a zero difference would mean the packed path never ran.
     assert!(
@@ -857,7 +861,9 @@ fn smollm2_packed_codes_on_the_host_kernels<B: Backend>(dev: &B::Device) {
 #[cfg(feature = "hf-tokenizer")]
 mod text {
     use super::*;
-    use crate::{ChatMessage, GenerateConfig, SamplerConfig, Tokenizer, generate};
+    use crate::model::generate::{GenerateConfig, generate};
+    use crate::model::sampling::SamplerConfig;
+    use crate::text::tokenizer::{ChatMessage, Tokenizer};
     use serde_json::Value;
 
     fn golden() -> Value {

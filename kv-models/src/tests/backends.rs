@@ -1,9 +1,10 @@
 //! Determinism across backends: one checkpoint gives the same logits on flex and on ndarray, in
 //! the full forward pass and in cached decoding under an evicting policy.
 
-use crate::{
-    DecoderConfig, GenerateConfig, SamplerConfig, generate, last_row, load_model, save_model,
-};
+use crate::model::config::DecoderConfig;
+use crate::model::generate::{GenerateConfig, generate, last_row};
+use crate::model::sampling::SamplerConfig;
+use crate::train::checkpoint::{load_model, save_model};
 use burn::backend::{Flex, NdArray};
 use burn::prelude::*;
 use kv_policies::build_policy;

@@ -116,10 +116,10 @@ fn mla_checkpoints_round_trip_and_grouped_records_keep_their_layout<B: Backend>(
     };
     // Written as a version-1 checkpoint, it loads through the one converter.
     let dir = temp_dir("legacy-ckpt");
-    let what = dir.join(crate::CHECKPOINT_FILE);
-    let sections = crate::checkpoint::Sections {
+    let what = dir.join(crate::train::checkpoint::CHECKPOINT_FILE);
+    let sections = crate::train::checkpoint::Sections {
         config: serde_json::to_vec(&cfg).unwrap(),
-        model: crate::checkpoint::record_bytes::<B, _>(legacy.into_record(), &what).unwrap(),
+        model: crate::train::checkpoint::record_bytes::<B, _>(legacy.into_record(), &what).unwrap(),
         ..Default::default()
     };
     std::fs::create_dir_all(&dir).unwrap();

@@ -93,7 +93,7 @@ fn gqa_equals_mha_with_duplicated_kv_heads<B: Backend>(dev: &B::Device) {
         attn.wo = src.wo;
         attn.wk.weight = Param::from_tensor(repeat_heads(src.wk.weight.val(), kv, heads / kv, 4));
         attn.wv.weight = Param::from_tensor(repeat_heads(src.wv.weight.val(), kv, heads / kv, 4));
-        block.attention = crate::SelfAttention::Grouped(attn);
+        block.attention = crate::model::attention::SelfAttention::Grouped(attn);
     }
     assert_eq!(
         mha.blocks().unwrap()[0]

@@ -5,9 +5,12 @@
 //! from a fixed seed; `KV_FUZZ_SECS=600 cargo nextest run -p kv-models --run-ignored only fuzz_`
 //! runs each parser for that many seconds from random seeds.
 
+use crate::load::Pretrained;
 use crate::load::tests::{testdata, tiny_llama_gguf};
+use crate::model::config::DecoderConfig;
+use crate::train::checkpoint::load_model;
+use crate::train::presets::{Preset, preset};
 use crate::train::{TrainConfig, Trainer};
-use crate::{DecoderConfig, Preset, Pretrained, load_model, preset};
 use burn::backend::{Autodiff, Flex};
 use kv_policies::{PolicyEnv, TokenClasses, build_policy_in, split_specs};
 use proptest::prelude::*;
@@ -352,7 +355,7 @@ fn config_target(mode: Mode) -> u64 {
             };
             bounded(text.len(), || {
                 if let Ok(p) = Preset::from_json(&text, "fuzz") {
-                    assert!(p.model.parameter_estimate() <= crate::config::MAX_PARAMETERS);
+                    assert!(p.model.parameter_estimate() <= crate::model::config::MAX_PARAMETERS);
                 }
                 if let Ok(model) =
                     serde_json::from_str::<serde_json::Value>(&text).map(|v| v["model"].to_string())
@@ -378,16 +381,16 @@ fn seed_checkpoint(dir: &Path) -> Vec<u8> {
     let mut t = Trainer::<Autodiff<B>>::new(p.model, p.train.unwrap(), &dev).unwrap();
     t.train_step().unwrap();
     t.save(dir).unwrap();
-    std::fs::read(dir.join(crate::CHECKPOINT_FILE)).unwrap()
+    std::fs::read(dir.join(crate::train::checkpoint::CHECKPOINT_FILE)).unwrap()
 }
 
 fn sections(bytes: &[u8]) -> Vec<Vec<u8>> {
-    let s = crate::checkpoint::Sections::decode(bytes, Path::new("seed")).unwrap();
+    let s = crate::train::checkpoint::Sections::decode(bytes, Path::new("seed")).unwrap();
     vec![s.config, s.train, s.model, s.optim]
 }
 
 fn sealed(p: &[Vec<u8>]) -> Vec<u8> {
-    crate::checkpoint::Sections {
+    crate::train::checkpoint::Sections {
         config: p[0].clone(),
         train: p[1].clone(),
         model: p[2].clone(),
@@ -421,7 +424,7 @@ fn checkpoint_target(mode: Mode) -> u64 {
                 }
             };
             std::fs::create_dir_all(&case).unwrap();
-            std::fs::write(case.join(crate::CHECKPOINT_FILE), &bytes).unwrap();
+            std::fs::write(case.join(crate::train::checkpoint::CHECKPOINT_FILE), &bytes).unwrap();
             bounded_beyond(baseline, bytes.len(), || {
                 let _ = load_model::<B>(&case, &dev);
                 let _ = Trainer::<Autodiff<B>>::resume(&case, None, &dev);

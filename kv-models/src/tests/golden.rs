@@ -110,7 +110,7 @@ fn run(model: &DecoderLm<B>, spec: &str) -> Run {
     let ids = sequence();
     let tokens = |ids: &[i32]| Tensor::<B, 1, Int>::from_ints(ids, &dev).reshape([1, ids.len()]);
     let mut cache = model.new_state(1);
-    let kept_all = |cache: &crate::ModelState<B>| {
+    let kept_all = |cache: &crate::model::state::ModelState<B>| {
         (0..cache.num_layers())
             .map(|l| kept(cache.layer(l)))
             .collect::<Vec<_>>()

@@ -699,7 +699,7 @@ fn our_policies_keep_what_kvpress_keeps_on_tiny_llama<B: Backend>(dev: &B::Devic
 }
 
 fn our_policies_keep_what_kvpress_keeps_on_smollm2<B: Backend>(dev: &B::Device) {
-    let path = crate::assets_dir().join(crate::load::SMOLLM2_FILE);
+    let path = crate::load::assets_dir().join(crate::load::SMOLLM2_FILE);
     assert!(
         path.is_file(),
         "{} is missing: run scripts/fetch-assets.sh (the SmolLM2 tests need the real model)",

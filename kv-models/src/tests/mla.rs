@@ -128,7 +128,7 @@ fn mla_policies_with_a_small_budget_keep_exactly_the_budget<B: Backend>(dev: &B:
                 )
                 .unwrap(),
         ];
-        let slots = |c: &crate::ModelState<B>| {
+        let slots = |c: &crate::model::state::ModelState<B>| {
             c.stats()
                 .layers
                 .iter()

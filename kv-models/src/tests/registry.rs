@@ -2,7 +2,7 @@
 //! named in specs, run by the models, wrapped by AdaKV and swept by the evaluation grid.
 
 use super::support::*;
-use crate::grid::{GridModel, GridSpec, Probe, run_grid};
+use crate::eval::grid::{GridModel, GridSpec, Probe, run_grid};
 use crate::*;
 use burn::prelude::*;
 use kv_core::{LayerCache, Observation, ObserveRequest, Result};

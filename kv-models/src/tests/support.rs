@@ -73,7 +73,7 @@ pub(crate) fn decode_logits<B: Backend>(
     ids: &[i32],
     split: usize,
     dev: &B::Device,
-) -> (Tensor<B, 3>, crate::ModelState<B>) {
+) -> (Tensor<B, 3>, crate::model::state::ModelState<B>) {
     let mut cache = model.new_state(1);
     let mut parts = vec![
         model

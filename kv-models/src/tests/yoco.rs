@@ -2,7 +2,7 @@
 //! the one global cache under policies, configs, checkpoints and presets.
 
 use super::support::*;
-use crate::ModelState;
+use crate::model::state::ModelState;
 use crate::*;
 use burn::prelude::*;
 use kv_policies::{FullCache, Phase};
@@ -521,9 +521,10 @@ fn yoco_checkpoints_round_trip<B: Backend>(dev: &B::Device) {
         let (b, _) = decode_with(&loaded, &sequence(12), 7, "full", dev);
         assert_eq!(max_abs_diff(a, b), 0.0, "{kind:?}");
         // A record that lost a cross-decoder layer's attention is refused, naming what is missing.
-        let path = dir.join(crate::CHECKPOINT_FILE);
+        let path = dir.join(crate::train::checkpoint::CHECKPOINT_FILE);
         let (_, mut sections) =
-            crate::checkpoint::Sections::decode_raw(&std::fs::read(&path).unwrap(), &path).unwrap();
+            crate::train::checkpoint::Sections::decode_raw(&std::fs::read(&path).unwrap(), &path)
+                .unwrap();
         sections.model = without_attention(&sections.model, "cross_decoder", 1);
         std::fs::write(&path, sections.encode()).unwrap();
         let err = load_model::<B>(&dir, dev).unwrap_err().to_string();

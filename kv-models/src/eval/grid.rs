@@ -8,10 +8,12 @@ use crate::data::{
     ANSWER_TOKENS, Corpus, DEFAULT_DEPTHS, FRAME_TOKENS, Haystack, NiahMode, NiahSpec, TaskKind,
     niah_prompt,
 };
-use crate::{
-    DecoderLm, GenerateConfig, SamplerConfig, SharedPrefill, Tokenizer, continue_generation,
-    last_row, policy_loss, task_accuracy_with,
-};
+use crate::eval::fanout::SharedPrefill;
+use crate::eval::scores::{policy_loss, task_accuracy_with};
+use crate::model::decoder::DecoderLm;
+use crate::model::generate::{GenerateConfig, continue_generation, last_row};
+use crate::model::sampling::SamplerConfig;
+use crate::text::tokenizer::Tokenizer;
 use burn::prelude::*;
 use kv_core::{KvError, Result};
 use kv_policies::{Phase, PolicyEnv, Registry, TokenClasses};

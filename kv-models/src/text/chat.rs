@@ -1,7 +1,7 @@
 //! Chat templates: a model's own Jinja template rendered the way Hugging Face's
 //! `apply_chat_template` renders it (trimmed blocks, Python string methods, `raise_exception`).
 
-use crate::{ChatMessage, TextConfig};
+use crate::text::tokenizer::{ChatMessage, TextConfig};
 use kv_core::{KvError, Result};
 
 /// Renders `template` for `messages`; `add_generation_prompt` opens the assistant's turn.

@@ -1,36 +1,42 @@
 //! Named presets, shipped as JSON files in this crate's `presets/` folder: a model config and,
 //! for trainable presets, the training recipe.
 
-use crate::DecoderConfig;
+use crate::model::config::DecoderConfig;
 use crate::train::TrainConfig;
 use kv_core::{KvError, Result};
 use serde::{Deserialize, Serialize};
 
 const PRESETS: &[(&str, &str)] = &[
-    ("tiny-mha", include_str!("../presets/tiny-mha.json")),
-    ("tiny-gqa", include_str!("../presets/tiny-gqa.json")),
-    ("tiny-mqa", include_str!("../presets/tiny-mqa.json")),
-    ("tiny-mla", include_str!("../presets/tiny-mla.json")),
-    ("tiny-yoco", include_str!("../presets/tiny-yoco.json")),
+    ("tiny-mha", include_str!("../../presets/tiny-mha.json")),
+    ("tiny-gqa", include_str!("../../presets/tiny-gqa.json")),
+    ("tiny-mqa", include_str!("../../presets/tiny-mqa.json")),
+    ("tiny-mla", include_str!("../../presets/tiny-mla.json")),
+    ("tiny-yoco", include_str!("../../presets/tiny-yoco.json")),
     (
         "tiny-yoco-retention",
-        include_str!("../presets/tiny-yoco-retention.json"),
+        include_str!("../../presets/tiny-yoco-retention.json"),
     ),
-    ("quick-mha", include_str!("../presets/quick-mha.json")),
-    ("quick-gqa", include_str!("../presets/quick-gqa.json")),
-    ("decode-bench", include_str!("../presets/decode-bench.json")),
+    ("quick-mha", include_str!("../../presets/quick-mha.json")),
+    ("quick-gqa", include_str!("../../presets/quick-gqa.json")),
+    (
+        "decode-bench",
+        include_str!("../../presets/decode-bench.json"),
+    ),
     // The uptraining recipe for a converted SmolLM2 (`kv train --init DIR --preset uptrain-smollm2`:
     // the checkpoint's own config wins, this preset supplies the schedule).
     (
         "uptrain-smollm2",
-        include_str!("../presets/uptrain-smollm2.json"),
+        include_str!("../../presets/uptrain-smollm2.json"),
     ),
     // The DMC retrofit recipe (`kv train --init DIR --dmc cr=2` uses it unless told otherwise):
     // a fine-tune at a third of tiny-mha's learning rate, no length curriculum, the target
     // ramped over the first half. Its decision offset is 2, not the paper's 5: at 5 the relaxed
     // decisions get almost no gradient, and 120 CPU steps moved the compression 1.00 -> 1.02
     // (2: 1.00 -> 1.45; docs/dmc.md).
-    ("dmc-retrofit", include_str!("../presets/dmc-retrofit.json")),
+    (
+        "dmc-retrofit",
+        include_str!("../../presets/dmc-retrofit.json"),
+    ),
 ];
 
 /// A model config and, if the preset is trainable, how to train it.

@@ -5,7 +5,7 @@
 //! kv-policies policy applies to it unchanged); local state `j` is self-decoder block `j`'s
 //! window or recurrent state.
 
-use crate::Block;
+use crate::model::block::Block;
 use burn::prelude::*;
 use kv_attention::{
     AttentionOutput, CachedAttention, CrossAttention, GatedRetention, GlobalKv, ObserveRequest,
@@ -89,7 +89,7 @@ pub type SelfDecoderBlock<B> = Block<B, SelfDecoderAttention<B>>;
 /// A block of YOCO's cross-decoder.
 pub type CrossDecoderBlock<B> = Block<B, CrossAttention<B>>;
 
-/// YOCO's decoder-decoder between the embedding and the output head of a [`crate::DecoderLm`].
+/// YOCO's decoder-decoder between the embedding and the output head of a [`crate::model::decoder::DecoderLm`].
 #[derive(Module, Debug)]
 pub struct Yoco<B: Backend> {
     /// The self-decoder: constant-state blocks, all of one kind.

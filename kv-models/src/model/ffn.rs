@@ -23,7 +23,7 @@ pub struct FeedForward<B: Backend> {
 impl<B: Backend> FeedForward<B> {
     /// A randomly initialised feed-forward.
     pub fn new(d_model: usize, hidden: usize, device: &B::Device) -> Self {
-        crate::materialize(Self::new_lazy(d_model, hidden, device))
+        kv_attention::materialize(Self::new_lazy(d_model, hidden, device))
     }
 
     /// [`new`](Self::new) with the parameters still lazy, for loaders that replace them all.

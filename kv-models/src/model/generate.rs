@@ -1,7 +1,8 @@
 //! Autoregressive generation with a cache and any cache policy.
 
-use crate::ModelState;
-use crate::{DecoderLm, Sampler, SamplerConfig};
+use crate::model::decoder::DecoderLm;
+use crate::model::sampling::{Sampler, SamplerConfig};
+use crate::model::state::ModelState;
 use burn::prelude::*;
 use kv_core::{CacheStats, KvError, Result};
 use kv_policies::{CachePolicy, Phase};

@@ -5,7 +5,8 @@
 //! before it, so a truncated or corrupted file is recognised as such before any tensor is built.
 //! `DIR/config.json` is a copy of the model config for people to read.
 
-use crate::{DecoderConfig, DecoderLm};
+use crate::model::config::DecoderConfig;
+use crate::model::decoder::DecoderLm;
 use burn::prelude::*;
 use burn::record::{FullPrecisionSettings, NamedMpkBytesRecorder, Recorder};
 use kv_core::{KvError, Result};
@@ -452,7 +453,10 @@ pub fn save_model<B: Backend>(
     let sections = Sections {
         config: serde_json::to_vec_pretty(config).map_err(|e| KvError::io(dir, e))?,
         // Ordinal ids: the same weights always make the same file.
-        model: record_bytes::<B, _>(crate::ordinal_ids(model.clone()).into_record(), dir)?,
+        model: record_bytes::<B, _>(
+            crate::model::ordinal::ordinal_ids(model.clone()).into_record(),
+            dir,
+        )?,
         ..Default::default()
     };
     sections.write(dir)

@@ -1,7 +1,10 @@
 //! Evaluation of a model: held-out loss and exact-match accuracy on the long-context tasks.
 
 use crate::data::{Corpus, TaskKind, exact_match};
-use crate::{DecoderLm, GenerateConfig, Generation, SamplerConfig, Tokenizer, generate};
+use crate::model::decoder::DecoderLm;
+use crate::model::generate::{GenerateConfig, Generation, generate};
+use crate::model::sampling::SamplerConfig;
+use crate::text::tokenizer::Tokenizer;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::prelude::*;
 use burn::tensor::activation::log_softmax;

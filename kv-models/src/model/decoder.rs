@@ -1,10 +1,13 @@
 //! The language model around any decoder stack: token embedding (with an optional token shift),
 //! the stack (Llama-style in `llama.rs`, YOCO in `yoco.rs`), final norm and output head.
 
-use crate::{
-    Block, DecoderBlock, DecoderConfig, FeedForward, Llama, ModelState, SelfAttention,
-    SelfDecoderAttention, Yoco,
-};
+use crate::model::attention::SelfAttention;
+use crate::model::block::Block;
+use crate::model::config::DecoderConfig;
+use crate::model::ffn::FeedForward;
+use crate::model::llama::{DecoderBlock, Llama};
+use crate::model::state::ModelState;
+use crate::model::yoco::{SelfDecoderAttention, Yoco};
 use burn::nn::{
     Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig, RmsNorm, RmsNormConfig,
 };
@@ -49,9 +52,9 @@ pub struct DecoderLm<B: Backend> {
 impl DecoderConfig {
     /// Validates the config and builds a randomly initialised model.
     pub fn init<B: Backend>(&self, device: &B::Device) -> Result<DecoderLm<B>> {
-        Ok(crate::ordinal::ordinal_ids(crate::materialize(
-            self.init_lazy(device)?,
-        )))
+        Ok(crate::model::ordinal::ordinal_ids(
+            kv_attention::materialize(self.init_lazy(device)?),
+        ))
     }
 
     /// [`init`](Self::init) with every parameter still lazy, for loaders that replace them all

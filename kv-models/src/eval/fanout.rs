@@ -8,8 +8,8 @@
 //! for. The evaluation grid uses this to read a needle-in-a-haystack prompt once for every
 //! policy and compression.
 
-use crate::DecoderLm;
-use crate::ModelState;
+use crate::model::decoder::DecoderLm;
+use crate::model::state::ModelState;
 use burn::prelude::*;
 use kv_attention::{Observation, ObserveRequest};
 use kv_core::{LayerCache, Result};

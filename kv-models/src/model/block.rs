@@ -1,13 +1,13 @@
 //! One pre-norm decoder block, whatever its attention kind.
 
-use crate::FeedForward;
+use crate::model::ffn::FeedForward;
 use burn::nn::RmsNorm;
 use burn::prelude::*;
 
 /// One pre-norm block over attention kind `A`: `x + attn(norm(x))`, then `x + ffn(norm(x))`.
 ///
-/// A Llama-style block holds a [`crate::SelfAttention`], YOCO's self-decoder a
-/// [`crate::SelfDecoderAttention`] and its cross-decoder a [`kv_attention::CrossAttention`].
+/// A Llama-style block holds a [`crate::model::attention::SelfAttention`], YOCO's self-decoder a
+/// [`crate::model::yoco::SelfDecoderAttention`] and its cross-decoder a [`kv_attention::CrossAttention`].
 #[derive(Module, Debug)]
 pub struct Block<B: Backend, A: Module<B>> {
     /// Norm before attention.

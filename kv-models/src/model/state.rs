@@ -4,7 +4,7 @@
 use burn::prelude::*;
 use kv_core::{CacheStats, LayerCache, LocalState, ModelCache};
 
-/// Everything a [`crate::DecoderLm`] keeps between inference calls.
+/// Everything a [`crate::model::decoder::DecoderLm`] keeps between inference calls.
 ///
 /// The layers' typed states live in the [`ModelCache`] (what policies manage and what the
 /// memory figures count); the last tokens seen, which a token shift mixes into the next call's

@@ -256,11 +256,17 @@ impl Tokenizer {
             Tokenizer::Bytes => Ok(()),
             #[cfg(feature = "hf-tokenizer")]
             Tokenizer::Hf(t) => {
-                crate::write_atomic(&dir.join(TOKENIZER_FILE), t.json.as_bytes())?;
+                crate::train::checkpoint::write_atomic(
+                    &dir.join(TOKENIZER_FILE),
+                    t.json.as_bytes(),
+                )?;
                 if t.text != TextConfig::default() {
                     let config =
                         serde_json::to_vec_pretty(&t.text).map_err(|e| KvError::io(dir, e))?;
-                    crate::write_atomic(&dir.join(TOKENIZER_CONFIG_FILE), &config)?;
+                    crate::train::checkpoint::write_atomic(
+                        &dir.join(TOKENIZER_CONFIG_FILE),
+                        &config,
+                    )?;
                 }
                 Ok(())
             }
@@ -430,7 +436,7 @@ impl Tokenizer {
         let template = text.chat_template.as_deref().ok_or_else(|| {
             KvError::config("chat template", "none", "a model whose tokenizer config or GGUF file has a chat_template (use --prompt for plain text)")
         })?;
-        crate::chat::render(template, messages, add_generation_prompt, &text)
+        crate::text::chat::render(template, messages, add_generation_prompt, &text)
     }
 }
 

@@ -2,7 +2,9 @@
 //! (GQA/MQA, by mean-pooling), a latent cache (MLA, by truncated SVD) or merged slots (DMC, by
 //! repurposing a channel), as a starting point for uptraining instead of training from scratch. The reasoning is in docs/conversion.md.
 
-use crate::{DecoderConfig, DecoderLm, DmcSettings, MlaSettings, SelfAttention};
+use crate::model::attention::SelfAttention;
+use crate::model::config::{DecoderConfig, DmcSettings, MlaSettings};
+use crate::model::decoder::DecoderLm;
 use burn::module::Param;
 use burn::prelude::*;
 use kv_attention::GroupedAttention;

@@ -1,7 +1,8 @@
 //! The Llama-style stack: every block a cached self-attention (grouped or latent) with a cache
 //! of its own, then a SwiGLU feed-forward.
 
-use crate::{Block, SelfAttention};
+use crate::model::attention::SelfAttention;
+use crate::model::block::Block;
 use burn::prelude::*;
 use kv_attention::{CachedAttention, MlaPath, Rotary};
 use kv_core::{KvError, ModelCache, Result};
@@ -11,7 +12,7 @@ use kv_policies::{CachePolicy, LayerContext, Phase, drive_layer};
 pub type DecoderBlock<B> = Block<B, SelfAttention<B>>;
 
 /// The blocks of a Llama-style decoder (MHA, GQA, MQA or MLA attention), between the embedding
-/// and the output head of a [`crate::DecoderLm`].
+/// and the output head of a [`crate::model::decoder::DecoderLm`].
 #[derive(Module, Debug)]
 pub struct Llama<B: Backend> {
     /// The decoder blocks, in order.

@@ -1,10 +1,15 @@
 //! Training from scratch or from a checkpoint: AdamW, warmup + cosine, clipping, accumulation,
 //! a mixture of corpus and task batches, periodic evaluation and exact resume.
 
-use crate::checkpoint::{Sections, canonical_record, model_from_record, record_bytes, record_from};
 use crate::data::{Corpus, TaskKind, TextSource, batch_rng};
-use crate::eval::{task_accuracy_with, validation_loss};
-use crate::{CHECKPOINT_FILE, DecoderConfig, DecoderLm, Tokenizer};
+use crate::eval::scores::{task_accuracy_with, validation_loss};
+use crate::model::config::DecoderConfig;
+use crate::model::decoder::DecoderLm;
+use crate::text::tokenizer::Tokenizer;
+use crate::train::checkpoint::CHECKPOINT_FILE;
+use crate::train::checkpoint::{
+    Sections, canonical_record, model_from_record, record_bytes, record_from,
+};
 use burn::grad_clipping::GradientClippingConfig;
 use burn::module::AutodiffModule;
 use burn::optim::adaptor::OptimizerAdaptor;
@@ -445,7 +450,7 @@ impl<B: AutodiffBackend> Trainer<B> {
                 "a model with dmc settings (retrofit one with `kv train --init <run> --dmc cr=2`)",
             ));
         }
-        crate::eval::check_vocab(
+        crate::eval::scores::check_vocab(
             &model,
             tokenizer.vocab_size(),
             &format!("the {} tokenizer", tokenizer.name()),
@@ -495,7 +500,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         let tokenizer = Tokenizer::for_run(dir)?;
         if tokenizer.is_bytes() && state.config.tokenizer.is_some() {
             return Err(KvError::io(
-                dir.join(crate::TOKENIZER_FILE),
+                dir.join(crate::text::tokenizer::TOKENIZER_FILE),
                 "missing: the run was trained with a tokenizer file",
             ));
         }
@@ -786,7 +791,7 @@ pub fn run_until<B: AutodiffBackend>(
         text += &serde_json::to_string(line).map_err(|e| KvError::io(out, e))?;
         text.push('\n');
     }
-    crate::write_atomic(&out.join(METRICS_FILE), text.as_bytes())?;
+    crate::train::checkpoint::write_atomic(&out.join(METRICS_FILE), text.as_bytes())?;
     let log_path = out.join(METRICS_FILE);
     let mut log = std::fs::OpenOptions::new()
         .append(true)
