@@ -49,7 +49,7 @@ run)
     timeout 180 "$t" cuda:: --test-threads 1 >>"$out/tests.log" 2>&1 || { echo "$(basename "$t") failed"; failed=1; }
     grep -E "^test result" "$out/tests.log" | tail -n 1
   done
-  timeout 300 "$dir/bin/kv" bench --device cuda --preset decode-bench --contexts 8192,32768 --prefill --steps 64 \
+  timeout 300 "$dir/bin/kv" bench --device cuda --preset decode-bench --contexts 8192,32768 --allow-beyond-context --prefill --steps 64 \
     --policy full,h2o:budget=1024,snapkv:budget=1024,streaming:budget=1024 --out "$out/bench" >"$out/bench.log" 2>&1 ||
     { echo "kv bench failed"; tail -n 20 "$out/bench.log"; failed=1; }
   cat "$out/bench/bench.md" 2>/dev/null

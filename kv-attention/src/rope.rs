@@ -27,11 +27,11 @@ impl RotaryConfig {
                 "an even number > 0, because RoPE rotates pairs",
             ));
         }
-        if self.theta.is_nan() || self.theta <= 1.0 {
+        if !(self.theta.is_finite() && self.theta > 1.0) {
             return Err(KvError::config(
                 "rope_theta",
                 self.theta,
-                "a base > 1 such as 10000",
+                "a finite base > 1 such as 10000",
             ));
         }
         let rotated = self.rotated.unwrap_or(self.dim);

@@ -439,6 +439,10 @@ impl BackendJob for BenchJob {
             ));
         }
         let base = args.model.config("decode-bench")?;
+        if let Some(&most) = args.contexts.iter().max() {
+            // The cached context must fit; the few timed steps after it only measure speed.
+            args.model.check_context(&base, "--contexts", most)?;
+        }
         let variants: Vec<(String, Option<usize>)> = if args.kv_heads.is_empty() {
             vec![(args.model.label("decode-bench"), None)]
         } else {

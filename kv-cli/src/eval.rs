@@ -74,6 +74,10 @@ pub struct EvalArgs {
     /// (`reference/kvpress_niah.py`).
     #[arg(long)]
     pub niah_prompts: Option<PathBuf>,
+    /// Let contexts run past a model's max_positions (length-extrapolation studies); without it
+    /// a context longer than any model's is refused before any work.
+    #[arg(long)]
+    pub allow_beyond_context: bool,
     /// Folder for eval.json, eval.md and the charts.
     #[arg(long, default_value = "runs/eval")]
     pub out: PathBuf,
@@ -98,6 +102,7 @@ impl EvalArgs {
             seed: self.seed,
             niah: self.niah_spec(),
             ppl_chunk: self.ppl_chunk,
+            allow_beyond_context: self.allow_beyond_context,
         })
     }
 
@@ -142,13 +147,12 @@ pub enum EvalModel {
 impl EvalModel {
     /// The label cells name it by (its folder or file name), after checking that it exists and
     /// its config reads (the weights are checked when loaded).
-    fn check(&self) -> Result<String> {
+    fn check(&self) -> Result<(String, DecoderConfig)> {
         match self {
-            EvalModel::Checkpoint(dir) => check_checkpoint(dir).map(|_| label(dir)),
+            EvalModel::Checkpoint(dir) => check_checkpoint(dir).map(|c| (label(dir), c)),
             EvalModel::Pretrained(path) => {
                 let p = crate::model_source::pretrained(path)?;
-                p.config()?;
-                Ok(p.label())
+                Ok((p.label(), p.config()?))
             }
         }
     }
@@ -188,10 +192,11 @@ pub fn run_models<B: Backend>(
     device: &B::Device,
     backend: DeviceKind,
 ) -> Result<GridFile> {
-    let labels = sources
+    let checked = sources
         .iter()
         .map(EvalModel::check)
         .collect::<Result<Vec<_>>>()?;
+    let labels: Vec<String> = checked.iter().map(|(l, _)| l.clone()).collect();
     for (i, l) in labels.iter().enumerate() {
         if labels[..i].contains(l) {
             return Err(KvError::config(
@@ -203,6 +208,19 @@ pub fn run_models<B: Backend>(
     }
     let registry = crate::backend::policies::<B>();
     let cells = spec.cells(&labels, &registry)?;
+    if !spec.allow_beyond_context {
+        let longest = spec.contexts.iter().copied().max().unwrap_or(0);
+        if let Some((label, config)) = checked.iter().find(|(_, c)| longest > c.max_positions) {
+            return Err(KvError::config(
+                "--context",
+                format!("{longest} tokens for {label}"),
+                format!(
+                    "at most the model's max_positions = {} (the context it was trained for; --allow-beyond-context goes past it)",
+                    config.max_positions
+                ),
+            ));
+        }
+    }
     let loaded = sources
         .iter()
         .map(|s| s.load::<B>(device))
@@ -266,6 +284,7 @@ impl BackendJob for EvalJob {
         .chain(self.args.model.iter().cloned().map(EvalModel::Pretrained))
         .collect();
         if let Some(path) = &self.args.niah_prompts {
+            kv_models::check_replaceable(path)?;
             write_niah_prompts::<B>(path, &models, &spec, &device)?;
         }
         run_models::<B>(&models, &spec, &device, self.device)
@@ -302,7 +321,7 @@ fn write_niah_prompts<B: Backend>(
             cells.push(serde_json::json!({"context": context, "depth": depth, "context_ids": p.context, "question_ids": p.question}));
         }
     }
-    let label = first.check()?;
+    let (label, _) = first.check()?;
     let json = serde_json::json!({"model": label, "needle": spec.niah.needle, "question": spec.niah.question, "expect": spec.niah.expect, "cells": cells});
     kv_models::write_atomic(path, json.to_string().as_bytes())
 }

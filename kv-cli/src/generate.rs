@@ -30,15 +30,19 @@ pub struct GenerateArgs {
     /// Tokens to generate.
     #[arg(long, default_value_t = 64)]
     pub max_tokens: usize,
-    /// Sampling temperature; 0 = greedy.
-    #[arg(long, default_value_t = 0.8, allow_negative_numbers = true)]
-    pub temperature: f32,
+    /// Sampling temperature; 0 = greedy. Unset, each sampling setting comes from the model's
+    /// generation_config.json, else llama.cpp's defaults (0.8, top-k 40, top-p 0.95, min-p 0.05).
+    #[arg(long, allow_negative_numbers = true)]
+    pub temperature: Option<f32>,
     /// Keep the k most likely tokens (0 = all).
-    #[arg(long, default_value_t = 40)]
-    pub top_k: usize,
+    #[arg(long)]
+    pub top_k: Option<usize>,
     /// Nucleus probability (1 = off).
-    #[arg(long, default_value_t = 0.95)]
-    pub top_p: f32,
+    #[arg(long, allow_negative_numbers = true)]
+    pub top_p: Option<f32>,
+    /// Drop tokens less likely than this share of the most likely one (0 = off).
+    #[arg(long, allow_negative_numbers = true)]
+    pub min_p: Option<f32>,
     /// Sampling seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -48,8 +52,23 @@ pub struct GenerateArgs {
 }
 
 impl GenerateArgs {
+    /// The sampler: each flag given, over the model's own settings.
+    fn sampler(&self) -> Result<SamplerConfig> {
+        let mut s = self.model.sampling(self.seed)?;
+        s.temperature = self.temperature.unwrap_or(s.temperature);
+        s.top_k = self.top_k.unwrap_or(s.top_k);
+        s.top_p = self.top_p.unwrap_or(s.top_p);
+        s.min_p = self.min_p.unwrap_or(s.min_p);
+        s.validate()?;
+        Ok(s)
+    }
+
     /// The prompt's ids, and the text to echo before the answer (none for a chat).
-    fn prompt(&self, tokenizer: &Tokenizer) -> Result<(Vec<u32>, String)> {
+    fn prompt(
+        &self,
+        tokenizer: &Tokenizer,
+        config: &kv_models::DecoderConfig,
+    ) -> Result<(Vec<u32>, String)> {
         if let Some(user) = &self.chat {
             let mut messages = Vec::new();
             if let Some(system) = &self.system {
@@ -60,18 +79,7 @@ impl GenerateArgs {
             return Ok((tokenizer.encode(&text)?, String::new()));
         }
         let text = match &self.prompt_file {
-            Some(path) => {
-                let bytes = std::fs::read(path).map_err(|e| KvError::io(path, e))?;
-                String::from_utf8(bytes).map_err(|e| {
-                    KvError::io(
-                        path,
-                        format!(
-                            "not UTF-8 text (first bad byte at {})",
-                            e.utf8_error().valid_up_to()
-                        ),
-                    )
-                })?
-            }
+            Some(path) => self.model.read_prompt_file(config, path)?,
             None => self.prompt.clone(),
         };
         if text.is_empty() {
@@ -133,30 +141,20 @@ impl BackendJob for GenerateArgs {
 
     fn run<B: Backend>(self, device: B::Device) -> Result<()> {
         crate::backend::policies::<B>().parse(&self.policy)?;
+        let sampler = self.sampler()?;
         let loaded = self.model.load::<B>("tiny-mha", &device)?;
         let tokenizer = &loaded.tokenizer;
         let mut policy =
             crate::backend::policies::<B>().build(&self.policy, &tokenizer.policy_env())?;
-        let (prompt, echo) = self.prompt(tokenizer)?;
-        if prompt.len() > loaded.config.max_positions {
-            return Err(KvError::config(
-                "prompt",
-                format!("{} tokens", prompt.len()),
-                format!(
-                    "at most the model's max_positions = {} (the context it was trained for)",
-                    loaded.config.max_positions
-                ),
-            ));
-        }
+        let (prompt, echo) = self.prompt(tokenizer, &loaded.config)?;
+        self.model
+            .check_context(&loaded.config, "prompt", prompt.len())?;
         let gen_config = GenerateConfig {
             max_new_tokens: self.max_tokens,
-            sampler: SamplerConfig {
-                temperature: self.temperature,
-                top_k: self.top_k,
-                top_p: self.top_p,
-                seed: self.seed,
-            },
+            sampler,
             stop_tokens: tokenizer.stop_tokens(),
+            vocab_limit: Some(tokenizer.vocab_size()),
+            allow_beyond_context: self.model.allow_beyond_context,
         };
         let mut out = std::io::stdout().lock();
         let _ = out.write_all(echo.as_bytes());
@@ -167,9 +165,18 @@ impl BackendJob for GenerateArgs {
         })?;
         let _ = writeln!(out);
         let n = result.tokens.len();
+        let full = if result.context_full {
+            format!(
+                " | stopped at the model's max_positions = {} (--allow-beyond-context goes on)",
+                loaded.config.max_positions
+            )
+        } else {
+            String::new()
+        };
         eprintln!(
-            "{n} tokens | {} | prefill {:.1} ms ({} tokens) | decode {:.1} tok/s | cache {} slots/head in layer 0, {:.0} KiB measured ({} B/token; {} by the config's formula)",
+            "{n} tokens{full} | {} | {} | prefill {:.1} ms ({} tokens) | decode {:.1} tok/s | cache {} slots/head in layer 0, {:.0} KiB measured ({} B/token; {} by the config's formula)",
             policy.name(),
+            sampler.describe(),
             result.prefill_time.as_secs_f64() * 1e3,
             prompt.len(),
             n.saturating_sub(1) as f64 / result.decode_time.as_secs_f64().max(1e-9),

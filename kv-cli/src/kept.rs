@@ -66,9 +66,9 @@ impl BackendJob for KeptArgs {
             .try_for_each(|p| crate::backend::policies::<B>().build(p, &check).map(|_| ()))?;
         let text = match (&self.prompt, &self.prompt_file) {
             (Some(t), _) => t.clone(),
-            (None, Some(path)) => {
-                std::fs::read_to_string(path).map_err(|e| KvError::io(path, e))?
-            }
+            (None, Some(path)) => self
+                .model
+                .read_prompt_file(&self.model.config("tiny-mha")?, path)?,
             (None, None) => {
                 return Err(KvError::config(
                     "--prompt",
@@ -77,8 +77,11 @@ impl BackendJob for KeptArgs {
                 ));
             }
         };
+        kv_models::check_replaceable(&self.out)?;
         let loaded = self.model.load::<B>("tiny-mha", &device)?;
         let ids = loaded.tokenizer.encode_prompt(&text)?;
+        self.model
+            .check_context(&loaded.config, "--prompt", ids.len())?;
         let env = loaded.tokenizer.policy_env();
         let mut policies: Vec<Box<dyn CachePolicy<B>>> = specs
             .iter()

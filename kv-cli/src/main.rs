@@ -147,10 +147,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Report(args) => {
-            let text = std::fs::read_to_string(&args.from)
-                .map_err(|e| kv_core::KvError::io(&args.from, e))?;
-            let file: report::GridFile = serde_json::from_str(&text)
-                .map_err(|e| kv_core::KvError::io(&args.from, format!("not an eval.json: {e}")))?;
+            let file = report::GridFile::read(&args.from)?;
             let out = args.out.clone().unwrap_or_else(|| {
                 args.from
                     .parent()
@@ -288,3 +285,6 @@ fn main() {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod fuzz;

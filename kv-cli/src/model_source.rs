@@ -34,7 +34,16 @@ pub struct ModelArgs {
     /// them (`kv_attention::PackedMatrix`), reading about a fifth of the bytes for Q4_1.
     #[arg(long)]
     pub f32_weights: bool,
+    /// Let positions run past the model's max_positions (length-extrapolation studies). Without
+    /// it a prompt or context longer than the model's context is refused and generation stops
+    /// at its end.
+    #[arg(long)]
+    pub allow_beyond_context: bool,
 }
+
+/// Bytes a token covers at most, for refusing a prompt file too long for any context before
+/// it is read and tokenised (English averages about 4; long runs of one character more).
+pub const MAX_PROMPT_BYTES_PER_TOKEN: u64 = 64;
 
 /// A model ready to run, with its tokenizer.
 pub struct LoadedModel<B: Backend> {
@@ -61,6 +70,64 @@ impl ModelArgs {
             (None, None, None) => {
                 Ok(preset(self.preset.as_deref().unwrap_or(default_preset))?.model)
             }
+        }
+    }
+
+    /// Refuses `tokens` positions (`what` names them) beyond `config`'s `max_positions`, unless
+    /// `--allow-beyond-context`.
+    pub fn check_context(&self, config: &DecoderConfig, what: &str, tokens: usize) -> Result<()> {
+        if tokens > config.max_positions && !self.allow_beyond_context {
+            return Err(KvError::config(
+                what,
+                format!("{tokens} tokens"),
+                format!(
+                    "at most the model's max_positions = {} (the context it was trained for; --allow-beyond-context goes past it)",
+                    config.max_positions
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reads a UTF-8 prompt file, refusing one too long for the model's context before reading
+    /// it ([`MAX_PROMPT_BYTES_PER_TOKEN`]) and a path that is not a regular file.
+    pub fn read_prompt_file(&self, config: &DecoderConfig, path: &Path) -> Result<String> {
+        let meta = std::fs::metadata(path).map_err(|e| KvError::io(path, e))?;
+        if !meta.is_file() {
+            return Err(KvError::io(
+                path,
+                "not a regular file (a device, folder, socket or pipe); a prompt file is UTF-8 text",
+            ));
+        }
+        let most = config.max_positions as u64 * MAX_PROMPT_BYTES_PER_TOKEN;
+        if meta.len() > most && !self.allow_beyond_context {
+            return Err(KvError::io(
+                path,
+                format!(
+                    "{} bytes, more than any prompt within the model's max_positions = {} could hold (at most {most} bytes at {MAX_PROMPT_BYTES_PER_TOKEN} a token); --allow-beyond-context reads it anyway",
+                    meta.len(),
+                    config.max_positions
+                ),
+            ));
+        }
+        let bytes = std::fs::read(path).map_err(|e| KvError::io(path, e))?;
+        String::from_utf8(bytes).map_err(|e| {
+            KvError::io(
+                path,
+                format!(
+                    "not UTF-8 text (first bad byte at {})",
+                    e.utf8_error().valid_up_to()
+                ),
+            )
+        })
+    }
+
+    /// How to sample the model the flags name: a pretrained model's own settings
+    /// ([`Pretrained::sampling`]), else llama.cpp's defaults.
+    pub fn sampling(&self, seed: u64) -> Result<kv_models::SamplerConfig> {
+        match &self.model {
+            Some(path) => pretrained(path)?.sampling(seed),
+            None => Ok(kv_models::SamplerConfig::llama_cpp_defaults(seed)),
         }
     }
 

@@ -41,6 +41,15 @@ fn register_font() -> bool {
     })
 }
 
+/// Moves the finished `tmp` over `path`, which must be new or a regular file.
+fn publish(tmp: &Path, path: &Path) -> Result<()> {
+    kv_models::check_replaceable(path)
+        .and_then(|()| std::fs::rename(tmp, path).map_err(|e| KvError::io(path, e)))
+        .inspect_err(|_| {
+            let _ = std::fs::remove_file(tmp);
+        })
+}
+
 fn err(path: &Path, e: impl std::fmt::Display) -> KvError {
     KvError::io(path, format!("cannot draw chart: {e}"))
 }
@@ -81,6 +90,14 @@ pub fn line_chart(path: &Path, chart: &Chart) -> Result<()> {
     }
     let pad = ((y1 - y0) * 0.08).max(1e-3 * y1.abs().max(1.0));
     (y0, y1) = (y0 - pad, y1 + pad);
+    // plotters divides these ranges into ticks; a span that overflows would never finish.
+    if !((y1 - y0).is_finite() && (x1 - x0).is_finite()) || (chart.log_x && x0 <= 0.0) {
+        return Err(KvError::config(
+            format!("chart {}", chart.title),
+            format!("points spanning x {x0:e} .. {x1:e}, y {y0:e} .. {y1:e}"),
+            "values whose range is a finite number (and x > 0 on a log axis)",
+        ));
+    }
     if chart.y_from_zero && y0 > 0.0 {
         y0 = 0.0;
     }
@@ -89,6 +106,7 @@ pub fn line_chart(path: &Path, chart: &Chart) -> Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    kv_models::check_replaceable(path)?;
     let tmp = path.with_file_name(format!(".{name}.tmp.png"));
     {
         let root = BitMapBackend::new(&tmp, (900, 560)).into_drawing_area();
@@ -149,7 +167,7 @@ pub fn line_chart(path: &Path, chart: &Chart) -> Result<()> {
         }
         root.present().map_err(|e| err(path, e))?;
     }
-    std::fs::rename(&tmp, path).map_err(|e| KvError::io(path, e))
+    publish(&tmp, path)
 }
 
 /// One panel of a heat-map grid: cells `(column, row, value)` on discrete axes.
@@ -213,6 +231,7 @@ pub fn heat_maps(path: &Path, maps: &HeatMaps) -> Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    kv_models::check_replaceable(path)?;
     let tmp = path.with_file_name(format!(".{name}.tmp.png"));
     {
         let root = BitMapBackend::new(&tmp, (w, h)).into_drawing_area();
@@ -272,5 +291,5 @@ pub fn heat_maps(path: &Path, maps: &HeatMaps) -> Result<()> {
         }
         root.present().map_err(|e| err(path, e))?;
     }
-    std::fs::rename(&tmp, path).map_err(|e| KvError::io(path, e))
+    publish(&tmp, path)
 }

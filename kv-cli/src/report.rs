@@ -24,6 +24,66 @@ pub struct GridFile {
     pub results: Vec<CellResult>,
 }
 
+impl GridFile {
+    /// Reads an `eval.json` from `text` (`origin` names it in errors), refusing another layout
+    /// version and numbers no grid writes: accuracies outside [0, 1], a perplexity below 1,
+    /// compressions outside [0, 1], depths outside [0, 1] and non-finite or negative measurements.
+    pub fn parse(text: &str, origin: &Path) -> Result<GridFile> {
+        let file: GridFile = serde_json::from_str(text)
+            .map_err(|e| KvError::io(origin, format!("not an eval.json: {e}")))?;
+        if file.version != FORMAT_VERSION {
+            return Err(KvError::io(
+                origin,
+                format!(
+                    "version = {}; this build reads eval.json version {FORMAT_VERSION}",
+                    file.version
+                ),
+            ));
+        }
+        for (i, r) in file.results.iter().enumerate() {
+            let bad = |field: &str, v: f64, valid: &str| {
+                KvError::io(
+                    origin,
+                    format!("results[{i}].{field} = {v:?}; expected {valid}"),
+                )
+            };
+            let unit = |field: &str, v: f64| {
+                if (0.0..=1.0).contains(&v) {
+                    Ok(())
+                } else {
+                    Err(bad(field, v, "a fraction in [0, 1]"))
+                }
+            };
+            unit("compression", r.cell.compression)?;
+            unit("removed", r.removed)?;
+            if let Some(a) = r.accuracy {
+                unit("accuracy", a)?;
+            }
+            if let Some(d) = r.cell.depth {
+                unit("depth", d as f64)?;
+            }
+            if let Some(p) = r.perplexity.filter(|p| !(p.is_finite() && *p >= 1.0)) {
+                return Err(bad("perplexity", p, "a finite number >= 1"));
+            }
+            if let Some(l) = r.loss.filter(|l| !(l.is_finite() && *l >= 0.0)) {
+                return Err(bad("loss", l, "a finite number >= 0 (nats)"));
+            }
+            for (field, v) in [("kv_bytes", r.kv_bytes), ("seconds", r.seconds)] {
+                if !(v.is_finite() && v >= 0.0) {
+                    return Err(bad(field, v, "a finite number >= 0"));
+                }
+            }
+        }
+        Ok(file)
+    }
+
+    /// Reads and checks the `eval.json` at `path` ([`GridFile::parse`]).
+    pub fn read(path: &Path) -> Result<GridFile> {
+        let text = std::fs::read_to_string(path).map_err(|e| KvError::io(path, e))?;
+        Self::parse(&text, path)
+    }
+}
+
 /// A row of the pivot table: one model under one policy at one compression.
 type RowKey = (String, String, u64);
 

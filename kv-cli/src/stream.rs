@@ -44,7 +44,33 @@ pub struct StreamArgs {
 /// Reads a stream.json written by `kv stream`.
 pub fn read(path: &Path) -> Result<StreamFile> {
     let text = std::fs::read_to_string(path).map_err(|e| KvError::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| KvError::io(path, format!("not a stream.json: {e}")))
+    parse(&text, path)
+}
+
+/// Reads a `stream.json` from `text` (`origin` names it in errors), refusing measurements no
+/// stream writes: negative, non-finite or beyond-any-machine (> 2^40 MiB) sizes and times.
+pub fn parse(text: &str, origin: &Path) -> Result<StreamFile> {
+    let file: StreamFile = serde_json::from_str(text)
+        .map_err(|e| KvError::io(origin, format!("not a stream.json: {e}")))?;
+    const MAX_MIB: f64 = (1u64 << 40) as f64;
+    let check = |field: String, v: f64, max: f64| {
+        if v.is_finite() && (0.0..=max).contains(&v) {
+            Ok(())
+        } else {
+            Err(KvError::io(
+                origin,
+                format!("{field} = {v:?}; expected a finite number in [0, {max:e}]"),
+            ))
+        }
+    };
+    check("seconds".into(), file.seconds, f64::MAX)?;
+    for (i, s) in file.samples.iter().enumerate() {
+        check(format!("samples[{i}].rss_mib"), s.rss_mib, MAX_MIB)?;
+        check(format!("samples[{i}].heap_mib"), s.heap_mib, MAX_MIB)?;
+        check(format!("samples[{i}].kv_mib"), s.kv_mib, MAX_MIB)?;
+        check(format!("samples[{i}].seconds"), s.seconds, f64::MAX)?;
+    }
+    Ok(file)
 }
 
 /// One memory reading during the stream.
@@ -139,6 +165,13 @@ impl BackendJob for StreamJob {
             return Err(KvError::config(flag, v, "at least 1"));
         }
         crate::backend::policies::<B>().parse(&args.policy)?;
+        // The stream itself runs past any context by design (its point is memory over a million
+        // tokens); the prompt is one forward pass and must fit.
+        args.model.check_context(
+            &args.model.config("tiny-mha")?,
+            "--prompt-tokens",
+            args.prompt_tokens,
+        )?;
         let loaded = args.model.load::<B>("tiny-mha", &device)?;
         let mut policy =
             crate::backend::policies::<B>().build(&args.policy, &loaded.tokenizer.policy_env())?;

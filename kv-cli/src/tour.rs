@@ -146,6 +146,7 @@ impl RealPlan {
             seed: 1234,
             niah: Default::default(),
             ppl_chunk: 16,
+            allow_beyond_context: false,
         };
         let ppl = GridSpec {
             probes: vec![Probe::PplEssays],
@@ -267,6 +268,7 @@ impl TourPlan {
                 seed: 1234,
                 niah: Default::default(),
                 ppl_chunk: 1,
+                allow_beyond_context: false,
             },
             bench_contexts,
             policy_context,

@@ -5,7 +5,7 @@
 //! "Once upon a time". With `runs/models/tiny-mha` (from `kv tour`) the text reads as stories.
 
 use burn::backend::Flex;
-use kv_models::{GenerateConfig, SamplerConfig, Tokenizer, generate, load_model};
+use kv_models::{GenerateConfig, Tokenizer, generate, load_model};
 use kv_policies::{PolicyEnv, Registry};
 use std::path::PathBuf;
 
@@ -31,8 +31,7 @@ fn main() -> kv_core::Result<()> {
     let mut policy = Registry::<Flex>::standard().build(&spec, &PolicyEnv::default())?;
     let settings = GenerateConfig {
         max_new_tokens: 48,
-        sampler: SamplerConfig::default(),
-        stop_tokens: vec![],
+        ..Default::default()
     };
     let out = generate(&model, &prompt, &settings, policy.as_mut(), |_| {})?;
     println!("{}{}", prompt_text, tokenizer.decode(&out.tokens)?);

@@ -16,14 +16,14 @@
 //!
 //! ```
 //! use burn::backend::Flex;
-//! use kv_models::{DecoderConfig, GenerateConfig, SamplerConfig, generate};
+//! use kv_models::{DecoderConfig, GenerateConfig, generate};
 //! use kv_policies::{PolicyEnv, Registry};
 //!
 //! let device = Default::default();
 //! // vocab 64, d_model 32, 2 layers, 4 query heads over 2 KV heads, SwiGLU width 48.
 //! let model = DecoderConfig::new(64, 32, 2, 4, 2, 48).init::<Flex>(&device).unwrap();
 //! let mut policy = Registry::<Flex>::standard().build("streaming:budget=16,sinks=4", &PolicyEnv::default()).unwrap();
-//! let config = GenerateConfig { max_new_tokens: 40, sampler: SamplerConfig::default(), stop_tokens: vec![] };
+//! let config = GenerateConfig { max_new_tokens: 40, ..Default::default() };
 //! let out = generate(&model, &[1, 2, 3, 4, 5, 6, 7, 8], &config, policy.as_mut(), |_| {}).unwrap();
 //! assert_eq!(out.tokens.len(), 40);
 //! // The last token is never fed back: 47 tokens seen, 16 slots per head held.
@@ -64,7 +64,8 @@ pub use text::tokenizer::{
     ByteTokenizer, ChatMessage, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, TextConfig, Tokenizer,
 };
 pub use train::checkpoint::{
-    CHECKPOINT_FILE, CONFIG_FILE, load_model, load_model_expecting, save_model, write_atomic,
+    CHECKPOINT_FILE, CONFIG_FILE, check_replaceable, load_model, load_model_expecting, save_model,
+    write_atomic,
 };
 pub use train::convert::{LatentConversion, to_dmc, to_grouped, to_latent, to_partial_rope};
 pub use train::presets::{Preset, preset, preset_names};

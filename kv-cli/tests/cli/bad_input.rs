@@ -45,6 +45,15 @@ fn tiny_gguf(
     edit: impl FnOnce(&mut Vec<GgufTensor<'static>>),
     meta_edit: impl FnOnce(&mut Vec<(&'static str, Meta<'static>)>),
 ) -> Vec<u8> {
+    tiny_gguf_with(edit, meta_edit, None)
+}
+
+/// [`tiny_gguf`] with one f32 value replaced: `(tensor name, index, value)`.
+fn tiny_gguf_with(
+    edit: impl FnOnce(&mut Vec<GgufTensor<'static>>),
+    meta_edit: impl FnOnce(&mut Vec<(&'static str, Meta<'static>)>),
+    poke: Option<(&str, usize, f32)>,
+) -> Vec<u8> {
     let shapes: Vec<(&'static str, Vec<u64>)> = vec![
         ("token_embd.weight", vec![8, 16]),
         ("blk.0.attn_norm.weight", vec![8]),
@@ -70,7 +79,15 @@ fn tiny_gguf(
         });
         offset += (n * 4).div_ceil(32) * 32;
     }
-    let data = f32_bytes(offset as usize / 4, 0.05);
+    let mut data = f32_bytes(offset as usize / 4, 0.05);
+    if let Some((name, i, v)) = poke {
+        let t = tensors
+            .iter()
+            .find(|t| t.name == name)
+            .expect("a tensor of the tiny Llama");
+        let at = t.offset as usize + 4 * i;
+        data[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    }
     edit(&mut tensors);
     let mut meta = llama_meta();
     meta_edit(&mut meta);
@@ -1155,6 +1172,407 @@ fn cases(fx: &Fixtures, work: &Path) -> Vec<Case> {
         );
     }
 
+    // Chat templates: endless, explosive, empty, or not text.
+    let template = |t: &'static str| {
+        move |m: &mut Vec<(&'static str, Meta<'static>)>| {
+            m.push(("tokenizer.chat_template", Meta::Str(t)))
+        }
+    };
+    for (name, file, bytes, expect, heap) in [
+        (
+            "a template that loops 10^10 times",
+            "c-loop.gguf",
+            tiny_gguf(
+                |_| {},
+                template(
+                    "{% for a in range(99999) %}{% for b in range(99999) %}{% endfor %}{% endfor %}",
+                ),
+            ),
+            &["chat template", "budget"][..],
+            small,
+        ),
+        (
+            "a template that doubles a string 40 times",
+            "c-double.gguf",
+            tiny_gguf(
+                |_| {},
+                template(
+                    "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
+                ),
+            ),
+            &["chat template", "budget"][..],
+            // The fuel bounds the data a template makes to about 64 MiB.
+            96.0,
+        ),
+        (
+            "a template that repeats a string 3 x 10^7 times",
+            "c-repeat.gguf",
+            tiny_gguf(|_| {}, template("{{ 'ab ' * 30000000 }}")),
+            &["chat template", "budget"][..],
+            small,
+        ),
+        (
+            "a template that renders nothing",
+            "c-empty.gguf",
+            tiny_gguf(|_| {}, template("{% if false %}x{% endif %}")),
+            &["chat template", "rendered nothing"][..],
+            small,
+        ),
+        (
+            "a template stored as an integer",
+            "c-int.gguf",
+            tiny_gguf(
+                |_| {},
+                |m| m.push(("tokenizer.chat_template", Meta::U32(7))),
+            ),
+            &["tokenizer.chat_template", "u32", "string"][..],
+            small,
+        ),
+    ] {
+        let path = fx.write(file, bytes);
+        add(
+            &format!("chat: {name}"),
+            &[
+                "generate",
+                "--max-tokens",
+                "1",
+                "--model",
+                &path,
+                "--chat",
+                "Hi",
+            ],
+            expect,
+            heap,
+        );
+    }
+
+    // Weights and metadata that load but cannot run.
+    let mut gguf_run = |name: &str, file: &str, bytes: Vec<u8>, expect: &[&str]| {
+        let path = fx.write(file, bytes);
+        add(
+            &format!("gguf: {name}"),
+            &["generate", "--max-tokens", "1", "--model", &path],
+            expect,
+            small,
+        );
+    };
+    gguf_run(
+        "a NaN in output_norm",
+        "n-out.gguf",
+        tiny_gguf_with(|_| {}, |_| {}, Some(("output_norm.weight", 0, f32::NAN))),
+        &["model.norm.weight", "nan", "finite"],
+    );
+    gguf_run(
+        "an inf in attn_norm",
+        "n-attn.gguf",
+        tiny_gguf_with(
+            |_| {},
+            |_| {},
+            Some(("blk.0.attn_norm.weight", 3, f32::INFINITY)),
+        ),
+        &["input_layernorm", "inf", "finite"],
+    );
+    gguf_run(
+        "a NaN in the embedding",
+        "n-embd.gguf",
+        tiny_gguf_with(|_| {}, |_| {}, Some(("token_embd.weight", 17, f32::NAN))),
+        &["embed_tokens", "nan"],
+    );
+    gguf_run(
+        "rope.freq_base = inf",
+        "n-rope.gguf",
+        tiny_gguf(
+            |_| {},
+            |m| m.push(("llama.rope.freq_base", Meta::F32(f32::INFINITY))),
+        ),
+        &["rope.freq_base", "inf", "finite"],
+    );
+    gguf_run(
+        "head_count = 0",
+        "n-heads.gguf",
+        tiny_gguf(|_| {}, |m| m[7].1 = Meta::U32(0)),
+        &["llama.attention.head_count = 0", "at least 1"],
+    );
+    gguf_run(
+        "embedding_length = 0",
+        "n-width.gguf",
+        tiny_gguf(|_| {}, |m| m[5].1 = Meta::U32(0)),
+        &["llama.embedding_length = 0", "at least 1"],
+    );
+    gguf_run(
+        "key_length that disagrees with the tensors",
+        "n-keylen.gguf",
+        tiny_gguf(
+            |_| {},
+            |m| m.push(("llama.attention.key_length", Meta::U32(32))),
+        ),
+        &["q_proj", "[8, 8]"],
+    );
+    let mut nan_header = hf_header("F32", None, false);
+    let mut nan_data = f32_bytes(nan_header.1 / 4, 0.05);
+    // model.norm.weight is the last tensor: its first value becomes NaN.
+    let at = nan_header.1 - 8 * 4;
+    nan_data[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    let path = hf_folder(
+        fx,
+        "h-nan",
+        HF_CONFIG,
+        Some(safetensors(&std::mem::take(&mut nan_header.0), &nan_data)),
+    );
+    let args = convert(&path);
+    add(
+        "safetensors: a NaN in the final norm",
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        &["model.norm.weight", "nan"],
+        small,
+    );
+
+    // Lengths past the model's context, refused before anything is allocated for them.
+    add(
+        "context: eval at 10^9 tokens",
+        &[
+            "eval",
+            "--checkpoint",
+            &ckpt,
+            "--context",
+            "1000000000",
+            "--out",
+            &w("e"),
+        ],
+        &["--context", "1000000000", "max_positions = 64"],
+        small,
+    );
+    add(
+        "context: eval past the model's 64 positions",
+        &[
+            "eval",
+            "--checkpoint",
+            &ckpt,
+            "--task",
+            "ppl",
+            "--context",
+            "100",
+            "--out",
+            &w("e"),
+        ],
+        &["100 tokens", "max_positions = 64", "--allow-beyond-context"],
+        small,
+    );
+    add(
+        "context: bench at 10^6 tokens",
+        &["bench", "--contexts", "1000000", "--out", &w("b")],
+        &["--contexts", "1000000", "max_positions"],
+        small,
+    );
+    add(
+        "context: stream with a 10^9-token prompt",
+        &["stream", "--prompt-tokens", "1000000000", "--out", &w("s")],
+        &["--prompt-tokens", "1000000000", "max_positions"],
+        small,
+    );
+    let huge_prompt = fx.write("huge-prompt.txt", "word ".repeat(20_000));
+    add(
+        "context: kept with a 100 kB prompt file",
+        &[
+            "kept",
+            "--policy",
+            "h2o",
+            "--prompt-file",
+            &huge_prompt,
+            "--out",
+            &w("kept.json"),
+        ],
+        &["huge-prompt.txt", "100000 bytes", "max_positions"],
+        small,
+    );
+    let long_prompt = fx.write("long-prompt.txt", "y".repeat(1000));
+    add(
+        "context: kept with a prompt past the model's positions",
+        &[
+            "kept",
+            "--policy",
+            "h2o",
+            "--prompt-file",
+            &long_prompt,
+            "--out",
+            &w("kept.json"),
+        ],
+        &["1000 tokens", "max_positions = 256"],
+        small,
+    );
+
+    // Outputs that are not regular files are refused, and nothing is made beside them.
+    let target = fx.write("link-target.json", "{}");
+    let link = fx.dir.join("out-link.json");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let kept_to = |out: &str| -> Vec<String> {
+        [
+            "kept",
+            "--policy",
+            "h2o",
+            "--prompt",
+            "hello there",
+            "--out",
+            out,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    for (name, out, expect) in [
+        (
+            "kept into /dev/full",
+            "/dev/full".to_string(),
+            "not a regular file",
+        ),
+        ("kept into a symlink", link.display().to_string(), "symlink"),
+        (
+            "kept into a folder",
+            fx.dir.display().to_string(),
+            "not a regular file",
+        ),
+    ] {
+        let args = kept_to(&out);
+        add(
+            &format!("output: {name}"),
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+            &[expect],
+            small,
+        );
+    }
+    add(
+        "output: niah prompts into /dev/full",
+        &[
+            "eval",
+            "--checkpoint",
+            &ckpt,
+            "--task",
+            "niah",
+            "--niah-prompts",
+            "/dev/full",
+            "--out",
+            &w("e"),
+        ],
+        &["/dev/full", "not a regular file"],
+        small,
+    );
+
+    // Paths that are not files.
+    add(
+        "a model that is a device",
+        &["generate", "--model", "/dev/zero"],
+        &["/dev/zero", "not a regular file"],
+        small,
+    );
+    add(
+        "training data that is a device",
+        &[
+            "train",
+            "--config",
+            &fx.path("tiny.json"),
+            "--data",
+            "/dev/zero",
+            "--out",
+            &w("t"),
+        ],
+        &["/dev/zero", "not a regular file"],
+        small,
+    );
+    add(
+        "a model name in the wrong case",
+        &["generate", "--model", "SMOLLM2"],
+        &["SMOLLM2", "`smollm2`"],
+        small,
+    );
+
+    // Runs that cannot continue as asked.
+    add(
+        "resume to fewer steps than the run has taken",
+        &["train", "--resume", "--steps", "1", "--out", &ckpt],
+        &["--steps = 1", "2 steps"],
+        small,
+    );
+    let bad_log = fx.dir.join("bad-log");
+    std::fs::create_dir_all(&bad_log).unwrap();
+    for f in std::fs::read_dir(&ckpt).unwrap() {
+        let f = f.unwrap().path();
+        if f.is_file() {
+            std::fs::copy(&f, bad_log.join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    let log = std::fs::read_to_string(bad_log.join("metrics.jsonl")).unwrap();
+    let first = log.lines().next().unwrap().to_string();
+    std::fs::write(bad_log.join("metrics.jsonl"), format!("{first}\n{{oops\n")).unwrap();
+    add(
+        "resume over a metrics log with a bad line",
+        &["train", "--resume", "--out", &bad_log.display().to_string()],
+        &["metrics.jsonl", "line 2"],
+        small,
+    );
+
+    // Result files read back by report and stream: numbers no run writes.
+    let eval_json = |version: u32, probe: &str, accuracy: f64| {
+        format!(
+            r#"{{"version": {version}, "device": "flex",
+            "spec": {{"policies": ["full"], "compressions": [0.5], "probes": [], "contexts": [64],
+                     "depths": [], "samples": 1, "windows": 1, "seed": 1}},
+            "results": [{{"model": "m", "policy": "full", "spec": "full", "compression": 0.0,
+                          "probe": "{probe}", "context": 64, "depth": null, "accuracy": {accuracy},
+                          "loss": null, "perplexity": null, "kv_bytes": 10.0, "removed": 0.0,
+                          "samples": 1, "seconds": 0.1}}]}}"#
+        )
+    };
+    for (name, file, text, expect) in [
+        (
+            "a layout version it does not read",
+            "r-version.json",
+            eval_json(99, "passkey", 0.5),
+            &["version = 99", "version 1"][..],
+        ),
+        (
+            "an accuracy of -5",
+            "r-acc.json",
+            eval_json(1, "passkey", -5.0),
+            &["accuracy = -5", "[0, 1]"][..],
+        ),
+        (
+            "an accuracy of 1e308",
+            "r-huge.json",
+            eval_json(1, "passkey", 1e308),
+            &["accuracy = 1e308", "[0, 1]"][..],
+        ),
+        (
+            "a probe name that climbs out of the folder",
+            "r-probe.json",
+            eval_json(1, "x/../../escaped", 0.5),
+            &["x/../../escaped", "passkey"][..],
+        ),
+    ] {
+        let path = fx.write(file, text);
+        add(
+            &format!("report: {name}"),
+            &["report", "--from", &path, "--out", &w("r")],
+            expect,
+            small,
+        );
+    }
+    let stream_json = |a: f64, b: f64| {
+        format!(
+            r#"{{"device": "flex", "model": "m", "policy": "p", "tokens": 2, "seconds": 1.0,
+            "warm_from_tokens": 0, "samples": [
+              {{"tokens": 1, "rss_mib": {a:e}, "heap_mib": 1.0, "kv_mib": 1.0, "slots": 1, "seconds": 0.5}},
+              {{"tokens": 2, "rss_mib": {b:e}, "heap_mib": 1.0, "kv_mib": 1.0, "slots": 1, "seconds": 1.0}}]}}"#
+        )
+    };
+    let path = fx.write("s-huge.json", stream_json(1e308, -1e308));
+    add(
+        "stream: memory readings of +-1e308 MiB",
+        &["stream", "--from", &path, "--out", &w("s")],
+        &["rss_mib = 1e308", "finite number"],
+        small,
+    );
+
     // Prompts.
     let mut prompt_case = |name: &str, extra: &[&str], expect: &[&str]| {
         let mut args = vec!["generate", "--max-tokens", "1", "--temperature", "0"];
@@ -1345,4 +1763,116 @@ fn every_bad_input_is_one_error_line_naming_it_with_no_panic_no_file_left_and_a_
         cases.len(),
         failures.join("\n")
     );
+}
+
+/// Runs `kv` with a heap report; returns (success, stderr, heap peak in MiB).
+fn run_measured(args: &[&str], peak_file: &Path) -> (bool, String, f64) {
+    let out = run(kv().args(args).env("KV_PEAK_HEAP_FILE", peak_file));
+    let heap = std::fs::read_to_string(peak_file)
+        .ok()
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .unwrap_or(f64::NAN)
+        / (1 << 20) as f64;
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+        heap,
+    )
+}
+
+#[test]
+fn inputs_at_the_edges_succeed_within_the_context_and_a_bounded_heap_and_leave_devices_alone() {
+    let root = scratch("edges");
+    let peak = root.join("peak");
+    // A trillion tokens under a 16-slot policy: generation stops at the model's 256 positions,
+    // says so, and reserves nothing for the tokens it will never make.
+    let (ok, err, heap) = run_measured(
+        &[
+            "generate",
+            "--prompt",
+            "hi",
+            "--max-tokens",
+            "1000000000000",
+            "--policy",
+            "streaming:budget=16",
+            "--temperature",
+            "0",
+        ],
+        &peak,
+    );
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("255 tokens | stopped at the model's max_positions = 256"),
+        "{err}"
+    );
+    assert!(heap < 64.0, "heap peaked at {heap:.1} MiB");
+    // Past the context on request, with the cache still bounded by the policy.
+    let (ok, err, _) = run_measured(
+        &[
+            "generate",
+            "--prompt",
+            "hi",
+            "--max-tokens",
+            "400",
+            "--policy",
+            "streaming:budget=16",
+            "--allow-beyond-context",
+        ],
+        &peak,
+    );
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("400 tokens |") && !err.contains("stopped"),
+        "{err}"
+    );
+    assert!(err.contains("16 slots/head"), "{err}");
+    // The sampling settings are printed: llama.cpp's defaults for a model without its own.
+    assert!(
+        err.contains("temperature 0.8 top-k 40 top-p 0.95 min-p 0.05"),
+        "{err}"
+    );
+    // A device named as the output is neither replaced nor joined by files beside it.
+    let (ok, err, _) = run_measured(
+        &[
+            "kept",
+            "--policy",
+            "h2o",
+            "--prompt",
+            "hello there",
+            "--out",
+            "/dev/full",
+        ],
+        &peak,
+    );
+    assert!(!ok && err.contains("not a regular file"), "{err}");
+    use std::os::unix::fs::FileTypeExt;
+    assert!(
+        std::fs::metadata("/dev/full")
+            .unwrap()
+            .file_type()
+            .is_char_device()
+    );
+    assert!(!Path::new("/dev/full-heads.md").exists());
+    assert!(!Path::new("/dev/full-heads.png").exists());
+    // Resuming a finished run does nothing and leaves its log byte for byte.
+    let run_dir = root.join("run");
+    let preset = root.join("tiny.json");
+    std::fs::write(&preset, tiny_preset(2, 0)).unwrap();
+    let dir = run_dir.display().to_string();
+    let (ok, err, _) = run_measured(
+        &[
+            "train",
+            "--config",
+            &preset.display().to_string(),
+            "--out",
+            &dir,
+        ],
+        &peak,
+    );
+    assert!(ok, "{err}");
+    let log = std::fs::read(run_dir.join("metrics.jsonl")).unwrap();
+    let (ok, err, _) = run_measured(&["train", "--resume", "--out", &dir], &peak);
+    assert!(ok, "{err}");
+    assert_eq!(std::fs::read(run_dir.join("metrics.jsonl")).unwrap(), log);
+    let _ = std::fs::remove_dir_all(&root);
 }

@@ -194,6 +194,11 @@ pub fn text_files(path: &Path) -> Result<Vec<PathBuf>> {
         Ok(files)
     } else if path.is_file() {
         Ok(vec![path.to_path_buf()])
+    } else if path.exists() {
+        Err(KvError::io(
+            path,
+            "not a regular file or folder (a device, socket or pipe); expected text files or a folder of them",
+        ))
     } else {
         Err(KvError::io(path, "no such file or directory"))
     }

@@ -153,6 +153,10 @@ pub struct GridSpec {
     /// policy acts once per chunk, which is cheaper on a large model).
     #[serde(default = "one")]
     pub ppl_chunk: usize,
+    /// Run contexts past a model's `max_positions` (length-extrapolation studies); by default
+    /// such a grid is refused before any work.
+    #[serde(default)]
+    pub allow_beyond_context: bool,
 }
 
 fn one() -> usize {
@@ -547,6 +551,7 @@ fn niah_cells<B: Backend>(
         max_new_tokens: ANSWER_TOKENS,
         sampler: SamplerConfig::default(),
         stop_tokens: stops.clone(),
+        ..Default::default()
     };
     let device = model.embed.weight.device();
     let mut out = Vec::with_capacity(cells.len());
@@ -611,6 +616,23 @@ pub fn run_grid<B: Backend>(
     registry: &Registry<B>,
     mut on_cell: impl FnMut(&CellResult),
 ) -> Result<Vec<CellResult>> {
+    if !spec.allow_beyond_context {
+        for m in models {
+            if let Some(c) = cells
+                .iter()
+                .find(|c| c.model == m.label && c.context > m.model.max_positions)
+            {
+                return Err(KvError::config(
+                    "context",
+                    format!("{} tokens for {}", c.context, m.label),
+                    format!(
+                        "at most the model's max_positions = {} (allow_beyond_context goes past it)",
+                        m.model.max_positions
+                    ),
+                ));
+            }
+        }
+    }
     let needs_haystack = cells.iter().any(|c| c.probe.reads_haystack());
     let haystack = if needs_haystack {
         Some(Haystack::for_spec(&spec.niah)?)

@@ -146,7 +146,7 @@ pub fn policy_loss<B: Backend>(
     }
     let device = model.embed.weight.device();
     let (mut total, mut bytes, mut removed) = (0.0, 0.0, 0.0);
-    for w in &all {
+    for (wi, w) in all.iter().enumerate() {
         let mut p = policy();
         let mut cache = model.new_state(1);
         cache.reserve(len);
@@ -171,7 +171,15 @@ pub fn policy_loss<B: Backend>(
         let targets: Vec<i32> = w[prompt..].iter().map(|&t| t as i32).collect();
         let targets = Tensor::<B, 1, Int>::from_ints(targets.as_slice(), &device).reshape([n, 1]);
         let nll = log_softmax(logits, 1).gather(1, targets).mean().neg();
-        total += nll.into_scalar().elem::<f64>();
+        let nll = nll.into_scalar().elem::<f64>();
+        if !nll.is_finite() {
+            return Err(KvError::config(
+                "perplexity loss",
+                format!("{nll} in window {} of {}", wi + 1, all.len()),
+                "a finite loss; the weights or the input drive the model's logits to NaN or inf",
+            ));
+        }
+        total += nll;
         let stats = cache.stats();
         bytes += stats.kv_bytes as f64;
         removed += stats.compression_ratio();
@@ -223,6 +231,8 @@ pub fn answer<B: Backend>(
         max_new_tokens: answer_len,
         sampler: SamplerConfig::default(),
         stop_tokens: tokenizer.stop_tokens(),
+        vocab_limit: Some(tokenizer.vocab_size()),
+        ..Default::default()
     };
     let out = generate(model, &ids, &config, policy, |_| {})?;
     Ok((tokenizer.decode(&out.tokens)?, out))

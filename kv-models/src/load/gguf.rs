@@ -51,6 +51,25 @@ pub enum GgufValue {
 }
 
 impl GgufValue {
+    /// The value's GGUF type, for messages that must not print a hostile array whole.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            GgufValue::U8(_) => "u8",
+            GgufValue::I8(_) => "i8",
+            GgufValue::U16(_) => "u16",
+            GgufValue::I16(_) => "i16",
+            GgufValue::U32(_) => "u32",
+            GgufValue::I32(_) => "i32",
+            GgufValue::F32(_) => "f32",
+            GgufValue::Bool(_) => "bool",
+            GgufValue::Str(_) => "string",
+            GgufValue::Array(_) => "array",
+            GgufValue::U64(_) => "u64",
+            GgufValue::I64(_) => "i64",
+            GgufValue::F64(_) => "f64",
+        }
+    }
+
     /// The value as an unsigned integer, if it is a non-negative integer of any width.
     pub fn as_u64(&self) -> Option<u64> {
         match *self {

@@ -39,13 +39,20 @@ pub(crate) fn config_from_gguf(file: &GgufFile) -> Result<DecoderConfig> {
             .filter(|&v| v <= 1 << 24)
             .ok_or_else(|| bad(format!("{} = {v} is implausibly large", key(k))))
     };
-    let heads = int("attention.head_count")?;
+    // Zero sizes are refused here, by their own key, before anything is derived from them.
+    let positive = |k: &str| -> Result<usize> {
+        match int(k)? {
+            0 => Err(bad(format!("{} = 0; it must be at least 1", key(k)))),
+            v => Ok(v),
+        }
+    };
+    let heads = positive("attention.head_count")?;
     let kv_heads = if file.get(&key("attention.head_count_kv")).is_some() {
-        int("attention.head_count_kv")?
+        positive("attention.head_count_kv")?
     } else {
         heads
     };
-    let d_model = int("embedding_length")?;
+    let d_model = positive("embedding_length")?;
     let vocab = match file.get(&key("vocab_size")) {
         Some(_) => int("vocab_size")?,
         None => file
@@ -53,9 +60,19 @@ pub(crate) fn config_from_gguf(file: &GgufFile) -> Result<DecoderConfig> {
             .map(|t| t.shape()[0])
             .ok_or_else(|| bad("no vocab_size and no token_embd.weight".into()))?,
     };
-    let head_dim = match file.get(&key("attention.key_length")) {
-        Some(_) => int("attention.key_length")?,
-        None => d_model / heads.max(1),
+    let (head_dim, head_from) = match file.get(&key("attention.key_length")) {
+        Some(_) => (
+            positive("attention.key_length")?,
+            key("attention.key_length"),
+        ),
+        None => (
+            d_model / heads,
+            format!(
+                "{} / {}",
+                key("embedding_length"),
+                key("attention.head_count")
+            ),
+        ),
     };
     if let Some(rope) = file
         .get(&key("rope.dimension_count"))
@@ -63,7 +80,7 @@ pub(crate) fn config_from_gguf(file: &GgufFile) -> Result<DecoderConfig> {
         .filter(|&r| r as usize != head_dim)
     {
         return Err(bad(format!(
-            "{} = {rope} (partial RoPE; the loader expects RoPE over the whole head of {head_dim})",
+            "{} = {rope} but heads are {head_dim} wide ({head_from}); the loader reads RoPE over the whole head (no partial RoPE)",
             key("rope.dimension_count")
         )));
     }
@@ -81,6 +98,12 @@ pub(crate) fn config_from_gguf(file: &GgufFile) -> Result<DecoderConfig> {
         Some(_) => file.require_f64(&key("rope.freq_base"))?,
         None => 10000.0,
     };
+    if !(theta.is_finite() && theta > 1.0) {
+        return Err(bad(format!(
+            "{} = {theta}; a finite RoPE base > 1 such as 10000",
+            key("rope.freq_base")
+        )));
+    }
     let eps = file.require_f64(&key("attention.layer_norm_rms_epsilon"))?;
     let positions = if file.get(&key("context_length")).is_some() {
         int("context_length")?
@@ -90,10 +113,10 @@ pub(crate) fn config_from_gguf(file: &GgufFile) -> Result<DecoderConfig> {
     let config = DecoderConfig::new(
         vocab,
         d_model,
-        int("block_count")?,
+        positive("block_count")?,
         heads,
         kv_heads,
-        int("feed_forward_length")?,
+        positive("feed_forward_length")?,
     )
     .with_rope_theta(theta)
     .with_max_positions(positions)

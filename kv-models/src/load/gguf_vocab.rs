@@ -172,11 +172,17 @@ pub(crate) fn tokenizer_json(file: &GgufFile) -> Result<(String, TextConfig)> {
     });
     let mut stop: Vec<u32> = [eos, eot, eom].into_iter().flatten().collect();
     stop.dedup();
+    let chat_template = match file.get("tokenizer.chat_template") {
+        None => None,
+        Some(v) => Some(v.as_str().map(str::to_string).ok_or_else(|| {
+            bad(format!(
+                "tokenizer.chat_template is a GGUF {}, not a string of Jinja text",
+                v.type_name()
+            ))
+        })?),
+    };
     let text = TextConfig {
-        chat_template: file
-            .get("tokenizer.chat_template")
-            .and_then(GgufValue::as_str)
-            .map(str::to_string),
+        chat_template,
         bos_token: bos.map(|b| tokens[b as usize].to_string()),
         eos_token: eos.map(|e| tokens[e as usize].to_string()),
         add_bos_token: add_bos,

@@ -49,6 +49,17 @@ impl<B: Backend> Builder<'_, B> {
                 format!("tensor {name} has shape {got:?}, but the config makes it {shape:?}"),
             ));
         }
+        // A NaN or inf weight would only show later as NaN logits (greedy picks token 0), so it
+        // is refused here, by name.
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(KvError::io(
+                self.src.origin(),
+                format!(
+                    "tensor {name} holds {} at index {i}; weights must be finite numbers",
+                    values[i]
+                ),
+            ));
+        }
         Ok(values)
     }
 

@@ -11,6 +11,7 @@ mod llama;
 
 use crate::model::config::DecoderConfig;
 use crate::model::decoder::DecoderLm;
+use crate::model::sampling::SamplerConfig;
 use crate::text::tokenizer::{TextConfig, Tokenizer};
 use burn::prelude::*;
 use kv_core::{KvError, Result};
@@ -61,8 +62,28 @@ impl Pretrained {
                 "not a Hugging Face model folder (no config.json)",
             ));
         }
-        if !path.is_file() {
-            return Err(KvError::io(path, "no such model file or folder"));
+        match std::fs::metadata(path) {
+            Err(_) => {
+                let hint = if path
+                    .to_str()
+                    .is_some_and(|s| s.eq_ignore_ascii_case("smollm2"))
+                {
+                    " (the fetched SmolLM2 is named `smollm2`, in lower case)"
+                } else {
+                    ""
+                };
+                return Err(KvError::io(
+                    path,
+                    format!("no such model file or folder{hint}"),
+                ));
+            }
+            Ok(m) if !m.is_file() => {
+                return Err(KvError::io(
+                    path,
+                    "not a regular file or folder (a device, socket or pipe); expected a .gguf file or a Hugging Face folder",
+                ));
+            }
+            Ok(_) => {}
         }
         let mut magic = [0u8; 4];
         use std::io::Read;
@@ -156,6 +177,40 @@ impl Pretrained {
             }
             PretrainedFormat::HuggingFace => hf_tokenizer(&self.path),
         }
+    }
+
+    /// How the model's makers sample it: a Hugging Face folder's `generation_config.json`
+    /// (`do_sample`, `temperature`, `top_k`, `top_p`, `min_p`, each where present) over
+    /// llama.cpp's defaults ([`SamplerConfig::llama_cpp_defaults`]), which a GGUF file, carrying
+    /// no such settings, gets whole; `do_sample: false` means greedy.
+    pub fn sampling(&self, seed: u64) -> Result<SamplerConfig> {
+        let mut s = SamplerConfig::llama_cpp_defaults(seed);
+        let path = self.path.join("generation_config.json");
+        if self.format != PretrainedFormat::HuggingFace || !path.is_file() {
+            return Ok(s);
+        }
+        let raw = std::fs::read_to_string(&path).map_err(|e| KvError::io(&path, e))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&raw).map_err(|e| KvError::io(&path, format!("not JSON: {e}")))?;
+        let num = |k: &str| v.get(k).and_then(serde_json::Value::as_f64);
+        if let Some(t) = num("temperature") {
+            s.temperature = t as f32;
+        }
+        if let Some(k) = num("top_k") {
+            s.top_k = k.max(0.0) as usize;
+        }
+        if let Some(p) = num("top_p") {
+            s.top_p = p as f32;
+        }
+        if let Some(p) = num("min_p") {
+            s.min_p = p as f32;
+        }
+        if v.get("do_sample").and_then(serde_json::Value::as_bool) == Some(false) {
+            s.temperature = 0.0;
+        }
+        s.validate()
+            .map_err(|e| KvError::io(&path, format!("generation settings: {e}")))?;
+        Ok(s)
     }
 
     /// Whether the checkpoint carries a tokenizer (a GGUF file always does; a Hugging Face

@@ -908,6 +908,7 @@ mod text {
             max_new_tokens: 32,
             sampler: SamplerConfig::default(),
             stop_tokens: pretrained.tokenizer.stop_tokens(),
+            ..Default::default()
         };
         let out = generate(
             &pretrained.model,

@@ -47,6 +47,10 @@ pub struct DecoderLm<B: Backend> {
     /// clear it.
     #[module(skip)]
     pub packed_head: PackedSet<1>,
+    /// Positions the model was trained for (its config's `max_positions`): generation stops
+    /// before a RoPE position past them unless asked to go on.
+    #[module(skip)]
+    pub max_positions: usize,
 }
 
 impl DecoderConfig {
@@ -129,6 +133,7 @@ impl DecoderConfig {
                     .init(device)
             }),
             packed_head: PackedSet::default(),
+            max_positions: self.max_positions,
         })
     }
 }

@@ -50,6 +50,16 @@ impl<B: Backend> ModelState<B> {
         self.cache.tokens_seen()
     }
 
+    /// The RoPE position the next token takes: `tokens_seen`, less any shift a re-rotating
+    /// policy (StreamingLLM's own mode) applied to the first policy-managed cache.
+    pub fn next_position(&self) -> usize {
+        if self.cache.num_layers() > 0 {
+            self.cache.layer(0).rope_position()
+        } else {
+            self.tokens_seen()
+        }
+    }
+
     /// Statistics measured from the tensors every layer holds.
     pub fn stats(&self) -> CacheStats {
         self.cache.stats()

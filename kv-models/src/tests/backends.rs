@@ -25,7 +25,7 @@ fn cached<B: Backend>(dir: &std::path::Path, prompt: &[u32]) -> (Vec<u32>, Vec<f
             temperature: 0.0,
             ..Default::default()
         },
-        stop_tokens: vec![],
+        ..Default::default()
     };
     let mut policy = build_policy::<B>("h2o:budget=16").unwrap();
     let g = generate(&model, prompt, &config, policy.as_mut(), |_| {}).unwrap();

@@ -113,8 +113,7 @@ fn greedy_generation_follows_full_forward_argmax<B: Backend>(dev: &B::Device) {
     let prompt: Vec<u32> = sequence(6).iter().map(|&t| t as u32).collect();
     let config = GenerateConfig {
         max_new_tokens: 8,
-        sampler: SamplerConfig::default(),
-        stop_tokens: vec![],
+        ..Default::default()
     };
     let mut streamed = Vec::new();
     let out = generate(&model, &prompt, &config, &mut FullCache, |t| {
@@ -144,7 +143,51 @@ fn greedy_generation_follows_full_forward_argmax<B: Backend>(dev: &B::Device) {
     assert!(err.contains("prompt token = 64"), "{err}");
 }
 
+fn generation_stays_inside_the_context_and_the_tokenizer_unless_told<B: Backend>(dev: &B::Device) {
+    let model = tiny(8, 2).with_max_positions(12).init::<B>(dev).unwrap();
+    let prompt: Vec<u32> = sequence(6).iter().map(|&t| t as u32).collect();
+    let sampled = |config: &GenerateConfig| {
+        generate(&model, &prompt, config, &mut FullCache, |_| {}).unwrap()
+    };
+    let config = GenerateConfig {
+        max_new_tokens: 100,
+        sampler: SamplerConfig {
+            temperature: 3.0,
+            ..Default::default()
+        },
+        vocab_limit: Some(10),
+        ..Default::default()
+    };
+    // Positions 0..12: 6 prompt tokens and 6 fed back, so 7 generated, the last never fed.
+    let out = sampled(&config);
+    assert_eq!(out.tokens.len(), 7);
+    assert!(out.context_full);
+    assert_eq!(out.cache.tokens_seen, 12);
+    // At temperature 3 over 64 ids, every id is below the tokenizer's 10.
+    assert!(out.tokens.iter().all(|&t| t < 10), "{:?}", out.tokens);
+    let beyond = sampled(&GenerateConfig {
+        allow_beyond_context: true,
+        ..config.clone()
+    });
+    assert_eq!(beyond.tokens.len(), 100);
+    assert!(!beyond.context_full);
+    let e = generate(
+        &model,
+        &sequence(13).iter().map(|&t| t as u32).collect::<Vec<_>>(),
+        &config,
+        &mut FullCache,
+        |_| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("13 tokens") && e.contains("max_positions = 12"),
+        "{e}"
+    );
+}
+
 kv_core::backend_tests!(
+    generation_stays_inside_the_context_and_the_tokenizer_unless_told,
     cached_decode_matches_full_forward,
     batched_forward_matches_each_row_decoded_alone,
     gqa_equals_mha_with_duplicated_kv_heads,

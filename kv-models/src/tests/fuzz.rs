@@ -1,6 +1,6 @@
 //! Fuzzing on stable Rust: random and mutated inputs for every parser that reads text or files
 //! from outside (policy specs, model configs and presets, checkpoints, GGUF files, safetensors
-//! folders). No input may panic, take longer than [`SLOW`], or make one allocation larger than
+//! folders, chat templates). No input may panic, take longer than [`SLOW`], or make one allocation larger than
 //! the input justifies ([`allowed_bytes`]). The default run is a few hundred cases per parser
 //! from a fixed seed; `KV_FUZZ_SECS=600 cargo nextest run -p kv-models --run-ignored only fuzz_`
 //! runs each parser for that many seconds from random seeds.
@@ -481,6 +481,57 @@ fn safetensors_target(mode: Mode) -> u64 {
     )
 }
 
+/// Chat templates: Jinja pieces (loops, string growth, message access, filters, raises) strung
+/// together, rendered over a short conversation. The render's fuel bounds time and data, so no
+/// single allocation may pass about 64 bytes a unit of fuel.
+fn template_text() -> impl Strategy<Value = String> {
+    let piece = prop::sample::select(vec![
+        "{% for m in messages %}",
+        "{% endfor %}",
+        "{% for i in range(99999) %}",
+        "{% for i in range(40) %}",
+        "{% if add_generation_prompt %}",
+        "{% endif %}",
+        "{% set ns = namespace(s='ab') %}",
+        "{% set ns.s = ns.s ~ ns.s %}",
+        "{{ ns.s }}",
+        "{{ m['content'] }}",
+        "{{ messages[0]['content'] * 1000000 }}",
+        "{{ 'x' * 99999999 }}",
+        "{{ range(99999) | list | join(',') }}",
+        "{{ m['content'].strip().upper() }}",
+        "{{ raise_exception('no') }}",
+        "{{ bos_token }}",
+        "{% macro f(x) %}{{ f(x) }}{% endmacro %}{{ f(1) }}",
+        "<|im_start|>",
+        "{{",
+        "}}",
+        "{%",
+        "text ",
+    ]);
+    prop::collection::vec(piece, 0..10).prop_map(|p| p.concat())
+}
+
+fn template_target(mode: Mode) -> u64 {
+    use crate::text::chat::{CHAT_TEMPLATE_FUEL, render};
+    use crate::text::tokenizer::{ChatMessage, TextConfig};
+    let messages = [
+        ChatMessage::new("system", "Be brief."),
+        ChatMessage::new("user", "What is the capital of France?"),
+    ];
+    let data_bound = 64 * CHAT_TEMPLATE_FUEL as usize;
+    fuzz("chat templates", mode, template_text(), |t| {
+        bounded_beyond(data_bound, t.len(), || {
+            let _ = render(&t, &messages, true, &TextConfig::default());
+        })
+    })
+}
+
+#[test]
+fn fuzzed_chat_templates_never_panic_hang_or_over_allocate() {
+    assert!(template_target(Mode::Quick(1000)) >= 1000);
+}
+
 #[test]
 fn fuzzed_policy_specs_never_panic_or_over_allocate() {
     assert!(spec_target(Mode::Quick(2000)) >= 2000);
@@ -521,6 +572,7 @@ fn fuzz_every_parser_for_a_long_time() {
         ("checkpoints", checkpoint_target(Mode::For(d))),
         ("GGUF files", gguf_target(Mode::For(d))),
         ("safetensors folders", safetensors_target(Mode::For(d))),
+        ("chat templates", template_target(Mode::For(d))),
     ];
     eprintln!("{counts:?}");
 }

@@ -117,9 +117,14 @@ fn endless_streaming_keeps_the_cache_constant<B: Backend>(dev: &B::Device) {
                 temperature: 1.0,
                 top_k: 0,
                 top_p: 1.0,
+                min_p: 0.0,
                 seed: 3,
             },
             stop_tokens: vec![],
+            // In-cache positions (rerotate) stay inside the model's context; tokens-seen
+            // positions run past it, which this stream means to do.
+            allow_beyond_context: !rerotate,
+            ..Default::default()
         };
         let mut sizes = Vec::new();
         let out = generate(&model, &[1, 2, 3], &config, policy.as_mut(), |_| {

@@ -147,6 +147,7 @@ fn a_scorer_registered_outside_the_crate_runs_through_specs_adakv_and_the_grid<B
         seed: 3,
         niah: Default::default(),
         ppl_chunk: 1,
+        allow_beyond_context: false,
     };
     assert!(
         spec.cells(&["m".to_string()], &Registry::<B>::standard())

@@ -122,8 +122,7 @@ fn yoco_early_exit_prefill_gives_the_same_next_token_logits<B: Backend>(dev: &B:
         let prompt_u: Vec<u32> = prompt.iter().map(|&t| t as u32).collect();
         let config = GenerateConfig {
             max_new_tokens: 5,
-            sampler: SamplerConfig::default(),
-            stop_tokens: vec![],
+            ..Default::default()
         };
         let out = generate(&model, &prompt_u, &config, &mut FullCache, |_| {}).unwrap();
         let mut seq = prompt.to_vec();

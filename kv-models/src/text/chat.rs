@@ -4,6 +4,22 @@
 use crate::text::tokenizer::{ChatMessage, TextConfig};
 use kv_core::{KvError, Result};
 
+/// Work a render may do before it fails, whatever the messages: minijinja charges one unit per
+/// instruction and about one per 64 bytes of data a template creates, so this bounds a hostile
+/// template (a loop of 10^10 steps, a string doubled forty times) to about a second and 64 MiB.
+/// Real templates over a few turns use a few thousand.
+pub const CHAT_TEMPLATE_FUEL: u64 = 1_000_000;
+
+/// Fuel for rendering `messages`: [`CHAT_TEMPLATE_FUEL`] plus one unit per 4 bytes of their
+/// text, so a long conversation is never refused by a template that only copies it.
+fn fuel_for(messages: &[ChatMessage]) -> u64 {
+    let bytes: usize = messages
+        .iter()
+        .map(|m| m.role.len() + m.content.len())
+        .sum();
+    CHAT_TEMPLATE_FUEL + bytes as u64 / 4
+}
+
 /// Renders `template` for `messages`; `add_generation_prompt` opens the assistant's turn.
 #[cfg(feature = "hf-tokenizer")]
 pub(crate) fn render(
@@ -23,6 +39,7 @@ pub(crate) fn render(
         .build()
         .expect("the default delimiters are valid");
     env.set_syntax(syntax);
+    env.set_fuel(Some(fuel_for(messages)));
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     env.add_function(
         "raise_exception",
@@ -43,15 +60,32 @@ pub(crate) fn render(
         bos_token => text.bos_token.clone().unwrap_or_default(),
         eos_token => text.eos_token.clone().unwrap_or_default(),
     };
-    env.get_template("chat")
+    let text = env
+        .get_template("chat")
         .and_then(|t| t.render(ctx))
-        .map_err(|e| {
-            KvError::config(
+        .map_err(|e| match e.kind() {
+            ErrorKind::OutOfFuel => KvError::config(
+                "chat template",
+                "ran past its budget",
+                format!(
+                    "a template that renders these messages within {} steps (about 64 bytes of text a step): {e}",
+                    fuel_for(messages)
+                ),
+            ),
+            _ => KvError::config(
                 "chat template",
                 "failed to render",
                 format!("a template that renders these messages: {e}"),
-            )
-        })
+            ),
+        })?;
+    if text.is_empty() {
+        return Err(KvError::config(
+            "chat template",
+            "rendered nothing",
+            "a template that writes the messages into the prompt",
+        ));
+    }
+    Ok(text)
 }
 
 /// Renders a chat template (not compiled into this build).
@@ -105,5 +139,33 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("chat template"), "{e}");
+    }
+
+    #[test]
+    fn endless_and_explosive_templates_run_out_of_fuel_and_an_empty_render_is_an_error() {
+        let m = [ChatMessage::new("user", "Hi")];
+        let text = TextConfig::default();
+        for t in [
+            "{% for a in range(99999) %}{% for b in range(99999) %}{% endfor %}{% endfor %}",
+            "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
+            "{{ 'ab ' * 30000000 }}",
+        ] {
+            let start = std::time::Instant::now();
+            let e = render(t, &m, true, &text).unwrap_err().to_string();
+            assert!(e.contains("ran past its budget"), "{t}: {e}");
+            assert!(
+                start.elapsed().as_secs() < 10,
+                "{t} took {:?}",
+                start.elapsed()
+            );
+        }
+        let e = render("{% if false %}x{% endif %}", &m, true, &text)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rendered nothing"), "{e}");
+        // A long message is not refused by a template that only copies it.
+        let long = [ChatMessage::new("user", &"word ".repeat(200_000))];
+        let out = render(CHATML, &long, true, &text).unwrap();
+        assert!(out.len() > 1_000_000);
     }
 }

@@ -79,7 +79,15 @@ impl TextConfig {
                 .and_then(|t| t.get("template"))
                 .and_then(|t| t.as_str())
                 .map(str::to_string),
-            _ => None,
+            None | Some(serde_json::Value::Null) => None,
+            Some(other) => {
+                return Err(KvError::io(
+                    origin,
+                    format!(
+                        "chat_template = {other} is neither Jinja text nor a list of named templates"
+                    ),
+                ));
+            }
         };
         let stop_token_ids = match v.get("stop_token_ids") {
             Some(ids) => serde_json::from_value(ids.clone())

@@ -25,10 +25,28 @@ const MAGIC: &[u8; 6] = b"KVCKPT";
 pub(crate) const VERSION: u8 = 2;
 const HEADER: usize = 8;
 
+/// Checks that `path` is new or a regular file, so an output written by a rename over it never
+/// replaces a device node, a symlink (`/dev/stdout`) or a folder.
+pub fn check_replaceable(path: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => Err(KvError::io(
+            path,
+            "is a symlink; an output replaces only a regular file or makes a new one (name the file it points to)",
+        )),
+        Ok(m) if !m.is_file() => Err(KvError::io(
+            path,
+            "is not a regular file (a device, folder, socket or pipe); an output replaces only a regular file or makes a new one",
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Writes `bytes` to `path` through a temporary file and a rename, so a crash or a full disk
-/// leaves either the old file or the new one, never a torn one.
+/// leaves either the old file or the new one, never a torn one. `path` must be new or a regular
+/// file ([`check_replaceable`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
+    check_replaceable(path)?;
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())

@@ -492,7 +492,20 @@ impl<B: AutodiffBackend> Trainer<B> {
         }
         let mut state: TrainState = serde_json::from_slice(&sections.train)
             .map_err(|e| KvError::io(&path, format!("bad training state: {e}")))?;
+        // A log the run cannot extend fails here, before any work, not after the first step.
+        raw_log(&dir.join(METRICS_FILE))?;
         if let Some(s) = steps {
+            if s < state.step {
+                return Err(KvError::config(
+                    "--steps",
+                    s,
+                    format!(
+                        "at least the {} steps the run in {} has already taken (more extends it)",
+                        state.step,
+                        dir.display()
+                    ),
+                ));
+            }
             state.config.steps = s;
         }
         let model = model_from_record::<B>(&model_config, sections.model, device, &path)?;
@@ -758,8 +771,31 @@ pub fn read_log(dir: &Path) -> Result<Vec<LogLine>> {
     };
     complete
         .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).map_err(|e| KvError::io(&path, e)))
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|e| KvError::io(&path, format!("line {}: {e}", i + 1)))
+        })
+        .collect()
+}
+
+/// The log's complete lines, as written, each with the step it records.
+fn raw_log(path: &Path) -> Result<Vec<(usize, String)>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+        Err(e) => return Err(KvError::io(path, e)),
+    };
+    let complete = text.rfind('\n').map_or("", |end| &text[..=end]);
+    complete
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str::<LogLine>(l)
+                .map(|line| (line.step(), l.to_string()))
+                .map_err(|e| KvError::io(path, format!("line {}: {e}", i + 1)))
+        })
         .collect()
 }
 
@@ -782,17 +818,21 @@ pub fn run_until<B: AutodiffBackend>(
     until: usize,
     mut on_event: impl FnMut(&TrainEvent),
 ) -> Result<Option<EvalMetrics>> {
-    let kept: Vec<LogLine> = read_log(out)?
-        .into_iter()
-        .filter(|l| l.step() <= trainer.step())
-        .collect();
-    let mut text = String::new();
-    for line in &kept {
-        text += &serde_json::to_string(line).map_err(|e| KvError::io(out, e))?;
-        text.push('\n');
-    }
-    crate::train::checkpoint::write_atomic(&out.join(METRICS_FILE), text.as_bytes())?;
     let log_path = out.join(METRICS_FILE);
+    let lines = raw_log(&log_path)?;
+    let kept: Vec<&String> = lines
+        .iter()
+        .filter(|(step, _)| *step <= trainer.step())
+        .map(|(_, l)| l)
+        .collect();
+    let on_disk = std::fs::metadata(&log_path).map_or(0, |m| m.len() as usize);
+    let kept_len: usize = kept.iter().map(|l| l.len() + 1).sum();
+    // The log is rewritten (its lines byte for byte) only when it holds more than the steps the
+    // checkpoint reached: a dead run's later lines, or an unfinished last line.
+    if kept_len != on_disk || !log_path.exists() {
+        let text: String = kept.iter().map(|l| format!("{l}\n")).collect();
+        crate::train::checkpoint::write_atomic(&log_path, text.as_bytes())?;
+    }
     let mut log = std::fs::OpenOptions::new()
         .append(true)
         .open(&log_path)
