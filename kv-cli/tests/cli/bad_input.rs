@@ -1722,6 +1722,9 @@ fn every_bad_input_is_one_error_line_naming_it_with_no_panic_no_file_left_and_a_
         {
             Some(bytes) => {
                 let mib = bytes / (1 << 20) as f64;
+                if std::env::var_os("KV_MATRIX_REPORT").is_some() {
+                    eprintln!("| {} | {mib:.1} | {} |", case.name, stderr.trim());
+                }
                 if mib > worst_heap.0 {
                     worst_heap = (mib, case.name.clone());
                 }
