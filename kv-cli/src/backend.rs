@@ -182,7 +182,7 @@ fn probe_device<B: burn::prelude::Backend>(device: &B::Device, kind: DeviceKind)
         let why: String = why.split_whitespace().collect::<Vec<_>>().join(" ");
         let needs = match kind {
             DeviceKind::Cuda => "an NVIDIA GPU with its driver (libcuda)",
-            _ => "a GPU adapter wgpu can open (Vulkan, Metal or DX12)",
+            _ => "a GPU adapter wgpu can open (Vulkan, Metal or DX12; on Linux without a GPU, Mesa's lavapipe: scripts/install-lavapipe.sh)",
         };
         KvError::config("--device", kind.name(), format!("a device this machine has: {} needs {needs}, and it did not start ({why}); `--device flex` runs on any CPU", kind.name()))
     })

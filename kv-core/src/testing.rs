@@ -5,7 +5,9 @@
 /// Each body is a `fn name<B: Backend>(device: &B::Device)`; the macro instantiates it on Flex,
 /// burn's CPU test backend, so test code is written once and never names a backend. A crate built
 /// with its `cuda-tests` feature also gets a `cuda` module of the same tests on burn's CUDA
-/// backend (`scripts/gpu-check.sh` builds those without a GPU and runs them on one).
+/// backend (`scripts/gpu-check.sh` builds those without a GPU and runs them on one), and one built
+/// with `wgpu-tests` a `wgpu` module on burn's WGPU backend (any Vulkan device: in CI, Mesa's
+/// lavapipe, a CPU emulation).
 #[macro_export]
 macro_rules! backend_tests {
     ($($name:ident),* $(,)?) => {
@@ -15,6 +17,10 @@ macro_rules! backend_tests {
         #[cfg(feature = "cuda-tests")]
         mod cuda {
             $(#[test] fn $name() { super::$name::<burn::backend::Cuda>(&Default::default()); })*
+        }
+        #[cfg(feature = "wgpu-tests")]
+        mod wgpu {
+            $(#[test] fn $name() { super::$name::<burn::backend::Wgpu>(&Default::default()); })*
         }
     };
 }
