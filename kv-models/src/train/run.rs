@@ -493,7 +493,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         let mut state: TrainState = serde_json::from_slice(&sections.train)
             .map_err(|e| KvError::io(&path, format!("bad training state: {e}")))?;
         // A log the run cannot extend fails here, before any work, not after the first step.
-        raw_log(&dir.join(METRICS_FILE))?;
+        log_lines(&dir.join(METRICS_FILE))?;
         if let Some(s) = steps {
             if s < state.step {
                 return Err(KvError::config(
@@ -757,35 +757,21 @@ pub const METRICS_FILE: &str = "metrics.jsonl";
 
 /// Reads a run's metrics log.
 pub fn read_log(dir: &Path) -> Result<Vec<LogLine>> {
-    let path = dir.join(METRICS_FILE);
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
-        Err(e) => return Err(KvError::io(&path, e)),
-    };
-    // A process killed while appending leaves its last line without a newline: that line never
-    // finished, so it is not part of the log (the step it describes reruns on resume).
-    let complete = match text.rfind('\n') {
-        Some(end) => &text[..=end],
-        None => "",
-    };
-    complete
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            serde_json::from_str(l).map_err(|e| KvError::io(&path, format!("line {}: {e}", i + 1)))
-        })
-        .collect()
+    Ok(log_lines(&dir.join(METRICS_FILE))?
+        .into_iter()
+        .map(|(line, _)| line)
+        .collect())
 }
 
-/// The log's complete lines, as written, each with the step it records.
-fn raw_log(path: &Path) -> Result<Vec<(usize, String)>> {
+/// The log's complete lines, each parsed and as written (a bad one named by its line number).
+fn log_lines(path: &Path) -> Result<Vec<(LogLine, String)>> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
         Err(e) => return Err(KvError::io(path, e)),
     };
+    // A process killed while appending leaves its last line without a newline: that line never
+    // finished, so it is not part of the log (the step it describes reruns on resume).
     let complete = text.rfind('\n').map_or("", |end| &text[..=end]);
     complete
         .lines()
@@ -793,7 +779,7 @@ fn raw_log(path: &Path) -> Result<Vec<(usize, String)>> {
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| {
             serde_json::from_str::<LogLine>(l)
-                .map(|line| (line.step(), l.to_string()))
+                .map(|line| (line, l.to_string()))
                 .map_err(|e| KvError::io(path, format!("line {}: {e}", i + 1)))
         })
         .collect()
@@ -819,10 +805,10 @@ pub fn run_until<B: AutodiffBackend>(
     mut on_event: impl FnMut(&TrainEvent),
 ) -> Result<Option<EvalMetrics>> {
     let log_path = out.join(METRICS_FILE);
-    let lines = raw_log(&log_path)?;
+    let lines = log_lines(&log_path)?;
     let kept: Vec<&String> = lines
         .iter()
-        .filter(|(step, _)| *step <= trainer.step())
+        .filter(|(line, _)| line.step() <= trainer.step())
         .map(|(_, l)| l)
         .collect();
     let on_disk = std::fs::metadata(&log_path).map_or(0, |m| m.len() as usize);
