@@ -14,6 +14,7 @@ use crate::{Isa, ObserveRequest};
 use burn::backend::flex::FlexTensor;
 use burn::prelude::*;
 use burn::tensor::{DType, TensorData, TensorPrimitive};
+use kv_core::readback::ReadBack;
 use rayon::prelude::*;
 
 /// A float tensor's storage on burn-flex, borrowed: the buffer, its first element and strides
@@ -134,7 +135,7 @@ pub(crate) fn decode_attention<B: Backend>(
         }
         None => None,
     };
-    let qd = q.clone().into_data();
+    let qd = q.clone().host_data();
     let qs = qd.as_slice::<f32>().ok()?;
     let r = h / kvh;
     let want_probs = observe.column_sums || observe.window > 0;

@@ -30,6 +30,7 @@ use crate::{
 use burn::prelude::*;
 use burn::tensor::DType;
 use burn::tensor::activation::{log_sigmoid, sigmoid, softmax};
+use kv_core::readback::ReadBack;
 use kv_core::{CacheShape, HeadWrite, KvError, KvState, LayerCache, OpenSlots, Result};
 
 /// Added to every importance, so a slot's total weight is never zero.
@@ -747,5 +748,5 @@ fn grid<B: Backend>(
 }
 
 fn host_bools<B: Backend, const D: usize>(x: Tensor<B, D, Bool>) -> Vec<bool> {
-    x.into_data().iter::<bool>().collect()
+    x.read_back().iter::<bool>().collect()
 }

@@ -12,6 +12,7 @@ use crate::Isa;
 use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::{DType, TensorData};
+use kv_core::readback::ReadBack;
 use kv_core::{KvError, Result};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -280,7 +281,7 @@ pub fn project_packed<B: Backend>(packed: &PackedMatrix, x: &Tensor<B, 3>) -> Op
     {
         return None;
     }
-    let data = x.clone().into_data();
+    let data = x.clone().host_data();
     let out = packed.matmul_rows(
         data.as_slice::<f32>().ok()?,
         b * t,

@@ -8,6 +8,7 @@ use crate::explicit::{Causality, grouped_attention, in_blocks};
 use crate::{Kernels, Observation, ObserveRequest};
 use burn::prelude::*;
 use burn::tensor::DType;
+use kv_core::readback::ReadBack;
 
 /// Query rows per call of the fused kernel at prefill: each block attends only over the keys up
 /// to its last query, so a causal prefill does about half the work of one call over the square.
@@ -42,8 +43,8 @@ fn host_prefill<B: Backend>(
     } else {
         q.clone().narrow(2, 0, rows)
     }
-    .into_data();
-    let (k, v) = (keys.clone().into_data(), values.clone().into_data());
+    .host_data();
+    let (k, v) = (keys.clone().host_data(), values.clone().host_data());
     let shape = crate::host::HostShape {
         batch,
         heads,

@@ -6,6 +6,7 @@ use crate::attend::host_kernels_on;
 use crate::attend::served;
 use burn::prelude::*;
 use burn::tensor::DType;
+use kv_core::readback::ReadBack;
 
 /// `silu(gate) * up`, the gated FFN's activation: through the vectorised host kernel
 /// ([`crate::host::swiglu`]) when the current [`Kernels`] takes host kernels, the tensors are f32, no autodiff
@@ -23,7 +24,7 @@ pub fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) 
     }
     // Moved, not cloned, so a uniquely held buffer leaves the backend without a copy.
     let dims = gate.dims();
-    let (g, u) = (gate.into_data(), up.into_data());
+    let (g, u) = (gate.host_data(), up.host_data());
     let out = match (g.as_slice::<f32>(), u.as_slice::<f32>()) {
         (Ok(gs), Ok(us)) => crate::host::swiglu(
             gs,

@@ -2,6 +2,7 @@
 
 use burn::prelude::Backend;
 use clap::ValueEnum;
+use kv_core::readback::ReadBack;
 use kv_core::{KvError, Result};
 
 /// Which kernels a job takes (`--kernels`); see [`kv_attention::Kernels`].
@@ -174,7 +175,7 @@ fn probe_device<B: burn::prelude::Backend>(device: &B::Device, kind: DeviceKind)
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
     let touched = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        burn::prelude::Tensor::<B, 1>::zeros([1], device).into_data()
+        burn::prelude::Tensor::<B, 1>::zeros([1], device).read_back()
     }));
     std::panic::set_hook(hook);
     touched.map(|_| ()).map_err(|panic| {

@@ -10,6 +10,7 @@ use burn::tensor::Distribution;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use kv_attention::{Observation, ObserveRequest};
+use kv_core::readback::ReadBack;
 use kv_core::{KvError, LayerCache, Result};
 use kv_models::ModelState;
 use kv_models::train::{TrainConfig, Trainer};
@@ -70,6 +71,9 @@ pub struct DecodeCell {
     pub policy: String,
     /// Milliseconds of the prompt's forward pass (policy included), when a real prefill ran.
     pub prefill_ms: Option<f64>,
+    /// Tensor reads back to the host during that prefill (logits included), when one ran.
+    #[serde(default)]
+    pub prefill_host_reads: Option<u64>,
     /// Peak host memory the prefill added (activations, scores, cache), counted by the global
     /// allocator; CPU backends only (a GPU's tensors are not on this heap).
     #[serde(default)]
@@ -84,6 +88,11 @@ pub struct DecodeCell {
     pub ms_per_step: f64,
     /// Mean milliseconds per decode step spent in the policy's hooks (all layers).
     pub policy_ms_per_step: f64,
+    /// Tensor reads back to the host per decode step, the whole model and policy (counted by
+    /// `kv_core::readback`; the logits the sampler reads are one). On a GPU backend each is a
+    /// transfer and a sync; a CPU backend's host kernels read its memory in place, uncounted.
+    #[serde(default)]
+    pub host_reads_per_step: f64,
     /// Microseconds to append one token's K/V to one layer's cache, averaged over whole
     /// tail-flush cycles: flat-ish across contexts when appends do not copy the cache.
     pub append_us: f64,
@@ -247,7 +256,7 @@ pub fn read_bandwidth<B: Backend>(device: &B::Device) -> f64 {
     for _ in 0..5 {
         let _ = B::sync(device);
         let start = Instant::now();
-        let _ = src.clone().sum().into_data();
+        let _ = src.clone().sum().read_back();
         best = best.min(start.elapsed().as_secs_f64());
     }
     bytes / best
@@ -287,7 +296,7 @@ pub fn decode_cell<B: Backend>(
     let mut cache = model.new_state(1);
     let appends = plan.steps.max(2 * kv_core::TAIL_SLOTS);
     cache.reserve(context + steps + appends + 2);
-    let (mut prefill_ms, mut prefill_peak_mib) = (None, None);
+    let (mut prefill_ms, mut prefill_peak_mib, mut prefill_host_reads) = (None, None, None);
     if real_prefill {
         // A deterministic byte stream: the policy's choices depend on content, its cost hardly.
         let ids: Vec<i32> = (0..context)
@@ -296,11 +305,13 @@ pub fn decode_cell<B: Backend>(
         let x = Tensor::<B, 1, Int>::from_ints(ids.as_slice(), device).reshape([1, context]);
         let _ = B::sync(device);
         let base = crate::peak::reset_peak();
+        let reads_before = kv_core::readback::count();
         let start = Instant::now();
         // Only the last position's logits, as generation asks for them (and HF's `logits_to_keep=1`).
         let logits = model.forward_last_with_policy(x, &mut cache, &mut timed, Phase::Prefill)?;
-        let _ = logits.into_data();
+        let _ = logits.read_back();
         prefill_ms = Some(start.elapsed().as_secs_f64() * 1e3);
+        prefill_host_reads = Some(kv_core::readback::count() - reads_before);
         if backend.is_cpu() {
             prefill_peak_mib = Some((crate::peak::peak() - base) as f64 / (1 << 20) as f64);
         }
@@ -318,18 +329,20 @@ pub fn decode_cell<B: Backend>(
                 Phase::Decode { step: step_no },
             )?;
             // Read the logits back, as generation does: this is also the device sync.
-            let _ = logits.into_data();
+            let _ = logits.read_back();
             Ok(())
         };
     for i in 0..2 {
         step(&mut cache, &mut timed, 65 + i)?;
     }
     timed.spent = Duration::ZERO;
+    let reads_before = kv_core::readback::count();
     let start = Instant::now();
     for i in 0..steps {
         step(&mut cache, &mut timed, 97 + (i % 26) as i32)?;
     }
     let secs = start.elapsed().as_secs_f64();
+    let host_reads_per_step = (kv_core::readback::count() - reads_before) as f64 / steps as f64;
     let policy_ms = timed.spent.as_secs_f64() * 1e3 / steps as f64;
     let stats = cache.stats();
     let shape = cache.layer(0).shape();
@@ -357,11 +370,13 @@ pub fn decode_cell<B: Backend>(
         context,
         policy: policy.into(),
         prefill_ms,
+        prefill_host_reads,
         prefill_peak_mib,
         steps,
         tokens_per_s: steps as f64 / secs,
         ms_per_step: secs * 1e3 / steps as f64,
         policy_ms_per_step: policy_ms,
+        host_reads_per_step,
         append_us,
         kv_bytes_per_token: stats.kv_bytes_per_token(),
         kv_bytes: stats.kv_bytes,
@@ -527,21 +542,23 @@ pub fn markdown(file: &BenchFile) -> String {
         "Roofline: a batch-1 decode step reads every weight and the K/V it holds at least once, so at the measured read bandwidth ({:.1} GB/s) it can run at most `roofline` tokens/s.\n\n",
         file.read_bytes_per_s / 1e9
     );
-    s += "| device | model | kv_heads | policy | context | prefill ms | prefill peak MiB | decode tokens/s | ms/step | policy ms/step | policy share | append µs/layer | KV bytes/token (measured) | slots/head | MiB read/token | roofline tokens/s | share of roofline |\n|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+    s += "| device | model | kv_heads | policy | context | prefill ms | prefill host reads | prefill peak MiB | decode tokens/s | ms/step | policy ms/step | policy share | host reads/step | append µs/layer | KV bytes/token (measured) | slots/head | MiB read/token | roofline tokens/s | share of roofline |\n|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
     for c in &file.decode {
         s += &format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.2} | {:.3} | {:.0}% | {:.1} | {:.0} | {} | {:.2} | {:.0} | {:.0}% |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.2} | {:.3} | {:.0}% | {:.2} | {:.1} | {:.0} | {} | {:.2} | {:.0} | {:.0}% |\n",
             c.device,
             c.model,
             c.kv_heads,
             c.policy,
             c.context,
             c.prefill_ms.map_or("-".into(), |m| format!("{m:.0}")),
+            c.prefill_host_reads.map_or("-".into(), |r| r.to_string()),
             c.prefill_peak_mib.map_or("-".into(), |m| format!("{m:.1}")),
             c.tokens_per_s,
             c.ms_per_step,
             c.policy_ms_per_step,
             100.0 * c.policy_ms_per_step / c.ms_per_step,
+            c.host_reads_per_step,
             c.append_us,
             c.kv_bytes_per_token,
             c.slots,

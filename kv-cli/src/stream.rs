@@ -8,6 +8,7 @@ use crate::plot::{Chart, Series, line_chart};
 use burn::prelude::*;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use kv_core::readback::ReadBack;
 use kv_core::{KvError, Result};
 use kv_policies::Phase;
 use serde::{Deserialize, Serialize};
@@ -268,7 +269,7 @@ fn argmax_last<B: Backend>(logits: Tensor<B, 3>) -> i32 {
     let row: Vec<f32> = logits
         .narrow(1, t - 1, 1)
         .reshape([v])
-        .into_data()
+        .read_back()
         .iter::<f32>()
         .collect();
     kv_models::argmax(&row) as i32

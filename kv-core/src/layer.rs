@@ -1,5 +1,6 @@
 //! One layer's KV cache: keys, values, the original position of every slot and per-slot side data.
 
+use crate::readback::ReadBack;
 use crate::slots::SlotBuffer;
 use crate::{KvError, Result, TAIL_SLOTS, stats::LayerStats};
 use burn::prelude::*;
@@ -247,7 +248,7 @@ impl<B: Backend> LayerCache<B> {
         kept.compact();
         let n = kept.slots().max(1);
         kept.positions()
-            .into_data()
+            .read_back()
             .iter::<i64>()
             .collect::<Vec<_>>()
             .chunks(n)

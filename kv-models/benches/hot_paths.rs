@@ -4,6 +4,9 @@
 //! against burn's fused one, on the same tensors. Run with
 //! `cargo bench -p kv-models --bench hot_paths`.
 
+// Reads as a user of the library would; the library itself reads through kv_core::readback.
+#![allow(clippy::disallowed_methods)]
+
 use burn::backend::Flex;
 use burn::prelude::*;
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};

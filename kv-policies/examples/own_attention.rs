@@ -3,6 +3,9 @@
 //!
 //! Run: `cargo run -p kv-policies --example own_attention`.
 
+// Reads as a user of the library would; the library itself reads through kv_core::readback.
+#![allow(clippy::disallowed_methods)]
+
 use burn::backend::Flex;
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;

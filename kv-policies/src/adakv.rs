@@ -4,6 +4,7 @@
 use crate::select::{protect, top_k_indices};
 use burn::prelude::*;
 use burn::tensor::IndexingUpdateOp;
+use kv_core::readback::ReadBack;
 use serde::{Deserialize, Serialize};
 
 /// Keeps the layer's `kv_heads x k` best slots wherever they are, after guaranteeing every KV
@@ -42,7 +43,7 @@ impl AcrossHeads {
         let picked: Vec<i64> = if total < kv * n {
             // One host read per layer, once per generation: ragged storage needs the sizes.
             top_k_indices(flat.reshape([b, 1, kv * n]), total)
-                .into_data()
+                .read_back()
                 .iter::<i64>()
                 .collect()
         } else {

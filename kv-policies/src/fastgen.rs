@@ -30,6 +30,7 @@
 use crate::select::group_sum;
 use crate::{CachePolicy, LayerContext, Phase, PolicySpec};
 use burn::prelude::*;
+use kv_core::readback::ReadBack;
 use kv_core::{KvError, LayerCache, Observation, ObserveRequest, Result};
 use std::sync::Arc;
 
@@ -325,6 +326,9 @@ pub struct FastGenPolicy {
     plans: Vec<Option<LayerPlan>>,
     /// Classes of the tokens seen, per batch row, by position.
     seen_flags: Vec<Vec<u8>>,
+    /// The first layer a prefill reaches (the model's first KV layer): each prefill call reads
+    /// its tokens there, even if an earlier generation left flags of the same length.
+    first_layer: Option<usize>,
 }
 
 impl FastGenPolicy {
@@ -337,6 +341,7 @@ impl FastGenPolicy {
             classes,
             plans: Vec::new(),
             seen_flags: Vec::new(),
+            first_layer: None,
         }
     }
 
@@ -374,7 +379,7 @@ impl FastGenPolicy {
         )
     }
 
-    /// Records the classes of this call's tokens (once per call, whichever layer comes first).
+    /// Records the classes of this call's tokens: one read per call, at the first layer it reaches.
     fn note_tokens<B: Backend>(&mut self, ctx: &LayerContext<'_, B>, seen: usize) -> Result<()> {
         let tokens = ctx.tokens.ok_or_else(|| {
             KvError::config(
@@ -384,15 +389,17 @@ impl FastGenPolicy {
             )
         })?;
         let [b, t] = tokens.dims();
-        if ctx.phase != Phase::Prefill
-            && self.seen_flags.len() == b
-            && self.seen_flags.iter().all(|f| f.len() == seen)
-        {
+        let first =
+            ctx.phase == Phase::Prefill && self.first_layer.is_none_or(|first| ctx.layer <= first);
+        if ctx.phase == Phase::Prefill {
+            self.first_layer = Some(self.first_layer.map_or(ctx.layer, |f| f.min(ctx.layer)));
+        }
+        if !first && self.seen_flags.len() == b && self.seen_flags.iter().all(|f| f.len() == seen) {
             return Ok(());
         }
         let ids: Vec<i64> = tokens
             .clone()
-            .into_data()
+            .read_back()
             .convert::<i64>()
             .iter::<i64>()
             .collect();
@@ -440,22 +447,29 @@ impl FastGenPolicy {
         let group = (ctx.n_heads / kv_heads).max(1) as f64;
         let column = group_sum(column, kv_heads);
         let band = band.map(|b| group_sum(b, kv_heads));
-        let host = |x: &Tensor<B, 3>| -> Vec<f32> {
-            x.clone()
-                .div_scalar(group)
-                .into_data()
-                .convert::<f32>()
-                .iter::<f32>()
-                .collect()
+        // Column and band sums in one read: `[b, kv, n]` each, side by side.
+        let n = cache.slots();
+        let sums = match &band {
+            Some(band) => Tensor::cat(vec![column.clone(), band.clone()], 2),
+            None => column.clone(),
         };
-        let (col, bnd) = (host(&column), band.as_ref().map(&host));
+        let sums: Vec<f32> = sums
+            .div_scalar(group)
+            .read_back()
+            .convert::<f32>()
+            .iter::<f32>()
+            .collect();
+        let width = sums.len() / (cache.shape().batch * kv_heads).max(1);
+        let col: Vec<f32> = sums.chunks(width).flat_map(|r| r[..n].to_vec()).collect();
+        let bnd: Option<Vec<f32>> = band
+            .as_ref()
+            .map(|_| sums.chunks(width).flat_map(|r| r[n..].to_vec()).collect());
         let positions: Vec<i64> = cache
             .positions()
-            .into_data()
+            .read_back()
             .convert::<i64>()
             .iter::<i64>()
             .collect();
-        let n = cache.slots();
         let mut heads = Vec::new();
         let mut keep = Vec::new();
         let mut held = Vec::new();
@@ -523,14 +537,16 @@ impl FastGenPolicy {
             accumulate(cache, obs, kv_heads)?;
         }
         let t = ctx.tokens.map_or(1, |x| x.dims()[1]);
-        let mut keep = Vec::with_capacity(plan.heads.len());
-        let mut changed = false;
-        for (i, head) in plan.heads.iter().enumerate() {
-            // Positions are tracked on the host (appends are the newest, retains are ours), so
-            // only a ranked head reads anything from the device: its accumulated scores.
-            let held = &mut plan.held[i];
-            held.extend(seen - t..seen);
-            let scores = if head.policy.ranks() {
+        // Positions are tracked on the host (appends are the newest, retains are ours), so only
+        // the ranked heads' accumulated scores come from the device: all of them in one read per
+        // layer, since each head keeps its own number of slots and its choice needs the numbers.
+        let ranked: Vec<usize> = (0..plan.heads.len())
+            .filter(|&i| plan.heads[i].policy.ranks())
+            .collect();
+        let mut sums: Vec<Option<Vec<f32>>> = vec![None; plan.heads.len()];
+        if !ranked.is_empty() {
+            let mut sides = Vec::with_capacity(ranked.len());
+            for &i in &ranked {
                 let side = match cache.head_caches() {
                     Some(hs) => hs[i].side(FASTGEN_ACC)?,
                     None => cache.side(FASTGEN_ACC)?.narrow(0, i / kv_heads, 1).narrow(
@@ -539,20 +555,32 @@ impl FastGenPolicy {
                         1,
                     ),
                 };
-                let sums = side
-                    .into_data()
-                    .convert::<f32>()
-                    .iter::<f32>()
-                    .collect::<Vec<f32>>();
-                Some(
-                    sums.iter()
-                        .zip(held.iter())
-                        .map(|(&sum, &p)| sum / fastgen_records(p, plan.prompt_end, seen) as f32)
-                        .collect::<Vec<f32>>(),
-                )
-            } else {
-                None
-            };
+                let n = side.dims()[2];
+                sides.push(side.reshape([n]));
+            }
+            let lens: Vec<usize> = sides.iter().map(|s| s.dims()[0]).collect();
+            let all: Vec<f32> = Tensor::cat(sides, 0)
+                .read_back()
+                .convert::<f32>()
+                .iter::<f32>()
+                .collect();
+            let mut at = 0;
+            for (&i, &n) in ranked.iter().zip(&lens) {
+                sums[i] = Some(all[at..at + n].to_vec());
+                at += n;
+            }
+        }
+        let mut keep = Vec::with_capacity(plan.heads.len());
+        let mut changed = false;
+        for (i, head) in plan.heads.iter().enumerate() {
+            let held = &mut plan.held[i];
+            held.extend(seen - t..seen);
+            let scores = sums[i].as_ref().map(|sums| {
+                sums.iter()
+                    .zip(held.iter())
+                    .map(|(&sum, &p)| sum / fastgen_records(p, plan.prompt_end, seen) as f32)
+                    .collect::<Vec<f32>>()
+            });
             let flags: Vec<u8> = held
                 .iter()
                 .map(|&p| self.seen_flags[i / kv_heads][p])

@@ -8,6 +8,7 @@ use crate::text::tokenizer::Tokenizer;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
+use kv_core::readback::ReadBack;
 use kv_core::{KvError, Result};
 use kv_policies::{CachePolicy, FullCache, Phase};
 use rand::SeedableRng;
@@ -86,7 +87,7 @@ pub fn validation_loss_from<B: Backend>(
             logits.reshape([b * n, v]),
             x.narrow(1, from + 1, n).reshape([b * n]),
         );
-        total += loss.into_scalar().elem::<f64>() * b as f64;
+        total += loss.read_scalar() * b as f64;
     }
     Ok(total / all.len() as f64)
 }
@@ -171,7 +172,7 @@ pub fn policy_loss<B: Backend>(
         let targets: Vec<i32> = w[prompt..].iter().map(|&t| t as i32).collect();
         let targets = Tensor::<B, 1, Int>::from_ints(targets.as_slice(), &device).reshape([n, 1]);
         let nll = log_softmax(logits, 1).gather(1, targets).mean().neg();
-        let nll = nll.into_scalar().elem::<f64>();
+        let nll = nll.read_scalar();
         if !nll.is_finite() {
             return Err(KvError::config(
                 "perplexity loss",

@@ -4,6 +4,7 @@ use crate::model::decoder::DecoderLm;
 use crate::model::sampling::{Sampler, SamplerConfig};
 use crate::model::state::ModelState;
 use burn::prelude::*;
+use kv_core::readback::ReadBack;
 use kv_core::{CacheStats, KvError, Result};
 use kv_policies::{CachePolicy, Phase};
 use std::time::{Duration, Instant};
@@ -52,7 +53,7 @@ pub fn last_row<B: Backend>(logits: Tensor<B, 3>) -> Vec<f32> {
     logits
         .narrow(1, t - 1, 1)
         .reshape([v])
-        .into_data()
+        .read_back()
         .iter::<f32>()
         .collect()
 }

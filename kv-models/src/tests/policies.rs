@@ -299,10 +299,81 @@ fn fastgen_runs_on_gqa_and_mla_and_at_full_recovery_decodes_as_the_full_cache<B:
     }
 }
 
+/// Host reads a decode step makes, per policy, with the model's logits left on the device: none
+/// for every per-step policy but FastGen, whose heads keep unequal slot counts decided on the
+/// host (one read of the step's token ids and one of the ranked heads' scores per layer).
+/// Prefill-time policies read at most once per layer at prefill. Every registered policy must
+/// be listed, so a new one states its reads here.
+fn decode_steps_read_the_host_only_where_a_policy_needs_it<B: Backend>(dev: &B::Device) {
+    use kv_core::readback::count;
+    let model = tiny(8, 2).init::<B>(dev).unwrap();
+    let layers = 2;
+    let ids = sequence(46);
+    let env =
+        kv_policies::PolicyEnv::with_classes(kv_policies::TokenClasses::new(64, [7], [1, 2, 3, 4]));
+    // (spec, most reads at prefill, most reads per decode step)
+    let expected = [
+        ("full", 0, 0),
+        ("streaming:budget=16", 0, 0),
+        ("streaming:budget=16,rerotate=true", 0, 0),
+        ("h2o:budget=16", 0, 0),
+        ("vatp:budget=16", 0, 0),
+        ("knorm:budget=16,skip=0", layers, 0),
+        ("snapkv:budget=16,window=4", layers, 0),
+        ("tova:budget=16", 0, 0),
+        ("pyramidkv:budget=16,window=4", layers, 0),
+        ("adakv:budget=16,window=4", layers, 0),
+        ("fastgen:recover=0.5", 1 + 2 * layers, 1 + layers),
+    ];
+    let registry = kv_policies::Registry::<B>::standard();
+    for name in registry.names() {
+        assert!(
+            expected
+                .iter()
+                .any(|(spec, ..)| spec.split(':').next() == Some(name)),
+            "policy {name}: list its host reads here"
+        );
+    }
+    for (spec, prefill_most, step_most) in expected {
+        let mut policy = registry.build(spec, &env).unwrap();
+        let mut cache = model.new_state(1);
+        let before = count();
+        let _ = model
+            .forward_with_policy(
+                tokens(&ids[..36], dev),
+                &mut cache,
+                policy.as_mut(),
+                kv_policies::Phase::Prefill,
+            )
+            .unwrap();
+        let prefill = count() - before;
+        assert!(
+            prefill <= prefill_most,
+            "{spec}: {prefill} reads at prefill"
+        );
+        let before = count();
+        for (step, &id) in ids[36..].iter().enumerate() {
+            let phase = kv_policies::Phase::Decode { step: step + 1 };
+            let _ = model
+                .forward_with_policy(tokens(&[id], dev), &mut cache, policy.as_mut(), phase)
+                .unwrap();
+        }
+        let per_step = (count() - before) as f64 / 10.0;
+        assert!(
+            per_step <= step_most as f64,
+            "{spec}: {per_step} reads per decode step"
+        );
+        if spec.starts_with("fastgen") {
+            assert!(per_step >= 1.0, "fastgen reads each step's token ids");
+        }
+    }
+}
+
 kv_core::backend_tests!(
     every_policy_with_a_budget_above_the_length_matches_the_full_cache,
     policy_perplexity_with_a_full_cache_matches_the_forward_pass,
     endless_streaming_keeps_the_cache_constant,
     adakv_decodes_from_ragged_storage_and_holds_fewer_bytes,
     fastgen_runs_on_gqa_and_mla_and_at_full_recovery_decodes_as_the_full_cache,
+    decode_steps_read_the_host_only_where_a_policy_needs_it,
 );

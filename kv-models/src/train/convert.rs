@@ -8,6 +8,7 @@ use crate::model::decoder::DecoderLm;
 use burn::module::Param;
 use burn::prelude::*;
 use kv_attention::GroupedAttention;
+use kv_core::readback::ReadBack;
 use kv_core::{KvError, Result};
 use serde::{Deserialize, Serialize};
 
@@ -392,7 +393,7 @@ fn grouped_block<'a, B: Backend>(
 
 /// `|a| / |b|` in the Frobenius norm (0 when `b` is 0).
 fn relative<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> f64 {
-    let norm = |t: Tensor<B, D>| t.powi_scalar(2).sum().into_scalar().elem::<f64>().sqrt();
+    let norm = |t: Tensor<B, D>| t.powi_scalar(2).sum().read_scalar().sqrt();
     let nb = norm(b);
     if nb > 0.0 { norm(a) / nb } else { 0.0 }
 }
@@ -406,7 +407,7 @@ fn truncated_svd<B: Backend>(
 ) -> Result<(Tensor<B, 2>, Tensor<B, 2>, Vec<f64>)> {
     let [rows, cols] = m.dims();
     let device = m.device();
-    let values: Vec<f64> = m.into_data().iter::<f64>().collect();
+    let values: Vec<f64> = m.read_back().iter::<f64>().collect();
     // nalgebra's sorted SVD panics on NaN, so a diverged checkpoint is an error here instead.
     if values.iter().any(|v| !v.is_finite()) {
         return Err(KvError::config(

@@ -17,6 +17,7 @@ use burn::optim::{AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Opt
 use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::AutodiffBackend;
+use kv_core::readback::ReadBack;
 use kv_core::{KvError, Result};
 use kv_policies::FullCache;
 use rand::Rng;
@@ -640,7 +641,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             if let (Some(target), Some(merged)) = (dmc_target, merged) {
                 // One-sided: merging more than the target costs nothing. Weight 1 per token, as
                 // the official code's `dmc_loss * num_tokens` over a token-summed LM loss.
-                merged_sum += merged.clone().mean().into_scalar().elem::<f64>();
+                merged_sum += merged.clone().mean().read_scalar();
                 loss = loss
                     + merged
                         .neg()
@@ -648,7 +649,7 @@ impl<B: AutodiffBackend> Trainer<B> {
                         .clamp_min(0.0)
                         .mean();
             }
-            loss_sum += loss.clone().into_scalar().elem::<f64>();
+            loss_sum += loss.clone().read_scalar();
             let grads = loss.div_scalar(c.grad_accum as f64).backward();
             accumulator.accumulate(&self.model, GradientsParams::from_grads(grads, &self.model));
         }
@@ -880,8 +881,8 @@ mod tests {
         )
         .unwrap();
         let (inputs, targets, weights) = t.batch(0, 0).unwrap();
-        let ids: Vec<i64> = targets.into_data().iter::<i64>().collect();
-        let inp: Vec<i64> = inputs.into_data().iter::<i64>().collect();
+        let ids: Vec<i64> = targets.read_back().iter::<i64>().collect();
+        let inp: Vec<i64> = inputs.read_back().iter::<i64>().collect();
         for (row, (w, (x, y))) in weights
             .chunks(64)
             .zip(inp.chunks(64).zip(ids.chunks(64)))
@@ -929,7 +930,7 @@ mod tests {
                 assert!(row[56..].iter().all(|&w| w == 4.0), "vary={vary}");
             }
             // The weighted targets are the copied letters, i.e. the task really ends the row.
-            let ids: Vec<i64> = targets.into_data().iter::<i64>().collect();
+            let ids: Vec<i64> = targets.read_back().iter::<i64>().collect();
             assert!(ids.chunks(64).all(|r| {
                 r[56..]
                     .iter()
